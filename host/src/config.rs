@@ -1,0 +1,206 @@
+//! Configuration: defaults, then an optional TOML file, then `WASMGATE_*`
+//! environment variables (`__` separates nesting: `WASMGATE_PLUGINS__CALL_TIMEOUT_MS`).
+//! The raw form rejects unknown keys, so a typo is an error, not a silent default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Everything the gateway needs to start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory of the embedded sled store (and the plugin cache).
+    pub data_dir: PathBuf,
+    /// Directory of `*.wasm` plugins.
+    pub plugins_dir: PathBuf,
+    /// Gateway tokens accepted on `/v1/*` (`sk-...`). When empty, one is
+    /// generated on first start, kept in the store and logged.
+    pub tokens: Vec<String>,
+    /// Token for `/api/*`. When unset, one is generated like `tokens`.
+    pub admin_token: Option<String>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Plugin runtime limits.
+    pub plugins: PluginConfig,
+    /// Upstream HTTP behaviour.
+    pub upstream: UpstreamConfig,
+    /// Routing.
+    pub routing: RoutingConfig,
+    /// Channels declared in the file (the admin API's store comes later).
+    pub channels: Vec<ChannelConfig>,
+}
+
+/// Limits of the plugin runtime.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginConfig {
+    /// Deadline of one plugin call, in milliseconds.
+    pub call_timeout_ms: u64,
+    /// Linear-memory cap of one plugin instance, in MiB.
+    pub memory_limit_mib: u32,
+    /// Plugin instances that may exist at once (pooling allocator slots);
+    /// each open stream holds one.
+    pub max_instances: u32,
+    /// Watch the plugins directory and hot-swap changed files.
+    pub watch: bool,
+    /// Quiet time before a changed file is reloaded, in milliseconds.
+    pub debounce_ms: u64,
+    /// Keep compiled plugins between runs.
+    pub cache: bool,
+    /// Where compiled plugins are kept (default `<data_dir>/plugin-cache`).
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Upstream HTTP settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// TCP connect timeout, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Timeout until the response headers arrive, in seconds.
+    pub response_timeout_secs: u64,
+    /// Longest silence inside a streamed body, in seconds.
+    pub idle_timeout_secs: u64,
+    /// Largest non-streamed upstream body read, in bytes.
+    pub max_response_bytes: usize,
+    /// Channels tried per request (first attempt included).
+    pub max_attempts: u32,
+}
+
+/// Routing settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Name of the routing-policy plugin.
+    pub policy: String,
+}
+
+/// A channel: one upstream account.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// Display name.
+    pub name: String,
+    /// Adapter plugin name (file stem in the plugins directory).
+    pub adapter: String,
+    /// Upstream base URL, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Upstream credential.
+    #[serde(default)]
+    pub key: String,
+    /// Models offered; empty means the adapter's default models.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Requested model → upstream model name.
+    #[serde(default)]
+    pub model_mapping: BTreeMap<String, String>,
+    /// Higher priority tiers are tried first.
+    #[serde(default)]
+    pub priority: i64,
+    /// Relative weight inside a tier.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Adapter-specific settings (a table, passed as JSON).
+    #[serde(default)]
+    pub settings: serde_json::Map<String, serde_json::Value>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            data_dir: PathBuf::from("./data"),
+            plugins_dir: PathBuf::from("./plugins"),
+            tokens: Vec::new(),
+            admin_token: None,
+            max_body_bytes: 8 * 1024 * 1024,
+            plugins: PluginConfig::default(),
+            upstream: UpstreamConfig::default(),
+            routing: RoutingConfig::default(),
+            channels: Vec::new(),
+        }
+    }
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        Self { call_timeout_ms: 50, memory_limit_mib: 64, max_instances: 1000, watch: true, debounce_ms: 200, cache: true, cache_dir: None }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 10_000,
+            response_timeout_secs: 300,
+            idle_timeout_secs: 300,
+            max_response_bytes: 64 * 1024 * 1024,
+            max_attempts: 3,
+        }
+    }
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self { policy: "weighted".into() }
+    }
+}
+
+/// Top-level keys, so unrelated `WASMGATE_*` variables are not mistaken
+/// for configuration.
+const KEYS: &[&str] = &[
+    "listen", "data_dir", "plugins_dir", "tokens", "admin_token", "max_body_bytes", "plugins", "upstream",
+    "routing", "channels",
+];
+
+impl Config {
+    /// Defaults ← `file` (if given) ← environment.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                bail!("config file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let env = Env::prefixed("WASMGATE_")
+            .split("__")
+            .filter(|key| KEYS.iter().any(|k| key.as_str().split('.').next() == Some(k)));
+        let config: Config = figment.merge(env).extract().context("invalid configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks serde cannot express.
+    pub fn validate(&self) -> Result<()> {
+        for (i, ch) in self.channels.iter().enumerate() {
+            let url = reqwest::Url::parse(&ch.base_url)
+                .with_context(|| format!("channels[{i}].base_url: not a valid URL"))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                bail!("channels[{i}].base_url: must be an http(s) URL with a host");
+            }
+            if ch.adapter.is_empty() {
+                bail!("channels[{i}].adapter: must name an adapter plugin");
+            }
+        }
+        if self.plugins.call_timeout_ms == 0 || self.plugins.memory_limit_mib == 0 || self.plugins.max_instances == 0 {
+            bail!("plugins: call_timeout_ms, memory_limit_mib and max_instances must be positive");
+        }
+        if self.upstream.max_attempts == 0 {
+            bail!("upstream.max_attempts must be at least 1");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,90 @@
+//! The one error type that reaches clients, always in OpenAI's shape:
+//! `{"error":{"message","type","param","code"}}`. Internal detail goes to
+//! the log, never into the body.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// An error answer to a client.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Human-readable message (safe to show).
+    pub message: String,
+    /// OpenAI error type, e.g. `invalid_request_error`.
+    pub kind: &'static str,
+    /// Offending parameter, if any.
+    pub param: Option<String>,
+    /// Machine-readable code, e.g. `model_not_found`.
+    pub code: Option<&'static str>,
+    /// Seconds the client should wait (`Retry-After`).
+    pub retry_after: Option<u32>,
+}
+
+impl ApiError {
+    /// A new error.
+    pub fn new(status: StatusCode, kind: &'static str, code: Option<&'static str>, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), kind, param: None, code, retry_after: None }
+    }
+
+    /// Attach the offending parameter.
+    pub fn param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
+
+    /// 400 `invalid_request_error`.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", None, message)
+    }
+
+    /// 401 for a missing or wrong token.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key"), message)
+    }
+
+    /// 404 for a model no channel serves.
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("model_not_found"),
+            format!("The model `{model}` does not exist or you do not have access to it."),
+        )
+        .param("model")
+    }
+
+    /// 502 `plugin_error`: an adapter or policy failed on this request.
+    pub fn plugin() -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            "plugin_error",
+            Some("plugin_error"),
+            "The gateway's provider adapter failed to handle this request.",
+        )
+    }
+
+    /// 500 for the gateway's own failures.
+    pub fn internal() -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", None, "The gateway hit an internal error.")
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert("retry-after", v);
+            }
+        }
+        response
+    }
+}

@@ -1,0 +1,22 @@
+//! # wasmgate
+//!
+//! An OpenAI-compatible AI API gateway whose provider adapters and routing
+//! policies are WebAssembly components, hot-swapped from a plugins
+//! directory. The binary (`main.rs`) is a thin CLI over this library.
+//!
+//! Modules follow the request's path: [`api`] (HTTP routes and auth) →
+//! [`relay`] (validation, routing, failover, streaming) → [`plugins`] (the
+//! wasm host) and [`channels`] / [`store`] for data.
+
+pub mod api;
+pub mod channels;
+pub mod config;
+pub mod error;
+pub mod plugins;
+pub mod relay;
+pub mod server;
+pub mod state;
+pub mod store;
+
+pub use config::Config;
+pub use server::{Gateway, build, run};

@@ -1,0 +1,36 @@
+//! The only place that touches `bindgen!` output. The rest of the host uses
+//! the re-exports below and the wrapper types in `adapter.rs`/`router.rs`.
+
+mod gen_ {
+    pub mod adapter {
+        wasmtime::component::bindgen!({
+            world: "adapter-plugin",
+            path: "../wit",
+        });
+    }
+    pub mod router {
+        wasmtime::component::bindgen!({
+            world: "router-plugin",
+            path: "../wit",
+            with: {
+                "wasmgate:plugin/types": super::adapter::wasmgate::plugin::types,
+                "wasmgate:plugin/log": super::adapter::wasmgate::plugin::log,
+            },
+        });
+    }
+}
+
+pub(crate) use gen_::adapter::exports::wasmgate::plugin::adapter::{
+    AdapterInfo, ParsedResponse, Probe, StreamEvents,
+};
+pub(crate) use gen_::adapter::wasmgate::plugin::log::Host as LogHost;
+pub(crate) use gen_::adapter::wasmgate::plugin::types::Host as TypesHost;
+pub(crate) use gen_::adapter::{AdapterPlugin as AdapterWorld, AdapterPluginPre as AdapterWorldPre};
+pub(crate) use gen_::router::exports::wasmgate::plugin::router::{Candidate, RequestMeta, RouterInfo};
+pub(crate) use gen_::router::{RouterPlugin as RouterWorld, RouterPluginPre as RouterWorldPre};
+
+/// Types of the WIT contract, as the host uses them.
+pub use gen_::adapter::wasmgate::plugin::types::{
+    Channel as ChannelView, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse,
+    LogLevel, RequestContext, UpstreamError, Usage,
+};

@@ -1,0 +1,176 @@
+//! Turning component bytes into a validated plugin: check the file is a
+//! component, compile it (or take it from the cache), find which wasmgate
+//! world it implements and at which WIT version, pre-instantiate it, and call
+//! `info()`. The hot-swap path and the admin upload use this same function.
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::adapter::AdapterPlugin;
+use super::bindings::{AdapterWorldPre, RouterWorldPre};
+use super::cache::ArtifactCache;
+use super::engine::PluginEngine;
+use super::router::RouterPlugin;
+
+/// The WIT package plugins implement.
+pub const WIT_PACKAGE: &str = "wasmgate:plugin";
+/// The WIT version this host implements. Plugins built against any
+/// `0.1.z` load; other versions are refused with a clear message.
+pub const WIT_VERSION: &str = "0.1.0";
+
+/// Which world a plugin implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginKind {
+    /// `adapter-plugin`: a provider adapter.
+    Adapter,
+    /// `router-plugin`: a routing policy.
+    Router,
+}
+
+/// A plugin that passed validation.
+pub enum LoadedPlugin {
+    /// A provider adapter.
+    Adapter(Arc<AdapterPlugin>),
+    /// A routing policy.
+    Router(Arc<RouterPlugin>),
+}
+
+/// Load results besides the plugin itself.
+pub struct LoadReport {
+    /// The plugin.
+    pub plugin: LoadedPlugin,
+    /// WIT version the component was built against.
+    pub wit_version: String,
+    /// Whether the compiled code came from the artifact cache.
+    pub from_cache: bool,
+}
+
+impl LoadedPlugin {
+    /// The plugin's kind.
+    pub fn kind(&self) -> PluginKind {
+        match self {
+            Self::Adapter(_) => PluginKind::Adapter,
+            Self::Router(_) => PluginKind::Router,
+        }
+    }
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Whether `name` is acceptable as a plugin name (it becomes a file name).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn check_header(bytes: &[u8]) -> Result<(), String> {
+    const MAGIC: &[u8] = b"\0asm";
+    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        return Err("not a WebAssembly file".into());
+    }
+    if bytes[4..8] == [1, 0, 0, 0] {
+        return Err("a core WebAssembly module, not a component: componentize it (`cargo component build`, \
+                    `--target wasm32-wasip2`, or wit-component; see docs/plugins.md)"
+            .into());
+    }
+    Ok(())
+}
+
+/// Find the wasmgate interface the component exports and its version.
+fn detect_world(engine: &PluginEngine, component: &wasmtime::component::Component) -> Result<(PluginKind, String), String> {
+    let ty = component.component_type();
+    let mut found = None;
+    for (name, _) in ty.exports(&engine.engine) {
+        let Some(rest) = name.strip_prefix(WIT_PACKAGE).and_then(|r| r.strip_prefix('/')) else { continue };
+        let (iface, version) = rest.split_once('@').unwrap_or((rest, ""));
+        let kind = match iface {
+            "adapter" => PluginKind::Adapter,
+            "router" => PluginKind::Router,
+            _ => continue,
+        };
+        found = Some((kind, version.to_string()));
+    }
+    let (kind, version) = found.ok_or_else(|| {
+        format!("component exports neither {WIT_PACKAGE}/adapter nor {WIT_PACKAGE}/router (wrong world)")
+    })?;
+    if !version_compatible(&version) {
+        return Err(format!(
+            "component was built against {WIT_PACKAGE}@{version}; this gateway supports {WIT_PACKAGE}@0.1.x"
+        ));
+    }
+    Ok((kind, version))
+}
+
+/// Semver compatibility for 0.x: same major and minor.
+fn version_compatible(version: &str) -> bool {
+    let mut parts = version.split('.');
+    let mut ours = WIT_VERSION.split('.');
+    parts.next() == ours.next() && parts.next() == ours.next() && parts.next().is_some()
+}
+
+/// Validate and prepare a plugin. Blocking (compiles); call off the runtime.
+pub fn load(engine: &Arc<PluginEngine>, cache: &ArtifactCache, name: &str, bytes: &[u8]) -> Result<LoadReport, String> {
+    check_header(bytes)?;
+    let sha = sha256_hex(bytes);
+    let (component, from_cache) =
+        cache.load_or_compile(engine, &sha, bytes).map_err(|e| format!("compilation failed: {e:#}"))?;
+    let (kind, wit_version) = detect_world(engine, &component)?;
+    let name: Arc<str> = Arc::from(name);
+    let plugin = match kind {
+        PluginKind::Adapter => {
+            let pre = engine
+                .adapter_linker
+                .instantiate_pre(&component)
+                .and_then(AdapterWorldPre::new)
+                .map_err(|e| format!("does not match the adapter-plugin world: {e:#}"))?;
+            let plugin = AdapterPlugin::new(name, sha, pre, engine.clone()).map_err(|e| format!("info() failed: {e}"))?;
+            LoadedPlugin::Adapter(Arc::new(plugin))
+        }
+        PluginKind::Router => {
+            let pre = engine
+                .router_linker
+                .instantiate_pre(&component)
+                .and_then(RouterWorldPre::new)
+                .map_err(|e| format!("does not match the router-plugin world: {e:#}"))?;
+            let plugin = RouterPlugin::new(name, sha, pre, engine.clone()).map_err(|e| format!("info() failed: {e}"))?;
+            LoadedPlugin::Router(Arc::new(plugin))
+        }
+    };
+    Ok(LoadReport { plugin, wit_version, from_cache })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert!(version_compatible("0.1.0"));
+        assert!(version_compatible("0.1.7"));
+        assert!(!version_compatible("0.2.0"));
+        assert!(!version_compatible("1.1.0"));
+        assert!(!version_compatible(""));
+    }
+
+    #[test]
+    fn headers() {
+        assert!(check_header(b"garbage!").is_err());
+        assert!(check_header(b"\0asm\x01\0\0\0").unwrap_err().contains("core"));
+        assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_name("openai"));
+        assert!(valid_name("openai-v2_x"));
+        assert!(!valid_name("../etc"));
+        assert!(!valid_name("Open AI"));
+        assert!(!valid_name(""));
+    }
+}

@@ -1,0 +1,54 @@
+//! Per-call store data: an empty WASI context (no preopens, environment,
+//! network, clocks beyond WASI's defaults) and the resource limits.
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{LogHost, LogLevel, TypesHost};
+
+/// What a plugin's `Store` holds.
+pub struct PluginState {
+    plugin: std::sync::Arc<str>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+}
+
+impl PluginState {
+    /// Fresh state for one call of `plugin`, capped at `memory_bytes`.
+    pub fn new(plugin: std::sync::Arc<str>, memory_bytes: usize) -> Self {
+        Self {
+            plugin,
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(memory_bytes)
+                .trap_on_grow_failure(false)
+                .build(),
+        }
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl TypesHost for PluginState {}
+
+impl LogHost for PluginState {
+    fn log(&mut self, level: LogLevel, message: String) {
+        // Bound what a plugin can push into the log.
+        let message: String = message.chars().take(2048).collect();
+        let plugin = &*self.plugin;
+        match level {
+            LogLevel::Trace => tracing::trace!(target: "wasmgate::plugin", plugin, "{message}"),
+            LogLevel::Debug => tracing::debug!(target: "wasmgate::plugin", plugin, "{message}"),
+            LogLevel::Info => tracing::info!(target: "wasmgate::plugin", plugin, "{message}"),
+            LogLevel::Warn => tracing::warn!(target: "wasmgate::plugin", plugin, "{message}"),
+            LogLevel::Error => tracing::error!(target: "wasmgate::plugin", plugin, "{message}"),
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The host's HTTP client: all upstream I/O goes through here, never through
+//! a plugin. Pooled connections, TCP_NODELAY, timeouts, bounded bodies.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+
+use crate::config::UpstreamConfig;
+use crate::plugins::{ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, UpstreamError};
+
+/// Pooled upstream client.
+#[derive(Clone)]
+pub struct Upstream {
+    client: reqwest::Client,
+    response_timeout: Duration,
+    /// Longest silence allowed inside a streamed body.
+    pub idle_timeout: Duration,
+    max_body: usize,
+}
+
+/// A transient, host-side failure talking to the upstream. Its message names
+/// no host, port or path.
+pub fn connection_error(what: &str) -> UpstreamError {
+    UpstreamError { kind: ErrorKind::Transient, message: format!("upstream {what}"), status: None }
+}
+
+impl Upstream {
+    /// Build the client.
+    pub fn new(cfg: &UpstreamConfig) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("wasmgate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            client,
+            response_timeout: Duration::from_secs(cfg.response_timeout_secs),
+            idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
+            max_body: cfg.max_response_bytes,
+        })
+    }
+
+    /// Send `req`; returns once the response headers are in.
+    pub async fn send(&self, req: HttpRequest) -> Result<reqwest::Response, UpstreamError> {
+        let method = match req.method {
+            HttpMethod::Get => reqwest::Method::GET,
+            HttpMethod::Post => reqwest::Method::POST,
+            HttpMethod::Put => reqwest::Method::PUT,
+            HttpMethod::Delete => reqwest::Method::DELETE,
+        };
+        let mut builder = self.client.request(method, &req.url);
+        for h in &req.headers {
+            builder = builder.header(&h.name, &h.value);
+        }
+        if !req.body.is_empty() {
+            builder = builder.body(req.body);
+        }
+        match tokio::time::timeout(self.response_timeout, builder.send()).await {
+            Err(_) => Err(connection_error("timed out")),
+            Ok(Err(e)) if e.is_connect() => Err(connection_error("connection failed")),
+            Ok(Err(e)) if e.is_timeout() => Err(connection_error("timed out")),
+            Ok(Err(e)) if e.is_builder() => Err(UpstreamError {
+                kind: ErrorKind::Other,
+                message: "the adapter built an invalid upstream request".into(),
+                status: None,
+            }),
+            Ok(Err(_)) => Err(connection_error("request failed")),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
+    /// Read a whole (non-streamed) response, bounded in size and idle time.
+    pub async fn read(&self, resp: reqwest::Response) -> Result<HttpResponse, UpstreamError> {
+        let status = resp.status().as_u16();
+        let headers = headers_of(&resp);
+        let mut stream = resp.bytes_stream();
+        let mut body = BytesMut::new();
+        loop {
+            match tokio::time::timeout(self.idle_timeout, stream.next()).await {
+                Err(_) => return Err(connection_error("stalled while sending its response")),
+                Ok(None) => break,
+                Ok(Some(Err(_))) => return Err(connection_error("connection dropped mid-response")),
+                Ok(Some(Ok(chunk))) => {
+                    if body.len() + chunk.len() > self.max_body {
+                        return Err(connection_error("response exceeded the size limit"));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+            }
+        }
+        Ok(HttpResponse { status, headers, body: Bytes::from(body).to_vec() })
+    }
+}
+
+/// Response headers with lower-cased names.
+pub fn headers_of(resp: &reqwest::Response) -> Vec<Header> {
+    resp.headers()
+        .iter()
+        .filter_map(|(name, value)| {
+            value.to_str().ok().map(|v| Header { name: name.as_str().to_string(), value: v.to_string() })
+        })
+        .collect()
+}

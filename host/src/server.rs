@@ -1,0 +1,118 @@
+//! Assembling the gateway from its configuration and serving it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+
+use crate::api::app;
+use crate::channels::ConfigChannels;
+use crate::config::Config;
+use crate::plugins::{ArtifactCache, PluginEngine, PluginWatcher, Registry, watch};
+use crate::relay::Upstream;
+use crate::state::{AppState, Inner, secret_hash};
+use crate::store::{Store, random_key};
+
+/// A gateway ready to serve.
+pub struct Gateway {
+    /// Shared state (also what tests use).
+    pub state: AppState,
+    /// Tokens generated because none were configured: (gateway, admin).
+    pub generated: (Option<String>, Option<String>),
+    _watcher: Option<PluginWatcher>,
+}
+
+/// Open the store, start the plugin engine, load the plugins directory and
+/// start watching it.
+pub async fn build(config: Config) -> Result<Gateway> {
+    let store = Store::open(&config.data_dir)?;
+    let mut generated = (None, None);
+    let mut tokens = config.tokens.clone();
+    if tokens.is_empty() {
+        let token = store.option_or_insert("generated_token", || random_key("sk-"))?;
+        generated.0 = Some(token.clone());
+        tokens.push(token);
+    }
+    let admin = match &config.admin_token {
+        Some(t) => t.clone(),
+        None => {
+            let t = store.option_or_insert("generated_admin_token", || random_key("adm-"))?;
+            generated.1 = Some(t.clone());
+            t
+        }
+    };
+
+    std::fs::create_dir_all(&config.plugins_dir)
+        .with_context(|| format!("creating plugins directory {}", config.plugins_dir.display()))?;
+    let engine = PluginEngine::new(&config.plugins).context("starting the wasm engine")?;
+    let cache_dir = config.plugins.cache_dir.clone().unwrap_or_else(|| config.data_dir.join("plugin-cache"));
+    let cache = ArtifactCache::new(config.plugins.cache.then_some(cache_dir));
+    let registry = Arc::new(Registry::new(engine, cache, config.plugins_dir.clone()));
+    registry.load_dir().await;
+    let watcher = if config.plugins.watch {
+        Some(watch(registry.clone(), Duration::from_millis(config.plugins.debounce_ms))?)
+    } else {
+        None
+    };
+
+    let inner = Inner {
+        channels: Arc::new(ConfigChannels::new(&config.channels)),
+        upstream: Upstream::new(&config.upstream)?,
+        token_hashes: tokens.iter().map(|t| secret_hash(t)).collect::<HashSet<_>>(),
+        admin_hash: secret_hash(&admin),
+        registry,
+        store,
+        started_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        config,
+    };
+    Ok(Gateway { state: AppState(Arc::new(inner)), generated, _watcher: watcher })
+}
+
+/// Serve until SIGINT/SIGTERM, then drain and flush the store.
+pub async fn run(config: Config) -> Result<()> {
+    let gateway = build(config).await?;
+    let listener = TcpListener::bind(gateway.state.config.listen)
+        .await
+        .with_context(|| format!("binding {}", gateway.state.config.listen))?;
+    let addr = listener.local_addr()?;
+    if let Some(token) = &gateway.generated.0 {
+        println!("gateway token (generated, kept in the data dir; set WASMGATE_TOKENS to choose your own): {token}");
+    }
+    if let Some(token) = &gateway.generated.1 {
+        println!("admin token (generated; set WASMGATE_ADMIN_TOKEN to choose your own): {token}");
+    }
+    let plugins = gateway.state.registry.list();
+    tracing::info!(plugins = plugins.iter().filter(|p| p.loaded).count(), %addr, "wasmgate ready");
+    // Tests and scripts read this line to find the port.
+    println!("wasmgate listening on http://{addr}");
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let state = gateway.state.clone();
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    gateway.state.store.flush()?;
+    tracing::info!("wasmgate stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown signal received; draining");
+}

@@ -1,0 +1,55 @@
+//! Shared application state: `AppState(Arc<Inner>)`, cheap to clone into
+//! every handler.
+
+use std::collections::HashSet;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::channels::ChannelStore;
+use crate::config::Config;
+use crate::plugins::Registry;
+use crate::relay::Upstream;
+use crate::store::Store;
+
+/// Everything a request handler needs.
+pub struct Inner {
+    /// Validated configuration.
+    pub config: Config,
+    /// Plugins in service.
+    pub registry: Arc<Registry>,
+    /// Channels.
+    pub channels: Arc<dyn ChannelStore>,
+    /// Upstream HTTP client.
+    pub upstream: Upstream,
+    /// SHA-256 of every accepted gateway token.
+    pub token_hashes: HashSet<[u8; 32]>,
+    /// SHA-256 of the admin token.
+    pub admin_hash: [u8; 32],
+    /// Embedded store.
+    pub store: Store,
+    /// Unix time the gateway started (the `created` of listed models).
+    pub started_at: u64,
+}
+
+/// Cloneable handle on [`Inner`].
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// SHA-256 of a secret; secrets are only ever compared by hash.
+pub fn secret_hash(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Compare two hashes in constant time.
+pub fn hashes_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,85 @@
+//! # wasmgate-pdk-router — write a wasmgate routing policy
+//!
+//! A routing policy is a WebAssembly component implementing
+//! `wasmgate:plugin/router@0.1.0` (see `wit/router.wit`). Implement
+//! [`Router`] and register it with [`export_router!`]. Policies are pure:
+//! use [`SeededRng`] with the request's seed for any randomness, so the same
+//! seed and candidates always give the same order.
+
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "router-plugin",
+        path: "../../wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_router_world",
+        default_bindings_module: "wasmgate_pdk_router::bindings",
+    });
+}
+
+pub use bindings::exports::wasmgate::plugin::router::{Candidate, RequestMeta, RouterInfo};
+pub use bindings::wasmgate::plugin::types::{Endpoint, LogLevel};
+
+/// The version of the WIT contract this kit implements.
+pub const WIT_VERSION: &str = "0.1.0";
+
+/// A routing policy.
+pub trait Router {
+    /// Name and version; called at load time as validation.
+    fn info() -> RouterInfo;
+    /// Indices into `candidates`, best first.
+    fn select(meta: &RequestMeta, candidates: &[Candidate]) -> Vec<u32>;
+}
+
+/// Log one line through the host.
+pub fn log(level: LogLevel, message: &str) {
+    bindings::wasmgate::plugin::log::log(level, message);
+}
+
+/// A small deterministic generator (SplitMix64) seeded from the request.
+#[derive(Debug, Clone)]
+pub struct SeededRng(u64);
+
+impl SeededRng {
+    /// A generator starting from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A float uniformly distributed in the open interval (0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+}
+
+/// Register `$ty` (a [`Router`]) as this component's router export.
+#[macro_export]
+macro_rules! export_router {
+    ($ty:ty) => {
+        #[doc(hidden)]
+        pub struct __WasmgateRouter;
+
+        impl $crate::bindings::exports::wasmgate::plugin::router::Guest for __WasmgateRouter {
+            fn info() -> $crate::RouterInfo {
+                <$ty as $crate::Router>::info()
+            }
+            fn select(
+                meta: $crate::RequestMeta,
+                candidates: ::std::vec::Vec<$crate::Candidate>,
+            ) -> ::std::vec::Vec<u32> {
+                <$ty as $crate::Router>::select(&meta, &candidates)
+            }
+        }
+
+        $crate::bindings::__export_router_world!(__WasmgateRouter with_types_in $crate::bindings);
+    };
+}

@@ -1,0 +1,161 @@
+//! # wasmgate-pdk — write a wasmgate provider adapter in a page of Rust
+//!
+//! A provider adapter is a WebAssembly component implementing the
+//! `wasmgate:plugin/adapter@0.1.0` interface (see `wit/adapter.wit`). This
+//! crate hides the generated bindings: implement [`Adapter`] (and a
+//! [`StreamDecoder`]) on a type and register it with [`export_adapter!`].
+//!
+//! ```ignore
+//! struct MyProvider;
+//! impl wasmgate_pdk::Adapter for MyProvider { /* ... */ }
+//! wasmgate_pdk::export_adapter!(MyProvider);
+//! ```
+//!
+//! Helpers for the common cases live in [`openai`] (serde types for the
+//! OpenAI shapes), [`sse`] (an incremental Server-Sent Events parser),
+//! [`openai_compat`] (a complete OpenAI-compatible adapter to reuse or wrap)
+//! and [`log`].
+
+pub mod log;
+pub mod openai;
+pub mod openai_compat;
+pub mod sse;
+mod util;
+
+pub use util::{error, header, json_bytes, origin_url};
+
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "adapter-plugin",
+        path: "../../wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_adapter_world",
+        default_bindings_module: "wasmgate_pdk::bindings",
+    });
+}
+
+pub use bindings::exports::wasmgate::plugin::adapter::{
+    AdapterInfo, ParsedResponse, Probe, StreamEvents,
+};
+pub use bindings::wasmgate::plugin::types::{
+    Channel, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, LogLevel,
+    RequestContext, UpstreamError, Usage,
+};
+
+/// The version of the WIT contract this kit implements.
+pub const WIT_VERSION: &str = "0.1.0";
+
+/// A provider adapter: pure translation between OpenAI's API and a provider's.
+///
+/// Every function is called with a fresh instance, so adapters keep no state
+/// between calls (except inside a [`StreamDecoder`], which lives for one
+/// stream).
+pub trait Adapter {
+    /// The decoder turning this provider's stream into OpenAI chunks.
+    type Decoder: StreamDecoder;
+
+    /// Name, version and capabilities; called at load time as validation.
+    fn info() -> AdapterInfo;
+
+    /// Translate the client's OpenAI request body into the upstream request.
+    fn build_request(
+        ctx: &RequestContext,
+        channel: &Channel,
+        body: &[u8],
+    ) -> Result<HttpRequest, UpstreamError>;
+
+    /// Translate a 2xx upstream response into an OpenAI body plus usage.
+    fn parse_response(
+        ctx: &RequestContext,
+        response: &HttpResponse,
+    ) -> Result<ParsedResponse, UpstreamError>;
+
+    /// Classify a non-2xx upstream response.
+    fn classify_error(ctx: &RequestContext, response: &HttpResponse) -> UpstreamError;
+
+    /// The request that tests whether a channel is healthy.
+    fn health_probe(channel: &Channel) -> Probe;
+}
+
+/// Incremental decoder of one upstream stream into OpenAI chunks.
+pub trait StreamDecoder {
+    /// Start decoding the stream of the request described by `ctx`.
+    fn new(ctx: RequestContext) -> Self;
+    /// Consume the next bytes of the upstream body (split anywhere).
+    fn feed(&mut self, bytes: &[u8]) -> Result<StreamEvents, UpstreamError>;
+    /// The upstream body ended: flush anything buffered.
+    fn finish(&mut self) -> Result<StreamEvents, UpstreamError>;
+}
+
+impl StreamEvents {
+    /// No chunks, no usage, no error, not done.
+    pub fn empty() -> Self {
+        StreamEvents { chunks: Vec::new(), usage: None, error: None, done: false }
+    }
+}
+
+/// Register `$ty` (an [`Adapter`]) as this component's adapter export.
+#[macro_export]
+macro_rules! export_adapter {
+    ($ty:ty) => {
+        #[doc(hidden)]
+        pub struct __WasmgateAdapter;
+
+        #[doc(hidden)]
+        pub struct __WasmgateDecoder(
+            ::core::cell::RefCell<<$ty as $crate::Adapter>::Decoder>,
+        );
+
+        impl $crate::bindings::exports::wasmgate::plugin::adapter::Guest for __WasmgateAdapter {
+            type StreamDecoder = __WasmgateDecoder;
+
+            fn info() -> $crate::AdapterInfo {
+                <$ty as $crate::Adapter>::info()
+            }
+            fn build_request(
+                ctx: $crate::RequestContext,
+                channel: $crate::Channel,
+                body: ::std::vec::Vec<u8>,
+            ) -> ::core::result::Result<$crate::HttpRequest, $crate::UpstreamError> {
+                <$ty as $crate::Adapter>::build_request(&ctx, &channel, &body)
+            }
+            fn parse_response(
+                ctx: $crate::RequestContext,
+                response: $crate::HttpResponse,
+            ) -> ::core::result::Result<$crate::ParsedResponse, $crate::UpstreamError> {
+                <$ty as $crate::Adapter>::parse_response(&ctx, &response)
+            }
+            fn classify_error(
+                ctx: $crate::RequestContext,
+                response: $crate::HttpResponse,
+            ) -> $crate::UpstreamError {
+                <$ty as $crate::Adapter>::classify_error(&ctx, &response)
+            }
+            fn health_probe(channel: $crate::Channel) -> $crate::Probe {
+                <$ty as $crate::Adapter>::health_probe(&channel)
+            }
+        }
+
+        impl $crate::bindings::exports::wasmgate::plugin::adapter::GuestStreamDecoder
+            for __WasmgateDecoder
+        {
+            fn new(ctx: $crate::RequestContext) -> Self {
+                Self(::core::cell::RefCell::new(
+                    <<$ty as $crate::Adapter>::Decoder as $crate::StreamDecoder>::new(ctx),
+                ))
+            }
+            fn feed(
+                &self,
+                bytes: ::std::vec::Vec<u8>,
+            ) -> ::core::result::Result<$crate::StreamEvents, $crate::UpstreamError> {
+                $crate::StreamDecoder::feed(&mut *self.0.borrow_mut(), &bytes)
+            }
+            fn finish(&self) -> ::core::result::Result<$crate::StreamEvents, $crate::UpstreamError> {
+                $crate::StreamDecoder::finish(&mut *self.0.borrow_mut())
+            }
+        }
+
+        $crate::bindings::__export_adapter_world!(__WasmgateAdapter with_types_in $crate::bindings);
+    };
+}

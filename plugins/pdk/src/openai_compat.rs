@@ -1,0 +1,263 @@
+//! A complete adapter for OpenAI and OpenAI-compatible APIs, reusable by
+//! plugins that only need to tweak it (another auth header, a path prefix,
+//! a marker in responses...).
+//!
+//! Channel settings understood (JSON object, all optional):
+//! - `headers`: object of extra headers to send (e.g. `OpenAI-Organization`);
+//! - `probe_model`: model used by the health probe;
+//! - `probe_endpoint`: `"chat"` (default) or `"embeddings"`.
+
+use serde_json::{Map, Value};
+
+use crate::openai::{Envelope, ErrorBody, ErrorDetail};
+use crate::sse::SseParser;
+use crate::{
+    error, header, origin_url, Adapter, AdapterInfo, Channel, Endpoint, ErrorKind, HttpMethod,
+    HttpRequest, HttpResponse, ParsedResponse, Probe, RequestContext, StreamDecoder, StreamEvents,
+    UpstreamError,
+};
+
+/// The OpenAI-compatible adapter.
+pub struct OpenAiCompat;
+
+/// API path of an endpoint, relative to the channel's base URL.
+pub fn endpoint_path(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::ChatCompletions => "/chat/completions",
+        Endpoint::Completions => "/completions",
+        Endpoint::Embeddings => "/embeddings",
+        Endpoint::Models => "/models",
+    }
+}
+
+/// Parse a channel's settings object (`{}` when empty or invalid).
+pub fn settings(channel: &Channel) -> Map<String, Value> {
+    match serde_json::from_str::<Value>(&channel.settings) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
+    }
+}
+
+/// Rewrite the client's body for the upstream: set the upstream model name
+/// and, for streams, ask for usage in the last chunk.
+pub fn rewrite_body(ctx: &RequestContext, body: &[u8]) -> Result<Vec<u8>, UpstreamError> {
+    let mut value: Value = serde_json::from_slice(body)
+        .map_err(|e| error(ErrorKind::BadRequest, format!("invalid JSON body: {e}"), None))?;
+    let obj = value
+        .as_object_mut()
+        .ok_or_else(|| error(ErrorKind::BadRequest, "request body must be a JSON object", None))?;
+    obj.insert("model".into(), Value::String(ctx.upstream_model.clone()));
+    if ctx.stream && matches!(ctx.endpoint, Endpoint::ChatCompletions | Endpoint::Completions) {
+        let options = obj.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(options) = options {
+            options.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    serde_json::to_vec(&value)
+        .map_err(|e| error(ErrorKind::Other, format!("cannot encode body: {e}"), None))
+}
+
+/// The upstream request for `ctx` on an OpenAI-compatible API.
+pub fn build_request(
+    ctx: &RequestContext,
+    channel: &Channel,
+    body: &[u8],
+) -> Result<HttpRequest, UpstreamError> {
+    let url = origin_url(&channel.base_url, endpoint_path(ctx.endpoint));
+    let mut headers = Vec::with_capacity(4);
+    if !channel.key.is_empty() {
+        headers.push(header("authorization", format!("Bearer {}", channel.key)));
+    }
+    if let Some(Value::Object(extra)) = settings(channel).get("headers") {
+        for (name, value) in extra {
+            if let Some(value) = value.as_str() {
+                headers.push(header(&name.to_ascii_lowercase(), value));
+            }
+        }
+    }
+    if ctx.endpoint == Endpoint::Models {
+        return Ok(HttpRequest { method: HttpMethod::Get, url, headers, body: Vec::new() });
+    }
+    headers.push(header("content-type", "application/json"));
+    if ctx.stream {
+        headers.push(header("accept", "text/event-stream"));
+    }
+    Ok(HttpRequest { method: HttpMethod::Post, url, headers, body: rewrite_body(ctx, body)? })
+}
+
+/// Check a 2xx body is OpenAI JSON and take its usage; the body is returned
+/// unchanged, so unknown fields reach the client byte for byte.
+pub fn parse_response(
+    _ctx: &RequestContext,
+    response: &HttpResponse,
+) -> Result<ParsedResponse, UpstreamError> {
+    let envelope: Envelope = serde_json::from_slice(&response.body).map_err(|_| {
+        error(ErrorKind::Transient, "upstream returned a response that is not valid JSON", Some(response.status))
+    })?;
+    if let Some(detail) = envelope.error {
+        return Err(classify_detail(response.status, None, &detail));
+    }
+    Ok(ParsedResponse {
+        body: response.body.clone(),
+        usage: envelope.usage.map(|u| u.to_usage()),
+    })
+}
+
+/// Retry-After in whole seconds, from a response's headers.
+pub fn retry_after(response: &HttpResponse) -> Option<u32> {
+    response
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("retry-after"))
+        .and_then(|h| h.value.trim().parse::<f64>().ok())
+        .map(|secs| secs.ceil().max(0.0) as u32)
+}
+
+/// Classify a non-2xx OpenAI-style response by status and error code.
+pub fn classify_error(_ctx: &RequestContext, response: &HttpResponse) -> UpstreamError {
+    let detail = serde_json::from_slice::<ErrorBody>(&response.body).ok().map(|b| b.error);
+    match detail {
+        Some(detail) => classify_detail(response.status, retry_after(response), &detail),
+        None => {
+            let mut e = classify_detail(response.status, retry_after(response), &ErrorDetail::default());
+            e.message = format!("upstream returned HTTP {}", response.status);
+            e
+        }
+    }
+}
+
+fn classify_detail(status: u16, retry_after: Option<u32>, detail: &ErrorDetail) -> UpstreamError {
+    let code = detail.code_str().unwrap_or_default();
+    let kind_text = detail.kind.clone().unwrap_or_default();
+    let kind = match (status, code.as_str(), kind_text.as_str()) {
+        (_, "insufficient_quota", _) | (_, _, "insufficient_quota") | (402, _, _) => ErrorKind::QuotaExhausted,
+        (_, "invalid_api_key" | "account_deactivated", _) | (401 | 403, _, _) => ErrorKind::Auth,
+        (_, "rate_limit_exceeded", _) | (429, _, _) => ErrorKind::RateLimited(retry_after),
+        (_, "content_filter" | "content_policy_violation", _) => ErrorKind::ContentFiltered,
+        (_, "model_not_found", _) | (404, _, _) => ErrorKind::ModelNotFound,
+        (400 | 413 | 415 | 422, _, _) => ErrorKind::BadRequest,
+        (408 | 409 | 425 | 500..=599, _, _) => ErrorKind::Transient,
+        (_, _, "server_error") => ErrorKind::Transient,
+        _ => ErrorKind::Other,
+    };
+    let message = if detail.message.is_empty() {
+        format!("upstream returned HTTP {status}")
+    } else {
+        detail.message.clone()
+    };
+    error(kind, message, if status == 0 { None } else { Some(status) })
+}
+
+/// Probe with a one-token chat (or an embedding when the settings say so).
+pub fn health_probe(channel: &Channel) -> Probe {
+    let settings = settings(channel);
+    let embeddings = settings.get("probe_endpoint").and_then(Value::as_str) == Some("embeddings");
+    let default_model = if embeddings { "text-embedding-3-small" } else { "gpt-4o-mini" };
+    let model = settings
+        .get("probe_model")
+        .and_then(Value::as_str)
+        .unwrap_or(default_model)
+        .to_string();
+    if embeddings {
+        let body = serde_json::json!({"model": model, "input": "ping"});
+        Probe { endpoint: Endpoint::Embeddings, model, body: crate::json_bytes(&body) }
+    } else {
+        let body = serde_json::json!({
+            "model": model, "max_tokens": 1,
+            "messages": [{"role": "user", "content": "ping"}]
+        });
+        Probe { endpoint: Endpoint::ChatCompletions, model, body: crate::json_bytes(&body) }
+    }
+}
+
+/// Decodes OpenAI's SSE stream: chunks pass through byte for byte.
+pub struct OpenAiSseDecoder {
+    parser: SseParser,
+    include_usage: bool,
+    done: bool,
+}
+
+impl OpenAiSseDecoder {
+    fn events(&mut self, events: Vec<crate::sse::SseEvent>) -> Result<StreamEvents, UpstreamError> {
+        let mut out = StreamEvents::empty();
+        for event in events {
+            let data = event.data.trim();
+            if data.is_empty() {
+                continue;
+            }
+            if data == "[DONE]" {
+                self.done = true;
+                continue;
+            }
+            let envelope: Envelope = serde_json::from_str(data).map_err(|_| {
+                error(ErrorKind::Transient, "upstream stream carried data that is not JSON", None)
+            })?;
+            if let Some(detail) = envelope.error {
+                out.error = Some(classify_detail(0, None, &detail));
+                self.done = true;
+                break;
+            }
+            let usage_only = envelope.choices.as_ref().is_none_or(|c| c.is_empty());
+            if let Some(usage) = &envelope.usage {
+                out.usage = Some(usage.to_usage());
+            }
+            if usage_only && envelope.usage.is_some() && !self.include_usage {
+                continue;
+            }
+            out.chunks.push(data.as_bytes().to_vec());
+        }
+        out.done = self.done;
+        Ok(out)
+    }
+}
+
+impl StreamDecoder for OpenAiSseDecoder {
+    fn new(ctx: RequestContext) -> Self {
+        Self { parser: SseParser::new(), include_usage: ctx.include_usage, done: false }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) -> Result<StreamEvents, UpstreamError> {
+        let events = self.parser.push(bytes);
+        self.events(events)
+    }
+
+    fn finish(&mut self) -> Result<StreamEvents, UpstreamError> {
+        let events = self.parser.finish().into_iter().collect();
+        self.events(events)
+    }
+}
+
+impl Adapter for OpenAiCompat {
+    type Decoder = OpenAiSseDecoder;
+
+    fn info() -> AdapterInfo {
+        AdapterInfo {
+            name: "openai".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            description: "OpenAI and OpenAI-compatible APIs".into(),
+            endpoints: vec![
+                Endpoint::ChatCompletions,
+                Endpoint::Completions,
+                Endpoint::Embeddings,
+                Endpoint::Models,
+            ],
+            default_models: vec!["gpt-4o".into(), "gpt-4o-mini".into(), "text-embedding-3-small".into()],
+        }
+    }
+
+    fn build_request(ctx: &RequestContext, channel: &Channel, body: &[u8]) -> Result<HttpRequest, UpstreamError> {
+        build_request(ctx, channel, body)
+    }
+
+    fn parse_response(ctx: &RequestContext, response: &HttpResponse) -> Result<ParsedResponse, UpstreamError> {
+        parse_response(ctx, response)
+    }
+
+    fn classify_error(ctx: &RequestContext, response: &HttpResponse) -> UpstreamError {
+        classify_error(ctx, response)
+    }
+
+    fn health_probe(channel: &Channel) -> Probe {
+        health_probe(channel)
+    }
+}

@@ -1,0 +1,117 @@
+//! Incremental Server-Sent Events parser (the WHATWG event-stream format).
+//!
+//! Bytes may be split anywhere, including inside a UTF-8 sequence or a
+//! `\r\n` pair; complete events come out in order.
+
+/// One dispatched event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SseEvent {
+    /// The `event:` field, when given.
+    pub event: Option<String>,
+    /// The `data:` lines joined with `\n`.
+    pub data: String,
+}
+
+/// Buffers partial lines and yields complete events.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    buf: Vec<u8>,
+    event: Option<String>,
+    data: Option<String>,
+}
+
+impl SseParser {
+    /// An empty parser.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feed bytes; returns the events completed by them.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
+        self.buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        let mut start = 0;
+        while let Some(rel) = self.buf[start..].iter().position(|&b| b == b'\n' || b == b'\r') {
+            let end = start + rel;
+            // A lone '\r' at the very end may be the first half of "\r\n".
+            if self.buf[end] == b'\r' && end + 1 == self.buf.len() {
+                break;
+            }
+            let line = String::from_utf8_lossy(&self.buf[start..end]).into_owned();
+            let skip = if self.buf[end] == b'\r' && self.buf.get(end + 1) == Some(&b'\n') { 2 } else { 1 };
+            start = end + skip;
+            if let Some(event) = self.line(&line) {
+                out.push(event);
+            }
+        }
+        self.buf.drain(..start);
+        out
+    }
+
+    /// The stream ended: dispatch a last event not followed by a blank line.
+    pub fn finish(&mut self) -> Option<SseEvent> {
+        if !self.buf.is_empty() {
+            let line = String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
+            if let Some(event) = self.line(&line) {
+                return Some(event);
+            }
+        }
+        self.dispatch()
+    }
+
+    fn line(&mut self, line: &str) -> Option<SseEvent> {
+        if line.is_empty() {
+            return self.dispatch();
+        }
+        if line.starts_with(':') {
+            return None;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "data" => match &mut self.data {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(value);
+                }
+                None => self.data = Some(value.to_string()),
+            },
+            "event" => self.event = Some(value.to_string()),
+            _ => {}
+        }
+        None
+    }
+
+    fn dispatch(&mut self) -> Option<SseEvent> {
+        let event = self.event.take();
+        self.data.take().map(|data| SseEvent { event, data })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_anywhere() {
+        let input = b"data: {\"a\":1}\r\n\r\n: comment\n\nevent: x\ndata: l1\ndata: l2\n\ndata: [DONE]\n\n";
+        for cut in 0..input.len() {
+            let mut p = SseParser::new();
+            let mut events = p.push(&input[..cut]);
+            events.extend(p.push(&input[cut..]));
+            events.extend(p.finish());
+            let data: Vec<_> = events.iter().map(|e| e.data.as_str()).collect();
+            assert_eq!(data, ["{\"a\":1}", "l1\nl2", "[DONE]"], "cut at {cut}");
+            assert_eq!(events[1].event.as_deref(), Some("x"));
+        }
+    }
+
+    #[test]
+    fn last_event_without_blank_line() {
+        let mut p = SseParser::new();
+        assert!(p.push(b"data: tail").is_empty());
+        assert_eq!(p.finish().map(|e| e.data), Some("tail".to_string()));
+    }
+}

@@ -1,0 +1,225 @@
+//! The OpenAI API through the real gateway binary, the real `openai.wasm`
+//! adapter and a real loopback mock upstream.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use support::{ADMIN, Gateway, MockUpstream, TOKEN, assert_openai_error, channel, client, post};
+
+async fn setup() -> (MockUpstream, Gateway) {
+    let mock = MockUpstream::start("mock-a").await;
+    let extra = "[channels.model_mapping]\n\"gpt-4o\" = \"gpt-4o-2024-08-06\"\n";
+    let ch = channel("a", "openai", &mock.base_url(), &["gpt-4o-mini", "gpt-4o", "hold-model", "text-embedding-3-small", "gpt-3.5-turbo-instruct"], extra);
+    let gw = Gateway::start(&["openai.wasm", "weighted.wasm"], &ch);
+    (mock, gw)
+}
+
+fn chat(model: &str, text: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": text}]})
+}
+
+/// Split an SSE body into its `data:` payloads.
+fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|frame| frame.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chat_non_stream_passes_unknown_fields_and_usage() {
+    let (mock, gw) = setup().await;
+    let mut body = chat("gpt-4o-mini", "hi there");
+    body["x_vendor_extension"] = json!({"keep": [1, 2, 3]});
+    body["temperature"] = json!(0.25);
+    let resp = client().post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&body).send().await.expect("send");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("x-request-id").is_some_and(|v| v.to_str().unwrap_or("").starts_with("req_")));
+    let out: Value = resp.json().await.expect("json");
+    assert_eq!(out["object"], "chat.completion");
+    assert_eq!(out["choices"][0]["message"]["content"], "echo: hi there");
+    assert_eq!(out["usage"]["total_tokens"], 21);
+    // Fields the gateway does not know reach the client untouched.
+    assert_eq!(out["choices"][0]["message"]["refusal"], Value::Null);
+    assert_eq!(out["system_fingerprint"], "mock-a");
+
+    let upstream = mock.state.last_body.lock().await.clone().expect("upstream saw a request");
+    assert_eq!(upstream["x_vendor_extension"], json!({"keep": [1, 2, 3]}));
+    assert_eq!(upstream["temperature"], json!(0.25));
+    assert_eq!(upstream["model"], "gpt-4o-mini");
+    let headers = mock.state.last_headers.lock().await.clone().expect("headers");
+    assert_eq!(headers["authorization"], "Bearer sk-upstream-secret-a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn model_mapping_reaches_upstream() {
+    let (mock, gw) = setup().await;
+    let (status, out) = post(&gw, "/v1/chat/completions", &chat("gpt-4o", "map me")).await;
+    assert_eq!(status, 200, "{out}");
+    let upstream = mock.state.last_body.lock().await.clone().expect("request");
+    assert_eq!(upstream["model"], "gpt-4o-2024-08-06");
+    // The openai adapter returns the upstream's body as is: the response
+    // names the deployment that answered (documented in docs/relay.md).
+    assert_eq!(out["model"], "gpt-4o-2024-08-06");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chat_stream_with_and_without_usage() {
+    let (mock, gw) = setup().await;
+    for include_usage in [true, false] {
+        let mut body = chat("gpt-4o-mini", "hello streaming world");
+        body["stream"] = json!(true);
+        if include_usage {
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        let resp = client().post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&body).send().await.expect("send");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let text = resp.text().await.expect("body");
+        let data = sse_data(&text);
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+        let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).expect("chunk json")).collect();
+        let content: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0).and_then(|ch| ch["delta"]["content"].as_str()))
+            .collect();
+        assert_eq!(content, "echo: hello streaming world");
+        let usage_chunks: Vec<&Value> = chunks.iter().filter(|c| !c["usage"].is_null()).collect();
+        if include_usage {
+            assert_eq!(usage_chunks.len(), 1, "{text}");
+            assert_eq!(usage_chunks[0]["usage"]["completion_tokens"], 12);
+            assert_eq!(usage_chunks[0]["choices"], json!([]));
+        } else {
+            assert!(usage_chunks.is_empty(), "client did not ask for usage: {text}");
+        }
+        // Usage is always requested upstream, so the gateway can bill it.
+        let upstream = mock.state.last_body.lock().await.clone().expect("request");
+        assert_eq!(upstream["stream_options"]["include_usage"], true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sse_first_chunk_arrives_while_upstream_holds_the_rest() {
+    let (mock, gw) = setup().await;
+    let mut body = chat("hold-model", "slow answer");
+    body["stream"] = json!(true);
+    let resp = client().post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&body).send().await.expect("send");
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut seen = String::new();
+    // The mock sent one chunk and is now waiting for `release()`.
+    while !seen.contains("\n\n") {
+        let next = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
+        let bytes = next.expect("first chunk must arrive while the upstream holds the rest").expect("stream open").expect("bytes");
+        seen.push_str(&String::from_utf8_lossy(&bytes));
+    }
+    assert!(seen.starts_with("data: {"), "{seen}");
+    assert!(!seen.contains("[DONE]"), "nothing after the first chunk may arrive yet: {seen}");
+    mock.release();
+    while let Some(bytes) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("rest arrives") {
+        seen.push_str(&String::from_utf8_lossy(&bytes.expect("bytes")));
+    }
+    assert!(seen.ends_with("data: [DONE]\n\n"), "{seen}");
+    assert!(seen.contains("slow "), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn completions_embeddings_and_models() {
+    let (mock, gw) = setup().await;
+    let (status, out) = post(&gw, "/v1/completions", &json!({"model": "gpt-3.5-turbo-instruct", "prompt": "say"})).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["choices"][0]["text"], "echo: say");
+
+    let resp = client()
+        .post(gw.url("/v1/completions"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"model": "gpt-3.5-turbo-instruct", "prompt": "p", "stream": true}))
+        .send()
+        .await
+        .expect("send");
+    let text = resp.text().await.expect("body");
+    let data = sse_data(&text);
+    assert_eq!(data.len(), 3, "{text}");
+    assert_eq!(data[2], "[DONE]");
+
+    let (status, out) = post(&gw, "/v1/embeddings", &json!({"model": "text-embedding-3-small", "input": ["a", "b"]})).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(out["data"][1]["embedding"].as_array().map(Vec::len), Some(8));
+    let upstream = mock.state.last_body.lock().await.clone().expect("request");
+    assert!(upstream.get("stream_options").is_none(), "no stream options on embeddings");
+
+    let models: Value = client().get(gw.url("/v1/models")).bearer_auth(TOKEN).send().await.expect("send").json().await.expect("json");
+    assert_eq!(models["object"], "list");
+    let ids: Vec<&str> = models["data"].as_array().expect("data").iter().filter_map(|m| m["id"].as_str()).collect();
+    assert!(ids.contains(&"gpt-4o-mini") && ids.contains(&"text-embedding-3-small"), "{ids:?}");
+    assert!(models["data"].as_array().expect("data").iter().all(|m| m["object"] == "model"));
+
+    let one = client().get(gw.url("/v1/models/gpt-4o")).bearer_auth(TOKEN).send().await.expect("send");
+    assert_eq!(one.status(), 200);
+    let missing = client().get(gw.url("/v1/models/nope")).bearer_auth(TOKEN).send().await.expect("send");
+    assert_eq!(missing.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_client_input_gets_openai_4xx_never_5xx() {
+    let (mock, mut gw) = setup().await;
+    let c = client();
+    let url = gw.url("/v1/chat/completions");
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16)> = vec![
+        ("non-JSON", c.post(&url).bearer_auth(TOKEN).body("this is not json"), 400),
+        ("JSON array", c.post(&url).bearer_auth(TOKEN).body("[1,2,3]"), 400),
+        ("truncated JSON", c.post(&url).bearer_auth(TOKEN).body("{\"model\": \"gpt-4o\", \"messages\": ["), 400),
+        ("missing model", c.post(&url).bearer_auth(TOKEN).json(&json!({"messages": [{"role": "user", "content": "x"}]})), 400),
+        ("model is a number", c.post(&url).bearer_auth(TOKEN).json(&json!({"model": 42, "messages": []})), 400),
+        ("messages is a string", c.post(&url).bearer_auth(TOKEN).json(&json!({"model": "gpt-4o", "messages": "hi"})), 400),
+        ("stream is a string", c.post(&url).bearer_auth(TOKEN).json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "stream": "yes"})), 400),
+        ("10 MB body", c.post(&url).bearer_auth(TOKEN).body(format!("{{\"model\":\"gpt-4o\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}", "a".repeat(10 * 1024 * 1024))), 413),
+        ("unknown model", c.post(&url).bearer_auth(TOKEN).json(&chat("no-such-model", "x")), 404),
+        ("no token", c.post(&url).json(&chat("gpt-4o", "x")), 401),
+        ("wrong token", c.post(&url).bearer_auth("sk-wrong").json(&chat("gpt-4o", "x")), 401),
+        ("admin token on /v1", c.post(&url).bearer_auth(ADMIN).json(&chat("gpt-4o", "x")), 401),
+        ("unknown URL", c.post(gw.url("/v1/nothing-here")).bearer_auth(TOKEN).json(&json!({})), 404),
+        ("wrong method", c.get(&url).bearer_auth(TOKEN), 405),
+        ("embeddings without input", c.post(gw.url("/v1/embeddings")).bearer_auth(TOKEN).json(&json!({"model": "text-embedding-3-small"})), 400),
+    ];
+    let before = mock.hits();
+    for (name, request, expected) in cases {
+        let resp = request.send().await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap_or_else(|e| panic!("{name}: body is not JSON: {e}"));
+        assert_eq!(status, expected, "{name}: {body}");
+        let kind = assert_openai_error(&body);
+        assert_eq!(kind, "invalid_request_error", "{name}: {body}");
+    }
+    assert_eq!(mock.hits(), before, "no invalid request may reach the upstream");
+    assert!(gw.alive(), "the gateway survived every bad input");
+    let (status, _) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "still fine")).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_upstream_fails_over_and_never_leaks_its_address_or_key() {
+    let mock = MockUpstream::start("good").await;
+    // A port that refuses connections: bind, note the port, close.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_url = format!("http://{}/v1", dead.local_addr().expect("addr"));
+    drop(dead);
+    let channels = channel("dead", "openai", &dead_url, &["gpt-4o-mini", "only-dead"], "priority = 10")
+        + &channel("good", "openai", &mock.base_url(), &["gpt-4o-mini"], "priority = 0");
+    let gw = Gateway::start(&["openai.wasm", "weighted.wasm"], &channels);
+
+    let (status, out) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "fail over")).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["system_fingerprint"], "good");
+
+    let (status, out) = post(&gw, "/v1/chat/completions", &chat("only-dead", "nowhere")).await;
+    assert_eq!(status, 502, "{out}");
+    assert_eq!(assert_openai_error(&out), "upstream_error");
+    let text = out.to_string();
+    let port = dead_url.split(':').nth(2).unwrap_or("x").trim_end_matches("/v1").to_string();
+    assert!(!text.contains("127.0.0.1") && !text.contains(&port) && !text.contains("sk-upstream"), "{text}");
+}

@@ -1,0 +1,192 @@
+//! Test support: start the real `wasmgate` binary on 127.0.0.1:0 with real
+//! compiled plugins copied into its own plugins directory.
+
+#![allow(dead_code)]
+
+pub mod mock;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use mock::MockUpstream;
+
+/// Gateway token used by every test gateway.
+pub const TOKEN: &str = "sk-test-0123456789abcdefghijklmnopqrstuv";
+/// Admin token used by every test gateway.
+pub const ADMIN: &str = "adm-test-0123456789abcdefghijklmnopqrstu";
+
+/// Repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+/// A built plugin: shipped ones from `plugins/`, fixtures from
+/// `target/wasm-fixtures/`.
+pub fn artifact(file: &str) -> PathBuf {
+    let candidates = [root().join("plugins").join(file), root().join("target/wasm-fixtures").join(file)];
+    candidates.into_iter().find(|p| p.exists()).unwrap_or_else(|| {
+        panic!("plugin artifact {file} not built: run `cargo xtask test` (or `cargo xtask plugins`) first")
+    })
+}
+
+/// A TOML channel declaration.
+pub fn channel(name: &str, adapter: &str, base_url: &str, models: &[&str], extra: &str) -> String {
+    let models: Vec<String> = models.iter().map(|m| format!("{m:?}")).collect();
+    format!(
+        "[[channels]]\nname = {name:?}\nadapter = {adapter:?}\nbase_url = {base_url:?}\nkey = \"sk-upstream-secret-{name}\"\nmodels = [{}]\n{extra}\n",
+        models.join(", ")
+    )
+}
+
+/// A running gateway process, killed on drop.
+pub struct Gateway {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    /// Its plugins directory.
+    pub plugins_dir: PathBuf,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Temporary directory holding everything.
+    pub dir: tempfile::TempDir,
+    config_path: PathBuf,
+}
+
+impl Gateway {
+    /// Start with `plugins` (artifact file names, installed under the same
+    /// name unless given as `src:dest`) and extra TOML (channels, options).
+    pub fn start(plugins: &[&str], extra_toml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plugins_dir = dir.path().join("plugins");
+        std::fs::create_dir_all(&plugins_dir).expect("plugins dir");
+        for spec in plugins {
+            let (src, dest) = spec.split_once(':').unwrap_or((spec, spec));
+            std::fs::copy(artifact(src), plugins_dir.join(dest)).expect("copy plugin");
+        }
+        let data_dir = dir.path().join("data");
+        let cache_dir = root().join("target/test-plugin-cache");
+        let config = format!(
+            "tokens = [{TOKEN:?}]\nadmin_token = {ADMIN:?}\ndata_dir = {:?}\nplugins_dir = {:?}\n\
+             [plugins]\ncache_dir = {:?}\ndebounce_ms = 100\n\n{extra_toml}\n",
+            data_dir, plugins_dir, cache_dir
+        );
+        let config_path = dir.path().join("wasmgate.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let (child, base) = Self::spawn(dir.path(), &config_path);
+        Self { child, base, plugins_dir, data_dir, dir, config_path }
+    }
+
+    fn spawn(dir: &Path, config_path: &Path) -> (Child, String) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("gateway.log")).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+            .arg("--config")
+            .arg(config_path)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info,wasmgate=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn wasmgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("wasmgate listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let base = rx.recv_timeout(Duration::from_secs(120)).unwrap_or_else(|_| {
+            let log = std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default();
+            panic!("gateway did not start; its log:\n{log}")
+        });
+        (child, base)
+    }
+
+    /// Stop (SIGKILL) and start again on the same directories.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, base) = Self::spawn(self.dir.path(), &self.config_path);
+        self.child = child;
+        self.base = base;
+    }
+
+    /// `base` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The gateway's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Replace (or add) a plugin file atomically, as an operator would with
+    /// `cp new.wasm dir/.x.tmp && mv`.
+    pub fn install_plugin(&self, artifact_file: &str, as_name: &str) {
+        let tmp = self.plugins_dir.join(format!(".{as_name}.tmp"));
+        std::fs::copy(artifact(artifact_file), &tmp).expect("copy");
+        std::fs::rename(&tmp, self.plugins_dir.join(as_name)).expect("rename");
+    }
+
+    /// Write raw bytes as a plugin file.
+    pub fn write_plugin(&self, as_name: &str, bytes: &[u8]) {
+        let tmp = self.plugins_dir.join(format!(".{as_name}.tmp"));
+        std::fs::write(&tmp, bytes).expect("write");
+        std::fs::rename(&tmp, self.plugins_dir.join(as_name)).expect("rename");
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client for tests.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
+}
+
+/// POST JSON with the gateway token; returns (status, body).
+pub async fn post(gw: &Gateway, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let resp = client().post(gw.url(path)).bearer_auth(TOKEN).json(body).send().await.expect("send");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+}
+
+/// Poll `f` until it returns true or `limit` passes; returns the time taken.
+pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}
+
+/// Assert `body` is an OpenAI error object and return its `type`.
+pub fn assert_openai_error(body: &serde_json::Value) -> String {
+    let err = body.get("error").unwrap_or_else(|| panic!("not an OpenAI error: {body}"));
+    for key in ["message", "type", "param", "code"] {
+        assert!(err.get(key).is_some(), "error lacks `{key}`: {body}");
+    }
+    assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "empty message: {body}");
+    err["type"].as_str().unwrap_or_default().to_string()
+}

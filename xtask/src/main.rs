@@ -1,0 +1,89 @@
+//! `cargo xtask`: wasmgate's project automation.
+//!
+//! - `cargo xtask plugins`   build the wasm plugins into `plugins/*.wasm`
+//!   (and the test fixtures into `target/wasm-fixtures/`)
+//! - `cargo xtask test`      set everything up and run the whole test suite
+//! - `cargo xtask run [ARGS]` build the plugins and run the gateway (release)
+//! - `cargo xtask bench`     run the loopback benchmark harness
+
+mod componentize;
+mod plugins;
+mod python;
+mod toolchain;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    match args.first().map(String::as_str) {
+        Some("plugins") => plugins::build_all(&root).map(|_| ()),
+        Some("test") => test(&root, &args[1..]),
+        Some("run") => run(&root, &args[1..]),
+        Some("bench") => bench(&root, &args[1..]),
+        _ => {
+            eprintln!("usage: cargo xtask <plugins|test|run|bench> [args]");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The repository root (this crate lives in `<root>/xtask`).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Run a command, failing with its description when it fails.
+pub(crate) fn run_checked(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("command failed ({status}): {cmd:?}");
+    }
+    Ok(())
+}
+
+/// The host-side cargo (rustup's), never the Debian one used for guests.
+fn host_cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    plugins::build_all(root)?;
+    let python = python::ensure_venv(root)?;
+    let mut cmd = host_cargo();
+    cmd.current_dir(root)
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(extra)
+        .env("WASMGATE_TEST_PYTHON", &python);
+    run_checked(&mut cmd)
+}
+
+fn run(root: &Path, extra: &[String]) -> Result<()> {
+    plugins::build_all(root)?;
+    let mut cmd = host_cargo();
+    cmd.current_dir(root)
+        .args(["run", "--release", "--package", "wasmgate", "--bin", "wasmgate", "--"])
+        .args(extra);
+    run_checked(&mut cmd)
+}
+
+fn bench(root: &Path, extra: &[String]) -> Result<()> {
+    plugins::build_all(root)?;
+    let mut build = host_cargo();
+    build.current_dir(root).args(["build", "--release", "--package", "wasmgate", "--package", "wasmgate-bench"]);
+    run_checked(&mut build)?;
+    let mut cmd = Command::new(root.join("target/release/wasmgate-bench"));
+    cmd.current_dir(root)
+        .arg("--gateway-bin")
+        .arg(root.join("target/release/wasmgate"))
+        .arg("--plugins")
+        .arg(root.join("plugins"))
+        .args(extra);
+    run_checked(&mut cmd)
+}

@@ -1,0 +1,78 @@
+//! Building every plugin crate under `plugins/` into `.wasm` components.
+//!
+//! Shipped plugins land in `plugins/*.wasm` (the gateway's default plugins
+//! directory); test fixtures in `target/wasm-fixtures/`. Files are replaced
+//! atomically and only when their bytes change, so a running gateway's
+//! watcher sees each new version exactly once.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::componentize::componentize;
+use crate::toolchain::{self, CORE_TARGET, Toolchain, WASIP1_TARGET};
+
+/// Crates whose component ships in the default plugins directory:
+/// (crate artifact name, plugin file stem).
+const SHIPPED: &[(&str, &str)] = &[("openai", "openai"), ("weighted", "weighted")];
+/// Test fixtures: (crate artifact name, file stem).
+const FIXTURES: &[(&str, &str)] = &[("hostile", "hostile"), ("openai_v2", "openai-v2")];
+
+/// Where the built artifacts went.
+pub struct Built {
+    /// Fixture directory (`target/wasm-fixtures`).
+    pub fixtures: PathBuf,
+}
+
+/// Build all plugins and fixtures.
+pub fn build_all(root: &Path) -> Result<Built> {
+    let plugins_dir = root.join("plugins");
+    let fixtures = root.join("target/wasm-fixtures");
+    fs::create_dir_all(&fixtures)?;
+
+    let chain = toolchain::select(CORE_TARGET)?;
+    eprintln!("xtask: building plugins for {CORE_TARGET} with {chain:?}");
+    crate::run_checked(&mut toolchain::cargo_build(chain, CORE_TARGET, &plugins_dir))?;
+    let out = plugins_dir.join("target").join(CORE_TARGET).join("release");
+    for (artifact, stem) in SHIPPED {
+        install(&out.join(format!("{artifact}.wasm")), &plugins_dir.join(format!("{stem}.wasm")), false)?;
+    }
+    for (artifact, stem) in FIXTURES {
+        install(&out.join(format!("{artifact}.wasm")), &fixtures.join(format!("{stem}.wasm")), false)?;
+    }
+
+    // The same adapter built the way `cargo component` builds it (WASI
+    // preview 1 + adapter), to prove such components load too.
+    if let Some(chain) = wasip1_toolchain(chain) {
+        let mut cmd = toolchain::cargo_build(chain, WASIP1_TARGET, &plugins_dir);
+        cmd.args(["--package", "openai"]);
+        crate::run_checked(&mut cmd)?;
+        let out = plugins_dir.join("target").join(WASIP1_TARGET).join("release");
+        install(&out.join("openai.wasm"), &fixtures.join("openai-wasip1.wasm"), true)?;
+    } else {
+        eprintln!("xtask: no {WASIP1_TARGET} toolchain; skipping the WASI preview 1 fixture");
+    }
+    Ok(Built { fixtures })
+}
+
+fn wasip1_toolchain(core: Toolchain) -> Option<Toolchain> {
+    match core {
+        Toolchain::DebianBuildStd => Some(Toolchain::DebianBuildStd),
+        Toolchain::Rustup => toolchain::select(WASIP1_TARGET).ok(),
+    }
+}
+
+/// Componentize `module` and write it to `dest` if its bytes changed.
+fn install(module: &Path, dest: &Path, wasip1: bool) -> Result<()> {
+    let bytes = fs::read(module).with_context(|| format!("reading {}", module.display()))?;
+    let component = componentize(&bytes, wasip1).with_context(|| format!("componentizing {}", module.display()))?;
+    if fs::read(dest).is_ok_and(|old| old == component) {
+        return Ok(());
+    }
+    let tmp = dest.with_extension("wasm.tmp");
+    fs::write(&tmp, &component)?;
+    fs::rename(&tmp, dest)?;
+    eprintln!("xtask: wrote {} ({} bytes)", dest.display(), component.len());
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! A Python virtual environment with the official `openai` SDK, used by the
+//! tests that check OpenAI compatibility with a real client.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Result;
+
+/// The SDK version range the tests are written against.
+const OPENAI_REQUIREMENT: &str = "openai>=1.40,<4";
+
+/// Create `target/py-venv` with the `openai` package; returns its python.
+pub fn ensure_venv(root: &Path) -> Result<PathBuf> {
+    let venv = root.join("target/py-venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        crate::run_checked(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    let has_sdk = Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_sdk {
+        crate::run_checked(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", OPENAI_REQUIREMENT]),
+        )?;
+    }
+    Ok(python)
+}
