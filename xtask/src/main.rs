@@ -20,7 +20,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = workspace_root();
     match args.first().map(String::as_str) {
-        Some("plugins") => plugins::build_all(&root).map(|_| ()),
+        Some("plugins") => plugins::build_all(&root),
         Some("test") => test(&root, &args[1..]),
         Some("run") => run(&root, &args[1..]),
         Some("bench") => bench(&root, &args[1..]),

@@ -6,7 +6,7 @@
 //! watcher sees each new version exactly once.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
@@ -19,14 +19,8 @@ const SHIPPED: &[(&str, &str)] = &[("openai", "openai"), ("weighted", "weighted"
 /// Test fixtures: (crate artifact name, file stem).
 const FIXTURES: &[(&str, &str)] = &[("hostile", "hostile"), ("openai_v2", "openai-v2")];
 
-/// Where the built artifacts went.
-pub struct Built {
-    /// Fixture directory (`target/wasm-fixtures`).
-    pub fixtures: PathBuf,
-}
-
 /// Build all plugins and fixtures.
-pub fn build_all(root: &Path) -> Result<Built> {
+pub fn build_all(root: &Path) -> Result<()> {
     let plugins_dir = root.join("plugins");
     let fixtures = root.join("target/wasm-fixtures");
     fs::create_dir_all(&fixtures)?;
@@ -53,7 +47,7 @@ pub fn build_all(root: &Path) -> Result<Built> {
     } else {
         eprintln!("xtask: no {WASIP1_TARGET} toolchain; skipping the WASI preview 1 fixture");
     }
-    Ok(Built { fixtures })
+    Ok(())
 }
 
 fn wasip1_toolchain(core: Toolchain) -> Option<Toolchain> {
