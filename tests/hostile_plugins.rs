@@ -50,7 +50,8 @@ async fn each_misbehaviour_fails_only_its_own_request() {
             let url = gw_url.clone();
             rounds.push(tokio::spawn(async move {
                 let start = Instant::now();
-                let resp = client().post(&url).bearer_auth(TOKEN).json(&chat(model, stream)).send().await.expect("send");
+                let resp =
+                    client().post(&url).bearer_auth(TOKEN).json(&chat(model, stream)).send().await.expect("send");
                 let status = resp.status().as_u16();
                 let body: Value = resp.json().await.expect("OpenAI error JSON");
                 (status, body, start.elapsed())
@@ -62,7 +63,10 @@ async fn each_misbehaviour_fails_only_its_own_request() {
             assert_eq!(assert_openai_error(&body), "plugin_error", "{model}: {body}");
             assert!(elapsed < Duration::from_secs(2), "{model}: took {elapsed:?}");
             let text = body.to_string();
-            assert!(!text.contains("127.0.0.1") && !text.contains("sk-upstream") && !text.contains("wasm"), "{model} leaks: {text}");
+            assert!(
+                !text.contains("127.0.0.1") && !text.contains("sk-upstream") && !text.contains("wasm"),
+                "{model} leaks: {text}"
+            );
             println!("{model}: 502 plugin_error in {elapsed:?}");
         }
         assert!(gw.alive(), "gateway died on {model}");
@@ -80,7 +84,12 @@ async fn each_misbehaviour_fails_only_its_own_request() {
     assert!(log.contains("exceeded its time limit"), "the endless loop must be reported as a timeout");
     assert!(log.contains("outside the channel's origin"), "the foreign URL must be reported");
     // The hostile plugin is still loaded and still serves well-formed requests.
-    let (code, body) = post(&gw, "/v1/chat/completions", &json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})).await;
+    let (code, body) = post(
+        &gw,
+        "/v1/chat/completions",
+        &json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
     assert_eq!(code, 200, "{body}");
     assert!(gw.alive());
 }

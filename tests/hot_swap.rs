@@ -14,7 +14,10 @@ const V2_MARKER: &str = "wasmgate-hotswap-v2";
 
 async fn setup() -> (MockUpstream, Gateway) {
     let mock = MockUpstream::start("v1").await;
-    let gw = Gateway::start(&["openai.wasm", "weighted.wasm"], &channel("a", "openai", &mock.base_url(), &["gpt-4o-mini"], ""));
+    let gw = Gateway::start(
+        &["openai.wasm", "weighted.wasm"],
+        &channel("a", "openai", &mock.base_url(), &["gpt-4o-mini"], ""),
+    );
     (mock, gw)
 }
 
@@ -87,12 +90,20 @@ async fn swap_under_load_fails_no_request_and_serves_v2_within_2s() {
     }
     assert_eq!(results.len(), TOTAL);
     let failed: Vec<_> = results.iter().filter(|(_, (status, complete, _))| *status != 200 || !complete).collect();
-    assert!(failed.is_empty(), "{} of {TOTAL} requests failed during the swap: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "{} of {TOTAL} requests failed during the swap: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
 
     let first_v2 = results.iter().filter(|(_, (_, _, v2))| *v2).map(|(at, _)| *at).min().expect("v2 never served");
     let v1_count = results.iter().filter(|(_, (_, _, v2))| !*v2).count();
     let switch = first_v2.saturating_sub(swapped_at);
-    println!("swap: {v1_count} requests on v1, {} on v2; first v2 request sent {switch:?} after the file was replaced", TOTAL - v1_count);
+    println!(
+        "swap: {v1_count} requests on v1, {} on v2; first v2 request sent {switch:?} after the file was replaced",
+        TOTAL - v1_count
+    );
     assert!(switch <= Duration::from_secs(2), "v2 took {switch:?} to serve");
     // Every request sent 2 s after the swap was served by v2.
     let late_v1 = results.iter().filter(|(at, (_, _, v2))| *at > swapped_at + Duration::from_secs(2) && !*v2).count();
@@ -110,7 +121,11 @@ async fn broken_files_are_rejected_and_the_old_version_keeps_serving() {
         ("random bytes", b"definitely not wasm at all".to_vec(), "not a WebAssembly file"),
         ("truncated component", component[..component.len() / 2].to_vec(), "compilation failed"),
         ("core module", b"\0asm\x01\0\0\0".to_vec(), "core WebAssembly module"),
-        ("wrong world (a router as an adapter)", std::fs::read(artifact("weighted.wasm")).expect("read"), "in service as Adapter"),
+        (
+            "wrong world (a router as an adapter)",
+            std::fs::read(artifact("weighted.wasm")).expect("read"),
+            "in service as Adapter",
+        ),
     ];
     for (name, bytes, expected) in cases {
         gw.write_plugin("openai.wasm", &bytes);
@@ -148,7 +163,9 @@ async fn deleting_unloads_with_a_clear_503_and_restoring_serves_again() {
     assert_eq!(body["error"]["code"], "adapter_unavailable");
 
     gw.install_plugin("openai.wasm", "openai.wasm");
-    let back = eventually(Duration::from_secs(5), || async { post(&gw, "/v1/chat/completions", &chat()).await.0 == 200 }).await;
+    let back =
+        eventually(Duration::from_secs(5), || async { post(&gw, "/v1/chat/completions", &chat()).await.0 == 200 })
+            .await;
     assert!(back.is_some(), "restored plugin never served");
 }
 
@@ -182,7 +199,11 @@ async fn admin_plugin_api_uploads_validates_and_deletes() {
     assert_eq!(status["version"], "0.2.0-hotswap");
     let (_, body) = post(&gw, "/v1/chat/completions", &chat()).await;
     assert_eq!(body["system_fingerprint"], V2_MARKER, "uploaded version serves at once");
-    assert_eq!(std::fs::read(gw.plugins_dir.join("openai.wasm")).expect("saved"), v2, "upload is saved to the plugins dir");
+    assert_eq!(
+        std::fs::read(gw.plugins_dir.join("openai.wasm")).expect("saved"),
+        v2,
+        "upload is saved to the plugins dir"
+    );
 
     // A bad upload is refused and changes nothing.
     let resp = c.put(gw.url("/api/plugins/openai")).bearer_auth(ADMIN).body("garbage").send().await.expect("send");
@@ -218,7 +239,10 @@ async fn restart_loads_plugins_from_the_compiled_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cargo_component_style_wasip1_build_loads_and_serves() {
     let mock = MockUpstream::start("p1").await;
-    let gw = Gateway::start(&["openai-wasip1.wasm:openai.wasm"], &channel("a", "openai", &mock.base_url(), &["gpt-4o-mini"], ""));
+    let gw = Gateway::start(
+        &["openai-wasip1.wasm:openai.wasm"],
+        &channel("a", "openai", &mock.base_url(), &["gpt-4o-mini"], ""),
+    );
     let status = plugin(&gw, "openai").await.expect("listed");
     assert_eq!(status["loaded"], true, "{status}");
     let (code, body) = post(&gw, "/v1/chat/completions", &chat()).await;

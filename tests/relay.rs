@@ -12,7 +12,13 @@ use support::{ADMIN, Gateway, MockUpstream, TOKEN, assert_openai_error, channel,
 async fn setup() -> (MockUpstream, Gateway) {
     let mock = MockUpstream::start("mock-a").await;
     let extra = "[channels.model_mapping]\n\"gpt-4o\" = \"gpt-4o-2024-08-06\"\n";
-    let ch = channel("a", "openai", &mock.base_url(), &["gpt-4o-mini", "gpt-4o", "hold-model", "text-embedding-3-small", "gpt-3.5-turbo-instruct"], extra);
+    let ch = channel(
+        "a",
+        "openai",
+        &mock.base_url(),
+        &["gpt-4o-mini", "gpt-4o", "hold-model", "text-embedding-3-small", "gpt-3.5-turbo-instruct"],
+        extra,
+    );
     let gw = Gateway::start(&["openai.wasm", "weighted.wasm"], &ch);
     (mock, gw)
 }
@@ -23,10 +29,7 @@ fn chat(model: &str, text: &str) -> Value {
 
 /// Split an SSE body into its `data:` payloads.
 fn sse_data(body: &str) -> Vec<String> {
-    body.split("\n\n")
-        .filter_map(|frame| frame.strip_prefix("data: "))
-        .map(str::to_string)
-        .collect()
+    body.split("\n\n").filter_map(|frame| frame.strip_prefix("data: ")).map(str::to_string).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -75,17 +78,17 @@ async fn chat_stream_with_and_without_usage() {
         if include_usage {
             body["stream_options"] = json!({"include_usage": true});
         }
-        let resp = client().post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&body).send().await.expect("send");
+        let resp =
+            client().post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&body).send().await.expect("send");
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
         let text = resp.text().await.expect("body");
         let data = sse_data(&text);
         assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
-        let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).expect("chunk json")).collect();
-        let content: String = chunks
-            .iter()
-            .filter_map(|c| c["choices"].get(0).and_then(|ch| ch["delta"]["content"].as_str()))
-            .collect();
+        let chunks: Vec<Value> =
+            data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).expect("chunk json")).collect();
+        let content: String =
+            chunks.iter().filter_map(|c| c["choices"].get(0).and_then(|ch| ch["delta"]["content"].as_str())).collect();
         assert_eq!(content, "echo: hello streaming world");
         let usage_chunks: Vec<&Value> = chunks.iter().filter(|c| !c["usage"].is_null()).collect();
         if include_usage {
@@ -113,7 +116,10 @@ async fn sse_first_chunk_arrives_while_upstream_holds_the_rest() {
     // The mock sent one chunk and is now waiting for `release()`.
     while !seen.contains("\n\n") {
         let next = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
-        let bytes = next.expect("first chunk must arrive while the upstream holds the rest").expect("stream open").expect("bytes");
+        let bytes = next
+            .expect("first chunk must arrive while the upstream holds the rest")
+            .expect("stream open")
+            .expect("bytes");
         seen.push_str(&String::from_utf8_lossy(&bytes));
     }
     assert!(seen.starts_with("data: {"), "{seen}");
@@ -129,7 +135,8 @@ async fn sse_first_chunk_arrives_while_upstream_holds_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn completions_embeddings_and_models() {
     let (mock, gw) = setup().await;
-    let (status, out) = post(&gw, "/v1/completions", &json!({"model": "gpt-3.5-turbo-instruct", "prompt": "say"})).await;
+    let (status, out) =
+        post(&gw, "/v1/completions", &json!({"model": "gpt-3.5-turbo-instruct", "prompt": "say"})).await;
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["choices"][0]["text"], "echo: say");
 
@@ -145,14 +152,16 @@ async fn completions_embeddings_and_models() {
     assert_eq!(data.len(), 3, "{text}");
     assert_eq!(data[2], "[DONE]");
 
-    let (status, out) = post(&gw, "/v1/embeddings", &json!({"model": "text-embedding-3-small", "input": ["a", "b"]})).await;
+    let (status, out) =
+        post(&gw, "/v1/embeddings", &json!({"model": "text-embedding-3-small", "input": ["a", "b"]})).await;
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["data"].as_array().map(Vec::len), Some(2));
     assert_eq!(out["data"][1]["embedding"].as_array().map(Vec::len), Some(8));
     let upstream = mock.state.last_body.lock().await.clone().expect("request");
     assert!(upstream.get("stream_options").is_none(), "no stream options on embeddings");
 
-    let models: Value = client().get(gw.url("/v1/models")).bearer_auth(TOKEN).send().await.expect("send").json().await.expect("json");
+    let models: Value =
+        client().get(gw.url("/v1/models")).bearer_auth(TOKEN).send().await.expect("send").json().await.expect("json");
     assert_eq!(models["object"], "list");
     let ids: Vec<&str> = models["data"].as_array().expect("data").iter().filter_map(|m| m["id"].as_str()).collect();
     assert!(ids.contains(&"gpt-4o-mini") && ids.contains(&"text-embedding-3-small"), "{ids:?}");
@@ -173,18 +182,43 @@ async fn bad_client_input_gets_openai_4xx_never_5xx() {
         ("non-JSON", c.post(&url).bearer_auth(TOKEN).body("this is not json"), 400),
         ("JSON array", c.post(&url).bearer_auth(TOKEN).body("[1,2,3]"), 400),
         ("truncated JSON", c.post(&url).bearer_auth(TOKEN).body("{\"model\": \"gpt-4o\", \"messages\": ["), 400),
-        ("missing model", c.post(&url).bearer_auth(TOKEN).json(&json!({"messages": [{"role": "user", "content": "x"}]})), 400),
+        (
+            "missing model",
+            c.post(&url).bearer_auth(TOKEN).json(&json!({"messages": [{"role": "user", "content": "x"}]})),
+            400,
+        ),
         ("model is a number", c.post(&url).bearer_auth(TOKEN).json(&json!({"model": 42, "messages": []})), 400),
-        ("messages is a string", c.post(&url).bearer_auth(TOKEN).json(&json!({"model": "gpt-4o", "messages": "hi"})), 400),
-        ("stream is a string", c.post(&url).bearer_auth(TOKEN).json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "stream": "yes"})), 400),
-        ("10 MB body", c.post(&url).bearer_auth(TOKEN).body(format!("{{\"model\":\"gpt-4o\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}", "a".repeat(10 * 1024 * 1024))), 413),
+        (
+            "messages is a string",
+            c.post(&url).bearer_auth(TOKEN).json(&json!({"model": "gpt-4o", "messages": "hi"})),
+            400,
+        ),
+        (
+            "stream is a string",
+            c.post(&url)
+                .bearer_auth(TOKEN)
+                .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "stream": "yes"})),
+            400,
+        ),
+        (
+            "10 MB body",
+            c.post(&url).bearer_auth(TOKEN).body(format!(
+                "{{\"model\":\"gpt-4o\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}",
+                "a".repeat(10 * 1024 * 1024)
+            )),
+            413,
+        ),
         ("unknown model", c.post(&url).bearer_auth(TOKEN).json(&chat("no-such-model", "x")), 404),
         ("no token", c.post(&url).json(&chat("gpt-4o", "x")), 401),
         ("wrong token", c.post(&url).bearer_auth("sk-wrong").json(&chat("gpt-4o", "x")), 401),
         ("admin token on /v1", c.post(&url).bearer_auth(ADMIN).json(&chat("gpt-4o", "x")), 401),
         ("unknown URL", c.post(gw.url("/v1/nothing-here")).bearer_auth(TOKEN).json(&json!({})), 404),
         ("wrong method", c.get(&url).bearer_auth(TOKEN), 405),
-        ("embeddings without input", c.post(gw.url("/v1/embeddings")).bearer_auth(TOKEN).json(&json!({"model": "text-embedding-3-small"})), 400),
+        (
+            "embeddings without input",
+            c.post(gw.url("/v1/embeddings")).bearer_auth(TOKEN).json(&json!({"model": "text-embedding-3-small"})),
+            400,
+        ),
     ];
     let before = mock.hits();
     for (name, request, expected) in cases {

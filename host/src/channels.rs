@@ -56,7 +56,11 @@ impl Channel {
 
     /// Whether this channel offers `model` (`defaults` when it lists none).
     pub fn offers(&self, model: &str, defaults: &[String]) -> bool {
-        if self.models.is_empty() { defaults.iter().any(|m| m == model) } else { self.models.iter().any(|m| m == model) }
+        if self.models.is_empty() {
+            defaults.iter().any(|m| m == model)
+        } else {
+            self.models.iter().any(|m| m == model)
+        }
     }
 
     /// The upstream name of `model` on this channel.
@@ -108,7 +112,8 @@ pub struct ConfigChannels {
 impl ConfigChannels {
     /// Number the configured channels from 1.
     pub fn new(configs: &[ChannelConfig]) -> Self {
-        let channels = configs.iter().enumerate().map(|(i, c)| Arc::new(Channel::from_config(i as u64 + 1, c))).collect();
+        let channels =
+            configs.iter().enumerate().map(|(i, c)| Arc::new(Channel::from_config(i as u64 + 1, c))).collect();
         Self { channels }
     }
 }

@@ -136,7 +136,15 @@ impl Default for Config {
 
 impl Default for PluginConfig {
     fn default() -> Self {
-        Self { call_timeout_ms: 50, memory_limit_mib: 64, max_instances: 1000, watch: true, debounce_ms: 200, cache: true, cache_dir: None }
+        Self {
+            call_timeout_ms: 50,
+            memory_limit_mib: 64,
+            max_instances: 1000,
+            watch: true,
+            debounce_ms: 200,
+            cache: true,
+            cache_dir: None,
+        }
     }
 }
 
@@ -161,8 +169,16 @@ impl Default for RoutingConfig {
 /// Top-level keys, so unrelated `WASMGATE_*` variables are not mistaken
 /// for configuration.
 const KEYS: &[&str] = &[
-    "listen", "data_dir", "plugins_dir", "tokens", "admin_token", "max_body_bytes", "plugins", "upstream",
-    "routing", "channels",
+    "listen",
+    "data_dir",
+    "plugins_dir",
+    "tokens",
+    "admin_token",
+    "max_body_bytes",
+    "plugins",
+    "upstream",
+    "routing",
+    "channels",
 ];
 
 impl Config {
@@ -202,5 +218,41 @@ impl Config {
             bail!("upstream.max_attempts must be at least 1");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_config_defaults() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:3000");
+        assert_eq!(c.plugins.call_timeout_ms, 50);
+        assert_eq!(c.plugins.memory_limit_mib, 64);
+        c.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wasmgate.example.toml");
+        let c = Config::load(Some(&path)).expect("example config");
+        assert_eq!(c.channels.len(), 2);
+        assert_eq!(c.channels[0].model_mapping["gpt-4o"], "gpt-4o-2024-08-06");
+        assert_eq!(c.channels[1].settings["probe_model"], "gpt-4o-mini");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_urls_are_errors() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let typo = dir.path().join("typo.toml");
+        std::fs::write(&typo, "listen = \"127.0.0.1:1\"\n[plugins]\ncall_timeout = 5\n").expect("write");
+        assert!(Config::load(Some(&typo)).is_err());
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "[[channels]]\nname = \"x\"\nadapter = \"openai\"\nbase_url = \"ftp://x\"\n")
+            .expect("write");
+        let err = format!("{:#}", Config::load(Some(&bad)).expect_err("bad url"));
+        assert!(err.contains("channels[0].base_url"), "{err}");
     }
 }

@@ -92,12 +92,7 @@ async fn record(state: &MockState, headers: &HeaderMap, body: &Bytes) -> Value {
 }
 
 fn last_user_text(body: &Value) -> String {
-    body["messages"]
-        .as_array()
-        .and_then(|m| m.last())
-        .and_then(|m| m["content"].as_str())
-        .unwrap_or("")
-        .to_string()
+    body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("").to_string()
 }
 
 async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -123,7 +118,8 @@ fn chat_chunks(model: &str, text: &str, include_usage: bool) -> Vec<Value> {
         json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u64,
                "model": model, "system_fingerprint": "mock", "choices": choices})
     };
-    let mut out = vec![base(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]))];
+    let mut out =
+        vec![base(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]))];
     for word in text.split_inclusive(' ') {
         out.push(base(json!([{"index": 0, "delta": {"content": word}, "finish_reason": null}])));
     }
@@ -147,7 +143,11 @@ fn sse(state: Arc<MockState>, model: String, chunks: Vec<Value>) -> Response {
         .expect("sse response")
 }
 
-fn async_stream(state: Arc<MockState>, chunks: Vec<Value>, hold: bool) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
+fn async_stream(
+    state: Arc<MockState>,
+    chunks: Vec<Value>,
+    hold: bool,
+) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
     let frames: Vec<Bytes> = chunks
         .into_iter()
         .map(|c| Bytes::from(format!("data: {c}\n\n")))
@@ -205,6 +205,8 @@ async fn embeddings(State(state): State<Arc<MockState>>, headers: HeaderMap, bod
 
 async fn models(State(state): State<Arc<MockState>>) -> Response {
     state.hits.fetch_add(1, Ordering::SeqCst);
-    axum::Json(json!({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "mock"}]}))
-        .into_response()
+    axum::Json(
+        json!({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 0, "owned_by": "mock"}]}),
+    )
+    .into_response()
 }

@@ -79,7 +79,8 @@ impl Gateway {
     }
 
     fn spawn(dir: &Path, config_path: &Path) -> (Child, String) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("gateway.log")).expect("log file");
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.join("gateway.log")).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
             .arg("--config")
             .arg(config_path)

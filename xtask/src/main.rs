@@ -33,10 +33,7 @@ fn main() -> Result<()> {
 
 /// The repository root (this crate lives in `<root>/xtask`).
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Run a command, failing with its description when it fails.
@@ -53,9 +50,42 @@ fn host_cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+fn step(name: &str) {
+    eprintln!("\n==> xtask test: {name}");
+}
+
+/// The whole suite: formatting, lints, the plugin build, the guest crates'
+/// unit tests (natively), then every host unit and integration test.
 fn test(root: &Path, extra: &[String]) -> Result<()> {
+    step("formatting");
+    let has_fmt = host_cargo().args(["fmt", "--version"]).output().is_ok_and(|o| o.status.success());
+    if has_fmt {
+        run_checked(host_cargo().current_dir(root).args(["fmt", "--all", "--check"]))?;
+        run_checked(host_cargo().current_dir(root.join("plugins")).args(["fmt", "--all", "--check"]))?;
+    } else {
+        eprintln!("xtask: rustfmt not installed; skipping the format check");
+    }
+    step("building plugins");
     plugins::build_all(root)?;
+    step("guest crates' unit tests (native)");
+    run_checked(
+        host_cargo()
+            .current_dir(root.join("plugins"))
+            .args(["test", "--package", "wasmgate-pdk", "--package", "weighted", "--target-dir"])
+            .arg(root.join("target/guest-native")),
+    )?;
+    step("clippy");
+    run_checked(host_cargo().current_dir(root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("python openai SDK");
     let python = python::ensure_venv(root)?;
+    step("host tests");
     let mut cmd = host_cargo();
     cmd.current_dir(root)
         .args(["test", "--workspace", "--no-fail-fast"])
@@ -67,9 +97,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 fn run(root: &Path, extra: &[String]) -> Result<()> {
     plugins::build_all(root)?;
     let mut cmd = host_cargo();
-    cmd.current_dir(root)
-        .args(["run", "--release", "--package", "wasmgate", "--bin", "wasmgate", "--"])
-        .args(extra);
+    cmd.current_dir(root).args(["run", "--release", "--package", "wasmgate", "--bin", "wasmgate", "--"]).args(extra);
     run_checked(&mut cmd)
 }
 

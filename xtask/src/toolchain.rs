@@ -39,11 +39,8 @@ fn rustup_has_target(target: &str) -> bool {
 /// `rustup target add`, killed after `limit` (it hangs where the download
 /// host is unreachable).
 fn rustup_add_target(target: &str, limit: Duration) -> bool {
-    let Ok(mut child) = Command::new("rustup")
-        .args(["target", "add", target])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+    let Ok(mut child) =
+        Command::new("rustup").args(["target", "add", target]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()
     else {
         return false;
     };
@@ -69,11 +66,7 @@ fn debian_ready() -> bool {
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 fn apt_install() -> Result<()> {
@@ -144,17 +137,18 @@ pub fn cargo_build(toolchain: Toolchain, target: &str, plugins_dir: &Path) -> Co
                 .env(format!("CARGO_TARGET_{upper}_LINKER"), "wasm-ld-16")
                 .env_remove("RUSTUP_TOOLCHAIN");
             if target == WASIP1_TARGET {
-                c.env(
-                    format!("CARGO_TARGET_{upper}_RUSTFLAGS"),
-                    "-C link-self-contained=no -L /usr/lib/wasm32-wasi",
-                );
+                c.env(format!("CARGO_TARGET_{upper}_RUSTFLAGS"), "-C link-self-contained=no -L /usr/lib/wasm32-wasi");
             }
             c
         }
     };
-    cmd.current_dir(plugins_dir)
-        .env_remove("CARGO_TARGET_DIR")
-        .args(["build", "--release", "--workspace", "--target", target]);
+    cmd.current_dir(plugins_dir).env_remove("CARGO_TARGET_DIR").args([
+        "build",
+        "--release",
+        "--workspace",
+        "--target",
+        target,
+    ]);
     if toolchain == Toolchain::DebianBuildStd {
         cmd.arg("-Zbuild-std=std,panic_abort");
     }

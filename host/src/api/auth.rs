@@ -47,7 +47,12 @@ pub async fn require_admin(State(state): State<AppState>, req: Request, next: Ne
     match presented_key(req.headers()) {
         None => missing().into_response(),
         Some(key) if hashes_equal(&secret_hash(key), &state.admin_hash) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_admin_token"), "Incorrect admin token.")
-            .into_response(),
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_admin_token"),
+            "Incorrect admin token.",
+        )
+        .into_response(),
     }
 }

@@ -17,23 +17,40 @@ use crate::plugins::Endpoint;
 use crate::relay::{ClientRequest, relay};
 use crate::state::AppState;
 
-async fn serve(state: AppState, id: RequestId, endpoint: Endpoint, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn serve(
+    state: AppState,
+    id: RequestId,
+    endpoint: Endpoint,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let req = ClientRequest::parse(endpoint, body::take(raw)?)?;
     relay(&state, req, &id.0).await
 }
 
 /// `POST /v1/chat/completions`
-pub async fn chat_completions(State(s): State<AppState>, Extension(id): Extension<RequestId>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn chat_completions(
+    State(s): State<AppState>,
+    Extension(id): Extension<RequestId>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     serve(s, id, Endpoint::ChatCompletions, raw).await
 }
 
 /// `POST /v1/completions`
-pub async fn completions(State(s): State<AppState>, Extension(id): Extension<RequestId>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn completions(
+    State(s): State<AppState>,
+    Extension(id): Extension<RequestId>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     serve(s, id, Endpoint::Completions, raw).await
 }
 
 /// `POST /v1/embeddings`
-pub async fn embeddings(State(s): State<AppState>, Extension(id): Extension<RequestId>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn embeddings(
+    State(s): State<AppState>,
+    Extension(id): Extension<RequestId>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     serve(s, id, Endpoint::Embeddings, raw).await
 }
 

@@ -13,7 +13,12 @@ use crate::plugins::{PluginStatus, WIT_PACKAGE, WIT_VERSION};
 use crate::state::AppState;
 
 fn not_found(name: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("plugin_not_found"), format!("No plugin named `{name}`."))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        Some("plugin_not_found"),
+        format!("No plugin named `{name}`."),
+    )
 }
 
 /// `GET /api/plugins`
@@ -32,14 +37,15 @@ pub async fn get(State(state): State<AppState>, Path(name): Path<String>) -> Res
 
 /// `PUT /api/plugins/{name}`: the body is the component's bytes. It is
 /// validated before anything changes; on success it is saved and in service.
-pub async fn upload(State(state): State<AppState>, Path(name): Path<String>, raw: Result<Bytes, BytesRejection>) -> Result<Json<PluginStatus>, ApiError> {
+pub async fn upload(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Json<PluginStatus>, ApiError> {
     let bytes = body::take(raw)?;
-    state
-        .registry
-        .install(&name, bytes.to_vec())
-        .await
-        .map(Json)
-        .map_err(|message| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_plugin"), message))
+    state.registry.install(&name, bytes.to_vec()).await.map(Json).map_err(|message| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_plugin"), message)
+    })
 }
 
 /// `DELETE /api/plugins/{name}`

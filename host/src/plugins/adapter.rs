@@ -7,8 +7,8 @@ use wasmtime::Store;
 use wasmtime::component::ResourceAny;
 
 use super::bindings::{
-    AdapterInfo, AdapterWorld, AdapterWorldPre, ChannelView, HttpRequest, HttpResponse,
-    ParsedResponse, Probe, RequestContext, StreamEvents, UpstreamError,
+    AdapterInfo, AdapterWorld, AdapterWorldPre, ChannelView, HttpRequest, HttpResponse, ParsedResponse, Probe,
+    RequestContext, StreamEvents, UpstreamError,
 };
 use super::engine::PluginEngine;
 use super::error::PluginError;
@@ -47,15 +47,26 @@ impl AdapterPlugin {
         f: impl FnOnce(&mut Store<PluginState>, &AdapterWorld) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         let mut store = self.engine.store(self.name.clone());
-        let world = self.pre.instantiate(&mut store).map_err(|e| PluginError::Instantiate {
-            plugin: self.name.to_string(),
-            detail: format!("{e:#}"),
-        })?;
+        let world = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| PluginError::Instantiate { plugin: self.name.to_string(), detail: format!("{e:#}") })?;
         f(&mut store, &world).map_err(|e| PluginError::from_wasm(&self.name, e))
     }
 
+    /// Instantiate and call `info()`: the fixed cost of any call (used by
+    /// validation and benchmarks).
+    pub fn call_info(&self) -> Result<AdapterInfo, PluginError> {
+        self.call(|store, w| w.wasmgate_plugin_adapter().call_info(store))
+    }
+
     /// `build-request`.
-    pub fn build_request(&self, ctx: &RequestContext, channel: &ChannelView, body: &[u8]) -> AdapterResult<HttpRequest> {
+    pub fn build_request(
+        &self,
+        ctx: &RequestContext,
+        channel: &ChannelView,
+        body: &[u8],
+    ) -> AdapterResult<HttpRequest> {
         self.call(|store, w| w.wasmgate_plugin_adapter().call_build_request(store, ctx, channel, body))
     }
 
@@ -78,10 +89,10 @@ impl AdapterPlugin {
     /// version) until dropped.
     pub fn stream_decoder(self: &Arc<Self>, ctx: &RequestContext) -> Result<AdapterStream, PluginError> {
         let mut store = self.engine.store(self.name.clone());
-        let world = self.pre.instantiate(&mut store).map_err(|e| PluginError::Instantiate {
-            plugin: self.name.to_string(),
-            detail: format!("{e:#}"),
-        })?;
+        let world = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| PluginError::Instantiate { plugin: self.name.to_string(), detail: format!("{e:#}") })?;
         let decoder = world
             .wasmgate_plugin_adapter()
             .stream_decoder()
@@ -102,7 +113,11 @@ pub struct AdapterStream {
 impl AdapterStream {
     fn call(
         &mut self,
-        f: impl FnOnce(&AdapterWorld, &mut Store<PluginState>, ResourceAny) -> wasmtime::Result<Result<StreamEvents, UpstreamError>>,
+        f: impl FnOnce(
+            &AdapterWorld,
+            &mut Store<PluginState>,
+            ResourceAny,
+        ) -> wasmtime::Result<Result<StreamEvents, UpstreamError>>,
     ) -> AdapterResult<StreamEvents> {
         let Some(decoder) = self.decoder else {
             return Err(PluginError::malformed(&self.plugin.name, "stream decoder used after a failure"));

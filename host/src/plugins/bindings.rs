@@ -20,17 +20,15 @@ mod gen_ {
     }
 }
 
-pub(crate) use gen_::adapter::exports::wasmgate::plugin::adapter::{
-    AdapterInfo, ParsedResponse, Probe, StreamEvents,
-};
+pub use gen_::adapter::exports::wasmgate::plugin::adapter::{AdapterInfo, ParsedResponse, Probe, StreamEvents};
 pub(crate) use gen_::adapter::wasmgate::plugin::log::Host as LogHost;
 pub(crate) use gen_::adapter::wasmgate::plugin::types::Host as TypesHost;
 pub(crate) use gen_::adapter::{AdapterPlugin as AdapterWorld, AdapterPluginPre as AdapterWorldPre};
-pub(crate) use gen_::router::exports::wasmgate::plugin::router::{Candidate, RequestMeta, RouterInfo};
+pub use gen_::router::exports::wasmgate::plugin::router::{Candidate, RequestMeta, RouterInfo};
 pub(crate) use gen_::router::{RouterPlugin as RouterWorld, RouterPluginPre as RouterWorldPre};
 
 /// Types of the WIT contract, as the host uses them.
 pub use gen_::adapter::wasmgate::plugin::types::{
-    Channel as ChannelView, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse,
-    LogLevel, RequestContext, UpstreamError, Usage,
+    Channel as ChannelView, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, LogLevel,
+    RequestContext, UpstreamError, Usage,
 };

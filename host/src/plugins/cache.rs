@@ -16,11 +16,9 @@ pub struct ArtifactCache {
 impl ArtifactCache {
     /// A cache in `dir`, or none (always compile).
     pub fn new(dir: Option<PathBuf>) -> Self {
-        if let Some(dir) = &dir {
-            if let Err(e) = std::fs::create_dir_all(dir) {
-                tracing::warn!(dir = %dir.display(), error = %e, "plugin cache disabled");
-                return Self { dir: None };
-            }
+        if let Some(Err(e)) = dir.as_ref().map(std::fs::create_dir_all) {
+            tracing::warn!(error = %e, "plugin cache directory unusable; cache disabled");
+            return Self { dir: None };
         }
         Self { dir }
     }
@@ -28,10 +26,7 @@ impl ArtifactCache {
     /// The compiled component for `bytes` (whose hash is `sha256`), and
     /// whether it came from the cache.
     pub fn load_or_compile(&self, engine: &PluginEngine, sha256: &str, bytes: &[u8]) -> Result<(Component, bool)> {
-        let path = self
-            .dir
-            .as_ref()
-            .map(|dir| dir.join(format!("{sha256}-{}.cwasm", engine.compatibility_key())));
+        let path = self.dir.as_ref().map(|dir| dir.join(format!("{sha256}-{}.cwasm", engine.compatibility_key())));
         if let Some(path) = path.as_ref().filter(|p| p.exists()) {
             // SAFETY: the file was written by `Component::serialize` of this
             // host into its own data directory, keyed by the engine's

@@ -83,7 +83,10 @@ fn check_header(bytes: &[u8]) -> Result<(), String> {
 }
 
 /// Find the wasmgate interface the component exports and its version.
-fn detect_world(engine: &PluginEngine, component: &wasmtime::component::Component) -> Result<(PluginKind, String), String> {
+fn detect_world(
+    engine: &PluginEngine,
+    component: &wasmtime::component::Component,
+) -> Result<(PluginKind, String), String> {
     let ty = component.component_type();
     let mut found = None;
     for (name, _) in ty.exports(&engine.engine) {
@@ -129,7 +132,8 @@ pub fn load(engine: &Arc<PluginEngine>, cache: &ArtifactCache, name: &str, bytes
                 .instantiate_pre(&component)
                 .and_then(AdapterWorldPre::new)
                 .map_err(|e| format!("does not match the adapter-plugin world: {e:#}"))?;
-            let plugin = AdapterPlugin::new(name, sha, pre, engine.clone()).map_err(|e| format!("info() failed: {e}"))?;
+            let plugin =
+                AdapterPlugin::new(name, sha, pre, engine.clone()).map_err(|e| format!("info() failed: {e}"))?;
             LoadedPlugin::Adapter(Arc::new(plugin))
         }
         PluginKind::Router => {
@@ -138,7 +142,8 @@ pub fn load(engine: &Arc<PluginEngine>, cache: &ArtifactCache, name: &str, bytes
                 .instantiate_pre(&component)
                 .and_then(RouterWorldPre::new)
                 .map_err(|e| format!("does not match the router-plugin world: {e:#}"))?;
-            let plugin = RouterPlugin::new(name, sha, pre, engine.clone()).map_err(|e| format!("info() failed: {e}"))?;
+            let plugin =
+                RouterPlugin::new(name, sha, pre, engine.clone()).map_err(|e| format!("info() failed: {e}"))?;
             LoadedPlugin::Router(Arc::new(plugin))
         }
     };
@@ -161,7 +166,7 @@ mod tests {
     #[test]
     fn headers() {
         assert!(check_header(b"garbage!").is_err());
-        assert!(check_header(b"\0asm\x01\0\0\0").unwrap_err().contains("core"));
+        assert!(check_header(b"\0asm\x01\0\0\0").is_err_and(|e| e.contains("core")));
         assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
     }
 

@@ -12,15 +12,17 @@ mod state;
 mod watcher;
 
 pub use adapter::{AdapterPlugin, AdapterResult, AdapterStream};
+pub use bindings::{Candidate, RequestMeta, StreamEvents};
 pub use bindings::{
-    ChannelView, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, LogLevel,
-    RequestContext, UpstreamError, Usage,
+    ChannelView, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, LogLevel, RequestContext,
+    UpstreamError, Usage,
 };
-pub(crate) use bindings::{Candidate, RequestMeta, StreamEvents};
 pub use cache::ArtifactCache;
 pub use engine::PluginEngine;
 pub use error::PluginError;
-pub use loader::{PluginKind, WIT_PACKAGE, WIT_VERSION, sha256_hex, valid_name as valid_plugin_name};
+pub use loader::{
+    LoadReport, LoadedPlugin, PluginKind, WIT_PACKAGE, WIT_VERSION, load, sha256_hex, valid_name as valid_plugin_name,
+};
 pub use registry::{PluginSet, PluginStatus, Registry};
 pub use router::RouterPlugin;
 pub use watcher::{PluginWatcher, watch};

@@ -250,10 +250,9 @@ impl Registry {
             Err(error) => {
                 tracing::error!(plugin = name, sha256 = %sha, %error, "plugin rejected; the previous version (if any) keeps serving");
                 let mut statuses = self.lock_statuses();
-                let status = statuses.entry(name.to_string()).or_insert_with(|| PluginStatus {
-                    name: name.to_string(),
-                    ..Default::default()
-                });
+                let status = statuses
+                    .entry(name.to_string())
+                    .or_insert_with(|| PluginStatus { name: name.to_string(), ..Default::default() });
                 status.last_error = Some(error.clone());
                 status.last_error_sha256 = Some(sha);
                 status.last_error_at = Some(now());

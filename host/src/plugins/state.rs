@@ -10,7 +10,9 @@ use super::bindings::{LogHost, LogLevel, TypesHost};
 /// What a plugin's `Store` holds.
 pub struct PluginState {
     plugin: std::sync::Arc<str>,
-    wasi: WasiCtx,
+    /// Built on first use: most plugins import no WASI at all, and building
+    /// a context (RNG seeding, clocks) costs more than a whole plugin call.
+    wasi: Option<WasiCtx>,
     table: ResourceTable,
     pub(crate) limits: StoreLimits,
 }
@@ -20,19 +22,17 @@ impl PluginState {
     pub fn new(plugin: std::sync::Arc<str>, memory_bytes: usize) -> Self {
         Self {
             plugin,
-            wasi: WasiCtx::builder().build(),
+            wasi: None,
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(memory_bytes)
-                .trap_on_grow_failure(false)
-                .build(),
+            limits: StoreLimitsBuilder::new().memory_size(memory_bytes).trap_on_grow_failure(false).build(),
         }
     }
 }
 
 impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        let ctx = self.wasi.get_or_insert_with(|| WasiCtx::builder().build());
+        WasiCtxView { ctx, table: &mut self.table }
     }
 }
 

@@ -10,7 +10,14 @@ use crate::plugins::{ErrorKind, UpstreamError};
 
 /// Whether another channel may succeed where this one failed.
 pub fn retryable(kind: &ErrorKind) -> bool {
-    matches!(kind, ErrorKind::RateLimited(_) | ErrorKind::Transient | ErrorKind::Auth | ErrorKind::QuotaExhausted | ErrorKind::Other)
+    matches!(
+        kind,
+        ErrorKind::RateLimited(_)
+            | ErrorKind::Transient
+            | ErrorKind::Auth
+            | ErrorKind::QuotaExhausted
+            | ErrorKind::Other
+    )
 }
 
 /// The client-facing error for `e` raised on `channel`.

@@ -147,9 +147,9 @@ async fn stream_response(
         request_id: request_id.to_string(),
     };
     // Nothing has reached the client yet: a failure here may fail over.
-    let first = stream::first_frames(&mut live).await.map_err(|err| {
-        if err.kind == "plugin_error" { Failure::Final(err) } else { Failure::Retry(err) }
-    })?;
+    let first = stream::first_frames(&mut live)
+        .await
+        .map_err(|err| if err.kind == "plugin_error" { Failure::Final(err) } else { Failure::Retry(err) })?;
     let body = Body::from_stream(stream::body(first, live));
     let headers = [
         (header::CONTENT_TYPE, "text/event-stream"),

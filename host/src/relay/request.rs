@@ -68,29 +68,32 @@ impl ClientRequest {
                 "We could not parse the JSON body of your request: it must be a JSON object.",
             ));
         }
-        let head: Head<'_> = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::bad_request(format!("We could not parse the JSON body of your request: {e}."))
-        })?;
+        let head: Head<'_> = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("We could not parse the JSON body of your request: {e}.")))?;
 
         require(head.model, "model")?;
-        let model: String = head
-            .model
-            .and_then(|m| serde_json::from_str(m.get()).ok())
-            .filter(|m: &String| !m.is_empty())
-            .ok_or_else(|| ApiError::bad_request("Invalid type for 'model': expected a non-empty string.").param("model"))?;
+        let model: String =
+            head.model.and_then(|m| serde_json::from_str(m.get()).ok()).filter(|m: &String| !m.is_empty()).ok_or_else(
+                || ApiError::bad_request("Invalid type for 'model': expected a non-empty string.").param("model"),
+            )?;
 
         let stream = match head.stream {
             None => false,
             Some(v) => match v.get() {
                 "true" => true,
                 "false" | "null" => false,
-                _ => return Err(ApiError::bad_request("Invalid type for 'stream': expected a boolean.").param("stream")),
+                _ => {
+                    return Err(ApiError::bad_request("Invalid type for 'stream': expected a boolean.").param("stream"));
+                }
             },
         };
         let include_usage = match head.stream_options.filter(|v| v.get() != "null") {
             None => false,
             Some(v) => serde_json::from_str::<StreamOptions>(v.get())
-                .map_err(|_| ApiError::bad_request("Invalid type for 'stream_options': expected an object.").param("stream_options"))?
+                .map_err(|_| {
+                    ApiError::bad_request("Invalid type for 'stream_options': expected an object.")
+                        .param("stream_options")
+                })?
                 .include_usage
                 .unwrap_or(false),
         };
@@ -102,7 +105,9 @@ impl ClientRequest {
                     ApiError::bad_request("Invalid type for 'messages': expected an array.").param("messages")
                 })?;
                 if messages.get().trim_start()[1..].trim_start().starts_with(']') {
-                    return Err(ApiError::bad_request("'messages' must contain at least one message.").param("messages"));
+                    return Err(
+                        ApiError::bad_request("'messages' must contain at least one message.").param("messages")
+                    );
                 }
             }
             Endpoint::Embeddings => require(head.input, "input")?,

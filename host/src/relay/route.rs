@@ -25,7 +25,7 @@ pub fn candidates(channels: &[Arc<Channel>], plugins: &PluginSet, model: &str) -
 /// The host's own order, used when the policy is missing or misbehaves:
 /// priority tiers, highest first, in declaration order.
 fn fallback_order(mut channels: Vec<Arc<Channel>>) -> Vec<Arc<Channel>> {
-    channels.sort_by(|a, b| b.priority.cmp(&a.priority));
+    channels.sort_by_key(|c| std::cmp::Reverse(c.priority));
     channels
 }
 

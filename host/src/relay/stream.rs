@@ -38,7 +38,12 @@ fn error_frame(out: &mut BytesMut, err: &ApiError) {
 
 /// Turn a decoder result into frames. `sent_any` says whether the client has
 /// received anything yet (failover is only possible before that).
-pub(crate) fn frames(result: AdapterResult<StreamEvents>, channel: &Channel, usage: &mut Option<Usage>, upstream_ended: bool) -> Frames {
+pub(crate) fn frames(
+    result: AdapterResult<StreamEvents>,
+    channel: &Channel,
+    usage: &mut Option<Usage>,
+    upstream_ended: bool,
+) -> Frames {
     let mut out = Frames { bytes: BytesMut::new(), chunks: 0, end: false, early_error: None };
     let events = match result {
         Err(e) => {

@@ -35,12 +35,10 @@ pub mod bindings {
     });
 }
 
-pub use bindings::exports::wasmgate::plugin::adapter::{
-    AdapterInfo, ParsedResponse, Probe, StreamEvents,
-};
+pub use bindings::exports::wasmgate::plugin::adapter::{AdapterInfo, ParsedResponse, Probe, StreamEvents};
 pub use bindings::wasmgate::plugin::types::{
-    Channel, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, LogLevel,
-    RequestContext, UpstreamError, Usage,
+    Channel, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, LogLevel, RequestContext,
+    UpstreamError, Usage,
 };
 
 /// The version of the WIT contract this kit implements.
@@ -59,17 +57,10 @@ pub trait Adapter {
     fn info() -> AdapterInfo;
 
     /// Translate the client's OpenAI request body into the upstream request.
-    fn build_request(
-        ctx: &RequestContext,
-        channel: &Channel,
-        body: &[u8],
-    ) -> Result<HttpRequest, UpstreamError>;
+    fn build_request(ctx: &RequestContext, channel: &Channel, body: &[u8]) -> Result<HttpRequest, UpstreamError>;
 
     /// Translate a 2xx upstream response into an OpenAI body plus usage.
-    fn parse_response(
-        ctx: &RequestContext,
-        response: &HttpResponse,
-    ) -> Result<ParsedResponse, UpstreamError>;
+    fn parse_response(ctx: &RequestContext, response: &HttpResponse) -> Result<ParsedResponse, UpstreamError>;
 
     /// Classify a non-2xx upstream response.
     fn classify_error(ctx: &RequestContext, response: &HttpResponse) -> UpstreamError;

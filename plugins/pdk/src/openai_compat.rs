@@ -12,9 +12,8 @@ use serde_json::{Map, Value};
 use crate::openai::{Envelope, ErrorBody, ErrorDetail};
 use crate::sse::SseParser;
 use crate::{
-    error, header, origin_url, Adapter, AdapterInfo, Channel, Endpoint, ErrorKind, HttpMethod,
-    HttpRequest, HttpResponse, ParsedResponse, Probe, RequestContext, StreamDecoder, StreamEvents,
-    UpstreamError,
+    error, header, origin_url, Adapter, AdapterInfo, Channel, Endpoint, ErrorKind, HttpMethod, HttpRequest,
+    HttpResponse, ParsedResponse, Probe, RequestContext, StreamDecoder, StreamEvents, UpstreamError,
 };
 
 /// The OpenAI-compatible adapter.
@@ -53,16 +52,11 @@ pub fn rewrite_body(ctx: &RequestContext, body: &[u8]) -> Result<Vec<u8>, Upstre
             options.insert("include_usage".into(), Value::Bool(true));
         }
     }
-    serde_json::to_vec(&value)
-        .map_err(|e| error(ErrorKind::Other, format!("cannot encode body: {e}"), None))
+    serde_json::to_vec(&value).map_err(|e| error(ErrorKind::Other, format!("cannot encode body: {e}"), None))
 }
 
 /// The upstream request for `ctx` on an OpenAI-compatible API.
-pub fn build_request(
-    ctx: &RequestContext,
-    channel: &Channel,
-    body: &[u8],
-) -> Result<HttpRequest, UpstreamError> {
+pub fn build_request(ctx: &RequestContext, channel: &Channel, body: &[u8]) -> Result<HttpRequest, UpstreamError> {
     let url = origin_url(&channel.base_url, endpoint_path(ctx.endpoint));
     let mut headers = Vec::with_capacity(4);
     if !channel.key.is_empty() {
@@ -87,20 +81,14 @@ pub fn build_request(
 
 /// Check a 2xx body is OpenAI JSON and take its usage; the body is returned
 /// unchanged, so unknown fields reach the client byte for byte.
-pub fn parse_response(
-    _ctx: &RequestContext,
-    response: &HttpResponse,
-) -> Result<ParsedResponse, UpstreamError> {
+pub fn parse_response(_ctx: &RequestContext, response: &HttpResponse) -> Result<ParsedResponse, UpstreamError> {
     let envelope: Envelope = serde_json::from_slice(&response.body).map_err(|_| {
         error(ErrorKind::Transient, "upstream returned a response that is not valid JSON", Some(response.status))
     })?;
     if let Some(detail) = envelope.error {
         return Err(classify_detail(response.status, None, &detail));
     }
-    Ok(ParsedResponse {
-        body: response.body.clone(),
-        usage: envelope.usage.map(|u| u.to_usage()),
-    })
+    Ok(ParsedResponse { body: response.body.clone(), usage: envelope.usage.map(|u| u.to_usage()) })
 }
 
 /// Retry-After in whole seconds, from a response's headers.
@@ -140,11 +128,8 @@ fn classify_detail(status: u16, retry_after: Option<u32>, detail: &ErrorDetail) 
         (_, _, "server_error") => ErrorKind::Transient,
         _ => ErrorKind::Other,
     };
-    let message = if detail.message.is_empty() {
-        format!("upstream returned HTTP {status}")
-    } else {
-        detail.message.clone()
-    };
+    let message =
+        if detail.message.is_empty() { format!("upstream returned HTTP {status}") } else { detail.message.clone() };
     error(kind, message, if status == 0 { None } else { Some(status) })
 }
 
@@ -153,11 +138,7 @@ pub fn health_probe(channel: &Channel) -> Probe {
     let settings = settings(channel);
     let embeddings = settings.get("probe_endpoint").and_then(Value::as_str) == Some("embeddings");
     let default_model = if embeddings { "text-embedding-3-small" } else { "gpt-4o-mini" };
-    let model = settings
-        .get("probe_model")
-        .and_then(Value::as_str)
-        .unwrap_or(default_model)
-        .to_string();
+    let model = settings.get("probe_model").and_then(Value::as_str).unwrap_or(default_model).to_string();
     if embeddings {
         let body = serde_json::json!({"model": model, "input": "ping"});
         Probe { endpoint: Endpoint::Embeddings, model, body: crate::json_bytes(&body) }
@@ -189,9 +170,8 @@ impl OpenAiSseDecoder {
                 self.done = true;
                 continue;
             }
-            let envelope: Envelope = serde_json::from_str(data).map_err(|_| {
-                error(ErrorKind::Transient, "upstream stream carried data that is not JSON", None)
-            })?;
+            let envelope: Envelope = serde_json::from_str(data)
+                .map_err(|_| error(ErrorKind::Transient, "upstream stream carried data that is not JSON", None))?;
             if let Some(detail) = envelope.error {
                 out.error = Some(classify_detail(0, None, &detail));
                 self.done = true;
@@ -235,12 +215,7 @@ impl Adapter for OpenAiCompat {
             name: "openai".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             description: "OpenAI and OpenAI-compatible APIs".into(),
-            endpoints: vec![
-                Endpoint::ChatCompletions,
-                Endpoint::Completions,
-                Endpoint::Embeddings,
-                Endpoint::Models,
-            ],
+            endpoints: vec![Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings, Endpoint::Models],
             default_models: vec!["gpt-4o".into(), "gpt-4o-mini".into(), "text-embedding-3-small".into()],
         }
     }

@@ -41,3 +41,50 @@ impl Router for Weighted {
 }
 
 wasmgate_pdk_router::export_router!(Weighted);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmgate_pdk_router::Endpoint;
+
+    fn candidate(id: u64, priority: i64, weight: u32) -> Candidate {
+        Candidate {
+            channel_id: id,
+            priority,
+            weight,
+            latency_ms: 0.0,
+            error_rate: 0.0,
+            in_flight: 0,
+            consecutive_failures: 0,
+        }
+    }
+
+    fn meta(seed: u64) -> RequestMeta {
+        RequestMeta { endpoint: Endpoint::ChatCompletions, model: "m".into(), group: "g".into(), stream: false, seed }
+    }
+
+    #[test]
+    fn first_pick_follows_weights_and_tiers_come_in_order() {
+        let cands = [candidate(1, 0, 1), candidate(2, 0, 2), candidate(3, 0, 7), candidate(4, -1, 100)];
+        let mut firsts = [0u32; 4];
+        for seed in 0..20_000u64 {
+            let order = order(&meta(seed), &cands);
+            assert_eq!(order.len(), 4);
+            assert_eq!(order[3], 3, "the lower tier is always last");
+            firsts[order[0] as usize] += 1;
+        }
+        let share = |i: usize| f64::from(firsts[i]) / 20_000.0;
+        assert!((share(0) - 0.1).abs() < 0.02, "{firsts:?}");
+        assert!((share(1) - 0.2).abs() < 0.02, "{firsts:?}");
+        assert!((share(2) - 0.7).abs() < 0.02, "{firsts:?}");
+    }
+
+    #[test]
+    fn same_seed_same_order_and_zero_weight_last() {
+        let cands = [candidate(1, 0, 0), candidate(2, 0, 5), candidate(3, 0, 5)];
+        assert_eq!(order(&meta(7), &cands), order(&meta(7), &cands));
+        for seed in 0..100 {
+            assert_eq!(order(&meta(seed), &cands)[2], 0);
+        }
+    }
+}

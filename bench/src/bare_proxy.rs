@@ -1,0 +1,83 @@
+//! The baseline: a bare pass-through proxy (axum + reqwest, no auth, no
+//! parsing, no plugins) in its own process, to separate the cost of any
+//! extra HTTP hop on this machine from what wasmgate itself adds.
+
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+
+/// Serve the proxy (called when this binary runs as `--bare-proxy URL`).
+pub fn serve(upstream: String) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let client = reqwest::Client::builder().tcp_nodelay(true).build()?;
+        let app = Router::new().route("/v1/chat/completions", post(forward)).with_state((client, upstream));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("bare proxy listening on http://{}", listener.local_addr()?);
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(listener, app).await?;
+        Ok(())
+    })
+}
+
+async fn forward(
+    State((client, upstream)): State<(reqwest::Client, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut req = client.post(format!("{upstream}/chat/completions")).body(body);
+    if let Some(ct) = headers.get("content-type") {
+        req = req.header("content-type", ct);
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let status = resp.status();
+            let ct = resp.headers().get("content-type").cloned();
+            let body = axum::body::Body::from_stream(resp.bytes_stream());
+            let mut out = Response::new(body);
+            *out.status_mut() = status;
+            if let Some(ct) = ct {
+                out.headers_mut().insert("content-type", ct);
+            }
+            out
+        }
+        Err(_) => StatusCode::BAD_GATEWAY.into_response(),
+    }
+}
+
+/// A child process running the bare proxy, killed on drop.
+pub struct BareProxy(Child);
+
+impl Drop for BareProxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start the bare proxy in front of `upstream`; returns it and its base URL.
+pub fn start(upstream: &str) -> Result<(BareProxy, String)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--bare-proxy", upstream])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start bare proxy")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let guard = BareProxy(child);
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(stdout).lines() {
+        if let Some(addr) = line?.strip_prefix("bare proxy listening on ") {
+            return Ok((guard, addr.to_string()));
+        }
+    }
+    anyhow::bail!("bare proxy exited before listening")
+}

@@ -1,0 +1,260 @@
+//! `wasmgate-bench`: measures what the gateway adds on loopback.
+//!
+//! 1. plugin call overhead, in process: instantiate + `build-request` +
+//!    `parse-response` of the real `openai.wasm`, one stream chunk through
+//!    the decoder, and one `select` of `weighted.wasm`;
+//! 2. added latency at concurrency 1: requests alternate between the mock
+//!    upstream directly and the same mock through the gateway;
+//! 3. added time to first token for streams, the same way;
+//! 4. throughput at a fixed concurrency for a fixed time.
+//!
+//! Traffic goes to 127.0.0.1 only and every loop is bounded.
+
+mod bare_proxy;
+#[path = "../../tests/support/mock.rs"]
+#[allow(missing_docs)]
+mod mock;
+mod plugin_calls;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use futures_util::StreamExt;
+use serde_json::json;
+
+use stats::Summary;
+
+/// Benchmark options.
+#[derive(Parser, Debug)]
+struct Args {
+    /// The release `wasmgate` binary.
+    #[arg(long, required_unless_present = "bare_proxy")]
+    gateway_bin: Option<PathBuf>,
+    /// Directory holding `openai.wasm` and `weighted.wasm`.
+    #[arg(long, required_unless_present = "bare_proxy")]
+    plugins: Option<PathBuf>,
+    /// Internal: run as the baseline pass-through proxy to this upstream.
+    #[arg(long, hide = true)]
+    bare_proxy: Option<String>,
+    /// Measured requests per latency series (after a warm-up of 10 %).
+    #[arg(long, default_value_t = 5000)]
+    requests: usize,
+    /// Seconds of the throughput run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Concurrency of the throughput run.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Plugin call iterations.
+    #[arg(long, default_value_t = 20000)]
+    plugin_iterations: usize,
+}
+
+const TOKEN: &str = "sk-bench-0123456789abcdefghijklmnopqrstuv";
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(upstream) = args.bare_proxy {
+        return bare_proxy::serve(upstream);
+    }
+    let plugins = args.plugins.clone().context("--plugins")?;
+    println!("# wasmgate loopback benchmark\n");
+    println!("machine: {} cores; {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), cpu_model());
+    plugin_calls::run(&plugins, args.plugin_iterations)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(http(&args))
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+struct GatewayProcess(std::process::Child);
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_gateway(args: &Args, dir: &std::path::Path, upstream: &str) -> Result<(GatewayProcess, String)> {
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins)?;
+    for f in ["openai.wasm", "weighted.wasm"] {
+        let src = args.plugins.as_ref().context("--plugins")?.join(f);
+        std::fs::copy(src, plugins.join(f)).with_context(|| format!("copy {f}"))?;
+    }
+    let config = format!(
+        "tokens = [{TOKEN:?}]\nadmin_token = \"adm-bench\"\ndata_dir = {:?}\nplugins_dir = {:?}\n\
+         [[channels]]\nname = \"mock\"\nadapter = \"openai\"\nbase_url = \"{upstream}\"\nkey = \"sk-up\"\nmodels = [\"gpt-4o-mini\"]\n",
+        dir.join("data"),
+        plugins
+    );
+    let path = dir.join("bench.toml");
+    std::fs::write(&path, config)?;
+    let mut child = Command::new(args.gateway_bin.as_ref().context("--gateway-bin")?)
+        .arg("--config")
+        .arg(&path)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("start gateway")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let guard = GatewayProcess(child);
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        if let Some(addr) = line.strip_prefix("wasmgate listening on ") {
+            return Ok((guard, addr.to_string()));
+        }
+    }
+    anyhow::bail!("gateway exited before listening")
+}
+
+async fn http(args: &Args) -> Result<()> {
+    let mock = mock::MockUpstream::start("bench").await;
+    let dir = tempfile::tempdir()?;
+    let (_gateway, base) = start_gateway(args, dir.path(), &mock.base_url())?;
+    let (_bare, bare_base) = bare_proxy::start(&mock.base_url())?;
+    let bare = format!("{bare_base}/v1/chat/completions");
+    let client = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(256).build()?;
+    let direct = format!("{}/chat/completions", mock.base_url());
+    let via = format!("{base}/v1/chat/completions");
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark this request"}]});
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+
+    // Added latency, c=1, interleaved: direct vs wasmgate, direct vs bare proxy.
+    let (d, g) = interleaved(&client, &direct, &via, &body, args.requests, false).await?;
+    report("non-streaming request, c=1", "through wasmgate", &d, &g);
+    let (d, b) = interleaved(&client, &direct, &bare, &body, args.requests, false).await?;
+    report("non-streaming request, c=1, baseline", "through a bare axum+reqwest proxy", &d, &b);
+    let (d, g) = interleaved(&client, &direct, &via, &stream_body, args.requests, true).await?;
+    report("streaming, time to first chunk, c=1", "through wasmgate", &d, &g);
+    let (d, b) = interleaved(&client, &direct, &bare, &stream_body, args.requests, true).await?;
+    report("streaming, time to first chunk, c=1, baseline", "through a bare axum+reqwest proxy", &d, &b);
+
+    // Throughput.
+    let duration = Duration::from_secs(args.seconds);
+    let direct_rps = throughput(&client, &direct, &body, args.concurrency, duration).await?;
+    let gateway_rps = throughput(&client, &via, &body, args.concurrency, duration).await?;
+    let bare_rps = throughput(&client, &bare, &body, args.concurrency, duration).await?;
+    println!("\n## throughput, non-streaming, c={}, {}s each\n", args.concurrency, args.seconds);
+    println!("| target | requests/s |\n|---|---|");
+    println!(
+        "| mock upstream directly | {direct_rps:.0} |\n| through a bare axum+reqwest proxy | {bare_rps:.0} |\n| through wasmgate | {gateway_rps:.0} |"
+    );
+    println!(
+        "\n(the load generator, the mock and the gateway share the same {} cores)",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    Ok(())
+}
+
+/// Time one request: to the complete body, or to the first SSE chunk.
+async fn once(client: &reqwest::Client, url: &str, body: &serde_json::Value, first_chunk: bool) -> Result<Duration> {
+    let start = Instant::now();
+    let resp = client.post(url).bearer_auth(TOKEN).json(body).send().await?;
+    anyhow::ensure!(resp.status().is_success(), "{url}: HTTP {}", resp.status());
+    if first_chunk {
+        let mut stream = resp.bytes_stream();
+        let mut seen = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            seen.extend_from_slice(&chunk?);
+            if seen.windows(2).any(|w| w == b"\n\n") {
+                break;
+            }
+        }
+        let elapsed = start.elapsed();
+        while stream.next().await.is_some() {}
+        Ok(elapsed)
+    } else {
+        let _ = resp.bytes().await?;
+        Ok(start.elapsed())
+    }
+}
+
+async fn interleaved(
+    client: &reqwest::Client,
+    direct: &str,
+    via: &str,
+    body: &serde_json::Value,
+    n: usize,
+    first_chunk: bool,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    for _ in 0..n / 10 {
+        once(client, direct, body, first_chunk).await?;
+        once(client, via, body, first_chunk).await?;
+    }
+    let (mut d, mut g) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        // Alternate which goes first so neither side always runs warm.
+        if i % 2 == 0 {
+            d.push(once(client, direct, body, first_chunk).await?);
+            g.push(once(client, via, body, first_chunk).await?);
+        } else {
+            g.push(once(client, via, body, first_chunk).await?);
+            d.push(once(client, direct, body, first_chunk).await?);
+        }
+    }
+    Ok((d, g))
+}
+
+fn report(title: &str, via: &str, direct: &[Duration], gateway: &[Duration]) {
+    let d = Summary::of(direct);
+    let g = Summary::of(gateway);
+    println!("\n## {title} ({} requests each)\n", direct.len());
+    println!("| | p50 | p90 | p99 | mean |\n|---|---|---|---|---|");
+    println!("| mock directly | {} | {} | {} | {} |", d.p50, d.p90, d.p99, d.mean);
+    println!("| {via} | {} | {} | {} | {} |", g.p50, g.p90, g.p99, g.mean);
+    println!(
+        "| **added** | **{}** | **{}** | **{}** | **{}** |",
+        stats::diff(g.p50_raw, d.p50_raw),
+        stats::diff(g.p90_raw, d.p90_raw),
+        stats::diff(g.p99_raw, d.p99_raw),
+        stats::diff(g.mean_raw, d.mean_raw)
+    );
+}
+
+async fn throughput(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<f64> {
+    let deadline = Instant::now() + duration;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, url, body) = (client.clone(), url.to_string(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                if once(&client, &url, &body, false).await.is_ok() {
+                    n += 1;
+                }
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await?;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}

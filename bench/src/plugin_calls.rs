@@ -1,0 +1,130 @@
+//! In-process plugin call overhead with the real components.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use wasmgate::config::PluginConfig;
+use wasmgate::plugins::{
+    ArtifactCache, Candidate, ChannelView, Endpoint, HttpResponse, LoadedPlugin, PluginEngine, RequestContext,
+    RequestMeta,
+};
+
+use crate::stats::Summary;
+
+fn time<F: FnMut()>(n: usize, mut f: F) -> Vec<Duration> {
+    for _ in 0..n / 2 {
+        f();
+    }
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect()
+}
+
+fn row(name: &str, samples: &[Duration]) {
+    let s = Summary::of(samples);
+    println!("| {name} | {} | {} | {} |", s.p50, s.p99, s.mean);
+}
+
+/// Measure and print the plugin call table.
+pub fn run(plugins: &Path, n: usize) -> Result<()> {
+    let engine = PluginEngine::new(&PluginConfig::default())?;
+    let cache = ArtifactCache::new(None);
+    let bytes = std::fs::read(plugins.join("openai.wasm")).context("openai.wasm")?;
+    let LoadedPlugin::Adapter(adapter) =
+        wasmgate::plugins::load(&engine, &cache, "openai", &bytes).map_err(anyhow::Error::msg)?.plugin
+    else {
+        bail!("openai.wasm is not an adapter");
+    };
+    let ctx = RequestContext {
+        endpoint: Endpoint::ChatCompletions,
+        requested_model: "gpt-4o-mini".into(),
+        upstream_model: "gpt-4o-mini".into(),
+        stream: false,
+        include_usage: false,
+        request_id: "req_bench".into(),
+    };
+    let channel = ChannelView {
+        id: 1,
+        name: "bench".into(),
+        base_url: "http://127.0.0.1:1/v1".into(),
+        key: "sk-upstream".into(),
+        settings: "{}".into(),
+    };
+    let request = br#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"benchmark this request"}],"temperature":0.2}"#;
+    let response = HttpResponse {
+        status: 200,
+        headers: vec![],
+        body: br#"{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"echo: benchmark this request"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}"#.to_vec(),
+    };
+    let chunk = br#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"word "},"finish_reason":null}]}
+
+"#;
+
+    println!("\n## plugin call overhead, in process ({n} iterations each)\n");
+    println!("| call | p50 | p99 | mean |\n|---|---|---|---|");
+    let both = time(n, || {
+        let r = adapter.build_request(&ctx, &channel, request);
+        assert!(matches!(r, Ok(Ok(_))));
+        let p = adapter.parse_response(&ctx, &response);
+        assert!(matches!(p, Ok(Ok(_))));
+    });
+    row("openai: instantiate + build-request + instantiate + parse-response", &both);
+    row(
+        "openai: instantiate + info (fixed cost of a call)",
+        &time(n, || {
+            let _ = adapter.call_info();
+        }),
+    );
+    row(
+        "openai: instantiate + build-request",
+        &time(n, || {
+            let _ = adapter.build_request(&ctx, &channel, request);
+        }),
+    );
+    let mut stream_ctx = ctx.clone();
+    stream_ctx.stream = true;
+    let mut decoder = adapter.stream_decoder(&stream_ctx).map_err(|e| anyhow::anyhow!("{e}"))?;
+    row(
+        "openai: stream-decoder feed (one chunk)",
+        &time(n, || {
+            let r = decoder.feed(chunk);
+            assert!(matches!(r, Ok(Ok(ref ev)) if ev.chunks.len() == 1));
+        }),
+    );
+
+    let bytes = std::fs::read(plugins.join("weighted.wasm")).context("weighted.wasm")?;
+    if let LoadedPlugin::Router(router) =
+        wasmgate::plugins::load(&engine, &cache, "weighted", &bytes).map_err(anyhow::Error::msg)?.plugin
+    {
+        let candidates: Vec<Candidate> = (0..3u32)
+            .map(|i| Candidate {
+                channel_id: u64::from(i),
+                priority: 0,
+                weight: i + 1,
+                latency_ms: 0.0,
+                error_rate: 0.0,
+                in_flight: 0,
+                consecutive_failures: 0,
+            })
+            .collect();
+        let meta = RequestMeta {
+            endpoint: Endpoint::ChatCompletions,
+            model: "gpt-4o-mini".into(),
+            group: "default".into(),
+            stream: false,
+            seed: 42,
+        };
+        row(
+            "weighted: instantiate + select (3 candidates)",
+            &time(n, || {
+                let _ = router.select(&meta, &candidates);
+            }),
+        );
+    }
+    Ok(())
+}
