@@ -2,9 +2,9 @@
 //! parsing, no plugins) in its own process, to separate the cost of any
 //! extra HTTP hop on this machine from what wasmgate itself adds.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -66,18 +66,8 @@ impl Drop for BareProxy {
 
 /// Start the bare proxy in front of `upstream`; returns it and its base URL.
 pub fn start(upstream: &str) -> Result<(BareProxy, String)> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["--bare-proxy", upstream])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("start bare proxy")?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let guard = BareProxy(child);
-    use std::io::BufRead;
-    for line in std::io::BufReader::new(stdout).lines() {
-        if let Some(addr) = line?.strip_prefix("bare proxy listening on ") {
-            return Ok((guard, addr.to_string()));
-        }
-    }
-    anyhow::bail!("bare proxy exited before listening")
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["--bare-proxy", upstream]);
+    let (child, addr) = crate::spawn_listening(cmd, "bare proxy listening on ")?;
+    Ok((BareProxy(child), addr))
 }

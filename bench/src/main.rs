@@ -104,25 +104,26 @@ fn start_gateway(args: &Args, dir: &std::path::Path, upstream: &str) -> Result<(
     );
     let path = dir.join("bench.toml");
     std::fs::write(&path, config)?;
-    let mut child = Command::new(args.gateway_bin.as_ref().context("--gateway-bin")?)
-        .arg("--config")
-        .arg(&path)
-        .args(["--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("start gateway")?;
+    let mut cmd = Command::new(args.gateway_bin.as_ref().context("--gateway-bin")?);
+    cmd.arg("--config").arg(&path).args(["--listen", "127.0.0.1:0"]).env("RUST_LOG", "warn");
+    let (child, addr) = spawn_listening(cmd, "wasmgate listening on ")?;
+    Ok((GatewayProcess(child), addr))
+}
+
+/// Start `cmd` and wait for the stdout line `prefix ADDR`; the child is
+/// killed if it never comes.
+pub fn spawn_listening(mut cmd: Command, prefix: &str) -> Result<(std::process::Child, String)> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("spawn")?;
     let stdout = child.stdout.take().context("stdout")?;
-    let guard = GatewayProcess(child);
     use std::io::BufRead;
     for line in std::io::BufReader::new(stdout).lines() {
-        let line = line?;
-        if let Some(addr) = line.strip_prefix("wasmgate listening on ") {
-            return Ok((guard, addr.to_string()));
+        if let Some(addr) = line?.strip_prefix(prefix) {
+            return Ok((child, addr.to_string()));
         }
     }
-    anyhow::bail!("gateway exited before listening")
+    let _ = child.kill();
+    let _ = child.wait();
+    anyhow::bail!("{cmd:?} exited before printing {prefix:?}")
 }
 
 async fn http(args: &Args) -> Result<()> {

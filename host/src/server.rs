@@ -85,7 +85,9 @@ pub async fn run(config: Config) -> Result<()> {
         println!("admin token (generated; set WASMGATE_ADMIN_TOKEN to choose your own): {token}");
     }
     if gateway.state.config.channels.is_empty() {
-        tracing::warn!("no channels configured: every model is unknown until you add [[channels]] (see wasmgate.example.toml)");
+        tracing::warn!(
+            "no channels configured: every model is unknown until you add [[channels]] (see wasmgate.example.toml)"
+        );
     }
     let plugins = gateway.state.registry.list();
     tracing::info!(plugins = plugins.iter().filter(|p| p.loaded).count(), %addr, "wasmgate ready");

@@ -47,10 +47,7 @@ impl AdapterPlugin {
         f: impl FnOnce(&mut Store<PluginState>, &AdapterWorld) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         let mut store = self.engine.store(self.name.clone());
-        let world = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| PluginError::Instantiate { plugin: self.name.to_string(), detail: format!("{e:#}") })?;
+        let world = self.pre.instantiate(&mut store).map_err(|e| PluginError::instantiate(&self.name, e))?;
         f(&mut store, &world).map_err(|e| PluginError::from_wasm(&self.name, e))
     }
 
@@ -89,10 +86,7 @@ impl AdapterPlugin {
     /// version) until dropped.
     pub fn stream_decoder(self: &Arc<Self>, ctx: &RequestContext) -> Result<AdapterStream, PluginError> {
         let mut store = self.engine.store(self.name.clone());
-        let world = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| PluginError::Instantiate { plugin: self.name.to_string(), detail: format!("{e:#}") })?;
+        let world = self.pre.instantiate(&mut store).map_err(|e| PluginError::instantiate(&self.name, e))?;
         let decoder = world
             .wasmgate_plugin_adapter()
             .stream_decoder()

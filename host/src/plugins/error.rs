@@ -49,6 +49,11 @@ impl PluginError {
         }
     }
 
+    /// The instance for a call could not be created.
+    pub(crate) fn instantiate(plugin: &str, err: wasmtime::Error) -> Self {
+        Self::Instantiate { plugin: plugin.to_string(), detail: format!("{err:#}") }
+    }
+
     /// A malformed-output error.
     pub(crate) fn malformed(plugin: &str, detail: impl Into<String>) -> Self {
         Self::Malformed { plugin: plugin.to_string(), detail: detail.into() }

@@ -28,9 +28,7 @@ impl RouterPlugin {
     ) -> Result<Self, PluginError> {
         let info = {
             let mut store = engine.store(name.clone());
-            let world = pre
-                .instantiate(&mut store)
-                .map_err(|e| PluginError::Instantiate { plugin: name.to_string(), detail: format!("{e:#}") })?;
+            let world = pre.instantiate(&mut store).map_err(|e| PluginError::instantiate(&name, e))?;
             world.wasmgate_plugin_router().call_info(&mut store).map_err(|e| PluginError::from_wasm(&name, e))?
         };
         Ok(Self { name, sha256, info, pre, engine })
@@ -39,10 +37,7 @@ impl RouterPlugin {
     /// `select`, with the result checked: every index in range and unique.
     pub fn select(&self, meta: &RequestMeta, candidates: &[Candidate]) -> Result<Vec<usize>, PluginError> {
         let mut store = self.engine.store(self.name.clone());
-        let world = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| PluginError::Instantiate { plugin: self.name.to_string(), detail: format!("{e:#}") })?;
+        let world = self.pre.instantiate(&mut store).map_err(|e| PluginError::instantiate(&self.name, e))?;
         let order = world
             .wasmgate_plugin_router()
             .call_select(&mut store, meta, candidates)
