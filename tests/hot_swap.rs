@@ -249,3 +249,20 @@ async fn a_cargo_component_style_wasip1_build_loads_and_serves() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], "echo: which version?");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plugin_built_against_another_wit_version_is_refused_clearly() {
+    let (_mock, gw) = setup().await;
+    gw.install_plugin("future-wit.wasm", "future.wasm");
+    let seen = eventually(Duration::from_secs(5), || async { plugin(&gw, "future").await.is_some() }).await;
+    assert!(seen.is_some(), "the file was never reported");
+    let status = plugin(&gw, "future").await.expect("listed");
+    assert_eq!(status["loaded"], false, "{status}");
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("wasmgate:plugin@0.2.0") && error.contains("supports wasmgate:plugin@0.1.x"),
+        "unclear rejection: {error}"
+    );
+    let (code, _) = post(&gw, "/v1/chat/completions", &chat()).await;
+    assert_eq!(code, 200, "other plugins keep serving");
+}

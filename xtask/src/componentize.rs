@@ -22,3 +22,30 @@ pub fn componentize(module: &[u8], wasip1: bool) -> Result<Vec<u8>> {
     }
     encoder.encode().context("encoding the component")
 }
+
+/// A component for `world` of the contract in `wit_dir`, re-versioned as
+/// `wasmgate:plugin@{version}`, whose functions all trap. The host must
+/// refuse it by version before calling anything: it proves incompatible
+/// plugins are rejected with a clear message.
+pub fn other_version_fixture(wit_dir: &std::path::Path, world: &str, version: &str) -> Result<Vec<u8>> {
+    use wit_component::{StringEncoding, dummy_module, embed_component_metadata};
+    use wit_parser::{LiftLowerAbi, ManglingAndAbi, Resolve};
+
+    let tmp = std::env::temp_dir().join(format!("wasmgate-wit-{version}-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    for entry in std::fs::read_dir(wit_dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "wit") {
+            let text =
+                std::fs::read_to_string(&path)?.replace("wasmgate:plugin@0.1.0", &format!("wasmgate:plugin@{version}"));
+            std::fs::write(tmp.join(path.file_name().context("file name")?), text)?;
+        }
+    }
+    let mut resolve = Resolve::default();
+    let (package, _) = resolve.push_dir(&tmp)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let world = resolve.select_world(&[package], Some(world))?;
+    let mut module = dummy_module(&resolve, world, ManglingAndAbi::Legacy(LiftLowerAbi::Sync));
+    embed_component_metadata(&mut module, &resolve, world, StringEncoding::UTF8)?;
+    componentize(&module, false)
+}

@@ -36,6 +36,10 @@ pub fn build_all(root: &Path) -> Result<()> {
         install(&out.join(format!("{artifact}.wasm")), &fixtures.join(format!("{stem}.wasm")), false)?;
     }
 
+    // An adapter built against a future contract version, to be refused.
+    let future = crate::componentize::other_version_fixture(&root.join("wit"), "adapter-plugin", "0.2.0")?;
+    write_if_changed(&fixtures.join("future-wit.wasm"), &future)?;
+
     // The same adapter built the way `cargo component` builds it (WASI
     // preview 1 + adapter), to prove such components load too.
     if let Some(chain) = wasip1_toolchain(chain) {
@@ -61,11 +65,16 @@ fn wasip1_toolchain(core: Toolchain) -> Option<Toolchain> {
 fn install(module: &Path, dest: &Path, wasip1: bool) -> Result<()> {
     let bytes = fs::read(module).with_context(|| format!("reading {}", module.display()))?;
     let component = componentize(&bytes, wasip1).with_context(|| format!("componentizing {}", module.display()))?;
+    write_if_changed(dest, &component)
+}
+
+/// Replace `dest` atomically with `component` unless it already holds it.
+fn write_if_changed(dest: &Path, component: &[u8]) -> Result<()> {
     if fs::read(dest).is_ok_and(|old| old == component) {
         return Ok(());
     }
     let tmp = dest.with_extension("wasm.tmp");
-    fs::write(&tmp, &component)?;
+    fs::write(&tmp, component)?;
     fs::rename(&tmp, dest)?;
     eprintln!("xtask: wrote {} ({} bytes)", dest.display(), component.len());
     Ok(())
