@@ -257,3 +257,41 @@ async fn dead_upstream_fails_over_and_never_leaks_its_address_or_key() {
     let port = dead_url.split(':').nth(2).unwrap_or("x").trim_end_matches("/v1").to_string();
     assert!(!text.contains("127.0.0.1") && !text.contains(&port) && !text.contains("sk-upstream"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_that_hang_up_mid_stream_release_their_plugin_instances() {
+    let mock = MockUpstream::start("mock").await;
+    // A pool of 8 instances: leaked decoders would exhaust it after 8 streams.
+    let ch = channel("a", "openai", &mock.base_url(), &["hold-model", "gpt-4o-mini"], "");
+    let gw = Gateway::start_with(&["openai.wasm", "weighted.wasm"], "max_instances = 8", &ch);
+    let mut body = chat("hold-model", "abandon me");
+    body["stream"] = json!(true);
+    // While 8 streams are held open, the pool is full: a clear 503, not a crash.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let resp =
+            client().post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&body).send().await.expect("send");
+        let mut stream = resp.bytes_stream();
+        assert!(tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("first chunk").is_some());
+        held.push(stream);
+    }
+    let (code, out) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "full")).await;
+    assert_eq!(code, 503, "{out}");
+    assert_eq!(out["error"]["code"], "capacity_exceeded");
+    drop(held);
+    for _ in 0..40 {
+        let resp =
+            client().post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&body).send().await.expect("send");
+        let mut stream = resp.bytes_stream();
+        let first = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.expect("first chunk");
+        assert!(first.is_some());
+        drop(stream); // hang up while the upstream still holds the rest
+    }
+    mock.release();
+    // Every abandoned stream gave its instance back: normal traffic still works.
+    let ok = support::eventually(Duration::from_secs(5), || async {
+        post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "after")).await.0 == 200
+    })
+    .await;
+    assert!(ok.is_some(), "plugin instances leaked by abandoned streams");
+}

@@ -58,6 +58,11 @@ impl Gateway {
     /// Start with `plugins` (artifact file names, installed under the same
     /// name unless given as `src:dest`) and extra TOML (channels, options).
     pub fn start(plugins: &[&str], extra_toml: &str) -> Self {
+        Self::start_with(plugins, "", extra_toml)
+    }
+
+    /// Like [`Gateway::start`], with extra lines for the `[plugins]` table.
+    pub fn start_with(plugins: &[&str], plugin_options: &str, extra_toml: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let plugins_dir = dir.path().join("plugins");
         std::fs::create_dir_all(&plugins_dir).expect("plugins dir");
@@ -69,7 +74,7 @@ impl Gateway {
         let cache_dir = root().join("target/test-plugin-cache");
         let config = format!(
             "tokens = [{TOKEN:?}]\nadmin_token = {ADMIN:?}\ndata_dir = {:?}\nplugins_dir = {:?}\n\
-             [plugins]\ncache_dir = {:?}\ndebounce_ms = 100\n\n{extra_toml}\n",
+             [plugins]\ncache_dir = {:?}\ndebounce_ms = 100\n{plugin_options}\n\n{extra_toml}\n",
             data_dir, plugins_dir, cache_dir
         );
         let config_path = dir.path().join("wasmgate.toml");

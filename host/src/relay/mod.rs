@@ -33,6 +33,18 @@ enum Failure {
 
 fn plugin_failure(e: &PluginError, request_id: &str) -> Failure {
     tracing::warn!(request_id, error = %e, "plugin call failed");
+    if matches!(e, PluginError::Instantiate { .. }) {
+        // Every pooled instance is busy (open streams hold one each): a
+        // capacity problem, not the plugin's fault.
+        let mut err = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some("capacity_exceeded"),
+            "The gateway is at capacity; retry shortly.",
+        );
+        err.retry_after = Some(1);
+        return Failure::Final(err);
+    }
     Failure::Final(ApiError::plugin())
 }
 
