@@ -32,14 +32,17 @@ use stats::Summary;
 #[derive(Parser, Debug)]
 struct Args {
     /// The release `wasmgate` binary.
-    #[arg(long, required_unless_present = "bare_proxy")]
+    #[arg(long, required_unless_present_any = ["bare_proxy", "serve_mock"])]
     gateway_bin: Option<PathBuf>,
     /// Directory holding `openai.wasm` and `weighted.wasm`.
-    #[arg(long, required_unless_present = "bare_proxy")]
+    #[arg(long, required_unless_present_any = ["bare_proxy", "serve_mock"])]
     plugins: Option<PathBuf>,
     /// Internal: run as the baseline pass-through proxy to this upstream.
     #[arg(long, hide = true)]
     bare_proxy: Option<String>,
+    /// Internal: run as the mock upstream.
+    #[arg(long, hide = true)]
+    serve_mock: bool,
     /// Measured requests per latency series (after a warm-up of 10 %).
     #[arg(long, default_value_t = 5000)]
     requests: usize,
@@ -61,6 +64,9 @@ fn main() -> Result<()> {
     if let Some(upstream) = args.bare_proxy {
         return bare_proxy::serve(upstream);
     }
+    if args.serve_mock {
+        return serve_mock();
+    }
     let plugins = args.plugins.clone().context("--plugins")?;
     println!("# wasmgate loopback benchmark\n");
     println!("machine: {} cores; {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), cpu_model());
@@ -80,6 +86,7 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
+/// A child process (gateway or mock), killed on drop.
 struct GatewayProcess(std::process::Child);
 
 impl Drop for GatewayProcess {
@@ -126,28 +133,41 @@ pub fn spawn_listening(mut cmd: Command, prefix: &str) -> Result<(std::process::
     anyhow::bail!("{cmd:?} exited before printing {prefix:?}")
 }
 
+/// Serve the mock upstream in this process until killed (its own process,
+/// as a real upstream would be: never on the load generator's thread).
+fn serve_mock() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mock = mock::MockUpstream::start("bench").await;
+        println!("mock listening on {}", mock.base_url());
+        std::future::pending::<()>().await;
+        Ok(())
+    })
+}
+
 async fn http(args: &Args) -> Result<()> {
-    let mock = mock::MockUpstream::start("bench").await;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("--serve-mock");
+    let (mock_child, mock_url) = spawn_listening(cmd, "mock listening on ")?;
+    let _mock = GatewayProcess(mock_child);
     let dir = tempfile::tempdir()?;
-    let (_gateway, base) = start_gateway(args, dir.path(), &mock.base_url())?;
-    let (_bare, bare_base) = bare_proxy::start(&mock.base_url())?;
+    let (_gateway, base) = start_gateway(args, dir.path(), &mock_url)?;
+    let (_bare, bare_base) = bare_proxy::start(&mock_url)?;
     let bare = format!("{bare_base}/v1/chat/completions");
     let client = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(256).build()?;
-    let direct = format!("{}/chat/completions", mock.base_url());
+    let direct = format!("{mock_url}/chat/completions");
     let via = format!("{base}/v1/chat/completions");
     let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark this request"}]});
     let mut stream_body = body.clone();
     stream_body["stream"] = json!(true);
 
-    // Added latency, c=1, interleaved: direct vs wasmgate, direct vs bare proxy.
-    let (d, g) = interleaved(&client, &direct, &via, &body, args.requests, false).await?;
-    report("non-streaming request, c=1", "through wasmgate", &d, &g);
-    let (d, b) = interleaved(&client, &direct, &bare, &body, args.requests, false).await?;
-    report("non-streaming request, c=1, baseline", "through a bare axum+reqwest proxy", &d, &b);
-    let (d, g) = interleaved(&client, &direct, &via, &stream_body, args.requests, true).await?;
-    report("streaming, time to first chunk, c=1", "through wasmgate", &d, &g);
-    let (d, b) = interleaved(&client, &direct, &bare, &stream_body, args.requests, true).await?;
-    report("streaming, time to first chunk, c=1, baseline", "through a bare axum+reqwest proxy", &d, &b);
+    // Added latency, c=1: direct, wasmgate and the bare proxy interleaved in
+    // one loop (rotating order), so all three series see the same machine.
+    let targets = [direct.as_str(), via.as_str(), bare.as_str()];
+    let series = interleaved(&client, &targets, &body, args.requests, false).await?;
+    report("non-streaming request, c=1", &series);
+    let series = interleaved(&client, &targets, &stream_body, args.requests, true).await?;
+    report("streaming, time to first chunk, c=1", &series);
 
     // Throughput.
     let duration = Duration::from_secs(args.seconds);
@@ -191,44 +211,46 @@ async fn once(client: &reqwest::Client, url: &str, body: &serde_json::Value, fir
 
 async fn interleaved(
     client: &reqwest::Client,
-    direct: &str,
-    via: &str,
+    targets: &[&str; 3],
     body: &serde_json::Value,
     n: usize,
     first_chunk: bool,
-) -> Result<(Vec<Duration>, Vec<Duration>)> {
+) -> Result<[Vec<Duration>; 3]> {
     for _ in 0..n / 10 {
-        once(client, direct, body, first_chunk).await?;
-        once(client, via, body, first_chunk).await?;
-    }
-    let (mut d, mut g) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for i in 0..n {
-        // Alternate which goes first so neither side always runs warm.
-        if i % 2 == 0 {
-            d.push(once(client, direct, body, first_chunk).await?);
-            g.push(once(client, via, body, first_chunk).await?);
-        } else {
-            g.push(once(client, via, body, first_chunk).await?);
-            d.push(once(client, direct, body, first_chunk).await?);
+        for url in targets {
+            once(client, url, body, first_chunk).await?;
         }
     }
-    Ok((d, g))
+    let mut out: [Vec<Duration>; 3] = Default::default();
+    for i in 0..n {
+        // Rotate which target goes first so none always runs warm.
+        for k in 0..3 {
+            let t = (i + k) % 3;
+            out[t].push(once(client, targets[t], body, first_chunk).await?);
+        }
+    }
+    Ok(out)
 }
 
-fn report(title: &str, via: &str, direct: &[Duration], gateway: &[Duration]) {
-    let d = Summary::of(direct);
-    let g = Summary::of(gateway);
-    println!("\n## {title} ({} requests each)\n", direct.len());
+fn report(title: &str, series: &[Vec<Duration>; 3]) {
+    let [d, g, b] = [Summary::of(&series[0]), Summary::of(&series[1]), Summary::of(&series[2])];
+    println!("\n## {title} ({} requests each, interleaved)\n", series[0].len());
     println!("| | p50 | p90 | p99 | mean |\n|---|---|---|---|---|");
     println!("| mock directly | {} | {} | {} | {} |", d.p50, d.p90, d.p99, d.mean);
-    println!("| {via} | {} | {} | {} | {} |", g.p50, g.p90, g.p99, g.mean);
-    println!(
-        "| **added** | **{}** | **{}** | **{}** | **{}** |",
-        stats::diff(g.p50_raw, d.p50_raw),
-        stats::diff(g.p90_raw, d.p90_raw),
-        stats::diff(g.p99_raw, d.p99_raw),
-        stats::diff(g.mean_raw, d.mean_raw)
-    );
+    println!("| through a bare axum+reqwest proxy | {} | {} | {} | {} |", b.p50, b.p90, b.p99, b.mean);
+    println!("| through wasmgate | {} | {} | {} | {} |", g.p50, g.p90, g.p99, g.mean);
+    let added = |x: &Summary| {
+        [
+            stats::diff(x.p50_raw, d.p50_raw),
+            stats::diff(x.p90_raw, d.p90_raw),
+            stats::diff(x.p99_raw, d.p99_raw),
+            stats::diff(x.mean_raw, d.mean_raw),
+        ]
+    };
+    let [b50, b90, b99, bm] = added(&b);
+    let [g50, g90, g99, gm] = added(&g);
+    println!("| added by the bare proxy | {b50} | {b90} | {b99} | {bm} |");
+    println!("| **added by wasmgate** | **{g50}** | **{g90}** | **{g99}** | **{gm}** |");
 }
 
 async fn throughput(

@@ -54,6 +54,11 @@ impl PluginEngine {
             .table_keep_resident(64 * 1024);
         let mut wasm = Config::new();
         wasm.epoch_interruption(true)
+            // Explicit bounds checks instead of guard pages: a fresh instance
+            // per call would otherwise mprotect its grown heap back to
+            // PROT_NONE on every instantiation (a TLB-shootdown IPI per call).
+            .signals_based_traps(false)
+            .memory_guard_size(0)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .wasm_component_model(true);
         let engine = Engine::new(&wasm).map_err(wasm_err)?;
