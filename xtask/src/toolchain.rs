@@ -74,7 +74,7 @@ fn apt_install() -> Result<()> {
     crate::run_checked(Command::new("apt-get").arg("update").arg("-qq"))?;
     crate::run_checked(
         Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(["install", "-y", "-qq"])
             .args(DEBIAN_PACKAGES)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
