@@ -49,3 +49,19 @@ pub fn other_version_fixture(wit_dir: &std::path::Path, world: &str, version: &s
     embed_component_metadata(&mut module, &resolve, world, StringEncoding::UTF8)?;
     componentize(&module, false)
 }
+
+/// A valid component of a world that has nothing to do with wasmgate.
+pub fn alien_world_fixture() -> Result<Vec<u8>> {
+    use wit_component::{StringEncoding, dummy_module, embed_component_metadata};
+    use wit_parser::{LiftLowerAbi, ManglingAndAbi, Resolve};
+
+    let wit = "package acme:gadget@1.0.0;\n\
+               interface widget { spin: func(speed: u32) -> string; }\n\
+               world gadget { export widget; }\n";
+    let mut resolve = Resolve::default();
+    let package = resolve.push_str("gadget.wit", wit)?;
+    let world = resolve.select_world(&[package], Some("gadget"))?;
+    let mut module = dummy_module(&resolve, world, ManglingAndAbi::Legacy(LiftLowerAbi::Sync));
+    embed_component_metadata(&mut module, &resolve, world, StringEncoding::UTF8)?;
+    componentize(&module, false)
+}

@@ -39,6 +39,8 @@ pub fn build_all(root: &Path) -> Result<()> {
     // An adapter built against a future contract version, to be refused.
     let future = crate::componentize::other_version_fixture(&root.join("wit"), "adapter-plugin", "0.2.0")?;
     write_if_changed(&fixtures.join("future-wit.wasm"), &future)?;
+    // A valid component of an unrelated world, to be refused.
+    write_if_changed(&fixtures.join("alien-world.wasm"), &crate::componentize::alien_world_fixture()?)?;
 
     // The same adapter built the way `cargo component` builds it (WASI
     // preview 1 + adapter), to prove such components load too.
