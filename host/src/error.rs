@@ -21,12 +21,15 @@ pub struct ApiError {
     pub code: Option<&'static str>,
     /// Seconds the client should wait (`Retry-After`).
     pub retry_after: Option<u32>,
+    /// Answer with `Connection: close` (the request body was not read, so
+    /// the connection cannot be reused).
+    pub close_connection: bool,
 }
 
 impl ApiError {
     /// A new error.
     pub fn new(status: StatusCode, kind: &'static str, code: Option<&'static str>, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), kind, param: None, code, retry_after: None }
+        Self { status, message: message.into(), kind, param: None, code, retry_after: None, close_connection: false }
     }
 
     /// Attach the offending parameter.
@@ -82,6 +85,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, axum::Json(self.body())).into_response();
         if let Some(v) = self.retry_after.and_then(|secs| HeaderValue::from_str(&secs.to_string()).ok()) {
             response.headers_mut().insert("retry-after", v);
+        }
+        if self.close_connection {
+            response.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

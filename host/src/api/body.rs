@@ -10,12 +10,15 @@ use crate::error::ApiError;
 pub fn take(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
+            let mut err = ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 Some("request_too_large"),
                 "The request body is too large.",
-            )
+            );
+            // The rest of the body is never read: the connection must not be reused.
+            err.close_connection = true;
+            err
         } else {
             ApiError::bad_request("The request body could not be read.")
         }
