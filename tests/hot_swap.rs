@@ -266,3 +266,18 @@ async fn a_plugin_built_against_another_wit_version_is_refused_clearly() {
     let (code, _) = post(&gw, "/v1/chat/completions", &chat()).await;
     assert_eq!(code, 200, "other plugins keep serving");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_refused_for_a_kind_clash_loads_once_the_clash_is_gone() {
+    let (_mock, gw) = setup().await;
+    let c = client();
+    let router = std::fs::read(artifact("weighted.wasm")).expect("read");
+    let put = || c.put(gw.url("/api/plugins/openai")).bearer_auth(ADMIN).body(router.clone()).send();
+    assert_eq!(put().await.expect("send").status(), 400, "a router cannot replace an adapter in service");
+    let resp = c.delete(gw.url("/api/plugins/openai")).bearer_auth(ADMIN).send().await.expect("send");
+    assert_eq!(resp.status(), 204);
+    let resp = put().await.expect("send");
+    assert_eq!(resp.status(), 200, "the same bytes load once nothing clashes");
+    let status: Value = resp.json().await.expect("json");
+    assert_eq!(status["kind"], "router");
+}
