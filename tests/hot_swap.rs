@@ -129,7 +129,7 @@ async fn broken_files_are_rejected_and_the_old_version_keeps_serving() {
     ];
     for (name, bytes, expected) in cases {
         gw.write_plugin("openai.wasm", &bytes);
-        let sha = support_sha(&bytes);
+        let sha = Value::String(wasmgate::plugins::sha256_hex(&bytes));
         let rejected = eventually(Duration::from_secs(5), || async {
             plugin(&gw, "openai").await.is_some_and(|p| p["last_error_sha256"] == sha)
         })
@@ -144,11 +144,6 @@ async fn broken_files_are_rejected_and_the_old_version_keeps_serving() {
         assert_eq!(code, 200, "{name}: old version must keep serving: {body}");
         assert!(gw.log().contains("plugin rejected"), "{name}: rejection must be logged");
     }
-}
-
-fn support_sha(bytes: &[u8]) -> Value {
-    use sha2::Digest;
-    Value::String(hex::encode(sha2::Sha256::digest(bytes)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

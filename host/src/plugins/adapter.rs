@@ -38,7 +38,7 @@ impl AdapterPlugin {
         engine: Arc<PluginEngine>,
     ) -> Result<Self, PluginError> {
         let mut this = Self { name, sha256, info: empty_info(), pre, engine };
-        this.info = this.call(|store, world| world.wasmgate_plugin_adapter().call_info(store))?;
+        this.info = this.call_info()?;
         Ok(this)
     }
 
