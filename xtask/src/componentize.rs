@@ -23,14 +23,21 @@ pub fn componentize(module: &[u8], wasip1: bool) -> Result<Vec<u8>> {
     encoder.encode().context("encoding the component")
 }
 
-/// A component for `world` of the contract in `wit_dir`, re-versioned as
-/// `wasmgate:plugin@{version}`, whose functions all trap. The host must
-/// refuse it by version before calling anything: it proves incompatible
-/// plugins are rejected with a clear message.
-pub fn other_version_fixture(wit_dir: &std::path::Path, world: &str, version: &str) -> Result<Vec<u8>> {
+/// A component implementing `world` of `package`, with every function a
+/// trap: a fixture the host must refuse before calling anything.
+fn trapping_component(resolve: &wit_parser::Resolve, package: wit_parser::PackageId, world: &str) -> Result<Vec<u8>> {
     use wit_component::{StringEncoding, dummy_module, embed_component_metadata};
-    use wit_parser::{LiftLowerAbi, ManglingAndAbi, Resolve};
+    use wit_parser::{LiftLowerAbi, ManglingAndAbi};
 
+    let world = resolve.select_world(&[package], Some(world))?;
+    let mut module = dummy_module(resolve, world, ManglingAndAbi::Legacy(LiftLowerAbi::Sync));
+    embed_component_metadata(&mut module, resolve, world, StringEncoding::UTF8)?;
+    componentize(&module, false)
+}
+
+/// The contract in `wit_dir` re-versioned as `wasmgate:plugin@{version}`:
+/// proves incompatible plugins are refused with a clear message.
+pub fn other_version_fixture(wit_dir: &std::path::Path, world: &str, version: &str) -> Result<Vec<u8>> {
     let tmp = std::env::temp_dir().join(format!("wasmgate-wit-{version}-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
     for entry in std::fs::read_dir(wit_dir)? {
@@ -41,27 +48,19 @@ pub fn other_version_fixture(wit_dir: &std::path::Path, world: &str, version: &s
             std::fs::write(tmp.join(path.file_name().context("file name")?), text)?;
         }
     }
-    let mut resolve = Resolve::default();
-    let (package, _) = resolve.push_dir(&tmp)?;
+    let mut resolve = wit_parser::Resolve::default();
+    let pushed = resolve.push_dir(&tmp);
     let _ = std::fs::remove_dir_all(&tmp);
-    let world = resolve.select_world(&[package], Some(world))?;
-    let mut module = dummy_module(&resolve, world, ManglingAndAbi::Legacy(LiftLowerAbi::Sync));
-    embed_component_metadata(&mut module, &resolve, world, StringEncoding::UTF8)?;
-    componentize(&module, false)
+    let (package, _) = pushed?;
+    trapping_component(&resolve, package, world)
 }
 
 /// A valid component of a world that has nothing to do with wasmgate.
 pub fn alien_world_fixture() -> Result<Vec<u8>> {
-    use wit_component::{StringEncoding, dummy_module, embed_component_metadata};
-    use wit_parser::{LiftLowerAbi, ManglingAndAbi, Resolve};
-
     let wit = "package acme:gadget@1.0.0;\n\
                interface widget { spin: func(speed: u32) -> string; }\n\
                world gadget { export widget; }\n";
-    let mut resolve = Resolve::default();
+    let mut resolve = wit_parser::Resolve::default();
     let package = resolve.push_str("gadget.wit", wit)?;
-    let world = resolve.select_world(&[package], Some("gadget"))?;
-    let mut module = dummy_module(&resolve, world, ManglingAndAbi::Legacy(LiftLowerAbi::Sync));
-    embed_component_metadata(&mut module, &resolve, world, StringEncoding::UTF8)?;
-    componentize(&module, false)
+    trapping_component(&resolve, package, "gadget")
 }
