@@ -2,7 +2,7 @@
 //! parsing, no plugins) in its own process, to separate the cost of any
 //! extra HTTP hop on this machine from what wasmgate itself adds.
 
-use std::process::{Child, Command};
+use std::process::Command;
 
 use anyhow::Result;
 use axum::Router;
@@ -54,20 +54,10 @@ async fn forward(
     }
 }
 
-/// A child process running the bare proxy, killed on drop.
-pub struct BareProxy(Child);
-
-impl Drop for BareProxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Start the bare proxy in front of `upstream`; returns it and its base URL.
-pub fn start(upstream: &str) -> Result<(BareProxy, String)> {
+pub fn start(upstream: &str) -> Result<(crate::ChildGuard, String)> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(["--bare-proxy", upstream]);
     let (child, addr) = crate::spawn_listening(cmd, "bare proxy listening on ")?;
-    Ok((BareProxy(child), addr))
+    Ok((crate::ChildGuard(child), addr))
 }

@@ -3,8 +3,10 @@
 //! 1. plugin call overhead, in process: instantiate + `build-request` +
 //!    `parse-response` of the real `openai.wasm`, one stream chunk through
 //!    the decoder, and one `select` of `weighted.wasm`;
-//! 2. added latency at concurrency 1: requests alternate between the mock
-//!    upstream directly and the same mock through the gateway;
+//! 2. added latency at concurrency 1: each iteration sends the request to the
+//!    mock upstream directly, through the gateway and through a bare
+//!    pass-through proxy (the baseline), in rotating order; the mock, the
+//!    gateway and the proxy each run in their own process;
 //! 3. added time to first token for streams, the same way;
 //! 4. throughput at a fixed concurrency for a fixed time.
 //!
@@ -86,17 +88,17 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
-/// A child process (gateway or mock), killed on drop.
-struct GatewayProcess(std::process::Child);
+/// A child process (gateway, mock or bare proxy), killed on drop.
+pub struct ChildGuard(std::process::Child);
 
-impl Drop for GatewayProcess {
+impl Drop for ChildGuard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-fn start_gateway(args: &Args, dir: &std::path::Path, upstream: &str) -> Result<(GatewayProcess, String)> {
+fn start_gateway(args: &Args, dir: &std::path::Path, upstream: &str) -> Result<(ChildGuard, String)> {
     let plugins = dir.join("plugins");
     std::fs::create_dir_all(&plugins)?;
     for f in ["openai.wasm", "weighted.wasm"] {
@@ -114,7 +116,7 @@ fn start_gateway(args: &Args, dir: &std::path::Path, upstream: &str) -> Result<(
     let mut cmd = Command::new(args.gateway_bin.as_ref().context("--gateway-bin")?);
     cmd.arg("--config").arg(&path).args(["--listen", "127.0.0.1:0"]).env("RUST_LOG", "warn");
     let (child, addr) = spawn_listening(cmd, "wasmgate listening on ")?;
-    Ok((GatewayProcess(child), addr))
+    Ok((ChildGuard(child), addr))
 }
 
 /// Start `cmd` and wait for the stdout line `prefix ADDR`; the child is
@@ -149,7 +151,7 @@ async fn http(args: &Args) -> Result<()> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("--serve-mock");
     let (mock_child, mock_url) = spawn_listening(cmd, "mock listening on ")?;
-    let _mock = GatewayProcess(mock_child);
+    let _mock = ChildGuard(mock_child);
     let dir = tempfile::tempdir()?;
     let (_gateway, base) = start_gateway(args, dir.path(), &mock_url)?;
     let (_bare, bare_base) = bare_proxy::start(&mock_url)?;
