@@ -10,7 +10,7 @@ use wasmgate::plugins::{
     RequestMeta,
 };
 
-use crate::stats::Summary;
+use crate::stats::{self, Summary};
 
 fn time<F: FnMut()>(n: usize, mut f: F) -> Vec<Duration> {
     for _ in 0..n / 2 {
@@ -27,7 +27,7 @@ fn time<F: FnMut()>(n: usize, mut f: F) -> Vec<Duration> {
 
 fn row(name: &str, samples: &[Duration]) {
     let s = Summary::of(samples);
-    println!("| {name} | {} | {} | {} |", s.p50, s.p99, s.mean);
+    println!("| {name} | {} | {} | {} |", stats::us(s.p50), stats::us(s.p99), stats::us(s.mean));
 }
 
 /// Measure and print the plugin call table.

@@ -2,16 +2,12 @@
 
 use std::time::Duration;
 
-/// Percentiles of one series, raw and formatted.
+/// Percentiles of one series.
 pub struct Summary {
-    pub p50: String,
-    pub p90: String,
-    pub p99: String,
-    pub mean: String,
-    pub p50_raw: Duration,
-    pub p90_raw: Duration,
-    pub p99_raw: Duration,
-    pub mean_raw: Duration,
+    pub p50: Duration,
+    pub p90: Duration,
+    pub p99: Duration,
+    pub mean: Duration,
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -40,16 +36,11 @@ impl Summary {
         sorted.sort();
         let mean =
             if sorted.is_empty() { Duration::ZERO } else { sorted.iter().sum::<Duration>() / sorted.len() as u32 };
-        let (p50, p90, p99) = (pct(&sorted, 0.5), pct(&sorted, 0.9), pct(&sorted, 0.99));
-        Self {
-            p50: us(p50),
-            p90: us(p90),
-            p99: us(p99),
-            mean: us(mean),
-            p50_raw: p50,
-            p90_raw: p90,
-            p99_raw: p99,
-            mean_raw: mean,
-        }
+        Self { p50: pct(&sorted, 0.5), p90: pct(&sorted, 0.9), p99: pct(&sorted, 0.99), mean }
+    }
+
+    /// `p50 | p90 | p99 | mean` as table cells.
+    pub fn cells(&self) -> String {
+        format!("{} | {} | {} | {}", us(self.p50), us(self.p90), us(self.p99), us(self.mean))
     }
 }
