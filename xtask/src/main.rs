@@ -22,12 +22,22 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("plugins") => plugins::build_all(&root),
         Some("test") => test(&root, &args[1..]),
-        Some("run") => run(&root, &args[1..]),
-        Some("bench") => bench(&root, &args[1..]),
+        Some("run") => run(&root, forwarded(&args[1..])),
+        Some("bench") => bench(&root, forwarded(&args[1..])),
         _ => {
             eprintln!("usage: cargo xtask <plugins|test|run|bench> [args]");
             std::process::exit(2);
         }
+    }
+}
+
+/// Arguments for a program xtask starts after its own `--`: the alias
+/// `cargo xtask` already ends in `--`, so `cargo xtask run -- --config X`
+/// hands us a literal `--` that must not reach the program.
+fn forwarded(args: &[String]) -> &[String] {
+    match args.first() {
+        Some(first) if first == "--" => &args[1..],
+        _ => args,
     }
 }
 
@@ -114,4 +124,21 @@ fn bench(root: &Path, extra: &[String]) -> Result<()> {
         .arg(root.join("plugins"))
         .args(extra);
     run_checked(&mut cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forwarded;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_leading_double_dash_is_not_forwarded() {
+        assert_eq!(forwarded(&strings(&["--", "--config", "x.toml"])), strings(&["--config", "x.toml"]));
+        assert_eq!(forwarded(&strings(&["--config", "x.toml"])), strings(&["--config", "x.toml"]));
+        assert_eq!(forwarded(&strings(&["--", "--", "x"])), strings(&["--", "x"]));
+        assert!(forwarded(&[]).is_empty());
+    }
 }
