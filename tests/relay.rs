@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use support::{ADMIN, Gateway, MockUpstream, TOKEN, assert_openai_error, channel, client, post};
+use support::{ADMIN, Gateway, MockUpstream, TOKEN, assert_openai_error, channel, chat, client, post};
 
 async fn setup() -> (MockUpstream, Gateway) {
     let mock = MockUpstream::start("mock-a").await;
@@ -21,10 +21,6 @@ async fn setup() -> (MockUpstream, Gateway) {
     );
     let gw = Gateway::start(&["openai.wasm", "weighted.wasm"], &ch);
     (mock, gw)
-}
-
-fn chat(model: &str, text: &str) -> Value {
-    json!({"model": model, "messages": [{"role": "user", "content": text}]})
 }
 
 /// Split an SSE body into its `data:` payloads.

@@ -122,7 +122,7 @@ pub fn run(plugins: &Path, n: usize) -> Result<()> {
         row(
             "weighted: instantiate + select (3 candidates)",
             &time(n, || {
-                let _ = router.select(&meta, &candidates);
+                let _ = router.select(&meta, &candidates, wasmgate::plugins::RoutingFacts::default());
             }),
         );
     }

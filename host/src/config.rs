@@ -21,9 +21,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Directory of `*.wasm` plugins.
     pub plugins_dir: PathBuf,
-    /// Gateway tokens accepted on `/v1/*` (`sk-...`). When empty, one is
-    /// generated on first start, kept in the store and logged.
-    pub tokens: Vec<String>,
+    /// Gateway tokens accepted on `/v1/*` (`sk-...`), each a plain string
+    /// (group `default`) or `{ key, group }`. When empty, one is generated on
+    /// first start, kept in the store and logged.
+    pub tokens: Vec<TokenConfig>,
     /// Token for `/api/*`. When unset, one is generated like `tokens`.
     pub admin_token: Option<String>,
     /// Largest request body accepted, in bytes.
@@ -34,9 +35,45 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Routing.
     pub routing: RoutingConfig,
-    /// Channels declared in the file (the admin API's store comes later).
+    /// Channels declared in the file, imported into the store on start
+    /// (edits made through the admin API are kept; see docs/channels.md).
     pub channels: Vec<ChannelConfig>,
 }
+
+/// A gateway token declared in the configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenConfig {
+    /// Just the key; the caller is in group `default`.
+    Key(String),
+    /// A key and the group its caller belongs to.
+    WithGroup {
+        /// The `sk-...` key.
+        key: String,
+        /// Group whose channels serve this caller.
+        group: String,
+    },
+}
+
+impl TokenConfig {
+    /// The key.
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Key(k) | Self::WithGroup { key: k, .. } => k,
+        }
+    }
+
+    /// The caller's group.
+    pub fn group(&self) -> &str {
+        match self {
+            Self::Key(_) => DEFAULT_GROUP,
+            Self::WithGroup { group, .. } => group,
+        }
+    }
+}
+
+/// The group of callers and channels that name none.
+pub const DEFAULT_GROUP: &str = "default";
 
 /// Limits of the plugin runtime.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,15 +108,47 @@ pub struct UpstreamConfig {
     pub idle_timeout_secs: u64,
     /// Largest non-streamed upstream body read, in bytes.
     pub max_response_bytes: usize,
-    /// Channels tried per request (first attempt included).
+    /// Attempts per request, first included. Attempts go down the policy's
+    /// order; when every candidate has been tried, the order starts again.
     pub max_attempts: u32,
+    /// Limit of one attempt, in seconds: until the whole non-streamed
+    /// response, or until the first streamed event.
+    pub attempt_timeout_secs: u64,
+    /// Limit of all attempts of a request together, backoff included.
+    pub total_timeout_secs: u64,
+    /// Backoff before retrying a channel already tried: full jitter over
+    /// `base * 2^n`, capped at `backoff_max_ms`. Moving to an untried
+    /// channel does not wait.
+    pub backoff_base_ms: u64,
+    /// Cap of one backoff.
+    pub backoff_max_ms: u64,
+    /// Longest upstream `Retry-After` the gateway waits out itself before
+    /// a retry; longer ones end the request with 429 and that `Retry-After`.
+    pub max_retry_after_secs: u64,
 }
 
 /// Routing settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
-    /// Name of the routing-policy plugin.
+    /// Name of the routing-policy plugin used when no rule matches.
+    pub policy: String,
+    /// Per group and/or model policies; the most specific match wins
+    /// (group and model, then model, then group).
+    pub rules: Vec<RoutingRule>,
+}
+
+/// A routing policy for some group and/or model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingRule {
+    /// Caller group this rule applies to (any when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Requested model this rule applies to (any when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Routing-policy plugin name.
     pub policy: String,
 }
 
@@ -93,9 +162,18 @@ pub struct ChannelConfig {
     pub adapter: String,
     /// Upstream base URL, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
-    /// Upstream credential.
+    /// Upstream credential; several may be given one per line.
     #[serde(default)]
     pub key: String,
+    /// More credentials: a multi-key channel rotates through them.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// Groups this channel serves (default: `["default"]`).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Free-form labels for search.
+    #[serde(default)]
+    pub tags: Vec<String>,
     /// Models offered; empty means the adapter's default models.
     #[serde(default)]
     pub models: Vec<String>,
@@ -156,13 +234,18 @@ impl Default for UpstreamConfig {
             idle_timeout_secs: 300,
             max_response_bytes: 64 * 1024 * 1024,
             max_attempts: 3,
+            attempt_timeout_secs: 300,
+            total_timeout_secs: 600,
+            backoff_base_ms: 100,
+            backoff_max_ms: 2_000,
+            max_retry_after_secs: 10,
         }
     }
 }
 
 impl Default for RoutingConfig {
     fn default() -> Self {
-        Self { policy: "weighted".into() }
+        Self { policy: "weighted".into(), rules: Vec::new() }
     }
 }
 
@@ -201,7 +284,11 @@ impl Config {
 
     /// Checks serde cannot express.
     pub fn validate(&self) -> Result<()> {
+        let mut names = std::collections::BTreeSet::new();
         for (i, ch) in self.channels.iter().enumerate() {
+            if !names.insert(ch.name.as_str()) {
+                bail!("channels[{i}].name: `{}` is declared twice (names identify imported channels)", ch.name);
+            }
             let url = reqwest::Url::parse(&ch.base_url)
                 .with_context(|| format!("channels[{i}].base_url: not a valid URL"))?;
             if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
@@ -216,6 +303,9 @@ impl Config {
         }
         if self.upstream.max_attempts == 0 {
             bail!("upstream.max_attempts must be at least 1");
+        }
+        if self.upstream.attempt_timeout_secs == 0 || self.upstream.total_timeout_secs == 0 {
+            bail!("upstream.attempt_timeout_secs and upstream.total_timeout_secs must be positive");
         }
         Ok(())
     }

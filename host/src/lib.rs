@@ -5,8 +5,9 @@
 //! directory. The binary (`main.rs`) is a thin CLI over this library.
 //!
 //! Modules follow the request's path: [`api`] (HTTP routes and auth) →
-//! [`relay`] (validation, routing, failover, streaming) → [`plugins`] (the
-//! wasm host) and [`channels`] / [`store`] for data.
+//! [`relay`] (validation, retries, failover, streaming) → [`routing`]
+//! (candidates, policy plugins, live statistics) → [`plugins`] (the wasm
+//! host), with [`channels`] / [`store`] for data.
 
 pub mod api;
 pub mod channels;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod plugins;
 pub mod relay;
+pub mod routing;
 pub mod server;
 pub mod state;
 pub mod store;

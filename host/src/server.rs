@@ -1,6 +1,6 @@
 //! Assembling the gateway from its configuration and serving it.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -9,10 +9,11 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::api::app;
-use crate::channels::ConfigChannels;
-use crate::config::Config;
+use crate::channels::{ChannelStore, SledChannels};
+use crate::config::{Config, TokenConfig};
 use crate::plugins::{ArtifactCache, PluginEngine, PluginWatcher, Registry, watch};
 use crate::relay::Upstream;
+use crate::routing::{Policies, Routing};
 use crate::state::{AppState, Inner, secret_hash};
 use crate::store::{Store, random_key};
 
@@ -34,7 +35,7 @@ pub async fn build(config: Config) -> Result<Gateway> {
     if tokens.is_empty() {
         let token = store.option_or_insert("generated_token", || random_key("sk-"))?;
         generated.0 = Some(token.clone());
-        tokens.push(token);
+        tokens.push(TokenConfig::Key(token));
     }
     let admin = match &config.admin_token {
         Some(t) => t.clone(),
@@ -58,10 +59,22 @@ pub async fn build(config: Config) -> Result<Gateway> {
         None
     };
 
+    let channels = SledChannels::open(&store).context("loading channels")?;
+    let report = channels.import_config(&config.channels).context("importing the configuration's channels")?;
+    tracing::info!(
+        created = report.created,
+        updated = report.updated,
+        kept_api_version = report.kept_api_version,
+        total = channels.snapshot().records.len(),
+        "channels loaded"
+    );
+    let routing = Routing::new(Policies::load(&config.routing, &store)?);
+
     let inner = Inner {
-        channels: Arc::new(ConfigChannels::new(&config.channels)),
+        channels: Arc::new(channels),
+        routing,
         upstream: Upstream::new(&config.upstream)?,
-        token_hashes: tokens.iter().map(|t| secret_hash(t)).collect::<HashSet<_>>(),
+        token_groups: tokens.iter().map(|t| (secret_hash(t.key()), Arc::from(t.group()))).collect::<HashMap<_, _>>(),
         admin_hash: secret_hash(&admin),
         registry,
         store,
@@ -84,9 +97,9 @@ pub async fn run(config: Config) -> Result<()> {
     if let Some(token) = &gateway.generated.1 {
         println!("admin token (generated; set WASMGATE_ADMIN_TOKEN to choose your own): {token}");
     }
-    if gateway.state.config.channels.is_empty() {
+    if gateway.state.channels.snapshot().records.is_empty() {
         tracing::warn!(
-            "no channels configured: every model is unknown until you add [[channels]] (see wasmgate.example.toml)"
+            "no channels: every model is unknown until you add some with POST /api/channels or [[channels]] in the config"
         );
     }
     let plugins = gateway.state.registry.list();

@@ -1,7 +1,7 @@
 //! Shared application state: `AppState(Arc<Inner>)`, cheap to clone into
 //! every handler.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use crate::channels::ChannelStore;
 use crate::config::Config;
 use crate::plugins::Registry;
 use crate::relay::Upstream;
+use crate::routing::Routing;
 use crate::store::Store;
 
 /// Everything a request handler needs.
@@ -21,10 +22,12 @@ pub struct Inner {
     pub registry: Arc<Registry>,
     /// Channels.
     pub channels: Arc<dyn ChannelStore>,
+    /// Routing policies and live channel statistics.
+    pub routing: Routing,
     /// Upstream HTTP client.
     pub upstream: Upstream,
-    /// SHA-256 of every accepted gateway token.
-    pub token_hashes: HashSet<[u8; 32]>,
+    /// SHA-256 of every accepted gateway token → its caller's group.
+    pub token_groups: HashMap<[u8; 32], Arc<str>>,
     /// SHA-256 of the admin token.
     pub admin_hash: [u8; 32],
     /// Embedded store.

@@ -1,13 +1,16 @@
-//! The embedded sled store. For now it keeps gateway options (generated
-//! tokens); channels, users, tokens and logs move here with their issues.
+//! The embedded sled store: one directory holds every tree (options,
+//! channels; users, tokens and logs join with their issues). A schema
+//! version key and [`migrate`] carry old data directories forward.
 
 use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use rand::Rng;
 
-/// Schema version written on first open, for future migrations.
-const SCHEMA_VERSION: u32 = 1;
+/// Schema this build writes. History: 1 — options only; 2 — `channels` tree
+/// and the channel id counter.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The gateway's data store.
 #[derive(Clone)]
@@ -17,27 +20,61 @@ pub struct Store {
 }
 
 impl Store {
-    /// Open (or create) the store in `dir`.
+    /// Open (or create) the store in `dir`, migrating older schemas.
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let db = sled::open(dir.join("db")).with_context(|| format!("opening sled store in {}", dir.display()))?;
         let options = db.open_tree("options")?;
-        if options.get("schema_version")?.is_none() {
-            options.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
-        }
-        Ok(Self { db, options })
+        let store = Self { db, options };
+        migrate(&store)?;
+        Ok(store)
+    }
+
+    /// The tree `name`.
+    pub fn tree(&self, name: &str) -> Result<sled::Tree> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    /// The option `key`, if set.
+    pub fn option(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.options.get(key)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Set the option `key` durably.
+    pub fn set_option(&self, key: &str, value: &str) -> Result<()> {
+        self.options.insert(key, value.as_bytes())?;
+        self.options.flush()?;
+        Ok(())
+    }
+
+    /// Remove the option `key` durably.
+    pub fn remove_option(&self, key: &str) -> Result<()> {
+        self.options.remove(key)?;
+        self.options.flush()?;
+        Ok(())
     }
 
     /// The option `key`, creating it with `make` on first use.
     pub fn option_or_insert(&self, key: &str, make: impl FnOnce() -> String) -> Result<String> {
-        if let Some(v) = self.options.get(key)? {
-            return Ok(String::from_utf8_lossy(&v).into_owned());
+        if let Some(v) = self.option(key)? {
+            return Ok(v);
         }
         let value = make();
         // Another process may race us; keep whichever landed first.
         let _ = self.options.compare_and_swap(key, None as Option<&[u8]>, Some(value.as_bytes()))?;
-        let stored = self.options.get(key)?.map(|v| String::from_utf8_lossy(&v).into_owned());
-        Ok(stored.unwrap_or(value))
+        Ok(self.option(key)?.unwrap_or(value))
+    }
+
+    /// Increment the counter `key` atomically and durably; returns the new
+    /// value (the first call returns 1).
+    pub fn next_counter(&self, key: &str) -> Result<u64> {
+        let new = self.options.update_and_fetch(key, |old| {
+            let n = old.and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?;
+        self.options.flush()?;
+        let bytes = new.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).context("counter vanished")?;
+        Ok(u64::from_be_bytes(bytes))
     }
 
     /// Flush everything to disk (on shutdown).
@@ -45,6 +82,48 @@ impl Store {
         self.db.flush()?;
         Ok(())
     }
+
+    fn schema_version(&self) -> Result<Option<u32>> {
+        Ok(self
+            .options
+            .get("schema_version")?
+            .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+            .map(u32::from_be_bytes))
+    }
+}
+
+/// Bring the store to [`SCHEMA_VERSION`], one step at a time; refuse a
+/// store written by a newer build.
+fn migrate(store: &Store) -> Result<()> {
+    let mut version = match store.schema_version()? {
+        None => {
+            store.options.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+            return Ok(());
+        }
+        Some(v) => v,
+    };
+    if version > SCHEMA_VERSION {
+        bail!(
+            "the data directory was written by a newer wasmgate (schema {version}, this build knows {SCHEMA_VERSION})"
+        );
+    }
+    while version < SCHEMA_VERSION {
+        match version {
+            // 1 → 2 only adds trees, created on first use.
+            1 => {}
+            _ => bail!("no migration from schema {version}"),
+        }
+        version += 1;
+        store.options.insert("schema_version", &version.to_be_bytes())?;
+        tracing::info!(version, "store migrated");
+    }
+    store.options.flush()?;
+    Ok(())
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// A random gateway key: `sk-` and 48 alphanumerics.
@@ -52,4 +131,24 @@ pub fn random_key(prefix: &str) -> String {
     let mut rng = rand::rng();
     let body: String = (0..48).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect();
     format!("{prefix}{body}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_survive_reopen_and_old_schemas_migrate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store.options.insert("schema_version", &1u32.to_be_bytes()).expect("downgrade");
+            assert_eq!(store.next_counter("c").expect("counter"), 1);
+            assert_eq!(store.next_counter("c").expect("counter"), 2);
+            store.flush().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.schema_version().expect("version"), Some(SCHEMA_VERSION));
+        assert_eq!(store.next_counter("c").expect("counter"), 3);
+    }
 }

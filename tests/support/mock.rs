@@ -2,6 +2,8 @@
 //! integration tests and the benchmark. It records what it receives and
 //! answers in OpenAI's exact shapes. Models whose name starts with `hold`
 //! stream their first chunk, then wait for `release()` before the rest.
+//! [`MockUpstream::set_mode`] switches chat completions between healthy and
+//! the failure kinds real upstreams produce, at runtime.
 
 #![allow(dead_code)]
 
@@ -20,9 +22,59 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Notify};
 
+/// How the mock answers `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Default)]
+pub enum Mode {
+    /// Like OpenAI.
+    #[default]
+    Healthy,
+    /// A fixed answer: status, content type, body, optional `Retry-After`.
+    Fixed { status: u16, content_type: &'static str, body: String, retry_after: Option<u32> },
+    /// `200` with a JSON body cut off in the middle.
+    TruncatedJson,
+    /// `200`, part of the body, then the connection is dropped.
+    DropMidBody,
+    /// `200` event stream whose first event is an OpenAI error.
+    StreamErrorEvent,
+    /// Streams: the first chunk, then the connection is dropped.
+    DropMidStream,
+    /// Healthy, after sleeping this long.
+    Slow(Duration),
+    /// Answer with the first mode `n` times, then with the second.
+    Times(u32, Box<Mode>, Box<Mode>),
+}
+
+impl Mode {
+    /// A plain-text `503 no healthy upstream`, as Envoy sends it.
+    pub fn no_healthy_upstream() -> Self {
+        Mode::Fixed { status: 503, content_type: "text/plain", body: "no healthy upstream".into(), retry_after: None }
+    }
+
+    /// An nginx-style HTML `502 Bad Gateway` page.
+    pub fn html_502() -> Self {
+        let body = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+        Mode::Fixed { status: 502, content_type: "text/html", body: body.into(), retry_after: None }
+    }
+
+    /// `200` with an empty body.
+    pub fn empty_200() -> Self {
+        Mode::Fixed { status: 200, content_type: "application/json", body: String::new(), retry_after: None }
+    }
+
+    /// An OpenAI-style error with `status` and `code`.
+    pub fn openai_error(status: u16, code: &str, retry_after: Option<u32>) -> Self {
+        let body = json!({"error": {"message": format!("mock says {code}; key sk-upstream-secret-leak"),
+            "type": "invalid_request_error", "param": null, "code": code}})
+        .to_string();
+        Mode::Fixed { status, content_type: "application/json", body, retry_after }
+    }
+}
+
 /// Shared state of one mock.
 #[derive(Default)]
 pub struct MockState {
+    /// How chat completions are answered.
+    pub mode: std::sync::Mutex<Mode>,
     /// Requests received.
     pub hits: AtomicU64,
     /// The last request body, parsed.
@@ -76,6 +128,84 @@ impl MockUpstream {
     pub fn hits(&self) -> u64 {
         self.state.hits.load(Ordering::SeqCst)
     }
+
+    /// Switch how chat completions are answered.
+    pub fn set_mode(&self, mode: Mode) {
+        *self.state.mode.lock().expect("mode lock") = mode;
+    }
+}
+
+/// The mode for this request (consuming one use of a `Times` mode).
+fn current_mode(state: &MockState) -> Mode {
+    let mut mode = state.mode.lock().expect("mode lock");
+    match &mut *mode {
+        Mode::Times(0, _, after) => {
+            let next = (**after).clone();
+            *mode = next.clone();
+            drop(mode);
+            resolve(next)
+        }
+        Mode::Times(n, first, _) => {
+            *n -= 1;
+            (**first).clone()
+        }
+        other => other.clone(),
+    }
+}
+
+fn resolve(mode: Mode) -> Mode {
+    match mode {
+        Mode::Times(_, first, _) => *first,
+        other => other,
+    }
+}
+
+/// A body that sends `head`, then fails (the connection is dropped).
+fn dropping_body(head: String) -> Body {
+    let items: Vec<Result<Bytes, std::io::Error>> =
+        vec![Ok(Bytes::from(head)), Err(std::io::Error::other("mock drops the connection"))];
+    Body::from_stream(futures_util::stream::iter(items))
+}
+
+/// The failure answer for `mode`, or `None` to answer normally.
+async fn failure(mode: Mode, model: &str) -> Option<Response> {
+    match mode {
+        Mode::Healthy | Mode::Times(..) => None,
+        Mode::Slow(d) => {
+            tokio::time::sleep(d).await;
+            None
+        }
+        Mode::Fixed { status, content_type, body, retry_after } => {
+            let mut builder = Response::builder()
+                .status(StatusCode::from_u16(status).expect("status"))
+                .header(header::CONTENT_TYPE, content_type);
+            if let Some(secs) = retry_after {
+                builder = builder.header(header::RETRY_AFTER, secs.to_string());
+            }
+            Some(builder.body(Body::from(body)).expect("fixed response"))
+        }
+        Mode::TruncatedJson => {
+            let body =
+                format!(r#"{{"id":"chatcmpl-mock","object":"chat.completion","model":"{model}","choices":[{{"ind"#);
+            Some(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+        }
+        Mode::DropMidBody => {
+            let head = format!(r#"{{"id":"chatcmpl-mock","object":"chat.completion","model":"{model}","#);
+            Some(([(header::CONTENT_TYPE, "application/json")], dropping_body(head)).into_response())
+        }
+        Mode::StreamErrorEvent => {
+            let body = "data: {\"error\":{\"message\":\"The server is overloaded\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n";
+            Some(([(header::CONTENT_TYPE, "text/event-stream")], body).into_response())
+        }
+        Mode::DropMidStream => {
+            let chunk = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u64,
+                "model": model, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "partial"}, "finish_reason": null}]});
+            Some(
+                ([(header::CONTENT_TYPE, "text/event-stream")], dropping_body(format!("data: {chunk}\n\n")))
+                    .into_response(),
+            )
+        }
+    }
 }
 
 fn usage() -> Value {
@@ -98,6 +228,9 @@ fn last_user_text(body: &Value) -> String {
 async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
     let req = record(&state, &headers, &body).await;
     let model = req["model"].as_str().unwrap_or("").to_string();
+    if let Some(response) = failure(current_mode(&state), &model).await {
+        return response;
+    }
     let text = format!("echo: {}", last_user_text(&req));
     if req["stream"].as_bool() == Some(true) {
         let include_usage = req["stream_options"]["include_usage"].as_bool() == Some(true);

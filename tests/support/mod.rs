@@ -72,8 +72,16 @@ impl Gateway {
         }
         let data_dir = dir.path().join("data");
         let cache_dir = root().join("target/test-plugin-cache");
+        // `extra_toml` may declare its own `tokens` line (with groups); it
+        // must come before the first table.
+        let (token_lines, rest): (Vec<&str>, Vec<&str>) = extra_toml.lines().partition(|l| l.starts_with("tokens = "));
+        let tokens = match token_lines.first() {
+            Some(line) => format!("{line}\n"),
+            None => format!("tokens = [{TOKEN:?}]\n"),
+        };
+        let extra_toml = rest.join("\n");
         let config = format!(
-            "tokens = [{TOKEN:?}]\nadmin_token = {ADMIN:?}\ndata_dir = {:?}\nplugins_dir = {:?}\n\
+            "{tokens}admin_token = {ADMIN:?}\ndata_dir = {:?}\nplugins_dir = {:?}\n\
              [plugins]\ncache_dir = {:?}\ndebounce_ms = 100\n{plugin_options}\n\n{extra_toml}\n",
             data_dir, plugins_dir, cache_dir
         );
@@ -195,4 +203,53 @@ pub fn assert_openai_error(body: &serde_json::Value) -> String {
     }
     assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "empty message: {body}");
     err["type"].as_str().unwrap_or_default().to_string()
+}
+
+/// Send `n` copies of `body` to `path`, `concurrency` at a time, over one
+/// pooled client; returns every (status, body).
+pub async fn load(
+    gw: &Gateway,
+    path: &str,
+    body: &serde_json::Value,
+    n: usize,
+    concurrency: usize,
+) -> Vec<(u16, serde_json::Value)> {
+    use futures_util::StreamExt;
+    let http = client();
+    let url = gw.url(path);
+    futures_util::stream::iter(0..n)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let resp = http.post(url).bearer_auth(TOKEN).json(body).send().await.expect("send");
+                let status = resp.status().as_u16();
+                let text = resp.text().await.expect("body");
+                (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}
+
+/// An admin request; returns (status, body).
+pub async fn admin(
+    gw: &Gateway,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut req = client().request(method, gw.url(path)).bearer_auth(ADMIN);
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let resp = req.send().await.expect("send");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+}
+
+/// A chat completion request body.
+pub fn chat(model: &str, text: &str) -> serde_json::Value {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": text}]})
 }

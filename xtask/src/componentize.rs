@@ -44,7 +44,7 @@ pub fn other_version_fixture(wit_dir: &std::path::Path, world: &str, version: &s
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "wit") {
             let text =
-                std::fs::read_to_string(&path)?.replace("wasmgate:plugin@0.1.0", &format!("wasmgate:plugin@{version}"));
+                std::fs::read_to_string(&path)?.replace("wasmgate:plugin@0.1.1", &format!("wasmgate:plugin@{version}"));
             std::fs::write(tmp.join(path.file_name().context("file name")?), text)?;
         }
     }

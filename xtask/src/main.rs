@@ -81,7 +81,8 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     run_checked(
         host_cargo()
             .current_dir(root.join("plugins"))
-            .args(["test", "--package", "wasmgate-pdk", "--package", "weighted", "--target-dir"])
+            .args(["test", "--package", "wasmgate-pdk", "--package", "weighted", "--package", "round-robin"])
+            .args(["--package", "latency", "--target-dir"])
             .arg(root.join("target/guest-native")),
     )?;
     step("clippy");

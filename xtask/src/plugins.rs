@@ -15,9 +15,11 @@ use crate::toolchain::{self, CORE_TARGET, Toolchain, WASIP1_TARGET};
 
 /// Crates whose component ships in the default plugins directory:
 /// (crate artifact name, plugin file stem).
-const SHIPPED: &[(&str, &str)] = &[("openai", "openai"), ("weighted", "weighted")];
+const SHIPPED: &[(&str, &str)] =
+    &[("openai", "openai"), ("weighted", "weighted"), ("round_robin", "round-robin"), ("latency", "latency")];
 /// Test fixtures: (crate artifact name, file stem).
-const FIXTURES: &[(&str, &str)] = &[("hostile", "hostile"), ("openai_v2", "openai-v2")];
+const FIXTURES: &[(&str, &str)] =
+    &[("hostile", "hostile"), ("openai_v2", "openai-v2"), ("pick_last", "pick-last"), ("bad_policy", "bad-policy")];
 
 /// Build all plugins and fixtures.
 pub fn build_all(root: &Path) -> Result<()> {

@@ -1,5 +1,7 @@
 //! Bearer-token checks for `/v1` (gateway tokens) and `/api` (admin token).
 
+use std::sync::Arc;
+
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
@@ -33,12 +35,26 @@ fn missing() -> ApiError {
     e
 }
 
-/// Require a valid gateway token.
-pub async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    match presented_key(req.headers()) {
-        None => missing().into_response(),
-        Some(key) if state.token_hashes.contains(&secret_hash(key)) => next.run(req).await,
-        Some(_) => ApiError::unauthorized("Incorrect API key provided.").into_response(),
+/// Who is calling `/v1`: set by [`require_token`].
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The caller's group (which channels serve it).
+    pub group: Arc<str>,
+}
+
+/// Require a valid gateway token. Tokens are looked up by their SHA-256, so
+/// lookup time says nothing about the secret.
+pub async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let group = match presented_key(req.headers()) {
+        None => return missing().into_response(),
+        Some(key) => state.token_groups.get(&secret_hash(key)).cloned(),
+    };
+    match group {
+        Some(group) => {
+            req.extensions_mut().insert(Caller { group });
+            next.run(req).await
+        }
+        None => ApiError::unauthorized("Incorrect API key provided.").into_response(),
     }
 }
 

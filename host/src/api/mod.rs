@@ -2,8 +2,12 @@
 
 mod auth;
 mod body;
+mod channels_admin;
 mod openai;
 mod plugins_admin;
+mod routing_admin;
+
+pub use auth::Caller;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
@@ -40,6 +44,16 @@ pub fn app(state: AppState) -> Router {
                 .delete(plugins_admin::remove)
                 .layer(DefaultBodyLimit::max(MAX_PLUGIN_UPLOAD)),
         )
+        .route("/channels", get(channels_admin::list).post(channels_admin::create))
+        .route(
+            "/channels/{id}",
+            get(channels_admin::get)
+                .put(channels_admin::replace)
+                .patch(channels_admin::patch)
+                .delete(channels_admin::delete),
+        )
+        .route("/channels/{id}/test", post(channels_admin::test))
+        .route("/routing", get(routing_admin::get).put(routing_admin::put).delete(routing_admin::reset))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
     Router::new()
         .nest("/v1", v1)

@@ -1,7 +1,5 @@
 //! The OpenAI-compatible endpoints.
 
-use std::collections::BTreeMap;
-
 use axum::Extension;
 use axum::Json;
 use axum::extract::rejection::BytesRejection;
@@ -11,7 +9,9 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::RequestId;
+use super::auth::Caller;
 use super::body;
+use crate::channels::models_for_group;
 use crate::error::ApiError;
 use crate::plugins::Endpoint;
 use crate::relay::{ClientRequest, relay};
@@ -20,70 +20,71 @@ use crate::state::AppState;
 async fn serve(
     state: AppState,
     id: RequestId,
+    caller: Caller,
     endpoint: Endpoint,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req = ClientRequest::parse(endpoint, body::take(raw)?)?;
-    relay(&state, req, &id.0).await
+    relay(&state, req, &caller.group, &id.0).await
 }
 
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(s): State<AppState>,
     Extension(id): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    serve(s, id, Endpoint::ChatCompletions, raw).await
+    serve(s, id, caller, Endpoint::ChatCompletions, raw).await
 }
 
 /// `POST /v1/completions`
 pub async fn completions(
     State(s): State<AppState>,
     Extension(id): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    serve(s, id, Endpoint::Completions, raw).await
+    serve(s, id, caller, Endpoint::Completions, raw).await
 }
 
 /// `POST /v1/embeddings`
 pub async fn embeddings(
     State(s): State<AppState>,
     Extension(id): Extension<RequestId>,
+    Extension(caller): Extension<Caller>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    serve(s, id, Endpoint::Embeddings, raw).await
+    serve(s, id, caller, Endpoint::Embeddings, raw).await
 }
 
-/// Model name → adapter that owns it, over every channel.
-fn models(state: &AppState) -> BTreeMap<String, String> {
+/// Model name → adapter of the first channel offering it, over the
+/// channels in service for `group`.
+fn models(state: &AppState, group: &str) -> std::collections::BTreeMap<String, String> {
     let plugins = state.registry.snapshot();
-    let mut out = BTreeMap::new();
-    for ch in state.channels.all() {
-        let names = if ch.models.is_empty() {
-            plugins.adapters.get(&ch.adapter).map(|a| a.info.default_models.clone()).unwrap_or_default()
-        } else {
-            ch.models.clone()
-        };
-        for m in names {
-            out.entry(m).or_insert_with(|| ch.adapter.clone());
-        }
-    }
-    out
+    let defaults =
+        |adapter: &str| plugins.adapters.get(adapter).map(|a| a.info.default_models.clone()).unwrap_or_default();
+    models_for_group(&state.channels.snapshot(), group, defaults)
 }
 
 fn model_object(state: &AppState, id: &str, owner: &str) -> Value {
     json!({"id": id, "object": "model", "created": state.started_at, "owned_by": owner})
 }
 
-/// `GET /v1/models`
-pub async fn list_models(State(state): State<AppState>) -> Json<Value> {
-    let data: Vec<Value> = models(&state).iter().map(|(id, owner)| model_object(&state, id, owner)).collect();
+/// `GET /v1/models`: what the caller's group can reach, de-duplicated.
+pub async fn list_models(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Json<Value> {
+    let data: Vec<Value> =
+        models(&state, &caller.group).iter().map(|(id, owner)| model_object(&state, id, owner)).collect();
     Json(json!({"object": "list", "data": data}))
 }
 
 /// `GET /v1/models/{model}`
-pub async fn get_model(State(state): State<AppState>, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
-    let models = models(&state);
+pub async fn get_model(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let models = models(&state, &caller.group);
     let owner = models.get(&model).ok_or_else(|| ApiError::model_not_found(&model))?;
     Ok(Json(model_object(&state, &model, owner)))
 }

@@ -25,6 +25,7 @@ pub(crate) use gen_::adapter::wasmgate::plugin::log::Host as LogHost;
 pub(crate) use gen_::adapter::wasmgate::plugin::types::Host as TypesHost;
 pub(crate) use gen_::adapter::{AdapterPlugin as AdapterWorld, AdapterPluginPre as AdapterWorldPre};
 pub use gen_::router::exports::wasmgate::plugin::router::{Candidate, RequestMeta, RouterInfo};
+pub(crate) use gen_::router::wasmgate::plugin::routing_context::Host as RoutingContextHost;
 pub(crate) use gen_::router::{RouterPlugin as RouterWorld, RouterPluginPre as RouterWorldPre};
 
 /// Types of the WIT contract, as the host uses them.

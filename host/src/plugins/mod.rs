@@ -25,4 +25,5 @@ pub use loader::{
 };
 pub use registry::{PluginSet, PluginStatus, Registry};
 pub use router::RouterPlugin;
+pub use state::RoutingFacts;
 pub use watcher::{PluginWatcher, watch};

@@ -65,6 +65,13 @@ pub struct PluginStatus {
     pub last_error_sha256: Option<String>,
     /// Unix time (seconds) of that failure.
     pub last_error_at: Option<u64>,
+    /// Calls of the version in service that failed (trap, timeout, invalid
+    /// output) and were answered by a fallback or an error.
+    pub call_failures: u64,
+    /// The most recent such failure.
+    pub last_call_error: Option<String>,
+    /// Unix time (seconds) of that failure.
+    pub last_call_error_at: Option<u64>,
 }
 
 /// Loads, publishes and unloads plugins.
@@ -111,6 +118,15 @@ impl Registry {
 
     fn lock_statuses(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PluginStatus>> {
         self.statuses.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Record that a call of plugin `name` failed, for `GET /api/plugins`.
+    pub fn report_call_failure(&self, name: &str, error: &str) {
+        if let Some(status) = self.lock_statuses().get_mut(name) {
+            status.call_failures += 1;
+            status.last_call_error = Some(error.chars().take(512).collect());
+            status.last_call_error_at = Some(now());
+        }
     }
 
     /// The plugin name for a path in the plugins directory, if it is one.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::bindings::{Candidate, RequestMeta, RouterInfo, RouterWorldPre};
 use super::engine::PluginEngine;
 use super::error::PluginError;
-use super::state::PluginState;
+use super::state::{PluginState, RoutingFacts};
 
 /// A routing policy ready to serve calls.
 pub struct RouterPlugin {
@@ -35,8 +35,15 @@ impl RouterPlugin {
     }
 
     /// `select`, with the result checked: every index in range and unique.
-    pub fn select(&self, meta: &RequestMeta, candidates: &[Candidate]) -> Result<Vec<usize>, PluginError> {
+    /// `facts` is what the policy can ask `routing-context` for.
+    pub fn select(
+        &self,
+        meta: &RequestMeta,
+        candidates: &[Candidate],
+        facts: RoutingFacts,
+    ) -> Result<Vec<usize>, PluginError> {
         let mut store = self.engine.store(self.name.clone());
+        store.data_mut().routing = facts;
         let world = self.pre.instantiate(&mut store).map_err(|e| PluginError::instantiate(&self.name, e))?;
         let order = world
             .wasmgate_plugin_router()

@@ -5,7 +5,16 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{LogHost, LogLevel, TypesHost};
+use super::bindings::{LogHost, LogLevel, RoutingContextHost, TypesHost};
+
+/// What `routing-context` answers during one `select` call.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingFacts {
+    /// Requests routed for this group and model before this one.
+    pub sequence: u64,
+    /// EWMA time to first token per candidate, in ms (0 = unknown).
+    pub ttft_ms: Vec<f64>,
+}
 
 /// What a plugin's `Store` holds.
 pub struct PluginState {
@@ -15,6 +24,8 @@ pub struct PluginState {
     wasi: Option<WasiCtx>,
     table: ResourceTable,
     pub(crate) limits: StoreLimits,
+    /// Facts for the `select` call in progress (routers only).
+    pub(crate) routing: RoutingFacts,
 }
 
 impl PluginState {
@@ -25,6 +36,7 @@ impl PluginState {
             wasi: None,
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new().memory_size(memory_bytes).trap_on_grow_failure(false).build(),
+            routing: RoutingFacts::default(),
         }
     }
 }
@@ -50,5 +62,15 @@ impl LogHost for PluginState {
             LogLevel::Warn => tracing::warn!(target: "wasmgate::plugin", plugin, "{message}"),
             LogLevel::Error => tracing::error!(target: "wasmgate::plugin", plugin, "{message}"),
         }
+    }
+}
+
+impl RoutingContextHost for PluginState {
+    fn sequence(&mut self) -> u64 {
+        self.routing.sequence
+    }
+
+    fn ttft_ms(&mut self) -> Vec<f64> {
+        self.routing.ttft_ms.clone()
     }
 }

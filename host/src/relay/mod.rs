@@ -2,24 +2,28 @@
 //! plugin, fail over on retryable errors, answer in OpenAI's shape.
 
 mod errors;
+mod probe;
 mod request;
-mod route;
 mod stream;
 mod upstream;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 pub use errors::{client_error, retryable};
+pub use probe::{ProbeOutcome, endpoint_name, kind_name, probe};
 pub use request::ClientRequest;
 pub use upstream::Upstream;
 
 use crate::channels::{Channel, origin_of};
+use crate::config::UpstreamConfig;
 use crate::error::ApiError;
-use crate::plugins::{AdapterPlugin, PluginError, PluginSet, RequestContext};
+use crate::plugins::{PluginError, PluginSet, RequestContext};
+use crate::routing::{ChannelStats, InFlight, RouteRequest, candidates};
 use crate::state::AppState;
 use stream::LiveStream;
 
@@ -48,27 +52,84 @@ fn plugin_failure(e: &PluginError, request_id: &str) -> Failure {
     Failure::Final(ApiError::plugin())
 }
 
-/// Serve `req` (already authenticated and validated).
-pub async fn relay(state: &AppState, req: ClientRequest, request_id: &str) -> Result<Response, ApiError> {
+/// Serve `req` (already authenticated and validated) for a caller of
+/// `group`: candidates in the policy's order, retried and failed over on
+/// the adapter's classified errors within the attempt and time budget.
+pub async fn relay(state: &AppState, req: ClientRequest, group: &str, request_id: &str) -> Result<Response, ApiError> {
     let plugins = state.registry.snapshot();
-    let channels = state.channels.all();
-    let candidates = route::candidates(&channels, &plugins, &req.model);
+    let channels = state.channels.snapshot();
+    let candidates = candidates(&channels, &plugins, group, &req.model);
     if candidates.is_empty() {
         return Err(ApiError::model_not_found(&req.model));
     }
-    let ordered = route::order(&plugins, &state.config.routing.policy, &req, candidates);
-    let mut last = None;
-    for channel in ordered.into_iter().take(state.config.upstream.max_attempts as usize) {
-        match attempt(state, &plugins, &channel, &req, request_id).await {
-            Ok(response) => return Ok(response),
-            Err(Failure::Final(err)) => return Err(err),
-            Err(Failure::Retry(err)) => {
-                tracing::info!(request_id, channel = channel.id, status = %err.status, "attempt failed; trying next channel");
+    let route = RouteRequest { endpoint: req.endpoint, model: &req.model, group, stream: req.stream };
+    let ordered = state.routing.order(&plugins, &state.registry, &route, candidates);
+    let cfg = &state.config.upstream;
+    let deadline = Instant::now() + Duration::from_secs(cfg.total_timeout_secs);
+    let mut last: Option<ApiError> = None;
+    for n in 0..cfg.max_attempts as usize {
+        let channel = &ordered[n % ordered.len()];
+        if n >= ordered.len() {
+            // Every candidate has been tried: wait before trying this one again.
+            let round = (n / ordered.len()) as u32;
+            let Some(wait) = retry_wait(cfg, round, last.as_ref(), deadline) else { break };
+            tracing::info!(
+                request_id,
+                channel = channel.id,
+                wait_ms = wait.as_millis() as u64,
+                "retrying after backoff"
+            );
+            tokio::time::sleep(wait).await;
+        }
+        let limit =
+            Duration::from_secs(cfg.attempt_timeout_secs).min(deadline.saturating_duration_since(Instant::now()));
+        if limit.is_zero() {
+            break;
+        }
+        let stats = state.routing.stats.of(channel.id);
+        let in_flight = stats.start();
+        let outcome =
+            tokio::time::timeout(limit, attempt(state, &plugins, channel, &req, &stats, in_flight, request_id));
+        match outcome.await {
+            Ok(Ok(response)) => return Ok(response),
+            Ok(Err(Failure::Final(err))) => return Err(err),
+            Ok(Err(Failure::Retry(err))) => {
+                stats.failure();
+                tracing::info!(request_id, channel = channel.id, status = %err.status, code = ?err.code, "attempt failed");
                 last = Some(err);
+            }
+            Err(_) => {
+                stats.failure();
+                tracing::info!(request_id, channel = channel.id, "attempt timed out");
+                last = Some(timeout_error());
             }
         }
     }
-    Err(last.unwrap_or_else(ApiError::internal))
+    Err(last.unwrap_or_else(timeout_error))
+}
+
+/// How long to wait before retry round `round` (1 = second pass), or `None`
+/// when the wait would not fit: exponential backoff with full jitter, at
+/// least the upstream's `Retry-After` when it asked for one.
+fn retry_wait(cfg: &UpstreamConfig, round: u32, last: Option<&ApiError>, deadline: Instant) -> Option<Duration> {
+    let ceiling = cfg.backoff_base_ms.saturating_mul(1u64 << (round - 1).min(20)).min(cfg.backoff_max_ms);
+    let mut wait = Duration::from_millis(rand::random_range(0..=ceiling));
+    if let Some(secs) = last.and_then(|e| e.retry_after) {
+        if u64::from(secs) > cfg.max_retry_after_secs {
+            return None;
+        }
+        wait = wait.max(Duration::from_secs(secs.into()));
+    }
+    (Instant::now() + wait < deadline).then_some(wait)
+}
+
+fn timeout_error() -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "upstream_error",
+        Some("upstream_timeout"),
+        "The upstream did not answer in time.",
+    )
 }
 
 fn adapter_unavailable() -> ApiError {
@@ -85,8 +146,11 @@ async fn attempt(
     plugins: &PluginSet,
     channel: &Arc<Channel>,
     req: &ClientRequest,
+    stats: &Arc<ChannelStats>,
+    in_flight: InFlight,
     request_id: &str,
 ) -> Result<Response, Failure> {
+    let started = Instant::now();
     let Some(adapter) = plugins.adapters.get(&channel.adapter) else {
         tracing::warn!(request_id, channel = channel.id, adapter = %channel.adapter, "adapter not loaded");
         return Err(Failure::Retry(adapter_unavailable()));
@@ -119,7 +183,17 @@ async fn attempt(
         return Err(if retryable(&err.kind) { Failure::Retry(client) } else { Failure::Final(client) });
     }
     if req.stream {
-        return stream_response(adapter, ctx, response, channel, state, request_id).await;
+        let live = stream::LiveStream {
+            upstream: Box::pin(response.bytes_stream()),
+            decoder: adapter.stream_decoder(&ctx).map_err(|e| plugin_failure(&e, request_id))?,
+            channel: channel.clone(),
+            idle: state.upstream.idle_timeout,
+            usage: None,
+            request_id: request_id.to_string(),
+            stats: stats.clone(),
+            _in_flight: in_flight,
+        };
+        return stream_response(live, started).await;
     }
     let body = upstream.read(response).await.map_err(|e| Failure::Retry(client_error(&e, channel)))?;
     match adapter.parse_response(&ctx, &body) {
@@ -133,6 +207,8 @@ async fn attempt(
                 let e = PluginError::malformed(&adapter.name, "response body is not JSON");
                 return Err(plugin_failure(&e, request_id));
             }
+            stats.success(started.elapsed(), None);
+            drop(in_flight);
             tracing::debug!(request_id, channel = channel.id, usage = ?parsed.usage, "request served");
             let mut response = Response::new(Body::from(parsed.body));
             response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -141,27 +217,13 @@ async fn attempt(
     }
 }
 
-async fn stream_response(
-    adapter: &Arc<AdapterPlugin>,
-    ctx: RequestContext,
-    response: reqwest::Response,
-    channel: &Arc<Channel>,
-    state: &AppState,
-    request_id: &str,
-) -> Result<Response, Failure> {
-    let decoder = adapter.stream_decoder(&ctx).map_err(|e| plugin_failure(&e, request_id))?;
-    let mut live = LiveStream {
-        upstream: Box::pin(response.bytes_stream()),
-        decoder,
-        channel: channel.clone(),
-        idle: state.upstream.idle_timeout,
-        usage: None,
-        request_id: request_id.to_string(),
-    };
+async fn stream_response(mut live: LiveStream, started: Instant) -> Result<Response, Failure> {
     // Nothing has reached the client yet: a failure here may fail over.
     let first = stream::first_frames(&mut live)
         .await
         .map_err(|err| if err.kind == "plugin_error" { Failure::Final(err) } else { Failure::Retry(err) })?;
+    let ttft = started.elapsed();
+    live.stats.success(ttft, Some(ttft));
     let body = Body::from_stream(stream::body(first, live));
     let headers = [
         (header::CONTENT_TYPE, "text/event-stream"),

@@ -13,6 +13,7 @@ use futures_util::{Stream, StreamExt};
 use crate::channels::Channel;
 use crate::error::ApiError;
 use crate::plugins::{AdapterResult, AdapterStream, PluginError, StreamEvents, Usage};
+use crate::routing::{ChannelStats, InFlight};
 
 use super::errors::client_error;
 
@@ -96,6 +97,10 @@ pub(crate) struct LiveStream {
     pub idle: Duration,
     pub usage: Option<Usage>,
     pub request_id: String,
+    /// The channel's statistics (a failure after the first byte counts).
+    pub stats: Arc<ChannelStats>,
+    /// Counts the stream as in flight until it ends.
+    pub _in_flight: InFlight,
 }
 
 /// Read upstream until the decoder yields something to send. `Err` means
@@ -155,6 +160,9 @@ pub(crate) fn body(first: Frames, live: LiveStream) -> impl Stream<Item = Result
         loop {
             let mut step = next_frames(&mut live).await;
             if let Some(err) = &step.early_error {
+                if err.kind != "plugin_error" {
+                    live.stats.failure();
+                }
                 error_frame(&mut step.bytes, err);
             }
             if step.end {

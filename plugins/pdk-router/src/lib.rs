@@ -1,7 +1,7 @@
 //! # wasmgate-pdk-router — write a wasmgate routing policy
 //!
 //! A routing policy is a WebAssembly component implementing
-//! `wasmgate:plugin/router@0.1.0` (see `wit/router.wit`). Implement
+//! `wasmgate:plugin/router@0.1.1` (see `wit/router.wit`). Implement
 //! [`Router`] and register it with [`export_router!`]. Policies are pure:
 //! use [`SeededRng`] with the request's seed for any randomness, so the same
 //! seed and candidates always give the same order.
@@ -21,7 +21,7 @@ pub use bindings::exports::wasmgate::plugin::router::{Candidate, RequestMeta, Ro
 pub use bindings::wasmgate::plugin::types::{Endpoint, LogLevel};
 
 /// The version of the WIT contract this kit implements.
-pub const WIT_VERSION: &str = "0.1.0";
+pub const WIT_VERSION: &str = "0.1.1";
 
 /// A routing policy.
 pub trait Router {
@@ -34,6 +34,18 @@ pub trait Router {
 /// Log one line through the host.
 pub fn log(level: LogLevel, message: &str) {
     bindings::wasmgate::plugin::log::log(level, message);
+}
+
+/// How many requests the host routed for this group and model before the
+/// current one (0 outside `select`). Added in WIT 0.1.1.
+pub fn sequence() -> u64 {
+    bindings::wasmgate::plugin::routing_context::sequence()
+}
+
+/// EWMA time to first token of each candidate of the current `select` call,
+/// in ms, index-aligned with `candidates` (0 when unknown). Added in WIT 0.1.1.
+pub fn ttft_ms() -> Vec<f64> {
+    bindings::wasmgate::plugin::routing_context::ttft_ms()
 }
 
 /// A small deterministic generator (SplitMix64) seeded from the request.

@@ -1,7 +1,7 @@
 //! # wasmgate-pdk — write a wasmgate provider adapter in a page of Rust
 //!
 //! A provider adapter is a WebAssembly component implementing the
-//! `wasmgate:plugin/adapter@0.1.0` interface (see `wit/adapter.wit`). This
+//! `wasmgate:plugin/adapter@0.1.1` interface (see `wit/adapter.wit`). This
 //! crate hides the generated bindings: implement [`Adapter`] (and a
 //! [`StreamDecoder`]) on a type and register it with [`export_adapter!`].
 //!
@@ -42,7 +42,7 @@ pub use bindings::wasmgate::plugin::types::{
 };
 
 /// The version of the WIT contract this kit implements.
-pub const WIT_VERSION: &str = "0.1.0";
+pub const WIT_VERSION: &str = "0.1.1";
 
 /// A provider adapter: pure translation between OpenAI's API and a provider's.
 ///

@@ -1,0 +1,207 @@
+//! Channels — upstream accounts. The relay reads an immutable in-memory
+//! [`ChannelSet`] snapshot; the admin API writes through a [`ChannelStore`]
+//! (sled now; a shared SQL backend would implement the same trait).
+
+mod import;
+mod input;
+mod record;
+mod sled_store;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use import::ImportReport;
+pub use input::{ChannelInput, FieldError, Mode, parse as parse_input};
+pub use record::{ChannelKey, ChannelRecord, ChannelSource, ChannelStatus, mask};
+pub use sled_store::SledChannels;
+
+use crate::plugins::ChannelView;
+
+/// One channel in service, as the relay uses it.
+#[derive(Debug)]
+pub struct Channel {
+    /// Stable id.
+    pub id: u64,
+    /// Display name.
+    pub name: String,
+    /// Adapter plugin name.
+    pub adapter: String,
+    /// Base URL.
+    pub base_url: String,
+    /// Origin (`scheme://host:port`) every upstream request must go to.
+    pub origin: String,
+    /// Enabled credentials, rotated per request.
+    keys: Vec<String>,
+    /// Every credential, enabled or not, for scrubbing.
+    all_keys: Vec<String>,
+    next_key: AtomicUsize,
+    /// Models offered (empty: the adapter's defaults).
+    pub models: Vec<String>,
+    /// Requested → upstream model name.
+    pub model_mapping: BTreeMap<String, String>,
+    /// Caller groups served.
+    pub groups: Vec<String>,
+    /// Priority tier.
+    pub priority: i64,
+    /// Weight inside the tier.
+    pub weight: u32,
+    /// Adapter settings as a JSON object string.
+    pub settings: String,
+}
+
+impl Channel {
+    /// The runtime form of a stored record.
+    pub fn from_record(rec: &ChannelRecord) -> Self {
+        Self {
+            id: rec.id,
+            name: rec.name.clone(),
+            adapter: rec.adapter.clone(),
+            base_url: rec.base_url.clone(),
+            origin: origin_of(&rec.base_url).unwrap_or_default(),
+            keys: rec.keys.iter().filter(|k| k.enabled).map(|k| k.key.clone()).collect(),
+            all_keys: rec.keys.iter().map(|k| k.key.clone()).collect(),
+            next_key: AtomicUsize::new(0),
+            models: rec.models.clone(),
+            model_mapping: rec.model_mapping.clone(),
+            groups: rec.groups.clone(),
+            priority: rec.priority,
+            weight: rec.weight,
+            settings: serde_json::Value::Object(rec.settings.clone()).to_string(),
+        }
+    }
+
+    /// Whether this channel offers `model` (`defaults` when it lists none).
+    pub fn offers(&self, model: &str, defaults: &[String]) -> bool {
+        if self.models.is_empty() {
+            defaults.iter().any(|m| m == model)
+        } else {
+            self.models.iter().any(|m| m == model)
+        }
+    }
+
+    /// Whether callers of `group` may use this channel.
+    pub fn serves(&self, group: &str) -> bool {
+        self.groups.iter().any(|g| g == group)
+    }
+
+    /// The upstream name of `model` on this channel.
+    pub fn upstream_model(&self, model: &str) -> String {
+        self.model_mapping.get(model).cloned().unwrap_or_else(|| model.to_string())
+    }
+
+    /// The next enabled key, round robin ("" for keyless upstreams).
+    fn take_key(&self) -> String {
+        if self.keys.is_empty() {
+            return String::new();
+        }
+        let i = self.next_key.fetch_add(1, Ordering::Relaxed) % self.keys.len();
+        self.keys[i].clone()
+    }
+
+    /// What the adapter sees, with the next key of the rotation.
+    pub fn view(&self) -> ChannelView {
+        ChannelView {
+            id: self.id,
+            name: self.name.clone(),
+            base_url: self.base_url.clone(),
+            key: self.take_key(),
+            settings: self.settings.clone(),
+        }
+    }
+
+    /// Remove this channel's secrets and address from `text` before it can
+    /// reach a client or a log.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        let secrets = self.all_keys.iter().map(String::as_str).chain([self.base_url.as_str(), self.origin.as_str()]);
+        for secret in secrets {
+            if secret.len() >= 4 {
+                out = out.replace(secret, "[redacted]");
+            }
+        }
+        out
+    }
+}
+
+/// `scheme://host[:port]` of a URL.
+pub fn origin_of(url: &str) -> Option<String> {
+    let url = reqwest::Url::parse(url).ok()?;
+    Some(url.origin().ascii_serialization())
+}
+
+/// An immutable view of every channel, swapped atomically on each change.
+#[derive(Default)]
+pub struct ChannelSet {
+    /// Every record, by id.
+    pub records: BTreeMap<u64, Arc<ChannelRecord>>,
+    /// Channels in service, by ascending id.
+    pub live: Vec<Arc<Channel>>,
+}
+
+impl ChannelSet {
+    /// Build from records.
+    pub fn new(records: impl IntoIterator<Item = ChannelRecord>) -> Self {
+        let records: BTreeMap<u64, Arc<ChannelRecord>> = records.into_iter().map(|r| (r.id, Arc::new(r))).collect();
+        let live = records
+            .values()
+            .filter(|r| r.status == ChannelStatus::Enabled)
+            .filter(|r| r.keys.is_empty() || r.keys.iter().any(|k| k.enabled))
+            .map(|r| Arc::new(Channel::from_record(r)))
+            .collect();
+        Self { records, live }
+    }
+
+    /// Channels in service for callers of `group`.
+    pub fn for_group<'a>(&'a self, group: &'a str) -> impl Iterator<Item = &'a Arc<Channel>> + 'a {
+        self.live.iter().filter(move |c| c.serves(group))
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No channel has this id.
+    #[error("no channel with id {0}")]
+    NotFound(u64),
+    /// The change is invalid.
+    #[error("{}", .0.message)]
+    Invalid(FieldError),
+    /// The storage backend failed.
+    #[error("storage failed: {0:#}")]
+    Backend(#[from] anyhow::Error),
+}
+
+/// Where channels are kept. Reads come from the snapshot; writes are
+/// durable when they return and visible to the next request.
+pub trait ChannelStore: Send + Sync {
+    /// The current channels (cheap: an `Arc` clone).
+    fn snapshot(&self) -> Arc<ChannelSet>;
+    /// Store a new channel; assigns its id and times.
+    fn create(&self, rec: ChannelRecord) -> Result<ChannelRecord, StoreError>;
+    /// Change channel `id` with `f` (under the store's write lock).
+    fn update(
+        &self,
+        id: u64,
+        f: &mut dyn FnMut(&mut ChannelRecord) -> Result<(), FieldError>,
+    ) -> Result<ChannelRecord, StoreError>;
+    /// Delete channel `id`, returning what it was.
+    fn delete(&self, id: u64) -> Result<ChannelRecord, StoreError>;
+}
+
+/// Models that channels in `set` offer to `group`, de-duplicated and sorted,
+/// each with the adapter of the first channel offering it.
+pub fn models_for_group(
+    set: &ChannelSet,
+    group: &str,
+    defaults: impl Fn(&str) -> Vec<String>,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for ch in set.for_group(group) {
+        let names = if ch.models.is_empty() { defaults(&ch.adapter) } else { ch.models.clone() };
+        for m in names {
+            out.entry(m).or_insert_with(|| ch.adapter.clone());
+        }
+    }
+    out
+}

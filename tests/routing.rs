@@ -1,0 +1,252 @@
+//! Routing through the real gateway binary with the real policy plugins
+//! (`weighted`, `round-robin`, `latency`) over loopback mock upstreams, one
+//! mock per channel so each mock's hit count is that channel's traffic.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::json;
+use support::mock::Mode;
+use support::{Gateway, MockUpstream, admin, channel, chat, eventually, load, post};
+
+const POLICIES: &[&str] = &["openai.wasm", "weighted.wasm", "round-robin.wasm", "latency.wasm"];
+
+async fn mocks(names: &[&str]) -> Vec<MockUpstream> {
+    let mut out = Vec::new();
+    for n in names {
+        out.push(MockUpstream::start(n).await);
+    }
+    out
+}
+
+fn share(hits: u64, total: u64) -> f64 {
+    100.0 * hits as f64 / total as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn weighted_1_2_7_shares_and_lower_tier_only_when_top_tier_fails() {
+    let m = mocks(&["a", "b", "c", "backup"]).await;
+    let mut toml = String::from("[upstream]\nmax_attempts = 4\n\n");
+    for (i, (mock, weight)) in m.iter().zip([1, 2, 7]).enumerate() {
+        let extra = format!("priority = 10\nweight = {weight}");
+        toml += &channel(&format!("c{i}"), "openai", &mock.base_url(), &["gpt-4o-mini"], &extra);
+    }
+    toml += &channel("backup", "openai", &m[3].base_url(), &["gpt-4o-mini"], "priority = 0\nweight = 100");
+    let gw = Gateway::start(POLICIES, &toml);
+
+    let started = Instant::now();
+    let results = load(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "hi"), 3000, 32).await;
+    let elapsed = started.elapsed();
+    assert!(results.iter().all(|(s, _)| *s == 200), "every request must succeed");
+    let hits: Vec<u64> = m.iter().map(MockUpstream::hits).collect();
+    let total: u64 = hits[..3].iter().sum();
+    assert_eq!(total, 3000, "{hits:?}");
+    assert_eq!(hits[3], 0, "the lower tier gets nothing while the top tier serves: {hits:?}");
+    let shares: Vec<f64> = hits[..3].iter().map(|h| share(*h, total)).collect();
+    eprintln!("weighted 1:2:7 over 3000 requests in {elapsed:?}: shares {shares:.1?} %");
+    for (got, want) in shares.iter().zip([10.0, 20.0, 70.0]) {
+        assert!((got - want).abs() <= 3.0, "share {got:.1} % is not within 3 points of {want} %: {hits:?}");
+    }
+
+    for mock in &m[..3] {
+        mock.set_mode(Mode::no_healthy_upstream());
+    }
+    let results = load(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "hi"), 50, 8).await;
+    assert!(results.iter().all(|(s, _)| *s == 200), "the lower tier must serve when the top tier fails");
+    assert!(results.iter().all(|(_, b)| b["system_fingerprint"] == "backup"));
+    assert_eq!(m[3].hits(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replacing_the_policy_file_changes_routing_within_two_seconds_without_failures() {
+    let m = mocks(&["a", "b", "c"]).await;
+    let mut toml = String::new();
+    for (i, mock) in m.iter().enumerate() {
+        toml += &channel(&format!("c{i}"), "openai", &mock.base_url(), &["gpt-4o-mini"], "weight = 1");
+    }
+    let gw = Arc::new(Gateway::start(POLICIES, &toml));
+
+    // Background traffic for the whole swap.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (gw, stop, failures, sent) = (gw.clone(), stop.clone(), failures.clone(), sent.clone());
+        workers.push(tokio::spawn(async move {
+            let http = support::client();
+            while !stop.load(Ordering::Relaxed) {
+                let resp = http
+                    .post(gw.url("/v1/chat/completions"))
+                    .bearer_auth(support::TOKEN)
+                    .json(&chat("gpt-4o-mini", "load"))
+                    .send()
+                    .await;
+                sent.fetch_add(1, Ordering::Relaxed);
+                if !resp.is_ok_and(|r| r.status() == 200) {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(m[0].hits() > 0 && m[1].hits() > 0, "weighted spreads traffic before the swap");
+
+    let swapped_at = Instant::now();
+    gw.install_plugin("pick-last.wasm", "weighted.wasm");
+    // Routing has changed once a window of requests all reach the last channel.
+    let took = eventually(Duration::from_secs(2), || {
+        let gw = gw.clone();
+        async move {
+            let results = load(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "probe"), 10, 2).await;
+            results.iter().all(|(s, b)| *s == 200 && b["system_fingerprint"] == "c")
+        }
+    })
+    .await;
+    let took = took.map(|_| swapped_at.elapsed());
+    assert!(took.is_some(), "routing did not change within 2 s of replacing weighted.wasm");
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.expect("worker");
+    }
+    eprintln!(
+        "policy swap visible after {took:?}; {} background requests, {} failed",
+        sent.load(Ordering::Relaxed),
+        failures.load(Ordering::Relaxed)
+    );
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "no request may fail during the swap");
+    let (status, plugin) = admin(&gw, Method::GET, "/api/plugins/weighted", None).await;
+    assert_eq!((status, plugin["version"].as_str()), (200, Some("0.1.0-fixture")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn round_robin_and_latency_policies_chosen_per_model_through_the_admin_api() {
+    let m = mocks(&["a", "b", "c"]).await;
+    let mut toml = String::new();
+    for (i, mock) in m.iter().enumerate() {
+        // Two candidates for `fast-model`, so the two choices are always these two.
+        let models: &[&str] = if i == 1 { &["rr-model"] } else { &["rr-model", "fast-model"] };
+        toml += &channel(&format!("c{i}"), "openai", &mock.base_url(), models, "");
+    }
+    let gw = Gateway::start(POLICIES, &toml);
+
+    let table = json!({"policy": "weighted", "rules": [
+        {"model": "rr-model", "policy": "round-robin"},
+        {"model": "fast-model", "policy": "latency"},
+    ]});
+    let (status, view) = admin(&gw, Method::PUT, "/api/routing", Some(&table)).await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["source"], "api");
+    assert_eq!(view["missing_policies"], json!([]));
+
+    // Round robin: strictly in turn, one request at a time.
+    let mut order = Vec::new();
+    for _ in 0..9 {
+        let (status, body) = post(&gw, "/v1/chat/completions", &chat("rr-model", "turn")).await;
+        assert_eq!(status, 200, "{body}");
+        order.push(body["system_fingerprint"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(order[..3], order[3..6], "{order:?}");
+    assert_eq!(order[..3], order[6..9], "{order:?}");
+    let mut distinct = order[..3].to_vec();
+    distinct.sort();
+    assert_eq!(distinct, ["a", "b", "c"], "{order:?}");
+
+    // Latency: one of the two channels slows down; once its average shows
+    // it, the fast one takes the traffic.
+    m[0].set_mode(Mode::Slow(Duration::from_millis(150)));
+    let before: Vec<u64> = m.iter().map(MockUpstream::hits).collect();
+    for _ in 0..40 {
+        let (status, _) = post(&gw, "/v1/chat/completions", &chat("fast-model", "quick")).await;
+        assert_eq!(status, 200);
+    }
+    let got: Vec<u64> = m.iter().zip(&before).map(|(mock, b)| mock.hits() - b).collect();
+    eprintln!("latency policy, 40 requests, a 150 ms channel and a fast one: {got:?}");
+    assert_eq!(got[1], 0, "c1 does not offer fast-model");
+    assert!(got[2] >= 36, "the fast channel must serve almost every request: {got:?}");
+
+    // The table survives a restart; DELETE returns to the file's table.
+    let mut gw = gw;
+    gw.restart();
+    let (_, view) = admin(&gw, Method::GET, "/api/routing", None).await;
+    assert_eq!(view["rules"].as_array().map(Vec::len), Some(2), "{view}");
+    let (status, view) = admin(&gw, Method::DELETE, "/api/routing", None).await;
+    assert_eq!(
+        (status, view["source"].as_str(), view["rules"].as_array().map(Vec::len)),
+        (200, Some("config"), Some(0))
+    );
+
+    let bad = json!({"policy": "weighted", "rules": [{"policy": "latency"}]});
+    let (status, err) = admin(&gw, Method::PUT, "/api/routing", Some(&bad)).await;
+    assert_eq!((status, err["error"]["param"].as_str()), (400, Some("rules[0]")), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_misbehaving_policy_falls_back_to_weighted_and_is_reported() {
+    let m = mocks(&["a", "b"]).await;
+    let mut toml = String::from("[routing]\npolicy = \"bad-policy\"\n\n");
+    for (i, mock) in m.iter().enumerate() {
+        toml += &channel(&format!("c{i}"), "openai", &mock.base_url(), &["trap-model", "index-model"], "");
+    }
+    let mut plugins = POLICIES.to_vec();
+    plugins.push("bad-policy.wasm");
+    let gw = Gateway::start(&plugins, &toml);
+    for model in ["trap-model", "index-model"] {
+        for _ in 0..5 {
+            let (status, body) = post(&gw, "/v1/chat/completions", &chat(model, "x")).await;
+            assert_eq!(status, 200, "{model}: {body}");
+        }
+    }
+    let (_, status) = admin(&gw, Method::GET, "/api/plugins/bad-policy", None).await;
+    assert_eq!(status["call_failures"], 10, "{status}");
+    assert!(status["last_call_error"].as_str().is_some_and(|e| e.contains("index")), "{status}");
+    assert!(status["loaded"].as_bool().unwrap_or(false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn models_and_channels_are_per_group() {
+    let m = mocks(&["shared", "vip"]).await;
+    let vip_token = "sk-vip-0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut toml = format!("tokens = [\"{}\", {{ key = \"{vip_token}\", group = \"vip\" }}]\n\n", support::TOKEN);
+    toml += &channel("shared", "openai", &m[0].base_url(), &["gpt-4o-mini"], "groups = [\"default\", \"vip\"]");
+    toml += &channel(
+        "vip-only",
+        "openai",
+        &m[1].base_url(),
+        &["gpt-4o", "gpt-4o-mini"],
+        "groups = [\"vip\"]\npriority = 5",
+    );
+    let gw = Gateway::start(POLICIES, &toml);
+
+    let models = |token: &'static str| {
+        let url = gw.url("/v1/models");
+        async move {
+            let body: serde_json::Value =
+                support::client().get(url).bearer_auth(token).send().await.expect("send").json().await.expect("json");
+            body["data"]
+                .as_array()
+                .expect("data")
+                .iter()
+                .map(|m| m["id"].as_str().unwrap_or("").to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(models(support::TOKEN).await, ["gpt-4o-mini"]);
+    assert_eq!(models(vip_token).await, ["gpt-4o", "gpt-4o-mini"], "de-duplicated and sorted");
+
+    let (status, err) = post(&gw, "/v1/chat/completions", &chat("gpt-4o", "x")).await;
+    assert_eq!((status, err["error"]["code"].as_str()), (404, Some("model_not_found")));
+    let resp = support::client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(vip_token)
+        .json(&chat("gpt-4o-mini", "x"))
+        .send()
+        .await
+        .expect("send");
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["system_fingerprint"], "vip", "the vip group's higher-priority channel serves it");
+}
