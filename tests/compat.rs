@@ -1,1 +1,42 @@
+//! The WIT compatibility promise: components built against
+//! `wasmgate:plugin@0.1.0` (golden builds kept in `tests/fixtures/compat/`,
+//! made before 0.1.1 added `routing-context`) still load and serve on this
+//! host, through wasmtime's semver-compatible import and export matching.
 
+mod support;
+
+use reqwest::Method;
+use support::{Gateway, MockUpstream, admin, channel, chat, load};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugins_built_against_wit_0_1_0_still_load_and_serve() {
+    let dir = support::root().join("tests/fixtures/compat");
+    let m = [MockUpstream::start("a").await, MockUpstream::start("b").await];
+    let toml: String = m
+        .iter()
+        .enumerate()
+        .map(|(i, mock)| channel(&format!("c{i}"), "openai", &mock.base_url(), &["gpt-4o-mini"], ""))
+        .collect();
+    let gw = Gateway::start(&[], &toml);
+    for (file, name) in [("openai-wit-0.1.0.wasm", "openai.wasm"), ("weighted-wit-0.1.0.wasm", "weighted.wasm")] {
+        std::fs::copy(dir.join(file), gw.plugins_dir.join(name)).expect("copy golden plugin");
+    }
+    let loaded = support::eventually(std::time::Duration::from_secs(20), || async {
+        let (_, list) = admin(&gw, Method::GET, "/api/plugins", None).await;
+        list["data"].as_array().is_some_and(|d| d.iter().filter(|p| p["loaded"] == true).count() == 2)
+    })
+    .await;
+    assert!(loaded.is_some(), "the 0.1.0 plugins did not load: {}", gw.log());
+    for name in ["openai", "weighted"] {
+        let (_, status) = admin(&gw, Method::GET, &format!("/api/plugins/{name}"), None).await;
+        assert_eq!(status["wit_version"], "0.1.0", "{status}");
+    }
+    let results = load(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "old plugins"), 200, 8).await;
+    assert!(results.iter().all(|(s, b)| *s == 200 && b["choices"][0]["message"]["content"] == "echo: old plugins"));
+    assert!(
+        m[0].hits() > 20 && m[1].hits() > 20,
+        "the 0.1.0 weighted policy spreads traffic: {} / {}",
+        m[0].hits(),
+        m[1].hits()
+    );
+}

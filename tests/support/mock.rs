@@ -160,11 +160,19 @@ fn resolve(mode: Mode) -> Mode {
     }
 }
 
-/// A body that sends `head`, then fails (the connection is dropped).
+/// A body that sends `head`, waits so it is flushed, then fails (the
+/// connection is dropped).
 fn dropping_body(head: String) -> Body {
-    let items: Vec<Result<Bytes, std::io::Error>> =
-        vec![Ok(Bytes::from(head)), Err(std::io::Error::other("mock drops the connection"))];
-    Body::from_stream(futures_util::stream::iter(items))
+    let stream = futures_util::stream::unfold(Some(head), |head| async move {
+        match head {
+            Some(h) => Some((Ok(Bytes::from(h)), None)),
+            None => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Some((Err(std::io::Error::other("mock drops the connection")), None))
+            }
+        }
+    });
+    Body::from_stream(stream)
 }
 
 /// The failure answer for `mode`, or `None` to answer normally.
