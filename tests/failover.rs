@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use support::mock::Mode;
-use support::{Gateway, MockUpstream, TOKEN, assert_openai_error, channel, chat, client, post};
+use support::{Gateway, MockUpstream, assert_openai_error, channel, chat, post, send};
 
 const PLUGINS: &[&str] = &["openai.wasm", "weighted.wasm"];
 
@@ -78,13 +78,7 @@ async fn when_every_channel_fails_the_client_gets_a_clean_openai_error() {
     for (mode, status) in expected {
         primary.set_mode(mode.clone());
         backup.set_mode(mode.clone());
-        let resp = client()
-            .post(gw.url("/v1/chat/completions"))
-            .bearer_auth(TOKEN)
-            .json(&chat("gpt-4o-mini", "x"))
-            .send()
-            .await
-            .expect("send");
+        let resp = send(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "x")).await;
         assert_eq!(resp.status().as_u16(), status, "{mode:?}");
         let text = resp.text().await.expect("body");
         let body: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON for {mode:?}: {text}"));
@@ -113,16 +107,7 @@ async fn streams_fail_over_before_the_first_byte_and_end_with_an_error_event_aft
     // A 200 whose stream opens with an error event: nothing sent yet, so
     // the backup serves the whole stream.
     primary.set_mode(Mode::StreamErrorEvent);
-    let text = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("body");
+    let text = send(&gw, "/v1/chat/completions", &body).await.text().await.expect("body");
     assert!(text.contains("echo: stream please") || text.contains("stream"), "{text}");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     assert!(!text.contains("\"error\""), "{text}");
@@ -131,7 +116,7 @@ async fn streams_fail_over_before_the_first_byte_and_end_with_an_error_event_aft
     // A drop after the first chunk: the client already has bytes, so no
     // failover; the stream ends with an OpenAI-style error event.
     primary.set_mode(Mode::DropMidStream);
-    let resp = client().post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&body).send().await.expect("send");
+    let resp = send(&gw, "/v1/chat/completions", &body).await;
     assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
     let mut text = String::new();
@@ -177,13 +162,7 @@ async fn retries_back_off_respect_retry_after_and_honour_timeouts() {
     // A Retry-After longer than the gateway waits: 429 at once, passed on.
     mock.set_mode(Mode::openai_error(429, "rate_limit_exceeded", Some(30)));
     let started = Instant::now();
-    let resp = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(TOKEN)
-        .json(&chat("gpt-4o-mini", "x"))
-        .send()
-        .await
-        .expect("send");
+    let resp = send(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "x")).await;
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers()["retry-after"], "30");
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());

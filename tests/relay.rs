@@ -61,7 +61,7 @@ async fn model_mapping_reaches_upstream() {
     let upstream = mock.state.last_body.lock().await.clone().expect("request");
     assert_eq!(upstream["model"], "gpt-4o-2024-08-06");
     // The openai adapter returns the upstream's body as is: the response
-    // names the deployment that answered (documented in docs/relay.md).
+    // names the deployment that answered (docs/channels.md#model-names).
     assert_eq!(out["model"], "gpt-4o-2024-08-06");
 }
 

@@ -97,34 +97,39 @@ pub fn run(plugins: &Path, n: usize) -> Result<()> {
         }),
     );
 
-    let bytes = std::fs::read(plugins.join("weighted.wasm")).context("weighted.wasm")?;
-    if let LoadedPlugin::Router(router) =
-        wasmgate::plugins::load(&engine, &cache, "weighted", &bytes).map_err(anyhow::Error::msg)?.plugin
-    {
-        let candidates: Vec<Candidate> = (0..3u32)
-            .map(|i| Candidate {
-                channel_id: u64::from(i),
-                priority: 0,
-                weight: i + 1,
-                latency_ms: 0.0,
-                error_rate: 0.0,
-                in_flight: 0,
-                consecutive_failures: 0,
-            })
-            .collect();
-        let meta = RequestMeta {
-            endpoint: Endpoint::ChatCompletions,
-            model: "gpt-4o-mini".into(),
-            group: "default".into(),
-            stream: false,
-            seed: 42,
-        };
-        row(
-            "weighted: instantiate + select (3 candidates)",
-            &time(n, || {
-                let _ = router.select(&meta, &candidates, wasmgate::plugins::RoutingFacts::default());
-            }),
-        );
+    let candidates: Vec<Candidate> = (0..3u32)
+        .map(|i| Candidate {
+            channel_id: u64::from(i),
+            priority: 0,
+            weight: i + 1,
+            latency_ms: 20.0 * f64::from(i + 1),
+            error_rate: 0.01,
+            in_flight: i,
+            consecutive_failures: 0,
+        })
+        .collect();
+    let meta = RequestMeta {
+        endpoint: Endpoint::ChatCompletions,
+        model: "gpt-4o-mini".into(),
+        group: "default".into(),
+        stream: true,
+        seed: 42,
+    };
+    for policy in ["weighted", "round-robin", "latency"] {
+        let file = format!("{policy}.wasm");
+        let bytes = std::fs::read(plugins.join(&file)).with_context(|| file.clone())?;
+        if let LoadedPlugin::Router(router) =
+            wasmgate::plugins::load(&engine, &cache, policy, &bytes).map_err(anyhow::Error::msg)?.plugin
+        {
+            let facts = wasmgate::plugins::RoutingFacts { sequence: 7, ttft_ms: vec![30.0, 10.0, 50.0] };
+            row(
+                &format!("{policy}: instantiate + select (3 candidates)"),
+                &time(n, || {
+                    let order = router.select(&meta, &candidates, facts.clone());
+                    assert!(matches!(order, Ok(ref o) if o.len() == 3));
+                }),
+            );
+        }
     }
     Ok(())
 }

@@ -328,9 +328,12 @@ mod tests {
     fn example_file_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wasmgate.example.toml");
         let c = Config::load(Some(&path)).expect("example config");
-        assert_eq!(c.channels.len(), 2);
+        assert_eq!(c.channels.len(), 3);
         assert_eq!(c.channels[0].model_mapping["gpt-4o"], "gpt-4o-2024-08-06");
-        assert_eq!(c.channels[1].settings["probe_model"], "gpt-4o-mini");
+        assert_eq!(c.channels[1].keys.len(), 2);
+        assert_eq!(c.channels[2].settings["probe_model"], "gpt-4o-mini");
+        assert_eq!((c.tokens[0].group(), c.tokens[1].group()), ("default", "vip"));
+        assert_eq!(c.routing.rules.len(), 2);
     }
 
     #[test]

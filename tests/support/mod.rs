@@ -253,3 +253,8 @@ pub async fn admin(
 pub fn chat(model: &str, text: &str) -> serde_json::Value {
     serde_json::json!({"model": model, "messages": [{"role": "user", "content": text}]})
 }
+
+/// POST JSON with the gateway token; the raw response (status, headers, stream).
+pub async fn send(gw: &Gateway, path: &str, body: &serde_json::Value) -> reqwest::Response {
+    client().post(gw.url(path)).bearer_auth(TOKEN).json(body).send().await.expect("send")
+}

@@ -69,14 +69,10 @@ wasmgate_pdk_router::export_router!(Latency);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wasmgate_pdk_router::Endpoint;
+    use wasmgate_pdk_router::request_meta as meta;
 
     fn candidate(id: u64, priority: i64, latency_ms: f64, error_rate: f64) -> Candidate {
-        Candidate { channel_id: id, priority, weight: 1, latency_ms, error_rate, in_flight: 0, consecutive_failures: 0 }
-    }
-
-    fn meta(seed: u64, stream: bool) -> RequestMeta {
-        RequestMeta { endpoint: Endpoint::ChatCompletions, model: "m".into(), group: "g".into(), stream, seed }
+        Candidate { latency_ms, error_rate, ..wasmgate_pdk_router::candidate(id, priority, 1) }
     }
 
     #[test]

@@ -48,6 +48,16 @@ pub fn ttft_ms() -> Vec<f64> {
     bindings::wasmgate::plugin::routing_context::ttft_ms()
 }
 
+/// A candidate with no statistics yet, for policy unit tests.
+pub fn candidate(channel_id: u64, priority: i64, weight: u32) -> Candidate {
+    Candidate { channel_id, priority, weight, latency_ms: 0.0, error_rate: 0.0, in_flight: 0, consecutive_failures: 0 }
+}
+
+/// Request metadata for a chat completion of model `m`, for policy unit tests.
+pub fn request_meta(seed: u64, stream: bool) -> RequestMeta {
+    RequestMeta { endpoint: Endpoint::ChatCompletions, model: "m".into(), group: "default".into(), stream, seed }
+}
+
 /// A small deterministic generator (SplitMix64) seeded from the request.
 #[derive(Debug, Clone)]
 pub struct SeededRng(u64);

@@ -46,18 +46,7 @@ wasmgate_pdk_router::export_router!(RoundRobin);
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn candidate(id: u64, priority: i64, weight: u32) -> Candidate {
-        Candidate {
-            channel_id: id,
-            priority,
-            weight,
-            latency_ms: 0.0,
-            error_rate: 0.0,
-            in_flight: 0,
-            consecutive_failures: 0,
-        }
-    }
+    use wasmgate_pdk_router::candidate;
 
     #[test]
     fn channels_take_turns_inside_the_top_tier() {

@@ -45,22 +45,10 @@ wasmgate_pdk_router::export_router!(Weighted);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wasmgate_pdk_router::Endpoint;
-
-    fn candidate(id: u64, priority: i64, weight: u32) -> Candidate {
-        Candidate {
-            channel_id: id,
-            priority,
-            weight,
-            latency_ms: 0.0,
-            error_rate: 0.0,
-            in_flight: 0,
-            consecutive_failures: 0,
-        }
-    }
+    use wasmgate_pdk_router::{candidate, request_meta};
 
     fn meta(seed: u64) -> RequestMeta {
-        RequestMeta { endpoint: Endpoint::ChatCompletions, model: "m".into(), group: "g".into(), stream: false, seed }
+        request_meta(seed, false)
     }
 
     #[test]
