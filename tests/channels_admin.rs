@@ -70,7 +70,7 @@ async fn channel_crud_search_test_and_live_effect() {
     let id = created["id"].as_u64().expect("id");
     assert_eq!(created["keys"].as_array().map(Vec::len), Some(2));
     assert_eq!(created["keys"][0]["key"], "sk-…0123");
-    assert_eq!((created["weight"].as_u64(), created["status"].as_str()), (Some(5), Some("enabled")));
+    assert_eq!((created["weight"].as_u64(), created["status"]["state"].as_str()), (Some(5), Some("enabled")));
 
     // It serves the next request, with the mapped model and rotating keys.
     for _ in 0..2 {
@@ -120,7 +120,8 @@ async fn channel_crud_search_test_and_live_effect() {
         admin(&gw, Method::PATCH, &format!("/api/channels/{id}"), Some(&json!({"status": "disabled"}))).await;
     assert_eq!(status, 200);
     let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o", "x")).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("model_not_found")), "disabled at once");
+    // The model exists but its only channel is out of service: 503, not 404.
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("channel_unavailable")), "disabled at once");
     admin(&gw, Method::PATCH, &format!("/api/channels/{id}"), Some(&json!({"status": "enabled"}))).await;
 
     // Test: the adapter's probe, timed and recorded.
@@ -156,7 +157,10 @@ async fn invalid_input_gets_a_400_naming_the_field() {
         (json!({"name": "x", "adapter": "openai", "base_url": "http://127.0.0.1:9", "weight": -1}), "weight"),
         (json!({"name": "x", "adapter": "openai", "base_url": "http://127.0.0.1:9", "groups": []}), "groups"),
         (json!({"name": "x", "adapter": "openai", "base_url": "http://127.0.0.1:9", "keys": ["a b"]}), "keys[0]"),
-        (json!({"name": "x", "adapter": "openai", "base_url": "http://127.0.0.1:9", "status": "paused"}), "status"),
+        (
+            json!({"name": "x", "adapter": "openai", "base_url": "http://127.0.0.1:9", "status": "cooling_down"}),
+            "status",
+        ),
         (json!({"name": "x", "adapter": "openai", "base_url": "http://127.0.0.1:9", "settings": [1]}), "settings"),
     ];
     for (body, field) in cases {

@@ -8,9 +8,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use reqwest::Method;
 use serde_json::{Value, json};
 use support::mock::Mode;
-use support::{Gateway, MockUpstream, assert_openai_error, channel, chat, post, send};
+use support::{Gateway, MockUpstream, admin, assert_openai_error, channel, chat, post, send};
 
 const PLUGINS: &[&str] = &["openai.wasm", "weighted.wasm"];
 
@@ -37,6 +38,14 @@ fn assert_no_leak(text: &str, mocks: &[&MockUpstream]) {
     }
 }
 
+/// Put channels back in service whatever their health state.
+async fn reset_health(gw: &Gateway, ids: &[u64]) {
+    for id in ids {
+        let (status, _) = admin(gw, Method::POST, &format!("/api/channels/{id}/enable"), None).await;
+        assert_eq!(status, 200);
+    }
+}
+
 fn failure_kinds() -> Vec<(&'static str, Mode)> {
     vec![
         ("plain-text 503 no healthy upstream", Mode::no_healthy_upstream()),
@@ -54,6 +63,9 @@ fn failure_kinds() -> Vec<(&'static str, Mode)> {
 async fn every_upstream_failure_kind_fails_over_to_the_next_channel() {
     let (primary, backup, gw) = pair("").await;
     for (what, mode) in failure_kinds() {
+        // Health may have benched the primary after the previous case (that is
+        // tests/health.rs's subject); an admin puts it back for this one.
+        reset_health(&gw, &[1]).await;
         primary.set_mode(mode);
         let before = (primary.hits(), backup.hits());
         let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "x")).await;
@@ -76,6 +88,7 @@ async fn when_every_channel_fails_the_client_gets_a_clean_openai_error() {
         (Mode::openai_error(402, "insufficient_quota", None), 503),
     ];
     for (mode, status) in expected {
+        reset_health(&gw, &[1, 2]).await;
         primary.set_mode(mode.clone());
         backup.set_mode(mode.clone());
         let resp = send(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "x")).await;

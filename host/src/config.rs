@@ -35,6 +35,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Routing.
     pub routing: RoutingConfig,
+    /// Channel health: automatic disabling, cool-downs, recovery probes.
+    pub health: HealthConfig,
     /// Channels declared in the file, imported into the store on start
     /// (edits made through the admin API are kept; see docs/channels.md).
     pub channels: Vec<ChannelConfig>,
@@ -127,6 +129,45 @@ pub struct UpstreamConfig {
     pub max_retry_after_secs: u64,
 }
 
+/// Channel health settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Transient failures inside the window that cool a channel down.
+    pub transient_threshold: u32,
+    /// The sliding window for transient failures, in seconds.
+    pub transient_window_secs: u64,
+    /// How long a channel rests after that many transient failures.
+    pub transient_cooldown_secs: u64,
+    /// How long a rate-limited channel rests when the upstream sent no
+    /// `Retry-After`.
+    pub rate_limit_cooldown_secs: u64,
+    /// How often the recovery tester probes auto-disabled channels, in ms.
+    pub probe_interval_ms: u64,
+    /// Limit of one probe, in seconds.
+    pub probe_timeout_secs: u64,
+    /// Probes in flight at once.
+    pub probe_concurrency: usize,
+    /// Failed probes after which an auto-disabled channel (or key) needs an
+    /// admin and is no longer probed.
+    pub max_recovery_attempts: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            transient_threshold: 5,
+            transient_window_secs: 60,
+            transient_cooldown_secs: 30,
+            rate_limit_cooldown_secs: 10,
+            probe_interval_ms: 60_000,
+            probe_timeout_secs: 10,
+            probe_concurrency: 4,
+            max_recovery_attempts: 10,
+        }
+    }
+}
+
 /// Routing settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -207,6 +248,7 @@ impl Default for Config {
             plugins: PluginConfig::default(),
             upstream: UpstreamConfig::default(),
             routing: RoutingConfig::default(),
+            health: HealthConfig::default(),
             channels: Vec::new(),
         }
     }
@@ -261,6 +303,7 @@ const KEYS: &[&str] = &[
     "plugins",
     "upstream",
     "routing",
+    "health",
     "channels",
 ];
 
@@ -303,6 +346,9 @@ impl Config {
         }
         if self.upstream.max_attempts == 0 {
             bail!("upstream.max_attempts must be at least 1");
+        }
+        if self.health.transient_threshold == 0 || self.health.max_recovery_attempts == 0 {
+            bail!("health.transient_threshold and health.max_recovery_attempts must be at least 1");
         }
         if self.upstream.attempt_timeout_secs == 0 || self.upstream.total_timeout_secs == 0 {
             bail!("upstream.attempt_timeout_secs and upstream.total_timeout_secs must be positive");

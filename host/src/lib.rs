@@ -13,6 +13,7 @@ pub mod api;
 pub mod channels;
 pub mod config;
 pub mod error;
+pub mod health;
 pub mod plugins;
 pub mod relay;
 pub mod routing;

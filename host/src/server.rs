@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use crate::api::app;
 use crate::channels::{ChannelStore, SledChannels};
 use crate::config::{Config, TokenConfig};
+use crate::health::{self, Health};
 use crate::plugins::{ArtifactCache, PluginEngine, PluginWatcher, Registry, watch};
 use crate::relay::Upstream;
 use crate::routing::{Policies, Routing};
@@ -24,6 +25,16 @@ pub struct Gateway {
     /// Tokens generated because none were configured: (gateway, admin).
     pub generated: (Option<String>, Option<String>),
     _watcher: Option<PluginWatcher>,
+    _tester: AbortOnDrop,
+}
+
+/// Stops a background task when the gateway is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Open the store, start the plugin engine, load the plugins directory and
@@ -70,8 +81,10 @@ pub async fn build(config: Config) -> Result<Gateway> {
     );
     let routing = Routing::new(Policies::load(&config.routing, &store)?);
 
+    let channels: Arc<dyn ChannelStore> = Arc::new(channels);
     let inner = Inner {
-        channels: Arc::new(channels),
+        health: Health::new(config.health.clone(), channels.clone()),
+        channels,
         routing,
         upstream: Upstream::new(&config.upstream)?,
         token_groups: tokens.iter().map(|t| (secret_hash(t.key()), Arc::from(t.group()))).collect::<HashMap<_, _>>(),
@@ -81,7 +94,9 @@ pub async fn build(config: Config) -> Result<Gateway> {
         started_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         config,
     };
-    Ok(Gateway { state: AppState(Arc::new(inner)), generated, _watcher: watcher })
+    let state = AppState(Arc::new(inner));
+    let tester = tokio::spawn(health::tester::run(state.clone()));
+    Ok(Gateway { state, generated, _watcher: watcher, _tester: AbortOnDrop(tester) })
 }
 
 /// Serve until SIGINT/SIGTERM, then drain and flush the store.

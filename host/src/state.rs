@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 
 use crate::channels::ChannelStore;
 use crate::config::Config;
+use crate::health::Health;
 use crate::plugins::Registry;
 use crate::relay::Upstream;
 use crate::routing::Routing;
@@ -24,6 +25,8 @@ pub struct Inner {
     pub channels: Arc<dyn ChannelStore>,
     /// Routing policies and live channel statistics.
     pub routing: Routing,
+    /// Channel health transitions.
+    pub health: Health,
     /// Upstream HTTP client.
     pub upstream: Upstream,
     /// SHA-256 of every accepted gateway token → its caller's group.

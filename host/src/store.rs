@@ -9,8 +9,9 @@ use anyhow::{Context, Result, bail};
 use rand::Rng;
 
 /// Schema this build writes. History: 1 — options only; 2 — `channels` tree
-/// and the channel id counter.
-pub const SCHEMA_VERSION: u32 = 2;
+/// and the channel id counter; 3 — channel `status` becomes a health state
+/// object (`{"state": ...}`) with a `history`.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The gateway's data store.
 #[derive(Clone)]
@@ -111,6 +112,7 @@ fn migrate(store: &Store) -> Result<()> {
         match version {
             // 1 → 2 only adds trees, created on first use.
             1 => {}
+            2 => migrate_channel_status(store)?,
             _ => bail!("no migration from schema {version}"),
         }
         version += 1;
@@ -121,9 +123,44 @@ fn migrate(store: &Store) -> Result<()> {
     Ok(())
 }
 
+/// 2 → 3: `"status": "enabled" | "disabled"` becomes `{"state": "enabled"}`
+/// or `{"state": "manually_disabled", ...}` (an admin set it), with the
+/// change recorded in the channel's history.
+fn migrate_channel_status(store: &Store) -> Result<()> {
+    let tree = store.tree("channels")?;
+    let now = unix_now_ms();
+    for item in tree.iter() {
+        let (key, value) = item?;
+        let mut rec: serde_json::Value = serde_json::from_slice(&value).context("channel record is not JSON")?;
+        let Some(old) = rec.get("status").and_then(|s| s.as_str()).map(str::to_string) else { continue };
+        let state = if old == "disabled" {
+            serde_json::json!({"state": "manually_disabled", "by": "migration", "at": now / 1000,
+                               "note": "disabled before health states existed"})
+        } else {
+            serde_json::json!({"state": "enabled"})
+        };
+        let to = state["state"].clone();
+        rec["status"] = state;
+        let event = serde_json::json!({"at_ms": now, "from": old, "to": to, "source": "migration",
+                                        "reason": "schema 3: health states"});
+        match rec.get_mut("history").and_then(|h| h.as_array_mut()) {
+            Some(history) => history.push(event),
+            None => rec["history"] = serde_json::json!([event]),
+        }
+        tree.insert(key, serde_json::to_vec(&rec)?)?;
+    }
+    tree.flush()?;
+    Ok(())
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// A random gateway key: `sk-` and 48 alphanumerics.
@@ -136,6 +173,32 @@ pub fn random_key(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schema_2_channel_status_becomes_a_health_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            store.options.insert("schema_version", &2u32.to_be_bytes()).expect("downgrade");
+            let tree = store.tree("channels").expect("tree");
+            for (id, status) in [(1u64, "enabled"), (2, "disabled")] {
+                let rec = serde_json::json!({"id": id, "name": format!("c{id}"), "adapter": "openai",
+                                             "base_url": "http://x", "status": status});
+                tree.insert(id.to_be_bytes(), serde_json::to_vec(&rec).expect("json")).expect("insert");
+            }
+            store.flush().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        let tree = store.tree("channels").expect("tree");
+        let read = |id: u64| -> crate::channels::ChannelRecord {
+            serde_json::from_slice(&tree.get(id.to_be_bytes()).expect("get").expect("present")).expect("record")
+        };
+        assert_eq!(read(1).status, crate::channels::ChannelState::Enabled);
+        let disabled = read(2);
+        assert_eq!(disabled.status.name(), "manually_disabled");
+        assert_eq!(disabled.history.len(), 1);
+        assert_eq!(disabled.history[0].source, crate::channels::EventSource::Migration);
+    }
 
     #[test]
     fn counters_survive_reopen_and_old_schemas_migrate() {

@@ -22,7 +22,8 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Notify};
 
-/// How the mock answers `POST /v1/chat/completions`.
+/// How the mock answers `POST /v1/chat/completions` (and, for the modes
+/// that do not depend on the endpoint's shape, `/v1/embeddings`).
 #[derive(Debug, Clone, Default)]
 pub enum Mode {
     /// Like OpenAI.
@@ -42,6 +43,8 @@ pub enum Mode {
     Slow(Duration),
     /// Answer with the first mode `n` times, then with the second.
     Times(u32, Box<Mode>, Box<Mode>),
+    /// `401 invalid_api_key` for requests bearing this key; healthy otherwise.
+    RejectKey(String),
 }
 
 impl Mode {
@@ -77,6 +80,10 @@ pub struct MockState {
     pub mode: std::sync::Mutex<Mode>,
     /// Requests received.
     pub hits: AtomicU64,
+    /// Chat completion requests received.
+    pub chat_hits: AtomicU64,
+    /// Embedding requests received.
+    pub embedding_hits: AtomicU64,
     /// The last request body, parsed.
     pub last_body: Mutex<Option<Value>>,
     /// The last request's headers.
@@ -176,9 +183,17 @@ fn dropping_body(head: String) -> Body {
 }
 
 /// The failure answer for `mode`, or `None` to answer normally.
-async fn failure(mode: Mode, model: &str) -> Option<Response> {
+async fn failure(mode: Mode, model: &str, headers: &HeaderMap) -> Option<Response> {
     match mode {
         Mode::Healthy | Mode::Times(..) => None,
+        Mode::RejectKey(key) => {
+            let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+            if auth.ends_with(&key) {
+                Box::pin(failure(Mode::openai_error(401, "invalid_api_key", None), model, headers)).await
+            } else {
+                None
+            }
+        }
         Mode::Slow(d) => {
             tokio::time::sleep(d).await;
             None
@@ -235,8 +250,9 @@ fn last_user_text(body: &Value) -> String {
 
 async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
     let req = record(&state, &headers, &body).await;
+    state.chat_hits.fetch_add(1, Ordering::SeqCst);
     let model = req["model"].as_str().unwrap_or("").to_string();
-    if let Some(response) = failure(current_mode(&state), &model).await {
+    if let Some(response) = failure(current_mode(&state), &model, &headers).await {
         return response;
     }
     let text = format!("echo: {}", last_user_text(&req));
@@ -332,6 +348,10 @@ async fn completions(State(state): State<Arc<MockState>>, headers: HeaderMap, bo
 
 async fn embeddings(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
     let req = record(&state, &headers, &body).await;
+    state.embedding_hits.fetch_add(1, Ordering::SeqCst);
+    if let Some(response) = failure(current_mode(&state), req["model"].as_str().unwrap_or(""), &headers).await {
+        return response;
+    }
     let inputs = match &req["input"] {
         Value::Array(items) => items.len(),
         _ => 1,

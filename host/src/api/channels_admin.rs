@@ -12,11 +12,12 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::body;
-use crate::channels::{Channel, ChannelRecord, ChannelStatus, FieldError, Mode, StoreError, parse_input};
+use crate::channels::{Channel, ChannelRecord, FieldError, Mode, StoreError, parse_input};
+use crate::channels::{ChannelState, EventSource};
 use crate::error::ApiError;
 use crate::relay::probe;
 use crate::state::AppState;
-use crate::store::unix_now;
+use crate::store::unix_now_ms;
 
 const DEFAULT_PER_PAGE: usize = 20;
 const MAX_PER_PAGE: usize = 100;
@@ -71,11 +72,14 @@ pub async fn list(
 ) -> Result<Json<Value>, ApiError> {
     let page = number(&query, "page", 1)?;
     let per_page = number(&query, "per_page", DEFAULT_PER_PAGE)?.min(MAX_PER_PAGE);
+    const STATES: [&str; 5] = ["enabled", "manually_disabled", "cooling_down", "auto_disabled", "needs_attention"];
     let status = match query.get("status").map(String::as_str) {
         None => None,
-        Some("enabled") => Some(ChannelStatus::Enabled),
-        Some("disabled") => Some(ChannelStatus::Disabled),
-        Some(_) => return Err(ApiError::bad_request("`status` must be `enabled` or `disabled`").param("status")),
+        Some(s) if STATES.contains(&s) => Some(s),
+        Some(_) => {
+            let msg = format!("`status` must be one of {}", STATES.join(", "));
+            return Err(ApiError::bad_request(msg).param("status"));
+        }
     };
     let snapshot = state.channels.snapshot();
     let field = |name: &str| query.get(name).map(String::as_str);
@@ -88,7 +92,7 @@ pub async fn list(
         .filter(|r| field("group").is_none_or(|g| r.groups.iter().any(|x| x == g)))
         .filter(|r| field("tag").is_none_or(|t| r.tags.iter().any(|x| x == t)))
         .filter(|r| field("model").is_none_or(|m| r.models.iter().any(|x| x == m)))
-        .filter(|r| status.is_none_or(|s| r.status == s))
+        .filter(|r| status.is_none_or(|s| r.status.name() == s))
         .collect();
     let total = matching.len();
     let data: Vec<Value> =
@@ -165,22 +169,122 @@ pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Re
     Ok(Json(json!({"id": id, "object": "channel", "deleted": true})))
 }
 
-/// `POST /api/channels/{id}/test`: send the adapter's probe, record the
-/// response time.
-pub async fn test(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id = channel_id(&id)?;
-    let rec = state.channels.snapshot().records.get(&id).cloned().ok_or_else(|| not_found(id))?;
-    let outcome = probe(&state, &Channel::from_record(&rec)).await;
-    let now = unix_now();
+/// Probe `rec` and record the result: test time and response time always;
+/// an `auto_disabled` channel that answers is enabled again (a test never
+/// touches a channel an admin disabled, nor `needs_attention`).
+async fn test_one(state: &AppState, rec: &ChannelRecord) -> Result<Value, ApiError> {
+    let id = rec.id;
+    let channel = match rec.keys.iter().position(|k| k.enabled || k.auto.is_some()) {
+        Some(i) if rec.keys.iter().all(|k| !k.enabled) => Channel::with_only_key(rec, i),
+        _ => Channel::from_record(rec),
+    };
+    let outcome = probe(state, &channel).await;
+    let now = unix_now_ms();
     state.channels.update(id, &mut |r| {
-        r.test_time = Some(now);
+        r.test_time = Some(now / 1000);
         if outcome.success {
             r.response_time_ms = Some(outcome.time_ms);
+            if matches!(r.status, ChannelState::AutoDisabled { .. }) {
+                let why = format!("test succeeded in {} ms", outcome.time_ms);
+                for k in r.keys.iter_mut().filter(|k| k.auto.is_some()) {
+                    k.enabled = true;
+                    k.auto = None;
+                }
+                r.transition(ChannelState::Enabled, EventSource::Probe, &why, now);
+            }
         }
         Ok(())
     })?;
     tracing::info!(channel = id, success = outcome.success, time_ms = outcome.time_ms, "channel tested");
     let mut out = serde_json::to_value(&outcome).map_err(|_| ApiError::internal())?;
     out["channel_id"] = json!(id);
-    Ok(Json(out))
+    Ok(out)
+}
+
+/// `POST /api/channels/{id}/test`: send the adapter's probe, record the
+/// response time.
+pub async fn test(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let id = channel_id(&id)?;
+    let rec = state.channels.snapshot().records.get(&id).cloned().ok_or_else(|| not_found(id))?;
+    Ok(Json(test_one(&state, &rec).await?))
+}
+
+/// `POST /api/channels/test`: test every channel now, except those an admin
+/// disabled, a few at a time.
+pub async fn test_all(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    use futures_util::StreamExt;
+    let records: Vec<_> = state
+        .channels
+        .snapshot()
+        .records
+        .values()
+        .filter(|r| !matches!(r.status, ChannelState::ManuallyDisabled { .. }))
+        .cloned()
+        .collect();
+    let concurrency = state.health.config().probe_concurrency.max(1);
+    let results: Vec<Result<Value, ApiError>> = futures_util::stream::iter(records)
+        .map(|r| {
+            let state = state.clone();
+            async move { test_one(&state, &r).await }
+        })
+        .buffered(concurrency)
+        .collect()
+        .await;
+    let data = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+/// Optional body of enable / disable: `{"note": "..."}`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Note {
+    #[serde(default)]
+    note: String,
+}
+
+fn note(raw: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
+    let bytes = body::take(raw)?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(String::new());
+    }
+    let n: Note =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("`note`: {e}")).param("note"))?;
+    if n.note.chars().count() > 500 {
+        return Err(ApiError::bad_request("`note` must be at most 500 characters").param("note"));
+    }
+    Ok(n.note)
+}
+
+/// `POST /api/channels/{id}/enable`: back in service from any state, with
+/// the keys that were disabled automatically.
+pub async fn enable(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = channel_id(&id)?;
+    let note = note(raw)?;
+    let rec = state.channels.update(id, &mut |r| {
+        r.enable_manually(&note, unix_now_ms());
+        Ok(())
+    })?;
+    tracing::info!(channel = id, note, "channel enabled by an admin");
+    Ok(Json(rec.masked()))
+}
+
+/// `POST /api/channels/{id}/disable`: out of service until an admin
+/// enables it; nothing automatic ever does.
+pub async fn disable(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = channel_id(&id)?;
+    let note = note(raw)?;
+    let rec = state.channels.update(id, &mut |r| {
+        r.disable_manually("admin", &note, unix_now_ms());
+        Ok(())
+    })?;
+    tracing::info!(channel = id, note, "channel disabled by an admin");
+    Ok(Json(rec.masked()))
 }

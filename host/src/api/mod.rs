@@ -6,6 +6,7 @@ mod channels_admin;
 mod openai;
 mod plugins_admin;
 mod routing_admin;
+mod status;
 
 pub use auth::Caller;
 
@@ -52,7 +53,11 @@ pub fn app(state: AppState) -> Router {
                 .patch(channels_admin::patch)
                 .delete(channels_admin::delete),
         )
+        .route("/channels/test", post(channels_admin::test_all))
         .route("/channels/{id}/test", post(channels_admin::test))
+        .route("/channels/{id}/enable", post(channels_admin::enable))
+        .route("/channels/{id}/disable", post(channels_admin::disable))
+        .route("/status", get(status::status))
         .route("/routing", get(routing_admin::get).put(routing_admin::put).delete(routing_admin::reset))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
     Router::new()

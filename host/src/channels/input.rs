@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::record::{ChannelKey, ChannelRecord, ChannelStatus, split_keys};
+use super::record::{ChannelKey, ChannelRecord, split_keys};
 use crate::plugins::valid_plugin_name;
 
 /// A validation failure of one field.
@@ -42,9 +42,18 @@ pub struct ChannelInput {
     groups: Option<Vec<String>>,
     priority: Option<i64>,
     weight: Option<u32>,
-    status: Option<ChannelStatus>,
+    /// `enabled` / `disabled`: the same as the enable and disable actions.
+    status: Option<ManualStatus>,
     settings: Option<Map<String, Value>>,
     tags: Option<Vec<String>>,
+}
+
+/// The states an admin can set directly.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ManualStatus {
+    Enabled,
+    Disabled,
 }
 
 /// How an input applies to a record.
@@ -83,9 +92,11 @@ impl ChannelInput {
         if mode == Mode::Replace {
             let keep = (rec.id, std::mem::take(&mut rec.keys), rec.created_at, rec.source, rec.used_quota);
             let tested = (rec.test_time, rec.response_time_ms);
+            let health = (std::mem::take(&mut rec.status), std::mem::take(&mut rec.history));
             *rec = ChannelRecord::default();
             (rec.id, rec.keys, rec.created_at, rec.source, rec.used_quota) = keep;
             (rec.test_time, rec.response_time_ms) = tested;
+            (rec.status, rec.history) = health;
         }
         let required = mode != Mode::Patch;
         match self.name {
@@ -129,7 +140,7 @@ impl ChannelInput {
                     return Err(FieldError::new(&format!("keys[{i}]"), "must be a non-empty key without spaces"));
                 }
             }
-            rec.keys = keys.into_iter().map(|key| ChannelKey { key, enabled: true }).collect();
+            rec.keys = keys.into_iter().map(ChannelKey::new).collect();
         }
         if let Some(disabled) = self.disabled_keys {
             if let Some(bad) = disabled.iter().find(|&&i| i >= rec.keys.len()) {
@@ -137,6 +148,7 @@ impl ChannelInput {
             }
             for (i, k) in rec.keys.iter_mut().enumerate() {
                 k.enabled = !disabled.contains(&i);
+                k.auto = None;
             }
         }
         if let Some(models) = self.models {
@@ -176,8 +188,11 @@ impl ChannelInput {
             }
             rec.weight = w;
         }
-        if let Some(s) = self.status {
-            rec.status = s;
+        let now = crate::store::unix_now_ms();
+        match self.status {
+            Some(ManualStatus::Disabled) => rec.disable_manually("admin", "", now),
+            Some(ManualStatus::Enabled) => rec.enable_manually("", now),
+            None => {}
         }
         if let Some(settings) = self.settings {
             rec.settings = settings;

@@ -6,6 +6,7 @@ mod import;
 mod input;
 mod record;
 mod sled_store;
+mod status;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,8 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use import::ImportReport;
 pub use input::{ChannelInput, FieldError, Mode, parse as parse_input};
-pub use record::{ChannelKey, ChannelRecord, ChannelSource, ChannelStatus, mask};
+pub use record::{ChannelKey, ChannelRecord, ChannelSource, HISTORY_LEN, mask};
 pub use sled_store::SledChannels;
+pub use status::{ChannelState, EventSource, KeyAuto, StatusEvent};
 
 use crate::plugins::ChannelView;
 
@@ -31,8 +33,8 @@ pub struct Channel {
     pub base_url: String,
     /// Origin (`scheme://host:port`) every upstream request must go to.
     pub origin: String,
-    /// Enabled credentials, rotated per request.
-    keys: Vec<String>,
+    /// Enabled credentials with their index in the record, rotated per request.
+    keys: Vec<(usize, String)>,
     /// Every credential, enabled or not, for scrubbing.
     all_keys: Vec<String>,
     next_key: AtomicUsize,
@@ -48,6 +50,8 @@ pub struct Channel {
     pub weight: u32,
     /// Adapter settings as a JSON object string.
     pub settings: String,
+    /// Unix ms until which the channel is cooling down (0: not cooling).
+    pub cooling_until_ms: u64,
 }
 
 impl Channel {
@@ -59,7 +63,7 @@ impl Channel {
             adapter: rec.adapter.clone(),
             base_url: rec.base_url.clone(),
             origin: origin_of(&rec.base_url).unwrap_or_default(),
-            keys: rec.keys.iter().filter(|k| k.enabled).map(|k| k.key.clone()).collect(),
+            keys: rec.keys.iter().enumerate().filter(|(_, k)| k.enabled).map(|(i, k)| (i, k.key.clone())).collect(),
             all_keys: rec.keys.iter().map(|k| k.key.clone()).collect(),
             next_key: AtomicUsize::new(0),
             models: rec.models.clone(),
@@ -68,7 +72,19 @@ impl Channel {
             priority: rec.priority,
             weight: rec.weight,
             settings: serde_json::Value::Object(rec.settings.clone()).to_string(),
+            cooling_until_ms: match rec.status {
+                ChannelState::CoolingDown { until_ms, .. } => until_ms,
+                _ => 0,
+            },
         }
+    }
+
+    /// The channel as a probe of key `index` sees it, whatever the key's or
+    /// the channel's state (the recovery tester probes disabled keys).
+    pub fn with_only_key(rec: &ChannelRecord, index: usize) -> Self {
+        let mut ch = Self::from_record(rec);
+        ch.keys = rec.keys.get(index).map(|k| vec![(index, k.key.clone())]).unwrap_or_default();
+        ch
     }
 
     /// Whether this channel offers `model` (`defaults` when it lists none).
@@ -90,24 +106,28 @@ impl Channel {
         self.model_mapping.get(model).cloned().unwrap_or_else(|| model.to_string())
     }
 
-    /// The next enabled key, round robin ("" for keyless upstreams).
-    fn take_key(&self) -> String {
-        if self.keys.is_empty() {
-            return String::new();
-        }
-        let i = self.next_key.fetch_add(1, Ordering::Relaxed) % self.keys.len();
-        self.keys[i].clone()
-    }
-
-    /// What the adapter sees, with the next key of the rotation.
-    pub fn view(&self) -> ChannelView {
-        ChannelView {
+    /// What the adapter sees, with the next key of the rotation, and that
+    /// key's index in the record (`None` for keyless upstreams).
+    pub fn view(&self) -> (ChannelView, Option<usize>) {
+        let (index, key) = if self.keys.is_empty() {
+            (None, String::new())
+        } else {
+            let (i, key) = &self.keys[self.next_key.fetch_add(1, Ordering::Relaxed) % self.keys.len()];
+            (Some(*i), key.clone())
+        };
+        let view = ChannelView {
             id: self.id,
             name: self.name.clone(),
             base_url: self.base_url.clone(),
-            key: self.take_key(),
+            key,
             settings: self.settings.clone(),
-        }
+        };
+        (view, index)
+    }
+
+    /// Whether the channel has more than one key in rotation.
+    pub fn multi_key(&self) -> bool {
+        self.keys.len() > 1
     }
 
     /// Remove this channel's secrets and address from `text` before it can
@@ -135,7 +155,7 @@ pub fn origin_of(url: &str) -> Option<String> {
 pub struct ChannelSet {
     /// Every record, by id.
     pub records: BTreeMap<u64, Arc<ChannelRecord>>,
-    /// Channels in service, by ascending id.
+    /// Channels in service or cooling down, by ascending id.
     pub live: Vec<Arc<Channel>>,
 }
 
@@ -145,16 +165,18 @@ impl ChannelSet {
         let records: BTreeMap<u64, Arc<ChannelRecord>> = records.into_iter().map(|r| (r.id, Arc::new(r))).collect();
         let live = records
             .values()
-            .filter(|r| r.status == ChannelStatus::Enabled)
+            .filter(|r| matches!(r.status, ChannelState::Enabled | ChannelState::CoolingDown { .. }))
             .filter(|r| r.keys.is_empty() || r.keys.iter().any(|k| k.enabled))
             .map(|r| Arc::new(Channel::from_record(r)))
             .collect();
         Self { records, live }
     }
 
-    /// Channels in service for callers of `group`.
+    /// Channels in service for callers of `group` now (a cool-down that
+    /// has run out counts as in service).
     pub fn for_group<'a>(&'a self, group: &'a str) -> impl Iterator<Item = &'a Arc<Channel>> + 'a {
-        self.live.iter().filter(move |c| c.serves(group))
+        let now = crate::store::unix_now_ms();
+        self.live.iter().filter(move |c| c.cooling_until_ms <= now && c.serves(group))
     }
 }
 

@@ -6,7 +6,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use super::status::{ChannelState, EventSource, KeyAuto, StatusEvent};
 use crate::config::{ChannelConfig, DEFAULT_GROUP};
+
+/// Transitions kept per channel (oldest dropped first).
+pub const HISTORY_LEN: usize = 50;
 
 /// One upstream credential of a channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,17 +20,17 @@ pub struct ChannelKey {
     /// A disabled key is skipped by the rotation; the channel keeps serving
     /// with its other keys.
     pub enabled: bool,
+    /// Set when the key was disabled automatically (bad key, exhausted
+    /// quota); such keys are probed and re-enabled when they work again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<KeyAuto>,
 }
 
-/// Whether a channel takes traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ChannelStatus {
-    /// In service.
-    #[default]
-    Enabled,
-    /// Taken out of service by an admin.
-    Disabled,
+impl ChannelKey {
+    /// An enabled key.
+    pub fn new(key: String) -> Self {
+        Self { key, enabled: true, auto: None }
+    }
 }
 
 /// Where a channel was first declared.
@@ -66,8 +70,10 @@ pub struct ChannelRecord {
     pub priority: i64,
     /// Weight inside the tier.
     pub weight: u32,
-    /// In service or not.
-    pub status: ChannelStatus,
+    /// Health state.
+    pub status: ChannelState,
+    /// Recent state transitions, oldest first (at most [`HISTORY_LEN`]).
+    pub history: Vec<StatusEvent>,
     /// Adapter settings (e.g. Azure's `api-version`).
     pub settings: Map<String, Value>,
     /// Labels for search.
@@ -99,7 +105,8 @@ impl Default for ChannelRecord {
             groups: vec![DEFAULT_GROUP.to_string()],
             priority: 0,
             weight: 1,
-            status: ChannelStatus::Enabled,
+            status: ChannelState::Enabled,
+            history: Vec::new(),
             settings: Map::new(),
             tags: Vec::new(),
             created_at: 0,
@@ -120,10 +127,7 @@ pub fn split_keys(text: &str) -> impl Iterator<Item = String> + '_ {
 impl ChannelRecord {
     /// The record a configuration declaration describes (id and times unset).
     pub fn from_config(c: &ChannelConfig) -> Self {
-        let keys = split_keys(&c.key)
-            .chain(c.keys.iter().flat_map(|k| split_keys(k)))
-            .map(|key| ChannelKey { key, enabled: true })
-            .collect();
+        let keys = split_keys(&c.key).chain(c.keys.iter().flat_map(|k| split_keys(k))).map(ChannelKey::new).collect();
         Self {
             name: c.name.clone(),
             adapter: c.adapter.clone(),
@@ -147,16 +151,70 @@ impl ChannelRecord {
             .keys
             .iter()
             .enumerate()
-            .map(|(i, k)| json!({"index": i, "key": mask(&k.key), "enabled": k.enabled}))
+            .map(|(i, k)| json!({"index": i, "key": mask(&k.key), "enabled": k.enabled, "auto": k.auto}))
             .collect();
         json!({
             "id": self.id, "object": "channel", "name": self.name, "adapter": self.adapter,
             "base_url": self.base_url, "keys": keys, "models": self.models,
             "model_mapping": self.model_mapping, "groups": self.groups, "priority": self.priority,
-            "weight": self.weight, "status": self.status, "settings": self.settings, "tags": self.tags,
+            "weight": self.weight, "status": self.status, "history": self.history,
+            "settings": self.settings, "tags": self.tags,
             "created_at": self.created_at, "updated_at": self.updated_at, "test_time": self.test_time,
             "response_time_ms": self.response_time_ms, "used_quota": self.used_quota, "source": self.source,
         })
+    }
+
+    /// Move to `to`, recording the transition (no-op when already there).
+    pub fn transition(&mut self, to: ChannelState, source: EventSource, reason: &str, now_ms: u64) {
+        if self.status == to {
+            return;
+        }
+        let event = StatusEvent {
+            at_ms: now_ms,
+            from: self.status.name().to_string(),
+            to: to.name().to_string(),
+            source,
+            reason: reason.to_string(),
+        };
+        self.status = to;
+        self.record_event(event);
+    }
+
+    /// An admin takes the channel out of service.
+    pub fn disable_manually(&mut self, by: &str, note: &str, now_ms: u64) {
+        let state = ChannelState::ManuallyDisabled { by: by.to_string(), at: now_ms / 1000, note: note.to_string() };
+        if !matches!(self.status, ChannelState::ManuallyDisabled { .. }) {
+            self.transition(
+                state,
+                EventSource::Manual,
+                if note.is_empty() { "disabled by an admin" } else { note },
+                now_ms,
+            );
+        }
+    }
+
+    /// An admin puts the channel back in service, with every key that was
+    /// disabled automatically.
+    pub fn enable_manually(&mut self, note: &str, now_ms: u64) {
+        for k in self.keys.iter_mut().filter(|k| k.auto.is_some()) {
+            k.enabled = true;
+            k.auto = None;
+        }
+        self.transition(
+            ChannelState::Enabled,
+            EventSource::Manual,
+            if note.is_empty() { "enabled by an admin" } else { note },
+            now_ms,
+        );
+    }
+
+    /// Append `event` to the bounded history.
+    pub fn record_event(&mut self, event: StatusEvent) {
+        self.history.push(event);
+        if self.history.len() > HISTORY_LEN {
+            let excess = self.history.len() - HISTORY_LEN;
+            self.history.drain(..excess);
+        }
     }
 
     /// Whether the search text `q` appears in the name, adapter, a model,

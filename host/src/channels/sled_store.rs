@@ -99,9 +99,10 @@ impl ChannelStore for SledChannels {
         let mut rec = records.get(&id).cloned().ok_or(StoreError::NotFound(id))?;
         f(&mut rec).map_err(StoreError::Invalid)?;
         rec.id = id;
-        if records.get(&id) != Some(&rec) {
-            rec.updated_at = unix_now();
+        if records.get(&id) == Some(&rec) {
+            return Ok(rec);
         }
+        rec.updated_at = unix_now();
         self.persist(&rec)?;
         records.insert(id, rec.clone());
         self.publish(&records);

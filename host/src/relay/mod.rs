@@ -22,17 +22,25 @@ pub use upstream::Upstream;
 use crate::channels::{Channel, origin_of};
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
-use crate::plugins::{PluginError, PluginSet, RequestContext};
-use crate::routing::{ChannelStats, InFlight, RouteRequest, candidates};
+use crate::health::Fault;
+use crate::plugins::{ChannelView, ErrorKind, PluginError, PluginSet, RequestContext, UpstreamError};
+use crate::routing::{ChannelStats, InFlight, RouteRequest, candidates, unavailable};
 use crate::state::AppState;
 use stream::LiveStream;
 
 /// Why one attempt on one channel did not produce a response.
 enum Failure {
-    /// Try the next channel.
-    Retry(ApiError),
+    /// Try the next channel. `kind` is the classified upstream error when
+    /// the channel is to blame (it feeds channel health).
+    Retry(ApiError, Option<ErrorKind>),
     /// Answer the client with this now.
     Final(ApiError),
+}
+
+/// The failure for a classified upstream error `e` on `channel`.
+fn upstream_failure(e: &UpstreamError, channel: &Channel) -> Failure {
+    let client = client_error(e, channel);
+    if retryable(&e.kind) { Failure::Retry(client, Some(e.kind)) } else { Failure::Final(client) }
 }
 
 fn plugin_failure(e: &PluginError, request_id: &str) -> Failure {
@@ -60,15 +68,25 @@ pub async fn relay(state: &AppState, req: ClientRequest, group: &str, request_id
     let channels = state.channels.snapshot();
     let candidates = candidates(&channels, &plugins, group, &req.model);
     if candidates.is_empty() {
-        return Err(ApiError::model_not_found(&req.model));
+        return Err(match unavailable(&channels, &plugins, group, &req.model) {
+            Some(wait) => no_channel_available(wait),
+            None => ApiError::model_not_found(&req.model),
+        });
     }
     let route = RouteRequest { endpoint: req.endpoint, model: &req.model, group, stream: req.stream };
     let ordered = state.routing.order(&plugins, &state.registry, &route, candidates);
     let cfg = &state.config.upstream;
     let deadline = Instant::now() + Duration::from_secs(cfg.total_timeout_secs);
     let mut last: Option<ApiError> = None;
+    // Channels not worth another try in this request (their key was refused,
+    // their adapter is missing).
+    let mut spent = vec![false; ordered.len()];
+    let mut next = 0usize;
     for n in 0..cfg.max_attempts as usize {
-        let channel = &ordered[n % ordered.len()];
+        let Some(offset) = (0..ordered.len()).find(|k| !spent[(next + k) % ordered.len()]) else { break };
+        let index = (next + offset) % ordered.len();
+        next = index + 1;
+        let channel = &ordered[index];
         if n >= ordered.len() {
             // Every candidate has been tried: wait before trying this one again.
             let round = (n / ordered.len()) as u32;
@@ -88,22 +106,29 @@ pub async fn relay(state: &AppState, req: ClientRequest, group: &str, request_id
         }
         let stats = state.routing.stats.of(channel.id);
         let in_flight = stats.start();
-        let outcome =
-            tokio::time::timeout(limit, attempt(state, &plugins, channel, &req, &stats, in_flight, request_id));
-        match outcome.await {
-            Ok(Ok(response)) => return Ok(response),
+        let (view, key) = channel.view();
+        let work = attempt(state, &plugins, channel, view, &req, &stats, in_flight, request_id);
+        let (err, kind) = match tokio::time::timeout(limit, work).await {
+            Ok(Ok(response)) => {
+                state.health.on_success(channel);
+                return Ok(response);
+            }
             Ok(Err(Failure::Final(err))) => return Err(err),
-            Ok(Err(Failure::Retry(err))) => {
-                stats.failure();
-                tracing::info!(request_id, channel = channel.id, status = %err.status, code = ?err.code, "attempt failed");
-                last = Some(err);
-            }
-            Err(_) => {
-                stats.failure();
-                tracing::info!(request_id, channel = channel.id, "attempt timed out");
-                last = Some(timeout_error());
-            }
+            Ok(Err(Failure::Retry(err, kind))) => (err, kind),
+            Err(_) => (timeout_error(), Some(ErrorKind::Transient)),
+        };
+        stats.failure();
+        tracing::info!(request_id, channel = channel.id, status = %err.status, code = ?err.code, "attempt failed");
+        spent[index] = match &kind {
+            None => true,
+            Some(ErrorKind::Auth | ErrorKind::QuotaExhausted) => !channel.multi_key(),
+            Some(_) => false,
+        };
+        if let Some(kind) = &kind {
+            let consecutive_failures = stats.view().consecutive_failures;
+            state.health.on_failure(channel, &Fault { kind, key, consecutive_failures });
         }
+        last = Some(err);
     }
     Err(last.unwrap_or_else(timeout_error))
 }
@@ -121,6 +146,20 @@ fn retry_wait(cfg: &UpstreamConfig, round: u32, last: Option<&ApiError>, deadlin
         wait = wait.max(Duration::from_secs(secs.into()));
     }
     (Instant::now() + wait < deadline).then_some(wait)
+}
+
+/// Every channel that offers the model is disabled or cooling down.
+fn no_channel_available(retry_after_secs: u64) -> ApiError {
+    let mut err = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream_error",
+        Some("channel_unavailable"),
+        "No upstream channel is currently able to serve this request.",
+    );
+    if retry_after_secs > 0 {
+        err.retry_after = Some(retry_after_secs.min(u64::from(u32::MAX)) as u32);
+    }
+    err
 }
 
 fn timeout_error() -> ApiError {
@@ -141,10 +180,12 @@ fn adapter_unavailable() -> ApiError {
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     state: &AppState,
     plugins: &PluginSet,
     channel: &Arc<Channel>,
+    view: ChannelView,
     req: &ClientRequest,
     stats: &Arc<ChannelStats>,
     in_flight: InFlight,
@@ -153,7 +194,7 @@ async fn attempt(
     let started = Instant::now();
     let Some(adapter) = plugins.adapters.get(&channel.adapter) else {
         tracing::warn!(request_id, channel = channel.id, adapter = %channel.adapter, "adapter not loaded");
-        return Err(Failure::Retry(adapter_unavailable()));
+        return Err(Failure::Retry(adapter_unavailable(), None));
     };
     let ctx = RequestContext {
         endpoint: req.endpoint,
@@ -163,7 +204,7 @@ async fn attempt(
         include_usage: req.include_usage,
         request_id: request_id.to_string(),
     };
-    let upstream_req = match adapter.build_request(&ctx, &channel.view(), &req.body) {
+    let upstream_req = match adapter.build_request(&ctx, &view, &req.body) {
         Err(e) => return Err(plugin_failure(&e, request_id)),
         Ok(Err(e)) => return Err(Failure::Final(client_error(&e, channel))),
         Ok(Ok(r)) => r,
@@ -173,14 +214,13 @@ async fn attempt(
         return Err(plugin_failure(&e, request_id));
     }
     let upstream = &state.upstream;
-    let response = upstream.send(upstream_req).await.map_err(|e| Failure::Retry(client_error(&e, channel)))?;
+    let response = upstream.send(upstream_req).await.map_err(|e| upstream_failure(&e, channel))?;
 
     if !response.status().is_success() {
-        let body = upstream.read(response).await.map_err(|e| Failure::Retry(client_error(&e, channel)))?;
+        let body = upstream.read(response).await.map_err(|e| upstream_failure(&e, channel))?;
         let err = adapter.classify_error(&ctx, &body).map_err(|e| plugin_failure(&e, request_id))?;
         tracing::info!(request_id, channel = channel.id, status = body.status, kind = ?err.kind, "upstream error");
-        let client = client_error(&err, channel);
-        return Err(if retryable(&err.kind) { Failure::Retry(client) } else { Failure::Final(client) });
+        return Err(upstream_failure(&err, channel));
     }
     if req.stream {
         let live = stream::LiveStream {
@@ -195,13 +235,10 @@ async fn attempt(
         };
         return stream_response(live, started).await;
     }
-    let body = upstream.read(response).await.map_err(|e| Failure::Retry(client_error(&e, channel)))?;
+    let body = upstream.read(response).await.map_err(|e| upstream_failure(&e, channel))?;
     match adapter.parse_response(&ctx, &body) {
         Err(e) => Err(plugin_failure(&e, request_id)),
-        Ok(Err(e)) => {
-            let client = client_error(&e, channel);
-            Err(if retryable(&e.kind) { Failure::Retry(client) } else { Failure::Final(client) })
-        }
+        Ok(Err(e)) => Err(upstream_failure(&e, channel)),
         Ok(Ok(parsed)) => {
             if serde_json::from_slice::<serde::de::IgnoredAny>(&parsed.body).is_err() {
                 let e = PluginError::malformed(&adapter.name, "response body is not JSON");
@@ -219,9 +256,10 @@ async fn attempt(
 
 async fn stream_response(mut live: LiveStream, started: Instant) -> Result<Response, Failure> {
     // Nothing has reached the client yet: a failure here may fail over.
-    let first = stream::first_frames(&mut live)
-        .await
-        .map_err(|err| if err.kind == "plugin_error" { Failure::Final(err) } else { Failure::Retry(err) })?;
+    let first = stream::first_frames(&mut live).await.map_err(|(err, kind)| match kind {
+        Some(kind) if retryable(&kind) => Failure::Retry(err, Some(kind)),
+        _ => Failure::Final(err),
+    })?;
     let ttft = started.elapsed();
     live.stats.success(ttft, Some(ttft));
     let body = Body::from_stream(stream::body(first, live));

@@ -28,6 +28,20 @@ pub struct ProbeOutcome {
     pub message: Option<String>,
 }
 
+impl ProbeOutcome {
+    /// A probe that did not finish within `limit`.
+    pub fn timed_out(limit: std::time::Duration) -> Self {
+        Self {
+            success: false,
+            time_ms: limit.as_millis() as u64,
+            endpoint: "unknown",
+            model: String::new(),
+            error_kind: Some("transient"),
+            message: Some(format!("the probe did not finish within {} s", limit.as_secs())),
+        }
+    }
+}
+
 /// Snake-case name of an endpoint.
 pub fn endpoint_name(e: Endpoint) -> &'static str {
     match e {
@@ -73,7 +87,7 @@ pub async fn probe(state: &AppState, channel: &Channel) -> ProbeOutcome {
     let Some(adapter) = plugins.adapters.get(&channel.adapter) else {
         return fail(out, None, format!("adapter `{}` is not loaded", channel.adapter));
     };
-    let view = channel.view();
+    let (view, _) = channel.view();
     let probe = match adapter.health_probe(&view) {
         Ok(p) => p,
         Err(e) => return fail(out, None, format!("adapter failed to build a probe: {e}")),

@@ -12,7 +12,7 @@ use futures_util::{Stream, StreamExt};
 
 use crate::channels::Channel;
 use crate::error::ApiError;
-use crate::plugins::{AdapterResult, AdapterStream, PluginError, StreamEvents, Usage};
+use crate::plugins::{AdapterResult, AdapterStream, ErrorKind, PluginError, StreamEvents, Usage};
 use crate::routing::{ChannelStats, InFlight};
 
 use super::errors::client_error;
@@ -27,8 +27,12 @@ pub(crate) struct Frames {
     pub chunks: usize,
     /// The stream is over (done or failed).
     pub end: bool,
-    /// An error before anything was sent, eligible for failover.
+    /// An error ending the stream (eligible for failover when nothing was
+    /// sent yet).
     pub early_error: Option<ApiError>,
+    /// The classified upstream error behind `early_error`; `None` when the
+    /// adapter itself failed.
+    pub early_kind: Option<ErrorKind>,
 }
 
 fn error_frame(out: &mut BytesMut, err: &ApiError) {
@@ -45,7 +49,7 @@ pub(crate) fn frames(
     usage: &mut Option<Usage>,
     upstream_ended: bool,
 ) -> Frames {
-    let mut out = Frames { bytes: BytesMut::new(), chunks: 0, end: false, early_error: None };
+    let mut out = Frames { bytes: BytesMut::new(), chunks: 0, end: false, early_error: None, early_kind: None };
     let events = match result {
         Err(e) => {
             log_plugin_error(&e);
@@ -55,6 +59,7 @@ pub(crate) fn frames(
         }
         Ok(Err(e)) => {
             out.early_error = Some(client_error(&e, channel));
+            out.early_kind = Some(e.kind);
             out.end = true;
             return out;
         }
@@ -77,6 +82,7 @@ pub(crate) fn frames(
     }
     if let Some(e) = events.error {
         out.early_error = Some(client_error(&e, channel));
+        out.early_kind = Some(e.kind);
         out.end = true;
     } else if events.done || upstream_ended {
         out.bytes.put_slice(b"data: [DONE]\n\n");
@@ -104,12 +110,13 @@ pub(crate) struct LiveStream {
 }
 
 /// Read upstream until the decoder yields something to send. `Err` means
-/// the stream failed before any byte reached the client (failover allowed).
-pub(crate) async fn first_frames(live: &mut LiveStream) -> Result<Frames, ApiError> {
+/// the stream failed before any byte reached the client (failover allowed
+/// when the error is a retryable upstream one).
+pub(crate) async fn first_frames(live: &mut LiveStream) -> Result<Frames, (ApiError, Option<ErrorKind>)> {
     loop {
         let step = next_frames(live).await;
         if let Some(err) = step.early_error {
-            return Err(err);
+            return Err((err, step.early_kind));
         }
         if step.chunks > 0 || step.end {
             return Ok(step);
@@ -140,7 +147,13 @@ fn stalled(channel: &Channel, what: &str) -> Frames {
         Some("upstream_error"),
         format!("The upstream stream {what}."),
     );
-    Frames { bytes: BytesMut::new(), chunks: 0, end: true, early_error: Some(err) }
+    Frames {
+        bytes: BytesMut::new(),
+        chunks: 0,
+        end: true,
+        early_error: Some(err),
+        early_kind: Some(ErrorKind::Transient),
+    }
 }
 
 /// The response body: `first` then everything after it.
@@ -160,7 +173,7 @@ pub(crate) fn body(first: Frames, live: LiveStream) -> impl Stream<Item = Result
         loop {
             let mut step = next_frames(&mut live).await;
             if let Some(err) = &step.early_error {
-                if err.kind != "plugin_error" {
+                if step.early_kind.is_some() {
                     live.stats.failure();
                 }
                 error_frame(&mut step.bytes, err);

@@ -55,6 +55,30 @@ pub fn candidates(set: &ChannelSet, plugins: &PluginSet, group: &str, model: &st
         .collect()
 }
 
+/// When no channel in service offers `model` to `group`, whether some
+/// channel would, were it not disabled or cooling down. `Some(secs)` then
+/// carries the shortest remaining cool-down (0 when none is cooling).
+pub fn unavailable(set: &ChannelSet, plugins: &PluginSet, group: &str, model: &str) -> Option<u64> {
+    let now = crate::store::unix_now_ms();
+    let mut found = None;
+    for rec in set.records.values().filter(|r| r.groups.iter().any(|g| g == group)) {
+        let offers = if rec.models.is_empty() {
+            plugins.adapters.get(&rec.adapter).is_some_and(|a| a.info.default_models.iter().any(|m| m == model))
+        } else {
+            rec.models.iter().any(|m| m == model)
+        };
+        if !offers {
+            continue;
+        }
+        let wait = match rec.status {
+            crate::channels::ChannelState::CoolingDown { until_ms, .. } => until_ms.saturating_sub(now).div_ceil(1000),
+            _ => u64::MAX,
+        };
+        found = Some(found.map_or(wait, |w: u64| w.min(wait)));
+    }
+    found.map(|w| if w == u64::MAX { 0 } else { w })
+}
+
 /// Priority tiers, highest first, by id inside a tier.
 fn priority_order(mut channels: Vec<Arc<Channel>>) -> Vec<Arc<Channel>> {
     channels.sort_by_key(|c| (std::cmp::Reverse(c.priority), c.id));

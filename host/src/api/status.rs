@@ -1,0 +1,38 @@
+//! `GET /api/status`: the gateway at a glance — channels by health state,
+//! each channel's state, and the plugins in service.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+
+use crate::state::AppState;
+
+/// `GET /api/status`
+pub async fn status(State(state): State<AppState>) -> Json<Value> {
+    let snapshot = state.channels.snapshot();
+    let mut counts: BTreeMap<&str, usize> =
+        ["enabled", "manually_disabled", "cooling_down", "auto_disabled", "needs_attention"]
+            .into_iter()
+            .map(|s| (s, 0))
+            .collect();
+    let mut channels = Vec::with_capacity(snapshot.records.len());
+    for rec in snapshot.records.values() {
+        *counts.entry(rec.status.name()).or_default() += 1;
+        let keys_disabled = rec.keys.iter().filter(|k| !k.enabled).count();
+        channels.push(json!({
+            "id": rec.id, "name": rec.name, "status": rec.status,
+            "keys": rec.keys.len(), "keys_disabled": keys_disabled,
+            "since_ms": rec.history.last().map(|e| e.at_ms),
+        }));
+    }
+    let plugins = state.registry.snapshot();
+    Json(json!({
+        "object": "status",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": crate::store::unix_now().saturating_sub(state.started_at),
+        "channels": {"total": snapshot.records.len(), "by_status": counts, "data": channels},
+        "plugins": {"adapters": plugins.adapters.len(), "routers": plugins.routers.len()},
+    }))
+}
