@@ -93,8 +93,8 @@ async fn replacing_the_policy_file_changes_routing_within_two_seconds_without_fa
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(m[0].hits() > 0 && m[1].hits() > 0, "weighted spreads traffic before the swap");
+    let spread = eventually(Duration::from_secs(10), || async { m[0].hits() > 0 && m[1].hits() > 0 }).await;
+    assert!(spread.is_some(), "weighted spreads traffic before the swap");
 
     let swapped_at = Instant::now();
     gw.install_plugin("pick-last.wasm", "weighted.wasm");

@@ -37,6 +37,10 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// Channel health: automatic disabling, cool-downs, recovery probes.
     pub health: HealthConfig,
+    /// Prices (one-api's ratios; `PUT /api/pricing` overrides them).
+    pub pricing: crate::billing::pricing::PricingConfig,
+    /// Usage logs: batching and retention.
+    pub logs: LogConfig,
     /// Channels declared in the file, imported into the store on start
     /// (edits made through the admin API are kept; see docs/channels.md).
     pub channels: Vec<ChannelConfig>,
@@ -127,6 +131,26 @@ pub struct UpstreamConfig {
     /// Longest upstream `Retry-After` the gateway waits out itself before
     /// a retry; longer ones end the request with 429 and that `Retry-After`.
     pub max_retry_after_secs: u64,
+}
+
+/// Usage log settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Delete rows older than this many seconds (0: keep forever).
+    pub retention_secs: u64,
+    /// How often the retention sweep runs, in seconds.
+    pub retention_interval_secs: u64,
+    /// Most rows (and balance changes) per write transaction.
+    pub batch_max: usize,
+    /// Longest a row waits in memory before its batch is written, in ms.
+    pub flush_interval_ms: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { retention_secs: 0, retention_interval_secs: 3600, batch_max: 512, flush_interval_ms: 50 }
+    }
 }
 
 /// Channel health settings.
@@ -249,6 +273,8 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             routing: RoutingConfig::default(),
             health: HealthConfig::default(),
+            pricing: crate::billing::pricing::PricingConfig::default(),
+            logs: LogConfig::default(),
             channels: Vec::new(),
         }
     }
@@ -304,6 +330,8 @@ const KEYS: &[&str] = &[
     "upstream",
     "routing",
     "health",
+    "pricing",
+    "logs",
     "channels",
 ];
 
@@ -346,6 +374,9 @@ impl Config {
         }
         if self.upstream.max_attempts == 0 {
             bail!("upstream.max_attempts must be at least 1");
+        }
+        if let Err((field, message)) = self.pricing.validate() {
+            bail!("pricing.{field}: {message}");
         }
         if self.health.transient_threshold == 0 || self.health.max_recovery_attempts == 0 {
             bail!("health.transient_threshold and health.max_recovery_attempts must be at least 1");

@@ -10,6 +10,7 @@
 //! host), with [`channels`] / [`store`] for data.
 
 pub mod api;
+pub mod billing;
 pub mod channels;
 pub mod config;
 pub mod error;

@@ -9,6 +9,7 @@ use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::api::app;
+use crate::billing::Billing;
 use crate::channels::{ChannelStore, SledChannels};
 use crate::config::{Config, TokenConfig};
 use crate::health::{self, Health};
@@ -25,7 +26,16 @@ pub struct Gateway {
     /// Tokens generated because none were configured: (gateway, admin).
     pub generated: (Option<String>, Option<String>),
     _watcher: Option<PluginWatcher>,
-    _tester: AbortOnDrop,
+    _tasks: [AbortOnDrop; 2],
+}
+
+/// Delete old usage log rows now and then.
+async fn log_retention(billing: Arc<Billing>) {
+    loop {
+        let b = billing.clone();
+        let _ = tokio::task::spawn_blocking(move || b.sweep_logs()).await;
+        tokio::time::sleep(billing.retention_interval()).await;
+    }
 }
 
 /// Stops a background task when the gateway is dropped.
@@ -40,6 +50,9 @@ impl Drop for AbortOnDrop {
 /// Open the store, start the plugin engine, load the plugins directory and
 /// start watching it.
 pub async fn build(config: Config) -> Result<Gateway> {
+    // The tokenizer's tables load while the plugins compile; the gateway
+    // listens only once both are ready, so no request waits for them.
+    let warm = std::thread::spawn(crate::billing::tokenize::warm);
     let store = Store::open(&config.data_dir)?;
     let mut generated = (None, None);
     let mut tokens = config.tokens.clone();
@@ -82,7 +95,9 @@ pub async fn build(config: Config) -> Result<Gateway> {
     let routing = Routing::new(Policies::load(&config.routing, &store)?);
 
     let channels: Arc<dyn ChannelStore> = Arc::new(channels);
+    let billing = Arc::new(Billing::open(&store, &config.pricing, &config.logs).context("opening billing")?);
     let inner = Inner {
+        billing,
         health: Health::new(config.health.clone(), channels.clone()),
         channels,
         routing,
@@ -95,8 +110,10 @@ pub async fn build(config: Config) -> Result<Gateway> {
         config,
     };
     let state = AppState(Arc::new(inner));
+    let _ = tokio::task::spawn_blocking(move || warm.join()).await;
     let tester = tokio::spawn(health::tester::run(state.clone()));
-    Ok(Gateway { state, generated, _watcher: watcher, _tester: AbortOnDrop(tester) })
+    let retention = tokio::spawn(log_retention(state.billing.clone()));
+    Ok(Gateway { state, generated, _watcher: watcher, _tasks: [AbortOnDrop(tester), AbortOnDrop(retention)] })
 }
 
 /// Serve until SIGINT/SIGTERM, then drain and flush the store.
@@ -125,7 +142,10 @@ pub async fn run(config: Config) -> Result<()> {
         let _ = tcp.set_nodelay(true);
     });
     let state = gateway.state.clone();
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    let service = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, service).with_graceful_shutdown(shutdown_signal()).await?;
+    // Requests are drained: write the queued usage rows and charges.
+    gateway.state.billing.writer.flush().await;
     gateway.state.store.flush()?;
     tracing::info!("wasmgate stopped");
     Ok(())

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use crate::billing::Billing;
 use crate::channels::ChannelStore;
 use crate::config::Config;
 use crate::health::Health;
@@ -27,6 +28,8 @@ pub struct Inner {
     pub routing: Routing,
     /// Channel health transitions.
     pub health: Health,
+    /// Users, tokens, prices, quota and usage logs.
+    pub billing: Arc<Billing>,
     /// Upstream HTTP client.
     pub upstream: Upstream,
     /// SHA-256 of every accepted gateway token → its caller's group.

@@ -78,6 +78,12 @@ impl Store {
         Ok(u64::from_be_bytes(bytes))
     }
 
+    /// A unique, increasing id (sled's crash-safe generator; it may skip
+    /// numbers after a crash, never repeat one).
+    pub fn generate_id(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
+    }
+
     /// Flush everything to disk (on shutdown).
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;

@@ -79,7 +79,11 @@ impl Gateway {
             Some(line) => format!("{line}\n"),
             None => format!("tokens = [{TOKEN:?}]\n"),
         };
-        let extra_toml = rest.join("\n");
+        let mut extra_toml = rest.join("\n");
+        // Tests that are not about prices serve every model for free.
+        if !extra_toml.contains("[pricing]") {
+            extra_toml.push_str("\n[pricing]\nunpriced = \"free\"\n");
+        }
         let config = format!(
             "{tokens}admin_token = {ADMIN:?}\ndata_dir = {:?}\nplugins_dir = {:?}\n\
              [plugins]\ncache_dir = {:?}\ndebounce_ms = 100\n{plugin_options}\n\n{extra_toml}\n",

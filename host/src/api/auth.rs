@@ -1,15 +1,20 @@
 //! Bearer-token checks for `/v1` (gateway tokens) and `/api` (admin token).
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use ipnet::IpNet;
 
+use crate::billing::accounts::Status;
+use crate::billing::{Account, Caller};
 use crate::error::ApiError;
 use crate::state::{AppState, hashes_equal, secret_hash};
+use crate::store::unix_now;
 
 /// The presented key: `Authorization: Bearer KEY`, or `api-key` /
 /// `x-api-key` as Azure- and Anthropic-style clients send it.
@@ -35,26 +40,63 @@ fn missing() -> ApiError {
     e
 }
 
-/// Who is calling `/v1`: set by [`require_token`].
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// The caller's group (which channels serve it).
-    pub group: Arc<str>,
+fn refused(status: StatusCode, code: &'static str, message: &str) -> ApiError {
+    ApiError::new(status, "invalid_request_error", Some(code), message)
+}
+
+/// Whether `ip` is inside one of `subnets` (addresses or CIDR blocks).
+fn ip_allowed(ip: Option<IpAddr>, subnets: &[String]) -> bool {
+    if subnets.is_empty() {
+        return true;
+    }
+    let Some(ip) = ip else { return false };
+    subnets.iter().any(|s| match s.parse::<IpNet>() {
+        Ok(net) => net.contains(&ip),
+        Err(_) => s.parse::<IpAddr>().is_ok_and(|a| a == ip),
+    })
+}
+
+/// Who is calling, or the response refusing them: a token created through
+/// the API (checked for status, expiry, owner and client address), else a
+/// token from the configuration file.
+pub fn identify(state: &AppState, key: &str, ip: Option<IpAddr>) -> Result<Caller, ApiError> {
+    let hash = secret_hash(key);
+    let accounts = state.billing.accounts.snapshot();
+    if let Some((token, user)) = accounts.by_key_hash(&hash) {
+        if token.status != Status::Enabled {
+            return Err(refused(StatusCode::UNAUTHORIZED, "token_disabled", "This API key has been disabled."));
+        }
+        if token.expires_at.is_some_and(|at| at <= unix_now()) {
+            return Err(refused(StatusCode::UNAUTHORIZED, "token_expired", "This API key has expired."));
+        }
+        if user.status != Status::Enabled {
+            let msg = "This key is associated with a deactivated account.";
+            return Err(refused(StatusCode::UNAUTHORIZED, "account_deactivated", msg));
+        }
+        if !ip_allowed(ip, &token.subnets) {
+            let msg = "This API key is not allowed from your IP address.";
+            return Err(refused(StatusCode::FORBIDDEN, "ip_not_allowed", msg));
+        }
+        let account = Account { user_id: user.id, token: token.clone() };
+        return Ok(Caller { group: Arc::from(user.group.as_str()), account: Some(account) });
+    }
+    match state.token_groups.get(&hash) {
+        Some(group) => Ok(Caller { group: group.clone(), account: None }),
+        None => Err(ApiError::unauthorized("Incorrect API key provided.")),
+    }
 }
 
 /// Require a valid gateway token. Tokens are looked up by their SHA-256, so
 /// lookup time says nothing about the secret.
 pub async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let group = match presented_key(req.headers()) {
-        None => return missing().into_response(),
-        Some(key) => state.token_groups.get(&secret_hash(key)).cloned(),
-    };
-    match group {
-        Some(group) => {
-            req.extensions_mut().insert(Caller { group });
+    let Some(key) = presented_key(req.headers()) else { return missing().into_response() };
+    let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    match identify(&state, key, ip) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
             next.run(req).await
         }
-        None => ApiError::unauthorized("Incorrect API key provided.").into_response(),
+        Err(error) => error.into_response(),
     }
 }
 

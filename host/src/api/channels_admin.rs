@@ -12,15 +12,13 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::body;
+use super::params::paging;
 use crate::channels::{Channel, ChannelRecord, FieldError, Mode, StoreError, parse_input};
 use crate::channels::{ChannelState, EventSource};
 use crate::error::ApiError;
 use crate::relay::probe;
 use crate::state::AppState;
 use crate::store::unix_now_ms;
-
-const DEFAULT_PER_PAGE: usize = 20;
-const MAX_PER_PAGE: usize = 100;
 
 impl From<FieldError> for ApiError {
     fn from(e: FieldError) -> Self {
@@ -54,24 +52,12 @@ fn channel_id(raw: &str) -> Result<u64, ApiError> {
     raw.parse().map_err(|_| ApiError::bad_request("`id` must be a channel id (a positive integer)").param("id"))
 }
 
-fn number(query: &HashMap<String, String>, name: &str, default: usize) -> Result<usize, ApiError> {
-    match query.get(name) {
-        None => Ok(default),
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| ApiError::bad_request(format!("`{name}` must be a positive integer")).param(name)),
-    }
-}
-
 /// `GET /api/channels?q=&adapter=&group=&status=&tag=&model=&page=&per_page=`
 pub async fn list(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let page = number(&query, "page", 1)?;
-    let per_page = number(&query, "per_page", DEFAULT_PER_PAGE)?.min(MAX_PER_PAGE);
+    let (page, per_page) = paging(&query)?;
     const STATES: [&str; 5] = ["enabled", "manually_disabled", "cooling_down", "auto_disabled", "needs_attention"];
     let status = match query.get("status").map(String::as_str) {
         None => None,

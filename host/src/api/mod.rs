@@ -1,14 +1,15 @@
 //! HTTP routes: the OpenAI API under `/v1`, administration under `/api`.
 
+mod accounts_admin;
 mod auth;
 mod body;
 mod channels_admin;
+mod logs_admin;
 mod openai;
+mod params;
 mod plugins_admin;
 mod routing_admin;
 mod status;
-
-pub use auth::Caller;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
@@ -58,11 +59,34 @@ pub fn app(state: AppState) -> Router {
         .route("/channels/{id}/enable", post(channels_admin::enable))
         .route("/channels/{id}/disable", post(channels_admin::disable))
         .route("/status", get(status::status))
+        .route("/users", get(accounts_admin::list_users).post(accounts_admin::create_user))
+        .route(
+            "/users/{id}",
+            get(accounts_admin::get_user)
+                .put(accounts_admin::replace_user)
+                .patch(accounts_admin::patch_user)
+                .delete(accounts_admin::delete_user),
+        )
+        .route("/tokens", get(accounts_admin::list_tokens).post(accounts_admin::create_token))
+        .route(
+            "/tokens/{id}",
+            get(accounts_admin::get_token)
+                .put(accounts_admin::replace_token)
+                .patch(accounts_admin::patch_token)
+                .delete(accounts_admin::delete_token),
+        )
+        .route("/logs", get(logs_admin::list))
+        .route("/logs/stats", get(logs_admin::summary))
+        .route("/pricing", get(logs_admin::get_pricing).put(logs_admin::put_pricing).delete(logs_admin::reset_pricing))
         .route("/routing", get(routing_admin::get).put(routing_admin::put).delete(routing_admin::reset))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
+    let own = Router::new()
+        .route("/self", get(logs_admin::me))
+        .route("/self/logs", get(logs_admin::my_logs))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .nest("/v1", v1)
-        .nest("/api", admin)
+        .nest("/api", own.merge(admin))
         .route("/health", get(|| async { "ok" }))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::RequestId;
-use super::auth::Caller;
 use super::body;
+use crate::billing::Caller;
 use crate::channels::models_for_group;
 use crate::error::ApiError;
 use crate::plugins::Endpoint;
@@ -25,7 +25,7 @@ async fn serve(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req = ClientRequest::parse(endpoint, body::take(raw)?)?;
-    relay(&state, req, &caller.group, &id.0).await
+    relay(&state, req, &caller, &id.0).await
 }
 
 /// `POST /v1/chat/completions`

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::body;
+use super::params::json_body;
 use crate::config::RoutingConfig;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -35,13 +36,7 @@ pub async fn get(State(state): State<AppState>) -> Json<Value> {
 /// `PUT /api/routing`: a policy not loaded yet is accepted (it may be
 /// dropped in later) and listed under `missing_policies`.
 pub async fn put(State(state): State<AppState>, raw: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
-    let bytes = body::take(raw)?;
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
-    let table: RoutingConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." { "body".to_string() } else { path };
-        ApiError::bad_request(format!("`{field}`: {}", e.into_inner())).param(&field)
-    })?;
+    let table: RoutingConfig = json_body(&body::take(raw)?)?;
     state.routing.policies.set(table).map_err(|(field, message)| ApiError::bad_request(message).param(&field))?;
     tracing::info!("routing table replaced through the API");
     Ok(Json(view(&state)))

@@ -19,6 +19,7 @@ pub use probe::{ProbeOutcome, endpoint_name, kind_name, probe};
 pub use request::ClientRequest;
 pub use upstream::Upstream;
 
+use crate::billing::{AttemptInfo, Caller, Delivery, Meter};
 use crate::channels::{Channel, origin_of};
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
@@ -60,10 +61,17 @@ fn plugin_failure(e: &PluginError, request_id: &str) -> Failure {
     Failure::Final(ApiError::plugin())
 }
 
-/// Serve `req` (already authenticated and validated) for a caller of
-/// `group`: candidates in the policy's order, retried and failed over on
-/// the adapter's classified errors within the attempt and time budget.
-pub async fn relay(state: &AppState, req: ClientRequest, group: &str, request_id: &str) -> Result<Response, ApiError> {
+/// Serve `req` (already authenticated and validated) for `caller`:
+/// admitted and pre-charged by billing, candidates in the policy's order,
+/// retried and failed over on the adapter's classified errors within the
+/// attempt and time budget; only the attempt that served is charged.
+pub async fn relay(
+    state: &AppState,
+    req: ClientRequest,
+    caller: &Caller,
+    request_id: &str,
+) -> Result<Response, ApiError> {
+    let group: &str = &caller.group;
     let plugins = state.registry.snapshot();
     let channels = state.channels.snapshot();
     let candidates = candidates(&channels, &plugins, group, &req.model);
@@ -73,6 +81,7 @@ pub async fn relay(state: &AppState, req: ClientRequest, group: &str, request_id
             None => ApiError::model_not_found(&req.model),
         });
     }
+    let mut meter = Some(state.billing.admit(caller, &req, request_id)?);
     let route = RouteRequest { endpoint: req.endpoint, model: &req.model, group, stream: req.stream };
     let ordered = state.routing.order(&plugins, &state.registry, &route, candidates);
     let cfg = &state.config.upstream;
@@ -107,16 +116,27 @@ pub async fn relay(state: &AppState, req: ClientRequest, group: &str, request_id
         let stats = state.routing.stats.of(channel.id);
         let in_flight = stats.start();
         let (view, key) = channel.view();
-        let work = attempt(state, &plugins, channel, view, &req, &stats, in_flight, request_id);
-        let (err, kind) = match tokio::time::timeout(limit, work).await {
+        let info = attempt_info(&plugins, channel, &req.model);
+        let ctx =
+            Attempt { state, plugins: &plugins, channel, req: &req, stats: &stats, info: info.clone(), request_id };
+        let (err, kind) = match tokio::time::timeout(limit, attempt(ctx, view, in_flight, &mut meter)).await {
             Ok(Ok(response)) => {
                 state.health.on_success(channel);
                 return Ok(response);
             }
-            Ok(Err(Failure::Final(err))) => return Err(err),
+            Ok(Err(Failure::Final(err))) => {
+                if let Some(m) = &meter {
+                    m.attempt_failed(&info, err.status.as_u16(), err.code.unwrap_or(err.kind));
+                }
+                return Err(err);
+            }
             Ok(Err(Failure::Retry(err, kind))) => (err, kind),
             Err(_) => (timeout_error(), Some(ErrorKind::Transient)),
         };
+        if let Some(m) = &meter {
+            let what = kind.as_ref().map_or("adapter_unavailable", kind_name);
+            m.attempt_failed(&info, err.status.as_u16(), what);
+        }
         stats.failure();
         tracing::info!(request_id, channel = channel.id, status = %err.status, code = ?err.code, "attempt failed");
         spent[index] = match &kind {
@@ -180,17 +200,37 @@ fn adapter_unavailable() -> ApiError {
     )
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Which channel and plugin an attempt uses, for the usage log.
+fn attempt_info(plugins: &PluginSet, channel: &Channel, model: &str) -> AttemptInfo {
+    let adapter = plugins.adapters.get(&channel.adapter);
+    AttemptInfo {
+        channel_id: channel.id,
+        upstream_model: channel.upstream_model(model),
+        plugin: channel.adapter.clone(),
+        plugin_sha256: adapter.map(|a| a.sha256.clone()).unwrap_or_default(),
+    }
+}
+
+/// One attempt's fixed inputs.
+struct Attempt<'a> {
+    state: &'a AppState,
+    plugins: &'a PluginSet,
+    channel: &'a Arc<Channel>,
+    req: &'a ClientRequest,
+    stats: &'a Arc<ChannelStats>,
+    info: AttemptInfo,
+    request_id: &'a str,
+}
+
+/// Try `a.channel`. On success the meter is settled (non-streamed) or moved
+/// into the stream, which settles it when it ends.
 async fn attempt(
-    state: &AppState,
-    plugins: &PluginSet,
-    channel: &Arc<Channel>,
+    a: Attempt<'_>,
     view: ChannelView,
-    req: &ClientRequest,
-    stats: &Arc<ChannelStats>,
     in_flight: InFlight,
-    request_id: &str,
+    meter: &mut Option<Meter>,
 ) -> Result<Response, Failure> {
+    let Attempt { state, plugins, channel, req, stats, info, request_id } = a;
     let started = Instant::now();
     let Some(adapter) = plugins.adapters.get(&channel.adapter) else {
         tracing::warn!(request_id, channel = channel.id, adapter = %channel.adapter, "adapter not loaded");
@@ -232,8 +272,11 @@ async fn attempt(
             request_id: request_id.to_string(),
             stats: stats.clone(),
             _in_flight: in_flight,
+            meter: None,
+            text: String::new(),
+            ttft: None,
         };
-        return stream_response(live, started).await;
+        return stream_response(live, started, meter, info).await;
     }
     let body = upstream.read(response).await.map_err(|e| upstream_failure(&e, channel))?;
     match adapter.parse_response(&ctx, &body) {
@@ -247,6 +290,14 @@ async fn attempt(
             stats.success(started.elapsed(), None);
             drop(in_flight);
             tracing::debug!(request_id, channel = channel.id, usage = ?parsed.usage, "request served");
+            if let Some(mut m) = meter.take() {
+                let mut text = String::new();
+                if parsed.usage.is_none() {
+                    crate::billing::tokenize::generated_text(&parsed.body, &mut text);
+                }
+                m.serving(info);
+                m.settle(Delivery { usage: parsed.usage, text: &text, ..Delivery::default() });
+            }
             let mut response = Response::new(Body::from(parsed.body));
             response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             Ok(response)
@@ -254,7 +305,12 @@ async fn attempt(
     }
 }
 
-async fn stream_response(mut live: LiveStream, started: Instant) -> Result<Response, Failure> {
+async fn stream_response(
+    mut live: LiveStream,
+    started: Instant,
+    meter: &mut Option<Meter>,
+    info: AttemptInfo,
+) -> Result<Response, Failure> {
     // Nothing has reached the client yet: a failure here may fail over.
     let first = stream::first_frames(&mut live).await.map_err(|(err, kind)| match kind {
         Some(kind) if retryable(&kind) => Failure::Retry(err, Some(kind)),
@@ -262,6 +318,11 @@ async fn stream_response(mut live: LiveStream, started: Instant) -> Result<Respo
     })?;
     let ttft = started.elapsed();
     live.stats.success(ttft, Some(ttft));
+    live.ttft = Some(ttft);
+    live.meter = meter.take().map(|mut m| {
+        m.serving(info);
+        m
+    });
     let body = Body::from_stream(stream::body(first, live));
     let headers = [
         (header::CONTENT_TYPE, "text/event-stream"),

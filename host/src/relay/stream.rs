@@ -10,6 +10,8 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 
+use crate::billing::tokenize::generated_text;
+use crate::billing::{Delivery, Meter};
 use crate::channels::Channel;
 use crate::error::ApiError;
 use crate::plugins::{AdapterResult, AdapterStream, ErrorKind, PluginError, StreamEvents, Usage};
@@ -47,6 +49,7 @@ pub(crate) fn frames(
     result: AdapterResult<StreamEvents>,
     channel: &Channel,
     usage: &mut Option<Usage>,
+    text: &mut String,
     upstream_ended: bool,
 ) -> Frames {
     let mut out = Frames { bytes: BytesMut::new(), chunks: 0, end: false, early_error: None, early_kind: None };
@@ -76,6 +79,8 @@ pub(crate) fn frames(
         out.bytes.put_slice(chunk);
         out.bytes.put_slice(b"\n\n");
         out.chunks += 1;
+        // Kept to bill by a local count if the upstream reports no usage.
+        generated_text(chunk, text);
     }
     if events.usage.is_some() {
         *usage = events.usage;
@@ -107,6 +112,33 @@ pub(crate) struct LiveStream {
     pub stats: Arc<ChannelStats>,
     /// Counts the stream as in flight until it ends.
     pub _in_flight: InFlight,
+    /// Bills the request when the stream ends (or the client leaves).
+    pub meter: Option<Meter>,
+    /// Generated text sent so far.
+    pub text: String,
+    /// Time to first token.
+    pub ttft: Option<Duration>,
+}
+
+impl LiveStream {
+    /// Settle the bill once: with the upstream's usage, else by counting
+    /// what was delivered.
+    fn settle(&mut self, client_disconnected: bool) {
+        if let Some(meter) = self.meter.take() {
+            meter.settle(Delivery { usage: self.usage, text: &self.text, ttft: self.ttft, client_disconnected });
+        }
+    }
+}
+
+impl Drop for LiveStream {
+    /// A stream dropped before its end is a client that went away: bill
+    /// what was delivered.
+    fn drop(&mut self) {
+        if self.meter.is_some() {
+            tracing::info!(request_id = %self.request_id, channel = self.channel.id, "client disconnected mid-stream");
+        }
+        self.settle(true);
+    }
 }
 
 /// Read upstream until the decoder yields something to send. `Err` means
@@ -130,11 +162,11 @@ async fn next_frames(live: &mut LiveStream) -> Frames {
         Ok(Some(Err(_))) => stalled(&live.channel, "connection dropped mid-stream"),
         Ok(Some(Ok(bytes))) => {
             let r = live.decoder.feed(&bytes);
-            frames(r, &live.channel, &mut live.usage, false)
+            frames(r, &live.channel, &mut live.usage, &mut live.text, false)
         }
         Ok(None) => {
             let r = live.decoder.finish();
-            frames(r, &live.channel, &mut live.usage, true)
+            frames(r, &live.channel, &mut live.usage, &mut live.text, true)
         }
     }
 }
@@ -163,7 +195,7 @@ pub(crate) fn body(first: Frames, live: LiveStream) -> impl Stream<Item = Result
         if let Some(f) = pending {
             let end = f.end;
             if end {
-                finish_log(&live);
+                finish_log(&mut live);
             }
             return Some((Ok(f.bytes.freeze()), (None, live, end)));
         }
@@ -179,7 +211,7 @@ pub(crate) fn body(first: Frames, live: LiveStream) -> impl Stream<Item = Result
                 error_frame(&mut step.bytes, err);
             }
             if step.end {
-                finish_log(&live);
+                finish_log(&mut live);
                 return Some((Ok(step.bytes.freeze()), (None, live, true)));
             }
             if !step.bytes.is_empty() {
@@ -189,7 +221,8 @@ pub(crate) fn body(first: Frames, live: LiveStream) -> impl Stream<Item = Result
     })
 }
 
-fn finish_log(live: &LiveStream) {
+fn finish_log(live: &mut LiveStream) {
+    live.settle(false);
     tracing::debug!(request_id = %live.request_id, channel = live.channel.id,
         plugin = live.decoder.plugin_name(), usage = ?live.usage, "stream finished");
 }

@@ -1,0 +1,227 @@
+//! Prices, in one-api's scheme. Quota is the gateway's money:
+//! `quota_per_dollar` (500,000) quota = $1, and a model ratio of 1 means
+//! $0.002 per 1K tokens, i.e. 1 quota per token. For a request:
+//!
+//! ```text
+//! quota = ceil(( (prompt - cached) + cached × cached_ratio + completion × completion_ratio )
+//!              × model_ratio × group_ratio)
+//! ```
+//!
+//! A model priced per call costs `price × quota_per_dollar × group_ratio`.
+//! A model with no price is refused, or free when `unpriced = "free"` —
+//! an explicit choice, never a silent default of zero.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+
+use crate::store::Store;
+
+/// How a model is priced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    /// Model ratio: 1 = $0.002 / 1K prompt tokens; 0 = free.
+    #[serde(default)]
+    pub ratio: f64,
+    /// Completion tokens cost `completion_ratio` × a prompt token.
+    #[serde(default = "one")]
+    pub completion_ratio: f64,
+    /// Cached prompt tokens cost `cached_ratio` × a prompt token.
+    #[serde(default = "one")]
+    pub cached_ratio: f64,
+    /// Dollars per request; when set, tokens are not counted for the price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<f64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// What to do with a model that has no price.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unpriced {
+    /// Refuse the request (403 `model_not_priced`).
+    #[default]
+    Refuse,
+    /// Serve it for free (logged with quota 0).
+    Free,
+}
+
+/// The price table (`[billing]` in the configuration, or `PUT /api/pricing`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricingConfig {
+    /// Quota units per dollar.
+    pub quota_per_dollar: f64,
+    /// Completion tokens pre-charged when a request sets no `max_tokens`.
+    pub default_completion_tokens: u32,
+    /// Models without a price.
+    pub unpriced: Unpriced,
+    /// Per-group multipliers (default 1).
+    pub group_ratios: BTreeMap<String, f64>,
+    /// Per-model prices.
+    pub models: BTreeMap<String, ModelPrice>,
+}
+
+impl Default for PricingConfig {
+    fn default() -> Self {
+        Self {
+            quota_per_dollar: 500_000.0,
+            default_completion_tokens: 256,
+            unpriced: Unpriced::Refuse,
+            group_ratios: BTreeMap::new(),
+            models: BTreeMap::new(),
+        }
+    }
+}
+
+/// The price of one request, resolved at admission.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Price {
+    /// Per token.
+    Tokens {
+        /// Model ratio × group ratio.
+        ratio: f64,
+        /// Completion ratio.
+        completion_ratio: f64,
+        /// Cached-prompt ratio.
+        cached_ratio: f64,
+    },
+    /// A fixed quota per request.
+    PerRequest(u64),
+}
+
+impl Price {
+    /// Quota for the given token counts.
+    pub fn quota(&self, prompt: u64, completion: u64, cached: u64) -> u64 {
+        match *self {
+            Price::PerRequest(q) => q,
+            Price::Tokens { ratio, completion_ratio, cached_ratio } => {
+                let cached = cached.min(prompt);
+                let weighted =
+                    (prompt - cached) as f64 + cached as f64 * cached_ratio + completion as f64 * completion_ratio;
+                let q = (weighted * ratio).ceil();
+                if q.is_finite() && q > 0.0 { q as u64 } else { 0 }
+            }
+        }
+    }
+}
+
+impl PricingConfig {
+    /// The price of `model` for `group`; `None` when the model is unpriced
+    /// and unpriced models are refused.
+    pub fn price(&self, model: &str, group: &str) -> Option<Price> {
+        let group_ratio = self.group_ratios.get(group).copied().unwrap_or(1.0).max(0.0);
+        match self.models.get(model) {
+            Some(ModelPrice { price: Some(dollars), .. }) => {
+                Some(Price::PerRequest((dollars * self.quota_per_dollar * group_ratio).ceil().max(0.0) as u64))
+            }
+            Some(p) => Some(Price::Tokens {
+                ratio: p.ratio.max(0.0) * group_ratio,
+                completion_ratio: p.completion_ratio.max(0.0),
+                cached_ratio: p.cached_ratio.max(0.0),
+            }),
+            None => match self.unpriced {
+                Unpriced::Refuse => None,
+                Unpriced::Free => Some(Price::PerRequest(0)),
+            },
+        }
+    }
+
+    /// Check the table; the error names the field.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if !self.quota_per_dollar.is_finite() || self.quota_per_dollar <= 0.0 {
+            return Err(("quota_per_dollar".into(), "`quota_per_dollar` must be positive".into()));
+        }
+        for (model, p) in &self.models {
+            let bad = [p.ratio, p.completion_ratio, p.cached_ratio, p.price.unwrap_or(0.0)]
+                .iter()
+                .any(|v| !v.is_finite() || *v < 0.0);
+            if bad {
+                let field = format!("models.{model}");
+                return Err((field.clone(), format!("`{field}`: ratios and prices must be finite and ≥ 0")));
+            }
+        }
+        if let Some((g, _)) = self.group_ratios.iter().find(|(_, r)| !r.is_finite() || **r < 0.0) {
+            let field = format!("group_ratios.{g}");
+            return Err((field.clone(), format!("`{field}` must be finite and ≥ 0")));
+        }
+        Ok(())
+    }
+}
+
+const OPTION: &str = "pricing_override";
+
+/// The price table in force: the configuration's, or the admin API's once set.
+pub struct Pricing {
+    from_config: PricingConfig,
+    current: ArcSwap<PricingConfig>,
+    store: Store,
+}
+
+impl Pricing {
+    /// Load the stored override, else the configuration's table.
+    pub fn load(config: &PricingConfig, store: &Store) -> anyhow::Result<Self> {
+        let stored = store.option(OPTION)?.and_then(|raw| serde_json::from_str(&raw).ok());
+        Ok(Self {
+            from_config: config.clone(),
+            current: ArcSwap::from_pointee(stored.unwrap_or_else(|| config.clone())),
+            store: store.clone(),
+        })
+    }
+
+    /// The table in force.
+    pub fn table(&self) -> Arc<PricingConfig> {
+        self.current.load_full()
+    }
+
+    /// Replace the table durably.
+    pub fn set(&self, table: PricingConfig) -> Result<(), (String, String)> {
+        table.validate()?;
+        let raw = serde_json::to_string(&table).map_err(|e| ("body".to_string(), e.to_string()))?;
+        self.store.set_option(OPTION, &raw).map_err(|e| ("body".to_string(), format!("storage failed: {e:#}")))?;
+        self.current.store(Arc::new(table));
+        Ok(())
+    }
+
+    /// Return to the configuration's table.
+    pub fn reset(&self) -> anyhow::Result<()> {
+        self.store.remove_option(OPTION)?;
+        self.current.store(Arc::new(self.from_config.clone()));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_api_formula_with_cache_group_and_per_call_prices() {
+        let mut t = PricingConfig::default();
+        t.models.insert(
+            "gpt-4o-mini".into(),
+            ModelPrice { ratio: 0.075, completion_ratio: 4.0, cached_ratio: 0.5, price: None },
+        );
+        t.models.insert(
+            "img".into(),
+            ModelPrice { ratio: 0.0, completion_ratio: 1.0, cached_ratio: 1.0, price: Some(0.04) },
+        );
+        t.group_ratios.insert("vip".into(), 0.5);
+        let p = t.price("gpt-4o-mini", "default").expect("priced");
+        // (9 - 3) + 3 × 0.5 + 12 × 4 = 55.5; × 0.075 = 4.1625 → 5
+        assert_eq!(p.quota(9, 12, 3), 5);
+        // 1000 prompt + 1000 completion: (1000 + 4000) × 0.075 = 375; vip halves it.
+        assert_eq!(p.quota(1000, 1000, 0), 375);
+        assert_eq!(t.price("gpt-4o-mini", "vip").expect("priced").quota(1000, 1000, 0), 188);
+        assert_eq!(t.price("img", "default"), Some(Price::PerRequest(20_000)));
+        assert_eq!(t.price("unknown", "default"), None);
+        t.unpriced = Unpriced::Free;
+        assert_eq!(t.price("unknown", "default").expect("free").quota(100, 100, 0), 0);
+    }
+}
