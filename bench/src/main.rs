@@ -61,6 +61,37 @@ struct Args {
 
 const TOKEN: &str = "sk-bench-0123456789abcdefghijklmnopqrstuv";
 
+/// The key requests use: a billed user's token created through the admin
+/// API, so the measured path includes admission, the quota reservation,
+/// settlement and the usage log.
+static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn key() -> &'static str {
+    KEY.get().map_or(TOKEN, String::as_str)
+}
+
+/// Create a user with ample quota and a token for them.
+async fn billed_key(base: &str) -> Result<String> {
+    let http = reqwest::Client::new();
+    let user: serde_json::Value = http
+        .post(format!("{base}/api/users"))
+        .bearer_auth("adm-bench")
+        .json(&json!({"name": "bench", "quota": 1_000_000_000_000i64}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token: serde_json::Value = http
+        .post(format!("{base}/api/tokens"))
+        .bearer_auth("adm-bench")
+        .json(&json!({"name": "bench", "user_id": user["id"]}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    token["key"].as_str().map(str::to_string).context("no key in the token answer")
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(upstream) = args.bare_proxy {
@@ -107,7 +138,8 @@ fn start_gateway(args: &Args, dir: &std::path::Path, upstream: &str) -> Result<(
     }
     let config = format!(
         "tokens = [{TOKEN:?}]\nadmin_token = \"adm-bench\"\ndata_dir = {:?}\nplugins_dir = {:?}\n\
-         [[channels]]\nname = \"mock\"\nadapter = \"openai\"\nbase_url = \"{upstream}\"\nkey = \"sk-up\"\nmodels = [\"gpt-4o-mini\"]\n",
+         [[channels]]\nname = \"mock\"\nadapter = \"openai\"\nbase_url = \"{upstream}\"\nkey = \"sk-up\"\nmodels = [\"gpt-4o-mini\"]\n\
+         [pricing.models.gpt-4o-mini]\nratio = 0.075\ncompletion_ratio = 4\ncached_ratio = 0.5\n",
         dir.join("data"),
         plugins
     );
@@ -154,6 +186,7 @@ async fn http(args: &Args) -> Result<()> {
     let _mock = ChildGuard(mock_child);
     let dir = tempfile::tempdir()?;
     let (_gateway, base) = start_gateway(args, dir.path(), &mock_url)?;
+    let _ = KEY.set(billed_key(&base).await?);
     let (_bare, bare_base) = bare_proxy::start(&mock_url)?;
     let bare = format!("{bare_base}/v1/chat/completions");
     let client = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(256).build()?;
@@ -191,7 +224,7 @@ async fn http(args: &Args) -> Result<()> {
 /// Time one request: to the complete body, or to the first SSE chunk.
 async fn once(client: &reqwest::Client, url: &str, body: &serde_json::Value, first_chunk: bool) -> Result<Duration> {
     let start = Instant::now();
-    let resp = client.post(url).bearer_auth(TOKEN).json(body).send().await?;
+    let resp = client.post(url).bearer_auth(key()).json(body).send().await?;
     anyhow::ensure!(resp.status().is_success(), "{url}: HTTP {}", resp.status());
     if first_chunk {
         let mut stream = resp.bytes_stream();

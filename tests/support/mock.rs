@@ -1,7 +1,8 @@
 //! A real OpenAI-compatible mock upstream on 127.0.0.1:0 (axum), used by the
 //! integration tests and the benchmark. It records what it receives and
 //! answers in OpenAI's exact shapes. Models whose name starts with `hold`
-//! stream their first chunk, then wait for `release()` before the rest.
+//! stream their first chunk, then wait for `release()` before the rest;
+//! `slow*` models stream forty words, one every 30 ms.
 //! [`MockUpstream::set_mode`] switches chat completions between healthy and
 //! the failure kinds real upstreams produce, at runtime.
 
@@ -45,6 +46,8 @@ pub enum Mode {
     Times(u32, Box<Mode>, Box<Mode>),
     /// `401 invalid_api_key` for requests bearing this key; healthy otherwise.
     RejectKey(String),
+    /// Healthy, but never reports usage (some OpenAI-compatible servers).
+    NoUsage,
 }
 
 impl Mode {
@@ -142,6 +145,11 @@ impl MockUpstream {
     }
 }
 
+/// The mode in force, without consuming a `Times` use.
+fn current_mode_peek(state: &MockState) -> Mode {
+    state.mode.lock().expect("mode lock").clone()
+}
+
 /// The mode for this request (consuming one use of a `Times` mode).
 fn current_mode(state: &MockState) -> Mode {
     let mut mode = state.mode.lock().expect("mode lock");
@@ -185,7 +193,7 @@ fn dropping_body(head: String) -> Body {
 /// The failure answer for `mode`, or `None` to answer normally.
 async fn failure(mode: Mode, model: &str, headers: &HeaderMap) -> Option<Response> {
     match mode {
-        Mode::Healthy | Mode::Times(..) => None,
+        Mode::Healthy | Mode::Times(..) | Mode::NoUsage => None,
         Mode::RejectKey(key) => {
             let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
             if auth.ends_with(&key) {
@@ -255,9 +263,15 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     if let Some(response) = failure(current_mode(&state), &model, &headers).await {
         return response;
     }
-    let text = format!("echo: {}", last_user_text(&req));
+    // `slow*` models answer forty words, one chunk every 30 ms.
+    let text = if model.starts_with("slow") {
+        (0..40).map(|i| format!("word{i} ")).collect::<String>()
+    } else {
+        format!("echo: {}", last_user_text(&req))
+    };
+    let no_usage = matches!(current_mode_peek(&state), Mode::NoUsage);
     if req["stream"].as_bool() == Some(true) {
-        let include_usage = req["stream_options"]["include_usage"].as_bool() == Some(true);
+        let include_usage = req["stream_options"]["include_usage"].as_bool() == Some(true) && !no_usage;
         return sse(state, model.clone(), chat_chunks(&model, &text, include_usage));
     }
     let body = json!({
@@ -265,7 +279,7 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
         "system_fingerprint": state.name,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null},
                      "logprobs": null, "finish_reason": "stop"}],
-        "usage": usage(),
+        "usage": if no_usage { Value::Null } else { usage() },
     });
     axum::Json(body).into_response()
 }
@@ -292,7 +306,8 @@ fn chat_chunks(model: &str, text: &str, include_usage: bool) -> Vec<Value> {
 /// Stream `chunks` as SSE; `hold*` models pause after the first chunk.
 fn sse(state: Arc<MockState>, model: String, chunks: Vec<Value>) -> Response {
     let hold = model.starts_with("hold");
-    let stream = async_stream(state, chunks, hold);
+    let pace = model.starts_with("slow").then_some(Duration::from_millis(30));
+    let stream = async_stream(state, chunks, hold, pace);
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -304,6 +319,7 @@ fn async_stream(
     state: Arc<MockState>,
     chunks: Vec<Value>,
     hold: bool,
+    pace: Option<Duration>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
     let frames: Vec<Bytes> = chunks
         .into_iter()
@@ -316,6 +332,9 @@ fn async_stream(
             if hold && i == 1 {
                 // Hold the rest until the test releases it (bounded).
                 let _ = tokio::time::timeout(Duration::from_secs(10), state.release.notified()).await;
+            }
+            if let Some(gap) = pace.filter(|_| i > 0) {
+                tokio::time::sleep(gap).await;
             }
             it.next().map(|f| (Ok(f), (it, i + 1)))
         }

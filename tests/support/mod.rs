@@ -132,6 +132,21 @@ impl Gateway {
         self.base = base;
     }
 
+    /// Stop with SIGTERM (a clean stop: the gateway drains and flushes),
+    /// then start again on the same directories.
+    pub fn restart_gracefully(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, base) = Self::spawn(self.dir.path(), &self.config_path);
+        self.child = child;
+        self.base = base;
+    }
+
     /// `base` + `path`.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)

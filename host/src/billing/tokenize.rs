@@ -115,8 +115,11 @@ pub fn generated_text(body: &[u8], out: &mut String) {
     if let Ok(r) = serde_json::from_slice::<Resp>(body) {
         for c in r.choices {
             for part in [c.message, c.delta].into_iter().flatten() {
-                if let Some(v) = part.content {
-                    text_of(&v, out);
+                match part.content {
+                    // Stream deltas concatenate exactly.
+                    Some(Value::String(s)) => out.push_str(&s),
+                    Some(v) => text_of(&v, out),
+                    None => {}
                 }
             }
             if let Some(t) = c.text {
@@ -140,6 +143,7 @@ mod tests {
         assert_eq!(estimate("text-embedding-3-small", br#"{"input":["a b c"]}"#, 100, false).1, 0);
         let mut text = String::new();
         generated_text(br#"{"choices":[{"delta":{"content":"Hi there"}}]}"#, &mut text);
-        assert_eq!(count("gpt-4o-mini", &text), 3);
+        assert_eq!(text, "Hi there");
+        assert_eq!(count("gpt-4o-mini", &text), 2);
     }
 }
