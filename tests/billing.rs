@@ -384,6 +384,13 @@ async fn a_clean_stop_flushes_queued_rows_and_old_rows_expire() {
         .expect("json");
     assert_eq!(me["used_quota"], 5 * PAID);
 
+    // An admin sets the balance: recorded as an adjustment, durable.
+    let (status, u) = admin(&gw, Method::PATCH, &format!("/api/users/{uid}"), Some(&json!({"quota": 5_000}))).await;
+    assert_eq!((status, u["quota"].as_i64()), (200, Some(5_000)), "{u}");
+    gw.restart_gracefully();
+    let u = user(&gw, uid).await;
+    assert_eq!((u["quota"].as_i64(), u["used_quota"].as_i64()), (Some(5_000), Some(5 * PAID)), "{u}");
+
     let (_mock2, gw2) = gateway("[logs]\nretention_secs = 1\nretention_interval_secs = 1\n").await;
     let (_, key2) = user_with_token(&gw2, 1_000, json!({})).await;
     assert_eq!(call(&gw2, &key2, &chat("free-model")).await.0, 200);

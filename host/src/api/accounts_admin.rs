@@ -16,7 +16,6 @@ use serde_json::{Value, json};
 use super::body;
 use super::params::{json_body, optional_u64, paging};
 use crate::billing::accounts::{AccountError, Role, Status, TokenRecord, UserRecord};
-use crate::billing::writer::Op;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -168,11 +167,7 @@ async fn modify_user(
         None => Ok(()),
     })?;
     if let Some(target) = quota {
-        // Setting the balance is recorded as an adjustment, so it composes
-        // with charges being written at the same moment.
-        let delta = target - state.billing.ledger.user(id).balance;
-        state.billing.ledger.adjust(Some(id), None, delta);
-        state.billing.writer.send(Op::Adjust { user: Some(id), token: None, delta });
+        let delta = state.billing.set_balance(Some(id), None, target);
         tracing::info!(user = id, delta, "user quota set");
     }
     Ok(Json(user_view(&state, &user)))
@@ -341,9 +336,8 @@ async fn modify_token(
         None => Ok(()),
     })?;
     if let Some(target) = remain {
-        let delta = target - state.billing.ledger.token(id).balance;
-        state.billing.ledger.adjust(None, Some(id), delta);
-        state.billing.writer.send(Op::Adjust { user: None, token: Some(id), delta });
+        let delta = state.billing.set_balance(None, Some(id), target);
+        tracing::info!(token = id, delta, "token quota set");
     }
     Ok(Json(token_view(&state, &token)))
 }

@@ -176,6 +176,21 @@ impl Billing {
         Ok(meter)
     }
 
+    /// Set the balance of a user or a token to `target`. It is recorded as
+    /// an adjustment by the difference, so it composes with charges being
+    /// written at the same moment. Returns the difference.
+    pub fn set_balance(&self, user: Option<u64>, token: Option<u64>, target: i64) -> i64 {
+        let current = match (user, token) {
+            (Some(u), _) => self.ledger.user(u).balance,
+            (None, Some(t)) => self.ledger.token(t).balance,
+            (None, None) => return 0,
+        };
+        let delta = target - current;
+        self.ledger.adjust(user, token, delta);
+        self.writer.send(Op::Adjust { user, token, delta });
+        delta
+    }
+
     fn queue(&self, mut row: LogRow) {
         match self.store.generate_id() {
             Ok(id) => row.id = id,
