@@ -180,6 +180,18 @@ pub fn random_key(prefix: &str) -> String {
 mod tests {
     use super::*;
 
+    /// Open again after a drop: sled's flusher thread may hold the file
+    /// lock for a moment after the `Db` is dropped.
+    fn reopen(dir: &Path) -> Store {
+        for _ in 0..100 {
+            if let Ok(store) = Store::open(dir) {
+                return store;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Store::open(dir).expect("reopen")
+    }
+
     #[test]
     fn schema_2_channel_status_becomes_a_health_state() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -194,7 +206,7 @@ mod tests {
             }
             store.flush().expect("flush");
         }
-        let store = Store::open(dir.path()).expect("reopen");
+        let store = reopen(dir.path());
         let tree = store.tree("channels").expect("tree");
         let read = |id: u64| -> crate::channels::ChannelRecord {
             serde_json::from_slice(&tree.get(id.to_be_bytes()).expect("get").expect("present")).expect("record")
@@ -216,7 +228,7 @@ mod tests {
             assert_eq!(store.next_counter("c").expect("counter"), 2);
             store.flush().expect("flush");
         }
-        let store = Store::open(dir.path()).expect("reopen");
+        let store = reopen(dir.path());
         assert_eq!(store.schema_version().expect("version"), Some(SCHEMA_VERSION));
         assert_eq!(store.next_counter("c").expect("counter"), 3);
     }
