@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::body;
-use super::params::{json_body, optional_u64, paging};
+use super::params::{json_body, optional_u64, paged, paging, path_id};
 use crate::billing::accounts::{AccountError, Role, Status, TokenRecord, UserRecord};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -35,12 +35,22 @@ impl From<AccountError> for ApiError {
     }
 }
 
-fn id_of(raw: &str) -> Result<u64, ApiError> {
-    raw.parse().map_err(|_| ApiError::bad_request("`id` must be a positive integer").param("id"))
-}
-
 fn invalid(field: &str, message: &str) -> AccountError {
     AccountError::Invalid(field.to_string(), format!("`{field}` {message}"))
+}
+
+/// Apply a `name` field: trimmed, 1 to 64 characters, required on create
+/// and replace.
+fn set_name(name: Option<String>, required: bool, target: &mut String) -> Result<(), AccountError> {
+    match name.map(|n| n.trim().to_string()) {
+        Some(n) if n.is_empty() || n.chars().count() > 64 => Err(invalid("name", "must be 1 to 64 characters")),
+        Some(n) => {
+            *target = n;
+            Ok(())
+        }
+        None if required => Err(invalid("name", "is required")),
+        None => Ok(()),
+    }
 }
 
 /// A user as the API shows it, with live balances.
@@ -79,14 +89,7 @@ struct UserInput {
 
 impl UserInput {
     fn apply(self, u: &mut UserRecord, required: bool) -> Result<(), AccountError> {
-        match self.name.map(|n| n.trim().to_string()) {
-            Some(n) if n.is_empty() || n.chars().count() > 64 => {
-                return Err(invalid("name", "must be 1 to 64 characters"));
-            }
-            Some(n) => u.name = n,
-            None if required => return Err(invalid("name", "is required")),
-            None => {}
-        }
+        set_name(self.name, required, &mut u.name)?;
         if let Some(g) = self.group {
             if g.is_empty() || !g.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
                 return Err(invalid("group", "must be letters, digits, `-`, `_` or `.`"));
@@ -108,7 +111,7 @@ pub async fn list_users(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let (page, per_page) = paging(&query)?;
+    let paging = paging(&query)?;
     let set = state.billing.accounts.snapshot();
     let q = query.get("q").map(|q| q.to_lowercase());
     let matching: Vec<_> = set
@@ -117,9 +120,7 @@ pub async fn list_users(
         .filter(|u| q.as_deref().is_none_or(|q| u.name.to_lowercase().contains(q)))
         .filter(|u| query.get("group").is_none_or(|g| &u.group == g))
         .collect();
-    let data: Vec<Value> =
-        matching.iter().skip((page - 1) * per_page).take(per_page).map(|u| user_view(&state, u)).collect();
-    Ok(Json(json!({"object": "list", "data": data, "total": matching.len(), "page": page, "per_page": per_page})))
+    Ok(Json(paged(&matching, paging, |u| user_view(&state, u))))
 }
 
 /// `POST /api/users`
@@ -143,7 +144,7 @@ pub async fn create_user(
 
 /// `GET /api/users/{id}`
 pub async fn get_user(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id = id_of(&id)?;
+    let id = path_id(&id)?;
     let set = state.billing.accounts.snapshot();
     let user = set.users.get(&id).ok_or(AccountError::NotFound("user"))?;
     Ok(Json(user_view(&state, user)))
@@ -155,7 +156,7 @@ async fn modify_user(
     raw: Result<Bytes, BytesRejection>,
     required: bool,
 ) -> Result<Json<Value>, ApiError> {
-    let id = id_of(&id)?;
+    let id = path_id(&id)?;
     let mut input: UserInput = json_body(&body::take(raw)?)?;
     let quota = input.quota.take();
     if quota.is_some_and(|q| q < 0) {
@@ -193,7 +194,7 @@ pub async fn patch_user(
 
 /// `DELETE /api/users/{id}`: the user and their tokens (log rows stay).
 pub async fn delete_user(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id = id_of(&id)?;
+    let id = path_id(&id)?;
     let tokens: Vec<u64> =
         state.billing.accounts.snapshot().tokens.values().filter(|t| t.user_id == id).map(|t| t.id).collect();
     state.billing.accounts.delete_user(id)?;
@@ -224,14 +225,7 @@ struct TokenInput {
 
 impl TokenInput {
     fn apply(self, t: &mut TokenRecord, required: bool) -> Result<(), AccountError> {
-        match self.name.map(|n| n.trim().to_string()) {
-            Some(n) if n.is_empty() || n.chars().count() > 64 => {
-                return Err(invalid("name", "must be 1 to 64 characters"));
-            }
-            Some(n) => t.name = n,
-            None if required => return Err(invalid("name", "is required")),
-            None => {}
-        }
+        set_name(self.name, required, &mut t.name)?;
         if let Some(s) = self.status {
             t.status = s;
         }
@@ -268,7 +262,7 @@ pub async fn list_tokens(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let (page, per_page) = paging(&query)?;
+    let paging = paging(&query)?;
     let user = optional_u64(&query, "user_id")?;
     let set = state.billing.accounts.snapshot();
     let q = query.get("q").map(|q| q.to_lowercase());
@@ -278,9 +272,7 @@ pub async fn list_tokens(
         .filter(|t| user.is_none_or(|u| t.user_id == u))
         .filter(|t| q.as_deref().is_none_or(|q| t.name.to_lowercase().contains(q)))
         .collect();
-    let data: Vec<Value> =
-        matching.iter().skip((page - 1) * per_page).take(per_page).map(|t| token_view(&state, t)).collect();
-    Ok(Json(json!({"object": "list", "data": data, "total": matching.len(), "page": page, "per_page": per_page})))
+    Ok(Json(paged(&matching, paging, |t| token_view(&state, t))))
 }
 
 /// `POST /api/tokens`: the answer carries the full `key`, this once.
@@ -307,7 +299,7 @@ pub async fn create_token(
 
 /// `GET /api/tokens/{id}`
 pub async fn get_token(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id = id_of(&id)?;
+    let id = path_id(&id)?;
     let set = state.billing.accounts.snapshot();
     let token = set.tokens.get(&id).ok_or(AccountError::NotFound("token"))?;
     Ok(Json(token_view(&state, token)))
@@ -319,7 +311,7 @@ async fn modify_token(
     raw: Result<Bytes, BytesRejection>,
     required: bool,
 ) -> Result<Json<Value>, ApiError> {
-    let id = id_of(&id)?;
+    let id = path_id(&id)?;
     let mut input: TokenInput = json_body(&body::take(raw)?)?;
     if input.user_id.is_some() {
         return Err(
@@ -362,7 +354,7 @@ pub async fn patch_token(
 
 /// `DELETE /api/tokens/{id}`
 pub async fn delete_token(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id = id_of(&id)?;
+    let id = path_id(&id)?;
     state.billing.accounts.delete_token(id)?;
     state.billing.ledger.close(None, Some(id));
     Ok(Json(json!({"id": id, "object": "token", "deleted": true})))

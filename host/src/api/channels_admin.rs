@@ -12,7 +12,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::body;
-use super::params::paging;
+use super::params::{paged, paging, path_id};
 use crate::channels::{Channel, ChannelRecord, FieldError, Mode, StoreError, parse_input};
 use crate::channels::{ChannelState, EventSource};
 use crate::error::ApiError;
@@ -48,22 +48,17 @@ fn not_found(id: u64) -> ApiError {
     )
 }
 
-fn channel_id(raw: &str) -> Result<u64, ApiError> {
-    raw.parse().map_err(|_| ApiError::bad_request("`id` must be a channel id (a positive integer)").param("id"))
-}
-
 /// `GET /api/channels?q=&adapter=&group=&status=&tag=&model=&page=&per_page=`
 pub async fn list(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let (page, per_page) = paging(&query)?;
-    const STATES: [&str; 5] = ["enabled", "manually_disabled", "cooling_down", "auto_disabled", "needs_attention"];
+    let paging = paging(&query)?;
     let status = match query.get("status").map(String::as_str) {
         None => None,
-        Some(s) if STATES.contains(&s) => Some(s),
+        Some(s) if ChannelState::NAMES.contains(&s) => Some(s),
         Some(_) => {
-            let msg = format!("`status` must be one of {}", STATES.join(", "));
+            let msg = format!("`status` must be one of {}", ChannelState::NAMES.join(", "));
             return Err(ApiError::bad_request(msg).param("status"));
         }
     };
@@ -80,10 +75,7 @@ pub async fn list(
         .filter(|r| field("model").is_none_or(|m| r.models.iter().any(|x| x == m)))
         .filter(|r| status.is_none_or(|s| r.status.name() == s))
         .collect();
-    let total = matching.len();
-    let data: Vec<Value> =
-        matching.into_iter().skip((page - 1) * per_page).take(per_page).map(|r| r.masked()).collect();
-    Ok(Json(json!({"object": "list", "data": data, "total": total, "page": page, "per_page": per_page})))
+    Ok(Json(paged(&matching, paging, |r| r.masked())))
 }
 
 /// `POST /api/channels`
@@ -101,7 +93,7 @@ pub async fn create(
 
 /// `GET /api/channels/{id}`
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id = channel_id(&id)?;
+    let id = path_id(&id)?;
     let snapshot = state.channels.snapshot();
     let rec = snapshot.records.get(&id).ok_or_else(|| not_found(id))?;
     let mut view = rec.masked();
@@ -119,7 +111,7 @@ async fn modify(
     raw: Result<Bytes, BytesRejection>,
     mode: Mode,
 ) -> Result<Json<Value>, ApiError> {
-    let id = channel_id(&id)?;
+    let id = path_id(&id)?;
     let mut input = Some(parse_input(&body::take(raw)?)?);
     let rec = state.channels.update(id, &mut |rec| match input.take() {
         Some(input) => input.apply(rec, mode),
@@ -149,7 +141,7 @@ pub async fn patch(
 
 /// `DELETE /api/channels/{id}`
 pub async fn delete(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id = channel_id(&id)?;
+    let id = path_id(&id)?;
     let rec = state.channels.delete(id)?;
     tracing::info!(channel = id, name = %rec.name, "channel deleted");
     Ok(Json(json!({"id": id, "object": "channel", "deleted": true})))
@@ -171,12 +163,7 @@ async fn test_one(state: &AppState, rec: &ChannelRecord) -> Result<Value, ApiErr
         if outcome.success {
             r.response_time_ms = Some(outcome.time_ms);
             if matches!(r.status, ChannelState::AutoDisabled { .. }) {
-                let why = format!("test succeeded in {} ms", outcome.time_ms);
-                for k in r.keys.iter_mut().filter(|k| k.auto.is_some()) {
-                    k.enabled = true;
-                    k.auto = None;
-                }
-                r.transition(ChannelState::Enabled, EventSource::Probe, &why, now);
+                r.restore(EventSource::Probe, &format!("test succeeded in {} ms", outcome.time_ms), now);
             }
         }
         Ok(())
@@ -190,7 +177,7 @@ async fn test_one(state: &AppState, rec: &ChannelRecord) -> Result<Value, ApiErr
 /// `POST /api/channels/{id}/test`: send the adapter's probe, record the
 /// response time.
 pub async fn test(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id = channel_id(&id)?;
+    let id = path_id(&id)?;
     let rec = state.channels.snapshot().records.get(&id).cloned().ok_or_else(|| not_found(id))?;
     Ok(Json(test_one(&state, &rec).await?))
 }
@@ -248,7 +235,7 @@ pub async fn enable(
     Path(id): Path<String>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = channel_id(&id)?;
+    let id = path_id(&id)?;
     let note = note(raw)?;
     let rec = state.channels.update(id, &mut |r| {
         r.enable_manually(&note, unix_now_ms());
@@ -265,7 +252,7 @@ pub async fn disable(
     Path(id): Path<String>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = channel_id(&id)?;
+    let id = path_id(&id)?;
     let note = note(raw)?;
     let rec = state.channels.update(id, &mut |r| {
         r.disable_manually("admin", &note, unix_now_ms());

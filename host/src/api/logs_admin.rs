@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::body;
-use super::params::{json_body, optional_u64, paging};
+use super::params::{json_body, list_json, optional_u64, paging};
 use crate::billing::Caller;
 use crate::billing::logs::{LogFilter, LogKind, query, stats};
 use crate::billing::pricing::PricingConfig;
@@ -39,12 +39,13 @@ fn filter(q: &HashMap<String, String>) -> Result<LogFilter, ApiError> {
 }
 
 async fn page(state: &AppState, f: LogFilter, q: &HashMap<String, String>) -> Result<Json<Value>, ApiError> {
-    let (page, per_page) = paging(q)?;
+    let paging = paging(q)?;
     let tree = state.billing.logs.clone();
-    let (rows, total) = tokio::task::spawn_blocking(move || query(&tree, &f, page, per_page))
+    let (rows, total) = tokio::task::spawn_blocking(move || query(&tree, &f, paging.0, paging.1))
         .await
         .map_err(|_| ApiError::internal())?;
-    Ok(Json(json!({"object": "list", "data": rows, "total": total, "page": page, "per_page": per_page})))
+    let data = rows.iter().map(|r| json!(r)).collect();
+    Ok(Json(list_json(data, total, paging)))
 }
 
 /// `GET /api/logs?start_ms=&end_ms=&user_id=&token=&token_id=&channel_id=&model=&type=&request_id=&page=&per_page=`

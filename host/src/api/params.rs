@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
 
 use crate::error::ApiError;
 
@@ -35,6 +36,23 @@ pub fn optional_u64(query: &HashMap<String, String>, name: &str) -> Result<Optio
 /// `page` (from 1) and `per_page` (default 20, at most 100).
 pub fn paging(query: &HashMap<String, String>) -> Result<(usize, usize), ApiError> {
     Ok((number(query, "page", 1)?, number(query, "per_page", DEFAULT_PER_PAGE)?.min(MAX_PER_PAGE)))
+}
+
+/// The id in a `/{id}` path segment.
+pub fn path_id(raw: &str) -> Result<u64, ApiError> {
+    raw.parse().map_err(|_| ApiError::bad_request("`id` must be a positive integer").param("id"))
+}
+
+/// The list answer every admin listing gives.
+pub fn list_json(data: Vec<Value>, total: usize, (page, per_page): (usize, usize)) -> Value {
+    json!({"object": "list", "data": data, "total": total, "page": page, "per_page": per_page})
+}
+
+/// Page `(page, per_page)` of `items`, each shown by `view`.
+pub fn paged<T>(items: &[T], paging: (usize, usize), view: impl Fn(&T) -> Value) -> Value {
+    let (page, per_page) = paging;
+    let data = items.iter().skip((page - 1) * per_page).take(per_page).map(view).collect();
+    list_json(data, items.len(), paging)
 }
 
 /// Parse a JSON body; a type error names its field (`weight`, `rules[0].policy`).

@@ -7,16 +7,13 @@ use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};
 
+use crate::channels::ChannelState;
 use crate::state::AppState;
 
 /// `GET /api/status`
 pub async fn status(State(state): State<AppState>) -> Json<Value> {
     let snapshot = state.channels.snapshot();
-    let mut counts: BTreeMap<&str, usize> =
-        ["enabled", "manually_disabled", "cooling_down", "auto_disabled", "needs_attention"]
-            .into_iter()
-            .map(|s| (s, 0))
-            .collect();
+    let mut counts: BTreeMap<&str, usize> = ChannelState::NAMES.into_iter().map(|s| (s, 0)).collect();
     let mut channels = Vec::with_capacity(snapshot.records.len());
     for rec in snapshot.records.values() {
         *counts.entry(rec.status.name()).or_default() += 1;

@@ -188,6 +188,13 @@ pub enum AccountError {
     Backend(#[from] anyhow::Error),
 }
 
+/// Insert record `id` and flush.
+fn insert_durably<T: Serialize>(tree: &sled::Tree, id: u64, rec: &T) -> anyhow::Result<()> {
+    tree.insert(id.to_be_bytes(), serde_json::to_vec(rec)?)?;
+    tree.flush()?;
+    Ok(())
+}
+
 /// Write `next` over record `id` in one transaction, keeping what `keep`
 /// copies from the stored version (the balances the writer owns).
 fn merge_in<T>(tree: &sled::Tree, id: u64, next: &T, keep: impl Fn(&T, &mut T)) -> Result<T, AccountError>
@@ -257,6 +264,11 @@ impl Accounts {
         self.master.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Publish the master copy as the new snapshot.
+    fn publish(&self, master: &(BTreeMap<u64, UserRecord>, BTreeMap<u64, TokenRecord>)) {
+        self.snapshot.store(Arc::new(AccountSet::rebuild(&master.0, &master.1)));
+    }
+
     /// Create a user (balances as given: its opening quota).
     pub fn create_user(&self, mut user: UserRecord) -> Result<UserRecord, AccountError> {
         user.id = self.store.next_counter("next_user_id")?;
@@ -264,12 +276,9 @@ impl Accounts {
         user.used_quota = 0;
         user.request_count = 0;
         let mut master = self.lock();
-        self.users_tree
-            .insert(user.id.to_be_bytes(), serde_json::to_vec(&user).map_err(anyhow::Error::from)?)
-            .map_err(anyhow::Error::from)?;
-        self.users_tree.flush().map_err(anyhow::Error::from)?;
+        insert_durably(&self.users_tree, user.id, &user)?;
         master.0.insert(user.id, user.clone());
-        self.snapshot.store(Arc::new(AccountSet::rebuild(&master.0, &master.1)));
+        self.publish(&master);
         Ok(user)
     }
 
@@ -286,12 +295,9 @@ impl Accounts {
         token.created_at = unix_now();
         token.used_quota = 0;
         let mut master = self.lock();
-        self.tokens_tree
-            .insert(token.id.to_be_bytes(), serde_json::to_vec(&token).map_err(anyhow::Error::from)?)
-            .map_err(anyhow::Error::from)?;
-        self.tokens_tree.flush().map_err(anyhow::Error::from)?;
+        insert_durably(&self.tokens_tree, token.id, &token)?;
         master.1.insert(token.id, token.clone());
-        self.snapshot.store(Arc::new(AccountSet::rebuild(&master.0, &master.1)));
+        self.publish(&master);
         Ok((token, key))
     }
 
@@ -311,7 +317,7 @@ impl Accounts {
                 (stored.quota, stored.used_quota, stored.request_count);
         })?;
         master.0.insert(id, user.clone());
-        self.snapshot.store(Arc::new(AccountSet::rebuild(&master.0, &master.1)));
+        self.publish(&master);
         Ok(user)
     }
 
@@ -333,7 +339,7 @@ impl Accounts {
             (merged.remain_quota, merged.used_quota) = (stored.remain_quota, stored.used_quota);
         })?;
         master.1.insert(id, token.clone());
-        self.snapshot.store(Arc::new(AccountSet::rebuild(&master.0, &master.1)));
+        self.publish(&master);
         Ok(token)
     }
 
@@ -343,7 +349,7 @@ impl Accounts {
         let token = master.1.remove(&id).ok_or(AccountError::NotFound("token"))?;
         self.tokens_tree.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
         self.tokens_tree.flush().map_err(anyhow::Error::from)?;
-        self.snapshot.store(Arc::new(AccountSet::rebuild(&master.0, &master.1)));
+        self.publish(&master);
         Ok(token)
     }
 
@@ -359,7 +365,7 @@ impl Accounts {
         self.users_tree.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
         self.users_tree.flush().map_err(anyhow::Error::from)?;
         self.tokens_tree.flush().map_err(anyhow::Error::from)?;
-        self.snapshot.store(Arc::new(AccountSet::rebuild(&master.0, &master.1)));
+        self.publish(&master);
         Ok(user)
     }
 }

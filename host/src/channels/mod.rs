@@ -89,11 +89,7 @@ impl Channel {
 
     /// Whether this channel offers `model` (`defaults` when it lists none).
     pub fn offers(&self, model: &str, defaults: &[String]) -> bool {
-        if self.models.is_empty() {
-            defaults.iter().any(|m| m == model)
-        } else {
-            self.models.iter().any(|m| m == model)
-        }
+        offers(&self.models, model, defaults)
     }
 
     /// Whether callers of `group` may use this channel.
@@ -142,6 +138,13 @@ impl Channel {
         }
         out
     }
+}
+
+/// Whether a channel listing `models` offers `model`; a channel that lists
+/// none offers its adapter's `defaults`.
+pub fn offers(models: &[String], model: &str, defaults: &[String]) -> bool {
+    let names = if models.is_empty() { defaults } else { models };
+    names.iter().any(|m| m == model)
 }
 
 /// `scheme://host[:port]` of a URL.

@@ -196,16 +196,17 @@ impl ChannelRecord {
     /// An admin puts the channel back in service, with every key that was
     /// disabled automatically.
     pub fn enable_manually(&mut self, note: &str, now_ms: u64) {
+        self.restore(EventSource::Manual, if note.is_empty() { "enabled by an admin" } else { note }, now_ms);
+    }
+
+    /// Back in service, with every key that was disabled automatically
+    /// (keys an admin disabled stay disabled).
+    pub fn restore(&mut self, source: EventSource, reason: &str, now_ms: u64) {
         for k in self.keys.iter_mut().filter(|k| k.auto.is_some()) {
             k.enabled = true;
             k.auto = None;
         }
-        self.transition(
-            ChannelState::Enabled,
-            EventSource::Manual,
-            if note.is_empty() { "enabled by an admin" } else { note },
-            now_ms,
-        );
+        self.transition(ChannelState::Enabled, source, reason, now_ms);
     }
 
     /// Append `event` to the bounded history.

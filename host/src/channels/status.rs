@@ -71,6 +71,10 @@ pub enum ChannelState {
 }
 
 impl ChannelState {
+    /// Every state's name, in lifecycle order.
+    pub const NAMES: [&'static str; 5] =
+        ["enabled", "manually_disabled", "cooling_down", "auto_disabled", "needs_attention"];
+
     /// The state's name, as in `{"state": ...}`.
     pub fn name(&self) -> &'static str {
         match self {

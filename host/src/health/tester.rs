@@ -136,12 +136,8 @@ fn apply(state: &AppState, id: u64, target: Target, outcome: &ProbeOutcome, max_
                     }
                 }
                 ChannelState::AutoDisabled { .. } => {
-                    for k in rec.keys.iter_mut().filter(|k| k.auto.is_some()) {
-                        k.enabled = true;
-                        k.auto = None;
-                    }
                     let why = format!("recovery probe succeeded in {} ms", outcome.time_ms);
-                    rec.transition(ChannelState::Enabled, EventSource::Probe, &why, now);
+                    rec.restore(EventSource::Probe, &why, now);
                 }
                 _ => {}
             },

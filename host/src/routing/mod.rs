@@ -46,13 +46,12 @@ pub struct RouteRequest<'a> {
 /// adapter is not loaded still counts when it lists the model explicitly,
 /// so the client learns the adapter is missing instead of "unknown model".
 pub fn candidates(set: &ChannelSet, plugins: &PluginSet, group: &str, model: &str) -> Vec<Arc<Channel>> {
-    set.for_group(group)
-        .filter(|ch| match plugins.adapters.get(&ch.adapter) {
-            Some(adapter) => ch.offers(model, &adapter.info.default_models),
-            None => ch.models.iter().any(|m| m == model),
-        })
-        .cloned()
-        .collect()
+    set.for_group(group).filter(|ch| ch.offers(model, default_models(plugins, &ch.adapter))).cloned().collect()
+}
+
+/// The default models of `adapter` (none when it is not loaded).
+fn default_models<'a>(plugins: &'a PluginSet, adapter: &str) -> &'a [String] {
+    plugins.adapters.get(adapter).map_or(&[][..], |a| &a.info.default_models[..])
 }
 
 /// When no channel in service offers `model` to `group`, whether some
@@ -62,12 +61,7 @@ pub fn unavailable(set: &ChannelSet, plugins: &PluginSet, group: &str, model: &s
     let now = crate::store::unix_now_ms();
     let mut found = None;
     for rec in set.records.values().filter(|r| r.groups.iter().any(|g| g == group)) {
-        let offers = if rec.models.is_empty() {
-            plugins.adapters.get(&rec.adapter).is_some_and(|a| a.info.default_models.iter().any(|m| m == model))
-        } else {
-            rec.models.iter().any(|m| m == model)
-        };
-        if !offers {
+        if !crate::channels::offers(&rec.models, model, default_models(plugins, &rec.adapter)) {
             continue;
         }
         let wait = match rec.status {
