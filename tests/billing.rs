@@ -398,3 +398,57 @@ async fn a_clean_stop_flushes_queued_rows_and_old_rows_expire() {
     let gone = eventually(Duration::from_secs(5), || async { logs(&gw2, "").await["total"] == 0 }).await;
     assert!(gone.is_some(), "rows older than the retention are deleted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_tokens_and_pricing_through_the_admin_api() {
+    let (_mock, gw) = gateway("").await;
+    let (uid, key) = user_with_token(&gw, 1_000, json!({"rpm": 100})).await;
+
+    // Users: list, read, replace, validation naming the field.
+    let (_, list) = admin(&gw, Method::GET, "/api/users?q=ALI&per_page=1", None).await;
+    assert_eq!((list["total"].as_u64(), list["data"][0]["id"].as_u64()), (Some(1), Some(uid)), "{list}");
+    let (status, put) =
+        admin(&gw, Method::PUT, &format!("/api/users/{uid}"), Some(&json!({"name": "alice2", "role": "admin"}))).await;
+    assert_eq!((status, put["name"].as_str(), put["role"].as_str()), (200, Some("alice2"), Some("admin")), "{put}");
+    assert_eq!(put["quota"], 1_000, "replacing a user's fields keeps the balance");
+    for (body, field) in [
+        (json!({"quota": -1, "name": "x"}), "quota"),
+        (json!({"name": ""}), "name"),
+        (json!({"role": "root", "name": "x"}), "role"),
+    ] {
+        let (status, err) = admin(&gw, Method::POST, "/api/users", Some(&body)).await;
+        assert_eq!((status, err["error"]["param"].as_str()), (400, Some(field)), "{body}: {err}");
+    }
+
+    // Tokens: read (masked), validation, unknown owner.
+    let tokens = admin(&gw, Method::GET, &format!("/api/tokens?user_id={uid}"), None).await.1;
+    let tid = tokens["data"][0]["id"].as_u64().expect("token id");
+    let (_, token) = admin(&gw, Method::GET, &format!("/api/tokens/{tid}"), None).await;
+    assert_eq!((token["rpm"].as_u64(), token["unlimited_quota"].as_bool()), (Some(100), Some(true)));
+    assert!(!token.to_string().contains(&key[3..]), "{token}");
+    let bad = json!({"name": "x", "user_id": uid, "subnets": ["not-a-net"]});
+    let (status, err) = admin(&gw, Method::POST, "/api/tokens", Some(&bad)).await;
+    assert_eq!((status, err["error"]["param"].as_str()), (400, Some("subnets[0]")), "{err}");
+    let (status, err) = admin(&gw, Method::POST, "/api/tokens", Some(&json!({"name": "x", "user_id": 999}))).await;
+    assert_eq!((status, err["error"]["param"].as_str()), (400, Some("user_id")), "{err}");
+
+    // Pricing: price a model at runtime, refuse bad values, return to the file's table.
+    assert_eq!(call(&gw, &key, &chat("unpriced-model")).await.0, 403);
+    let (_, mut table) = admin(&gw, Method::GET, "/api/pricing", None).await;
+    table["models"]["unpriced-model"] = json!({"ratio": 1});
+    let (status, _) = admin(&gw, Method::PUT, "/api/pricing", Some(&table)).await;
+    assert_eq!(status, 200);
+    assert_eq!(call(&gw, &key, &chat("unpriced-model")).await.0, 200);
+    table["models"]["unpriced-model"] = json!({"ratio": -1});
+    let (status, err) = admin(&gw, Method::PUT, "/api/pricing", Some(&table)).await;
+    assert_eq!((status, err["error"]["param"].as_str()), (400, Some("models.unpriced-model")), "{err}");
+    admin(&gw, Method::DELETE, "/api/pricing", None).await;
+    assert_eq!(call(&gw, &key, &chat("unpriced-model")).await.0, 403);
+
+    // Deleting a user deletes their tokens; their rows stay.
+    let (status, _) = admin(&gw, Method::DELETE, &format!("/api/users/{uid}"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(call(&gw, &key, &chat("free-model")).await.0, 401);
+    assert_eq!(admin(&gw, Method::GET, &format!("/api/tokens/{tid}"), None).await.0, 404);
+    wait_rows(&gw, "type=consume", 1).await;
+}
