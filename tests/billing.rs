@@ -5,18 +5,16 @@
 //!
 //! quota = ((9 − 3) + 3 × 0.5 + 12 × 3) × 2 = (6 + 1.5 + 36) × 2 = 87.
 
-mod support;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::support::mock::Mode;
+use crate::support::{Gateway, MockUpstream, admin, channel, eventually};
 use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::mock::Mode;
-use support::{Gateway, MockUpstream, admin, channel, eventually};
 
 const PLUGINS: &[&str] = &["openai.wasm", "weighted.wasm"];
 /// The charge of one `paid-model` request, computed by hand above.
@@ -58,8 +56,13 @@ fn chat(model: &str) -> Value {
 }
 
 async fn call(gw: &Gateway, key: &str, body: &Value) -> (u16, Value, String) {
-    let resp =
-        support::client().post(gw.url("/v1/chat/completions")).bearer_auth(key).json(body).send().await.expect("send");
+    let resp = crate::support::client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .expect("send");
     let status = resp.status().as_u16();
     let id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let text = resp.text().await.expect("body");
@@ -206,7 +209,7 @@ async fn streams_are_billed_by_usage_by_local_count_or_for_what_was_delivered() 
     mock.set_mode(Mode::Healthy);
     let mut slow = body.clone();
     slow["model"] = json!("slow-paid");
-    let resp = support::client()
+    let resp = crate::support::client()
         .post(gw.url("/v1/chat/completions"))
         .bearer_auth(&key)
         .json(&slow)
@@ -241,7 +244,7 @@ async fn token_rules_expiry_allowlists_and_limits() {
     let (mock, gw) = gateway("").await;
     let check = |status: u16, body: &Value, want: (u16, &str)| {
         assert_eq!((status, body["error"]["code"].as_str().unwrap_or("")), want, "{body}");
-        support::assert_openai_error(body);
+        crate::support::assert_openai_error(body);
     };
 
     let (_, expired) = user_with_token(&gw, 1_000, json!({"expires_at": 1})).await;
@@ -277,7 +280,8 @@ async fn token_rules_expiry_allowlists_and_limits() {
     let (_, single) = user_with_token(&gw, 1_000, json!({"concurrency": 1})).await;
     let mut held = chat("hold-paid");
     held["stream"] = json!(true);
-    let first = support::client().post(gw.url("/v1/chat/completions")).bearer_auth(&single).json(&held).send().await;
+    let first =
+        crate::support::client().post(gw.url("/v1/chat/completions")).bearer_auth(&single).json(&held).send().await;
     let first = first.expect("send");
     assert_eq!(first.status(), 200);
     let (s, b, _) = call(&gw, &single, &chat("free-model")).await;
@@ -319,7 +323,7 @@ async fn kill_9_under_load_keeps_used_quota_equal_to_the_logged_charges() {
         let (stop, key, url) = (stop.clone(), key.clone(), base.clone());
         let model = if i % 4 == 0 { "free-model" } else { "paid-model" };
         workers.push(tokio::spawn(async move {
-            let http = support::client();
+            let http = crate::support::client();
             while !stop.load(Ordering::Relaxed) {
                 let _ = http.post(&url).bearer_auth(&key).json(&chat(model)).send().await;
             }
@@ -370,10 +374,10 @@ async fn a_clean_stop_flushes_queued_rows_and_old_rows_expire() {
     assert_eq!(logs(&gw, "").await["total"], 5, "rows queued at SIGTERM are on disk");
     assert_eq!(user(&gw, uid).await["used_quota"], 5 * PAID);
 
-    let own = support::client().get(gw.url("/api/self/logs")).bearer_auth(&key).send().await.expect("send");
+    let own = crate::support::client().get(gw.url("/api/self/logs")).bearer_auth(&key).send().await.expect("send");
     let own: Value = own.json().await.expect("json");
     assert_eq!(own["total"], 5, "{own}");
-    let me: Value = support::client()
+    let me: Value = crate::support::client()
         .get(gw.url("/api/self"))
         .bearer_auth(&key)
         .send()

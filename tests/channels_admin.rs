@@ -3,11 +3,9 @@
 //! rotation, changes applied without restart, and persistence across a
 //! `kill -9` restart.
 
-mod support;
-
+use crate::support::{ADMIN, Gateway, MockUpstream, TOKEN, admin, assert_openai_error, channel, chat, client, post};
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::{ADMIN, Gateway, MockUpstream, TOKEN, admin, assert_openai_error, channel, chat, client, post};
 
 const PLUGINS: &[&str] = &["openai.wasm", "weighted.wasm"];
 const SECRET: &str = "sk-live-SECRET-abcdefghijklmnopqrstuvwxyz0123";
@@ -130,11 +128,11 @@ async fn channel_crud_search_test_and_live_effect() {
     assert_eq!((tested["success"].as_bool(), tested["endpoint"].as_str()), (Some(true), Some("chat_completions")));
     let (_, one) = admin(&gw, Method::GET, &format!("/api/channels/{id}"), None).await;
     assert!(one["test_time"].as_u64().is_some() && one["response_time_ms"].as_u64().is_some(), "{one}");
-    mock.set_mode(support::mock::Mode::openai_error(401, "invalid_api_key", None));
+    mock.set_mode(crate::support::mock::Mode::openai_error(401, "invalid_api_key", None));
     let (_, tested) = admin(&gw, Method::POST, &format!("/api/channels/{id}/test"), None).await;
     assert_eq!((tested["success"].as_bool(), tested["error_kind"].as_str()), (Some(false), Some("auth")), "{tested}");
     assert!(!tested.to_string().contains("SECOND") && !tested.to_string().contains(&mock.addr.to_string()));
-    mock.set_mode(support::mock::Mode::Healthy);
+    mock.set_mode(crate::support::mock::Mode::Healthy);
 
     // Delete: gone from the API and from routing.
     let (status, deleted) = admin(&gw, Method::DELETE, &format!("/api/channels/{id}"), None).await;

@@ -3,14 +3,12 @@
 //! made before 0.1.1 added `routing-context`) still load and serve on this
 //! host, through wasmtime's semver-compatible import and export matching.
 
-mod support;
-
+use crate::support::{Gateway, MockUpstream, admin, channel, chat, load};
 use reqwest::Method;
-use support::{Gateway, MockUpstream, admin, channel, chat, load};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn plugins_built_against_wit_0_1_0_still_load_and_serve() {
-    let dir = support::root().join("tests/fixtures/compat");
+    let dir = crate::support::root().join("tests/fixtures/compat");
     let m = [MockUpstream::start("a").await, MockUpstream::start("b").await];
     let toml: String = m
         .iter()
@@ -21,7 +19,7 @@ async fn plugins_built_against_wit_0_1_0_still_load_and_serve() {
     for (file, name) in [("openai-wit-0.1.0.wasm", "openai.wasm"), ("weighted-wit-0.1.0.wasm", "weighted.wasm")] {
         std::fs::copy(dir.join(file), gw.plugins_dir.join(name)).expect("copy golden plugin");
     }
-    let loaded = support::eventually(std::time::Duration::from_secs(20), || async {
+    let loaded = crate::support::eventually(std::time::Duration::from_secs(20), || async {
         let (_, list) = admin(&gw, Method::GET, "/api/plugins", None).await;
         list["data"].as_array().is_some_and(|d| d.iter().filter(|p| p["loaded"] == true).count() == 2)
     })

@@ -3,15 +3,13 @@
 //! into each failure mode. A primary channel (priority 10) fails; a backup
 //! (priority 0) is healthy.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::mock::Mode;
+use crate::support::{Gateway, MockUpstream, admin, assert_openai_error, channel, chat, post, send};
 use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::mock::Mode;
-use support::{Gateway, MockUpstream, admin, assert_openai_error, channel, chat, post, send};
 
 const PLUGINS: &[&str] = &["openai.wasm", "weighted.wasm"];
 

@@ -4,14 +4,12 @@
 //! switched between failure modes at runtime; the tester probes every
 //! 200 ms here.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::mock::Mode;
+use crate::support::{Gateway, MockUpstream, admin, channel, chat, eventually, post};
 use reqwest::Method;
 use serde_json::{Value, json};
-use support::mock::Mode;
-use support::{Gateway, MockUpstream, admin, channel, chat, eventually, post};
 
 const PLUGINS: &[&str] = &["openai.wasm", "weighted.wasm"];
 
@@ -176,7 +174,7 @@ async fn transient_errors_cool_down_only_at_the_threshold_and_a_success_resets()
     assert_eq!(view["status"]["error_kind"], "transient");
 
     // A cooling channel is not "unknown model": the client gets a 503 with Retry-After.
-    let resp = support::send(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "x")).await;
+    let resp = crate::support::send(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "x")).await;
     assert_eq!(resp.status(), 503);
     let retry_after: u64 = resp.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
     assert!((28..=30).contains(&retry_after), "{retry_after}");

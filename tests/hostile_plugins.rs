@@ -2,14 +2,12 @@
 //! each fail only their own request, within the deadline, with a 502
 //! `plugin_error`, while the gateway keeps serving everyone else.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{Gateway, MockUpstream, TOKEN, assert_openai_error, channel, client, post};
 use serde_json::{Value, json};
-use support::{Gateway, MockUpstream, TOKEN, assert_openai_error, channel, client, post};
 
 fn chat(model: &str, stream: bool) -> Value {
     json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "misbehave"}]})

@@ -1,14 +1,14 @@
 //! Hot swap: replacing, breaking, deleting and uploading plugins while the
 //! gateway serves, with no restart and no failed request.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{
+    ADMIN, Gateway, MockUpstream, TOKEN, artifact, assert_openai_error, channel, client, eventually, post,
+};
 use serde_json::{Value, json};
-use support::{ADMIN, Gateway, MockUpstream, TOKEN, artifact, assert_openai_error, channel, client, eventually, post};
 
 const V2_MARKER: &str = "wasmgate-hotswap-v2";
 

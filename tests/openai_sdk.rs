@@ -2,17 +2,15 @@
 //! the real gateway, `openai.wasm` and a loopback mock upstream. The SDK is
 //! installed by `cargo xtask test` (WASMGATE_TEST_PYTHON points at it).
 
-mod support;
-
 use std::process::Command;
 
-use support::{Gateway, MockUpstream, TOKEN, channel};
+use crate::support::{Gateway, MockUpstream, TOKEN, channel};
 
 fn python() -> String {
     match std::env::var("WASMGATE_TEST_PYTHON") {
         Ok(p) => p,
         Err(_) => {
-            let venv = support::root().join("target/py-venv/bin/python");
+            let venv = crate::support::root().join("target/py-venv/bin/python");
             assert!(venv.exists(), "no Python with the openai SDK: run the suite with `cargo xtask test`");
             venv.to_string_lossy().into_owned()
         }
@@ -24,7 +22,7 @@ async fn official_openai_python_sdk_works_against_the_gateway() {
     let mock = MockUpstream::start("mock").await;
     let models = ["gpt-4o-mini", "gpt-3.5-turbo-instruct", "text-embedding-3-small"];
     let gw = Gateway::start(&["openai.wasm", "weighted.wasm"], &channel("a", "openai", &mock.base_url(), &models, ""));
-    let script = support::root().join("tests/python/openai_sdk_check.py");
+    let script = crate::support::root().join("tests/python/openai_sdk_check.py");
     let base = gw.url("/v1");
     let output = tokio::task::spawn_blocking(move || {
         Command::new(python())

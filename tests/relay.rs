@@ -1,13 +1,11 @@
 //! The OpenAI API through the real gateway binary, the real `openai.wasm`
 //! adapter and a real loopback mock upstream.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{ADMIN, Gateway, MockUpstream, TOKEN, assert_openai_error, channel, chat, client, post};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use support::{ADMIN, Gateway, MockUpstream, TOKEN, assert_openai_error, channel, chat, client, post};
 
 async fn setup() -> (MockUpstream, Gateway) {
     let mock = MockUpstream::start("mock-a").await;
@@ -289,7 +287,7 @@ async fn clients_that_hang_up_mid_stream_release_their_plugin_instances() {
     }
     mock.release();
     // Every abandoned stream gave its instance back: normal traffic still works.
-    let ok = support::eventually(Duration::from_secs(5), || async {
+    let ok = crate::support::eventually(Duration::from_secs(5), || async {
         post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "after")).await.0 == 200
     })
     .await;

@@ -2,16 +2,14 @@
 //! (`weighted`, `round-robin`, `latency`) over loopback mock upstreams, one
 //! mock per channel so each mock's hit count is that channel's traffic.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::mock::Mode;
+use crate::support::{Gateway, MockUpstream, admin, channel, chat, eventually, load, post};
 use reqwest::Method;
 use serde_json::json;
-use support::mock::Mode;
-use support::{Gateway, MockUpstream, admin, channel, chat, eventually, load, post};
 
 const POLICIES: &[&str] = &["openai.wasm", "weighted.wasm", "round-robin.wasm", "latency.wasm"];
 
@@ -78,11 +76,11 @@ async fn replacing_the_policy_file_changes_routing_within_two_seconds_without_fa
     for _ in 0..4 {
         let (gw, stop, failures, sent) = (gw.clone(), stop.clone(), failures.clone(), sent.clone());
         workers.push(tokio::spawn(async move {
-            let http = support::client();
+            let http = crate::support::client();
             while !stop.load(Ordering::Relaxed) {
                 let resp = http
                     .post(gw.url("/v1/chat/completions"))
-                    .bearer_auth(support::TOKEN)
+                    .bearer_auth(crate::support::TOKEN)
                     .json(&chat("gpt-4o-mini", "load"))
                     .send()
                     .await;
@@ -211,7 +209,8 @@ async fn a_misbehaving_policy_falls_back_to_weighted_and_is_reported() {
 async fn models_and_channels_are_per_group() {
     let m = mocks(&["shared", "vip"]).await;
     let vip_token = "sk-vip-0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut toml = format!("tokens = [\"{}\", {{ key = \"{vip_token}\", group = \"vip\" }}]\n\n", support::TOKEN);
+    let mut toml =
+        format!("tokens = [\"{}\", {{ key = \"{vip_token}\", group = \"vip\" }}]\n\n", crate::support::TOKEN);
     toml += &channel("shared", "openai", &m[0].base_url(), &["gpt-4o-mini"], "groups = [\"default\", \"vip\"]");
     toml += &channel(
         "vip-only",
@@ -225,8 +224,15 @@ async fn models_and_channels_are_per_group() {
     let models = |token: &'static str| {
         let url = gw.url("/v1/models");
         async move {
-            let body: serde_json::Value =
-                support::client().get(url).bearer_auth(token).send().await.expect("send").json().await.expect("json");
+            let body: serde_json::Value = crate::support::client()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("send")
+                .json()
+                .await
+                .expect("json");
             body["data"]
                 .as_array()
                 .expect("data")
@@ -235,12 +241,12 @@ async fn models_and_channels_are_per_group() {
                 .collect::<Vec<_>>()
         }
     };
-    assert_eq!(models(support::TOKEN).await, ["gpt-4o-mini"]);
+    assert_eq!(models(crate::support::TOKEN).await, ["gpt-4o-mini"]);
     assert_eq!(models(vip_token).await, ["gpt-4o", "gpt-4o-mini"], "de-duplicated and sorted");
 
     let (status, err) = post(&gw, "/v1/chat/completions", &chat("gpt-4o", "x")).await;
     assert_eq!((status, err["error"]["code"].as_str()), (404, Some("model_not_found")));
-    let resp = support::client()
+    let resp = crate::support::client()
         .post(gw.url("/v1/chat/completions"))
         .bearer_auth(vip_token)
         .json(&chat("gpt-4o-mini", "x"))

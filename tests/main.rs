@@ -1,0 +1,17 @@
+//! wasmgate's integration suite, one test binary for all of it: each module
+//! starts the real gateway binary with real compiled plugins against loopback
+//! mock upstreams. One binary links wasmtime once instead of once per file,
+//! which keeps the suite's build time and disk use down.
+
+mod support;
+
+mod billing;
+mod channels_admin;
+mod compat;
+mod failover;
+mod health;
+mod hostile_plugins;
+mod hot_swap;
+mod openai_sdk;
+mod relay;
+mod routing;
