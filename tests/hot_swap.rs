@@ -178,7 +178,7 @@ async fn admin_plugin_api_uploads_validates_and_deletes() {
         assert_openai_error(&resp.json().await.expect("json"));
     }
     let list = plugins(&gw).await;
-    assert_eq!(list["wit"], "wasmgate:plugin@0.1.1");
+    assert_eq!(list["wit"], "wasmgate:plugin@0.1.2");
     let openai = plugin(&gw, "openai").await.expect("listed");
     for key in ["name", "kind", "version", "sha256", "loaded_at", "last_error"] {
         assert!(openai.get(key).is_some(), "plugin status lacks {key}: {openai}");

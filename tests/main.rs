@@ -13,5 +13,6 @@ mod health;
 mod hostile_plugins;
 mod hot_swap;
 mod openai_sdk;
+mod providers;
 mod relay;
 mod routing;

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use crate::support::{Gateway, MockUpstream, TOKEN, channel};
 
-fn python() -> String {
+pub(crate) fn python() -> String {
     match std::env::var("WASMGATE_TEST_PYTHON") {
         Ok(p) => p,
         Err(_) => {

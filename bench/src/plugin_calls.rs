@@ -68,7 +68,7 @@ pub fn run(plugins: &Path, n: usize) -> Result<()> {
     println!("\n## plugin call overhead, in process ({n} iterations each)\n");
     println!("| call | p50 | p99 | mean |\n|---|---|---|---|");
     let both = time(n, || {
-        let r = adapter.build_request(&ctx, &channel, request);
+        let r = adapter.build_request(&ctx, &channel, request, None);
         assert!(matches!(r, Ok(Ok(_))));
         let p = adapter.parse_response(&ctx, &response);
         assert!(matches!(p, Ok(Ok(_))));
@@ -83,7 +83,7 @@ pub fn run(plugins: &Path, n: usize) -> Result<()> {
     row(
         "openai: instantiate + build-request",
         &time(n, || {
-            let _ = adapter.build_request(&ctx, &channel, request);
+            let _ = adapter.build_request(&ctx, &channel, request, None);
         }),
     );
     let mut stream_ctx = ctx.clone();

@@ -14,7 +14,7 @@ use crate::channels::{ChannelStore, SledChannels};
 use crate::config::{Config, TokenConfig};
 use crate::health::{self, Health};
 use crate::plugins::{ArtifactCache, PluginEngine, PluginWatcher, Registry, watch};
-use crate::relay::Upstream;
+use crate::relay::{Credentials, Upstream};
 use crate::routing::{Policies, Routing};
 use crate::state::{AppState, Inner, secret_hash};
 use crate::store::{Store, random_key};
@@ -102,6 +102,7 @@ pub async fn build(config: Config) -> Result<Gateway> {
         channels,
         routing,
         upstream: Upstream::new(&config.upstream)?,
+        credentials: Credentials::default(),
         token_groups: tokens.iter().map(|t| (secret_hash(t.key()), Arc::from(t.group()))).collect::<HashMap<_, _>>(),
         admin_hash: secret_hash(&admin),
         registry,

@@ -12,7 +12,7 @@ use crate::channels::ChannelStore;
 use crate::config::Config;
 use crate::health::Health;
 use crate::plugins::Registry;
-use crate::relay::Upstream;
+use crate::relay::{Credentials, Upstream};
 use crate::routing::Routing;
 use crate::store::Store;
 
@@ -32,6 +32,8 @@ pub struct Inner {
     pub billing: Arc<Billing>,
     /// Upstream HTTP client.
     pub upstream: Upstream,
+    /// Credentials exchanged for adapters that need them (Baidu...).
+    pub credentials: Credentials,
     /// SHA-256 of every accepted gateway token → its caller's group.
     pub token_groups: HashMap<[u8; 32], Arc<str>>,
     /// SHA-256 of the admin token.

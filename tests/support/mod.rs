@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod mock;
+pub mod providers;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

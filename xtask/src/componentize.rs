@@ -43,8 +43,7 @@ pub fn other_version_fixture(wit_dir: &std::path::Path, world: &str, version: &s
     for entry in std::fs::read_dir(wit_dir)? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "wit") {
-            let text =
-                std::fs::read_to_string(&path)?.replace("wasmgate:plugin@0.1.1", &format!("wasmgate:plugin@{version}"));
+            let text = reversion(&std::fs::read_to_string(&path)?, version);
             std::fs::write(tmp.join(path.file_name().context("file name")?), text)?;
         }
     }
@@ -55,6 +54,22 @@ pub fn other_version_fixture(wit_dir: &std::path::Path, world: &str, version: &s
     trapping_component(&resolve, package, world)
 }
 
+/// `text` with every `wasmgate:plugin@X.Y.Z` turned into `@{version}`.
+fn reversion(text: &str, version: &str) -> String {
+    const PACKAGE: &str = "wasmgate:plugin@";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(PACKAGE) {
+        let after = &rest[at + PACKAGE.len()..];
+        let old_len = after.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(after.len());
+        out.push_str(&rest[..at + PACKAGE.len()]);
+        out.push_str(version);
+        rest = &after[old_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A valid component of a world that has nothing to do with wasmgate.
 pub fn alien_world_fixture() -> Result<Vec<u8>> {
     let wit = "package acme:gadget@1.0.0;\n\
@@ -63,4 +78,16 @@ pub fn alien_world_fixture() -> Result<Vec<u8>> {
     let mut resolve = wit_parser::Resolve::default();
     let package = resolve.push_str("gadget.wit", wit)?;
     trapping_component(&resolve, package, "gadget")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reversion_replaces_every_package_version() {
+        let wit = "package wasmgate:plugin@0.1.2;\nuse wasmgate:plugin@0.1.2/types.{x};";
+        assert_eq!(
+            super::reversion(wit, "0.2.0"),
+            "package wasmgate:plugin@0.2.0;\nuse wasmgate:plugin@0.2.0/types.{x};"
+        );
+    }
 }

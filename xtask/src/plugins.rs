@@ -15,8 +15,18 @@ use crate::toolchain::{self, CORE_TARGET, Toolchain, WASIP1_TARGET};
 
 /// Crates whose component ships in the default plugins directory:
 /// (crate artifact name, plugin file stem).
-const SHIPPED: &[(&str, &str)] =
-    &[("openai", "openai"), ("weighted", "weighted"), ("round_robin", "round-robin"), ("latency", "latency")];
+const SHIPPED: &[(&str, &str)] = &[
+    ("openai", "openai"),
+    ("azure", "azure"),
+    ("anthropic", "anthropic"),
+    ("gemini", "gemini"),
+    ("baidu", "baidu"),
+    ("qwen", "qwen"),
+    ("ollama", "ollama"),
+    ("weighted", "weighted"),
+    ("round_robin", "round-robin"),
+    ("latency", "latency"),
+];
 /// Test fixtures: (crate artifact name, file stem).
 const FIXTURES: &[(&str, &str)] =
     &[("hostile", "hostile"), ("openai_v2", "openai-v2"), ("pick_last", "pick-last"), ("bad_policy", "bad-policy")];

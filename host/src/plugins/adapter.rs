@@ -7,8 +7,8 @@ use wasmtime::Store;
 use wasmtime::component::ResourceAny;
 
 use super::bindings::{
-    AdapterInfo, AdapterWorld, AdapterWorldPre, ChannelView, HttpRequest, HttpResponse, ParsedResponse, Probe,
-    RequestContext, StreamEvents, UpstreamError,
+    AdapterInfo, AdapterWorld, AdapterWorldPre, AuthWorld, AuthWorldPre, ChannelView, Credential, HttpRequest,
+    HttpResponse, ParsedResponse, Probe, RequestContext, StreamEvents, UpstreamError,
 };
 use super::engine::PluginEngine;
 use super::error::PluginError;
@@ -27,6 +27,8 @@ pub struct AdapterPlugin {
     /// What `info()` returned at load time.
     pub info: AdapterInfo,
     pre: AdapterWorldPre<PluginState>,
+    /// Present when the component exports `auth` (a credential exchange).
+    auth: Option<AuthWorldPre<PluginState>>,
     engine: Arc<PluginEngine>,
 }
 
@@ -35,9 +37,10 @@ impl AdapterPlugin {
         name: Arc<str>,
         sha256: String,
         pre: AdapterWorldPre<PluginState>,
+        auth: Option<AuthWorldPre<PluginState>>,
         engine: Arc<PluginEngine>,
     ) -> Result<Self, PluginError> {
-        let mut this = Self { name, sha256, info: empty_info(), pre, engine };
+        let mut this = Self { name, sha256, info: empty_info(), pre, auth, engine };
         this.info = this.call_info()?;
         Ok(this)
     }
@@ -46,7 +49,17 @@ impl AdapterPlugin {
         &self,
         f: impl FnOnce(&mut Store<PluginState>, &AdapterWorld) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
+        self.call_with(None, f)
+    }
+
+    /// A call during which `credentials.current` answers `credential`.
+    fn call_with<R>(
+        &self,
+        credential: Option<&str>,
+        f: impl FnOnce(&mut Store<PluginState>, &AdapterWorld) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
         let mut store = self.engine.store(self.name.clone());
+        store.data_mut().credential = credential.map(str::to_string);
         let world = self.pre.instantiate(&mut store).map_err(|e| PluginError::instantiate(&self.name, e))?;
         f(&mut store, &world).map_err(|e| PluginError::from_wasm(&self.name, e))
     }
@@ -57,14 +70,46 @@ impl AdapterPlugin {
         self.call(|store, w| w.wasmgate_plugin_adapter().call_info(store))
     }
 
-    /// `build-request`.
+    /// `build-request`, with the credential obtained for the channel's key
+    /// (see [`Self::exchange_request`]).
     pub fn build_request(
         &self,
         ctx: &RequestContext,
         channel: &ChannelView,
         body: &[u8],
+        credential: Option<&str>,
     ) -> AdapterResult<HttpRequest> {
-        self.call(|store, w| w.wasmgate_plugin_adapter().call_build_request(store, ctx, channel, body))
+        self.call_with(credential, |store, w| w.wasmgate_plugin_adapter().call_build_request(store, ctx, channel, body))
+    }
+
+    /// Whether the component exports `auth` (may need a credential exchange).
+    pub fn has_auth(&self) -> bool {
+        self.auth.is_some()
+    }
+
+    /// `auth.exchange-request`: the request trading the channel's key for a
+    /// credential, or `None` when none is needed (or the adapter has no
+    /// `auth` export).
+    pub fn exchange_request(&self, channel: &ChannelView) -> Result<Option<HttpRequest>, PluginError> {
+        self.call_auth(|store, w| w.wasmgate_plugin_auth().call_exchange_request(store, channel)).map(Option::flatten)
+    }
+
+    /// `auth.parse-exchange`.
+    pub fn parse_exchange(&self, channel: &ChannelView, response: &HttpResponse) -> AdapterResult<Credential> {
+        match self.call_auth(|store, w| w.wasmgate_plugin_auth().call_parse_exchange(store, channel, response))? {
+            Some(result) => Ok(result),
+            None => Err(PluginError::malformed(&self.name, "parse-exchange called on an adapter without auth")),
+        }
+    }
+
+    fn call_auth<R>(
+        &self,
+        f: impl FnOnce(&mut Store<PluginState>, &AuthWorld) -> wasmtime::Result<R>,
+    ) -> Result<Option<R>, PluginError> {
+        let Some(pre) = &self.auth else { return Ok(None) };
+        let mut store = self.engine.store(self.name.clone());
+        let world = pre.instantiate(&mut store).map_err(|e| PluginError::instantiate(&self.name, e))?;
+        f(&mut store, &world).map(Some).map_err(|e| PluginError::from_wasm(&self.name, e))
     }
 
     /// `parse-response`.
@@ -77,9 +122,9 @@ impl AdapterPlugin {
         self.call(|store, w| w.wasmgate_plugin_adapter().call_classify_error(store, ctx, response))
     }
 
-    /// `health-probe`.
-    pub fn health_probe(&self, channel: &ChannelView) -> Result<Probe, PluginError> {
-        self.call(|store, w| w.wasmgate_plugin_adapter().call_health_probe(store, channel))
+    /// `health-probe`, with the channel key's credential if any.
+    pub fn health_probe(&self, channel: &ChannelView, credential: Option<&str>) -> Result<Probe, PluginError> {
+        self.call_with(credential, |store, w| w.wasmgate_plugin_adapter().call_health_probe(store, channel))
     }
 
     /// Start a stream decoder; it keeps its own store (and this plugin

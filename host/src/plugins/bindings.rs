@@ -8,6 +8,15 @@ mod gen_ {
             path: "../wit",
         });
     }
+    pub mod auth {
+        wasmtime::component::bindgen!({
+            world: "credential-exchange",
+            path: "../wit",
+            with: {
+                "wasmgate:plugin/types": super::adapter::wasmgate::plugin::types,
+            },
+        });
+    }
     pub mod router {
         wasmtime::component::bindgen!({
             world: "router-plugin",
@@ -24,6 +33,12 @@ pub use gen_::adapter::exports::wasmgate::plugin::adapter::{AdapterInfo, ParsedR
 pub(crate) use gen_::adapter::wasmgate::plugin::log::Host as LogHost;
 pub(crate) use gen_::adapter::wasmgate::plugin::types::Host as TypesHost;
 pub(crate) use gen_::adapter::{AdapterPlugin as AdapterWorld, AdapterPluginPre as AdapterWorldPre};
+pub use gen_::auth::exports::wasmgate::plugin::auth::Credential;
+pub(crate) use gen_::auth::wasmgate::plugin::clock::{Host as ClockHost, add_to_linker as add_clock_to_linker};
+pub(crate) use gen_::auth::wasmgate::plugin::credentials::{
+    Host as CredentialsHost, add_to_linker as add_credentials_to_linker,
+};
+pub(crate) use gen_::auth::{CredentialExchange as AuthWorld, CredentialExchangePre as AuthWorldPre};
 pub use gen_::router::exports::wasmgate::plugin::router::{Candidate, RequestMeta, RouterInfo};
 pub(crate) use gen_::router::wasmgate::plugin::routing_context::Host as RoutingContextHost;
 pub(crate) use gen_::router::{RouterPlugin as RouterWorld, RouterPluginPre as RouterWorldPre};

@@ -8,7 +8,7 @@ use anyhow::Result;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
-use super::bindings::{AdapterWorld, RouterWorld};
+use super::bindings::{AdapterWorld, RouterWorld, add_clock_to_linker, add_credentials_to_linker};
 use super::state::PluginState;
 use crate::config::PluginConfig;
 
@@ -66,6 +66,8 @@ impl PluginEngine {
         let mut adapter_linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut adapter_linker).map_err(wasm_err)?;
         AdapterWorld::add_to_linker::<_, HasSelf<PluginState>>(&mut adapter_linker, |s| s).map_err(wasm_err)?;
+        add_credentials_to_linker::<_, HasSelf<PluginState>>(&mut adapter_linker, |s| s).map_err(wasm_err)?;
+        add_clock_to_linker::<_, HasSelf<PluginState>>(&mut adapter_linker, |s| s).map_err(wasm_err)?;
         let mut router_linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut router_linker).map_err(wasm_err)?;
         RouterWorld::add_to_linker::<_, HasSelf<PluginState>>(&mut router_linker, |s| s).map_err(wasm_err)?;

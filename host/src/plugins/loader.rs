@@ -8,7 +8,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::adapter::AdapterPlugin;
-use super::bindings::{AdapterWorldPre, RouterWorldPre};
+use super::bindings::{AdapterWorldPre, AuthWorldPre, RouterWorldPre};
 use super::cache::ArtifactCache;
 use super::engine::PluginEngine;
 use super::router::RouterPlugin;
@@ -17,7 +17,7 @@ use super::router::RouterPlugin;
 pub const WIT_PACKAGE: &str = "wasmgate:plugin";
 /// The WIT version this host implements. Plugins built against any
 /// `0.1.z` load; other versions are refused with a clear message.
-pub const WIT_VERSION: &str = "0.1.1";
+pub const WIT_VERSION: &str = "0.1.2";
 
 /// Which world a plugin implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -110,6 +110,12 @@ fn detect_world(
     Ok((kind, version))
 }
 
+/// Whether the component exports `wasmgate:plugin/{iface}` at any version.
+fn exports_interface(engine: &PluginEngine, component: &wasmtime::component::Component, iface: &str) -> bool {
+    let prefix = format!("{WIT_PACKAGE}/{iface}@");
+    component.component_type().exports(&engine.engine).any(|(name, _)| name.starts_with(&prefix))
+}
+
 /// Semver compatibility for 0.x: same major and minor.
 fn version_compatible(version: &str) -> bool {
     let mut parts = version.split('.');
@@ -127,13 +133,21 @@ pub fn load(engine: &Arc<PluginEngine>, cache: &ArtifactCache, name: &str, bytes
     let name: Arc<str> = Arc::from(name);
     let plugin = match kind {
         PluginKind::Adapter => {
-            let pre = engine
+            let instance_pre = engine
                 .adapter_linker
                 .instantiate_pre(&component)
-                .and_then(AdapterWorldPre::new)
+                .map_err(|e| format!("does not match the adapter-plugin world: {e:#}"))?;
+            let auth = if exports_interface(engine, &component, "auth") {
+                let pre = AuthWorldPre::new(instance_pre.clone())
+                    .map_err(|e| format!("its `auth` export does not match the contract: {e:#}"))?;
+                Some(pre)
+            } else {
+                None
+            };
+            let pre = AdapterWorldPre::new(instance_pre)
                 .map_err(|e| format!("does not match the adapter-plugin world: {e:#}"))?;
             let plugin =
-                AdapterPlugin::new(name, sha, pre, engine.clone()).map_err(|e| format!("info() failed: {e}"))?;
+                AdapterPlugin::new(name, sha, pre, auth, engine.clone()).map_err(|e| format!("info() failed: {e}"))?;
             LoadedPlugin::Adapter(Arc::new(plugin))
         }
         PluginKind::Router => {

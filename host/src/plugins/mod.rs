@@ -12,7 +12,7 @@ mod state;
 mod watcher;
 
 pub use adapter::{AdapterPlugin, AdapterResult, AdapterStream};
-pub use bindings::{Candidate, RequestMeta, StreamEvents};
+pub use bindings::{Candidate, Credential, RequestMeta, StreamEvents};
 pub use bindings::{
     ChannelView, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, LogLevel, RequestContext,
     UpstreamError, Usage,

@@ -5,7 +5,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{LogHost, LogLevel, RoutingContextHost, TypesHost};
+use super::bindings::{ClockHost, CredentialsHost, LogHost, LogLevel, RoutingContextHost, TypesHost};
 
 /// What `routing-context` answers during one `select` call.
 #[derive(Debug, Clone, Default)]
@@ -26,6 +26,8 @@ pub struct PluginState {
     pub(crate) limits: StoreLimits,
     /// Facts for the `select` call in progress (routers only).
     pub(crate) routing: RoutingFacts,
+    /// What `credentials.current` answers (adapters with an exchange only).
+    pub(crate) credential: Option<String>,
 }
 
 impl PluginState {
@@ -37,6 +39,7 @@ impl PluginState {
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new().memory_size(memory_bytes).trap_on_grow_failure(false).build(),
             routing: RoutingFacts::default(),
+            credential: None,
         }
     }
 }
@@ -72,5 +75,17 @@ impl RoutingContextHost for PluginState {
 
     fn ttft_ms(&mut self) -> Vec<f64> {
         self.routing.ttft_ms.clone()
+    }
+}
+
+impl CredentialsHost for PluginState {
+    fn current(&mut self) -> Option<String> {
+        self.credential.clone()
+    }
+}
+
+impl ClockHost for PluginState {
+    fn now_unix_secs(&mut self) -> u64 {
+        crate::store::unix_now()
     }
 }

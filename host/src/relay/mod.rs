@@ -1,6 +1,7 @@
 //! The relay: route a validated request to a channel through its adapter
 //! plugin, fail over on retryable errors, answer in OpenAI's shape.
 
+mod credentials;
 mod errors;
 mod probe;
 mod request;
@@ -14,6 +15,7 @@ use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+pub use credentials::{CredentialError, Credentials};
 pub use errors::{client_error, retryable};
 pub use probe::{ProbeOutcome, endpoint_name, kind_name, probe};
 pub use request::ClientRequest;
@@ -244,7 +246,12 @@ async fn attempt(
         include_usage: req.include_usage,
         request_id: request_id.to_string(),
     };
-    let upstream_req = match adapter.build_request(&ctx, &view, &req.body) {
+    let credential = match state.credentials.get(adapter, &view, &channel.origin, &state.upstream).await {
+        Ok(c) => c,
+        Err(CredentialError::Plugin(e)) => return Err(plugin_failure(&e, request_id)),
+        Err(CredentialError::Upstream(e)) => return Err(upstream_failure(&e, channel)),
+    };
+    let upstream_req = match adapter.build_request(&ctx, &view, &req.body, credential.as_deref()) {
         Err(e) => return Err(plugin_failure(&e, request_id)),
         Ok(Err(e)) => return Err(Failure::Final(client_error(&e, channel))),
         Ok(Ok(r)) => r,
@@ -260,6 +267,9 @@ async fn attempt(
         let body = upstream.read(response).await.map_err(|e| upstream_failure(&e, channel))?;
         let err = adapter.classify_error(&ctx, &body).map_err(|e| plugin_failure(&e, request_id))?;
         tracing::info!(request_id, channel = channel.id, status = body.status, kind = ?err.kind, "upstream error");
+        if matches!(err.kind, ErrorKind::Auth) && credential.is_some() {
+            state.credentials.invalidate(adapter, &view);
+        }
         return Err(upstream_failure(&err, channel));
     }
     if req.stream {

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::credentials::CredentialError;
 use super::errors::client_error;
 use crate::channels::{Channel, origin_of};
 use crate::plugins::{Endpoint, ErrorKind, RequestContext};
@@ -88,7 +89,12 @@ pub async fn probe(state: &AppState, channel: &Channel) -> ProbeOutcome {
         return fail(out, None, format!("adapter `{}` is not loaded", channel.adapter));
     };
     let (view, _) = channel.view();
-    let probe = match adapter.health_probe(&view) {
+    let credential = match state.credentials.get(adapter, &view, &channel.origin, &state.upstream).await {
+        Ok(c) => c,
+        Err(CredentialError::Plugin(e)) => return fail(out, None, format!("credential exchange failed: {e}")),
+        Err(CredentialError::Upstream(e)) => return fail(out, Some(kind_name(&e.kind)), e.message),
+    };
+    let probe = match adapter.health_probe(&view, credential.as_deref()) {
         Ok(p) => p,
         Err(e) => return fail(out, None, format!("adapter failed to build a probe: {e}")),
     };
@@ -102,7 +108,7 @@ pub async fn probe(state: &AppState, channel: &Channel) -> ProbeOutcome {
         include_usage: false,
         request_id: format!("probe_{:016x}", rand::random::<u64>()),
     };
-    let request = match adapter.build_request(&ctx, &view, &probe.body) {
+    let request = match adapter.build_request(&ctx, &view, &probe.body, credential.as_deref()) {
         Ok(Ok(r)) if origin_of(&r.url).as_deref() == Some(channel.origin.as_str()) => r,
         Ok(Ok(_)) => return fail(out, None, "adapter built a URL outside the channel's origin".into()),
         Ok(Err(e)) => return fail(out, Some(kind_name(&e.kind)), e.message),

@@ -1,7 +1,7 @@
 //! # wasmgate-pdk — write a wasmgate provider adapter in a page of Rust
 //!
 //! A provider adapter is a WebAssembly component implementing the
-//! `wasmgate:plugin/adapter@0.1.1` interface (see `wit/adapter.wit`). This
+//! `wasmgate:plugin/adapter@0.1.2` interface (see `wit/adapter.wit`). This
 //! crate hides the generated bindings: implement [`Adapter`] (and a
 //! [`StreamDecoder`]) on a type and register it with [`export_adapter!`].
 //!
@@ -20,6 +20,7 @@ pub mod log;
 pub mod openai;
 pub mod openai_compat;
 pub mod sse;
+pub mod translate;
 mod util;
 
 pub use util::{error, header, json_bytes, origin_url};
@@ -27,7 +28,7 @@ pub use util::{error, header, json_bytes, origin_url};
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        world: "adapter-plugin",
+        world: "auth-adapter-plugin",
         path: "../../wit",
         pub_export_macro: true,
         export_macro_name: "__export_adapter_world",
@@ -36,13 +37,14 @@ pub mod bindings {
 }
 
 pub use bindings::exports::wasmgate::plugin::adapter::{AdapterInfo, ParsedResponse, Probe, StreamEvents};
+pub use bindings::exports::wasmgate::plugin::auth::Credential;
 pub use bindings::wasmgate::plugin::types::{
     Channel, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, LogLevel, RequestContext,
     UpstreamError, Usage,
 };
 
 /// The version of the WIT contract this kit implements.
-pub const WIT_VERSION: &str = "0.1.1";
+pub const WIT_VERSION: &str = "0.1.2";
 
 /// A provider adapter: pure translation between OpenAI's API and a provider's.
 ///
@@ -67,6 +69,25 @@ pub trait Adapter {
 
     /// The request that tests whether a channel is healthy.
     fn health_probe(channel: &Channel) -> Probe;
+
+    /// For providers whose key must first be traded for a short-lived
+    /// credential: the request that does it. The host sends it, caches what
+    /// [`Adapter::parse_exchange`] returns until it expires, and hands it to
+    /// `build_request` through [`credential`]. Default: no exchange.
+    fn exchange_request(_channel: &Channel) -> Option<HttpRequest> {
+        None
+    }
+
+    /// Read the credential out of the exchange response (any status).
+    fn parse_exchange(_channel: &Channel, _response: &HttpResponse) -> Result<Credential, UpstreamError> {
+        Err(error(ErrorKind::Other, "this adapter exchanges no credentials", None))
+    }
+}
+
+/// The credential the host obtained for this call's channel key through
+/// [`Adapter::exchange_request`], if any.
+pub fn credential() -> Option<String> {
+    bindings::wasmgate::plugin::credentials::current()
 }
 
 /// Incremental decoder of one upstream stream into OpenAI chunks.
@@ -144,6 +165,18 @@ macro_rules! export_adapter {
             }
             fn finish(&self) -> ::core::result::Result<$crate::StreamEvents, $crate::UpstreamError> {
                 $crate::StreamDecoder::finish(&mut *self.0.borrow_mut())
+            }
+        }
+
+        impl $crate::bindings::exports::wasmgate::plugin::auth::Guest for __WasmgateAdapter {
+            fn exchange_request(channel: $crate::Channel) -> ::core::option::Option<$crate::HttpRequest> {
+                <$ty as $crate::Adapter>::exchange_request(&channel)
+            }
+            fn parse_exchange(
+                channel: $crate::Channel,
+                response: $crate::HttpResponse,
+            ) -> ::core::result::Result<$crate::Credential, $crate::UpstreamError> {
+                <$ty as $crate::Adapter>::parse_exchange(&channel, &response)
             }
         }
 
