@@ -13,6 +13,7 @@ mod health;
 mod hostile_plugins;
 mod hot_swap;
 mod openai_sdk;
+mod plugin_check;
 mod providers;
 mod relay;
 mod routing;

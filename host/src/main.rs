@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 /// OpenAI-compatible AI gateway with WebAssembly provider adapters.
@@ -23,6 +23,32 @@ struct Cli {
     /// Plugins directory (overrides the configuration).
     #[arg(long)]
     plugins_dir: Option<PathBuf>,
+    /// Without a command, run the gateway.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Work with plugin components.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PluginCommand {
+    /// Validate a component as the hot-swap loader does and run the
+    /// conformance suite for its kind; exits 1 when any check fails.
+    Check {
+        /// The `.wasm` component.
+        file: PathBuf,
+        /// A directory of the provider's recorded examples (`chat.json`,
+        /// `stream.sse` or `stream.ndjson`, `error.json`) to run as well.
+        #[arg(long)]
+        fixtures: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -33,6 +59,11 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
+    if let Some(Command::Plugin { command: PluginCommand::Check { file, fixtures } }) = &cli.command {
+        let report = wasmgate::plugins::check::check_file(file, fixtures.as_deref());
+        println!("{report}");
+        std::process::exit(if report.passed() { 0 } else { 1 });
+    }
     let mut config = wasmgate::Config::load(cli.config.as_deref())?;
     if let Some(listen) = cli.listen {
         config.listen = listen;

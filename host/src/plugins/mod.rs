@@ -3,6 +3,7 @@
 mod adapter;
 mod bindings;
 mod cache;
+pub mod check;
 mod engine;
 mod error;
 mod loader;

@@ -1,0 +1,77 @@
+//! `wasmgate plugin check`: the real binary on the real plugin files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::support::{artifact, root};
+
+/// Run `wasmgate plugin check FILE [--fixtures DIR]`: (exit success, stdout).
+fn check(file: &Path, fixtures: Option<PathBuf>) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasmgate"));
+    cmd.args(["plugin", "check"]).arg(file);
+    if let Some(dir) = fixtures {
+        cmd.arg("--fixtures").arg(dir);
+    }
+    let out = cmd.output().expect("run wasmgate plugin check");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.success(), stdout)
+}
+
+#[test]
+fn every_shipped_adapter_passes_with_its_recorded_examples() {
+    for provider in ["anthropic", "gemini", "baidu", "qwen", "ollama", "azure", "openai"] {
+        let dir = root().join("tests/fixtures/providers").join(provider);
+        let (ok, out) = check(&artifact(&format!("{provider}.wasm")), dir.exists().then_some(dir));
+        println!("{out}");
+        assert!(ok, "{provider} failed its conformance suite:\n{out}");
+        assert!(out.contains(&format!("adapter `{provider}`")) && out.contains("result: PASS"), "{out}");
+        assert!(!out.contains("FAIL"), "{out}");
+        if provider != "openai" {
+            assert!(out.contains("recorded stream, split every 7 bytes"), "fixtures were not run:\n{out}");
+        }
+    }
+}
+
+#[test]
+fn every_shipped_policy_passes() {
+    for policy in ["weighted", "round-robin", "latency"] {
+        let (ok, out) = check(&artifact(&format!("{policy}.wasm")), None);
+        println!("{out}");
+        assert!(ok && out.contains(&format!("router `{policy}`")), "{out}");
+        assert!(out.contains("PASS  select: the same seed and candidates give the same order"), "{out}");
+    }
+}
+
+#[test]
+fn cargo_component_style_and_older_contract_builds_pass() {
+    // WASI preview 1 + adapter (what `cargo component build` produces), and
+    // components built against wasmgate:plugin@0.1.0.
+    let files = [
+        artifact("openai-wasip1.wasm"),
+        root().join("tests/fixtures/compat/openai-wit-0.1.0.wasm"),
+        root().join("tests/fixtures/compat/weighted-wit-0.1.0.wasm"),
+    ];
+    for file in files {
+        let (ok, out) = check(&file, None);
+        println!("{out}");
+        assert!(ok, "{}:\n{out}", file.display());
+    }
+}
+
+#[test]
+fn incompatible_or_broken_files_fail_with_a_clear_reason() {
+    let (ok, out) = check(&artifact("future-wit.wasm"), None);
+    assert!(!ok && out.contains("built against wasmgate:plugin@0.2.0") && out.contains("result: FAIL"), "{out}");
+    let (ok, out) = check(&artifact("alien-world.wasm"), None);
+    assert!(!ok && out.contains("wrong world"), "{out}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let core = dir.path().join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").expect("write");
+    let (ok, out) = check(&core, None);
+    assert!(!ok && out.contains("not a component"), "{out}");
+    let (ok, out) = check(&dir.path().join("missing.wasm"), None);
+    assert!(!ok && out.contains("FAIL  read the file"), "{out}");
+    // A policy that returns bad indices fails its suite.
+    let (ok, out) = check(&artifact("bad-policy.wasm"), None);
+    assert!(!ok && out.contains("FAIL  select: valid"), "{out}");
+}
