@@ -75,3 +75,24 @@ fn incompatible_or_broken_files_fail_with_a_clear_reason() {
     let (ok, out) = check(&artifact("bad-policy.wasm"), None);
     assert!(!ok && out.contains("FAIL  select: valid"), "{out}");
 }
+
+/// The template crate (`plugins/template`, the tutorial's adapter) builds,
+/// passes `plugin check` and serves through the gateway with its own headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_template_adapter_passes_and_serves() {
+    let (ok, out) = check(&artifact("acme.wasm"), None);
+    assert!(ok && out.contains("adapter `acme`"), "{out}");
+
+    let mock = crate::support::MockUpstream::start("acme-upstream").await;
+    let extra = "[channels.settings]\ntenant = \"team-7\"\n";
+    let ch = crate::support::channel("acme", "acme", &mock.base_url(), &["acme-chat"], extra);
+    let gw = crate::support::Gateway::start(&["acme.wasm", "weighted.wasm"], &ch);
+    let (status, body) =
+        crate::support::post(&gw, "/v1/chat/completions", &crate::support::chat("acme-chat", "hi acme")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: hi acme");
+    let headers = mock.state.last_headers.lock().await.clone().expect("headers");
+    assert_eq!(headers["x-api-key"], "sk-upstream-secret-acme");
+    assert_eq!(headers["x-acme-tenant"], "team-7");
+    assert!(headers.get("authorization").is_none());
+}
