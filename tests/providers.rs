@@ -84,7 +84,7 @@ async fn every_adapter_passes_its_fixture_suite_with_the_openai_sdk() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     println!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "provider checks failed:\n{stdout}\n{}", gw.log());
-    assert!(stdout.contains(&format!("{} passed, 0 failed", PROVIDERS.len() * 9)), "{stdout}");
+    assert!(stdout.contains(&format!("{} passed, 0 failed", PROVIDERS.len() * 10)), "{stdout}");
 
     // What each provider actually received from the non-stream check.
     let sent = |r: &Recorded| r.body.to_string().contains("Hello there") && r.body.to_string().contains("END");
@@ -122,6 +122,8 @@ async fn every_adapter_passes_its_fixture_suite_with_the_openai_sdk() {
         round.body["contents"][2]["parts"][0]["functionResponse"],
         json!({"name": "get_weather", "response": {"temp_c": 21}})
     );
+    let image = received(&mock, "gemini", ":generateContent", |r| r.body.to_string().contains("inlineData"));
+    assert_eq!(image.body["contents"][0]["parts"][1]["inlineData"]["mimeType"], "image/png");
     let embed = received(&mock, "gemini", ":batchEmbedContents", |_| true);
     assert_eq!(embed.body["requests"][1]["content"]["parts"][0]["text"], "second text");
 
@@ -146,6 +148,8 @@ async fn every_adapter_passes_its_fixture_suite_with_the_openai_sdk() {
     let r = received(&mock, "ollama", "/api/chat", sent);
     assert_eq!((r.body["model"].clone(), r.body["stream"].clone()), (json!("llama3.2"), json!(false)));
     assert_eq!(r.body["options"], json!({"temperature": 0.5, "top_p": 0.9, "num_predict": 64, "stop": ["END"]}));
+    let image = received(&mock, "ollama", "/api/chat", |r| r.body["messages"][0].get("images").is_some());
+    assert!(image.body["messages"][0]["images"][0].as_str().is_some_and(|b| b.starts_with("iVBOR")), "{image:?}");
     let round = received(&mock, "ollama", "/api/chat", |r| r.body["messages"].as_array().is_some_and(|m| m.len() == 3));
     assert_eq!(round.body["messages"][1]["tool_calls"][0]["function"]["arguments"], json!({"location": "Paris"}));
 

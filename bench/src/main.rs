@@ -12,6 +12,7 @@
 //!
 //! Traffic goes to 127.0.0.1 only and every loop is bounded.
 
+mod adapter_calls;
 mod bare_proxy;
 #[path = "../../tests/support/mock.rs"]
 #[allow(missing_docs)]
@@ -104,6 +105,7 @@ fn main() -> Result<()> {
     println!("# wasmgate loopback benchmark\n");
     println!("machine: {} cores; {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), cpu_model());
     plugin_calls::run(&plugins, args.plugin_iterations)?;
+    adapter_calls::run(&plugins, args.plugin_iterations)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(http(&args))
 }

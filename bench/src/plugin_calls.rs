@@ -12,7 +12,8 @@ use wasmgate::plugins::{
 
 use crate::stats::{self, Summary};
 
-fn time<F: FnMut()>(n: usize, mut f: F) -> Vec<Duration> {
+/// Time `n` calls of `f`, after `n / 2` warm-up calls.
+pub(crate) fn time<F: FnMut()>(n: usize, mut f: F) -> Vec<Duration> {
     for _ in 0..n / 2 {
         f();
     }
@@ -25,7 +26,8 @@ fn time<F: FnMut()>(n: usize, mut f: F) -> Vec<Duration> {
         .collect()
 }
 
-fn row(name: &str, samples: &[Duration]) {
+/// Print one table row: p50, p99, mean.
+pub(crate) fn row(name: &str, samples: &[Duration]) {
     let s = Summary::of(samples);
     println!("| {name} | {} | {} | {} |", stats::us(s.p50), stats::us(s.p99), stats::us(s.mean));
 }

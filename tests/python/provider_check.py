@@ -170,7 +170,23 @@ def safety_block(e):
     raise AssertionError("a blocked prompt reached the client as a success")
 
 
-CHECKS = [non_stream, stream, stream_without_usage, tools, tool_round_trip, upstream_error, n_choices, embeddings, safety_block]
+PIXEL = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+
+
+def images(e):
+    """An inline image goes to providers that take images, and is a clear 400 elsewhere."""
+    content = [{"type": "text", "text": "What is in this image?"}, {"type": "image_url", "image_url": {"url": PIXEL}}]
+    try:
+        resp = client.chat.completions.create(model=e["model"], messages=[{"role": "user", "content": content}])
+    except openai.BadRequestError as err:
+        assert not e["images"], f"refused an image although the provider takes them: {err}"
+        assert "image" in str(err), err
+        return
+    assert e["images"], "an image was accepted by an adapter that cannot send it"
+    assert resp.choices[0].message.content == e["text"], resp
+
+
+CHECKS = [non_stream, images, stream, stream_without_usage, tools, tool_round_trip, upstream_error, n_choices, embeddings, safety_block]
 
 passed = failed = 0
 for provider in PROVIDERS:

@@ -28,14 +28,13 @@ const SHIPPED: &[(&str, &str)] = &[
     ("latency", "latency"),
 ];
 /// Test fixtures: (crate artifact name, file stem).
-const FIXTURES: &[(&str, &str)] =
-    &[
-        ("hostile", "hostile"),
-        ("openai_v2", "openai-v2"),
-        ("pick_last", "pick-last"),
-        ("bad_policy", "bad-policy"),
-        ("acme", "acme"),
-    ];
+const FIXTURES: &[(&str, &str)] = &[
+    ("hostile", "hostile"),
+    ("openai_v2", "openai-v2"),
+    ("pick_last", "pick-last"),
+    ("bad_policy", "bad-policy"),
+    ("acme", "acme"),
+];
 
 /// Build all plugins and fixtures.
 pub fn build_all(root: &Path) -> Result<()> {
