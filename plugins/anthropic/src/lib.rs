@@ -13,11 +13,11 @@
 
 use serde_json::{json, Map, Value};
 use wasmgate_pdk::openai_compat::settings;
-use wasmgate_pdk::sse::{SseEvent, SseParser};
+use wasmgate_pdk::sse::{SseDecoder, SseEvents};
 use wasmgate_pdk::translate::{self as t, ChunkWriter, Image, Part};
 use wasmgate_pdk::{
     error, header, origin_url, Adapter, AdapterInfo, Channel, Endpoint, ErrorKind, HttpMethod, HttpRequest,
-    HttpResponse, ParsedResponse, Probe, RequestContext, StreamDecoder, StreamEvents, UpstreamError, Usage,
+    HttpResponse, ParsedResponse, Probe, RequestContext, StreamEvents, UpstreamError, Usage,
 };
 
 struct Anthropic;
@@ -173,7 +173,7 @@ fn classify(status: u16, retry_after: Option<u32>, body: &Value) -> UpstreamErro
 }
 
 impl Adapter for Anthropic {
-    type Decoder = Decoder;
+    type Decoder = SseDecoder<Events>;
 
     fn info() -> AdapterInfo {
         AdapterInfo {
@@ -244,8 +244,7 @@ impl Adapter for Anthropic {
 }
 
 /// Turns Anthropic's typed SSE events into OpenAI chunks.
-struct Decoder {
-    sse: SseParser,
+struct Events {
     out: ChunkWriter,
     include_usage: bool,
     usage: Usage,
@@ -255,13 +254,33 @@ struct Decoder {
     done: bool,
 }
 
-impl Decoder {
-    fn handle(&mut self, ev: SseEvent, out: &mut StreamEvents) -> Result<(), UpstreamError> {
-        if ev.data.trim().is_empty() {
-            return Ok(());
+impl Events {
+    fn end(&mut self, out: &mut StreamEvents) {
+        if self.done {
+            return;
         }
-        let v: Value = serde_json::from_str(&ev.data)
-            .map_err(|_| error(ErrorKind::Transient, "upstream stream carried data that is not JSON", None))?;
+        self.done = true;
+        out.chunks.push(self.out.delta(json!({}), Some(self.finish.unwrap_or("stop"))));
+        if self.include_usage {
+            out.chunks.push(self.out.usage(&self.usage));
+        }
+        out.usage = Some(self.usage);
+    }
+}
+
+impl SseEvents for Events {
+    fn new(ctx: RequestContext) -> Self {
+        Self {
+            out: ChunkWriter::new(&ctx, format!("msg_{}", ctx.request_id)),
+            include_usage: ctx.include_usage,
+            usage: t::usage(0, 0, 0),
+            tool_index: Vec::new(),
+            finish: None,
+            done: false,
+        }
+    }
+
+    fn event(&mut self, _name: Option<&str>, v: Value, out: &mut StreamEvents) -> Result<(), UpstreamError> {
         match v.get("type").and_then(Value::as_str).unwrap_or_default() {
             "message_start" => {
                 if let Some(id) = v.pointer("/message/id").and_then(Value::as_str) {
@@ -307,61 +326,14 @@ impl Decoder {
                 }
             }
             "message_stop" => self.end(out),
-            "error" => {
-                out.error = Some(classify(0, None, &v));
-                self.done = true;
-            }
+            "error" => out.error = Some(classify(0, None, &v)),
             _ => {} // ping, content_block_stop
         }
         Ok(())
     }
 
-    fn end(&mut self, out: &mut StreamEvents) {
-        if self.done {
-            return;
-        }
-        self.done = true;
-        out.chunks.push(self.out.delta(json!({}), Some(self.finish.unwrap_or("stop"))));
-        if self.include_usage {
-            out.chunks.push(self.out.usage(&self.usage));
-        }
-        out.usage = Some(self.usage);
-    }
-
-    fn events(&mut self, events: Vec<SseEvent>) -> Result<StreamEvents, UpstreamError> {
-        let mut out = StreamEvents::empty();
-        for ev in events {
-            self.handle(ev, &mut out)?;
-            if out.error.is_some() {
-                break;
-            }
-        }
-        out.done = self.done;
-        Ok(out)
-    }
-}
-
-impl StreamDecoder for Decoder {
-    fn new(ctx: RequestContext) -> Self {
-        Self {
-            sse: SseParser::new(),
-            out: ChunkWriter::new(&ctx, format!("msg_{}", ctx.request_id)),
-            include_usage: ctx.include_usage,
-            usage: t::usage(0, 0, 0),
-            tool_index: Vec::new(),
-            finish: None,
-            done: false,
-        }
-    }
-
-    fn feed(&mut self, bytes: &[u8]) -> Result<StreamEvents, UpstreamError> {
-        let events = self.sse.push(bytes);
-        self.events(events)
-    }
-
-    fn finish(&mut self) -> Result<StreamEvents, UpstreamError> {
-        let events = self.sse.finish().into_iter().collect();
-        self.events(events)
+    fn done(&self) -> bool {
+        self.done
     }
 }
 

@@ -16,7 +16,7 @@
 
 use serde_json::{json, Map, Value};
 use wasmgate_pdk::openai_compat::settings;
-use wasmgate_pdk::sse::{SseEvent, SseParser};
+use wasmgate_pdk::sse::{SseDecoder, SseEvents};
 use wasmgate_pdk::translate::{self as t, ChunkWriter};
 use wasmgate_pdk::{
     error, header, origin_url, Adapter, AdapterInfo, Channel, Credential, Endpoint, ErrorKind, HttpMethod, HttpRequest,
@@ -234,28 +234,22 @@ impl Adapter for Baidu {
     }
 }
 
-/// ERNIE streams SSE `data:` objects with `result` increments and `is_end`;
-/// an error comes as a bare JSON body instead of SSE.
-struct Decoder {
-    sse: SseParser,
-    /// Set from the first non-blank byte: the body is a bare JSON object.
-    json_body: Option<bool>,
-    raw: Vec<u8>,
+/// ERNIE's stream events: `result` increments, `is_end` on the last.
+struct Events {
     out: ChunkWriter,
     include_usage: bool,
     done: bool,
 }
 
-impl Decoder {
-    fn handle(&mut self, ev: SseEvent, out: &mut StreamEvents) -> Result<(), UpstreamError> {
-        if ev.data.trim().is_empty() {
-            return Ok(());
-        }
-        let v: Value = serde_json::from_str(&ev.data)
-            .map_err(|_| error(ErrorKind::Transient, "upstream stream carried data that is not JSON", None))?;
+impl SseEvents for Events {
+    fn new(ctx: RequestContext) -> Self {
+        let out = ChunkWriter::new(&ctx, format!("chatcmpl-{}", ctx.request_id));
+        Self { out, include_usage: ctx.include_usage, done: false }
+    }
+
+    fn event(&mut self, _name: Option<&str>, v: Value, out: &mut StreamEvents) -> Result<(), UpstreamError> {
         if let Some(e) = classify(0, &v) {
             out.error = Some(e);
-            self.done = true;
             return Ok(());
         }
         if let Some(id) = v.get("id").and_then(Value::as_str) {
@@ -277,57 +271,47 @@ impl Decoder {
         Ok(())
     }
 
-    fn events(&mut self, events: Vec<SseEvent>) -> Result<StreamEvents, UpstreamError> {
-        let mut out = StreamEvents::empty();
-        for ev in events {
-            self.handle(ev, &mut out)?;
-            if out.error.is_some() {
-                break;
-            }
-        }
-        out.done = self.done;
-        Ok(out)
+    fn done(&self) -> bool {
+        self.done
     }
+}
+
+/// ERNIE streams SSE, except that an error comes as a bare JSON body: the
+/// first non-blank byte decides which.
+struct Decoder {
+    sse: SseDecoder<Events>,
+    json_body: Option<bool>,
+    raw: Vec<u8>,
 }
 
 impl StreamDecoder for Decoder {
     fn new(ctx: RequestContext) -> Self {
-        let out = ChunkWriter::new(&ctx, format!("chatcmpl-{}", ctx.request_id));
-        Self {
-            sse: SseParser::new(),
-            json_body: None,
-            raw: Vec::new(),
-            out,
-            include_usage: ctx.include_usage,
-            done: false,
-        }
+        Self { sse: SseDecoder::new(ctx), json_body: None, raw: Vec::new() }
     }
 
     fn feed(&mut self, bytes: &[u8]) -> Result<StreamEvents, UpstreamError> {
         if self.json_body.is_none() {
             self.json_body = bytes.iter().find(|b| !b.is_ascii_whitespace()).map(|b| *b == b'{');
         }
-        if self.json_body == Some(true) {
-            if self.raw.len() + bytes.len() > 1 << 16 {
-                return Err(error(ErrorKind::Transient, "ERNIE sent an oversized error body", None));
-            }
-            self.raw.extend_from_slice(bytes); // an error body, read at the end
-            return Ok(StreamEvents::empty());
+        if self.json_body != Some(true) {
+            return self.sse.feed(bytes);
         }
-        let events = self.sse.push(bytes);
-        self.events(events)
+        if self.raw.len() + bytes.len() > 1 << 16 {
+            return Err(error(ErrorKind::Transient, "ERNIE sent an oversized error body", None));
+        }
+        self.raw.extend_from_slice(bytes); // an error body, read at the end
+        Ok(StreamEvents::empty())
     }
 
     fn finish(&mut self) -> Result<StreamEvents, UpstreamError> {
-        if self.json_body == Some(true) {
-            let v = serde_json::from_slice::<Value>(&self.raw).unwrap_or(Value::Null);
-            let mut out = StreamEvents::empty();
-            out.error = classify(0, &v).or_else(|| Some(error(ErrorKind::Transient, "ERNIE sent no stream", None)));
-            out.done = true;
-            return Ok(out);
+        if self.json_body != Some(true) {
+            return self.sse.finish();
         }
-        let events = self.sse.finish().into_iter().collect();
-        self.events(events)
+        let v = serde_json::from_slice::<Value>(&self.raw).unwrap_or(Value::Null);
+        let mut out = StreamEvents::empty();
+        out.error = classify(0, &v).or_else(|| Some(error(ErrorKind::Transient, "ERNIE sent no stream", None)));
+        out.done = true;
+        Ok(out)
     }
 }
 

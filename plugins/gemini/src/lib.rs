@@ -16,11 +16,11 @@
 use serde_json::{json, Map, Value};
 use wasmgate_pdk::openai::ChatMessage;
 use wasmgate_pdk::openai_compat::settings;
-use wasmgate_pdk::sse::{SseEvent, SseParser};
+use wasmgate_pdk::sse::{SseDecoder, SseEvents};
 use wasmgate_pdk::translate::{self as t, ChunkWriter, Image, Part};
 use wasmgate_pdk::{
     error, header, origin_url, Adapter, AdapterInfo, Channel, Endpoint, ErrorKind, HttpMethod, HttpRequest,
-    HttpResponse, ParsedResponse, Probe, RequestContext, StreamDecoder, StreamEvents, UpstreamError, Usage,
+    HttpResponse, ParsedResponse, Probe, RequestContext, StreamEvents, UpstreamError, Usage,
 };
 
 struct Gemini;
@@ -201,7 +201,7 @@ fn call_id(request_id: &str, i: usize) -> String {
 }
 
 impl Adapter for Gemini {
-    type Decoder = Decoder;
+    type Decoder = SseDecoder<Events>;
 
     fn info() -> AdapterInfo {
         AdapterInfo {
@@ -288,36 +288,35 @@ impl Adapter for Gemini {
     }
 }
 
-/// Gemini streams whole `GenerateContentResponse` objects as SSE `data:`.
-struct Decoder {
-    sse: SseParser,
+/// Gemini streams whole `GenerateContentResponse` objects as SSE `data:`;
+/// the last one carries `finishReason` and the final usage.
+struct Events {
     out: ChunkWriter,
     request_id: String,
     include_usage: bool,
-    usage: Option<Usage>,
     calls: usize,
     done: bool,
 }
 
-impl Decoder {
-    fn handle(&mut self, ev: SseEvent, out: &mut StreamEvents) -> Result<(), UpstreamError> {
-        if ev.data.trim().is_empty() {
-            return Ok(());
+impl SseEvents for Events {
+    fn new(ctx: RequestContext) -> Self {
+        Self {
+            out: ChunkWriter::new(&ctx, format!("chatcmpl-{}", ctx.request_id)),
+            request_id: ctx.request_id.clone(),
+            include_usage: ctx.include_usage,
+            calls: 0,
+            done: false,
         }
-        let v: Value = serde_json::from_str(&ev.data)
-            .map_err(|_| error(ErrorKind::Transient, "upstream stream carried data that is not JSON", None))?;
+    }
+
+    fn event(&mut self, _name: Option<&str>, v: Value, out: &mut StreamEvents) -> Result<(), UpstreamError> {
         if v.get("error").is_some() {
             out.error = Some(classify(0, None, &v));
-            self.done = true;
             return Ok(());
         }
         if let Some(e) = blocked(&v) {
             out.error = Some(e);
-            self.done = true;
             return Ok(());
-        }
-        if let Some(u) = usage_of(&v) {
-            self.usage = Some(u);
         }
         let Some(c) = v.pointer("/candidates/0") else { return Ok(()) };
         let (text, calls, finish) = candidate(c);
@@ -332,55 +331,19 @@ impl Decoder {
         if let Some(finish) = finish {
             let finish = if self.calls > 0 { "tool_calls" } else { finish };
             out.chunks.push(self.out.delta(json!({}), Some(finish)));
-            self.done = true;
-        }
-        Ok(())
-    }
-
-    fn events(&mut self, events: Vec<SseEvent>) -> Result<StreamEvents, UpstreamError> {
-        let mut out = StreamEvents::empty();
-        for ev in events {
-            self.handle(ev, &mut out)?;
-            if out.error.is_some() {
-                out.done = true;
-                return Ok(out);
-            }
-        }
-        // The last event carries both finishReason and the final usage.
-        if self.done {
-            if let Some(u) = self.usage.take() {
+            if let Some(u) = usage_of(&v) {
                 if self.include_usage {
                     out.chunks.push(self.out.usage(&u));
                 }
                 out.usage = Some(u);
             }
+            self.done = true;
         }
-        out.done = self.done;
-        Ok(out)
-    }
-}
-
-impl StreamDecoder for Decoder {
-    fn new(ctx: RequestContext) -> Self {
-        Self {
-            sse: SseParser::new(),
-            out: ChunkWriter::new(&ctx, format!("chatcmpl-{}", ctx.request_id)),
-            request_id: ctx.request_id.clone(),
-            include_usage: ctx.include_usage,
-            usage: None,
-            calls: 0,
-            done: false,
-        }
+        Ok(())
     }
 
-    fn feed(&mut self, bytes: &[u8]) -> Result<StreamEvents, UpstreamError> {
-        let events = self.sse.push(bytes);
-        self.events(events)
-    }
-
-    fn finish(&mut self) -> Result<StreamEvents, UpstreamError> {
-        let events = self.sse.finish().into_iter().collect();
-        self.events(events)
+    fn done(&self) -> bool {
+        self.done
     }
 }
 

@@ -90,6 +90,66 @@ impl SseParser {
     }
 }
 
+/// What differs between providers that stream JSON objects as SSE events:
+/// how one event becomes OpenAI chunks. [`SseDecoder`] does the rest.
+pub trait SseEvents {
+    /// State for a new stream of the request described by `ctx`.
+    fn new(ctx: crate::RequestContext) -> Self;
+    /// Handle one event (`name` is its `event:` field; `data` its parsed
+    /// JSON): push chunks and usage to `out`, or set `out.error`.
+    fn event(
+        &mut self,
+        name: Option<&str>,
+        data: serde_json::Value,
+        out: &mut crate::StreamEvents,
+    ) -> Result<(), crate::UpstreamError>;
+    /// Whether the provider has signalled the end of the stream.
+    fn done(&self) -> bool;
+}
+
+/// A [`crate::StreamDecoder`] for SSE streams of JSON events: parses the
+/// bytes (split anywhere), skips blank events, turns non-JSON data into a
+/// transient error and stops at the first in-band error.
+pub struct SseDecoder<E> {
+    parser: SseParser,
+    events: E,
+    failed: bool,
+}
+
+impl<E: SseEvents> SseDecoder<E> {
+    fn dispatch(&mut self, events: Vec<SseEvent>) -> Result<crate::StreamEvents, crate::UpstreamError> {
+        let mut out = crate::StreamEvents::empty();
+        for event in events {
+            if self.failed || event.data.trim().is_empty() {
+                continue;
+            }
+            let data = serde_json::from_str(&event.data).map_err(|_| {
+                crate::error(crate::ErrorKind::Transient, "upstream stream carried data that is not JSON", None)
+            })?;
+            self.events.event(event.event.as_deref(), data, &mut out)?;
+            self.failed = out.error.is_some();
+        }
+        out.done = self.failed || self.events.done();
+        Ok(out)
+    }
+}
+
+impl<E: SseEvents> crate::StreamDecoder for SseDecoder<E> {
+    fn new(ctx: crate::RequestContext) -> Self {
+        Self { parser: SseParser::new(), events: E::new(ctx), failed: false }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) -> Result<crate::StreamEvents, crate::UpstreamError> {
+        let events = self.parser.push(bytes);
+        self.dispatch(events)
+    }
+
+    fn finish(&mut self) -> Result<crate::StreamEvents, crate::UpstreamError> {
+        let events = self.parser.finish().into_iter().collect();
+        self.dispatch(events)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

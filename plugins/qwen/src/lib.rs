@@ -13,11 +13,11 @@
 
 use serde_json::{json, Map, Value};
 use wasmgate_pdk::openai_compat::settings;
-use wasmgate_pdk::sse::{SseEvent, SseParser};
+use wasmgate_pdk::sse::{SseDecoder, SseEvents};
 use wasmgate_pdk::translate::{self as t, ChunkWriter};
 use wasmgate_pdk::{
     error, header, origin_url, Adapter, AdapterInfo, Channel, Endpoint, ErrorKind, HttpMethod, HttpRequest,
-    HttpResponse, ParsedResponse, Probe, RequestContext, StreamDecoder, StreamEvents, UpstreamError, Usage,
+    HttpResponse, ParsedResponse, Probe, RequestContext, StreamEvents, UpstreamError, Usage,
 };
 
 struct Qwen;
@@ -108,7 +108,7 @@ fn finish_reason(c: &Value) -> Option<String> {
 }
 
 impl Adapter for Qwen {
-    type Decoder = Decoder;
+    type Decoder = SseDecoder<Events>;
 
     fn info() -> AdapterInfo {
         AdapterInfo {
@@ -195,25 +195,22 @@ impl Adapter for Qwen {
 
 /// DashScope SSE: `event:result` with a whole response object per event
 /// (incremental text); errors arrive as `event:error` with `code`.
-struct Decoder {
-    sse: SseParser,
+struct Events {
     out: ChunkWriter,
     include_usage: bool,
     usage: Option<Usage>,
     done: bool,
 }
 
-impl Decoder {
-    fn handle(&mut self, ev: SseEvent, out: &mut StreamEvents) -> Result<(), UpstreamError> {
-        if ev.data.trim().is_empty() {
-            return Ok(());
-        }
-        let v: Value = serde_json::from_str(&ev.data)
-            .map_err(|_| error(ErrorKind::Transient, "upstream stream carried data that is not JSON", None))?;
-        if ev.event.as_deref() == Some("error") || v.get("code").and_then(Value::as_str).is_some_and(|c| !c.is_empty())
-        {
+impl SseEvents for Events {
+    fn new(ctx: RequestContext) -> Self {
+        let out = ChunkWriter::new(&ctx, format!("chatcmpl-{}", ctx.request_id));
+        Self { out, include_usage: ctx.include_usage, usage: None, done: false }
+    }
+
+    fn event(&mut self, name: Option<&str>, v: Value, out: &mut StreamEvents) -> Result<(), UpstreamError> {
+        if name == Some("error") || v.get("code").and_then(Value::as_str).is_some_and(|c| !c.is_empty()) {
             out.error = Some(classify(0, None, &v));
-            self.done = true;
             return Ok(());
         }
         if let Some(id) = v.get("request_id").and_then(Value::as_str) {
@@ -246,33 +243,8 @@ impl Decoder {
         Ok(())
     }
 
-    fn events(&mut self, events: Vec<SseEvent>) -> Result<StreamEvents, UpstreamError> {
-        let mut out = StreamEvents::empty();
-        for ev in events {
-            self.handle(ev, &mut out)?;
-            if out.error.is_some() {
-                break;
-            }
-        }
-        out.done = self.done;
-        Ok(out)
-    }
-}
-
-impl StreamDecoder for Decoder {
-    fn new(ctx: RequestContext) -> Self {
-        let out = ChunkWriter::new(&ctx, format!("chatcmpl-{}", ctx.request_id));
-        Self { sse: SseParser::new(), out, include_usage: ctx.include_usage, usage: None, done: false }
-    }
-
-    fn feed(&mut self, bytes: &[u8]) -> Result<StreamEvents, UpstreamError> {
-        let events = self.sse.push(bytes);
-        self.events(events)
-    }
-
-    fn finish(&mut self) -> Result<StreamEvents, UpstreamError> {
-        let events = self.sse.finish().into_iter().collect();
-        self.events(events)
+    fn done(&self) -> bool {
+        self.done
     }
 }
 
