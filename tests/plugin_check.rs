@@ -51,7 +51,7 @@ fn cargo_component_style_and_older_contract_builds_pass() {
         root().join("tests/fixtures/compat/openai-wit-0.1.0.wasm"),
         root().join("tests/fixtures/compat/weighted-wit-0.1.0.wasm"),
     ];
-    for file in files {
+    for file in files.into_iter().chain(cargo_component_builds()) {
         let (ok, out) = check(&file, None);
         println!("{out}");
         assert!(ok, "{}:\n{out}", file.display());
@@ -76,17 +76,43 @@ fn incompatible_or_broken_files_fail_with_a_clear_reason() {
     assert!(!ok && out.contains("FAIL  select: valid"), "{out}");
 }
 
-/// The template crate (`plugins/template`, the tutorial's adapter) builds,
-/// passes `plugin check` and serves through the gateway with its own headers.
+/// The template crate built by `cargo component build` (WASI preview 1
+/// with the preview 1 adapter inside): the fresh build when xtask could make
+/// one (cargo-component installed), and always the golden build.
+fn cargo_component_builds() -> Vec<PathBuf> {
+    let fresh = root().join("target/wasm-fixtures/acme-cargo-component.wasm");
+    let golden = root().join("tests/fixtures/compat/acme-cargo-component.wasm");
+    [fresh, golden].into_iter().filter(|p| p.exists()).collect()
+}
+
+/// The template crate (`plugins/template`, the tutorial's adapter), built
+/// as a core module componentized by the project's build and by
+/// `cargo component build`, passes `plugin check` and serves through the
+/// gateway with its own headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_template_adapter_passes_and_serves() {
-    let (ok, out) = check(&artifact("acme.wasm"), None);
+async fn the_template_adapter_passes_and_serves_whichever_way_it_was_built() {
+    let builds: Vec<PathBuf> = std::iter::once(artifact("acme.wasm")).chain(cargo_component_builds()).collect();
+    assert!(builds.len() >= 2, "no cargo-component build of the template: {builds:?}");
+    for build in builds {
+        println!("template build: {}", build.display());
+        serve_through_template(&build).await;
+    }
+}
+
+async fn serve_through_template(build: &Path) {
+    let (ok, out) = check(build, None);
     assert!(ok && out.contains("adapter `acme`"), "{out}");
 
     let mock = crate::support::MockUpstream::start("acme-upstream").await;
     let extra = "[channels.settings]\ntenant = \"team-7\"\n";
     let ch = crate::support::channel("acme", "acme", &mock.base_url(), &["acme-chat"], extra);
-    let gw = crate::support::Gateway::start(&["acme.wasm", "weighted.wasm"], &ch);
+    let gw = crate::support::Gateway::start(&["weighted.wasm"], &ch);
+    gw.write_plugin("acme.wasm", &std::fs::read(build).expect("read the build"));
+    let loaded = crate::support::eventually(std::time::Duration::from_secs(10), || async {
+        crate::support::post(&gw, "/v1/chat/completions", &crate::support::chat("acme-chat", "probe")).await.0 == 200
+    })
+    .await;
+    assert!(loaded.is_some(), "the build never served: {}", gw.log());
     let (status, body) =
         crate::support::post(&gw, "/v1/chat/completions", &crate::support::chat("acme-chat", "hi acme")).await;
     assert_eq!(status, 200, "{body}");

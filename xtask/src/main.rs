@@ -6,6 +6,7 @@
 //! - `cargo xtask run [ARGS]` build the plugins and run the gateway (release)
 //! - `cargo xtask bench`     run the loopback benchmark harness
 
+mod cargo_component;
 mod componentize;
 mod plugins;
 mod python;

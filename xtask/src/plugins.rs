@@ -70,6 +70,12 @@ pub fn build_all(root: &Path) -> Result<()> {
     } else {
         eprintln!("xtask: no {WASIP1_TARGET} toolchain; skipping the WASI preview 1 fixture");
     }
+    // The template built by the real `cargo component build`, when the tool
+    // is there; a failure here is reported, not fatal (the golden build in
+    // tests/fixtures/compat is tested either way).
+    if let Err(e) = crate::cargo_component::build_template(root, chain) {
+        eprintln!("xtask: cargo component build of plugins/template failed: {e:#}");
+    }
     Ok(())
 }
 

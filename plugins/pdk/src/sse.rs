@@ -175,3 +175,52 @@ mod tests {
         assert_eq!(p.finish().map(|e| e.data), Some("tail".to_string()));
     }
 }
+
+#[cfg(test)]
+mod decoder_tests {
+    use super::*;
+    use crate::{Endpoint, RequestContext, StreamDecoder, StreamEvents, UpstreamError};
+
+    /// Counts `n` fields; ends at `{"end": true}`.
+    struct Count(u64, bool);
+
+    impl SseEvents for Count {
+        fn new(_ctx: RequestContext) -> Self {
+            Count(0, false)
+        }
+        fn event(&mut self, _: Option<&str>, v: serde_json::Value, _: &mut StreamEvents) -> Result<(), UpstreamError> {
+            self.0 += v["n"].as_u64().unwrap_or(0);
+            self.1 |= v["end"] == true;
+            Ok(())
+        }
+        fn done(&self) -> bool {
+            self.1
+        }
+    }
+
+    fn ctx() -> RequestContext {
+        RequestContext {
+            endpoint: Endpoint::ChatCompletions,
+            requested_model: "m".into(),
+            upstream_model: "m".into(),
+            stream: true,
+            include_usage: false,
+            request_id: "r".into(),
+        }
+    }
+
+    #[test]
+    fn sse_decoder_splits_anywhere_and_refuses_non_json() {
+        let input = b"data: {\"n\": 2}\n\n: keep-alive\n\ndata:\n\nevent: x\ndata: {\"n\": 3, \"end\": true}\n\n";
+        for cut in 0..input.len() {
+            let mut d = SseDecoder::<Count>::new(ctx());
+            let a = d.feed(&input[..cut]).expect("feed");
+            let b = d.feed(&input[cut..]).expect("feed");
+            assert!(!a.done || cut == input.len());
+            assert!(b.done || a.done, "cut at {cut}");
+            assert_eq!(d.events.0, 5);
+        }
+        let mut d = SseDecoder::<Count>::new(ctx());
+        assert!(d.feed(b"data: {oops\n\n").is_err_and(|e| matches!(e.kind, crate::ErrorKind::Transient)));
+    }
+}

@@ -295,3 +295,52 @@ pub fn status_error(status: u16, retry_after: Option<u32>, message: impl Into<St
     };
     error(kind, message, Some(status))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(content: Value) -> ChatMessage {
+        serde_json::from_value(json!({"role": "user", "content": content})).expect("message")
+    }
+
+    #[test]
+    fn content_parts_read_text_and_images() {
+        let m = message(json!([
+            {"type": "text", "text": "look"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+        ]));
+        let parts = content_parts(&m).expect("parts");
+        assert!(matches!(&parts[0], Part::Text(t) if t == "look"));
+        assert!(
+            matches!(&parts[1], Part::Image(Image::Inline { mime, data }) if mime == "image/png" && data == "AAAA")
+        );
+        assert!(matches!(&parts[2], Part::Image(Image::Url(u)) if u.ends_with("cat.jpg")));
+        assert!(text_only(&m, "X").is_err_and(|e| e.message.contains("X does not accept images")));
+        let audio = message(json!([{"type": "input_audio", "input_audio": {}}]));
+        assert!(content_parts(&audio).is_err_and(|e| matches!(e.kind, ErrorKind::BadRequest)));
+    }
+
+    #[test]
+    fn request_fields() {
+        let req =
+            chat_request(br#"{"model":"m","messages":[],"stop":"END","max_tokens":5,"max_completion_tokens":9,"n":3}"#)
+                .expect("request");
+        assert_eq!(stop_sequences(&req), ["END"]);
+        assert_eq!(max_tokens(&req), Some(9));
+        assert!(single_choice(&req, "P").is_err_and(|e| e.message.contains("`n` > 1")));
+        assert!(chat_request(b"[1]").is_err_and(|e| matches!(e.kind, ErrorKind::BadRequest)));
+    }
+
+    #[test]
+    fn tools_and_embedding_inputs() {
+        let tool = json!({"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}});
+        assert_eq!(tool_function(&tool).expect("tool").0, "f");
+        assert!(tool_function(&json!({"type": "function", "function": {}})).is_err());
+        assert!(tool_function(&json!({"type": "code_interpreter"})).is_err());
+        assert_eq!(embedding_inputs(br#"{"input":"a"}"#).expect("one"), ["a"]);
+        assert_eq!(embedding_inputs(br#"{"input":["a","b"]}"#).expect("two"), ["a", "b"]);
+        assert!(embedding_inputs(br#"{"input":[[1,2]]}"#).is_err_and(|e| e.message.contains("token arrays")));
+    }
+}
