@@ -5,7 +5,6 @@
 //!
 //! quota = ((9 − 3) + 3 × 0.5 + 12 × 3) × 2 = (6 + 1.5 + 36) × 2 = 87.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -309,23 +308,68 @@ async fn token_rules_expiry_allowlists_and_limits() {
     check(s, &b, (401, "invalid_api_key"));
 }
 
+/// Every consume row, by request id (asserting none is duplicated).
+async fn consume_rows(gw: &Gateway) -> std::collections::HashMap<String, Value> {
+    let mut rows = std::collections::HashMap::new();
+    for page in 1.. {
+        let body = logs(gw, &format!("type=consume&page={page}")).await;
+        let data = body["data"].as_array().expect("rows").clone();
+        if data.is_empty() {
+            break;
+        }
+        for r in data {
+            let id = r["request_id"].as_str().unwrap_or("").to_string();
+            assert!(rows.insert(id, r.clone()).is_none(), "duplicated row {r}");
+        }
+    }
+    rows
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_under_load_keeps_used_quota_equal_to_the_logged_charges() {
+async fn kill_9_under_load_loses_no_served_request_and_charges_none_twice() {
     let (_mock, mut gw) = gateway("").await;
     let mut users = Vec::new();
     for _ in 0..3 {
         users.push(user_with_token(&gw, 10_000_000, json!({})).await);
     }
+    // A stream in flight at the crash: its client has the first chunk, the
+    // mock holds the rest.
+    let mut held = chat("hold-paid");
+    held["stream"] = json!(true);
+    let resp = crate::support::client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&users[0].1)
+        .json(&held)
+        .send()
+        .await
+        .expect("send");
+    let held_id = resp.headers()["x-request-id"].to_str().expect("id").to_string();
+    let mut held_stream = resp.bytes_stream();
+    let first = held_stream.next().await.expect("first chunk").expect("bytes");
+    assert!(String::from_utf8_lossy(&first).contains("data: "), "the stream started");
+
     let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let base = gw.url("/v1/chat/completions");
     let mut workers = Vec::new();
     for (i, (_, key)) in users.iter().cycle().take(9).enumerate() {
-        let (stop, key, url) = (stop.clone(), key.clone(), base.clone());
-        let model = if i % 4 == 0 { "free-model" } else { "paid-model" };
+        let (stop, served, key, url) = (stop.clone(), served.clone(), key.clone(), base.clone());
+        let mut body = chat(if i % 4 == 0 { "free-model" } else { "paid-model" });
+        body["stream"] = json!(i % 3 == 2);
         workers.push(tokio::spawn(async move {
             let http = crate::support::client();
             while !stop.load(Ordering::Relaxed) {
-                let _ = http.post(&url).bearer_auth(&key).json(&chat(model)).send().await;
+                let Ok(resp) = http.post(&url).bearer_auth(&key).json(&body).send().await else { continue };
+                let id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                let ok = resp.status() == 200;
+                // Served means the client got the whole answer (for a
+                // stream: up to `[DONE]`).
+                if let Ok(text) = resp.text().await
+                    && ok
+                    && (!body["stream"].as_bool().unwrap_or(false) || text.contains("[DONE]"))
+                {
+                    served.lock().expect("lock").push(id);
+                }
             }
         }));
     }
@@ -335,9 +379,24 @@ async fn kill_9_under_load_keeps_used_quota_equal_to_the_logged_charges() {
     for w in workers {
         let _ = w.await;
     }
+    drop(held_stream);
 
-    let rows = logs(&gw, "per_page=1").await["total"].as_u64().expect("total");
-    assert!(rows > 20, "the load ran: {rows} rows survived");
+    let served = served.lock().expect("lock").clone();
+    assert!(served.len() > 20, "the load ran: {} requests served", served.len());
+    let rows = consume_rows(&gw).await;
+    let lost: Vec<&String> = served.iter().filter(|id| !rows.contains_key(*id)).collect();
+    assert!(lost.is_empty(), "{} of {} served requests have no usage row: {lost:?}", lost.len(), served.len());
+
+    // The held stream is billed for its prompt, marked interrupted.
+    let row = &rows[&held_id];
+    let (prompt, _) = wasmgate::billing::tokenize::estimate("hold-paid", held.to_string().as_bytes(), 256, true);
+    assert_eq!(
+        (row["interrupted"].as_bool(), row["estimated"].as_bool(), row["completion_tokens"].as_u64()),
+        (Some(true), Some(true), Some(0)),
+        "{row}"
+    );
+    assert_eq!(row["quota"].as_u64(), Some(prompt * 2), "prompt tokens × ratio 2: {row}");
+
     let stats = admin(&gw, Method::GET, "/api/logs/stats?by=user", None).await.1;
     for (uid, _) in &users {
         let u = user(&gw, *uid).await;
@@ -346,20 +405,12 @@ async fn kill_9_under_load_keeps_used_quota_equal_to_the_logged_charges() {
         assert_eq!(u["used_quota"].as_i64(), Some(logged), "user {uid}: {u}");
         assert_eq!(u["quota"].as_i64(), Some(10_000_000 - logged));
     }
-    let mut seen = HashSet::new();
-    let mut page = 1;
-    loop {
-        let body = logs(&gw, &format!("type=consume&page={page}")).await;
-        let data = body["data"].as_array().expect("rows").clone();
-        if data.is_empty() {
-            break;
-        }
-        for r in data {
-            assert!(seen.insert(r["request_id"].as_str().unwrap_or("").to_string()), "duplicated row {r}");
-        }
-        page += 1;
-    }
-    eprintln!("{rows} rows after kill -9; {} consume rows, none duplicated", seen.len());
+    let replayed = gw.log().contains("recovered usage records a crash left unwritten");
+    eprintln!(
+        "kill -9 under load: {} served, {} consume rows, none lost or duplicated; journal replay logged: {replayed}",
+        served.len(),
+        rows.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -145,8 +145,12 @@ pub async fn run(config: Config) -> Result<()> {
     let state = gateway.state.clone();
     let service = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, service).with_graceful_shutdown(shutdown_signal()).await?;
-    // Requests are drained: write the queued usage rows and charges.
-    gateway.state.billing.writer.flush().await;
+    // Requests are drained: write the queued usage rows and charges. What a
+    // failing disk keeps from being written stays in the journal for the
+    // next start.
+    if tokio::time::timeout(Duration::from_secs(30), gateway.state.billing.writer.flush()).await.is_err() {
+        tracing::error!("usage rows could not be written at shutdown; the journal keeps them for the next start");
+    }
     gateway.state.store.flush()?;
     tracing::info!("wasmgate stopped");
     Ok(())

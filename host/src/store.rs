@@ -3,6 +3,7 @@
 //! version key and [`migrate`] carry old data directories forward.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
@@ -18,6 +19,7 @@ pub const SCHEMA_VERSION: u32 = 3;
 pub struct Store {
     db: sled::Db,
     options: sled::Tree,
+    dir: Arc<Path>,
 }
 
 impl Store {
@@ -26,9 +28,14 @@ impl Store {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let db = sled::open(dir.join("db")).with_context(|| format!("opening sled store in {}", dir.display()))?;
         let options = db.open_tree("options")?;
-        let store = Self { db, options };
+        let store = Self { db, options, dir: Arc::from(dir) };
         migrate(&store)?;
         Ok(store)
+    }
+
+    /// The data directory (the sled store is its `db/`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The tree `name`.

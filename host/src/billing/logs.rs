@@ -66,6 +66,9 @@ pub struct LogRow {
     pub error_kind: Option<String>,
     /// The stream ended early because the client went away.
     pub client_disconnected: bool,
+    /// The gateway stopped (crashed) while this stream was reaching its
+    /// client; billed on restart for its prompt.
+    pub interrupted: bool,
     /// Adapter plugin.
     pub plugin: String,
     /// Its SHA-256.

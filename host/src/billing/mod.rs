@@ -15,6 +15,7 @@
 //! delivered.
 
 pub mod accounts;
+pub mod journal;
 pub mod ledger;
 pub mod limits;
 pub mod logs;
@@ -33,11 +34,12 @@ use crate::plugins::{Endpoint, Usage};
 use crate::relay::ClientRequest;
 use crate::store::{Store, unix_now_ms};
 use accounts::{Accounts, TokenRecord};
+use journal::{Change, Journal};
 use ledger::{Ledger, Reservation};
 use limits::{InFlightGuard, Limiter, TokenLimits};
 use logs::{LogKind, LogRow};
 use pricing::{Price, Pricing, PricingConfig};
-use writer::{BatchLimits, Op, Writer};
+use writer::{BatchLimits, Trees, Writer};
 
 /// Who is calling `/v1`: set by the auth middleware.
 #[derive(Debug, Clone)]
@@ -86,17 +88,32 @@ fn insufficient_quota() -> ApiError {
 }
 
 impl Billing {
-    /// Open the accounts, load prices and start the writer.
+    /// Apply what a crash left in the journal, open the accounts, load
+    /// prices and start the writer.
     pub fn open(store: &Store, pricing: &PricingConfig, log_config: &LogConfig) -> anyhow::Result<Self> {
+        let trees = Trees {
+            users: store.tree("users")?,
+            tokens: store.tree("tokens")?,
+            logs: store.tree("logs")?,
+            state: store.tree("billing_state")?,
+        };
+        let (journal, pending) = Journal::open(store.dir(), trees.committed_seq()?)?;
+        let last = pending.last().map(|e| e.seq);
+        let (replayed, interrupted) = writer::recover(&trees, pending).map_err(anyhow::Error::msg)?;
+        if let Some(seq) = last {
+            journal.committed(seq);
+        }
+        if replayed + interrupted > 0 {
+            tracing::warn!(replayed, interrupted, "recovered usage records a crash left unwritten");
+        }
         let accounts = Accounts::open(store)?;
         let ledger = Arc::new(Ledger::load(&accounts.snapshot()));
-        let logs = store.tree("logs")?;
-        let (users, tokens) = accounts.trees();
         let limits = BatchLimits {
             max_ops: log_config.batch_max.max(1),
             max_wait: Duration::from_millis(log_config.flush_interval_ms),
         };
-        let writer = Writer::spawn(users.clone(), tokens.clone(), logs.clone(), limits);
+        let logs = trees.logs.clone();
+        let writer = Writer::spawn(trees, Arc::new(journal), limits);
         Ok(Self {
             accounts,
             ledger,
@@ -187,19 +204,26 @@ impl Billing {
         };
         let delta = target - current;
         self.ledger.adjust(user, token, delta);
-        self.writer.send(Op::Adjust { user, token, delta });
+        self.writer.send(Change::Adjust { user, token, delta });
         delta
     }
 
-    fn queue(&self, mut row: LogRow) {
+    /// A row with a fresh id, or `None` (logged) when sled cannot give one.
+    fn numbered(&self, mut row: LogRow) -> Option<Box<LogRow>> {
         match self.store.generate_id() {
             Ok(id) => row.id = id,
             Err(error) => {
-                tracing::error!(%error, "no id for a usage row; it is lost");
-                return;
+                tracing::error!(%error, request_id = %row.request_id, "no id for a usage row; it is lost");
+                return None;
             }
         }
-        self.writer.send(Op::Row(Box::new(row)));
+        Some(Box::new(row))
+    }
+
+    fn queue(&self, row: LogRow) {
+        if let Some(row) = self.numbered(row) {
+            self.writer.send(Change::Row(row));
+        }
     }
 
     /// Delete log rows older than the retention, if one is set.
@@ -295,37 +319,62 @@ impl Meter {
         self.billing.queue(row);
     }
 
-    /// Remember which attempt is serving (streams settle later).
+    /// Remember which attempt is serving (non-streamed: settled next).
     pub fn serving(&mut self, attempt: AttemptInfo) {
         self.served = Some(attempt);
+    }
+
+    /// A stream on `attempt` is about to reach the client: remember the
+    /// attempt and journal what the stream is billed if the process dies
+    /// before it settles — its prompt, marked `interrupted` (see
+    /// `docs/billing.md`).
+    pub fn stream_started(&mut self, attempt: AttemptInfo, ttft: Duration) {
+        let mut row = self.consume_row(&attempt, (self.prompt_estimate, 0, 0), true);
+        row.interrupted = true;
+        row.ttft_ms = Some(ttft.as_millis() as u64);
+        if let Some(row) = self.billing.numbered(row) {
+            self.billing.writer.send(Change::Open(row));
+        }
+        self.served = Some(attempt);
+    }
+
+    /// The `consume` row charging `(prompt, completion, cached)` tokens.
+    fn consume_row(
+        &self,
+        attempt: &AttemptInfo,
+        (prompt, completion, cached): (u64, u64, u64),
+        estimated: bool,
+    ) -> LogRow {
+        let mut row = self.row(LogKind::Consume, attempt, 200);
+        row.prompt_tokens = prompt;
+        row.completion_tokens = completion;
+        row.cached_tokens = cached;
+        row.quota = if self.caller.account.is_some() { self.price.quota(prompt, completion, cached) as i64 } else { 0 };
+        row.token_limited = self.reservation.as_ref().is_some_and(Reservation::token_limited);
+        row.estimated = estimated;
+        row
     }
 
     /// Charge the real usage (or a local count) and log the `consume` row.
     pub fn settle(mut self, delivery: Delivery<'_>) {
         let attempt = self.served.take().unwrap_or_default();
-        let (prompt, completion, cached, estimated) = match delivery.usage {
-            Some(u) => (u64::from(u.prompt_tokens), u64::from(u.completion_tokens), u64::from(u.cached_tokens), false),
-            None => (self.prompt_estimate, tokenize::count(&self.model, delivery.text), 0, true),
+        let (tokens, estimated) = match delivery.usage {
+            Some(u) => {
+                ((u64::from(u.prompt_tokens), u64::from(u.completion_tokens), u64::from(u.cached_tokens)), false)
+            }
+            None => ((self.prompt_estimate, tokenize::count(&self.model, delivery.text), 0), true),
         };
-        let charge = self.price.quota(prompt, completion, cached) as i64;
-        let charged = self.caller.account.is_some();
-        let token_limited = self.reservation.as_ref().is_some_and(Reservation::token_limited);
+        let mut row = self.consume_row(&attempt, tokens, estimated);
         if let Some(r) = self.reservation.take() {
-            r.settle(charge);
+            r.settle(row.quota);
         }
         if let Some(acct) = &self.caller.account {
-            self.billing.limiter.correct(acct.token.id, (prompt + completion) as i64 - self.token_estimate as i64);
+            let used = (tokens.0 + tokens.1) as i64;
+            self.billing.limiter.correct(acct.token.id, used - self.token_estimate as i64);
         }
-        let mut row = self.row(LogKind::Consume, &attempt, 200);
-        row.prompt_tokens = prompt;
-        row.completion_tokens = completion;
-        row.cached_tokens = cached;
-        row.quota = if charged { charge } else { 0 };
-        row.token_limited = token_limited;
-        row.estimated = estimated;
         row.ttft_ms = delivery.ttft.map(|t| t.as_millis() as u64);
         row.client_disconnected = delivery.client_disconnected;
-        tracing::debug!(request_id = %self.request_id, charge, estimated, "request settled");
+        tracing::debug!(request_id = %self.request_id, charge = row.quota, estimated, "request settled");
         self.billing.queue(row);
     }
 }

@@ -1,13 +1,16 @@
-//! The billing writer: log rows and balance changes are queued by requests
-//! and written off the request path, in batches. Each batch is **one sled
-//! transaction** over the `users`, `tokens` and `logs` trees, then one
-//! flush: a charge is on disk exactly when its log row is. After `kill -9`
-//! the last unflushed batch is gone as a whole — its rows and its charges —
-//! so every user's `used_quota` always equals the sum of their logged
-//! charges, and a row id is written once (re-running a transaction rewrites
-//! the same keys). A clean stop flushes the queue first.
+//! The billing writer: log rows and balance changes are journaled and
+//! queued by requests (see [`super::journal`]) and written off the request
+//! path, in batches. Each batch is **one sled transaction** over the
+//! `users`, `tokens`, `logs` and `billing_state` trees, then one flush: a
+//! charge is on disk exactly when its log row is, together with the
+//! journal sequence number it came from. A crash loses nothing the journal
+//! holds: on start [`recover`] applies the journal lines after that number,
+//! then bills every stream that was still open (see [`Change::Open`]). A
+//! row id is written once (re-running a transaction rewrites the same keys).
+//! A clean stop flushes the queue first.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sled::Transactional;
@@ -15,21 +18,18 @@ use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use tokio::sync::{mpsc, oneshot};
 
 use super::accounts::{TokenRecord, UserRecord};
+use super::journal::{Change, Entry, Journal};
 use super::logs::{LogKind, LogRow};
 
-/// One queued change.
-pub enum Op {
-    /// A log row; `consume` rows also move balances.
-    Row(Box<LogRow>),
-    /// An admin's change of a balance by `delta`.
-    Adjust {
-        /// User whose quota changes.
-        user: Option<u64>,
-        /// Token whose own quota changes.
-        token: Option<u64>,
-        /// Amount.
-        delta: i64,
-    },
+/// Key of the last committed journal sequence number in `billing_state`.
+const JOURNAL_SEQ: &[u8] = b"journal_seq";
+/// Prefix of open streams in `billing_state` (followed by the request id).
+const OPEN: &[u8] = b"open/";
+
+/// One queued item.
+enum Op {
+    /// A journaled change and its sequence number.
+    Change(u64, Change),
     /// Acknowledge once everything queued before is on disk.
     Flush(oneshot::Sender<()>),
 }
@@ -37,63 +37,137 @@ pub enum Op {
 /// Batching limits.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
-    /// Most ops per transaction.
+    /// Most changes per transaction.
     pub max_ops: usize,
-    /// Longest an op waits for companions.
+    /// Longest a change waits for companions.
     pub max_wait: Duration,
+}
+
+/// The trees a batch writes.
+#[derive(Clone)]
+pub struct Trees {
+    /// Users (balances).
+    pub users: sled::Tree,
+    /// Tokens (balances).
+    pub tokens: sled::Tree,
+    /// Usage log rows.
+    pub logs: sled::Tree,
+    /// The committed journal sequence number and the open streams.
+    pub state: sled::Tree,
+}
+
+impl Trees {
+    /// The last journal sequence number committed.
+    pub fn committed_seq(&self) -> sled::Result<u64> {
+        Ok(self
+            .state
+            .get(JOURNAL_SEQ)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
 }
 
 /// Handle for queueing.
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::UnboundedSender<Op>,
+    journal: Arc<Journal>,
 }
 
 impl Writer {
-    /// Start the writer task over the three trees.
-    pub fn spawn(users: sled::Tree, tokens: sled::Tree, logs: sled::Tree, limits: BatchLimits) -> Self {
+    /// Start the writer task.
+    pub fn spawn(trees: Trees, journal: Arc<Journal>, limits: BatchLimits) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx, users, tokens, logs, limits));
-        Self { tx }
+        tokio::spawn(run(rx, trees, journal.clone(), limits));
+        Self { tx, journal }
     }
 
-    /// Queue `op`.
-    pub fn send(&self, op: Op) {
-        if self.tx.send(op).is_err() {
-            tracing::error!("billing writer stopped; a usage record was not queued");
+    /// Journal `change` and queue it.
+    pub fn send(&self, change: Change) {
+        let queued = self.journal.append(change, |seq, change| self.tx.send(Op::Change(seq, change)).is_ok());
+        if !queued {
+            tracing::error!("billing writer stopped; a usage record is only in the journal until the next start");
         }
     }
 
     /// Wait until everything queued so far is on disk.
     pub async fn flush(&self) {
         let (ack, done) = oneshot::channel();
-        self.send(Op::Flush(ack));
-        let _ = done.await;
+        if self.tx.send(Op::Flush(ack)).is_ok() {
+            let _ = done.await;
+        }
     }
 }
 
-async fn run(
-    mut rx: mpsc::UnboundedReceiver<Op>,
-    users: sled::Tree,
-    tokens: sled::Tree,
-    logs: sled::Tree,
-    limits: BatchLimits,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
+async fn run(mut rx: mpsc::UnboundedReceiver<Op>, trees: Trees, journal: Arc<Journal>, limits: BatchLimits) {
+    // Changes of a batch that failed to commit: kept and retried first.
+    let mut retry: Vec<(u64, Change)> = Vec::new();
+    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if retry.is_empty() {
+            match rx.recv().await {
+                Some(op) => take(op, &mut retry, &mut acks),
+                None => return,
+            }
+        }
         let deadline = tokio::time::Instant::now() + limits.max_wait;
-        while batch.len() < limits.max_ops && !matches!(batch.last(), Some(Op::Flush(_))) {
+        while retry.len() < limits.max_ops && acks.is_empty() {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(op)) => batch.push(op),
+                Ok(Some(op)) => take(op, &mut retry, &mut acks),
                 Ok(None) | Err(_) => break,
             }
         }
-        let (users, tokens, logs) = (users.clone(), tokens.clone(), logs.clone());
-        let acks = tokio::task::spawn_blocking(move || write(&users, &tokens, &logs, batch)).await;
-        for ack in acks.unwrap_or_default() {
-            let _ = ack.send(());
+        let batch = std::mem::take(&mut retry);
+        let last = batch.last().map(|(seq, _)| *seq);
+        let t = trees.clone();
+        let outcome = tokio::task::spawn_blocking(move || write(&t, &batch, last).map_err(|e| (e, batch))).await;
+        match outcome {
+            Ok(Ok(())) => {
+                if let Some(seq) = last {
+                    journal.committed(seq);
+                }
+                for ack in acks.drain(..) {
+                    let _ = ack.send(());
+                }
+                backoff = Duration::from_millis(100);
+            }
+            Ok(Err((error, batch))) => {
+                tracing::error!(%error, changes = batch.len(), "writing usage logs and charges failed; retrying");
+                retry = batch;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => tracing::error!(%error, "the billing write task failed; its changes stay in the journal"),
         }
     }
+}
+
+fn take(op: Op, changes: &mut Vec<(u64, Change)>, acks: &mut Vec<oneshot::Sender<()>>) {
+    match op {
+        Op::Change(seq, change) => changes.push((seq, change)),
+        Op::Flush(ack) => acks.push(ack),
+    }
+}
+
+/// Apply what a crash left: the journal `entries` after the committed
+/// sequence number, then every stream still open, billed by its
+/// prepared row. Returns (journal entries applied, open streams billed).
+pub fn recover(trees: &Trees, entries: Vec<Entry>) -> Result<(usize, usize), String> {
+    let replayed = entries.len();
+    let last = entries.last().map(|e| e.seq);
+    let changes: Vec<(u64, Change)> = entries.into_iter().map(|e| (e.seq, e.change)).collect();
+    write(trees, &changes, last)?;
+    let mut open = Vec::new();
+    for item in trees.state.scan_prefix(OPEN) {
+        let (_, raw) = item.map_err(|e| e.to_string())?;
+        match serde_json::from_slice::<LogRow>(&raw) {
+            Ok(row) => open.push((0, Change::Row(Box::new(row)))),
+            Err(error) => tracing::warn!(%error, "skipping an unreadable open-stream record"),
+        }
+    }
+    write(trees, &open, None)?;
+    Ok((replayed, open.len()))
 }
 
 #[derive(Default)]
@@ -105,6 +179,10 @@ struct Deltas {
 
 type TxResult<T> = Result<T, ConflictableTransactionError<String>>;
 
+fn abort(e: impl std::fmt::Display) -> ConflictableTransactionError<String> {
+    ConflictableTransactionError::Abort(e.to_string())
+}
+
 fn update<T: serde::de::DeserializeOwned + serde::Serialize>(
     tree: &TransactionalTree,
     id: u64,
@@ -113,75 +191,91 @@ fn update<T: serde::de::DeserializeOwned + serde::Serialize>(
     let Some(raw) = tree.get(id.to_be_bytes())? else { return Ok(()) };
     let Ok(mut rec) = serde_json::from_slice::<T>(&raw) else { return Ok(()) };
     f(&mut rec);
-    let bytes = serde_json::to_vec(&rec).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-    tree.insert(&id.to_be_bytes(), bytes)?;
+    tree.insert(&id.to_be_bytes(), serde_json::to_vec(&rec).map_err(abort)?)?;
     Ok(())
 }
 
-/// Write one batch; returns the flush acknowledgements to send.
-fn write(users: &sled::Tree, tokens: &sled::Tree, logs: &sled::Tree, batch: Vec<Op>) -> Vec<oneshot::Sender<()>> {
-    let mut rows = Vec::new();
-    let mut user_deltas: HashMap<u64, Deltas> = HashMap::new();
-    let mut token_deltas: HashMap<u64, Deltas> = HashMap::new();
-    let mut acks = Vec::new();
-    for op in batch {
-        match op {
-            Op::Row(row) => {
-                if row.kind == LogKind::Consume {
-                    if let Some(u) = row.user_id {
-                        let d = user_deltas.entry(u).or_default();
-                        d.quota -= row.quota;
-                        d.used += row.quota;
-                        d.requests += 1;
-                    }
-                    if let Some(t) = row.token_id {
-                        let d = token_deltas.entry(t).or_default();
-                        if row.token_limited {
-                            d.quota -= row.quota;
-                        }
-                        d.used += row.quota;
-                    }
+fn open_key(request_id: &str) -> Vec<u8> {
+    [OPEN, request_id.as_bytes()].concat()
+}
+
+/// Sum the balance changes of `changes`.
+fn deltas(changes: &[(u64, Change)]) -> (HashMap<u64, Deltas>, HashMap<u64, Deltas>) {
+    let mut users: HashMap<u64, Deltas> = HashMap::new();
+    let mut tokens: HashMap<u64, Deltas> = HashMap::new();
+    for (_, change) in changes {
+        match change {
+            Change::Row(row) if row.kind == LogKind::Consume => {
+                if let Some(u) = row.user_id {
+                    let d = users.entry(u).or_default();
+                    d.quota -= row.quota;
+                    d.used += row.quota;
+                    d.requests += 1;
                 }
-                rows.push(row);
+                if let Some(t) = row.token_id {
+                    let d = tokens.entry(t).or_default();
+                    if row.token_limited {
+                        d.quota -= row.quota;
+                    }
+                    d.used += row.quota;
+                }
             }
-            Op::Adjust { user, token, delta } => {
+            Change::Adjust { user, token, delta } => {
                 if let Some(u) = user {
-                    user_deltas.entry(u).or_default().quota += delta;
+                    users.entry(*u).or_default().quota += delta;
                 }
                 if let Some(t) = token {
-                    token_deltas.entry(t).or_default().quota += delta;
+                    tokens.entry(*t).or_default().quota += delta;
                 }
             }
-            Op::Flush(ack) => acks.push(ack),
+            Change::Row(_) | Change::Open(_) => {}
         }
     }
-    if rows.is_empty() && user_deltas.is_empty() && token_deltas.is_empty() {
-        return acks;
+    (users, tokens)
+}
+
+/// Commit `changes` in one transaction (recording `seq` as the last
+/// journal sequence number committed, when given), then flush.
+fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(), String> {
+    if changes.is_empty() {
+        return Ok(());
     }
-    let result = (users, tokens, logs).transaction(|(u, t, l)| {
-        for row in &rows {
-            let bytes =
-                serde_json::to_vec(row.as_ref()).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-            l.insert(&row.id.to_be_bytes(), bytes)?;
-        }
-        for (id, d) in &user_deltas {
-            update::<UserRecord>(u, *id, |r| {
-                r.quota += d.quota;
-                r.used_quota += d.used;
-                r.request_count += d.requests;
-            })?;
-        }
-        for (id, d) in &token_deltas {
-            update::<TokenRecord>(t, *id, |r| {
-                r.remain_quota += d.quota;
-                r.used_quota += d.used;
-            })?;
-        }
-        Ok(())
-    });
-    match result.map_err(|e| format!("{e:?}")).and_then(|()| logs.flush().map(|_| ()).map_err(|e| e.to_string())) {
-        Ok(()) => {}
-        Err(error) => tracing::error!(%error, rows = rows.len(), "writing usage logs and charges failed"),
-    }
-    acks
+    let (user_deltas, token_deltas) = deltas(changes);
+    let Trees { users, tokens, logs, state } = trees;
+    (users, tokens, logs, state)
+        .transaction(|(u, t, l, s)| {
+            for (_, change) in changes {
+                match change {
+                    Change::Row(row) => {
+                        l.insert(&row.id.to_be_bytes(), serde_json::to_vec(row.as_ref()).map_err(abort)?)?;
+                        if row.kind == LogKind::Consume {
+                            s.remove(open_key(&row.request_id))?;
+                        }
+                    }
+                    Change::Open(row) => {
+                        s.insert(open_key(&row.request_id), serde_json::to_vec(row.as_ref()).map_err(abort)?)?;
+                    }
+                    Change::Adjust { .. } => {}
+                }
+            }
+            for (id, d) in &user_deltas {
+                update::<UserRecord>(u, *id, |r| {
+                    r.quota += d.quota;
+                    r.used_quota += d.used;
+                    r.request_count += d.requests;
+                })?;
+            }
+            for (id, d) in &token_deltas {
+                update::<TokenRecord>(t, *id, |r| {
+                    r.remain_quota += d.quota;
+                    r.used_quota += d.used;
+                })?;
+            }
+            if let Some(seq) = seq {
+                s.insert(JOURNAL_SEQ, &seq.to_be_bytes())?;
+            }
+            Ok(())
+        })
+        .map_err(|e| format!("{e:?}"))?;
+    logs.flush().map(|_| ()).map_err(|e| e.to_string())
 }

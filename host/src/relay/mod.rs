@@ -330,7 +330,7 @@ async fn stream_response(
     live.stats.success(ttft, Some(ttft));
     live.ttft = Some(ttft);
     live.meter = meter.take().map(|mut m| {
-        m.serving(info);
+        m.stream_started(info, ttft);
         m
     });
     let body = Body::from_stream(stream::body(first, live));

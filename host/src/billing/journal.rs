@@ -1,0 +1,248 @@
+//! The billing journal: every change the writer will make durable (a usage
+//! row, a balance adjustment, a stream that started serving) is first
+//! appended here, on the request path, as one line of JSON with a sequence
+//! number. The writer records the last sequence number it committed in the
+//! same sled transaction as the change itself, so on start the lines after
+//! it are exactly what a crash left unwritten; [`Journal::open`] returns
+//! them to be applied before anything is served.
+//!
+//! An append is one `write(2)` to the page cache, not an `fsync`: it
+//! survives the process dying (`kill -9`, a panic, the OOM killer), which
+//! is what the batching writer alone could not promise. Losing the machine
+//! itself can still lose the last unflushed batch (see `docs/billing.md`).
+//!
+//! The file is kept short: when the writer has committed everything it is
+//! truncated, and under sustained load it is rotated to `*.old` once it
+//! passes [`ROTATE_BYTES`] (the `.old` file is deleted when all of it is
+//! committed).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use super::logs::LogRow;
+
+/// Size past which the live file is rotated.
+pub const ROTATE_BYTES: u64 = 8 << 20;
+
+/// A change of usage logs or balances, as journaled and as the writer
+/// applies it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Change {
+    /// A log row; `consume` rows also move balances, and end the request's
+    /// open stream if it had one.
+    Row(Box<LogRow>),
+    /// An admin's change of a balance by `delta`.
+    Adjust {
+        /// User whose quota changes.
+        user: Option<u64>,
+        /// Token whose own quota changes.
+        token: Option<u64>,
+        /// Amount.
+        delta: i64,
+    },
+    /// A stream began reaching its client. The row is what it is billed
+    /// (prompt only, `interrupted`) if the process dies before the stream
+    /// settles; the stream's own `consume` row replaces it.
+    Open(Box<LogRow>),
+}
+
+/// One journal line.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Entry {
+    /// Sequence number, increasing by one per change.
+    pub seq: u64,
+    /// The change.
+    #[serde(flatten)]
+    pub change: Change,
+}
+
+struct Inner {
+    file: File,
+    /// Last sequence number handed out.
+    last_seq: u64,
+    /// Bytes in the live file.
+    bytes: u64,
+    /// Last sequence number in the `.old` file, while it exists.
+    old_last: Option<u64>,
+}
+
+/// The append-only journal in the data directory.
+pub struct Journal {
+    path: PathBuf,
+    old: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// The entries of `path` after `applied`, in order. A line that does not
+/// parse is skipped with a warning (a torn last line after a power loss).
+fn read_after(path: &Path, applied: u64, out: &mut Vec<Entry>) -> io::Result<()> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for (n, line) in BufReader::new(file).split(b'\n').enumerate() {
+        let line = line?;
+        if line.is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<Entry>(&line) {
+            Ok(entry) if entry.seq > applied => out.push(entry),
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(file = %path.display(), line = n + 1, %error, "skipping unreadable journal line")
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Journal {
+    /// Open the journal `dir/billing.journal`; returns it and the entries
+    /// after `applied` (the writer's last committed sequence number) that
+    /// must be applied before serving. Call [`Self::committed`] once they
+    /// are.
+    pub fn open(dir: &Path, applied: u64) -> io::Result<(Self, Vec<Entry>)> {
+        let path = dir.join("billing.journal");
+        let old = dir.join("billing.journal.old");
+        let mut pending = Vec::new();
+        read_after(&old, applied, &mut pending)?;
+        read_after(&path, applied, &mut pending)?;
+        pending.sort_by_key(|e| e.seq);
+        pending.dedup_by_key(|e| e.seq);
+        let last_seq = pending.last().map_or(applied, |e| e.seq.max(applied));
+        let file = open_append(&path)?;
+        let bytes = file.metadata()?.len();
+        let old_last = old.exists().then_some(last_seq);
+        let inner = Inner { file, last_seq, bytes, old_last };
+        Ok((Self { path, old, inner: Mutex::new(inner) }, pending))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Journal `change` and, under the same lock, hand it with its sequence
+    /// number to `then` (which queues it for the writer, so the writer sees
+    /// changes in sequence order).
+    pub fn append<R>(&self, change: Change, then: impl FnOnce(u64, Change) -> R) -> R {
+        let mut inner = self.lock();
+        inner.last_seq += 1;
+        let seq = inner.last_seq;
+        let entry = Entry { seq, change };
+        match serde_json::to_vec(&entry) {
+            Ok(mut line) => {
+                line.push(b'\n');
+                match inner.file.write_all(&line) {
+                    Ok(()) => inner.bytes += line.len() as u64,
+                    Err(error) => tracing::error!(%error, seq, "appending to the billing journal failed"),
+                }
+            }
+            Err(error) => tracing::error!(%error, seq, "a billing change could not be journaled"),
+        }
+        then(seq, entry.change)
+    }
+
+    /// Everything up to `seq` is committed to sled: drop what the journal
+    /// no longer needs (truncate when caught up, rotate when large).
+    pub fn committed(&self, seq: u64) {
+        let mut inner = self.lock();
+        let result = (|| -> io::Result<()> {
+            if inner.last_seq <= seq {
+                inner.file.set_len(0)?;
+                inner.bytes = 0;
+                if inner.old_last.take().is_some() {
+                    std::fs::remove_file(&self.old)?;
+                }
+                return Ok(());
+            }
+            if inner.old_last.is_some_and(|old| old <= seq) {
+                inner.old_last = None;
+                std::fs::remove_file(&self.old)?;
+            }
+            if inner.bytes > ROTATE_BYTES && inner.old_last.is_none() {
+                std::fs::rename(&self.path, &self.old)?;
+                inner.file = open_append(&self.path)?;
+                inner.bytes = 0;
+                inner.old_last = Some(inner.last_seq);
+            }
+            Ok(())
+        })();
+        if let Err(error) = result {
+            tracing::warn!(%error, "trimming the billing journal failed; it will be retried");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: u64) -> Change {
+        Change::Row(Box::new(LogRow { id, request_id: format!("r{id}"), ..LogRow::default() }))
+    }
+
+    fn append(j: &Journal, change: Change) -> u64 {
+        j.append(change, |seq, _| seq)
+    }
+
+    #[test]
+    fn entries_after_the_committed_one_come_back_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (j, pending) = Journal::open(dir.path(), 0).expect("open");
+            assert!(pending.is_empty());
+            assert_eq!(append(&j, row(1)), 1);
+            assert_eq!(append(&j, Change::Adjust { user: Some(3), token: None, delta: -5 }), 2);
+            assert_eq!(append(&j, row(2)), 3);
+        } // dropped without `committed`: what a crash leaves
+        let (j, pending) = Journal::open(dir.path(), 1).expect("reopen");
+        let seqs: Vec<u64> = pending.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [2, 3]);
+        assert_eq!(pending[0].change, Change::Adjust { user: Some(3), token: None, delta: -5 });
+        assert_eq!(append(&j, row(3)), 4, "numbering continues after the pending entries");
+    }
+
+    #[test]
+    fn caught_up_truncates_and_a_torn_line_is_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (j, _) = Journal::open(dir.path(), 0).expect("open");
+        append(&j, row(1));
+        append(&j, row(2));
+        j.committed(1);
+        assert!(std::fs::metadata(dir.path().join("billing.journal")).expect("file").len() > 0, "seq 2 still needed");
+        j.committed(2);
+        assert_eq!(std::fs::metadata(dir.path().join("billing.journal")).expect("file").len(), 0);
+        append(&j, row(3));
+        drop(j);
+        let mut f = open_append(&dir.path().join("billing.journal")).expect("append");
+        f.write_all(b"{\"seq\":4,\"op\":\"ro").expect("torn write");
+        let (_, pending) = Journal::open(dir.path(), 2).expect("reopen");
+        assert_eq!(pending.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn a_large_file_rotates_and_both_files_are_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (j, _) = Journal::open(dir.path(), 0).expect("open");
+        append(&j, row(1));
+        j.lock().bytes = ROTATE_BYTES + 1; // as if it were large
+        j.committed(0);
+        assert!(dir.path().join("billing.journal.old").exists());
+        append(&j, row(2));
+        drop(j);
+        let (j, pending) = Journal::open(dir.path(), 0).expect("reopen");
+        assert_eq!(pending.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+        j.committed(2);
+        assert!(!dir.path().join("billing.journal.old").exists(), "all committed: .old removed");
+    }
+}
