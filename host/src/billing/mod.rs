@@ -113,7 +113,7 @@ impl Billing {
             max_wait: Duration::from_millis(log_config.flush_interval_ms),
         };
         let logs = trees.logs.clone();
-        let writer = Writer::spawn(trees, Arc::new(journal), limits);
+        let writer = Writer::spawn(trees, Arc::new(journal), limits)?;
         Ok(Self {
             accounts,
             ledger,

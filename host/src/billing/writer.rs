@@ -1,6 +1,7 @@
 //! The billing writer: log rows and balance changes are journaled and
 //! queued by requests (see [`super::journal`]) and written off the request
-//! path, in batches. Each batch is **one sled transaction** over the
+//! path, in batches, by one thread at a lower priority that wakes every
+//! `flush_interval_ms` (queueing a row wakes nothing). Each batch is **one sled transaction** over the
 //! `users`, `tokens`, `logs` and `billing_state` trees, then one flush: a
 //! charge is on disk exactly when its log row is, together with the
 //! journal sequence number it came from. A crash loses nothing the journal
@@ -10,7 +11,7 @@
 //! A clean stop flushes the queue first.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use sled::Transactional;
@@ -72,17 +73,53 @@ impl Trees {
 pub struct Writer {
     tx: mpsc::UnboundedSender<Op>,
     journal: Arc<Journal>,
+    kick: Arc<Kick>,
 }
 
-impl Writer {
-    /// Start the writer task.
-    pub fn spawn(trees: Trees, journal: Arc<Journal>, limits: BatchLimits) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(rx, trees, journal.clone(), limits));
-        Self { tx, journal }
+/// Wakes the writer thread early (for a flush, or a full batch).
+#[derive(Default)]
+struct Kick {
+    pending: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Kick {
+    fn kick(&self) {
+        *self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        self.cv.notify_one();
     }
 
-    /// Journal `change` and queue it.
+    /// Sleep until kicked or `timeout` passes.
+    fn wait(&self, timeout: Duration) {
+        let guard = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (mut pending, _) = self
+            .cv
+            .wait_timeout_while(guard, timeout, |kicked| !*kicked)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *pending = false;
+    }
+}
+
+/// Niceness of the writer thread: batches yield the CPU to request workers.
+const WRITER_NICE: i32 = 10;
+
+impl Writer {
+    /// Start the writer thread.
+    pub fn spawn(trees: Trees, journal: Arc<Journal>, limits: BatchLimits) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let kick = Arc::new(Kick::default());
+        let (j, k) = (journal.clone(), kick.clone());
+        std::thread::Builder::new().name("billing-writer".into()).spawn(move || {
+            if let Err(error) = rustix::process::nice(WRITER_NICE) {
+                tracing::debug!(%error, "could not lower the billing writer's priority");
+            }
+            run(rx, &trees, &j, &k, limits);
+        })?;
+        Ok(Self { tx, journal, kick })
+    }
+
+    /// Journal `change` and queue it. Nothing is woken: the writer drains
+    /// the queue every `max_wait` (or when a flush asks).
     pub fn send(&self, change: Change) {
         let queued = self.journal.append(change, |seq, change| self.tx.send(Op::Change(seq, change)).is_ok());
         if !queued {
@@ -94,59 +131,55 @@ impl Writer {
     pub async fn flush(&self) {
         let (ack, done) = oneshot::channel();
         if self.tx.send(Op::Flush(ack)).is_ok() {
+            self.kick.kick();
             let _ = done.await;
         }
     }
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<Op>, trees: Trees, journal: Arc<Journal>, limits: BatchLimits) {
-    // Changes of a batch that failed to commit: kept and retried first.
-    let mut retry: Vec<(u64, Change)> = Vec::new();
+/// The writer thread: every `max_wait` (or when kicked), drain the queue
+/// and commit it in transactions of at most `max_ops` changes. A batch that
+/// fails is kept and retried with backoff; its changes stay in the journal.
+fn run(mut rx: mpsc::UnboundedReceiver<Op>, trees: &Trees, journal: &Journal, kick: &Kick, limits: BatchLimits) {
+    let mut pending: Vec<(u64, Change)> = Vec::new();
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     let mut backoff = Duration::from_millis(100);
-    loop {
-        if retry.is_empty() {
-            match rx.recv().await {
-                Some(op) => take(op, &mut retry, &mut acks),
-                None => return,
-            }
-        }
-        let deadline = tokio::time::Instant::now() + limits.max_wait;
-        while retry.len() < limits.max_ops && acks.is_empty() {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(op)) => take(op, &mut retry, &mut acks),
-                Ok(None) | Err(_) => break,
-            }
-        }
-        let batch = std::mem::take(&mut retry);
-        let last = batch.last().map(|(seq, _)| *seq);
-        let t = trees.clone();
-        let outcome = tokio::task::spawn_blocking(move || write(&t, &batch, last).map_err(|e| (e, batch))).await;
-        match outcome {
-            Ok(Ok(())) => {
-                if let Some(seq) = last {
-                    journal.committed(seq);
+    let mut open = true;
+    while open || !pending.is_empty() {
+        kick.wait(limits.max_wait);
+        loop {
+            match rx.try_recv() {
+                Ok(Op::Change(seq, change)) => pending.push((seq, change)),
+                Ok(Op::Flush(ack)) => acks.push(ack),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
                 }
-                for ack in acks.drain(..) {
-                    let _ = ack.send(());
-                }
-                backoff = Duration::from_millis(100);
             }
-            Ok(Err((error, batch))) => {
-                tracing::error!(%error, changes = batch.len(), "writing usage logs and charges failed; retrying");
-                retry = batch;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(error) => tracing::error!(%error, "the billing write task failed; its changes stay in the journal"),
         }
-    }
-}
-
-fn take(op: Op, changes: &mut Vec<(u64, Change)>, acks: &mut Vec<oneshot::Sender<()>>) {
-    match op {
-        Op::Change(seq, change) => changes.push((seq, change)),
-        Op::Flush(ack) => acks.push(ack),
+        while !pending.is_empty() {
+            let n = pending.len().min(limits.max_ops);
+            let last = pending[n - 1].0;
+            match write(trees, &pending[..n], Some(last)) {
+                Ok(()) => {
+                    pending.drain(..n);
+                    journal.committed(last);
+                    backoff = Duration::from_millis(100);
+                }
+                Err(error) => {
+                    tracing::error!(%error, changes = pending.len(), "writing usage logs and charges failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    break;
+                }
+            }
+        }
+        if pending.is_empty() {
+            for ack in acks.drain(..) {
+                let _ = ack.send(());
+            }
+        }
     }
 }
 
