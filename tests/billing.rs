@@ -68,6 +68,23 @@ async fn call(gw: &Gateway, key: &str, body: &Value) -> (u16, Value, String) {
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)), id)
 }
 
+/// Start a streamed chat request; returns its request id and the body stream.
+async fn open_stream(
+    gw: &Gateway,
+    key: &str,
+    body: &Value,
+) -> (String, impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin + use<>) {
+    let resp = crate::support::client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .expect("send");
+    let id = resp.headers()["x-request-id"].to_str().expect("id").to_string();
+    (id, resp.bytes_stream())
+}
+
 async fn logs(gw: &Gateway, query: &str) -> Value {
     let (status, body) = admin(gw, Method::GET, &format!("/api/logs?per_page=100&{query}"), None).await;
     assert_eq!(status, 200, "{body}");
@@ -208,15 +225,7 @@ async fn streams_are_billed_by_usage_by_local_count_or_for_what_was_delivered() 
     mock.set_mode(Mode::Healthy);
     let mut slow = body.clone();
     slow["model"] = json!("slow-paid");
-    let resp = crate::support::client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .json(&slow)
-        .send()
-        .await
-        .expect("send");
-    let id = resp.headers()["x-request-id"].to_str().expect("id").to_string();
-    let mut stream = resp.bytes_stream();
+    let (id, mut stream) = open_stream(&gw, &key, &slow).await;
     let mut received = String::new();
     while !received.contains("word2") {
         let bytes = stream.next().await.expect("chunk").expect("bytes");
@@ -336,15 +345,7 @@ async fn kill_9_under_load_loses_no_served_request_and_charges_none_twice() {
     // mock holds the rest.
     let mut held = chat("hold-paid");
     held["stream"] = json!(true);
-    let resp = crate::support::client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(&users[0].1)
-        .json(&held)
-        .send()
-        .await
-        .expect("send");
-    let held_id = resp.headers()["x-request-id"].to_str().expect("id").to_string();
-    let mut held_stream = resp.bytes_stream();
+    let (held_id, mut held_stream) = open_stream(&gw, &users[0].1, &held).await;
     let first = held_stream.next().await.expect("first chunk").expect("bytes");
     assert!(String::from_utf8_lossy(&first).contains("data: "), "the stream started");
 
