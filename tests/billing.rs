@@ -54,14 +54,19 @@ fn chat(model: &str) -> Value {
     json!({"model": model, "max_tokens": 12, "messages": [{"role": "user", "content": "hi"}]})
 }
 
-async fn call(gw: &Gateway, key: &str, body: &Value) -> (u16, Value, String) {
-    let resp = crate::support::client()
+/// POST a chat completion with a user's `key`; the raw response.
+async fn send_chat(gw: &Gateway, key: &str, body: &Value) -> reqwest::Response {
+    crate::support::client()
         .post(gw.url("/v1/chat/completions"))
         .bearer_auth(key)
         .json(body)
         .send()
         .await
-        .expect("send");
+        .expect("send")
+}
+
+async fn call(gw: &Gateway, key: &str, body: &Value) -> (u16, Value, String) {
+    let resp = send_chat(gw, key, body).await;
     let status = resp.status().as_u16();
     let id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let text = resp.text().await.expect("body");
@@ -74,13 +79,7 @@ async fn open_stream(
     key: &str,
     body: &Value,
 ) -> (String, impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin + use<>) {
-    let resp = crate::support::client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(body)
-        .send()
-        .await
-        .expect("send");
+    let resp = send_chat(gw, key, body).await;
     let id = resp.headers()["x-request-id"].to_str().expect("id").to_string();
     (id, resp.bytes_stream())
 }

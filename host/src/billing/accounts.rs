@@ -250,11 +250,6 @@ impl Accounts {
         Ok(Self { store: store.clone(), users_tree, tokens_tree, master: Mutex::new((users, tokens)), snapshot })
     }
 
-    /// The trees the billing writer updates.
-    pub fn trees(&self) -> (&sled::Tree, &sled::Tree) {
-        (&self.users_tree, &self.tokens_tree)
-    }
-
     /// The current users and tokens.
     pub fn snapshot(&self) -> Arc<AccountSet> {
         self.snapshot.load_full()

@@ -119,7 +119,7 @@ impl Journal {
         read_after(&path, applied, &mut pending)?;
         pending.sort_by_key(|e| e.seq);
         pending.dedup_by_key(|e| e.seq);
-        let last_seq = pending.last().map_or(applied, |e| e.seq.max(applied));
+        let last_seq = pending.last().map_or(applied, |e| e.seq);
         let file = open_append(&path)?;
         let bytes = file.metadata()?.len();
         let old_last = old.exists().then_some(last_seq);

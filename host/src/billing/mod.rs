@@ -98,11 +98,7 @@ impl Billing {
             state: store.tree("billing_state")?,
         };
         let (journal, pending) = Journal::open(store.dir(), trees.committed_seq()?)?;
-        let last = pending.last().map(|e| e.seq);
-        let (replayed, interrupted) = writer::recover(&trees, pending).map_err(anyhow::Error::msg)?;
-        if let Some(seq) = last {
-            journal.committed(seq);
-        }
+        let (replayed, interrupted) = writer::recover(&trees, &journal, pending).map_err(anyhow::Error::msg)?;
         if replayed + interrupted > 0 {
             tracing::warn!(replayed, interrupted, "recovered usage records a crash left unwritten");
         }

@@ -1,8 +1,9 @@
 //! The billing writer: log rows and balance changes are journaled and
 //! queued by requests (see [`super::journal`]) and written off the request
 //! path, in batches, by one thread at a lower priority that wakes every
-//! `flush_interval_ms` (queueing a row wakes nothing). Each batch is **one sled transaction** over the
-//! `users`, `tokens`, `logs` and `billing_state` trees, then one flush: a
+//! `flush_interval_ms` (queueing a row wakes nothing). Each batch is **one
+//! sled transaction** over the `users`, `tokens`, `logs` and
+//! `billing_state` trees, then one flush: a
 //! charge is on disk exactly when its log row is, together with the
 //! journal sequence number it came from. A crash loses nothing the journal
 //! holds: on start [`recover`] applies the journal lines after that number,
@@ -76,7 +77,7 @@ pub struct Writer {
     kick: Arc<Kick>,
 }
 
-/// Wakes the writer thread early (for a flush, or a full batch).
+/// Wakes the writer thread before its interval ends (for a flush).
 #[derive(Default)]
 struct Kick {
     pending: Mutex<bool>,
@@ -185,12 +186,16 @@ fn run(mut rx: mpsc::UnboundedReceiver<Op>, trees: &Trees, journal: &Journal, ki
 
 /// Apply what a crash left: the journal `entries` after the committed
 /// sequence number, then every stream still open, billed by its
-/// prepared row. Returns (journal entries applied, open streams billed).
-pub fn recover(trees: &Trees, entries: Vec<Entry>) -> Result<(usize, usize), String> {
+/// prepared row; then trim the journal. Returns (journal entries applied,
+/// open streams billed).
+pub fn recover(trees: &Trees, journal: &Journal, entries: Vec<Entry>) -> Result<(usize, usize), String> {
     let replayed = entries.len();
     let last = entries.last().map(|e| e.seq);
     let changes: Vec<(u64, Change)> = entries.into_iter().map(|e| (e.seq, e.change)).collect();
     write(trees, &changes, last)?;
+    if let Some(seq) = last {
+        journal.committed(seq);
+    }
     let mut open = Vec::new();
     for item in trees.state.scan_prefix(OPEN) {
         let (_, raw) = item.map_err(|e| e.to_string())?;
