@@ -27,9 +27,9 @@ fn fixtures(root: &Path, adapter: &str) -> Result<(Vec<u8>, Vec<u8>)> {
 }
 
 /// Measure and print the per-adapter table.
-pub fn run(plugins: &Path, n: usize) -> Result<()> {
+pub async fn run(plugins: &Path, n: usize) -> Result<()> {
     let engine = PluginEngine::new(&wasmgate::config::PluginConfig::default())?;
-    let cache = ArtifactCache::new(None);
+    let cache = std::sync::Arc::new(ArtifactCache::none());
     let root = plugins.parent().context("plugins dir has no parent")?.join("tests/fixtures/providers");
     let channel = ChannelView {
         id: 1,
@@ -47,34 +47,34 @@ pub fn run(plugins: &Path, n: usize) -> Result<()> {
         request_id: "req_bench".into(),
     };
     println!("\n## per-adapter call overhead, in process ({n} iterations each)\n");
-    println!("Each call instantiates the component in a fresh store; a stream is one decoder fed the");
-    println!("provider's whole recorded stream.\n");
+    println!("Calls reuse an instance per channel key (`instance_reuse`); a stream is one resumable");
+    println!("decoder fed the provider's whole recorded stream.\n");
     println!("| adapter | call | p50 | p99 | mean |\n|---|---|---|---|---|");
     for &name in ADAPTERS {
         let bytes = std::fs::read(plugins.join(format!("{name}.wasm"))).with_context(|| format!("{name}.wasm"))?;
         let LoadedPlugin::Adapter(adapter) =
-            wasmgate::plugins::load(&engine, &cache, name, &bytes).map_err(anyhow::Error::msg)?.plugin
+            wasmgate::plugins::load(&engine, &cache, name, bytes).await.map_err(anyhow::Error::msg)?.plugin
         else {
             bail!("{name}.wasm is not an adapter");
         };
-        let credential = adapter.has_auth().then_some("bench-token");
+        let credential: Option<std::sync::Arc<str>> = adapter.has_auth().then(|| "bench-token".into());
         let (chat, stream) = fixtures(&root, name)?;
         let response = HttpResponse { status: 200, headers: vec![], body: chat };
-        let build = time(n, || {
-            let r = adapter.build_request(&ctx(false), &channel, REQUEST, credential);
+        let build = time!(n, {
+            let r = adapter.build_request(1, &ctx(false), &channel, REQUEST, credential.clone()).await;
             assert!(matches!(r, Ok(Ok(_))), "{name} build-request: {r:?}");
         });
         row(&format!("{name} | build-request"), &build);
-        let parse = time(n, || {
-            let r = adapter.parse_response(&ctx(false), &response);
+        let parse = time!(n, {
+            let r = adapter.parse_response(1, &ctx(false), &response).await;
             assert!(matches!(r, Ok(Ok(_))), "{name} parse-response");
         });
         row(&format!("{name} | parse-response"), &parse);
-        let decode = time(n / 4, || {
-            let mut decoder = adapter.stream_decoder(&ctx(true)).expect("decoder");
-            let r = decoder.feed(&stream);
+        let decode = time!(n / 4, {
+            let mut decoder = adapter.stream_decoder(1, &ctx(true)).await.expect("decoder");
+            let r = decoder.feed(&stream).await;
             assert!(matches!(r, Ok(Ok(ref ev)) if !ev.chunks.is_empty()), "{name} stream");
-            let _ = decoder.finish();
+            let _ = decoder.finish().await;
         });
         row(&format!("{name} | decode a recorded stream"), &decode);
     }

@@ -104,8 +104,10 @@ fn main() -> Result<()> {
     let plugins = args.plugins.clone().context("--plugins")?;
     println!("# wasmgate loopback benchmark\n");
     println!("machine: {} cores; {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), cpu_model());
-    plugin_calls::run(&plugins, args.plugin_iterations)?;
-    adapter_calls::run(&plugins, args.plugin_iterations)?;
+    let plugin_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    plugin_rt.block_on(plugin_calls::run(&plugins, args.plugin_iterations))?;
+    plugin_rt.block_on(adapter_calls::run(&plugins, args.plugin_iterations))?;
+    drop(plugin_rt);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(http(&args))
 }

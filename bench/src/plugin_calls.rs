@@ -1,7 +1,8 @@
 //! In-process plugin call overhead with the real components.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use wasmgate::config::PluginConfig;
@@ -12,19 +13,24 @@ use wasmgate::plugins::{
 
 use crate::stats::{self, Summary};
 
-/// Time `n` calls of `f`, after `n / 2` warm-up calls.
-pub(crate) fn time<F: FnMut()>(n: usize, mut f: F) -> Vec<Duration> {
-    for _ in 0..n / 2 {
-        f();
-    }
-    (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect()
+/// Time `$n` evaluations of `$body` (which may `.await`), after `$n / 2`
+/// warm-up ones.
+macro_rules! time {
+    ($n:expr, $body:expr) => {{
+        let n: usize = $n;
+        for _ in 0..n / 2 {
+            $body;
+        }
+        let mut samples = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = std::time::Instant::now();
+            $body;
+            samples.push(t.elapsed());
+        }
+        samples
+    }};
 }
+pub(crate) use time;
 
 /// Print one table row: p50, p99, mean.
 pub(crate) fn row(name: &str, samples: &[Duration]) {
@@ -33,12 +39,12 @@ pub(crate) fn row(name: &str, samples: &[Duration]) {
 }
 
 /// Measure and print the plugin call table.
-pub fn run(plugins: &Path, n: usize) -> Result<()> {
+pub async fn run(plugins: &Path, n: usize) -> Result<()> {
     let engine = PluginEngine::new(&PluginConfig::default())?;
-    let cache = ArtifactCache::new(None);
+    let cache = Arc::new(ArtifactCache::none());
     let bytes = std::fs::read(plugins.join("openai.wasm")).context("openai.wasm")?;
     let LoadedPlugin::Adapter(adapter) =
-        wasmgate::plugins::load(&engine, &cache, "openai", &bytes).map_err(anyhow::Error::msg)?.plugin
+        wasmgate::plugins::load(&engine, &cache, "openai", bytes).await.map_err(anyhow::Error::msg)?.plugin
     else {
         bail!("openai.wasm is not an adapter");
     };
@@ -69,32 +75,32 @@ pub fn run(plugins: &Path, n: usize) -> Result<()> {
 
     println!("\n## plugin call overhead, in process ({n} iterations each)\n");
     println!("| call | p50 | p99 | mean |\n|---|---|---|---|");
-    let both = time(n, || {
-        let r = adapter.build_request(&ctx, &channel, request, None);
+    let both = time!(n, {
+        let r = adapter.build_request(1, &ctx, &channel, request, None).await;
         assert!(matches!(r, Ok(Ok(_))));
-        let p = adapter.parse_response(&ctx, &response);
+        let p = adapter.parse_response(1, &ctx, &response).await;
         assert!(matches!(p, Ok(Ok(_))));
     });
-    row("openai: instantiate + build-request + instantiate + parse-response", &both);
+    row("openai: build-request + parse-response (instances reused per channel key)", &both);
     row(
-        "openai: instantiate + info (fixed cost of a call)",
-        &time(n, || {
-            let _ = adapter.call_info();
+        "openai: instantiate + info (the fixed cost of a fresh instance)",
+        &time!(n, {
+            let _ = adapter.call_info().await;
         }),
     );
     row(
-        "openai: instantiate + build-request",
-        &time(n, || {
-            let _ = adapter.build_request(&ctx, &channel, request, None);
+        "openai: build-request (instance reused)",
+        &time!(n, {
+            let _ = adapter.build_request(1, &ctx, &channel, request, None).await;
         }),
     );
     let mut stream_ctx = ctx.clone();
     stream_ctx.stream = true;
-    let mut decoder = adapter.stream_decoder(&stream_ctx).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut decoder = adapter.stream_decoder(1, &stream_ctx).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     row(
-        "openai: stream-decoder feed (one chunk)",
-        &time(n, || {
-            let r = decoder.feed(chunk);
+        "openai: stream-codec decode (one chunk)",
+        &time!(n, {
+            let r = decoder.feed(chunk).await;
             assert!(matches!(r, Ok(Ok(ref ev)) if ev.chunks.len() == 1));
         }),
     );
@@ -121,13 +127,13 @@ pub fn run(plugins: &Path, n: usize) -> Result<()> {
         let file = format!("{policy}.wasm");
         let bytes = std::fs::read(plugins.join(&file)).with_context(|| file.clone())?;
         if let LoadedPlugin::Router(router) =
-            wasmgate::plugins::load(&engine, &cache, policy, &bytes).map_err(anyhow::Error::msg)?.plugin
+            wasmgate::plugins::load(&engine, &cache, policy, bytes).await.map_err(anyhow::Error::msg)?.plugin
         {
             let facts = wasmgate::plugins::RoutingFacts { sequence: 7, ttft_ms: vec![30.0, 10.0, 50.0] };
             row(
-                &format!("{policy}: instantiate + select (3 candidates)"),
-                &time(n, || {
-                    let order = router.select(&meta, &candidates, facts.clone());
+                &format!("{policy}: select (3 candidates)"),
+                &time!(n, {
+                    let order = router.select(&meta, &candidates, facts.clone()).await;
                     assert!(matches!(order, Ok(ref o) if o.len() == 3));
                 }),
             );

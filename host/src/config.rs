@@ -41,6 +41,15 @@ pub struct Config {
     pub pricing: crate::billing::pricing::PricingConfig,
     /// Usage logs: batching and retention.
     pub logs: LogConfig,
+    /// Per-token and per-user limits that apply when a token sets none.
+    pub limits: LimitsConfig,
+    /// The HTTP server: timeouts and connection limits.
+    pub server: ServerConfig,
+    /// Storage safety: free space kept, how often it is checked.
+    pub storage: StorageConfig,
+    /// Key encrypting upstream keys at rest (`WASMGATE_SECRETS_KEY`); when
+    /// unset, a key is generated into `<data_dir>/secret.key`.
+    pub secrets_key: Option<String>,
     /// Channels declared in the file, imported into the store on start
     /// (edits made through the admin API are kept; see docs/channels.md).
     pub channels: Vec<ChannelConfig>,
@@ -81,17 +90,42 @@ impl TokenConfig {
 /// The group of callers and channels that name none.
 pub const DEFAULT_GROUP: &str = "default";
 
-/// Limits of the plugin runtime.
+/// Limits of the plugin runtime (see `docs/security.md`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginConfig {
-    /// Deadline of one plugin call, in milliseconds.
+    /// Fuel (about one unit per wasm instruction) every call may spend.
+    pub fuel_per_call: u64,
+    /// Extra fuel per byte of the call's input (request or response body,
+    /// stream bytes), so that big inputs get the work they need.
+    pub fuel_per_input_byte: u64,
+    /// Wall-clock safety net of one call, in milliseconds. Guest code is
+    /// bounded by fuel; this catches a call blocked in an import.
     pub call_timeout_ms: u64,
     /// Linear-memory cap of one plugin instance, in MiB.
     pub memory_limit_mib: u32,
-    /// Plugin instances that may exist at once (pooling allocator slots);
-    /// each open stream holds one.
+    /// Plugin instances that may exist at once (pooling allocator slots):
+    /// calls in progress and idle instances kept for reuse. Open streams
+    /// hold none (with adapters built against WIT 0.1.3 or later).
     pub max_instances: u32,
+    /// Calls one instance may serve before it is dropped (1: a fresh
+    /// instance per call). Reuse never crosses channel keys, and an instance
+    /// is dropped after any failed call.
+    pub instance_reuse: u32,
+    /// Streams of adapters older than WIT 0.1.3 (whose decoder pins an
+    /// instance) that may be open at once, per adapter.
+    pub max_pinned_streams: u32,
+    /// Largest plugin file accepted, in bytes.
+    pub max_plugin_bytes: usize,
+    /// Most functions a plugin may define (all its core modules together);
+    /// refused before compilation.
+    pub max_plugin_functions: u64,
+    /// Limit of one plugin compilation, in seconds.
+    pub compile_timeout_secs: u64,
+    /// Address space of the compiler process, in MiB.
+    pub compile_memory_mib: u64,
+    /// Compile plugins in a child process (bounded in time and memory).
+    pub isolate_compile: bool,
     /// Watch the plugins directory and hot-swap changed files.
     pub watch: bool,
     /// Quiet time before a changed file is reloaded, in milliseconds.
@@ -112,6 +146,13 @@ pub struct UpstreamConfig {
     pub response_timeout_secs: u64,
     /// Longest silence inside a streamed body, in seconds.
     pub idle_timeout_secs: u64,
+    /// Most bytes one upstream stream may send; the gateway ends a longer
+    /// stream with an error event (billed for what was delivered).
+    pub max_stream_bytes: u64,
+    /// Longest one stream may last, in seconds; ended likewise.
+    pub max_stream_secs: u64,
+    /// Limit of a credential exchange (Baidu's token...), in seconds.
+    pub exchange_timeout_secs: u64,
     /// Largest non-streamed upstream body read, in bytes.
     pub max_response_bytes: usize,
     /// Attempts per request, first included. Attempts go down the policy's
@@ -131,6 +172,74 @@ pub struct UpstreamConfig {
     /// Longest upstream `Retry-After` the gateway waits out itself before
     /// a retry; longer ones end the request with 429 and that `Retry-After`.
     pub max_retry_after_secs: u64,
+}
+
+/// Default limits of tokens that set none of their own, also for the
+/// configuration file's tokens (0: no limit).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Requests one token may have in flight.
+    pub token_concurrency: u32,
+    /// Streams one token may have open.
+    pub token_streams: u32,
+    /// Requests one user may have in flight over all their tokens.
+    pub user_concurrency: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { token_concurrency: 1024, token_streams: 512, user_concurrency: 2048 }
+    }
+}
+
+/// The HTTP server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Time a client has to send a request's headers, in seconds (also the
+    /// longest an idle keep-alive connection is kept).
+    pub header_timeout_secs: u64,
+    /// Time a client has to send a request's body, in seconds.
+    pub body_timeout_secs: u64,
+    /// Connections served at once; above it the longest-idle connections
+    /// are closed to make room, and a warning is logged. Also capped by the
+    /// process's file limit.
+    pub max_connections: usize,
+    /// Longest request URI accepted, in bytes (414 above).
+    pub max_uri_bytes: usize,
+    /// Largest total size of a request's headers, in bytes (431 above).
+    pub max_header_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout_secs: 30,
+            body_timeout_secs: 60,
+            max_connections: 50_000,
+            max_uri_bytes: 16 * 1024,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Storage safety.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Free space kept on the data directory's filesystem, in MiB: below
+    /// it, billed requests and admin writes are refused (503) until space
+    /// returns.
+    pub min_free_mb: u64,
+    /// How often the free space is checked, in milliseconds.
+    pub check_interval_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { min_free_mb: 64, check_interval_ms: 500 }
+    }
 }
 
 /// Usage log settings.
@@ -275,6 +384,10 @@ impl Default for Config {
             health: HealthConfig::default(),
             pricing: crate::billing::pricing::PricingConfig::default(),
             logs: LogConfig::default(),
+            limits: LimitsConfig::default(),
+            server: ServerConfig::default(),
+            storage: StorageConfig::default(),
+            secrets_key: None,
             channels: Vec::new(),
         }
     }
@@ -283,9 +396,18 @@ impl Default for Config {
 impl Default for PluginConfig {
     fn default() -> Self {
         Self {
-            call_timeout_ms: 50,
+            fuel_per_call: 200_000_000,
+            fuel_per_input_byte: 2_000,
+            call_timeout_ms: 10_000,
             memory_limit_mib: 64,
             max_instances: 1000,
+            instance_reuse: 256,
+            max_pinned_streams: 256,
+            max_plugin_bytes: 32 << 20,
+            max_plugin_functions: 50_000,
+            compile_timeout_secs: 60,
+            compile_memory_mib: 2048,
+            isolate_compile: true,
             watch: true,
             debounce_ms: 200,
             cache: true,
@@ -300,6 +422,9 @@ impl Default for UpstreamConfig {
             connect_timeout_ms: 10_000,
             response_timeout_secs: 300,
             idle_timeout_secs: 300,
+            max_stream_bytes: 256 << 20,
+            max_stream_secs: 3600,
+            exchange_timeout_secs: 15,
             max_response_bytes: 64 * 1024 * 1024,
             max_attempts: 3,
             attempt_timeout_secs: 300,
@@ -332,6 +457,10 @@ const KEYS: &[&str] = &[
     "health",
     "pricing",
     "logs",
+    "limits",
+    "server",
+    "storage",
+    "secrets_key",
     "channels",
 ];
 
@@ -345,10 +474,17 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
-        let env = Env::prefixed("WASMGATE_")
-            .split("__")
-            .filter(|key| KEYS.iter().any(|k| key.as_str().split('.').next() == Some(k)));
-        let config: Config = figment.merge(env).extract().context("invalid configuration")?;
+        // figment hands the filter the key as written (`LISTEN`) and
+        // lower-cases it afterwards: compare case-insensitively.
+        let env = Env::prefixed("WASMGATE_").split("__").filter(|key| {
+            let top = key.as_str().split('.').next().unwrap_or_default().to_ascii_lowercase();
+            KEYS.contains(&top.as_str()) && top != "tokens"
+        });
+        let mut config: Config = figment.merge(env).extract().context("invalid configuration")?;
+        // `WASMGATE_TOKENS`: keys separated by commas (or a TOML array).
+        if let Ok(raw) = std::env::var("WASMGATE_TOKENS") {
+            config.tokens = parse_env_tokens(&raw)?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -369,8 +505,12 @@ impl Config {
                 bail!("channels[{i}].adapter: must name an adapter plugin");
             }
         }
-        if self.plugins.call_timeout_ms == 0 || self.plugins.memory_limit_mib == 0 || self.plugins.max_instances == 0 {
-            bail!("plugins: call_timeout_ms, memory_limit_mib and max_instances must be positive");
+        let p = &self.plugins;
+        if p.call_timeout_ms == 0 || p.memory_limit_mib == 0 || p.max_instances == 0 || p.fuel_per_call == 0 {
+            bail!("plugins: call_timeout_ms, memory_limit_mib, max_instances and fuel_per_call must be positive");
+        }
+        if p.instance_reuse == 0 || p.compile_timeout_secs == 0 || p.compile_memory_mib < 256 {
+            bail!("plugins: instance_reuse and compile_timeout_secs must be positive, compile_memory_mib at least 256");
         }
         if self.upstream.max_attempts == 0 {
             bail!("upstream.max_attempts must be at least 1");
@@ -384,8 +524,33 @@ impl Config {
         if self.upstream.attempt_timeout_secs == 0 || self.upstream.total_timeout_secs == 0 {
             bail!("upstream.attempt_timeout_secs and upstream.total_timeout_secs must be positive");
         }
+        let srv = &self.server;
+        if srv.header_timeout_secs == 0 || srv.body_timeout_secs == 0 || srv.max_connections == 0 {
+            bail!("server.header_timeout_secs, server.body_timeout_secs and server.max_connections must be positive");
+        }
+        if self.tokens.iter().any(|t| t.key().trim().is_empty()) {
+            bail!("tokens: a gateway token must not be empty");
+        }
         Ok(())
     }
+}
+
+/// `WASMGATE_TOKENS`: `sk-a,sk-b` or a TOML array (`["sk-a", {key = "sk-b", group = "vip"}]`).
+fn parse_env_tokens(raw: &str) -> Result<Vec<TokenConfig>> {
+    let raw = raw.trim();
+    if raw.starts_with('[') {
+        #[derive(Deserialize)]
+        struct Tokens {
+            tokens: Vec<TokenConfig>,
+        }
+        let parsed: Tokens = toml_tokens(raw).context("WASMGATE_TOKENS: not a valid TOML array of tokens")?;
+        return Ok(parsed.tokens);
+    }
+    Ok(raw.split(',').map(str::trim).filter(|t| !t.is_empty()).map(|t| TokenConfig::Key(t.to_string())).collect())
+}
+
+fn toml_tokens<T: serde::de::DeserializeOwned>(raw: &str) -> Result<T> {
+    Ok(Figment::from(Toml::string(&format!("tokens = {raw}"))).extract()?)
 }
 
 #[cfg(test)]
@@ -396,7 +561,7 @@ mod tests {
     fn zero_config_defaults() {
         let c = Config::default();
         assert_eq!(c.listen.to_string(), "127.0.0.1:3000");
-        assert_eq!(c.plugins.call_timeout_ms, 50);
+        assert_eq!(c.plugins.call_timeout_ms, 10_000);
         assert_eq!(c.plugins.memory_limit_mib, 64);
         c.validate().expect("defaults are valid");
     }

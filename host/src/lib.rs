@@ -17,6 +17,7 @@ pub mod error;
 pub mod health;
 pub mod plugins;
 pub mod relay;
+pub mod request;
 pub mod routing;
 pub mod server;
 pub mod state;

@@ -49,6 +49,18 @@ enum PluginCommand {
         #[arg(long)]
         fixtures: Option<PathBuf>,
     },
+    /// Compile a component into a precompiled artifact, with this process's
+    /// address space limited (the gateway runs this in a child process).
+    #[command(hide = true)]
+    Compile {
+        /// The `.wasm` component.
+        input: PathBuf,
+        /// Where to write the artifact.
+        output: PathBuf,
+        /// Address-space limit, in MiB.
+        #[arg(long, default_value_t = 2048)]
+        memory_mib: u64,
+    },
 }
 
 #[tokio::main]
@@ -59,10 +71,20 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
-    if let Some(Command::Plugin { command: PluginCommand::Check { file, fixtures } }) = &cli.command {
-        let report = wasmgate::plugins::check::check_file(file, fixtures.as_deref());
-        println!("{report}");
-        std::process::exit(if report.passed() { 0 } else { 1 });
+    match &cli.command {
+        Some(Command::Plugin { command: PluginCommand::Check { file, fixtures } }) => {
+            let report = wasmgate::plugins::check::check_file(file, fixtures.as_deref()).await;
+            println!("{report}");
+            std::process::exit(if report.passed() { 0 } else { 1 });
+        }
+        Some(Command::Plugin { command: PluginCommand::Compile { input, output, memory_mib } }) => {
+            if let Err(e) = wasmgate::plugins::compile_child(input, output, *memory_mib) {
+                eprintln!("{e:#}");
+                std::process::exit(1);
+            }
+            return Ok(());
+        }
+        None => {}
     }
     let mut config = wasmgate::Config::load(cli.config.as_deref())?;
     if let Some(listen) = cli.listen {

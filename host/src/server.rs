@@ -11,13 +11,13 @@ use tokio::net::TcpListener;
 use crate::api::app;
 use crate::billing::Billing;
 use crate::channels::{ChannelStore, SledChannels};
-use crate::config::{Config, TokenConfig};
+use crate::config::{Config, DEFAULT_GROUP};
 use crate::health::{self, Health};
-use crate::plugins::{ArtifactCache, PluginEngine, PluginWatcher, Registry, watch};
+use crate::plugins::{ArtifactCache, Compiler, PluginEngine, PluginWatcher, Registry, watch};
 use crate::relay::{Credentials, Upstream};
 use crate::routing::{Policies, Routing};
 use crate::state::{AppState, Inner, secret_hash};
-use crate::store::{Store, random_key};
+use crate::store::{Store, StoreOptions};
 
 /// A gateway ready to serve.
 pub struct Gateway {
@@ -53,20 +53,26 @@ pub async fn build(config: Config) -> Result<Gateway> {
     // The tokenizer's tables load while the plugins compile; the gateway
     // listens only once both are ready, so no request waits for them.
     let warm = std::thread::spawn(crate::billing::tokenize::warm);
-    let store = Store::open(&config.data_dir)?;
+    let options = StoreOptions {
+        min_free_bytes: config.storage.min_free_mb.saturating_mul(1 << 20),
+        secrets_key: config.secrets_key.clone(),
+    };
+    let store = Store::open_with(&config.data_dir, &options)?;
+    store.guard_arc().spawn_monitor(Duration::from_millis(config.storage.check_interval_ms.max(50)));
     let mut generated = (None, None);
-    let mut tokens = config.tokens.clone();
-    if tokens.is_empty() {
-        let token = store.option_or_insert("generated_token", || random_key("sk-"))?;
-        generated.0 = Some(token.clone());
-        tokens.push(TokenConfig::Key(token));
+    let mut token_groups: HashMap<[u8; 32], (Arc<str>, usize)> =
+        config.tokens.iter().enumerate().map(|(i, t)| (secret_hash(t.key()), (Arc::from(t.group()), i))).collect();
+    if config.tokens.is_empty() {
+        let (hash, shown) = store.generated_secret("generated_token", "sk-")?;
+        generated.0 = shown;
+        token_groups.insert(hash, (Arc::from(DEFAULT_GROUP), 0));
     }
-    let admin = match &config.admin_token {
-        Some(t) => t.clone(),
+    let admin_hash = match &config.admin_token {
+        Some(t) => secret_hash(t),
         None => {
-            let t = store.option_or_insert("generated_admin_token", || random_key("adm-"))?;
-            generated.1 = Some(t.clone());
-            t
+            let (hash, shown) = store.generated_secret("generated_admin_token", "adm-")?;
+            generated.1 = shown;
+            hash
         }
     };
 
@@ -74,7 +80,11 @@ pub async fn build(config: Config) -> Result<Gateway> {
         .with_context(|| format!("creating plugins directory {}", config.plugins_dir.display()))?;
     let engine = PluginEngine::new(&config.plugins).context("starting the wasm engine")?;
     let cache_dir = config.plugins.cache_dir.clone().unwrap_or_else(|| config.data_dir.join("plugin-cache"));
-    let cache = ArtifactCache::new(config.plugins.cache.then_some(cache_dir));
+    let compiler = match std::env::current_exe() {
+        Ok(exe) if config.plugins.isolate_compile => Compiler::Child(exe),
+        _ => Compiler::InProcess,
+    };
+    let cache = ArtifactCache::new(config.plugins.cache.then_some(cache_dir), config.data_dir.join("tmp"), compiler);
     let registry = Arc::new(Registry::new(engine, cache, config.plugins_dir.clone()));
     registry.load_dir().await;
     let watcher = if config.plugins.watch {
@@ -95,7 +105,8 @@ pub async fn build(config: Config) -> Result<Gateway> {
     let routing = Routing::new(Policies::load(&config.routing, &store)?);
 
     let channels: Arc<dyn ChannelStore> = Arc::new(channels);
-    let billing = Arc::new(Billing::open(&store, &config.pricing, &config.logs).context("opening billing")?);
+    let billing =
+        Arc::new(Billing::open(&store, &config.pricing, &config.logs, &config.limits).context("opening billing")?);
     let inner = Inner {
         billing,
         health: Health::new(config.health.clone(), channels.clone()),
@@ -103,8 +114,8 @@ pub async fn build(config: Config) -> Result<Gateway> {
         routing,
         upstream: Upstream::new(&config.upstream)?,
         credentials: Credentials::default(),
-        token_groups: tokens.iter().map(|t| (secret_hash(t.key()), Arc::from(t.group()))).collect::<HashMap<_, _>>(),
-        admin_hash: secret_hash(&admin),
+        token_groups,
+        admin_hash,
         registry,
         store,
         started_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
@@ -125,10 +136,12 @@ pub async fn run(config: Config) -> Result<()> {
         .with_context(|| format!("binding {}", gateway.state.config.listen))?;
     let addr = listener.local_addr()?;
     if let Some(token) = &gateway.generated.0 {
-        println!("gateway token (generated, kept in the data dir; set WASMGATE_TOKENS to choose your own): {token}");
+        println!(
+            "gateway token (generated; shown once, only its hash is kept — save it, or set WASMGATE_TOKENS): {token}"
+        );
     }
     if let Some(token) = &gateway.generated.1 {
-        println!("admin token (generated; set WASMGATE_ADMIN_TOKEN to choose your own): {token}");
+        println!("admin token (generated; shown once — save it, or set WASMGATE_ADMIN_TOKEN): {token}");
     }
     if gateway.state.channels.snapshot().records.is_empty() {
         tracing::warn!(

@@ -34,8 +34,9 @@ pub struct Inner {
     pub upstream: Upstream,
     /// Credentials exchanged for adapters that need them (Baidu...).
     pub credentials: Credentials,
-    /// SHA-256 of every accepted gateway token → its caller's group.
-    pub token_groups: HashMap<[u8; 32], Arc<str>>,
+    /// SHA-256 of every gateway token of the configuration file (and the
+    /// generated one) → its caller's group and its position (for limits).
+    pub token_groups: HashMap<[u8; 32], (Arc<str>, usize)>,
     /// SHA-256 of the admin token.
     pub admin_hash: [u8; 32],
     /// Embedded store.

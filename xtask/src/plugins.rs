@@ -59,14 +59,18 @@ pub fn build_all(root: &Path) -> Result<()> {
     // A valid component of an unrelated world, to be refused.
     write_if_changed(&fixtures.join("alien-world.wasm"), &crate::componentize::alien_world_fixture()?)?;
 
-    // The same adapter built the way `cargo component` builds it (WASI
-    // preview 1 + adapter), to prove such components load too.
+    // Adapters built the way `cargo component` builds them (WASI preview 1
+    // + adapter): the openai adapter, to prove such components load, and
+    // the fixtures whose misbehaviour needs WASI (stderr, sleeping).
     if let Some(chain) = wasip1_toolchain(chain) {
         let mut cmd = toolchain::cargo_build(chain, WASIP1_TARGET, &plugins_dir);
-        cmd.args(["--package", "openai"]);
+        cmd.args(["--package", "openai", "--package", "hostile", "--package", "slow-info"]);
         crate::run_checked(&mut cmd)?;
         let out = plugins_dir.join("target").join(WASIP1_TARGET).join("release");
-        install(&out.join("openai.wasm"), &fixtures.join("openai-wasip1.wasm"), true)?;
+        for (artifact, stem) in [("openai", "openai-wasip1"), ("hostile", "hostile-wasip1"), ("slow_info", "slow-info")]
+        {
+            install(&out.join(format!("{artifact}.wasm")), &fixtures.join(format!("{stem}.wasm")), true)?;
+        }
     } else {
         eprintln!("xtask: no {WASIP1_TARGET} toolchain; skipping the WASI preview 1 fixture");
     }

@@ -27,6 +27,9 @@ impl From<AccountError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some(code), format!("No such {what}."))
             }
             AccountError::Invalid(field, message) => ApiError::bad_request(message).param(&field),
+            AccountError::Backend(error) if crate::store::is_unavailable(&error) => {
+                crate::billing::storage_unavailable()
+            }
             AccountError::Backend(error) => {
                 tracing::error!(%error, "account store failed");
                 ApiError::internal()
@@ -71,7 +74,7 @@ fn token_view(state: &AppState, t: &TokenRecord) -> Value {
         "status": t.status, "expires_at": t.expires_at, "unlimited_quota": t.unlimited_quota,
         "remain_quota": if t.unlimited_quota { Value::Null } else { json!(live.balance) },
         "used_quota": live.used, "models": t.models, "subnets": t.subnets,
-        "rpm": t.rpm, "tpm": t.tpm, "concurrency": t.concurrency, "created_at": t.created_at,
+        "rpm": t.rpm, "tpm": t.tpm, "concurrency": t.concurrency, "streams": t.streams, "created_at": t.created_at,
     })
 }
 
@@ -168,7 +171,10 @@ async fn modify_user(
         None => Ok(()),
     })?;
     if let Some(target) = quota {
-        let delta = state.billing.set_balance(Some(id), None, target);
+        let delta = state.billing.set_balance(Some(id), None, target).map_err(|e| {
+            tracing::error!(error = %e, user = id, "a quota change could not be recorded");
+            crate::billing::storage_unavailable()
+        })?;
         tracing::info!(user = id, delta, "user quota set");
     }
     Ok(Json(user_view(&state, &user)))
@@ -221,6 +227,7 @@ struct TokenInput {
     rpm: Option<u32>,
     tpm: Option<u64>,
     concurrency: Option<u32>,
+    streams: Option<u32>,
 }
 
 impl TokenInput {
@@ -249,10 +256,18 @@ impl TokenInput {
             }
             t.subnets = subnets;
         }
-        if self.rpm == Some(0) || self.tpm == Some(0) || self.concurrency == Some(0) {
-            return Err(invalid("rpm", "limits must be at least 1 (omit them for no limit)"));
+        for (name, zero) in [
+            ("rpm", self.rpm == Some(0)),
+            ("tpm", self.tpm == Some(0)),
+            ("concurrency", self.concurrency == Some(0)),
+            ("streams", self.streams == Some(0)),
+        ] {
+            if zero {
+                return Err(invalid(name, "must be at least 1 (omit it for the default)"));
+            }
         }
         (t.rpm, t.tpm, t.concurrency) = (self.rpm.or(t.rpm), self.tpm.or(t.tpm), self.concurrency.or(t.concurrency));
+        t.streams = self.streams.or(t.streams);
         Ok(())
     }
 }
@@ -328,7 +343,10 @@ async fn modify_token(
         None => Ok(()),
     })?;
     if let Some(target) = remain {
-        let delta = state.billing.set_balance(None, Some(id), target);
+        let delta = state.billing.set_balance(None, Some(id), target).map_err(|e| {
+            tracing::error!(error = %e, token = id, "a quota change could not be recorded");
+            crate::billing::storage_unavailable()
+        })?;
         tracing::info!(token = id, delta, "token quota set");
     }
     Ok(Json(token_view(&state, &token)))

@@ -16,12 +16,17 @@ use crate::error::ApiError;
 use crate::state::{AppState, hashes_equal, secret_hash};
 use crate::store::unix_now;
 
-/// The presented key: `Authorization: Bearer KEY`, or `api-key` /
-/// `x-api-key` as Azure- and Anthropic-style clients send it.
+/// The presented key: `Authorization: Bearer KEY` (the scheme in any
+/// case, RFC 9110), or `api-key` / `x-api-key` as Azure- and
+/// Anthropic-style clients send it. An `Authorization` header without the
+/// `Bearer` scheme presents nothing.
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
         let v = v.trim();
-        let key = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v);
+        let (scheme, key) = v.split_once([' ', '\t'])?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
         return Some(key.trim()).filter(|k| !k.is_empty());
     }
     ["api-key", "x-api-key"]
@@ -78,10 +83,10 @@ pub fn identify(state: &AppState, key: &str, ip: Option<IpAddr>) -> Result<Calle
             return Err(refused(StatusCode::FORBIDDEN, "ip_not_allowed", msg));
         }
         let account = Account { user_id: user.id, token: token.clone() };
-        return Ok(Caller { group: Arc::from(user.group.as_str()), account: Some(account) });
+        return Ok(Caller { group: Arc::from(user.group.as_str()), account: Some(account), config_token: None });
     }
     match state.token_groups.get(&hash) {
-        Some(group) => Ok(Caller { group: group.clone(), account: None }),
+        Some((group, index)) => Ok(Caller { group: group.clone(), account: None, config_token: Some(*index) }),
         None => Err(ApiError::unauthorized("Incorrect API key provided.")),
     }
 }
@@ -112,5 +117,26 @@ pub async fn require_admin(State(state): State<AppState>, req: Request, next: Ne
             "Incorrect admin token.",
         )
         .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(value: &str) -> Option<String> {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", value.parse().expect("header"));
+        presented_key(&h).map(str::to_string)
+    }
+
+    #[test]
+    fn bearer_in_any_case_and_never_a_bare_key() {
+        assert_eq!(key("Bearer sk-a").as_deref(), Some("sk-a"));
+        assert_eq!(key("bEaReR   sk-a ").as_deref(), Some("sk-a"));
+        assert_eq!(key("BEARER\tsk-a").as_deref(), Some("sk-a"));
+        assert_eq!(key("sk-a"), None);
+        assert_eq!(key("Basic c2stYQ=="), None);
+        assert_eq!(key("Bearer "), None);
     }
 }

@@ -31,6 +31,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound(id) => not_found(id),
             StoreError::Invalid(f) => f.into(),
+            StoreError::Backend(error) if crate::store::is_unavailable(&error) => crate::billing::storage_unavailable(),
             StoreError::Backend(error) => {
                 tracing::error!(%error, "channel store failed");
                 ApiError::internal()

@@ -51,7 +51,7 @@ pub fn list_json(data: Vec<Value>, total: usize, (page, per_page): (usize, usize
 /// Page `(page, per_page)` of `items`, each shown by `view`.
 pub fn paged<T>(items: &[T], paging: (usize, usize), view: impl Fn(&T) -> Value) -> Value {
     let (page, per_page) = paging;
-    let data = items.iter().skip((page - 1) * per_page).take(per_page).map(view).collect();
+    let data = items.iter().skip(page.saturating_sub(1).saturating_mul(per_page)).take(per_page).map(view).collect();
     list_json(data, items.len(), paging)
 }
 

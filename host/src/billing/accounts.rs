@@ -111,8 +111,12 @@ pub struct TokenRecord {
     pub rpm: Option<u32>,
     /// Tokens (prompt + completion) per minute.
     pub tpm: Option<u64>,
-    /// Requests in flight at once.
+    /// Requests in flight at once (`None`: the gateway's default,
+    /// `limits.token_concurrency`).
     pub concurrency: Option<u32>,
+    /// Streams open at once (`None`: the gateway's default,
+    /// `limits.token_streams`).
+    pub streams: Option<u32>,
     /// Unix seconds.
     pub created_at: u64,
 }
@@ -135,6 +139,7 @@ impl Default for TokenRecord {
             rpm: None,
             tpm: None,
             concurrency: None,
+            streams: None,
             created_at: 0,
         }
     }
@@ -266,6 +271,7 @@ impl Accounts {
 
     /// Create a user (balances as given: its opening quota).
     pub fn create_user(&self, mut user: UserRecord) -> Result<UserRecord, AccountError> {
+        self.store.ensure_writable()?;
         user.id = self.store.next_counter("next_user_id")?;
         user.created_at = unix_now();
         user.used_quota = 0;
@@ -280,6 +286,7 @@ impl Accounts {
     /// Create a token for an existing user; returns it and its full key
     /// (shown once, never stored).
     pub fn create_token(&self, mut token: TokenRecord) -> Result<(TokenRecord, String), AccountError> {
+        self.store.ensure_writable()?;
         if !self.snapshot().users.contains_key(&token.user_id) {
             return Err(AccountError::Invalid("user_id".into(), format!("`user_id` {} does not exist", token.user_id)));
         }
@@ -303,6 +310,7 @@ impl Accounts {
         id: u64,
         f: &mut dyn FnMut(&mut UserRecord) -> Result<(), AccountError>,
     ) -> Result<UserRecord, AccountError> {
+        self.store.ensure_writable()?;
         let mut master = self.lock();
         let mut next = master.0.get(&id).cloned().ok_or(AccountError::NotFound("user"))?;
         f(&mut next)?;
@@ -323,6 +331,7 @@ impl Accounts {
         id: u64,
         f: &mut dyn FnMut(&mut TokenRecord) -> Result<(), AccountError>,
     ) -> Result<TokenRecord, AccountError> {
+        self.store.ensure_writable()?;
         let mut master = self.lock();
         let mut next = master.1.get(&id).cloned().ok_or(AccountError::NotFound("token"))?;
         f(&mut next)?;
@@ -340,6 +349,7 @@ impl Accounts {
 
     /// Delete a token.
     pub fn delete_token(&self, id: u64) -> Result<TokenRecord, AccountError> {
+        self.store.ensure_writable()?;
         let mut master = self.lock();
         let token = master.1.remove(&id).ok_or(AccountError::NotFound("token"))?;
         self.tokens_tree.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
@@ -350,6 +360,7 @@ impl Accounts {
 
     /// Delete a user and every token of theirs. Their log rows stay.
     pub fn delete_user(&self, id: u64) -> Result<UserRecord, AccountError> {
+        self.store.ensure_writable()?;
         let mut master = self.lock();
         let user = master.0.remove(&id).ok_or(AccountError::NotFound("user"))?;
         let owned: Vec<u64> = master.1.values().filter(|t| t.user_id == id).map(|t| t.id).collect();

@@ -17,7 +17,7 @@
 //! committed).
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -82,29 +82,50 @@ fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
-/// The entries of `path` after `applied`, in order. A line that does not
-/// parse is skipped with a warning (a torn last line after a power loss).
+/// The entries of `path` after `applied`, in order. Only a last line
+/// without its newline (a write torn by a power loss, never acknowledged)
+/// is skipped; any other unreadable line is damage, reported as an error:
+/// it may hold a charge, and skipping it would lose it silently.
 fn read_after(path: &Path, applied: u64, out: &mut Vec<Entry>) -> io::Result<()> {
-    let file = match File::open(path) {
-        Ok(f) => f,
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    for (n, line) in BufReader::new(file).split(b'\n').enumerate() {
-        let line = line?;
+    let complete = data.ends_with(b"\n");
+    let lines: Vec<&[u8]> = data.split(|b| *b == b'\n').collect();
+    let last = lines.len().saturating_sub(1);
+    for (n, line) in lines.iter().enumerate() {
         if line.is_empty() {
             continue;
         }
-        match serde_json::from_slice::<Entry>(&line) {
+        match serde_json::from_slice::<Entry>(line) {
             Ok(entry) if entry.seq > applied => out.push(entry),
             Ok(_) => {}
+            Err(error) if n == last && !complete => {
+                tracing::warn!(file = %path.display(), line = n + 1, %error, "ignoring a torn last journal line (never acknowledged)")
+            }
             Err(error) => {
-                tracing::warn!(file = %path.display(), line = n + 1, %error, "skipping unreadable journal line")
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} line {}: {error}. The billing journal is damaged and may hold usage not yet \
+                         written to the store. Inspect the line; to start anyway, move the file aside \
+                         (its rows are then not billed) — see docs/security.md, \"Recovering a damaged store\"",
+                        path.display(),
+                        n + 1
+                    ),
+                ));
             }
         }
     }
     Ok(())
 }
+
+/// Why a change could not be journaled.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct AppendError(pub String);
 
 impl Journal {
     /// Open the journal `dir/billing.journal`; returns it and the entries
@@ -132,24 +153,33 @@ impl Journal {
     }
 
     /// Journal `change` and, under the same lock, hand it with its sequence
-    /// number to `then` (which queues it for the writer, so the writer sees
-    /// changes in sequence order).
-    pub fn append<R>(&self, change: Change, then: impl FnOnce(u64, Change) -> R) -> R {
+    /// number and whether it was journaled to `then` (which queues it for
+    /// the writer, so the writer sees changes in sequence order). A failed
+    /// append is rolled back (the file is cut back to its previous length),
+    /// so no torn line is ever followed by good ones.
+    pub fn append<R>(&self, change: Change, then: impl FnOnce(u64, Change, Result<(), AppendError>) -> R) -> R {
         let mut inner = self.lock();
-        inner.last_seq += 1;
+        inner.last_seq = inner.last_seq.saturating_add(1);
         let seq = inner.last_seq;
         let entry = Entry { seq, change };
-        match serde_json::to_vec(&entry) {
+        let written = match serde_json::to_vec(&entry) {
             Ok(mut line) => {
                 line.push(b'\n');
                 match inner.file.write_all(&line) {
-                    Ok(()) => inner.bytes += line.len() as u64,
-                    Err(error) => tracing::error!(%error, seq, "appending to the billing journal failed"),
+                    Ok(()) => {
+                        inner.bytes = inner.bytes.saturating_add(line.len() as u64);
+                        Ok(())
+                    }
+                    Err(error) => {
+                        let rollback = inner.file.set_len(inner.bytes);
+                        tracing::error!(%error, seq, rolled_back = rollback.is_ok(), "appending to the billing journal failed");
+                        Err(AppendError(error.to_string()))
+                    }
                 }
             }
-            Err(error) => tracing::error!(%error, seq, "a billing change could not be journaled"),
-        }
-        then(seq, entry.change)
+            Err(error) => Err(AppendError(format!("not serializable: {error}"))),
+        };
+        then(seq, entry.change, written)
     }
 
     /// Everything up to `seq` is committed to sled: drop what the journal
@@ -192,7 +222,10 @@ mod tests {
     }
 
     fn append(j: &Journal, change: Change) -> u64 {
-        j.append(change, |seq, _| seq)
+        j.append(change, |seq, _, written| {
+            written.expect("journaled");
+            seq
+        })
     }
 
     #[test]
@@ -228,6 +261,21 @@ mod tests {
         f.write_all(b"{\"seq\":4,\"op\":\"ro").expect("torn write");
         let (_, pending) = Journal::open(dir.path(), 2).expect("reopen");
         assert_eq!(pending.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn a_damaged_line_before_good_ones_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (j, _) = Journal::open(dir.path(), 0).expect("open");
+            append(&j, row(1));
+            append(&j, row(2));
+        }
+        let path = dir.path().join("billing.journal");
+        let text = std::fs::read_to_string(&path).expect("read");
+        std::fs::write(&path, text.replacen("\"seq\":1", "\"seq\":1x", 1)).expect("damage");
+        let err = Journal::open(dir.path(), 0).err().expect("refused");
+        assert!(err.to_string().contains("line 1"), "{err}");
     }
 
     #[test]

@@ -99,6 +99,20 @@ impl Ledger {
         self.books().tokens.get(&id).copied().unwrap_or_default()
     }
 
+    /// Whether the user (and, when `token_limited`, the token) has any
+    /// quota left: checked before anything costly is done for a request.
+    pub fn has_quota(&self, user: u64, token: Option<u64>, token_limited: bool) -> Result<(), Short> {
+        let b = self.books();
+        let left = |bal: Option<&Balance>| bal.is_some_and(|x| x.balance.saturating_sub(x.reserved) > 0);
+        if !left(b.users.get(&user)) {
+            return Err(Short::User);
+        }
+        if token_limited && token.is_some() && !left(token.and_then(|t| b.tokens.get(&t))) {
+            return Err(Short::Token);
+        }
+        Ok(())
+    }
+
     /// Reserve `amount` from the user and (when `token_limited`) the token.
     /// Free requests (amount 0) always pass.
     pub fn reserve(
@@ -109,7 +123,8 @@ impl Ledger {
         amount: i64,
     ) -> Result<Reservation, Short> {
         let mut b = self.books();
-        let fits = |bal: Option<&Balance>| bal.is_some_and(|x| amount <= 0 || x.balance - x.reserved >= amount);
+        let fits =
+            |bal: Option<&Balance>| bal.is_some_and(|x| amount <= 0 || x.balance.saturating_sub(x.reserved) >= amount);
         if !fits(b.users.get(&user)) {
             return Err(Short::User);
         }
@@ -118,10 +133,10 @@ impl Ledger {
             return Err(Short::Token);
         }
         if let Some(u) = b.users.get_mut(&user) {
-            u.reserved += amount;
+            u.reserved = u.reserved.saturating_add(amount);
         }
         if token_limited && let Some(t) = token.and_then(|t| b.tokens.get_mut(&t)) {
-            t.reserved += amount;
+            t.reserved = t.reserved.saturating_add(amount);
         }
         Ok(Reservation { ledger: self.clone(), user, token, token_limited, amount, open: true })
     }
@@ -130,10 +145,10 @@ impl Ledger {
     pub fn adjust(&self, user: Option<u64>, token: Option<u64>, delta: i64) {
         let mut b = self.books();
         if let Some(u) = user.and_then(|u| b.users.get_mut(&u)) {
-            u.balance += delta;
+            u.balance = u.balance.saturating_add(delta);
         }
         if let Some(t) = token.and_then(|t| b.tokens.get_mut(&t)) {
-            t.balance += delta;
+            t.balance = t.balance.saturating_add(delta);
         }
     }
 }
@@ -153,18 +168,18 @@ impl Reservation {
     pub fn settle(mut self, charge: i64) {
         let mut b = self.ledger.books();
         if let Some(u) = b.users.get_mut(&self.user) {
-            u.reserved -= self.amount;
-            u.balance -= charge;
-            u.used += charge;
-            u.requests += 1;
+            u.reserved = u.reserved.saturating_sub(self.amount);
+            u.balance = u.balance.saturating_sub(charge);
+            u.used = u.used.saturating_add(charge);
+            u.requests = u.requests.saturating_add(1);
         }
         if let Some(t) = self.token.and_then(|t| b.tokens.get_mut(&t)) {
             if self.token_limited {
-                t.reserved -= self.amount;
-                t.balance -= charge;
+                t.reserved = t.reserved.saturating_sub(self.amount);
+                t.balance = t.balance.saturating_sub(charge);
             }
-            t.used += charge;
-            t.requests += 1;
+            t.used = t.used.saturating_add(charge);
+            t.requests = t.requests.saturating_add(1);
         }
         self.open = false;
     }
@@ -182,12 +197,12 @@ impl Drop for Reservation {
         }
         let mut b = self.ledger.books();
         if let Some(u) = b.users.get_mut(&self.user) {
-            u.reserved -= self.amount;
+            u.reserved = u.reserved.saturating_sub(self.amount);
         }
         if self.token_limited
             && let Some(t) = self.token.and_then(|t| b.tokens.get_mut(&t))
         {
-            t.reserved -= self.amount;
+            t.reserved = t.reserved.saturating_sub(self.amount);
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Per-token rate limits: requests per minute, tokens per minute (the
-//! estimate at admission, corrected at settlement) and requests in flight.
+//! Rate limits per token (and, for requests in flight, per user): requests
+//! per minute, tokens per minute (the estimate at admission, corrected at
+//! settlement), requests in flight and open streams.
 //!
 //! The minute is a sliding window of sixty one-second buckets with running
 //! totals, so an admission costs the same however busy the token is (a
@@ -23,11 +24,20 @@ struct Window {
     total_requests: u64,
     total_tokens: i64,
     in_flight: u32,
+    streams: u32,
 }
 
 impl Default for Window {
     fn default() -> Self {
-        Self { head: 0, requests: [0; SLOTS], tokens: [0; SLOTS], total_requests: 0, total_tokens: 0, in_flight: 0 }
+        Self {
+            head: 0,
+            requests: [0; SLOTS],
+            tokens: [0; SLOTS],
+            total_requests: 0,
+            total_tokens: 0,
+            in_flight: 0,
+            streams: 0,
+        }
     }
 }
 
@@ -38,10 +48,10 @@ impl Window {
         if now <= self.head {
             return;
         }
-        for second in self.head + 1..=now.min(self.head + SLOTS as u64) {
+        for second in self.head + 1..=now.min(self.head.saturating_add(SLOTS as u64)) {
             let i = (second % SLOTS as u64) as usize;
-            self.total_requests -= u64::from(self.requests[i]);
-            self.total_tokens -= self.tokens[i];
+            self.total_requests = self.total_requests.saturating_sub(u64::from(self.requests[i]));
+            self.total_tokens = self.total_tokens.saturating_sub(self.tokens[i]);
             self.requests[i] = 0;
             self.tokens[i] = 0;
         }
@@ -50,10 +60,10 @@ impl Window {
 
     fn add(&mut self, now: u64, requests: u32, tokens: i64) {
         let i = (now % SLOTS as u64) as usize;
-        self.requests[i] += requests;
-        self.tokens[i] += tokens;
-        self.total_requests += u64::from(requests);
-        self.total_tokens += tokens;
+        self.requests[i] = self.requests[i].saturating_add(requests);
+        self.tokens[i] = self.tokens[i].saturating_add(tokens);
+        self.total_requests = self.total_requests.saturating_add(u64::from(requests));
+        self.total_tokens = self.total_tokens.saturating_add(tokens);
     }
 
     /// Seconds until the oldest bucket for which `used` holds expires (a
@@ -70,7 +80,7 @@ impl Window {
 /// Which limit refused a request, and when to retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limited {
-    /// `rpm`, `tpm` or `concurrency`.
+    /// `rpm`, `tpm`, `concurrency` or `streams`.
     pub limit: &'static str,
     /// Seconds until it may pass.
     pub retry_after: u32,
@@ -85,11 +95,34 @@ pub struct TokenLimits {
     pub tpm: Option<u64>,
     /// Requests in flight.
     pub concurrency: Option<u32>,
+    /// Streams open.
+    pub streams: Option<u32>,
 }
 
 impl TokenLimits {
     fn any(&self) -> bool {
-        self.rpm.is_some() || self.tpm.is_some() || self.concurrency.is_some()
+        self.rpm.is_some() || self.tpm.is_some() || self.concurrency.is_some() || self.streams.is_some()
+    }
+}
+
+/// Whose limits a window tracks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    /// A token created through the API, by id.
+    Token(u64),
+    /// A token from the configuration file, by position.
+    ConfigToken(usize),
+    /// A user (requests in flight over all their tokens).
+    User(u64),
+}
+
+impl Subject {
+    fn key(self) -> u64 {
+        match self {
+            Self::Token(id) => id & !(3 << 62),
+            Self::ConfigToken(i) => (1 << 62) | (i as u64 & !(3 << 62)),
+            Self::User(id) => (2 << 62) | (id & !(3 << 62)),
+        }
     }
 }
 
@@ -114,10 +147,18 @@ impl Limiter {
         self.epoch.elapsed().as_secs()
     }
 
-    /// Admit one request of about `tokens` tokens for `token`.
-    pub fn admit(self: &Arc<Self>, token: u64, limits: TokenLimits, tokens: u64) -> Result<InFlightGuard, Limited> {
+    /// Admit one request of about `tokens` tokens (a stream when `stream`)
+    /// for `subject`.
+    pub fn admit(
+        self: &Arc<Self>,
+        subject: Subject,
+        limits: TokenLimits,
+        tokens: u64,
+        stream: bool,
+    ) -> Result<InFlightGuard, Limited> {
+        let token = subject.key();
         if !limits.any() {
-            return Ok(InFlightGuard { limiter: None, token });
+            return Ok(InFlightGuard { limiter: None, token, stream });
         }
         let now = self.second();
         let mut all = self.windows();
@@ -126,35 +167,40 @@ impl Limiter {
         if limits.concurrency.is_some_and(|max| w.in_flight >= max) {
             return Err(Limited { limit: "concurrency", retry_after: 1 });
         }
+        if stream && limits.streams.is_some_and(|max| w.streams >= max) {
+            return Err(Limited { limit: "streams", retry_after: 1 });
+        }
         if limits.rpm.is_some_and(|rpm| w.total_requests >= u64::from(rpm)) {
             return Err(Limited { limit: "rpm", retry_after: w.retry_after(|i| w.requests[i] > 0) });
         }
-        if limits.tpm.is_some_and(|tpm| w.total_tokens.max(0) as u64 + tokens > tpm) {
+        if limits.tpm.is_some_and(|tpm| (w.total_tokens.max(0) as u64).saturating_add(tokens) > tpm) {
             return Err(Limited { limit: "tpm", retry_after: w.retry_after(|i| w.tokens[i] > 0) });
         }
-        w.add(now, 1, tokens as i64);
+        w.add(now, 1, i64::try_from(tokens).unwrap_or(i64::MAX));
         w.in_flight += 1;
-        Ok(InFlightGuard { limiter: Some(self.clone()), token })
+        w.streams += u32::from(stream);
+        Ok(InFlightGuard { limiter: Some(self.clone()), token, stream })
     }
 
-    /// Correct the token count of an admitted request by `delta`.
-    pub fn correct(&self, token: u64, delta: i64) {
+    /// Correct the token count of an admitted request of `subject` by `delta`.
+    pub fn correct(&self, subject: Subject, delta: i64) {
         if delta == 0 {
             return;
         }
         let now = self.second();
-        if let Some(w) = self.windows().get_mut(&token) {
+        if let Some(w) = self.windows().get_mut(&subject.key()) {
             w.advance(now);
             w.add(now, 0, delta);
         }
     }
 }
 
-/// Holds one in-flight slot of a token until dropped.
+/// Holds one in-flight slot (and stream slot) of a subject until dropped.
 pub struct InFlightGuard {
-    /// `None` for a token without limits (nothing is tracked).
+    /// `None` for a subject without limits (nothing is tracked).
     limiter: Option<Arc<Limiter>>,
     token: u64,
+    stream: bool,
 }
 
 impl Drop for InFlightGuard {
@@ -163,6 +209,7 @@ impl Drop for InFlightGuard {
             && let Some(w) = limiter.windows().get_mut(&self.token)
         {
             w.in_flight = w.in_flight.saturating_sub(1);
+            w.streams = w.streams.saturating_sub(u32::from(self.stream));
         }
     }
 }
@@ -174,20 +221,29 @@ mod tests {
     #[test]
     fn rpm_tpm_and_concurrency() {
         let l = Arc::new(Limiter::default());
+        let t = Subject::Token;
         let rpm = TokenLimits { rpm: Some(2), ..TokenLimits::default() };
-        let _a = l.admit(1, rpm, 1).expect("1st");
-        let _b = l.admit(1, rpm, 1).expect("2nd");
-        assert_eq!(l.admit(1, rpm, 1).err().map(|e| e.limit), Some("rpm"));
+        let _a = l.admit(t(1), rpm, 1, false).expect("1st");
+        let _b = l.admit(t(1), rpm, 1, false).expect("2nd");
+        assert_eq!(l.admit(t(1), rpm, 1, false).err().map(|e| e.limit), Some("rpm"));
         let tpm = TokenLimits { tpm: Some(100), ..TokenLimits::default() };
-        let _c = l.admit(2, tpm, 60).expect("60 of 100");
-        assert_eq!(l.admit(2, tpm, 60).err().map(|e| e.limit), Some("tpm"));
-        l.correct(2, -40);
-        let _d = l.admit(2, tpm, 60).expect("corrected down to 20 + 60");
+        let _c = l.admit(t(2), tpm, 60, false).expect("60 of 100");
+        assert_eq!(l.admit(t(2), tpm, 60, false).err().map(|e| e.limit), Some("tpm"));
+        l.correct(t(2), -40);
+        let _d = l.admit(t(2), tpm, 60, false).expect("corrected down to 20 + 60");
         let one = TokenLimits { concurrency: Some(1), ..TokenLimits::default() };
-        let held = l.admit(3, one, 0).expect("first");
-        assert_eq!(l.admit(3, one, 0).err().map(|e| e.limit), Some("concurrency"));
+        let held = l.admit(t(3), one, 0, false).expect("first");
+        assert_eq!(l.admit(t(3), one, 0, false).err().map(|e| e.limit), Some("concurrency"));
+        assert!(l.admit(Subject::User(3), one, 0, false).is_ok(), "users and tokens are separate subjects");
         drop(held);
-        assert!(l.admit(3, one, 0).is_ok());
+        assert!(l.admit(t(3), one, 0, false).is_ok());
+        let streams = TokenLimits { streams: Some(1), ..TokenLimits::default() };
+        let s = l.admit(t(4), streams, 0, true).expect("a stream");
+        assert!(l.admit(t(4), streams, 0, false).is_ok(), "non-streamed requests are not streams");
+        assert_eq!(l.admit(t(4), streams, 0, true).err().map(|e| e.limit), Some("streams"));
+        drop(s);
+        assert!(l.admit(t(4), streams, 0, true).is_ok());
+        assert!(l.admit(t(u64::MAX), tpm, u64::MAX, false).is_err(), "huge estimates do not wrap");
     }
 
     #[test]
@@ -209,8 +265,8 @@ mod tests {
     #[test]
     fn tokens_without_limits_are_not_tracked() {
         let l = Arc::new(Limiter::default());
-        let _g = l.admit(9, TokenLimits::default(), 1_000).expect("always");
-        l.correct(9, 5);
+        let _g = l.admit(Subject::Token(9), TokenLimits::default(), 1_000, false).expect("always");
+        l.correct(Subject::Token(9), 5);
         assert!(l.windows().is_empty());
     }
 }

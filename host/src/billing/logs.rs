@@ -69,6 +69,12 @@ pub struct LogRow {
     /// The gateway stopped (crashed) while this stream was reaching its
     /// client; billed on restart for its prompt.
     pub interrupted: bool,
+    /// The upstream's stream ended or broke before its end marker; the
+    /// client got an error event instead of `[DONE]`.
+    pub upstream_cut: bool,
+    /// The stream reached the gateway's length or duration limit and was
+    /// ended by the gateway.
+    pub limited: bool,
     /// Adapter plugin.
     pub plugin: String,
     /// Its SHA-256.
@@ -118,14 +124,14 @@ fn rows(tree: &sled::Tree) -> impl DoubleEndedIterator<Item = LogRow> + '_ {
 
 /// A page of rows, newest first, and the number matching.
 pub fn query(tree: &sled::Tree, filter: &LogFilter, page: usize, per_page: usize) -> (Vec<LogRow>, usize) {
-    let mut total = 0;
+    let mut total = 0usize;
     let mut out = Vec::new();
-    let skip = page.saturating_sub(1) * per_page;
+    let skip = page.saturating_sub(1).saturating_mul(per_page);
     for row in rows(tree).rev().filter(|r| filter.keeps(r)) {
         if total >= skip && out.len() < per_page {
             out.push(row);
         }
-        total += 1;
+        total = total.saturating_add(1);
     }
     (out, total)
 }
@@ -157,11 +163,11 @@ pub fn stats(tree: &sled::Tree, filter: &LogFilter, by: &str) -> BTreeMap<String
             _ => day(r.at_ms),
         };
         let s = out.entry(key).or_default();
-        s.requests += 1;
-        s.errors += u64::from(r.kind == LogKind::Error);
-        s.prompt_tokens += r.prompt_tokens;
-        s.completion_tokens += r.completion_tokens;
-        s.quota += r.quota;
+        s.requests = s.requests.saturating_add(1);
+        s.errors = s.errors.saturating_add(u64::from(r.kind == LogKind::Error));
+        s.prompt_tokens = s.prompt_tokens.saturating_add(r.prompt_tokens);
+        s.completion_tokens = s.completion_tokens.saturating_add(r.completion_tokens);
+        s.quota = s.quota.saturating_add(r.quota);
     }
     out
 }

@@ -3,16 +3,21 @@
 //! held in the [`ledger`]), settlement to the real usage, and usage logs
 //! written in batches by the [`writer`] together with the charges.
 //!
-//! A request's life: [`Billing::admit`] checks the token's model allowlist,
-//! prices the model, counts the prompt with tiktoken, applies the token's
-//! RPM/TPM/concurrency limits and reserves the estimate (prompt +
-//! `max_tokens`, or a default) from the user and the token → the relay
-//! tries channels, each failed attempt logged as an `error` row with quota
-//! 0 → the attempt that served settles the [`Meter`]: the real usage from
-//! the adapter (or a local count, marked `estimated`) is charged, the rest
-//! of the reservation released, and one `consume` row logged. A stream is
-//! settled when it ends, or — if the client goes away — for what was
-//! delivered.
+//! A request's life: [`Billing::admit`] checks the storage, the token's
+//! model allowlist, the price and the completion limit, refuses at once a
+//! caller with no quota left, applies the rate limits and reserves the
+//! estimate — the prompt's cheap upper bound (its text bytes, see
+//! `request.rs`) plus the completion it may generate; only when that bound
+//! does not fit the balance is the prompt counted exactly, off the async
+//! workers → the relay tries channels, each failed attempt logged as an
+//! `error` row with quota 0 → the attempt that served settles the
+//! [`Meter`]: the real usage from the adapter (or a local count, marked
+//! `estimated`) is charged, the rest of the reservation released, and one
+//! `consume` row logged. A stream is settled when it ends, or — if the
+//! client goes away — for what was delivered.
+//!
+//! Money and token arithmetic saturates: no count, however large, wraps
+//! around, and a request estimated above [`pricing::MAX_QUOTA`] is refused.
 
 pub mod accounts;
 pub mod journal;
@@ -27,18 +32,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
+use bytes::Bytes;
 
-use crate::config::LogConfig;
+use crate::config::{LimitsConfig, LogConfig};
 use crate::error::ApiError;
 use crate::plugins::{Endpoint, Usage};
-use crate::relay::ClientRequest;
-use crate::store::{Store, unix_now_ms};
+use crate::request::ClientRequest;
+use crate::store::{StorageGuard, Store, unix_now_ms};
 use accounts::{Accounts, TokenRecord};
 use journal::{Change, Journal};
-use ledger::{Ledger, Reservation};
-use limits::{InFlightGuard, Limiter, TokenLimits};
+use ledger::{Ledger, Reservation, Short};
+use limits::{InFlightGuard, Limiter, Subject, TokenLimits};
 use logs::{LogKind, LogRow};
-use pricing::{Price, Pricing, PricingConfig};
+use pricing::{MAX_QUOTA, Price, Pricing, PricingConfig};
+use tokenize::GeneratedText;
 use writer::{BatchLimits, Trees, Writer};
 
 /// Who is calling `/v1`: set by the auth middleware.
@@ -49,6 +56,8 @@ pub struct Caller {
     /// The user and token, for tokens created through the API; `None` for
     /// tokens from the configuration file (logged, never charged).
     pub account: Option<Account>,
+    /// Position of the configuration file's token, for its limits.
+    pub config_token: Option<usize>,
 }
 
 /// A user's token, as the request carries it.
@@ -76,6 +85,7 @@ pub struct Billing {
     pub logs: sled::Tree,
     store: Store,
     log_config: LogConfig,
+    limits: LimitsConfig,
 }
 
 fn insufficient_quota() -> ApiError {
@@ -87,10 +97,50 @@ fn insufficient_quota() -> ApiError {
     )
 }
 
+fn rate_limited(l: limits::Limited) -> ApiError {
+    let what = match l.limit {
+        "concurrency" => "requests in flight",
+        "streams" => "open streams",
+        other => other,
+    };
+    let mut e = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        if l.limit == "tpm" { "tokens" } else { "requests" },
+        Some("rate_limit_exceeded"),
+        format!("Rate limit reached for this API key ({what}); retry in {} s.", l.retry_after),
+    );
+    e.retry_after = Some(l.retry_after);
+    e
+}
+
+/// The 503 of a request that cannot be billed because the store cannot
+/// record it.
+pub fn storage_unavailable() -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        Some("storage_unavailable"),
+        "The gateway cannot record usage right now (its storage is failing); retry later.",
+    );
+    e.retry_after = Some(5);
+    e
+}
+
+/// A usage record could not be journaled: the request must not be served
+/// as paid.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the billing journal could not record a usage row: {0}")]
+pub struct NotRecorded(pub String);
+
 impl Billing {
     /// Apply what a crash left in the journal, open the accounts, load
     /// prices and start the writer.
-    pub fn open(store: &Store, pricing: &PricingConfig, log_config: &LogConfig) -> anyhow::Result<Self> {
+    pub fn open(
+        store: &Store,
+        pricing: &PricingConfig,
+        log_config: &LogConfig,
+        limits: &LimitsConfig,
+    ) -> anyhow::Result<Self> {
         let trees = Trees {
             users: store.tree("users")?,
             tokens: store.tree("tokens")?,
@@ -104,12 +154,12 @@ impl Billing {
         }
         let accounts = Accounts::open(store)?;
         let ledger = Arc::new(Ledger::load(&accounts.snapshot()));
-        let limits = BatchLimits {
+        let batch = BatchLimits {
             max_ops: log_config.batch_max.max(1),
             max_wait: Duration::from_millis(log_config.flush_interval_ms),
         };
         let logs = trees.logs.clone();
-        let writer = Writer::spawn(trees, Arc::new(journal), limits)?;
+        let writer = Writer::spawn(trees, Arc::new(journal), batch, store.clone())?;
         Ok(Self {
             accounts,
             ledger,
@@ -119,12 +169,54 @@ impl Billing {
             logs,
             store: store.clone(),
             log_config: log_config.clone(),
+            limits: limits.clone(),
         })
     }
 
-    /// Admit `req` for `caller`: model allowlist, price, rate limits and
-    /// the quota pre-charge. The [`Meter`] bills the request.
-    pub fn admit(self: &Arc<Self>, caller: &Caller, req: &ClientRequest, request_id: &str) -> Result<Meter, ApiError> {
+    /// The storage health (fail-closed admission, `/health`).
+    pub fn storage(&self) -> &StorageGuard {
+        self.store.guard()
+    }
+
+    /// The limits of `caller`: its token's own, else the defaults.
+    fn token_limits(&self, caller: &Caller) -> (Option<Subject>, TokenLimits) {
+        let default = |v: u32| (v > 0).then_some(v);
+        let d = &self.limits;
+        match (&caller.account, caller.config_token) {
+            (Some(acct), _) => {
+                let t = &acct.token;
+                let limits = TokenLimits {
+                    rpm: t.rpm,
+                    tpm: t.tpm,
+                    concurrency: t.concurrency.or(default(d.token_concurrency)),
+                    streams: t.streams.or(default(d.token_streams)),
+                };
+                (Some(Subject::Token(t.id)), limits)
+            }
+            (None, Some(i)) => {
+                let limits = TokenLimits {
+                    concurrency: default(d.token_concurrency),
+                    streams: default(d.token_streams),
+                    ..TokenLimits::default()
+                };
+                (Some(Subject::ConfigToken(i)), limits)
+            }
+            (None, None) => (None, TokenLimits::default()),
+        }
+    }
+
+    /// Admit `req` for `caller`: storage, model allowlist, price, the
+    /// completion limit, rate limits and the quota pre-charge. The
+    /// [`Meter`] bills the request.
+    pub async fn admit(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: &ClientRequest,
+        request_id: &str,
+    ) -> Result<Meter, ApiError> {
+        if !self.storage().writable() {
+            return Err(storage_unavailable());
+        }
         if let Some(acct) = &caller.account
             && !acct.token.models.is_empty()
             && !acct.token.models.iter().any(|m| m == &req.model)
@@ -148,9 +240,36 @@ impl Billing {
             .param("model")
         })?;
         let generates = req.endpoint != Endpoint::Embeddings;
-        let default_completion = u64::from(pricing.default_completion_tokens);
-        let (prompt, completion) = tokenize::estimate(&req.model, &req.body, default_completion, generates);
-        let estimate = price.quota(prompt, completion, 0) as i64;
+        let limit = pricing.max_output_tokens(&req.model);
+        if let Some(asked) = req.max_tokens.filter(|m| *m > limit) {
+            return Err(ApiError::bad_request(format!(
+                "max_tokens is too large: {asked}. This model supports at most {limit} completion tokens, whereas you provided {asked}."
+            ))
+            .param("max_tokens"));
+        }
+        let completion = if generates {
+            req.max_tokens.unwrap_or(u64::from(pricing.default_completion_tokens)).min(limit).saturating_mul(req.n)
+        } else {
+            0
+        };
+        let paid = caller.account.as_ref().filter(|_| !price.is_free());
+        // What can be checked before any counting: is anything left at all?
+        if let Some(acct) = paid {
+            let t = &acct.token;
+            if let Err(short) = self.ledger.has_quota(acct.user_id, Some(t.id), !t.unlimited_quota) {
+                tracing::info!(user = acct.user_id, token = t.id, ?short, "no quota left");
+                return Err(insufficient_quota());
+            }
+        }
+        let bound = req.prompt.token_bound();
+        let estimate = price.quota(bound, completion, 0);
+        if estimate >= MAX_QUOTA {
+            return Err(ApiError::bad_request(
+                "This request cannot be priced: its prompt and completion limit are too large.",
+            )
+            .param("max_tokens"));
+        }
+        let (subject, limits) = self.token_limits(caller);
         let mut meter = Meter {
             billing: self.clone(),
             caller: caller.clone(),
@@ -158,50 +277,79 @@ impl Billing {
             model: req.model.clone(),
             stream: req.stream,
             price,
-            prompt_estimate: prompt,
-            token_estimate: prompt + completion,
+            body: req.body.clone(),
+            prompt_typical: req.prompt.typical_tokens(),
+            token_estimate: bound.saturating_add(completion),
+            subject,
             started: Instant::now(),
             reservation: None,
-            _in_flight: None,
+            _in_flight: Vec::new(),
             served: None,
         };
+        if let Some(subject) = subject {
+            let guard = self.limiter.admit(subject, limits, meter.token_estimate, req.stream).map_err(rate_limited)?;
+            meter._in_flight.push(guard);
+        }
         if let Some(acct) = &caller.account {
-            let t = &acct.token;
-            let limits = TokenLimits { rpm: t.rpm, tpm: t.tpm, concurrency: t.concurrency };
-            let guard = self.limiter.admit(t.id, limits, prompt + completion).map_err(|l| {
-                let mut e = ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    if l.limit == "tpm" { "tokens" } else { "requests" },
-                    Some("rate_limit_exceeded"),
-                    format!("Rate limit reached for this API key ({}); retry in {} s.", l.limit, l.retry_after),
-                );
-                e.retry_after = Some(l.retry_after);
-                e
-            })?;
-            meter._in_flight = Some(guard);
-            let reservation =
-                self.ledger.reserve(acct.user_id, Some(t.id), !t.unlimited_quota, estimate).map_err(|short| {
-                    tracing::info!(user = acct.user_id, token = t.id, estimate, ?short, "insufficient quota");
-                    insufficient_quota()
-                })?;
-            meter.reservation = Some(reservation);
+            let user = TokenLimits {
+                concurrency: (self.limits.user_concurrency > 0).then_some(self.limits.user_concurrency),
+                ..TokenLimits::default()
+            };
+            let guard = self.limiter.admit(Subject::User(acct.user_id), user, 0, false).map_err(rate_limited)?;
+            meter._in_flight.push(guard);
+        }
+        if let Some(acct) = &caller.account {
+            // A free request reserves nothing but is still counted.
+            let amount = if paid.is_some() { estimate } else { 0 };
+            meter.reservation = Some(self.reserve(acct, req, &meter, completion, amount).await?);
         }
         Ok(meter)
+    }
+
+    /// Reserve `estimate` (from the prompt's bound); when it does not fit,
+    /// count the prompt exactly off the workers and try again with that.
+    async fn reserve(
+        &self,
+        acct: &Account,
+        req: &ClientRequest,
+        meter: &Meter,
+        completion: u64,
+        estimate: i64,
+    ) -> Result<Reservation, ApiError> {
+        let t = &acct.token;
+        let short = match self.ledger.reserve(acct.user_id, Some(t.id), !t.unlimited_quota, estimate) {
+            Ok(r) => return Ok(r),
+            Err(short) => short,
+        };
+        if req.prompt.text_bytes as usize > tokenize::MAX_EXACT_BYTES {
+            return Err(self.short(acct, estimate, short));
+        }
+        let (model, body) = (req.model.clone(), req.body.clone());
+        let prompt = tokenize::off_worker(move || tokenize::prompt_tokens(&model, &body)).await;
+        let exact = meter.price.quota(prompt, completion, 0);
+        self.ledger
+            .reserve(acct.user_id, Some(t.id), !t.unlimited_quota, exact)
+            .map_err(|short| self.short(acct, exact, short))
+    }
+
+    fn short(&self, acct: &Account, estimate: i64, short: Short) -> ApiError {
+        tracing::info!(user = acct.user_id, token = acct.token.id, estimate, ?short, "insufficient quota");
+        insufficient_quota()
     }
 
     /// Set the balance of a user or a token to `target`. It is recorded as
     /// an adjustment by the difference, so it composes with charges being
     /// written at the same moment. Returns the difference.
-    pub fn set_balance(&self, user: Option<u64>, token: Option<u64>, target: i64) -> i64 {
+    pub fn set_balance(&self, user: Option<u64>, token: Option<u64>, target: i64) -> Result<i64, NotRecorded> {
         let current = match (user, token) {
             (Some(u), _) => self.ledger.user(u).balance,
             (None, Some(t)) => self.ledger.token(t).balance,
-            (None, None) => return 0,
+            (None, None) => return Ok(0),
         };
-        let delta = target - current;
+        let delta = target.saturating_sub(current);
+        self.writer.send(Change::Adjust { user, token, delta })?;
         self.ledger.adjust(user, token, delta);
-        self.writer.send(Change::Adjust { user, token, delta });
-        delta
+        Ok(delta)
     }
 
     /// A row with a fresh id, or `None` (logged) when sled cannot give one.
@@ -216,9 +364,12 @@ impl Billing {
         Some(Box::new(row))
     }
 
-    fn queue(&self, row: LogRow) {
-        if let Some(row) = self.numbered(row) {
-            self.writer.send(Change::Row(row));
+    /// Queue a row that moves no money (an error row): written even when
+    /// the journal cannot record it.
+    fn queue(&self, row: LogRow) -> Result<(), NotRecorded> {
+        match self.numbered(row) {
+            Some(row) => self.writer.send_or_keep(Change::Row(row)),
+            None => Err(NotRecorded("no row id".into())),
         }
     }
 
@@ -227,7 +378,7 @@ impl Billing {
         if self.log_config.retention_secs == 0 {
             return;
         }
-        let cutoff = unix_now_ms().saturating_sub(self.log_config.retention_secs * 1000);
+        let cutoff = unix_now_ms().saturating_sub(self.log_config.retention_secs.saturating_mul(1000));
         match logs::delete_before(&self.logs, cutoff) {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "old usage logs deleted"),
@@ -254,20 +405,44 @@ pub struct AttemptInfo {
     pub plugin_sha256: String,
 }
 
-/// What the served attempt produced.
-#[derive(Debug, Default)]
-pub struct Delivery<'a> {
-    /// Usage the adapter reported.
-    pub usage: Option<Usage>,
-    /// Generated text, to count locally when there is no usage.
-    pub text: &'a str,
+/// Tokens billed for a served request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    /// Prompt tokens.
+    pub prompt: u64,
+    /// Completion tokens.
+    pub completion: u64,
+    /// Cached prompt tokens.
+    pub cached: u64,
+    /// Counted locally (the upstream reported no usage).
+    pub estimated: bool,
+}
+
+impl From<Usage> for Tokens {
+    fn from(u: Usage) -> Self {
+        Self {
+            prompt: u64::from(u.prompt_tokens),
+            completion: u64::from(u.completion_tokens),
+            cached: u64::from(u.cached_tokens),
+            estimated: false,
+        }
+    }
+}
+
+/// How a served request ended, besides its tokens.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Ending {
     /// Time to first token (streams).
     pub ttft: Option<Duration>,
     /// The client went away before the end.
     pub client_disconnected: bool,
+    /// The upstream stream ended (or broke) before its end marker.
+    pub upstream_cut: bool,
+    /// The stream was ended by the gateway's length or duration limit.
+    pub limited: bool,
 }
 
-/// Bills one request: holds its reservation and concurrency slot, logs
+/// Bills one request: holds its reservation and concurrency slots, logs
 /// failed attempts, and settles once for the attempt that served. Dropped
 /// unsettled (every attempt failed), it releases the reservation.
 pub struct Meter {
@@ -277,11 +452,15 @@ pub struct Meter {
     model: String,
     stream: bool,
     price: Price,
-    prompt_estimate: u64,
+    /// The request body, to count its prompt if the upstream reports no usage.
+    body: Bytes,
+    /// The prompt's tokens at one per four bytes of text (interrupted streams).
+    prompt_typical: u64,
     token_estimate: u64,
+    subject: Option<Subject>,
     started: Instant,
     reservation: Option<Reservation>,
-    _in_flight: Option<InFlightGuard>,
+    _in_flight: Vec<InFlightGuard>,
     served: Option<AttemptInfo>,
 }
 
@@ -312,7 +491,9 @@ impl Meter {
     pub fn attempt_failed(&self, attempt: &AttemptInfo, status: u16, error_kind: &str) {
         let mut row = self.row(LogKind::Error, attempt, status);
         row.error_kind = Some(error_kind.to_string());
-        self.billing.queue(row);
+        // An error row moves no money: if it cannot be journaled, the writer
+        // still gets it.
+        let _ = self.billing.queue(row);
     }
 
     /// Remember which attempt is serving (non-streamed: settled next).
@@ -322,55 +503,110 @@ impl Meter {
 
     /// A stream on `attempt` is about to reach the client: remember the
     /// attempt and journal what the stream is billed if the process dies
-    /// before it settles — its prompt, marked `interrupted` (see
-    /// `docs/billing.md`).
-    pub fn stream_started(&mut self, attempt: AttemptInfo, ttft: Duration) {
-        let mut row = self.consume_row(&attempt, (self.prompt_estimate, 0, 0), true);
+    /// before it settles — its prompt at one token per four bytes of text,
+    /// marked `interrupted` (see `docs/billing.md`). Fails when the journal
+    /// cannot record it: the stream must not start.
+    pub fn stream_started(&mut self, attempt: AttemptInfo, ttft: Duration) -> Result<(), NotRecorded> {
+        let tokens = Tokens { prompt: self.prompt_typical, estimated: true, ..Tokens::default() };
+        let mut row = self.consume_row(&attempt, tokens);
         row.interrupted = true;
         row.ttft_ms = Some(ttft.as_millis() as u64);
         if let Some(row) = self.billing.numbered(row) {
-            self.billing.writer.send(Change::Open(row));
+            self.billing.writer.send(Change::Open(row))?;
         }
         self.served = Some(attempt);
+        Ok(())
     }
 
-    /// The `consume` row charging `(prompt, completion, cached)` tokens.
-    fn consume_row(
-        &self,
-        attempt: &AttemptInfo,
-        (prompt, completion, cached): (u64, u64, u64),
-        estimated: bool,
-    ) -> LogRow {
+    /// The `consume` row charging `tokens`.
+    fn consume_row(&self, attempt: &AttemptInfo, tokens: Tokens) -> LogRow {
         let mut row = self.row(LogKind::Consume, attempt, 200);
-        row.prompt_tokens = prompt;
-        row.completion_tokens = completion;
-        row.cached_tokens = cached;
-        row.quota = if self.caller.account.is_some() { self.price.quota(prompt, completion, cached) as i64 } else { 0 };
+        row.prompt_tokens = tokens.prompt;
+        row.completion_tokens = tokens.completion;
+        row.cached_tokens = tokens.cached;
+        row.quota = if self.caller.account.is_some() {
+            self.price.quota(tokens.prompt, tokens.completion, tokens.cached)
+        } else {
+            0
+        };
         row.token_limited = self.reservation.as_ref().is_some_and(Reservation::token_limited);
-        row.estimated = estimated;
+        row.estimated = tokens.estimated;
         row
     }
 
-    /// Charge the real usage (or a local count) and log the `consume` row.
-    pub fn settle(mut self, delivery: Delivery<'_>) {
+    /// Whether billing needs the tokens at all: a free model on a token
+    /// without a tokens-per-minute limit charges nothing and counts nothing.
+    pub fn needs_tokens(&self) -> bool {
+        !self.price.is_free() || self.caller.account.as_ref().is_some_and(|a| a.token.tpm.is_some())
+    }
+
+    /// The tokens to bill: `usage` when the upstream reported it, else the
+    /// prompt and `generated` counted locally (blocking: call it through
+    /// [`tokenize::off_worker`]).
+    pub fn tokens_blocking(&self, usage: Option<Usage>, generated: &GeneratedText) -> Tokens {
+        match usage {
+            Some(u) => u.into(),
+            None if !self.needs_tokens() => Tokens { estimated: true, ..Tokens::default() },
+            None => Tokens {
+                prompt: tokenize::prompt_tokens(&self.model, &self.body),
+                completion: generated.tokens(&self.model),
+                cached: 0,
+                estimated: true,
+            },
+        }
+    }
+
+    /// [`Self::tokens_blocking`], off the async workers when it counts.
+    pub async fn tokens(&self, usage: Option<Usage>, generated: GeneratedText) -> Tokens {
+        if usage.is_some() || !self.needs_tokens() {
+            return self.tokens_blocking(usage, &generated);
+        }
+        let (model, body) = (self.model.clone(), self.body.clone());
+        tokenize::off_worker(move || Tokens {
+            prompt: tokenize::prompt_tokens(&model, &body),
+            completion: generated.tokens(&model),
+            cached: 0,
+            estimated: true,
+        })
+        .await
+    }
+
+    /// Charge `tokens` and log the `consume` row. A non-streamed answer
+    /// must not be sent when this fails (nothing is charged then); a
+    /// stream that already reached its client is still charged in memory
+    /// and written when the storage recovers (its journaled start bills it
+    /// after a crash).
+    pub fn settle(mut self, tokens: Tokens, ending: Ending) -> Result<(), NotRecorded> {
         let attempt = self.served.take().unwrap_or_default();
-        let (tokens, estimated) = match delivery.usage {
-            Some(u) => {
-                ((u64::from(u.prompt_tokens), u64::from(u.completion_tokens), u64::from(u.cached_tokens)), false)
-            }
-            None => ((self.prompt_estimate, tokenize::count(&self.model, delivery.text), 0), true),
+        let mut row = self.consume_row(&attempt, tokens);
+        row.ttft_ms = ending.ttft.map(|t| t.as_millis() as u64);
+        row.client_disconnected = ending.client_disconnected;
+        row.upstream_cut = ending.upstream_cut;
+        row.limited = ending.limited;
+        let quota = row.quota;
+        let Some(row) = self.billing.numbered(row) else {
+            return Err(NotRecorded("no row id".into()));
         };
-        let mut row = self.consume_row(&attempt, tokens, estimated);
+        let recorded = if self.stream {
+            self.billing.writer.send_or_keep(Change::Row(row))
+        } else {
+            self.billing.writer.send(Change::Row(row))
+        };
+        if recorded.is_err() && !self.stream {
+            // Not served: the reservation is released when `self` drops.
+            return recorded;
+        }
         if let Some(r) = self.reservation.take() {
-            r.settle(row.quota);
+            r.settle(quota);
         }
-        if let Some(acct) = &self.caller.account {
-            let used = (tokens.0 + tokens.1) as i64;
-            self.billing.limiter.correct(acct.token.id, used - self.token_estimate as i64);
+        if let Some(subject) = self.subject {
+            let used = tokens.prompt.saturating_add(tokens.completion);
+            let delta = i64::try_from(used)
+                .unwrap_or(i64::MAX)
+                .saturating_sub(i64::try_from(self.token_estimate).unwrap_or(i64::MAX));
+            self.billing.limiter.correct(subject, delta);
         }
-        row.ttft_ms = delivery.ttft.map(|t| t.as_millis() as u64);
-        row.client_disconnected = delivery.client_disconnected;
-        tracing::debug!(request_id = %self.request_id, charge = row.quota, estimated, "request settled");
-        self.billing.queue(row);
+        tracing::debug!(request_id = %self.request_id, charge = quota, estimated = tokens.estimated, "request settled");
+        recorded
     }
 }

@@ -35,6 +35,11 @@ pub struct ModelPrice {
     /// Dollars per request; when set, tokens are not counted for the price.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub price: Option<f64>,
+    /// Most completion tokens one request may ask for (`max_tokens`); a
+    /// larger value is refused like OpenAI refuses it. Default: the table's
+    /// `max_completion_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
 }
 
 fn one() -> f64 {
@@ -60,6 +65,9 @@ pub struct PricingConfig {
     pub quota_per_dollar: f64,
     /// Completion tokens pre-charged when a request sets no `max_tokens`.
     pub default_completion_tokens: u32,
+    /// Most completion tokens a request may ask for, for models without
+    /// their own `max_output_tokens`.
+    pub max_completion_tokens: u64,
     /// Models without a price.
     pub unpriced: Unpriced,
     /// Per-group multipliers (default 1).
@@ -73,6 +81,7 @@ impl Default for PricingConfig {
         Self {
             quota_per_dollar: 500_000.0,
             default_completion_tokens: 256,
+            max_completion_tokens: 1 << 20,
             unpriced: Unpriced::Refuse,
             group_ratios: BTreeMap::new(),
             models: BTreeMap::new(),
@@ -96,18 +105,38 @@ pub enum Price {
     PerRequest(u64),
 }
 
+/// The largest charge the gateway computes ($2 billion at the default
+/// 500,000 quota per dollar): a request estimated above it cannot be
+/// priced and is refused; charges are clamped to it.
+pub const MAX_QUOTA: i64 = 1_000_000_000_000_000;
+
 impl Price {
-    /// Quota for the given token counts.
-    pub fn quota(&self, prompt: u64, completion: u64, cached: u64) -> u64 {
+    /// Quota for the given token counts, clamped to `0..=MAX_QUOTA` (no
+    /// wrap-around, whatever the counts).
+    pub fn quota(&self, prompt: u64, completion: u64, cached: u64) -> i64 {
         match *self {
-            Price::PerRequest(q) => q,
+            Price::PerRequest(q) => i64::try_from(q).unwrap_or(MAX_QUOTA).min(MAX_QUOTA),
             Price::Tokens { ratio, completion_ratio, cached_ratio } => {
                 let cached = cached.min(prompt);
                 let weighted =
                     (prompt - cached) as f64 + cached as f64 * cached_ratio + completion as f64 * completion_ratio;
                 let q = (weighted * ratio).ceil();
-                if q.is_finite() && q > 0.0 { q as u64 } else { 0 }
+                if q.is_nan() || q <= 0.0 {
+                    0
+                } else if q >= MAX_QUOTA as f64 {
+                    MAX_QUOTA
+                } else {
+                    q as i64
+                }
             }
+        }
+    }
+
+    /// Whether any usage costs something.
+    pub fn is_free(&self) -> bool {
+        match *self {
+            Price::PerRequest(q) => q == 0,
+            Price::Tokens { ratio, .. } => ratio == 0.0,
         }
     }
 }
@@ -119,6 +148,7 @@ impl PricingConfig {
         let group_ratio = self.group_ratios.get(group).copied().unwrap_or(1.0).max(0.0);
         match self.models.get(model) {
             Some(ModelPrice { price: Some(dollars), .. }) => {
+                // A float-to-int cast saturates; MAX_QUOTA clamps later.
                 Some(Price::PerRequest((dollars * self.quota_per_dollar * group_ratio).ceil().max(0.0) as u64))
             }
             Some(p) => Some(Price::Tokens {
@@ -133,8 +163,16 @@ impl PricingConfig {
         }
     }
 
+    /// Most completion tokens a request for `model` may ask for.
+    pub fn max_output_tokens(&self, model: &str) -> u64 {
+        self.models.get(model).and_then(|p| p.max_output_tokens).unwrap_or(self.max_completion_tokens)
+    }
+
     /// Check the table; the error names the field.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.max_completion_tokens == 0 {
+            return Err(("max_completion_tokens".into(), "`max_completion_tokens` must be positive".into()));
+        }
         if !self.quota_per_dollar.is_finite() || self.quota_per_dollar <= 0.0 {
             return Err(("quota_per_dollar".into(), "`quota_per_dollar` must be positive".into()));
         }
@@ -206,11 +244,17 @@ mod tests {
         let mut t = PricingConfig::default();
         t.models.insert(
             "gpt-4o-mini".into(),
-            ModelPrice { ratio: 0.075, completion_ratio: 4.0, cached_ratio: 0.5, price: None },
+            ModelPrice { ratio: 0.075, completion_ratio: 4.0, cached_ratio: 0.5, price: None, max_output_tokens: None },
         );
         t.models.insert(
             "img".into(),
-            ModelPrice { ratio: 0.0, completion_ratio: 1.0, cached_ratio: 1.0, price: Some(0.04) },
+            ModelPrice {
+                ratio: 0.0,
+                completion_ratio: 1.0,
+                cached_ratio: 1.0,
+                price: Some(0.04),
+                max_output_tokens: None,
+            },
         );
         t.group_ratios.insert("vip".into(), 0.5);
         let p = t.price("gpt-4o-mini", "default").expect("priced");
@@ -223,5 +267,16 @@ mod tests {
         assert_eq!(t.price("unknown", "default"), None);
         t.unpriced = Unpriced::Free;
         assert_eq!(t.price("unknown", "default").expect("free").quota(100, 100, 0), 0);
+    }
+
+    #[test]
+    fn quotas_never_wrap() {
+        let p = Price::Tokens { ratio: 1.0, completion_ratio: 1.0, cached_ratio: 1.0 };
+        assert_eq!(p.quota(u64::MAX, u64::MAX, 0), MAX_QUOTA);
+        assert_eq!(p.quota(0, u64::MAX, u64::MAX), MAX_QUOTA);
+        assert_eq!(Price::PerRequest(u64::MAX).quota(0, 0, 0), MAX_QUOTA);
+        let free = Price::Tokens { ratio: 0.0, completion_ratio: 4.0, cached_ratio: 1.0 };
+        assert!(free.is_free());
+        assert_eq!(free.quota(u64::MAX, u64::MAX, 0), 0);
     }
 }

@@ -1,131 +1,262 @@
 //! Local token counting with tiktoken (`o200k_base` for the GPT-4o family
-//! and unknown models, the model's own encoding when tiktoken knows it):
-//! for the pre-charge estimate, and for the bill when an upstream reports
-//! no usage (such rows are marked `estimated`).
+//! and unknown models, the model's own encoding when tiktoken knows it),
+//! used only where a bill needs it: when an upstream reports no usage
+//! (such rows are marked `estimated`), and at admission when the cheap
+//! bound of the prompt does not fit the caller's balance.
+//!
+//! Counting is never done on an async worker: [`off_worker`] runs it on
+//! the blocking pool, at most one count per CPU at a time. Its cost is
+//! linear: text is encoded in pieces of at most [`PIECE`] bytes, cut at
+//! whitespace where possible (byte-pair merging is quadratic in the length
+//! of one unbroken word; a 7 MB one-word prompt took 11–17 s whole). A cut
+//! inside a word can add a token at the cut, so counts are at most one
+//! token per piece above tiktoken's.
 
-use serde::Deserialize;
+use std::sync::{Arc, LazyLock};
+
 use serde_json::Value;
 use tiktoken_rs::CoreBPE;
+use tokio::sync::Semaphore;
+
+use crate::request::IMAGE_TOKENS;
+
+/// Longest run of text encoded at once.
+pub const PIECE: usize = 4096;
+/// Prompts with more text than this are never counted exactly: their
+/// bound stands (admission), or their bytes are billed as tokens.
+pub const MAX_EXACT_BYTES: usize = 4 << 20;
 
 fn bpe(model: &str) -> &'static CoreBPE {
     tiktoken_rs::bpe_for_model(model).unwrap_or_else(|_| tiktoken_rs::o200k_base_singleton())
 }
 
-/// Load the encodings now (they take a moment), off the request path.
+/// Load the default encoding now (it takes a moment), off the request path.
 pub fn warm() {
     let _ = tiktoken_rs::o200k_base_singleton();
-    let _ = tiktoken_rs::cl100k_base_singleton();
 }
 
-/// Tokens of `text` for `model`.
-pub fn count(model: &str, text: &str) -> u64 {
-    if text.is_empty() {
-        return 0;
+/// Where a piece of at most `PIECE` bytes starting at `text` should end:
+/// after the last whitespace in range, else at a character boundary.
+fn piece_end(text: &str) -> usize {
+    if text.len() <= PIECE {
+        return text.len();
     }
-    bpe(model).encode_with_special_tokens(text).len() as u64
+    let mut end = PIECE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    match text[..end].rfind(char::is_whitespace) {
+        Some(i) if i > PIECE / 2 => i,
+        _ => end,
+    }
 }
 
-#[derive(Deserialize, Default)]
-struct Body {
-    #[serde(default)]
-    messages: Vec<Message>,
-    #[serde(default)]
-    prompt: Value,
-    #[serde(default)]
-    input: Value,
-    max_tokens: Option<u64>,
-    max_completion_tokens: Option<u64>,
-    n: Option<u64>,
+/// Tokens of `text` for `model`. Blocking: call through [`off_worker`].
+pub fn count(model: &str, text: &str) -> u64 {
+    let bpe = bpe(model);
+    let mut rest = text;
+    let mut tokens = 0u64;
+    while !rest.is_empty() {
+        // A piece never ends at 0: at least one character is consumed.
+        let end = piece_end(rest).max(rest.chars().next().map_or(1, char::len_utf8));
+        tokens = tokens.saturating_add(bpe.encode_with_special_tokens(&rest[..end]).len() as u64);
+        rest = &rest[end..];
+    }
+    tokens
 }
 
-#[derive(Deserialize)]
-struct Message {
-    #[serde(default)]
-    content: Value,
-    #[serde(default)]
-    name: Option<String>,
-}
+/// Object keys whose values are binary parts (images, audio, files), not text.
+const BINARY_KEYS: [&str; 7] = ["image_url", "input_audio", "file", "image", "source", "inline_data", "audio"];
 
-/// Text inside a JSON value: a string, an array of strings or of
-/// `{"type":"text","text":...}` parts.
-fn text_of(v: &Value, out: &mut String) {
+/// Text and binary parts inside a JSON value.
+fn collect(v: &Value, text: &mut String, binary: &mut u64, ids: &mut u64) {
     match v {
         Value::String(s) => {
-            out.push_str(s);
-            out.push('\n');
+            text.push_str(s);
+            text.push('\n');
         }
-        Value::Array(items) => items.iter().for_each(|i| text_of(i, out)),
+        Value::Number(_) => *ids += 1,
+        Value::Array(items) => items.iter().for_each(|i| collect(i, text, binary, ids)),
         Value::Object(map) => {
-            if let Some(t) = map.get("text") {
-                text_of(t, out);
+            for (k, v) in map {
+                if k == "role" || k == "type" {
+                    continue;
+                }
+                if BINARY_KEYS.contains(&k.as_str()) {
+                    *binary += 1;
+                } else {
+                    collect(v, text, binary, ids);
+                }
             }
         }
         _ => {}
     }
 }
 
-/// The token estimate of a request: its prompt, and the completion tokens
-/// it may generate (`max_tokens` × `n`, or `default_completion` × `n`).
-pub fn estimate(model: &str, body: &[u8], default_completion: u64, generates: bool) -> (u64, u64) {
-    let parsed: Body = serde_json::from_slice(body).unwrap_or_default();
-    let mut text = String::new();
-    let mut overhead = 0u64;
-    for m in &parsed.messages {
-        text_of(&m.content, &mut text);
-        // OpenAI's chat format adds ~3 tokens per message (4 with a name).
-        overhead += 3 + u64::from(m.name.is_some());
+/// The prompt tokens of a request body, counted exactly (chat framing
+/// included, images at [`IMAGE_TOKENS`]). Blocking.
+pub fn prompt_tokens(model: &str, body: &[u8]) -> u64 {
+    let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else { return 0 };
+    let (mut text, mut binary, mut ids) = (String::new(), 0u64, 0u64);
+    let mut framing = 0u64;
+    if let Some(Value::Array(messages)) = map.get("messages") {
+        // OpenAI's chat format adds ~3 tokens per message and 3 per reply.
+        framing = 3u64.saturating_mul(messages.len() as u64).saturating_add(3);
+        messages.iter().for_each(|m| collect(m, &mut text, &mut binary, &mut ids));
     }
-    if !parsed.messages.is_empty() {
-        overhead += 3;
+    for key in ["prompt", "input", "system"] {
+        if let Some(v) = map.get(key) {
+            collect(v, &mut text, &mut binary, &mut ids);
+        }
     }
-    text_of(&parsed.prompt, &mut text);
-    text_of(&parsed.input, &mut text);
-    let prompt = count(model, &text) + overhead;
-    let n = parsed.n.unwrap_or(1).clamp(1, 128);
-    let completion = if generates {
-        parsed.max_completion_tokens.or(parsed.max_tokens).unwrap_or(default_completion).saturating_mul(n)
-    } else {
-        0
-    };
-    (prompt, completion)
+    let text_tokens = if text.len() > MAX_EXACT_BYTES { text.len() as u64 } else { count(model, &text) };
+    text_tokens.saturating_add(ids).saturating_add(binary.saturating_mul(IMAGE_TOKENS)).saturating_add(framing)
+}
+
+/// Generated text kept to count a completion whose usage the upstream did
+/// not report: the first [`GeneratedText::KEPT`] bytes, and the size of
+/// all of it. The bill extrapolates from the kept part (see
+/// [`GeneratedText::tokens`]).
+#[derive(Debug, Default, Clone)]
+pub struct GeneratedText {
+    kept: String,
+    total_bytes: u64,
+}
+
+impl GeneratedText {
+    /// Bytes of generated text kept.
+    pub const KEPT: usize = 64 * 1024;
+
+    /// Add generated text.
+    pub fn push(&mut self, text: &str) {
+        self.total_bytes = self.total_bytes.saturating_add(text.len() as u64);
+        let room = Self::KEPT.saturating_sub(self.kept.len());
+        if room > 0 {
+            let mut end = room.min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.kept.push_str(&text[..end]);
+        }
+    }
+
+    /// Bytes of generated text seen.
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    /// Tokens of the whole text: the kept part counted, the rest billed at
+    /// the kept part's tokens per byte (never less than one token per four
+    /// bytes). Blocking.
+    pub fn tokens(&self, model: &str) -> u64 {
+        let kept = count(model, &self.kept);
+        let kept_bytes = self.kept.len() as u64;
+        if self.total_bytes <= kept_bytes {
+            return kept;
+        }
+        if kept_bytes == 0 {
+            return self.total_bytes.div_ceil(4);
+        }
+        let rest = self.total_bytes - kept_bytes;
+        let rate = (kept as f64 / kept_bytes as f64).max(0.25);
+        kept.saturating_add((rest as f64 * rate).ceil() as u64)
+    }
 }
 
 /// Generated text in an OpenAI response or chunk: `choices[].message.content`,
-/// `choices[].delta.content`, `choices[].text`.
-pub fn generated_text(body: &[u8], out: &mut String) {
+/// `choices[].delta.content`, `choices[].text`, tool-call arguments. The
+/// chunk is validated as JSON by the same pass. Returns `false` when it is
+/// not JSON.
+pub fn generated_text(body: &[u8], out: Option<&mut GeneratedText>) -> bool {
+    use std::borrow::Cow;
+
+    use serde::Deserialize;
     #[derive(Deserialize)]
-    struct Resp {
-        #[serde(default)]
-        choices: Vec<Choice>,
+    struct Resp<'a> {
+        #[serde(default, borrow)]
+        choices: Vec<Choice<'a>>,
     }
     #[derive(Deserialize)]
-    struct Choice {
-        #[serde(default)]
-        message: Option<Content>,
-        #[serde(default)]
-        delta: Option<Content>,
-        #[serde(default)]
-        text: Option<String>,
+    struct Choice<'a> {
+        #[serde(default, borrow)]
+        message: Option<Content<'a>>,
+        #[serde(default, borrow)]
+        delta: Option<Content<'a>>,
+        #[serde(default, borrow)]
+        text: Option<Cow<'a, str>>,
     }
     #[derive(Deserialize)]
-    struct Content {
-        #[serde(default)]
-        content: Option<Value>,
+    struct Content<'a> {
+        #[serde(default, borrow)]
+        content: Option<&'a serde_json::value::RawValue>,
+        #[serde(default, borrow)]
+        reasoning_content: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        tool_calls: Option<Vec<ToolCall<'a>>>,
     }
-    if let Ok(r) = serde_json::from_slice::<Resp>(body) {
-        for c in r.choices {
-            for part in [c.message, c.delta].into_iter().flatten() {
-                match part.content {
-                    // Stream deltas concatenate exactly.
-                    Some(Value::String(s)) => out.push_str(&s),
-                    Some(v) => text_of(&v, out),
-                    None => {}
+    #[derive(Deserialize)]
+    struct ToolCall<'a> {
+        #[serde(default, borrow)]
+        function: Option<Function<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Function<'a> {
+        #[serde(default, borrow)]
+        name: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        arguments: Option<Cow<'a, str>>,
+    }
+    let Some(out) = out else {
+        return serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
+    };
+    let Ok(r) = serde_json::from_slice::<Resp<'_>>(body) else { return false };
+    for c in r.choices {
+        for part in [c.message, c.delta].into_iter().flatten() {
+            if let Some(raw) = part.content {
+                if raw.get().starts_with('"') {
+                    if let Ok(s) = serde_json::from_str::<Cow<'_, str>>(raw.get()) {
+                        out.push(&s);
+                    }
+                } else if let Ok(v) = serde_json::from_str::<Value>(raw.get()) {
+                    let (mut text, mut binary, mut ids) = (String::new(), 0, 0);
+                    collect(&v, &mut text, &mut binary, &mut ids);
+                    out.push(&text);
                 }
             }
-            if let Some(t) = c.text {
-                out.push_str(&t);
+            if let Some(r) = part.reasoning_content {
+                out.push(&r);
+            }
+            for call in part.tool_calls.into_iter().flatten() {
+                if let Some(f) = call.function {
+                    out.push(f.name.as_deref().unwrap_or_default());
+                    out.push(f.arguments.as_deref().unwrap_or_default());
+                }
             }
         }
+        if let Some(t) = c.text {
+            out.push(&t);
+        }
+    }
+    true
+}
+
+/// At most one blocking count per CPU at a time.
+static COUNTERS: LazyLock<Arc<Semaphore>> = LazyLock::new(|| {
+    let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+    Arc::new(Semaphore::new(cpus))
+});
+
+/// Run `f` (a count) on the blocking pool, at most one per CPU at a time.
+pub async fn off_worker<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let permit = COUNTERS.clone().acquire_owned().await;
+    let result = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f()
+    })
+    .await;
+    match result {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 
@@ -134,16 +265,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn estimates_count_messages_and_max_tokens() {
+    fn prompts_count_messages_and_images() {
         let body = br#"{"model":"gpt-4o-mini","max_tokens":7,"n":2,
-            "messages":[{"role":"user","content":"Hello world"},{"role":"user","content":[{"type":"text","text":"again"}]}]}"#;
-        let (prompt, completion) = estimate("gpt-4o-mini", body, 100, true);
-        assert!((3 + 6 + 3..20).contains(&prompt), "{prompt}");
-        assert_eq!(completion, 14);
-        assert_eq!(estimate("text-embedding-3-small", br#"{"input":["a b c"]}"#, 100, false).1, 0);
-        let mut text = String::new();
-        generated_text(br#"{"choices":[{"delta":{"content":"Hi there"}}]}"#, &mut text);
-        assert_eq!(text, "Hi there");
-        assert_eq!(count("gpt-4o-mini", &text), 2);
+            "messages":[{"role":"user","content":"Hello world"},{"role":"user","content":[{"type":"text","text":"again"},{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}]}"#;
+        let tokens = prompt_tokens("gpt-4o-mini", body);
+        assert!((IMAGE_TOKENS + 3..IMAGE_TOKENS + 20).contains(&tokens), "{tokens}");
+        let mut text = GeneratedText::default();
+        assert!(generated_text(br#"{"choices":[{"delta":{"content":"Hi there"}}]}"#, Some(&mut text)));
+        assert_eq!(text.tokens("gpt-4o-mini"), 2);
+        assert!(!generated_text(b"{not json", Some(&mut text)));
+        assert!(!generated_text(b"{not json", None));
+    }
+
+    #[test]
+    fn one_long_word_counts_in_linear_time() {
+        let word = "a".repeat(2 << 20);
+        let started = std::time::Instant::now();
+        let tokens = count("gpt-4o-mini", &word);
+        assert!(tokens > 0 && tokens <= word.len() as u64);
+        // Whole, this took seconds (quadratic merges); piecewise it is linear.
+        println!("2 MiB one-word prompt: {tokens} tokens in {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn generated_text_is_sampled_and_extrapolated() {
+        let mut text = GeneratedText::default();
+        let sentence = "The quick brown fox jumps over the lazy dog. ";
+        for _ in 0..10_000 {
+            text.push(sentence);
+        }
+        assert_eq!(text.total_bytes(), 10_000 * sentence.len() as u64);
+        assert!(text.kept.len() <= GeneratedText::KEPT);
+        let tokens = text.tokens("gpt-4o-mini");
+        let exact = 10_000 * count("gpt-4o-mini", sentence);
+        let error = (tokens as f64 - exact as f64).abs() / exact as f64;
+        assert!(error < 0.02, "extrapolated {tokens}, exact {exact}");
     }
 }

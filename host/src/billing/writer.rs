@@ -19,9 +19,11 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use tokio::sync::{mpsc, oneshot};
 
+use super::NotRecorded;
 use super::accounts::{TokenRecord, UserRecord};
 use super::journal::{Change, Entry, Journal};
 use super::logs::{LogKind, LogRow};
+use crate::store::Store;
 
 /// Key of the last committed journal sequence number in `billing_state`.
 const JOURNAL_SEQ: &[u8] = b"journal_seq";
@@ -75,6 +77,7 @@ pub struct Writer {
     tx: mpsc::UnboundedSender<Op>,
     journal: Arc<Journal>,
     kick: Arc<Kick>,
+    store: Store,
 }
 
 /// Wakes the writer thread before its interval ends (for a flush).
@@ -106,24 +109,52 @@ const WRITER_NICE: i32 = 10;
 
 impl Writer {
     /// Start the writer thread.
-    pub fn spawn(trees: Trees, journal: Arc<Journal>, limits: BatchLimits) -> std::io::Result<Self> {
+    pub fn spawn(trees: Trees, journal: Arc<Journal>, limits: BatchLimits, store: Store) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let kick = Arc::new(Kick::default());
-        let (j, k) = (journal.clone(), kick.clone());
+        let (j, k, s) = (journal.clone(), kick.clone(), store.clone());
         std::thread::Builder::new().name("billing-writer".into()).spawn(move || {
             if let Err(error) = rustix::process::nice(WRITER_NICE) {
                 tracing::debug!(%error, "could not lower the billing writer's priority");
             }
-            run(rx, &trees, &j, &k, limits);
+            run(rx, &trees, &j, &k, limits, &s);
         })?;
-        Ok(Self { tx, journal, kick })
+        Ok(Self { tx, journal, kick, store })
     }
 
-    /// Journal `change` and queue it. Nothing is woken: the writer drains
-    /// the queue every `max_wait` (or when a flush asks).
-    pub fn send(&self, change: Change) {
-        let queued = self.journal.append(change, |seq, change| self.tx.send(Op::Change(seq, change)).is_ok());
-        if !queued {
+    /// Journal `change` and queue it; when it cannot be journaled it is
+    /// not queued either (the caller must not serve what it bills). Nothing
+    /// is woken: the writer drains the queue every `max_wait` (or when a
+    /// flush asks).
+    pub fn send(&self, change: Change) -> Result<(), NotRecorded> {
+        self.journal.append(change, |seq, change, written| match written {
+            Ok(()) => {
+                self.queue(seq, change);
+                Ok(())
+            }
+            Err(e) => {
+                self.store.guard().report_failure(&format!("billing journal: {e}"));
+                Err(NotRecorded(e.0))
+            }
+        })
+    }
+
+    /// Journal `change` and queue it even when it cannot be journaled (a
+    /// row that moves no money, or the end of a stream already delivered):
+    /// the writer commits it once the storage recovers; only a crash
+    /// before that loses it. Returns whether it was journaled.
+    pub fn send_or_keep(&self, change: Change) -> Result<(), NotRecorded> {
+        self.journal.append(change, |seq, change, written| {
+            self.queue(seq, change);
+            written.map_err(|e| {
+                self.store.guard().report_failure(&format!("billing journal: {e}"));
+                NotRecorded(e.0)
+            })
+        })
+    }
+
+    fn queue(&self, seq: u64, change: Change) {
+        if self.tx.send(Op::Change(seq, change)).is_err() {
             tracing::error!("billing writer stopped; a usage record is only in the journal until the next start");
         }
     }
@@ -141,7 +172,14 @@ impl Writer {
 /// The writer thread: every `max_wait` (or when kicked), drain the queue
 /// and commit it in transactions of at most `max_ops` changes. A batch that
 /// fails is kept and retried with backoff; its changes stay in the journal.
-fn run(mut rx: mpsc::UnboundedReceiver<Op>, trees: &Trees, journal: &Journal, kick: &Kick, limits: BatchLimits) {
+fn run(
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    trees: &Trees,
+    journal: &Journal,
+    kick: &Kick,
+    limits: BatchLimits,
+    store: &Store,
+) {
     let mut pending: Vec<(u64, Change)> = Vec::new();
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     let mut backoff = Duration::from_millis(100);
@@ -159,22 +197,30 @@ fn run(mut rx: mpsc::UnboundedReceiver<Op>, trees: &Trees, journal: &Journal, ki
                 }
             }
         }
-        while !pending.is_empty() {
+        // A full disk must not reach sled (its errors are permanent until
+        // a restart): wait for the space to come back.
+        let writable = pending.is_empty() || store.guard().writable_now();
+        while writable && !pending.is_empty() {
             let n = pending.len().min(limits.max_ops);
             let last = pending[n - 1].0;
             match write(trees, &pending[..n], Some(last)) {
                 Ok(()) => {
                     pending.drain(..n);
                     journal.committed(last);
+                    store.committed(last);
                     backoff = Duration::from_millis(100);
                 }
                 Err(error) => {
                     tracing::error!(%error, changes = pending.len(), "writing usage logs and charges failed; retrying");
+                    store.guard().report_store_failure(&error);
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     break;
                 }
             }
+        }
+        if !writable {
+            std::thread::sleep(limits.max_wait.max(Duration::from_millis(100)));
         }
         if pending.is_empty() {
             for ack in acks.drain(..) {
@@ -246,24 +292,26 @@ fn deltas(changes: &[(u64, Change)]) -> (HashMap<u64, Deltas>, HashMap<u64, Delt
             Change::Row(row) if row.kind == LogKind::Consume => {
                 if let Some(u) = row.user_id {
                     let d = users.entry(u).or_default();
-                    d.quota -= row.quota;
-                    d.used += row.quota;
-                    d.requests += 1;
+                    d.quota = d.quota.saturating_sub(row.quota);
+                    d.used = d.used.saturating_add(row.quota);
+                    d.requests = d.requests.saturating_add(1);
                 }
                 if let Some(t) = row.token_id {
                     let d = tokens.entry(t).or_default();
                     if row.token_limited {
-                        d.quota -= row.quota;
+                        d.quota = d.quota.saturating_sub(row.quota);
                     }
-                    d.used += row.quota;
+                    d.used = d.used.saturating_add(row.quota);
                 }
             }
             Change::Adjust { user, token, delta } => {
                 if let Some(u) = user {
-                    users.entry(*u).or_default().quota += delta;
+                    let d = users.entry(*u).or_default();
+                    d.quota = d.quota.saturating_add(*delta);
                 }
                 if let Some(t) = token {
-                    tokens.entry(*t).or_default().quota += delta;
+                    let d = tokens.entry(*t).or_default();
+                    d.quota = d.quota.saturating_add(*delta);
                 }
             }
             Change::Row(_) | Change::Open(_) => {}
@@ -298,15 +346,15 @@ fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(
             }
             for (id, d) in &user_deltas {
                 update::<UserRecord>(u, *id, |r| {
-                    r.quota += d.quota;
-                    r.used_quota += d.used;
-                    r.request_count += d.requests;
+                    r.quota = r.quota.saturating_add(d.quota);
+                    r.used_quota = r.used_quota.saturating_add(d.used);
+                    r.request_count = r.request_count.saturating_add(d.requests);
                 })?;
             }
             for (id, d) in &token_deltas {
                 update::<TokenRecord>(t, *id, |r| {
-                    r.remain_quota += d.quota;
-                    r.used_quota += d.used;
+                    r.remain_quota = r.remain_quota.saturating_add(d.quota);
+                    r.used_quota = r.used_quota.saturating_add(d.used);
                 })?;
             }
             if let Some(seq) = seq {

@@ -2,7 +2,8 @@
 //! (big-endian u64), value = the record as JSON. The master copy lives in
 //! memory behind a write lock; every write goes to sled (flushed) before the
 //! new snapshot is published, so a change the API acknowledged survives a
-//! crash and the relay never sees a change that is not on disk.
+//! crash and the relay never sees a change that is not on disk. Keys are
+//! stored encrypted (see `store::secrets`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,8 +32,11 @@ impl SledChannels {
         let mut records = BTreeMap::new();
         for item in tree.iter() {
             let (key, value) = item?;
-            let rec: ChannelRecord = serde_json::from_slice(&value)
+            let mut rec: ChannelRecord = serde_json::from_slice(&value)
                 .with_context(|| format!("channel record {:?} is not valid JSON", key.as_ref()))?;
+            for k in &mut rec.keys {
+                k.key = store.secrets().open_value(&k.key).with_context(|| format!("channel {}", rec.id))?;
+            }
             records.insert(rec.id, rec);
         }
         let snapshot = ArcSwap::from_pointee(ChannelSet::new(records.values().cloned()));
@@ -44,7 +48,12 @@ impl SledChannels {
     }
 
     fn persist(&self, rec: &ChannelRecord) -> anyhow::Result<()> {
-        self.tree.insert(rec.id.to_be_bytes(), serde_json::to_vec(rec)?)?;
+        self.store.ensure_writable()?;
+        let mut stored = rec.clone();
+        for k in &mut stored.keys {
+            k.key = self.store.secrets().seal(&k.key);
+        }
+        self.tree.insert(rec.id.to_be_bytes(), serde_json::to_vec(&stored)?)?;
         self.tree.flush()?;
         Ok(())
     }
@@ -112,6 +121,7 @@ impl ChannelStore for SledChannels {
     fn delete(&self, id: u64) -> Result<ChannelRecord, StoreError> {
         let mut records = self.lock();
         let rec = records.get(&id).cloned().ok_or(StoreError::NotFound(id))?;
+        self.store.ensure_writable()?;
         self.tree.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
         self.tree.flush().map_err(anyhow::Error::from)?;
         records.remove(&id);

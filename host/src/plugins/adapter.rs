@@ -1,22 +1,38 @@
-//! A loaded provider adapter: the compiled component's `InstancePre` and the
-//! calls the relay makes, each in a fresh `Store` bounded in time and memory.
+//! A loaded provider adapter and the calls the relay makes on it, each on
+//! an instance lent for that call (see `instance.rs`) and bounded by fuel,
+//! memory and a wall-clock safety net.
 
 use std::sync::Arc;
 
-use wasmtime::Store;
-use wasmtime::component::ResourceAny;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::component::{InstancePre, ResourceAny};
 
 use super::bindings::{
-    AdapterInfo, AdapterWorld, AdapterWorldPre, AuthWorld, AuthWorldPre, ChannelView, Credential, HttpRequest,
-    HttpResponse, ParsedResponse, Probe, RequestContext, StreamEvents, UpstreamError,
+    AdapterInfo, AdapterWorld, AdapterWorldIndices, AuthWorld, AuthWorldIndices, ChannelView, CodecWorld,
+    CodecWorldIndices, Credential, Decoded, HttpRequest, HttpResponse, ParsedResponse, Probe, RequestContext,
+    StreamEvents, UpstreamError,
 };
 use super::engine::PluginEngine;
 use super::error::PluginError;
+use super::instance::{Instances, Lease, plugin_call};
 use super::state::PluginState;
 
 /// The outcome of a plugin call that completed: the adapter's own answer,
 /// which may be a classified error.
 pub type AdapterResult<T> = Result<Result<T, UpstreamError>, PluginError>;
+
+/// Largest decoder state the host keeps for one stream.
+const MAX_STREAM_STATE: usize = 1 << 20;
+
+/// The interfaces the host calls on one adapter instance.
+pub(crate) struct AdapterBindings {
+    adapter: AdapterWorld,
+    auth: Option<AuthWorld>,
+    codec: Option<CodecWorld>,
+}
+
+/// The tag of calls that concern no channel key (validation, checks).
+pub const NO_KEY: u64 = u64::MAX;
 
 /// A provider adapter ready to serve calls.
 pub struct AdapterPlugin {
@@ -26,158 +42,276 @@ pub struct AdapterPlugin {
     pub sha256: String,
     /// What `info()` returned at load time.
     pub info: AdapterInfo,
-    pre: AdapterWorldPre<PluginState>,
-    /// Present when the component exports `auth` (a credential exchange).
-    auth: Option<AuthWorldPre<PluginState>>,
-    engine: Arc<PluginEngine>,
+    has_auth: bool,
+    has_codec: bool,
+    instances: Instances<AdapterBindings>,
+    /// Streams decoded the legacy way (a `stream-decoder` resource pinning
+    /// an instance) that may be open at once.
+    pinned: Arc<Semaphore>,
 }
 
 impl AdapterPlugin {
-    pub(crate) fn new(
+    /// Prepare the adapter compiled into `pre` and call `info()`.
+    pub(crate) async fn new(
         name: Arc<str>,
         sha256: String,
-        pre: AdapterWorldPre<PluginState>,
-        auth: Option<AuthWorldPre<PluginState>>,
+        pre: InstancePre<PluginState>,
         engine: Arc<PluginEngine>,
     ) -> Result<Self, PluginError> {
-        let mut this = Self { name, sha256, info: empty_info(), pre, auth, engine };
-        this.info = this.call_info()?;
+        let invalid = |what: &str, e: wasmtime::Error| PluginError::Instantiate {
+            plugin: name.to_string(),
+            detail: format!("its `{what}` export does not match the contract: {e:#}"),
+        };
+        let adapter = AdapterWorldIndices::new(&pre).map_err(|e| invalid("adapter", e))?;
+        let exports = |iface: &str| super::loader::exports_interface(&engine, pre.component(), iface);
+        let auth =
+            if exports("auth") { Some(AuthWorldIndices::new(&pre).map_err(|e| invalid("auth", e))?) } else { None };
+        let codec = if exports("stream-codec") {
+            Some(CodecWorldIndices::new(&pre).map_err(|e| invalid("stream-codec", e))?)
+        } else {
+            None
+        };
+        let (has_auth, has_codec) = (auth.is_some(), codec.is_some());
+        let load =
+            Box::new(move |store: &mut wasmtime::Store<PluginState>, instance: &wasmtime::component::Instance| {
+                Ok(AdapterBindings {
+                    adapter: adapter.load(&mut *store, instance)?,
+                    auth: auth.as_ref().map(|i| i.load(&mut *store, instance)).transpose()?,
+                    codec: codec.as_ref().map(|i| i.load(&mut *store, instance)).transpose()?,
+                })
+            });
+        let pinned = Arc::new(Semaphore::new(engine.config.max_pinned_streams as usize));
+        let instances = Instances::new(engine, name.clone(), pre, load);
+        let mut this = Self { name, sha256, info: empty_info(), has_auth, has_codec, instances, pinned };
+        this.info = this.call_info().await?;
         Ok(this)
     }
 
-    fn call<R>(
-        &self,
-        f: impl FnOnce(&mut Store<PluginState>, &AdapterWorld) -> wasmtime::Result<R>,
-    ) -> Result<R, PluginError> {
-        self.call_with(None, f)
+    /// Instantiate and call `info()` on a fresh instance: the fixed cost of
+    /// a call (used by validation and benchmarks).
+    pub async fn call_info(&self) -> Result<AdapterInfo, PluginError> {
+        plugin_call!(self.instances, NO_KEY, 0, None, |store, b| b.adapter.wasmgate_plugin_adapter().call_info(store))
     }
 
-    /// A call during which `credentials.current` answers `credential`.
-    fn call_with<R>(
+    /// `build-request` for channel key `tag`, with the credential obtained
+    /// for that key (see [`Self::exchange_request`]).
+    pub async fn build_request(
         &self,
-        credential: Option<&str>,
-        f: impl FnOnce(&mut Store<PluginState>, &AdapterWorld) -> wasmtime::Result<R>,
-    ) -> Result<R, PluginError> {
-        let mut store = self.engine.store(self.name.clone());
-        store.data_mut().credential = credential.map(str::to_string);
-        let world = self.pre.instantiate(&mut store).map_err(|e| PluginError::instantiate(&self.name, e))?;
-        f(&mut store, &world).map_err(|e| PluginError::from_wasm(&self.name, e))
-    }
-
-    /// Instantiate and call `info()`: the fixed cost of any call (used by
-    /// validation and benchmarks).
-    pub fn call_info(&self) -> Result<AdapterInfo, PluginError> {
-        self.call(|store, w| w.wasmgate_plugin_adapter().call_info(store))
-    }
-
-    /// `build-request`, with the credential obtained for the channel's key
-    /// (see [`Self::exchange_request`]).
-    pub fn build_request(
-        &self,
+        tag: u64,
         ctx: &RequestContext,
         channel: &ChannelView,
         body: &[u8],
-        credential: Option<&str>,
+        credential: Option<Arc<str>>,
     ) -> AdapterResult<HttpRequest> {
-        self.call_with(credential, |store, w| w.wasmgate_plugin_adapter().call_build_request(store, ctx, channel, body))
+        plugin_call!(self.instances, tag, body.len(), credential, |store, b| b
+            .adapter
+            .wasmgate_plugin_adapter()
+            .call_build_request(store, ctx, channel, body))
     }
 
     /// Whether the component exports `auth` (may need a credential exchange).
     pub fn has_auth(&self) -> bool {
-        self.auth.is_some()
+        self.has_auth
+    }
+
+    /// Whether streams are decoded resumably (`stream-codec`, WIT ≥ 0.1.3)
+    /// rather than by a `stream-decoder` resource that pins an instance.
+    pub fn resumable_streams(&self) -> bool {
+        self.has_codec
     }
 
     /// `auth.exchange-request`: the request trading the channel's key for a
     /// credential, or `None` when none is needed (or the adapter has no
     /// `auth` export).
-    pub fn exchange_request(&self, channel: &ChannelView) -> Result<Option<HttpRequest>, PluginError> {
-        self.call_auth(|store, w| w.wasmgate_plugin_auth().call_exchange_request(store, channel)).map(Option::flatten)
+    pub async fn exchange_request(&self, tag: u64, channel: &ChannelView) -> Result<Option<HttpRequest>, PluginError> {
+        if !self.has_auth {
+            return Ok(None);
+        }
+        plugin_call!(self.instances, tag, channel.key.len(), None, |store, b| async move {
+            match &b.auth {
+                Some(auth) => auth.wasmgate_plugin_auth().call_exchange_request(store, channel).await,
+                None => Ok(None),
+            }
+        })
     }
 
     /// `auth.parse-exchange`.
-    pub fn parse_exchange(&self, channel: &ChannelView, response: &HttpResponse) -> AdapterResult<Credential> {
-        match self.call_auth(|store, w| w.wasmgate_plugin_auth().call_parse_exchange(store, channel, response))? {
-            Some(result) => Ok(result),
-            None => Err(PluginError::malformed(&self.name, "parse-exchange called on an adapter without auth")),
-        }
-    }
-
-    fn call_auth<R>(
+    pub async fn parse_exchange(
         &self,
-        f: impl FnOnce(&mut Store<PluginState>, &AuthWorld) -> wasmtime::Result<R>,
-    ) -> Result<Option<R>, PluginError> {
-        let Some(pre) = &self.auth else { return Ok(None) };
-        let mut store = self.engine.store(self.name.clone());
-        let world = pre.instantiate(&mut store).map_err(|e| PluginError::instantiate(&self.name, e))?;
-        f(&mut store, &world).map(Some).map_err(|e| PluginError::from_wasm(&self.name, e))
+        tag: u64,
+        channel: &ChannelView,
+        response: &HttpResponse,
+    ) -> AdapterResult<Credential> {
+        if !self.has_auth {
+            return Err(PluginError::malformed(&self.name, "parse-exchange called on an adapter without auth"));
+        }
+        plugin_call!(self.instances, tag, response.body.len(), None, |store, b| async move {
+            match &b.auth {
+                Some(auth) => auth.wasmgate_plugin_auth().call_parse_exchange(store, channel, response).await,
+                None => Err(wasmtime::format_err!("no auth export")),
+            }
+        })
     }
 
     /// `parse-response`.
-    pub fn parse_response(&self, ctx: &RequestContext, response: &HttpResponse) -> AdapterResult<ParsedResponse> {
-        self.call(|store, w| w.wasmgate_plugin_adapter().call_parse_response(store, ctx, response))
+    pub async fn parse_response(
+        &self,
+        tag: u64,
+        ctx: &RequestContext,
+        response: &HttpResponse,
+    ) -> AdapterResult<ParsedResponse> {
+        plugin_call!(self.instances, tag, response.body.len(), None, |store, b| b
+            .adapter
+            .wasmgate_plugin_adapter()
+            .call_parse_response(store, ctx, response))
     }
 
     /// `classify-error`.
-    pub fn classify_error(&self, ctx: &RequestContext, response: &HttpResponse) -> Result<UpstreamError, PluginError> {
-        self.call(|store, w| w.wasmgate_plugin_adapter().call_classify_error(store, ctx, response))
+    pub async fn classify_error(
+        &self,
+        tag: u64,
+        ctx: &RequestContext,
+        response: &HttpResponse,
+    ) -> Result<UpstreamError, PluginError> {
+        plugin_call!(self.instances, tag, response.body.len(), None, |store, b| b
+            .adapter
+            .wasmgate_plugin_adapter()
+            .call_classify_error(store, ctx, response))
     }
 
     /// `health-probe`, with the channel key's credential if any.
-    pub fn health_probe(&self, channel: &ChannelView, credential: Option<&str>) -> Result<Probe, PluginError> {
-        self.call_with(credential, |store, w| w.wasmgate_plugin_adapter().call_health_probe(store, channel))
+    pub async fn health_probe(
+        &self,
+        tag: u64,
+        channel: &ChannelView,
+        credential: Option<Arc<str>>,
+    ) -> Result<Probe, PluginError> {
+        plugin_call!(self.instances, tag, channel.settings.len(), credential, |store, b| b
+            .adapter
+            .wasmgate_plugin_adapter()
+            .call_health_probe(store, channel))
     }
 
-    /// Start a stream decoder; it keeps its own store (and this plugin
-    /// version) until dropped.
-    pub fn stream_decoder(self: &Arc<Self>, ctx: &RequestContext) -> Result<AdapterStream, PluginError> {
-        let mut store = self.engine.store(self.name.clone());
-        let world = self.pre.instantiate(&mut store).map_err(|e| PluginError::instantiate(&self.name, e))?;
-        let decoder = world
-            .wasmgate_plugin_adapter()
-            .stream_decoder()
-            .call_constructor(&mut store, ctx)
-            .map_err(|e| PluginError::from_wasm(&self.name, e))?;
-        Ok(AdapterStream { plugin: self.clone(), store, world, decoder: Some(decoder) })
+    /// Start decoding a stream for channel key `tag`. A resumable decoder
+    /// holds only its state between calls; a legacy one holds an instance
+    /// (and one of the `max_pinned_streams` permits) until dropped.
+    pub async fn stream_decoder(
+        self: &Arc<Self>,
+        tag: u64,
+        ctx: &RequestContext,
+    ) -> Result<AdapterStream, PluginError> {
+        let mode = if self.has_codec {
+            Mode::Resumable { state: Vec::new() }
+        } else {
+            let permit = self
+                .pinned
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| PluginError::Capacity { plugin: self.name.to_string() })?;
+            let mut lease = self.instances.fresh(tag).await?;
+            let budget = self.instances.prepare(&mut lease, 0, None);
+            let outcome = {
+                let decoder = lease.bindings.adapter.wasmgate_plugin_adapter().stream_decoder();
+                tokio::time::timeout(budget.wall, decoder.call_constructor(&mut lease.store, ctx)).await
+            };
+            let decoder = match outcome {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => return Err(self.instances.failure(lease, budget, Some(e))),
+                Err(_) => return Err(self.instances.failure(lease, budget, None)),
+            };
+            Mode::Pinned { lease: Box::new(lease), decoder, _permit: permit }
+        };
+        Ok(AdapterStream { plugin: self.clone(), ctx: ctx.clone(), tag, mode })
+    }
+
+    /// Take every idle instance out of service (the plugin is replaced).
+    pub(crate) fn retire(&self) {
+        let _ = self.instances.clear();
     }
 }
 
-/// One live `stream-decoder` resource and the store it lives in.
+enum Mode {
+    /// `stream-codec`: the state between calls.
+    Resumable { state: Vec<u8> },
+    /// A `stream-decoder` resource in its own instance.
+    Pinned { lease: Box<Lease<AdapterBindings>>, decoder: ResourceAny, _permit: OwnedSemaphorePermit },
+    /// A call failed: the stream cannot continue.
+    Failed,
+}
+
+/// One stream being decoded.
 pub struct AdapterStream {
     plugin: Arc<AdapterPlugin>,
-    store: Store<PluginState>,
-    world: AdapterWorld,
-    decoder: Option<ResourceAny>,
+    ctx: RequestContext,
+    tag: u64,
+    mode: Mode,
+}
+
+fn events(d: Decoded) -> StreamEvents {
+    StreamEvents { chunks: d.chunks, usage: d.usage, error: d.error, done: d.done }
 }
 
 impl AdapterStream {
-    fn call(
-        &mut self,
-        f: impl FnOnce(
-            &AdapterWorld,
-            &mut Store<PluginState>,
-            ResourceAny,
-        ) -> wasmtime::Result<Result<StreamEvents, UpstreamError>>,
-    ) -> AdapterResult<StreamEvents> {
-        let Some(decoder) = self.decoder else {
-            return Err(PluginError::malformed(&self.plugin.name, "stream decoder used after a failure"));
-        };
-        self.plugin.engine.arm(&mut self.store);
-        let result = f(&self.world, &mut self.store, decoder);
-        if result.is_err() {
-            // A trapped instance must not be entered again.
-            self.decoder = None;
-        }
-        result.map_err(|e| PluginError::from_wasm(&self.plugin.name, e))
-    }
-
     /// Feed upstream bytes.
-    pub fn feed(&mut self, bytes: &[u8]) -> AdapterResult<StreamEvents> {
-        self.call(|w, store, d| w.wasmgate_plugin_adapter().stream_decoder().call_feed(store, d, bytes))
+    pub async fn feed(&mut self, bytes: &[u8]) -> AdapterResult<StreamEvents> {
+        self.step(Some(bytes)).await
     }
 
     /// The upstream body ended.
-    pub fn finish(&mut self) -> AdapterResult<StreamEvents> {
-        self.call(|w, store, d| w.wasmgate_plugin_adapter().stream_decoder().call_finish(store, d))
+    pub async fn finish(&mut self) -> AdapterResult<StreamEvents> {
+        self.step(None).await
+    }
+
+    async fn step(&mut self, bytes: Option<&[u8]>) -> AdapterResult<StreamEvents> {
+        let plugin = self.plugin.clone();
+        match std::mem::replace(&mut self.mode, Mode::Failed) {
+            Mode::Failed => Err(PluginError::malformed(&plugin.name, "stream decoder used after a failure")),
+            Mode::Resumable { state } => {
+                let input = state.len() + bytes.map_or(0, <[u8]>::len);
+                let (ctx, tag) = (&self.ctx, self.tag);
+                let decoded: Result<Result<Decoded, UpstreamError>, PluginError> =
+                    plugin_call!(plugin.instances, tag, input, None, |store, b| async move {
+                        let Some(codec) = &b.codec else { return Err(wasmtime::format_err!("no stream-codec export")) };
+                        let codec = codec.wasmgate_plugin_stream_codec();
+                        match bytes {
+                            Some(bytes) => codec.call_decode(store, ctx, &state, bytes).await,
+                            None => codec.call_finish(store, ctx, &state).await,
+                        }
+                    });
+                match decoded {
+                    Ok(Ok(d)) if d.state.len() > MAX_STREAM_STATE => Err(PluginError::malformed(
+                        &plugin.name,
+                        format!("stream decoder state of {} bytes (at most {MAX_STREAM_STATE})", d.state.len()),
+                    )),
+                    Ok(Ok(mut d)) => {
+                        self.mode = Mode::Resumable { state: std::mem::take(&mut d.state) };
+                        Ok(Ok(events(d)))
+                    }
+                    Ok(Err(e)) => Ok(Err(e)),
+                    Err(e) => Err(e),
+                }
+            }
+            Mode::Pinned { mut lease, decoder, _permit } => {
+                let input = bytes.map_or(0, <[u8]>::len);
+                let budget = plugin.instances.prepare(&mut lease, input, None);
+                let outcome = {
+                    let d = lease.bindings.adapter.wasmgate_plugin_adapter().stream_decoder();
+                    let store = &mut lease.store;
+                    match bytes {
+                        Some(bytes) => tokio::time::timeout(budget.wall, d.call_feed(store, decoder, bytes)).await,
+                        None => tokio::time::timeout(budget.wall, d.call_finish(store, decoder)).await,
+                    }
+                };
+                match outcome {
+                    Ok(Ok(result)) => {
+                        self.mode = Mode::Pinned { lease, decoder, _permit };
+                        Ok(result)
+                    }
+                    Ok(Err(e)) => Err(plugin.instances.failure(*lease, budget, Some(e))),
+                    Err(_) => Err(plugin.instances.failure(*lease, budget, None)),
+                }
+            }
+        }
     }
 
     /// Name of the plugin serving this stream.
@@ -188,10 +322,9 @@ impl AdapterStream {
 
 impl Drop for AdapterStream {
     fn drop(&mut self) {
-        if let Some(decoder) = self.decoder.take() {
-            self.plugin.engine.arm(&mut self.store);
-            let _ = decoder.resource_drop(&mut self.store);
-        }
+        // A pinned decoder's instance is dropped with its store; it is not
+        // reused (its memory holds the stream's state).
+        self.mode = Mode::Failed;
     }
 }
 

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::adapter::AdapterPlugin;
-use super::bindings::{AdapterWorldPre, AuthWorldPre, RouterWorldPre};
-use super::cache::ArtifactCache;
+use super::cache::{Artifact, ArtifactCache};
 use super::engine::PluginEngine;
 use super::router::RouterPlugin;
 
@@ -17,7 +16,7 @@ use super::router::RouterPlugin;
 pub const WIT_PACKAGE: &str = "wasmgate:plugin";
 /// The WIT version this host implements. Plugins built against any
 /// `0.1.z` load; other versions are refused with a clear message.
-pub const WIT_VERSION: &str = "0.1.2";
+pub const WIT_VERSION: &str = "0.1.3";
 
 /// Which world a plugin implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -111,7 +110,11 @@ fn detect_world(
 }
 
 /// Whether the component exports `wasmgate:plugin/{iface}` at any version.
-fn exports_interface(engine: &PluginEngine, component: &wasmtime::component::Component, iface: &str) -> bool {
+pub(crate) fn exports_interface(
+    engine: &PluginEngine,
+    component: &wasmtime::component::Component,
+    iface: &str,
+) -> bool {
     let prefix = format!("{WIT_PACKAGE}/{iface}@");
     component.component_type().exports(&engine.engine).any(|(name, _)| name.starts_with(&prefix))
 }
@@ -123,45 +126,77 @@ fn version_compatible(version: &str) -> bool {
     parts.next() == ours.next() && parts.next() == ours.next() && parts.next().is_some()
 }
 
-/// Validate and prepare a plugin. Blocking (compiles); call off the runtime.
-pub fn load(engine: &Arc<PluginEngine>, cache: &ArtifactCache, name: &str, bytes: &[u8]) -> Result<LoadReport, String> {
+/// A component that passed the checks that need no instance: limits,
+/// compilation, world and version.
+pub struct Prepared {
+    artifact: Artifact,
+    sha256: String,
+    kind: PluginKind,
+    wit_version: String,
+}
+
+/// First half of loading, blocking (it compiles): call it off the async
+/// workers. Refuses oversized components and compile bombs before any
+/// compilation (see `compile.rs`).
+pub fn prepare(engine: &PluginEngine, cache: &ArtifactCache, bytes: &[u8]) -> Result<Prepared, String> {
     check_header(bytes)?;
-    let sha = sha256_hex(bytes);
-    let (component, from_cache) =
-        cache.load_or_compile(engine, &sha, bytes).map_err(|e| format!("compilation failed: {e:#}"))?;
-    let (kind, wit_version) = detect_world(engine, &component)?;
+    super::compile::check_limits(&engine.config, bytes)?;
+    let sha256 = sha256_hex(bytes);
+    let artifact = cache.load_or_compile(engine, &sha256, bytes).map_err(|e| format!("compilation failed: {e:#}"))?;
+    let (kind, wit_version) = detect_world(engine, &artifact.component)?;
+    Ok(Prepared { artifact, sha256, kind, wit_version })
+}
+
+/// Second half of loading: pre-instantiate, call `info()` (bounded like any
+/// call), and keep the compiled artifact in the cache once all passed.
+pub async fn finish(
+    engine: &Arc<PluginEngine>,
+    cache: &ArtifactCache,
+    name: &str,
+    prepared: Prepared,
+) -> Result<LoadReport, String> {
+    let Prepared { mut artifact, sha256, kind, wit_version } = prepared;
     let name: Arc<str> = Arc::from(name);
     let plugin = match kind {
         PluginKind::Adapter => {
-            let instance_pre = engine
+            let pre = engine
                 .adapter_linker
-                .instantiate_pre(&component)
+                .instantiate_pre(&artifact.component)
                 .map_err(|e| format!("does not match the adapter-plugin world: {e:#}"))?;
-            let auth = if exports_interface(engine, &component, "auth") {
-                let pre = AuthWorldPre::new(instance_pre.clone())
-                    .map_err(|e| format!("its `auth` export does not match the contract: {e:#}"))?;
-                Some(pre)
-            } else {
-                None
-            };
-            let pre = AdapterWorldPre::new(instance_pre)
-                .map_err(|e| format!("does not match the adapter-plugin world: {e:#}"))?;
-            let plugin =
-                AdapterPlugin::new(name, sha, pre, auth, engine.clone()).map_err(|e| format!("info() failed: {e}"))?;
+            let plugin = AdapterPlugin::new(name, sha256, pre, engine.clone())
+                .await
+                .map_err(|e| format!("info() failed: {e}"))?;
             LoadedPlugin::Adapter(Arc::new(plugin))
         }
         PluginKind::Router => {
             let pre = engine
                 .router_linker
-                .instantiate_pre(&component)
-                .and_then(RouterWorldPre::new)
+                .instantiate_pre(&artifact.component)
                 .map_err(|e| format!("does not match the router-plugin world: {e:#}"))?;
-            let plugin =
-                RouterPlugin::new(name, sha, pre, engine.clone()).map_err(|e| format!("info() failed: {e}"))?;
+            let plugin = RouterPlugin::new(name, sha256, pre, engine.clone())
+                .await
+                .map_err(|e| format!("info() failed: {e}"))?;
             LoadedPlugin::Router(Arc::new(plugin))
         }
     };
+    let from_cache = artifact.from_cache;
+    cache.keep(&mut artifact);
     Ok(LoadReport { plugin, wit_version, from_cache })
+}
+
+/// Validate and prepare a plugin: [`prepare`] on a blocking thread, then
+/// [`finish`].
+pub async fn load(
+    engine: &Arc<PluginEngine>,
+    cache: &Arc<ArtifactCache>,
+    name: &str,
+    bytes: Vec<u8>,
+) -> Result<LoadReport, String> {
+    let (e, c) = (engine.clone(), cache.clone());
+    let prepared = tokio::task::spawn_blocking(move || prepare(&e, &c, &bytes))
+        .await
+        .unwrap_or_else(|e| Err(format!("the plugin loader crashed: {e}")))?;
+    finish(engine, cache, name, prepared).await
 }
 
 #[cfg(test)]

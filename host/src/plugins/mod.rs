@@ -1,25 +1,29 @@
-//! The WebAssembly plugin host: engine, bindings, loading, hot-swap registry.
+//! The WebAssembly plugin host: engine, bindings, instances, loading, the
+//! hot-swap registry.
 
 mod adapter;
 mod bindings;
 mod cache;
 pub mod check;
+mod compile;
 mod engine;
 mod error;
+mod instance;
 mod loader;
 mod registry;
 mod router;
 mod state;
 mod watcher;
 
-pub use adapter::{AdapterPlugin, AdapterResult, AdapterStream};
+pub use adapter::{AdapterPlugin, AdapterResult, AdapterStream, NO_KEY};
 pub use bindings::{Candidate, Credential, RequestMeta, StreamEvents};
 pub use bindings::{
     ChannelView, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, LogLevel, RequestContext,
     UpstreamError, Usage,
 };
 pub use cache::ArtifactCache;
-pub use engine::PluginEngine;
+pub use compile::{Compiler, compile_child};
+pub use engine::{CallBudget, PluginEngine};
 pub use error::PluginError;
 pub use loader::{
     LoadReport, LoadedPlugin, PluginKind, WIT_PACKAGE, WIT_VERSION, load, sha256_hex, valid_name as valid_plugin_name,

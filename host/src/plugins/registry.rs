@@ -3,7 +3,7 @@
 //! requests and open streams finish on the version they started with while
 //! new requests see the new one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -75,17 +75,28 @@ pub struct PluginStatus {
 }
 
 /// Loads, publishes and unloads plugins.
+///
+/// Loading (compilation, `info()`) runs without any registry-wide lock:
+/// operations on one plugin name are serialized by that name's own lock,
+/// in arrival order, so a slow or hostile upload delays only later
+/// operations on the same name. Only the swap of the snapshot itself is
+/// serialized globally, and it is instantaneous.
 pub struct Registry {
     engine: Arc<PluginEngine>,
     cache: Arc<ArtifactCache>,
     dir: PathBuf,
     current: ArcSwap<PluginSet>,
     statuses: Mutex<BTreeMap<String, PluginStatus>>,
-    updates: tokio::sync::Mutex<()>,
+    swap: Mutex<()>,
+    names: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Registry {
@@ -97,7 +108,8 @@ impl Registry {
             dir,
             current: ArcSwap::from_pointee(PluginSet::default()),
             statuses: Mutex::new(BTreeMap::new()),
-            updates: tokio::sync::Mutex::new(()),
+            swap: Mutex::new(()),
+            names: Mutex::new(HashMap::new()),
         }
     }
 
@@ -113,16 +125,12 @@ impl Registry {
 
     /// Status of every plugin file seen, sorted by name.
     pub fn list(&self) -> Vec<PluginStatus> {
-        self.lock_statuses().values().cloned().collect()
-    }
-
-    fn lock_statuses(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PluginStatus>> {
-        self.statuses.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.statuses).values().cloned().collect()
     }
 
     /// Record that a call of plugin `name` failed, for `GET /api/plugins`.
     pub fn report_call_failure(&self, name: &str, error: &str) {
-        if let Some(status) = self.lock_statuses().get_mut(name) {
+        if let Some(status) = lock(&self.statuses).get_mut(name) {
             status.call_failures += 1;
             status.last_call_error = Some(error.chars().take(512).collect());
             status.last_call_error_at = Some(now());
@@ -138,7 +146,13 @@ impl Registry {
         loader::valid_name(stem).then(|| stem.to_string())
     }
 
-    /// Load every `*.wasm` in the plugins directory.
+    /// The lock serializing operations on plugin `name`.
+    fn name_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.names).entry(name.to_string()).or_default().clone()
+    }
+
+    /// Load every `*.wasm` in the plugins directory, then drop cached
+    /// artifacts that no loaded plugin uses.
     pub async fn load_dir(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             tracing::warn!(dir = %self.dir.display(), "plugins directory is not readable");
@@ -151,16 +165,23 @@ impl Registry {
                 let _ = self.sync_file(&path).await;
             }
         }
+        let keep: HashSet<String> = self.list().into_iter().filter_map(|s| s.sha256).collect();
+        let removed = self.cache.sweep(&self.engine, &keep);
+        if removed > 0 {
+            tracing::info!(removed, "stale compiled plugins removed from the cache");
+        }
     }
 
     /// Bring the registry in line with `path`: load it if it exists and
     /// changed, unload it if it is gone.
     pub async fn sync_file(&self, path: &Path) -> Result<(), String> {
         let Some(name) = Self::name_for(path) else { return Ok(()) };
+        let name_lock = self.name_lock(&name);
+        let _serial = name_lock.lock().await;
         match tokio::fs::read(path).await {
             Ok(bytes) => self.publish(&name, bytes).await.map(|_| ()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.unload(&name).await;
+                self.unload(&name);
                 Ok(())
             }
             Err(e) => Err(format!("cannot read {}: {e}", path.display())),
@@ -174,45 +195,65 @@ impl Registry {
         if !loader::valid_name(name) {
             return Err("plugin names use lowercase letters, digits, '-' and '_' (at most 64)".into());
         }
-        let status = self.publish(name, bytes.clone()).await?;
+        let name_lock = self.name_lock(name);
+        let _serial = name_lock.lock().await;
         let path = self.dir.join(format!("{name}.wasm"));
-        let tmp = self.dir.join(format!(".{name}.wasm.upload"));
-        let write = async {
-            tokio::fs::write(&tmp, &bytes).await?;
-            tokio::fs::rename(&tmp, &path).await
-        };
-        write.await.map_err(|e| format!("plugin loaded but could not be saved: {e}"))?;
-        Ok(status)
+        let tmp = self.dir.join(format!(".{name}.{:016x}.upload", rand::random::<u64>()));
+        // Write the file first (under a private name): once published, the
+        // plugin must survive a restart.
+        if let Err(e) = tokio::fs::write(&tmp, &bytes).await {
+            return Err(format!("the plugin could not be saved: {e}"));
+        }
+        match self.publish(name, bytes).await {
+            Ok(status) => match tokio::fs::rename(&tmp, &path).await {
+                Ok(()) => Ok(status),
+                Err(e) => {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    Err(format!("the plugin loaded but could not be saved: {e}"))
+                }
+            },
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                Err(e)
+            }
+        }
     }
 
     /// Delete plugin `name`'s file and take it out of service.
     pub async fn remove(&self, name: &str) -> bool {
+        let name_lock = self.name_lock(name);
+        let _serial = name_lock.lock().await;
         let path = self.dir.join(format!("{name}.wasm"));
         let existed = tokio::fs::remove_file(&path).await.is_ok();
-        existed | self.unload(name).await
+        existed | self.unload(name)
     }
 
-    async fn unload(&self, name: &str) -> bool {
-        let _guard = self.updates.lock().await;
+    fn unload(&self, name: &str) -> bool {
+        let _swap = lock(&self.swap);
         let current = self.snapshot();
-        let had = current.kind_of(name).is_some();
-        if had {
+        let removed = current
+            .adapters
+            .get(name)
+            .map(|a| (a.sha256.clone(), Retired::Adapter(a.clone())))
+            .or_else(|| current.routers.get(name).map(|r| (r.sha256.clone(), Retired::Router(r.clone()))));
+        if let Some((sha, old)) = &removed {
             let mut next = PluginSet { adapters: current.adapters.clone(), routers: current.routers.clone() };
             next.adapters.remove(name);
             next.routers.remove(name);
             self.current.store(Arc::new(next));
+            old.retire();
+            self.cache.forget(&self.engine, sha);
             tracing::info!(plugin = name, "plugin unloaded");
         }
-        self.lock_statuses().remove(name);
-        had
+        lock(&self.statuses).remove(name);
+        removed.is_some()
     }
 
-    /// Validate and publish; on failure keep the version in service and
-    /// record the error.
+    /// Validate and publish (the caller holds `name`'s lock); on failure
+    /// keep the version in service and record the error.
     async fn publish(&self, name: &str, bytes: Vec<u8>) -> Result<PluginStatus, String> {
-        let _guard = self.updates.lock().await;
         let sha = loader::sha256_hex(&bytes);
-        if let Some(status) = self.lock_statuses().get(name) {
+        if let Some(status) = lock(&self.statuses).get(name) {
             if status.loaded && status.sha256.as_deref() == Some(&sha) {
                 return Ok(status.clone());
             }
@@ -220,10 +261,8 @@ impl Registry {
                 return Err(status.last_error.clone().unwrap_or_default());
             }
         }
-        let (engine, cache, owned) = (self.engine.clone(), self.cache.clone(), name.to_string());
-        let result = tokio::task::spawn_blocking(move || loader::load(&engine, &cache, &owned, &bytes))
-            .await
-            .unwrap_or_else(|e| Err(format!("loader crashed: {e}")));
+        let result = loader::load(&self.engine, &self.cache, name, bytes).await;
+        let _swap = lock(&self.swap);
         let current = self.snapshot();
         let result = result.and_then(|report| match current.kind_of(name) {
             Some(kind) if kind != report.plugin.kind() => Err(format!(
@@ -235,17 +274,23 @@ impl Registry {
         match result {
             Ok(report) => {
                 let mut next = PluginSet { adapters: current.adapters.clone(), routers: current.routers.clone() };
-                let (version, description) = match &report.plugin {
+                let (version, description, replaced) = match &report.plugin {
                     LoadedPlugin::Adapter(a) => {
-                        next.adapters.insert(name.to_string(), a.clone());
-                        (a.info.version.clone(), a.info.description.clone())
+                        let old = next.adapters.insert(name.to_string(), a.clone()).map(Retired::Adapter);
+                        (a.info.version.clone(), a.info.description.clone(), old)
                     }
                     LoadedPlugin::Router(r) => {
-                        next.routers.insert(name.to_string(), r.clone());
-                        (r.info.version.clone(), r.info.description.clone())
+                        let old = next.routers.insert(name.to_string(), r.clone()).map(Retired::Router);
+                        (r.info.version.clone(), r.info.description.clone(), old)
                     }
                 };
                 self.current.store(Arc::new(next));
+                if let Some(old) = replaced {
+                    old.retire();
+                    if old.sha256() != sha {
+                        self.cache.forget(&self.engine, old.sha256());
+                    }
+                }
                 let status = PluginStatus {
                     name: name.to_string(),
                     kind: Some(report.plugin.kind()),
@@ -260,12 +305,12 @@ impl Registry {
                 };
                 tracing::info!(plugin = name, kind = ?status.kind, version = ?status.version,
                     sha256 = ?status.sha256, from_cache = status.from_cache, "plugin published");
-                self.lock_statuses().insert(name.to_string(), status.clone());
+                lock(&self.statuses).insert(name.to_string(), status.clone());
                 Ok(status)
             }
             Err(error) => {
                 tracing::error!(plugin = name, sha256 = %sha, %error, "plugin rejected; the previous version (if any) keeps serving");
-                let mut statuses = self.lock_statuses();
+                let mut statuses = lock(&self.statuses);
                 let status = statuses
                     .entry(name.to_string())
                     .or_insert_with(|| PluginStatus { name: name.to_string(), ..Default::default() });
@@ -274,6 +319,29 @@ impl Registry {
                 status.last_error_at = Some(now());
                 Err(error)
             }
+        }
+    }
+}
+
+/// A plugin version leaving service.
+enum Retired {
+    Adapter(Arc<AdapterPlugin>),
+    Router(Arc<RouterPlugin>),
+}
+
+impl Retired {
+    /// Free its idle instances (in-flight requests keep theirs).
+    fn retire(&self) {
+        match self {
+            Self::Adapter(a) => a.retire(),
+            Self::Router(r) => r.retire(),
+        }
+    }
+
+    fn sha256(&self) -> &str {
+        match self {
+            Self::Adapter(a) => &a.sha256,
+            Self::Router(r) => &r.sha256,
         }
     }
 }

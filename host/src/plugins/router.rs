@@ -2,9 +2,13 @@
 
 use std::sync::Arc;
 
-use super::bindings::{Candidate, RequestMeta, RouterInfo, RouterWorldPre};
+use wasmtime::component::InstancePre;
+
+use super::adapter::NO_KEY;
+use super::bindings::{Candidate, RequestMeta, RouterInfo, RouterWorld, RouterWorldIndices};
 use super::engine::PluginEngine;
 use super::error::PluginError;
+use super::instance::{Instances, plugin_call};
 use super::state::{PluginState, RoutingFacts};
 
 /// A routing policy ready to serve calls.
@@ -15,40 +19,43 @@ pub struct RouterPlugin {
     pub sha256: String,
     /// What `info()` returned at load time.
     pub info: RouterInfo,
-    pre: RouterWorldPre<PluginState>,
-    engine: Arc<PluginEngine>,
+    instances: Instances<RouterWorld>,
 }
 
 impl RouterPlugin {
-    pub(crate) fn new(
+    /// Prepare the policy compiled into `pre` and call `info()`.
+    pub(crate) async fn new(
         name: Arc<str>,
         sha256: String,
-        pre: RouterWorldPre<PluginState>,
+        pre: InstancePre<PluginState>,
         engine: Arc<PluginEngine>,
     ) -> Result<Self, PluginError> {
-        let info = {
-            let mut store = engine.store(name.clone());
-            let world = pre.instantiate(&mut store).map_err(|e| PluginError::instantiate(&name, e))?;
-            world.wasmgate_plugin_router().call_info(&mut store).map_err(|e| PluginError::from_wasm(&name, e))?
-        };
-        Ok(Self { name, sha256, info, pre, engine })
+        let indices = RouterWorldIndices::new(&pre).map_err(|e| PluginError::Instantiate {
+            plugin: name.to_string(),
+            detail: format!("does not match the router-plugin world: {e:#}"),
+        })?;
+        let load =
+            Box::new(move |store: &mut wasmtime::Store<PluginState>, instance: &wasmtime::component::Instance| {
+                indices.load(store, instance)
+            });
+        let instances = Instances::new(engine, name.clone(), pre, load);
+        let info = plugin_call!(instances, NO_KEY, 0, None, |store, b| b.wasmgate_plugin_router().call_info(store))?;
+        Ok(Self { name, sha256, info, instances })
     }
 
     /// `select`, with the result checked: every index in range and unique.
     /// `facts` is what the policy can ask `routing-context` for.
-    pub fn select(
+    pub async fn select(
         &self,
         meta: &RequestMeta,
         candidates: &[Candidate],
         facts: RoutingFacts,
     ) -> Result<Vec<usize>, PluginError> {
-        let mut store = self.engine.store(self.name.clone());
-        store.data_mut().routing = facts;
-        let world = self.pre.instantiate(&mut store).map_err(|e| PluginError::instantiate(&self.name, e))?;
-        let order = world
-            .wasmgate_plugin_router()
-            .call_select(&mut store, meta, candidates)
-            .map_err(|e| PluginError::from_wasm(&self.name, e))?;
+        let input = std::mem::size_of_val(candidates) + meta.model.len() + meta.group.len();
+        let order = plugin_call!(self.instances, NO_KEY, input, None, |store, b| {
+            store.data_mut().routing = facts;
+            b.wasmgate_plugin_router().call_select(store, meta, candidates)
+        })?;
         let mut seen = vec![false; candidates.len()];
         let mut out = Vec::with_capacity(order.len());
         for index in order {
@@ -59,5 +66,10 @@ impl RouterPlugin {
             out.push(i);
         }
         Ok(out)
+    }
+
+    /// Take every idle instance out of service (the plugin is replaced).
+    pub(crate) fn retire(&self) {
+        let _ = self.instances.clear();
     }
 }

@@ -1,8 +1,14 @@
-//! Per-call store data: an empty WASI context (no preopens, environment,
-//! network, clocks beyond WASI's defaults) and the resource limits.
+//! Per-store data: an empty WASI context (no preopens, environment or
+//! network; stderr captured into the gateway's log), the memory limit, and
+//! what the host imports answer during the current call.
 
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{ClockHost, CredentialsHost, LogHost, LogLevel, RoutingContextHost, TypesHost};
@@ -16,37 +22,127 @@ pub struct RoutingFacts {
     pub ttft_ms: Vec<f64>,
 }
 
+/// Bytes of a call's stderr kept for the log; the rest is counted, not kept.
+const STDERR_KEPT: usize = 2048;
+
+/// A plugin's stderr: never fails a write (a Rust guest's `eprintln!` and
+/// panic handler abort on a failed write), keeps the first bytes of each
+/// call for the log.
+#[derive(Clone, Default)]
+pub(crate) struct Stderr(Arc<Mutex<(Vec<u8>, usize)>>);
+
+impl Stderr {
+    /// What the current call wrote (its start, lossily decoded), and reset.
+    pub(crate) fn take(&self) -> Option<String> {
+        let mut guard = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (kept, total) = std::mem::take(&mut *guard);
+        if total == 0 {
+            return None;
+        }
+        let mut text = String::from_utf8_lossy(&kept).trim_end().to_string();
+        if total > kept.len() {
+            text.push_str(&format!(" […{} more bytes]", total - kept.len()));
+        }
+        Some(text)
+    }
+}
+
+impl tokio::io::AsyncWrite for Stderr {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let mut guard = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (kept, total) = &mut *guard;
+        let room = STDERR_KEPT.saturating_sub(kept.len());
+        kept.extend_from_slice(&buf[..buf.len().min(room)]);
+        *total += buf.len();
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl IsTerminal for Stderr {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for Stderr {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+/// Caps an instance's memories and remembers when it refused to grow one,
+/// so that the trap that usually follows is reported as what it is.
+pub(crate) struct MemoryCap {
+    max_bytes: usize,
+    /// A growth past the cap was refused during the current call.
+    pub(crate) hit: bool,
+    /// Largest memory size granted so far, in bytes.
+    pub(crate) peak: usize,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let ok = desired <= self.max_bytes;
+        self.hit |= !ok;
+        if ok {
+            self.peak = self.peak.max(desired);
+        }
+        Ok(ok)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
 /// What a plugin's `Store` holds.
 pub struct PluginState {
-    plugin: std::sync::Arc<str>,
+    plugin: Arc<str>,
     /// Built on first use: most plugins import no WASI at all, and building
     /// a context (RNG seeding, clocks) costs more than a whole plugin call.
     wasi: Option<WasiCtx>,
     table: ResourceTable,
-    pub(crate) limits: StoreLimits,
+    pub(crate) stderr: Stderr,
+    pub(crate) limits: MemoryCap,
     /// Facts for the `select` call in progress (routers only).
     pub(crate) routing: RoutingFacts,
     /// What `credentials.current` answers (adapters with an exchange only).
-    pub(crate) credential: Option<String>,
+    pub(crate) credential: Option<Arc<str>>,
 }
 
 impl PluginState {
-    /// Fresh state for one call of `plugin`, capped at `memory_bytes`.
-    pub fn new(plugin: std::sync::Arc<str>, memory_bytes: usize) -> Self {
+    /// Fresh state for `plugin`, capped at `memory_bytes`.
+    pub fn new(plugin: Arc<str>, memory_bytes: usize) -> Self {
         Self {
             plugin,
             wasi: None,
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new().memory_size(memory_bytes).trap_on_grow_failure(false).build(),
+            stderr: Stderr::default(),
+            limits: MemoryCap { max_bytes: memory_bytes, hit: false, peak: 0 },
             routing: RoutingFacts::default(),
             credential: None,
         }
+    }
+
+    /// Forget what the previous call left (before a call on a reused store).
+    pub(crate) fn reset(&mut self) {
+        self.limits.hit = false;
+        self.routing = RoutingFacts::default();
+        self.credential = None;
+        let _ = self.stderr.take();
     }
 }
 
 impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        let ctx = self.wasi.get_or_insert_with(|| WasiCtx::builder().build());
+        let stderr = self.stderr.clone();
+        let ctx = self.wasi.get_or_insert_with(|| WasiCtx::builder().stderr(stderr).build());
         WasiCtxView { ctx, table: &mut self.table }
     }
 }
@@ -80,7 +176,7 @@ impl RoutingContextHost for PluginState {
 
 impl CredentialsHost for PluginState {
     fn current(&mut self) -> Option<String> {
-        self.credential.clone()
+        self.credential.as_deref().map(str::to_string)
     }
 }
 

@@ -69,6 +69,7 @@ impl Credentials {
     pub async fn get(
         &self,
         adapter: &AdapterPlugin,
+        tag: u64,
         view: &ChannelView,
         origin: &str,
         upstream: &Upstream,
@@ -85,7 +86,16 @@ impl Credentials {
             Slot::Failed { error, until } if *until > now => return Err(CredentialError::Upstream(error.clone())),
             _ => {}
         }
-        match exchange(adapter, view, origin, upstream).await {
+        let limit = upstream.exchange_timeout;
+        let exchanged = match tokio::time::timeout(limit, exchange(adapter, tag, view, origin, upstream)).await {
+            Ok(result) => result,
+            Err(_) => Err(CredentialError::Upstream(UpstreamError {
+                kind: ErrorKind::Transient,
+                message: format!("the credential exchange did not finish within {} s", limit.as_secs()),
+                status: None,
+            })),
+        };
+        match exchanged {
             Ok(None) => {
                 *slot = Slot::NotNeeded;
                 Ok(None)
@@ -93,7 +103,7 @@ impl Credentials {
             Ok(Some((token, lifetime))) => {
                 let early = (lifetime / 10).min(MAX_EARLY_REFRESH);
                 let token: Arc<str> = Arc::from(token);
-                *slot = Slot::Ready { token: token.clone(), refresh_at: now + lifetime - early };
+                *slot = Slot::Ready { token: token.clone(), refresh_at: now + lifetime.saturating_sub(early) };
                 tracing::info!(adapter = %adapter.name, expires_in_secs = lifetime.as_secs(), "credential exchanged");
                 Ok(Some(token))
             }
@@ -126,11 +136,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// read the answer.
 async fn exchange(
     adapter: &AdapterPlugin,
+    tag: u64,
     view: &ChannelView,
     origin: &str,
     upstream: &Upstream,
 ) -> Result<Option<(String, Duration)>, CredentialError> {
-    let Some(request) = adapter.exchange_request(view).map_err(CredentialError::Plugin)? else {
+    let Some(request) = adapter.exchange_request(tag, view).await.map_err(CredentialError::Plugin)? else {
         return Ok(None);
     };
     if origin_of(&request.url).as_deref() != Some(origin) {
@@ -139,7 +150,7 @@ async fn exchange(
     }
     let response = upstream.send(request).await.map_err(CredentialError::Upstream)?;
     let response = upstream.read(response).await.map_err(CredentialError::Upstream)?;
-    match adapter.parse_exchange(view, &response).map_err(CredentialError::Plugin)? {
+    match adapter.parse_exchange(tag, view, &response).await.map_err(CredentialError::Plugin)? {
         Ok(credential) if credential.token.is_empty() => Err(CredentialError::Upstream(UpstreamError {
             kind: ErrorKind::Auth,
             message: "the credential exchange returned no token".into(),

@@ -4,7 +4,6 @@
 mod credentials;
 mod errors;
 mod probe;
-mod request;
 mod stream;
 mod upstream;
 
@@ -15,13 +14,13 @@ use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+pub use crate::request::ClientRequest;
 pub use credentials::{CredentialError, Credentials};
 pub use errors::{client_error, retryable};
 pub use probe::{ProbeOutcome, endpoint_name, kind_name, probe};
-pub use request::ClientRequest;
 pub use upstream::Upstream;
 
-use crate::billing::{AttemptInfo, Caller, Delivery, Meter};
+use crate::billing::{AttemptInfo, Caller, Ending, Meter, storage_unavailable};
 use crate::channels::{Channel, origin_of};
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
@@ -46,11 +45,17 @@ fn upstream_failure(e: &UpstreamError, channel: &Channel) -> Failure {
     if retryable(&e.kind) { Failure::Retry(client, Some(e.kind)) } else { Failure::Final(client) }
 }
 
-fn plugin_failure(e: &PluginError, request_id: &str) -> Failure {
-    tracing::warn!(request_id, error = %e, "plugin call failed");
-    if matches!(e, PluginError::Instantiate { .. }) {
-        // Every pooled instance is busy (open streams hold one each): a
-        // capacity problem, not the plugin's fault.
+/// The client's error for a failed plugin call; the failure is counted
+/// against the plugin (never the channel), capacity aside.
+fn plugin_failure(state: &AppState, e: &PluginError, request_id: &str) -> Failure {
+    tracing::warn!(request_id, error = %e, cause = e.cause(), "plugin call failed");
+    Failure::Final(plugin_error(state, e))
+}
+
+/// [`plugin_failure`]'s error.
+pub(crate) fn plugin_error(state: &AppState, e: &PluginError) -> ApiError {
+    if !e.is_plugin_fault() {
+        // Every instance slot is busy: the gateway's capacity.
         let mut err = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
@@ -58,9 +63,24 @@ fn plugin_failure(e: &PluginError, request_id: &str) -> Failure {
             "The gateway is at capacity; retry shortly.",
         );
         err.retry_after = Some(1);
-        return Failure::Final(err);
+        return err;
     }
-    Failure::Final(ApiError::plugin())
+    if let PluginError::Timeout { plugin, .. }
+    | PluginError::OutOfFuel { plugin, .. }
+    | PluginError::MemoryLimit { plugin, .. }
+    | PluginError::Trap { plugin, .. }
+    | PluginError::Malformed { plugin, .. }
+    | PluginError::Instantiate { plugin, .. } = e
+    {
+        state.registry.report_call_failure(plugin, &e.to_string());
+    }
+    ApiError::plugin()
+}
+
+/// The tag of a channel key: plugin instances are reused only between
+/// calls with the same tag.
+pub(crate) fn key_tag(channel: &Channel, key: Option<usize>) -> u64 {
+    (channel.id << 20) | key.map_or(0xF_FFFF, |k| k as u64 & 0xF_FFFF)
 }
 
 /// Serve `req` (already authenticated and validated) for `caller`:
@@ -83,9 +103,9 @@ pub async fn relay(
             None => ApiError::model_not_found(&req.model),
         });
     }
-    let mut meter = Some(state.billing.admit(caller, &req, request_id)?);
+    let mut meter = Some(state.billing.admit(caller, &req, request_id).await?);
     let route = RouteRequest { endpoint: req.endpoint, model: &req.model, group, stream: req.stream };
-    let ordered = state.routing.order(&plugins, &state.registry, &route, candidates);
+    let ordered = state.routing.order(&plugins, &state.registry, &route, candidates).await;
     let cfg = &state.config.upstream;
     let deadline = Instant::now() + Duration::from_secs(cfg.total_timeout_secs);
     let mut last: Option<ApiError> = None;
@@ -119,8 +139,16 @@ pub async fn relay(
         let in_flight = stats.start();
         let (view, key) = channel.view();
         let info = attempt_info(&plugins, channel, &req.model);
-        let ctx =
-            Attempt { state, plugins: &plugins, channel, req: &req, stats: &stats, info: info.clone(), request_id };
+        let ctx = Attempt {
+            state,
+            plugins: &plugins,
+            channel,
+            req: &req,
+            stats: &stats,
+            info: info.clone(),
+            request_id,
+            tag: key_tag(channel, key),
+        };
         let (err, kind) = match tokio::time::timeout(limit, attempt(ctx, view, in_flight, &mut meter)).await {
             Ok(Ok(response)) => {
                 state.health.on_success(channel);
@@ -222,6 +250,8 @@ struct Attempt<'a> {
     stats: &'a Arc<ChannelStats>,
     info: AttemptInfo,
     request_id: &'a str,
+    /// The channel key's tag (plugin instance reuse).
+    tag: u64,
 }
 
 /// Try `a.channel`. On success the meter is settled (non-streamed) or moved
@@ -232,7 +262,7 @@ async fn attempt(
     in_flight: InFlight,
     meter: &mut Option<Meter>,
 ) -> Result<Response, Failure> {
-    let Attempt { state, plugins, channel, req, stats, info, request_id } = a;
+    let Attempt { state, plugins, channel, req, stats, info, request_id, tag } = a;
     let started = Instant::now();
     let Some(adapter) = plugins.adapters.get(&channel.adapter) else {
         tracing::warn!(request_id, channel = channel.id, adapter = %channel.adapter, "adapter not loaded");
@@ -246,26 +276,26 @@ async fn attempt(
         include_usage: req.include_usage,
         request_id: request_id.to_string(),
     };
-    let credential = match state.credentials.get(adapter, &view, &channel.origin, &state.upstream).await {
+    let credential = match state.credentials.get(adapter, tag, &view, &channel.origin, &state.upstream).await {
         Ok(c) => c,
-        Err(CredentialError::Plugin(e)) => return Err(plugin_failure(&e, request_id)),
+        Err(CredentialError::Plugin(e)) => return Err(plugin_failure(state, &e, request_id)),
         Err(CredentialError::Upstream(e)) => return Err(upstream_failure(&e, channel)),
     };
-    let upstream_req = match adapter.build_request(&ctx, &view, &req.body, credential.as_deref()) {
-        Err(e) => return Err(plugin_failure(&e, request_id)),
+    let upstream_req = match adapter.build_request(tag, &ctx, &view, &req.body, credential.clone()).await {
+        Err(e) => return Err(plugin_failure(state, &e, request_id)),
         Ok(Err(e)) => return Err(Failure::Final(client_error(&e, channel))),
         Ok(Ok(r)) => r,
     };
     if origin_of(&upstream_req.url).as_deref() != Some(channel.origin.as_str()) {
         let e = PluginError::malformed(&adapter.name, "upstream URL outside the channel's origin");
-        return Err(plugin_failure(&e, request_id));
+        return Err(plugin_failure(state, &e, request_id));
     }
     let upstream = &state.upstream;
     let response = upstream.send(upstream_req).await.map_err(|e| upstream_failure(&e, channel))?;
 
     if !response.status().is_success() {
         let body = upstream.read(response).await.map_err(|e| upstream_failure(&e, channel))?;
-        let err = adapter.classify_error(&ctx, &body).map_err(|e| plugin_failure(&e, request_id))?;
+        let err = adapter.classify_error(tag, &ctx, &body).await.map_err(|e| plugin_failure(state, &e, request_id))?;
         tracing::info!(request_id, channel = channel.id, status = body.status, kind = ?err.kind, "upstream error");
         if matches!(err.kind, ErrorKind::Auth) && credential.is_some() {
             state.credentials.invalidate(adapter, &view);
@@ -273,40 +303,36 @@ async fn attempt(
         return Err(upstream_failure(&err, channel));
     }
     if req.stream {
-        let live = stream::LiveStream {
-            upstream: Box::pin(response.bytes_stream()),
-            decoder: adapter.stream_decoder(&ctx).map_err(|e| plugin_failure(&e, request_id))?,
-            channel: channel.clone(),
-            idle: state.upstream.idle_timeout,
-            usage: None,
-            request_id: request_id.to_string(),
-            stats: stats.clone(),
-            _in_flight: in_flight,
-            meter: None,
-            text: String::new(),
-            ttft: None,
-        };
+        let decoder = adapter.stream_decoder(tag, &ctx).await.map_err(|e| plugin_failure(state, &e, request_id))?;
+        let live =
+            stream::LiveStream::new(state, response, decoder, channel.clone(), stats.clone(), in_flight, request_id);
         return stream_response(live, started, meter, info).await;
     }
     let body = upstream.read(response).await.map_err(|e| upstream_failure(&e, channel))?;
-    match adapter.parse_response(&ctx, &body) {
-        Err(e) => Err(plugin_failure(&e, request_id)),
+    match adapter.parse_response(tag, &ctx, &body).await {
+        Err(e) => Err(plugin_failure(state, &e, request_id)),
         Ok(Err(e)) => Err(upstream_failure(&e, channel)),
         Ok(Ok(parsed)) => {
-            if serde_json::from_slice::<serde::de::IgnoredAny>(&parsed.body).is_err() {
+            // One pass validates the body and, when the upstream reported
+            // no usage, collects the generated text to count.
+            let mut generated = crate::billing::tokenize::GeneratedText::default();
+            let needs_text = parsed.usage.is_none() && meter.as_ref().is_some_and(Meter::needs_tokens);
+            if !crate::billing::tokenize::generated_text(&parsed.body, needs_text.then_some(&mut generated)) {
                 let e = PluginError::malformed(&adapter.name, "response body is not JSON");
-                return Err(plugin_failure(&e, request_id));
+                return Err(plugin_failure(state, &e, request_id));
             }
             stats.success(started.elapsed(), None);
             drop(in_flight);
             tracing::debug!(request_id, channel = channel.id, usage = ?parsed.usage, "request served");
             if let Some(mut m) = meter.take() {
-                let mut text = String::new();
-                if parsed.usage.is_none() {
-                    crate::billing::tokenize::generated_text(&parsed.body, &mut text);
-                }
                 m.serving(info);
-                m.settle(Delivery { usage: parsed.usage, text: &text, ..Delivery::default() });
+                let tokens = m.tokens(parsed.usage, generated).await;
+                if let Err(e) = m.settle(tokens, Ending::default()) {
+                    // Fail closed: an answer whose usage cannot be recorded
+                    // is not served.
+                    tracing::error!(request_id, error = %e, "refusing an answer whose usage cannot be recorded");
+                    return Err(Failure::Final(storage_unavailable()));
+                }
             }
             let mut response = Response::new(Body::from(parsed.body));
             response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -329,10 +355,13 @@ async fn stream_response(
     let ttft = started.elapsed();
     live.stats.success(ttft, Some(ttft));
     live.ttft = Some(ttft);
-    live.meter = meter.take().map(|mut m| {
-        m.stream_started(info, ttft);
-        m
-    });
+    if let Some(mut m) = meter.take() {
+        if let Err(e) = m.stream_started(info, ttft) {
+            tracing::error!(request_id = %live.request_id, error = %e, "refusing a stream whose usage cannot be recorded");
+            return Err(Failure::Final(storage_unavailable()));
+        }
+        live.meter = Some(m);
+    }
     let body = Body::from_stream(stream::body(first, live));
     let headers = [
         (header::CONTENT_TYPE, "text/event-stream"),

@@ -88,13 +88,20 @@ pub async fn probe(state: &AppState, channel: &Channel) -> ProbeOutcome {
     let Some(adapter) = plugins.adapters.get(&channel.adapter) else {
         return fail(out, None, format!("adapter `{}` is not loaded", channel.adapter));
     };
-    let (view, _) = channel.view();
-    let credential = match state.credentials.get(adapter, &view, &channel.origin, &state.upstream).await {
+    let (mut view, key) = channel.view();
+    let tag = super::key_tag(channel, key);
+    // Unless the channel's settings name a probe model, probe with a model
+    // the channel offers: an adapter's default probe model may be one this
+    // upstream does not serve, and the channel would never recover.
+    if let Some(model) = channel.models.first() {
+        view.settings = with_probe_model(&view.settings, model);
+    }
+    let credential = match state.credentials.get(adapter, tag, &view, &channel.origin, &state.upstream).await {
         Ok(c) => c,
         Err(CredentialError::Plugin(e)) => return fail(out, None, format!("credential exchange failed: {e}")),
         Err(CredentialError::Upstream(e)) => return fail(out, Some(kind_name(&e.kind)), e.message),
     };
-    let probe = match adapter.health_probe(&view, credential.as_deref()) {
+    let probe = match adapter.health_probe(tag, &view, credential.clone()).await {
         Ok(p) => p,
         Err(e) => return fail(out, None, format!("adapter failed to build a probe: {e}")),
     };
@@ -108,7 +115,7 @@ pub async fn probe(state: &AppState, channel: &Channel) -> ProbeOutcome {
         include_usage: false,
         request_id: format!("probe_{:016x}", rand::random::<u64>()),
     };
-    let request = match adapter.build_request(&ctx, &view, &probe.body, credential.as_deref()) {
+    let request = match adapter.build_request(tag, &ctx, &view, &probe.body, credential.clone()).await {
         Ok(Ok(r)) if origin_of(&r.url).as_deref() == Some(channel.origin.as_str()) => r,
         Ok(Ok(_)) => return fail(out, None, "adapter built a URL outside the channel's origin".into()),
         Ok(Err(e)) => return fail(out, Some(kind_name(&e.kind)), e.message),
@@ -124,9 +131,9 @@ pub async fn probe(state: &AppState, channel: &Channel) -> ProbeOutcome {
         Err(e) => return fail(out, Some(kind_name(&e.kind)), e.message),
     };
     let verdict = if ok_status {
-        adapter.parse_response(&ctx, &body).map(|r| r.map(|_| ()))
+        adapter.parse_response(tag, &ctx, &body).await.map(|r| r.map(|_| ()))
     } else {
-        adapter.classify_error(&ctx, &body).map(Err)
+        adapter.classify_error(tag, &ctx, &body).await.map(Err)
     };
     match verdict {
         Ok(Ok(())) => {
@@ -141,5 +148,32 @@ pub async fn probe(state: &AppState, channel: &Channel) -> ProbeOutcome {
             fail(out, Some(kind), if detail.is_empty() { message } else { detail })
         }
         Err(e) => fail(out, None, format!("adapter failed: {e}")),
+    }
+}
+
+/// `settings` (a JSON object) with `probe_model` set to `model` unless it
+/// names one already.
+fn with_probe_model(settings: &str, model: &str) -> String {
+    let mut map = match serde_json::from_str::<serde_json::Value>(settings) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    if map.get("probe_model").and_then(|m| m.as_str()).is_some_and(|m| !m.is_empty()) {
+        return settings.to_string();
+    }
+    map.insert("probe_model".into(), serde_json::Value::String(model.to_string()));
+    serde_json::Value::Object(map).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_probe_model;
+
+    #[test]
+    fn the_probe_model_defaults_to_one_the_channel_offers() {
+        assert_eq!(with_probe_model("{}", "deepseek-chat"), r#"{"probe_model":"deepseek-chat"}"#);
+        let own = r#"{"probe_model":"x"}"#;
+        assert_eq!(with_probe_model(own, "deepseek-chat"), own);
+        assert_eq!(with_probe_model(r#"{"a":1}"#, "m"), r#"{"a":1,"probe_model":"m"}"#);
     }
 }

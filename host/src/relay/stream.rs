@@ -1,21 +1,33 @@
 //! SSE relay: upstream bytes go through the adapter's stream decoder and
 //! out to the client chunk by chunk, with no buffering beyond one upstream
-//! read. Ends with `data: [DONE]`, or with an OpenAI-style error event.
+//! read. Ends with `data: [DONE]` when the upstream signalled its end, or
+//! with an OpenAI-style error event — also when the upstream's stream
+//! broke off before its end marker, or passed the gateway's length or
+//! duration limit.
+//!
+//! What a stream keeps is bounded: the decoder's small state, and for the
+//! bill only the first [`GeneratedText::KEPT`] bytes of generated text plus
+//! a byte count (see `billing::tokenize`). Counting, when the upstream
+//! reported no usage, runs off the async workers — also when the client
+//! leaves and the stream is dropped.
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use axum::http::StatusCode;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 
-use crate::billing::tokenize::generated_text;
-use crate::billing::{Delivery, Meter};
+use crate::billing::tokenize::{GeneratedText, generated_text};
+use crate::billing::{Ending, Meter};
 use crate::channels::Channel;
 use crate::error::ApiError;
+use crate::health::Fault;
 use crate::plugins::{AdapterResult, AdapterStream, ErrorKind, PluginError, StreamEvents, Usage};
 use crate::routing::{ChannelStats, InFlight};
+use crate::state::AppState;
 
 use super::errors::client_error;
 
@@ -33,8 +45,30 @@ pub(crate) struct Frames {
     /// sent yet).
     pub early_error: Option<ApiError>,
     /// The classified upstream error behind `early_error`; `None` when the
-    /// adapter itself failed.
+    /// adapter itself (or the gateway's limit) ended it.
     pub early_kind: Option<ErrorKind>,
+    /// The upstream's stream ended or broke before its end marker.
+    pub cut: bool,
+    /// The gateway's length or duration limit ended it.
+    pub limited: bool,
+}
+
+impl Frames {
+    fn empty() -> Self {
+        Self {
+            bytes: BytesMut::new(),
+            chunks: 0,
+            end: false,
+            early_error: None,
+            early_kind: None,
+            cut: false,
+            limited: false,
+        }
+    }
+
+    fn failed(err: ApiError, kind: Option<ErrorKind>) -> Self {
+        Self { end: true, early_error: Some(err), early_kind: kind, ..Self::empty() }
+    }
 }
 
 fn error_frame(out: &mut BytesMut, err: &ApiError) {
@@ -43,148 +77,247 @@ fn error_frame(out: &mut BytesMut, err: &ApiError) {
     out.put_slice(b"\n\n");
 }
 
-/// Turn a decoder result into frames. `sent_any` says whether the client has
-/// received anything yet (failover is only possible before that).
-pub(crate) fn frames(
-    result: AdapterResult<StreamEvents>,
-    channel: &Channel,
-    usage: &mut Option<Usage>,
-    text: &mut String,
-    upstream_ended: bool,
-) -> Frames {
-    let mut out = Frames { bytes: BytesMut::new(), chunks: 0, end: false, early_error: None, early_kind: None };
-    let events = match result {
-        Err(e) => {
-            log_plugin_error(&e);
-            out.early_error = Some(ApiError::plugin());
-            out.end = true;
-            return out;
-        }
-        Ok(Err(e)) => {
-            out.early_error = Some(client_error(&e, channel));
-            out.early_kind = Some(e.kind);
-            out.end = true;
-            return out;
-        }
-        Ok(Ok(events)) => events,
-    };
-    for chunk in &events.chunks {
-        if serde_json::from_slice::<serde::de::IgnoredAny>(chunk).is_err() {
-            tracing::warn!(channel = channel.id, "adapter emitted a stream chunk that is not JSON");
-            out.early_error = Some(ApiError::plugin());
-            out.end = true;
-            return out;
-        }
-        out.bytes.put_slice(b"data: ");
-        out.bytes.put_slice(chunk);
-        out.bytes.put_slice(b"\n\n");
-        out.chunks += 1;
-        // Kept to bill by a local count if the upstream reports no usage.
-        generated_text(chunk, text);
-    }
-    if events.usage.is_some() {
-        *usage = events.usage;
-    }
-    if let Some(e) = events.error {
-        out.early_error = Some(client_error(&e, channel));
-        out.early_kind = Some(e.kind);
-        out.end = true;
-    } else if events.done || upstream_ended {
-        out.bytes.put_slice(b"data: [DONE]\n\n");
-        out.end = true;
-    }
-    out
+fn upstream_error(code: &'static str, message: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", Some(code), message.to_string())
 }
 
-fn log_plugin_error(e: &PluginError) {
-    tracing::warn!(error = %e, "plugin failed while decoding a stream");
-}
-
-/// A stream that has already produced its first frames.
+/// A stream that has begun: the upstream response, its decoder, and what
+/// the bill needs.
 pub(crate) struct LiveStream {
-    pub upstream: ByteStream,
-    pub decoder: AdapterStream,
-    pub channel: Arc<Channel>,
-    pub idle: Duration,
-    pub usage: Option<Usage>,
+    upstream: ByteStream,
+    decoder: AdapterStream,
+    state: AppState,
+    channel: Arc<Channel>,
+    idle: Duration,
+    max_bytes: u64,
+    deadline: Instant,
+    received: u64,
+    usage: Option<Usage>,
+    generated: GeneratedText,
+    /// The request id, for logs.
     pub request_id: String,
     /// The channel's statistics (a failure after the first byte counts).
     pub stats: Arc<ChannelStats>,
     /// Counts the stream as in flight until it ends.
-    pub _in_flight: InFlight,
+    _in_flight: InFlight,
     /// Bills the request when the stream ends (or the client leaves).
     pub meter: Option<Meter>,
-    /// Generated text sent so far.
-    pub text: String,
     /// Time to first token.
     pub ttft: Option<Duration>,
+    ending: Ending,
 }
 
 impl LiveStream {
-    /// Settle the bill once: with the upstream's usage, else by counting
-    /// what was delivered.
-    fn settle(&mut self, client_disconnected: bool) {
-        if let Some(meter) = self.meter.take() {
-            meter.settle(Delivery { usage: self.usage, text: &self.text, ttft: self.ttft, client_disconnected });
+    /// A stream over `response`, decoded by `decoder`.
+    pub fn new(
+        state: &AppState,
+        response: reqwest::Response,
+        decoder: AdapterStream,
+        channel: Arc<Channel>,
+        stats: Arc<ChannelStats>,
+        in_flight: InFlight,
+        request_id: &str,
+    ) -> Self {
+        let cfg = &state.config.upstream;
+        Self {
+            upstream: Box::pin(response.bytes_stream()),
+            decoder,
+            state: state.clone(),
+            channel,
+            idle: state.upstream.idle_timeout,
+            max_bytes: cfg.max_stream_bytes,
+            deadline: Instant::now() + Duration::from_secs(cfg.max_stream_secs),
+            received: 0,
+            usage: None,
+            generated: GeneratedText::default(),
+            request_id: request_id.to_string(),
+            stats,
+            _in_flight: in_flight,
+            meter: None,
+            ttft: None,
+            ending: Ending::default(),
         }
+    }
+
+    /// Whether the bill needs the generated text (no usage reported yet,
+    /// and something to charge).
+    fn needs_text(&self) -> bool {
+        self.usage.is_none() && self.meter.as_ref().is_none_or(Meter::needs_tokens)
+    }
+
+    /// Turn a decoder result into frames. `upstream_ended`: the upstream
+    /// body is over, so a stream not marked done was cut.
+    fn frames(&mut self, result: AdapterResult<StreamEvents>, upstream_ended: bool) -> Frames {
+        let events = match result {
+            Err(e) => {
+                tracing::warn!(request_id = %self.request_id, error = %e, cause = e.cause(), "plugin failed while decoding a stream");
+                return Frames::failed(super::plugin_error(&self.state, &e), None);
+            }
+            Ok(Err(e)) => return Frames::failed(client_error(&e, &self.channel), Some(e.kind)),
+            Ok(Ok(events)) => events,
+        };
+        let mut out = Frames::empty();
+        for chunk in &events.chunks {
+            let needs_text = self.needs_text();
+            // One pass: validate the chunk, and take its text for the bill.
+            if !generated_text(chunk, needs_text.then_some(&mut self.generated)) {
+                let e = PluginError::malformed(self.decoder.plugin_name(), "a stream chunk that is not JSON");
+                tracing::warn!(request_id = %self.request_id, channel = self.channel.id, "adapter emitted a stream chunk that is not JSON");
+                return Frames::failed(super::plugin_error(&self.state, &e), None);
+            }
+            out.bytes.put_slice(b"data: ");
+            out.bytes.put_slice(chunk);
+            out.bytes.put_slice(b"\n\n");
+            out.chunks += 1;
+        }
+        if events.usage.is_some() {
+            self.usage = events.usage;
+        }
+        if let Some(e) = events.error {
+            out.early_error = Some(client_error(&e, &self.channel));
+            out.early_kind = Some(e.kind);
+            out.end = true;
+        } else if events.done {
+            out.bytes.put_slice(b"data: [DONE]\n\n");
+            out.end = true;
+        } else if upstream_ended {
+            tracing::warn!(request_id = %self.request_id, channel = self.channel.id, "upstream stream ended before its end marker");
+            out.early_error =
+                Some(upstream_error("stream_truncated", "The upstream stream ended before it was complete."));
+            out.early_kind = Some(ErrorKind::Transient);
+            out.cut = true;
+            out.end = true;
+        }
+        out
+    }
+
+    /// Read upstream until the decoder yields something to send or the
+    /// stream ends.
+    async fn next_frames(&mut self) -> Frames {
+        let now = Instant::now();
+        if now >= self.deadline {
+            return self.limit("stream_too_long", "The stream reached the gateway's duration limit.");
+        }
+        let wait = self.idle.min(self.deadline - now);
+        match tokio::time::timeout(wait, self.upstream.next()).await {
+            Err(_) if Instant::now() >= self.deadline => {
+                self.limit("stream_too_long", "The stream reached the gateway's duration limit.")
+            }
+            Err(_) => self.broken("stalled"),
+            Ok(Some(Err(_))) => self.broken("connection dropped mid-stream"),
+            Ok(Some(Ok(bytes))) => {
+                self.received = self.received.saturating_add(bytes.len() as u64);
+                if self.received > self.max_bytes {
+                    return self.limit("stream_too_large", "The stream reached the gateway's length limit.");
+                }
+                let r = self.decoder.feed(&bytes).await;
+                self.frames(r, false)
+            }
+            Ok(None) => {
+                let r = self.decoder.finish().await;
+                self.frames(r, true)
+            }
+        }
+    }
+
+    fn broken(&self, what: &str) -> Frames {
+        tracing::warn!(request_id = %self.request_id, channel = self.channel.id, "upstream stream {what}");
+        let mut f = Frames::failed(
+            upstream_error("upstream_error", &format!("The upstream stream {what}.")),
+            Some(ErrorKind::Transient),
+        );
+        f.cut = true;
+        f
+    }
+
+    fn limit(&self, code: &'static str, message: &str) -> Frames {
+        tracing::warn!(request_id = %self.request_id, channel = self.channel.id, received = self.received, "{message}");
+        let mut f = Frames::failed(upstream_error(code, message), None);
+        f.limited = true;
+        f
+    }
+
+    /// The stream failed after reaching the client: count it against the
+    /// channel when the upstream is to blame.
+    fn failed_midway(&mut self, f: &Frames) {
+        self.ending.upstream_cut |= f.cut;
+        self.ending.limited |= f.limited;
+        if let Some(kind) = &f.early_kind {
+            self.stats.failure();
+            let consecutive_failures = self.stats.view().consecutive_failures;
+            self.state.health.on_failure(&self.channel, &Fault { kind, key: None, consecutive_failures });
+        }
+    }
+
+    /// Settle the bill once (at the end of the stream): with the upstream's
+    /// usage, else counting what was delivered off the async workers.
+    async fn settle(&mut self) {
+        let Some(meter) = self.meter.take() else { return };
+        let ending = Ending { ttft: self.ttft, ..self.ending };
+        let tokens = meter.tokens(self.usage, std::mem::take(&mut self.generated)).await;
+        if let Err(e) = meter.settle(tokens, ending) {
+            tracing::error!(request_id = %self.request_id, error = %e, "a delivered stream's usage is held in memory until the storage recovers");
+        }
+        tracing::debug!(request_id = %self.request_id, channel = self.channel.id,
+            plugin = self.decoder.plugin_name(), usage = ?self.usage, "stream finished");
     }
 }
 
 impl Drop for LiveStream {
     /// A stream dropped before its end is a client that went away: bill
-    /// what was delivered.
+    /// what was delivered — counted on the blocking pool, never here.
     fn drop(&mut self) {
-        if self.meter.is_some() {
-            tracing::info!(request_id = %self.request_id, channel = self.channel.id, "client disconnected mid-stream");
+        let Some(meter) = self.meter.take() else { return };
+        tracing::info!(request_id = %self.request_id, channel = self.channel.id, "client disconnected mid-stream");
+        let ending = Ending { ttft: self.ttft, client_disconnected: true, ..self.ending };
+        let (usage, generated) = (self.usage, std::mem::take(&mut self.generated));
+        let request_id = self.request_id.clone();
+        let finish = move |meter: Meter, tokens| {
+            if let Err(e) = meter.settle(tokens, ending) {
+                tracing::error!(request_id, error = %e, "an abandoned stream's usage is held in memory until the storage recovers");
+            }
+        };
+        if usage.is_some() || !meter.needs_tokens() {
+            // Nothing to count.
+            let tokens = meter.tokens_blocking(usage, &generated);
+            finish(meter, tokens);
+            return;
         }
-        self.settle(true);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let tokens = meter.tokens(usage, generated).await;
+                    finish(meter, tokens);
+                });
+            }
+            Err(_) => {
+                std::thread::spawn(move || {
+                    let tokens = meter.tokens_blocking(usage, &generated);
+                    finish(meter, tokens);
+                });
+            }
+        }
     }
 }
 
 /// Read upstream until the decoder yields something to send. `Err` means
 /// the stream failed before any byte reached the client (failover allowed
-/// when the error is a retryable upstream one).
+/// when the error is a retryable upstream one). A stream that ends without
+/// a single chunk — an empty or non-SSE `200` — is such a failure.
 pub(crate) async fn first_frames(live: &mut LiveStream) -> Result<Frames, (ApiError, Option<ErrorKind>)> {
     loop {
-        let step = next_frames(live).await;
+        let step = live.next_frames().await;
         if let Some(err) = step.early_error {
             return Err((err, step.early_kind));
         }
-        if step.chunks > 0 || step.end {
+        if step.chunks > 0 {
             return Ok(step);
         }
-    }
-}
-
-async fn next_frames(live: &mut LiveStream) -> Frames {
-    match tokio::time::timeout(live.idle, live.upstream.next()).await {
-        Err(_) => stalled(&live.channel, "stalled"),
-        Ok(Some(Err(_))) => stalled(&live.channel, "connection dropped mid-stream"),
-        Ok(Some(Ok(bytes))) => {
-            let r = live.decoder.feed(&bytes);
-            frames(r, &live.channel, &mut live.usage, &mut live.text, false)
+        if step.end {
+            tracing::warn!(request_id = %live.request_id, channel = live.channel.id, "upstream sent an empty stream");
+            let err = upstream_error("upstream_error", "The upstream returned an empty stream.");
+            return Err((err, Some(ErrorKind::Transient)));
         }
-        Ok(None) => {
-            let r = live.decoder.finish();
-            frames(r, &live.channel, &mut live.usage, &mut live.text, true)
-        }
-    }
-}
-
-fn stalled(channel: &Channel, what: &str) -> Frames {
-    tracing::warn!(channel = channel.id, "upstream stream {what}");
-    let err = ApiError::new(
-        axum::http::StatusCode::BAD_GATEWAY,
-        "upstream_error",
-        Some("upstream_error"),
-        format!("The upstream stream {what}."),
-    );
-    Frames {
-        bytes: BytesMut::new(),
-        chunks: 0,
-        end: true,
-        early_error: Some(err),
-        early_kind: Some(ErrorKind::Transient),
     }
 }
 
@@ -195,7 +328,7 @@ pub(crate) fn body(first: Frames, live: LiveStream) -> impl Stream<Item = Result
         if let Some(f) = pending {
             let end = f.end;
             if end {
-                finish_log(&mut live);
+                live.settle().await;
             }
             return Some((Ok(f.bytes.freeze()), (None, live, end)));
         }
@@ -203,15 +336,14 @@ pub(crate) fn body(first: Frames, live: LiveStream) -> impl Stream<Item = Result
             return None;
         }
         loop {
-            let mut step = next_frames(&mut live).await;
+            let mut step = live.next_frames().await;
             if let Some(err) = &step.early_error {
-                if step.early_kind.is_some() {
-                    live.stats.failure();
-                }
                 error_frame(&mut step.bytes, err);
+                live.failed_midway(&step);
             }
             if step.end {
-                finish_log(&mut live);
+                // Journaled before the last frame leaves.
+                live.settle().await;
                 return Some((Ok(step.bytes.freeze()), (None, live, true)));
             }
             if !step.bytes.is_empty() {
@@ -219,10 +351,4 @@ pub(crate) fn body(first: Frames, live: LiveStream) -> impl Stream<Item = Result
             }
         }
     })
-}
-
-fn finish_log(live: &mut LiveStream) {
-    live.settle(false);
-    tracing::debug!(request_id = %live.request_id, channel = live.channel.id,
-        plugin = live.decoder.plugin_name(), usage = ?live.usage, "stream finished");
 }

@@ -16,6 +16,8 @@ pub struct Upstream {
     response_timeout: Duration,
     /// Longest silence allowed inside a streamed body.
     pub idle_timeout: Duration,
+    /// Limit of a whole credential exchange.
+    pub exchange_timeout: Duration,
     max_body: usize,
 }
 
@@ -40,6 +42,7 @@ impl Upstream {
             client,
             response_timeout: Duration::from_secs(cfg.response_timeout_secs),
             idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
+            exchange_timeout: Duration::from_secs(cfg.exchange_timeout_secs.max(1)),
             max_body: cfg.max_response_bytes,
         })
     }
@@ -85,7 +88,7 @@ impl Upstream {
                 Ok(None) => break,
                 Ok(Some(Err(_))) => return Err(connection_error("connection dropped mid-response")),
                 Ok(Some(Ok(chunk))) => {
-                    if body.len() + chunk.len() > self.max_body {
+                    if body.len().saturating_add(chunk.len()) > self.max_body {
                         return Err(connection_error("response exceeded the size limit"));
                     }
                     body.extend_from_slice(&chunk);

@@ -95,7 +95,7 @@ impl Routing {
     }
 
     /// Order `channels` (ascending id) for `req`.
-    pub fn order(
+    pub async fn order(
         &self,
         plugins: &PluginSet,
         registry: &Registry,
@@ -140,7 +140,7 @@ impl Routing {
                 tracing::warn!(policy = name, "routing policy not loaded");
                 continue;
             };
-            match router.select(&meta, &candidates, facts.clone()) {
+            match router.select(&meta, &candidates, facts.clone()).await {
                 Ok(indices) if !indices.is_empty() => {
                     return indices.into_iter().map(|i| channels[i].clone()).collect();
                 }

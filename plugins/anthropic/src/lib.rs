@@ -244,13 +244,14 @@ impl Adapter for Anthropic {
 }
 
 /// Turns Anthropic's typed SSE events into OpenAI chunks.
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Events {
     out: ChunkWriter,
     include_usage: bool,
     usage: Usage,
     /// Anthropic content-block index → OpenAI tool-call index.
     tool_index: Vec<(u64, usize)>,
-    finish: Option<&'static str>,
+    finish: Option<String>,
     done: bool,
 }
 
@@ -260,7 +261,7 @@ impl Events {
             return;
         }
         self.done = true;
-        out.chunks.push(self.out.delta(json!({}), Some(self.finish.unwrap_or("stop"))));
+        out.chunks.push(self.out.delta(json!({}), Some(self.finish.as_deref().unwrap_or("stop"))));
         if self.include_usage {
             out.chunks.push(self.out.usage(&self.usage));
         }
@@ -319,7 +320,7 @@ impl SseEvents for Events {
                 }
             }
             "message_delta" => {
-                self.finish = Some(finish_reason(v.pointer("/delta/stop_reason").and_then(Value::as_str)));
+                self.finish = Some(finish_reason(v.pointer("/delta/stop_reason").and_then(Value::as_str)).to_string());
                 if let Some(n) = v.pointer("/usage/output_tokens").and_then(Value::as_u64) {
                     let u = &mut self.usage;
                     *u = t::usage(u.prompt_tokens, n as u32, u.cached_tokens);

@@ -235,6 +235,7 @@ impl Adapter for Baidu {
 }
 
 /// ERNIE's stream events: `result` increments, `is_end` on the last.
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Events {
     out: ChunkWriter,
     include_usage: bool,
@@ -278,6 +279,7 @@ impl SseEvents for Events {
 
 /// ERNIE streams SSE, except that an error comes as a bare JSON body: the
 /// first non-blank byte decides which.
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Decoder {
     sse: SseDecoder<Events>,
     json_body: Option<bool>,

@@ -290,6 +290,7 @@ impl Adapter for Gemini {
 
 /// Gemini streams whole `GenerateContentResponse` objects as SSE `data:`;
 /// the last one carries `finishReason` and the final usage.
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Events {
     out: ChunkWriter,
     request_id: String,

@@ -190,6 +190,7 @@ impl Adapter for Ollama {
 }
 
 /// Ollama's stream: newline-delimited JSON objects.
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Decoder {
     buf: Vec<u8>,
     out: ChunkWriter,
@@ -262,7 +263,11 @@ impl StreamDecoder for Decoder {
 
     fn feed(&mut self, bytes: &[u8]) -> Result<StreamEvents, UpstreamError> {
         self.buf.extend_from_slice(bytes);
-        self.drain(false)
+        let events = self.drain(false)?;
+        if self.buf.len() > wasmgate_pdk::sse::MAX_PENDING {
+            return Err(error(ErrorKind::Transient, "upstream stream sent an oversized line", None));
+        }
+        Ok(events)
     }
 
     fn finish(&mut self) -> Result<StreamEvents, UpstreamError> {

@@ -1,9 +1,12 @@
 //! # wasmgate-pdk — write a wasmgate provider adapter in a page of Rust
 //!
 //! A provider adapter is a WebAssembly component implementing the
-//! `wasmgate:plugin/adapter@0.1.2` interface (see `wit/adapter.wit`). This
+//! `wasmgate:plugin/adapter@0.1.3` interface (see `wit/adapter.wit`). This
 //! crate hides the generated bindings: implement [`Adapter`] (and a
 //! [`StreamDecoder`]) on a type and register it with [`export_adapter!`].
+//! The component also exports `stream-codec` (see `wit/stream.wit`): the
+//! decoder's state is serialized between calls, so an open stream costs the
+//! host a few bytes instead of a plugin instance.
 //!
 //! ```ignore
 //! struct MyProvider;
@@ -16,9 +19,12 @@
 //! [`openai_compat`] (a complete OpenAI-compatible adapter to reuse or wrap)
 //! and [`log`].
 
+#[doc(hidden)]
+pub mod codec;
 pub mod log;
 pub mod openai;
 pub mod openai_compat;
+pub mod raw;
 pub mod sse;
 pub mod translate;
 mod util;
@@ -28,8 +34,11 @@ pub use util::{error, header, json_bytes, origin_url};
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        world: "auth-adapter-plugin",
+        world: "pdk-adapter-plugin",
         path: "../../wit",
+        // Decoder states hold some of these types (usage, errors) and are
+        // serialized between `stream-codec` calls.
+        additional_derives: [serde::Serialize, serde::Deserialize],
         pub_export_macro: true,
         export_macro_name: "__export_adapter_world",
         default_bindings_module: "wasmgate_pdk::bindings",
@@ -44,13 +53,14 @@ pub use bindings::wasmgate::plugin::types::{
 };
 
 /// The version of the WIT contract this kit implements.
-pub const WIT_VERSION: &str = "0.1.2";
+pub const WIT_VERSION: &str = "0.1.3";
 
 /// A provider adapter: pure translation between OpenAI's API and a provider's.
 ///
-/// Every function is called with a fresh instance, so adapters keep no state
-/// between calls (except inside a [`StreamDecoder`], which lives for one
-/// stream).
+/// Adapters keep no state between calls: the host may call each function on
+/// a fresh instance or on one that served earlier calls of the same channel
+/// key. A stream's state lives in its [`StreamDecoder`], which the host
+/// keeps (serialized) between the calls of one stream.
 pub trait Adapter {
     /// The decoder turning this provider's stream into OpenAI chunks.
     type Decoder: StreamDecoder;
@@ -91,7 +101,12 @@ pub fn credential() -> Option<String> {
 }
 
 /// Incremental decoder of one upstream stream into OpenAI chunks.
-pub trait StreamDecoder {
+///
+/// Between two calls the decoder is serialized (JSON) and handed to the
+/// host, which passes it back with the next bytes: derive
+/// `serde::Serialize` and `serde::Deserialize`, and keep it small (partial
+/// lines, ids, counters — not the text generated so far).
+pub trait StreamDecoder: serde::Serialize + serde::de::DeserializeOwned {
     /// Start decoding the stream of the request described by `ctx`.
     fn new(ctx: RequestContext) -> Self;
     /// Consume the next bytes of the upstream body (split anywhere).
@@ -165,6 +180,22 @@ macro_rules! export_adapter {
             }
             fn finish(&self) -> ::core::result::Result<$crate::StreamEvents, $crate::UpstreamError> {
                 $crate::StreamDecoder::finish(&mut *self.0.borrow_mut())
+            }
+        }
+
+        impl $crate::bindings::exports::wasmgate::plugin::stream_codec::Guest for __WasmgateAdapter {
+            fn decode(
+                ctx: $crate::RequestContext,
+                state: ::std::vec::Vec<u8>,
+                bytes: ::std::vec::Vec<u8>,
+            ) -> ::core::result::Result<$crate::codec::Decoded, $crate::UpstreamError> {
+                $crate::codec::decode::<<$ty as $crate::Adapter>::Decoder>(ctx, &state, &bytes)
+            }
+            fn finish(
+                ctx: $crate::RequestContext,
+                state: ::std::vec::Vec<u8>,
+            ) -> ::core::result::Result<$crate::codec::Decoded, $crate::UpstreamError> {
+                $crate::codec::finish::<<$ty as $crate::Adapter>::Decoder>(ctx, &state)
             }
         }
 

@@ -38,21 +38,40 @@ pub fn settings(channel: &Channel) -> Map<String, Value> {
 }
 
 /// Rewrite the client's body for the upstream: set the upstream model name
-/// and, for streams, ask for usage in the last chunk.
+/// and, for streams, ask for usage in the last chunk. The body is not
+/// parsed into a tree: its top-level members are copied through verbatim
+/// (in their order), only `model` and `stream_options` are rewritten.
 pub fn rewrite_body(ctx: &RequestContext, body: &[u8]) -> Result<Vec<u8>, UpstreamError> {
-    let mut value: Value = serde_json::from_slice(body)
-        .map_err(|e| error(ErrorKind::BadRequest, format!("invalid JSON body: {e}"), None))?;
-    let obj = value
-        .as_object_mut()
-        .ok_or_else(|| error(ErrorKind::BadRequest, "request body must be a JSON object", None))?;
-    obj.insert("model".into(), Value::String(ctx.upstream_model.clone()));
-    if ctx.stream && matches!(ctx.endpoint, Endpoint::ChatCompletions | Endpoint::Completions) {
-        let options = obj.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
-        if let Value::Object(options) = options {
-            options.insert("include_usage".into(), Value::Bool(true));
+    let members =
+        crate::raw::members(body).map_err(|e| error(ErrorKind::BadRequest, format!("invalid JSON body: {e}"), None))?;
+    let wants_usage = ctx.stream && matches!(ctx.endpoint, Endpoint::ChatCompletions | Endpoint::Completions);
+    let mut out = crate::raw::ObjectWriter::with_capacity(body.len() + ctx.upstream_model.len() + 48);
+    let (mut model_written, mut options_written) = (false, false);
+    for (key, value) in &members {
+        match key.as_ref() {
+            "model" => {
+                out.member(key, &Value::String(ctx.upstream_model.clone()));
+                model_written = true;
+            }
+            "stream_options" if wants_usage => {
+                let mut options = match serde_json::from_str::<Value>(value.get()) {
+                    Ok(Value::Object(map)) => map,
+                    _ => Map::new(),
+                };
+                options.insert("include_usage".into(), Value::Bool(true));
+                out.member(key, &Value::Object(options));
+                options_written = true;
+            }
+            _ => out.raw_member(key, value),
         }
     }
-    serde_json::to_vec(&value).map_err(|e| error(ErrorKind::Other, format!("cannot encode body: {e}"), None))
+    if !model_written {
+        out.member("model", &Value::String(ctx.upstream_model.clone()));
+    }
+    if wants_usage && !options_written {
+        out.member("stream_options", &serde_json::json!({"include_usage": true}));
+    }
+    Ok(out.finish())
 }
 
 /// The upstream request for `ctx` on an OpenAI-compatible API.
@@ -152,6 +171,7 @@ pub fn health_probe(channel: &Channel) -> Probe {
 }
 
 /// Decodes OpenAI's SSE stream: chunks pass through byte for byte.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct OpenAiSseDecoder {
     parser: SseParser,
     include_usage: bool,
@@ -197,7 +217,7 @@ impl StreamDecoder for OpenAiSseDecoder {
     }
 
     fn feed(&mut self, bytes: &[u8]) -> Result<StreamEvents, UpstreamError> {
-        let events = self.parser.push(bytes);
+        let events = self.parser.push_bounded(bytes)?;
         self.events(events)
     }
 

@@ -3,6 +3,13 @@
 //! Bytes may be split anywhere, including inside a UTF-8 sequence or a
 //! `\r\n` pair; complete events come out in order.
 
+use serde::{Deserialize, Serialize};
+
+/// Longest line (or event) a parser buffers before the stream is refused:
+/// an upstream that never sends a newline must not grow a decoder's state
+/// without bound.
+pub const MAX_PENDING: usize = 4 << 20;
+
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SseEvent {
@@ -13,7 +20,7 @@ pub struct SseEvent {
 }
 
 /// Buffers partial lines and yields complete events.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct SseParser {
     buf: Vec<u8>,
     event: Option<String>,
@@ -46,6 +53,25 @@ impl SseParser {
         }
         self.buf.drain(..start);
         out
+    }
+
+    /// Bytes held for an unfinished line or event.
+    pub fn pending(&self) -> usize {
+        self.buf.len() + self.data.as_ref().map_or(0, String::len)
+    }
+
+    /// [`Self::push`], refusing a stream whose unfinished line or event
+    /// grows past [`MAX_PENDING`].
+    pub fn push_bounded(&mut self, bytes: &[u8]) -> Result<Vec<SseEvent>, crate::UpstreamError> {
+        let events = self.push(bytes);
+        if self.pending() > MAX_PENDING {
+            return Err(crate::error(
+                crate::ErrorKind::Transient,
+                "upstream stream sent an oversized event without a line break",
+                None,
+            ));
+        }
+        Ok(events)
     }
 
     /// The stream ended: dispatch a last event not followed by a blank line.
@@ -109,7 +135,11 @@ pub trait SseEvents {
 
 /// A [`crate::StreamDecoder`] for SSE streams of JSON events: parses the
 /// bytes (split anywhere), skips blank events, turns non-JSON data into a
-/// transient error and stops at the first in-band error.
+/// transient error and stops at the first in-band error. Its state (the
+/// parser's partial line and `E`) is serialized between calls, so `E` must
+/// be too.
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "E: Serialize + serde::de::DeserializeOwned")]
 pub struct SseDecoder<E> {
     parser: SseParser,
     events: E,
@@ -134,13 +164,13 @@ impl<E: SseEvents> SseDecoder<E> {
     }
 }
 
-impl<E: SseEvents> crate::StreamDecoder for SseDecoder<E> {
+impl<E: SseEvents + Serialize + serde::de::DeserializeOwned> crate::StreamDecoder for SseDecoder<E> {
     fn new(ctx: crate::RequestContext) -> Self {
         Self { parser: SseParser::new(), events: E::new(ctx), failed: false }
     }
 
     fn feed(&mut self, bytes: &[u8]) -> Result<crate::StreamEvents, crate::UpstreamError> {
-        let events = self.parser.push(bytes);
+        let events = self.parser.push_bounded(bytes)?;
         self.dispatch(events)
     }
 
@@ -182,6 +212,7 @@ mod decoder_tests {
     use crate::{Endpoint, RequestContext, StreamDecoder, StreamEvents, UpstreamError};
 
     /// Counts `n` fields; ends at `{"end": true}`.
+    #[derive(serde::Serialize, serde::Deserialize)]
     struct Count(u64, bool);
 
     impl SseEvents for Count {

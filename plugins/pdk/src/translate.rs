@@ -203,7 +203,7 @@ pub fn choice(index: usize, message: Value, finish_reason: &str) -> Value {
 
 /// Writes the chunks of one streamed chat completion with a fixed id,
 /// model and creation time.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ChunkWriter {
     /// Completion id shared by every chunk.
     pub id: String,

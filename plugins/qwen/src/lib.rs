@@ -195,6 +195,7 @@ impl Adapter for Qwen {
 
 /// DashScope SSE: `event:result` with a whole response object per event
 /// (incremental text); errors arrive as `event:error` with `code`.
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Events {
     out: ChunkWriter,
     include_usage: bool,

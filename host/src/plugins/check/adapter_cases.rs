@@ -10,7 +10,8 @@ use std::time::Instant;
 use super::{Report, percentiles};
 use crate::channels::origin_of;
 use crate::plugins::{
-    AdapterPlugin, ChannelView, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, RequestContext,
+    AdapterPlugin, ChannelView, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, NO_KEY,
+    RequestContext,
 };
 
 const BASE_URL: &str = "https://upstream.conformance.test/base";
@@ -77,10 +78,10 @@ fn well_formed(req: &HttpRequest, endpoint: Endpoint) -> Result<(), String> {
     Ok(())
 }
 
-pub(super) fn run(adapter: &Arc<AdapterPlugin>, fixtures: Option<&Path>, report: &mut Report) {
+pub(super) async fn run(adapter: &Arc<AdapterPlugin>, fixtures: Option<&Path>, report: &mut Report) {
     let view = channel();
-    let credential = credential_case(adapter, &view, report);
-    let cred = credential.as_deref();
+    let credential = credential_case(adapter, &view, report).await;
+    let cred = credential.as_ref();
     let claimed = adapter.info.endpoints.clone();
     report.case(
         "info() claims at least one endpoint",
@@ -97,17 +98,18 @@ pub(super) fn run(adapter: &Arc<AdapterPlugin>, fixtures: Option<&Path>, report:
             let label =
                 format!("{}{}: builds a request", endpoint_name(endpoint), if stream { " (stream)" } else { "" });
             let c = ctx(endpoint, model, stream);
-            let first = adapter.build_request(&c, &view, &body, cred);
+            let first = adapter.build_request(NO_KEY, &c, &view, &body, cred.cloned()).await;
             let result = match &first {
                 Err(e) => Err(format!("trapped: {e}")),
                 Ok(Err(e)) => Err(format!("refused a canonical request: {:?} {}", e.kind, e.message)),
-                Ok(Ok(req)) => well_formed(req, endpoint).and_then(|()| {
+                Ok(Ok(req)) => match well_formed(req, endpoint) {
+                    Err(e) => Err(e),
                     // Same input, same request: adapters are pure functions.
-                    match adapter.build_request(&c, &view, &body, cred) {
+                    Ok(()) => match adapter.build_request(NO_KEY, &c, &view, &body, cred.cloned()).await {
                         Ok(Ok(again)) if again.url == req.url && again.body == req.body => Ok(()),
                         _ => Err("two calls with the same input built different requests".into()),
-                    }
-                }),
+                    },
+                },
             };
             report.case(label, result);
         }
@@ -115,30 +117,30 @@ pub(super) fn run(adapter: &Arc<AdapterPlugin>, fixtures: Option<&Path>, report:
 
     if claimed.contains(&Endpoint::ChatCompletions) {
         let c = ctx(Endpoint::ChatCompletions, "conformance-chat", false);
-        let result = match adapter.build_request(&c, &view, b"{not json", cred) {
+        let result = match adapter.build_request(NO_KEY, &c, &view, b"{not json", cred.cloned()).await {
             Err(e) => Err(format!("trapped: {e}")),
             Ok(Ok(_)) => Err("accepted a body that is not JSON".into()),
             Ok(Err(e)) if matches!(e.kind, ErrorKind::BadRequest) => Ok(()),
             Ok(Err(e)) => Err(format!("classified invalid JSON as {:?}, not bad-request", e.kind)),
         };
         report.case("invalid JSON from the client is a bad-request", result);
-        timing(adapter, &view, cred, report);
+        timing(adapter, &view, cred, report).await;
     }
 
-    classify_cases(adapter, &claimed, report);
-    garbage_cases(adapter, &claimed, report);
-    probe_case(adapter, &view, &claimed, cred, report);
+    classify_cases(adapter, &claimed, report).await;
+    garbage_cases(adapter, &claimed, report).await;
+    probe_case(adapter, &view, &claimed, cred, report).await;
     if let Some(dir) = fixtures {
-        recorded(adapter, dir, &claimed, report);
+        recorded(adapter, dir, &claimed, report).await;
     }
 }
 
 /// The exchange, when the adapter has one: stays in the origin.
-fn credential_case(adapter: &Arc<AdapterPlugin>, view: &ChannelView, report: &mut Report) -> Option<String> {
+async fn credential_case(adapter: &Arc<AdapterPlugin>, view: &ChannelView, report: &mut Report) -> Option<Arc<str>> {
     if !adapter.has_auth() {
         return None;
     }
-    match adapter.exchange_request(view) {
+    match adapter.exchange_request(NO_KEY, view).await {
         Err(e) => {
             report.case("auth: exchange-request", Err(format!("trapped: {e}")));
             None
@@ -156,33 +158,32 @@ fn credential_case(adapter: &Arc<AdapterPlugin>, view: &ChannelView, report: &mu
             };
             report.case("auth: exchange request stays in the channel's origin", result);
             let garbage = response(500, &[], b"<html>oops</html>");
-            let result = match adapter.parse_exchange(view, &garbage) {
+            let result = match adapter.parse_exchange(NO_KEY, view, &garbage).await {
                 Err(e) => Err(format!("trapped: {e}")),
                 Ok(Ok(_)) => Err("read a credential out of an HTML error page".into()),
                 Ok(Err(_)) => Ok(()),
             };
             report.case("auth: a failed exchange is an error", result);
-            Some(CREDENTIAL.into())
+            Some(Arc::from(CREDENTIAL))
         }
     }
 }
 
-fn timing(adapter: &Arc<AdapterPlugin>, view: &ChannelView, cred: Option<&str>, report: &mut Report) {
+async fn timing(adapter: &Arc<AdapterPlugin>, view: &ChannelView, cred: Option<&Arc<str>>, report: &mut Report) {
     let (model, body) = sample(Endpoint::ChatCompletions);
     let body = serde_json::to_vec(&body).unwrap_or_default();
     let c = ctx(Endpoint::ChatCompletions, model, false);
-    let samples: Vec<_> = (0..200)
-        .map(|_| {
-            let t = Instant::now();
-            let _ = adapter.build_request(&c, view, &body, cred);
-            t.elapsed()
-        })
-        .collect();
+    let mut samples = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let t = Instant::now();
+        let _ = adapter.build_request(NO_KEY, &c, view, &body, cred.cloned()).await;
+        samples.push(t.elapsed());
+    }
     let (p50, p99) = percentiles(samples);
-    report.timings.push(format!("build-request (chat, instantiate + call) p50 {p50:?}, p99 {p99:?}"));
+    report.timings.push(format!("build-request (chat) p50 {p50:?}, p99 {p99:?}"));
 }
 
-fn classify_cases(adapter: &Arc<AdapterPlugin>, claimed: &[Endpoint], report: &mut Report) {
+async fn classify_cases(adapter: &Arc<AdapterPlugin>, claimed: &[Endpoint], report: &mut Report) {
     let Some(&endpoint) = claimed.first() else { return };
     let (model, _) = sample(endpoint);
     let c = ctx(endpoint, model, false);
@@ -203,7 +204,7 @@ fn classify_cases(adapter: &Arc<AdapterPlugin>, claimed: &[Endpoint], report: &m
         ("empty 500 is transient", response(500, &[], b""), |k| matches!(k, ErrorKind::Transient)),
     ];
     for (label, resp, ok) in cases {
-        let result = match adapter.classify_error(&c, &resp) {
+        let result = match adapter.classify_error(NO_KEY, &c, &resp).await {
             Err(e) => Err(format!("trapped: {e}")),
             Ok(e) if e.message.contains("conformance-key") => Err("the message contains the channel key".into()),
             Ok(e) if ok(&e.kind) => Ok(()),
@@ -214,14 +215,14 @@ fn classify_cases(adapter: &Arc<AdapterPlugin>, claimed: &[Endpoint], report: &m
 }
 
 /// Hostile upstream bytes are errors, never traps or successes.
-fn garbage_cases(adapter: &Arc<AdapterPlugin>, claimed: &[Endpoint], report: &mut Report) {
+async fn garbage_cases(adapter: &Arc<AdapterPlugin>, claimed: &[Endpoint], report: &mut Report) {
     let Some(&endpoint) = claimed.first() else { return };
     let (model, _) = sample(endpoint);
     let c = ctx(endpoint, model, false);
     for (label, body) in
         [("an HTML", &b"<html>oops</html>"[..]), ("an empty", b""), ("a truncated JSON", b"{\"id\": \"x\", \"cho")]
     {
-        let result = match adapter.parse_response(&c, &response(200, &[], body)) {
+        let result = match adapter.parse_response(NO_KEY, &c, &response(200, &[], body)).await {
             Err(e) => Err(format!("trapped: {e}")),
             Ok(Ok(_)) => Err("turned it into a successful response".into()),
             Ok(Err(_)) => Ok(()),
@@ -232,17 +233,17 @@ fn garbage_cases(adapter: &Arc<AdapterPlugin>, claimed: &[Endpoint], report: &mu
         return;
     }
     let c = ctx(Endpoint::ChatCompletions, "conformance-chat", true);
-    let result = (|| {
-        let mut decoder = adapter.stream_decoder(&c).map_err(|e| format!("trapped: {e}"))?;
+    let result = async {
+        let mut decoder = adapter.stream_decoder(NO_KEY, &c).await.map_err(|e| format!("trapped: {e}"))?;
         let mut chunks: Vec<Vec<u8>> = Vec::new();
         for bytes in [&b"data: {garbage\n\n"[..], b"\x00\xff\xfe not a stream at all\n\n"] {
-            match decoder.feed(bytes) {
+            match decoder.feed(bytes).await {
                 Err(e) => return Err(format!("trapped: {e}")),
                 Ok(Ok(ev)) => chunks.extend(ev.chunks),
                 Ok(Err(_)) => return Ok(()),
             }
         }
-        match decoder.finish() {
+        match decoder.finish().await {
             Err(e) => return Err(format!("trapped: {e}")),
             Ok(Ok(ev)) => chunks.extend(ev.chunks),
             Ok(Err(_)) => {}
@@ -251,37 +252,43 @@ fn garbage_cases(adapter: &Arc<AdapterPlugin>, claimed: &[Endpoint], report: &mu
             Some(_) => Err("emitted a chunk that is not JSON".into()),
             None => Ok(()),
         }
-    })();
+    }
+    .await;
     report.case("stream decoder: garbage bytes give an error, not a trap or a bad chunk", result);
 }
 
-fn probe_case(
+async fn probe_case(
     adapter: &Arc<AdapterPlugin>,
     view: &ChannelView,
     claimed: &[Endpoint],
-    cred: Option<&str>,
+    cred: Option<&Arc<str>>,
     report: &mut Report,
 ) {
-    let result = match adapter.health_probe(view, cred) {
+    let result = match adapter.health_probe(NO_KEY, view, cred.cloned()).await {
         Err(e) => Err(format!("trapped: {e}")),
         Ok(p) if p.model.is_empty() => Err("the probe names no model".into()),
         Ok(p) if !claimed.contains(&p.endpoint) => {
             Err(format!("probes {}, which info() does not claim", endpoint_name(p.endpoint)))
         }
-        Ok(p) => match adapter.build_request(&ctx(p.endpoint, &p.model, false), view, &p.body, cred) {
-            Ok(Ok(req)) => well_formed(&req, p.endpoint),
-            Ok(Err(e)) => Err(format!("its own probe body is refused: {}", e.message)),
-            Err(e) => Err(format!("trapped building the probe: {e}")),
-        },
+        Ok(p) => {
+            match adapter.build_request(NO_KEY, &ctx(p.endpoint, &p.model, false), view, &p.body, cred.cloned()).await {
+                Ok(Ok(req)) => well_formed(&req, p.endpoint),
+                Ok(Err(e)) => Err(format!("its own probe body is refused: {}", e.message)),
+                Err(e) => Err(format!("trapped building the probe: {e}")),
+            }
+        }
     };
     report.case("health-probe: a claimed endpoint, a model, a buildable body", result);
 }
 
 /// The provider's recorded examples in `dir`, when present.
-pub(super) fn recorded(adapter: &Arc<AdapterPlugin>, dir: &Path, claimed: &[Endpoint], report: &mut Report) {
+pub(super) async fn recorded(adapter: &Arc<AdapterPlugin>, dir: &Path, claimed: &[Endpoint], report: &mut Report) {
     let c = ctx(Endpoint::ChatCompletions, "conformance-chat", false);
     if let Ok(body) = std::fs::read(dir.join("chat.json")) {
-        let result = match adapter.parse_response(&c, &response(200, &[("content-type", "application/json")], &body)) {
+        let result = match adapter
+            .parse_response(NO_KEY, &c, &response(200, &[("content-type", "application/json")], &body))
+            .await
+        {
             Err(e) => Err(format!("trapped: {e}")),
             Ok(Err(e)) => Err(format!("refused: {:?} {}", e.kind, e.message)),
             Ok(Ok(parsed)) => {
@@ -300,12 +307,16 @@ pub(super) fn recorded(adapter: &Arc<AdapterPlugin>, dir: &Path, claimed: &[Endp
     let stream = ["stream.sse", "stream.ndjson"].iter().find_map(|f| std::fs::read(dir.join(f)).ok());
     if let (Some(bytes), true) = (stream, claimed.contains(&Endpoint::ChatCompletions)) {
         let c = ctx(Endpoint::ChatCompletions, "conformance-chat", true);
-        let result = (|| {
-            let mut decoder = adapter.stream_decoder(&c).map_err(|e| format!("trapped: {e}"))?;
+        let result = async {
+            let mut decoder = adapter.stream_decoder(NO_KEY, &c).await.map_err(|e| format!("trapped: {e}"))?;
             let (mut chunks, mut usage, mut done): (Vec<Vec<u8>>, _, _) = (Vec::new(), None, false);
             // Split every 7 bytes: decoders must cope with any boundary.
-            let pieces = bytes.chunks(7).map(|p| decoder.feed(p)).collect::<Vec<_>>();
-            for ev in pieces.into_iter().chain(std::iter::once(decoder.finish())) {
+            let mut pieces = Vec::new();
+            for p in bytes.chunks(7) {
+                pieces.push(decoder.feed(p).await);
+            }
+            pieces.push(decoder.finish().await);
+            for ev in pieces {
                 let ev = ev.map_err(|e| format!("trapped: {e}"))?.map_err(|e| format!("error: {}", e.message))?;
                 chunks.extend(ev.chunks);
                 usage = ev.usage.or(usage);
@@ -318,11 +329,12 @@ pub(super) fn recorded(adapter: &Arc<AdapterPlugin>, dir: &Path, claimed: &[Endp
                 true => Ok(()),
                 false => Err("a chunk is not JSON".into()),
             }
-        })();
+        }
+        .await;
         report.case("recorded stream, split every 7 bytes: chunks, end and usage", result);
     }
     if let Ok(body) = std::fs::read(dir.join("error.json")) {
-        let result = match adapter.classify_error(&c, &response(400, &[], &body)) {
+        let result = match adapter.classify_error(NO_KEY, &c, &response(400, &[], &body)).await {
             Err(e) => Err(format!("trapped: {e}")),
             Ok(e) if matches!(e.kind, ErrorKind::Other) || e.message.is_empty() => {
                 Err(format!("unclassified ({:?}, message {:?})", e.kind, e.message))

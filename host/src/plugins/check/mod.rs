@@ -95,7 +95,7 @@ impl fmt::Display for Report {
 
 /// Check the component in `file`; `fixtures` optionally holds the provider's
 /// recorded examples (`chat.json`, `stream.sse`/`stream.ndjson`, `error.json`).
-pub fn check_file(file: &Path, fixtures: Option<&Path>) -> Report {
+pub async fn check_file(file: &Path, fixtures: Option<&Path>) -> Report {
     let mut report = Report { file: file.display().to_string(), ..Report::default() };
     let bytes = match std::fs::read(file) {
         Ok(b) => b,
@@ -112,12 +112,17 @@ pub fn check_file(file: &Path, fixtures: Option<&Path>) -> Report {
             return report;
         }
     };
-    check_bytes(&engine, &bytes, fixtures, report)
+    check_bytes(&engine, bytes, fixtures, report).await
 }
 
-fn check_bytes(engine: &Arc<PluginEngine>, bytes: &[u8], fixtures: Option<&Path>, mut report: Report) -> Report {
+async fn check_bytes(
+    engine: &Arc<PluginEngine>,
+    bytes: Vec<u8>,
+    fixtures: Option<&Path>,
+    mut report: Report,
+) -> Report {
     let name = Path::new(&report.file).file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_string();
-    let loaded = match load(engine, &ArtifactCache::new(None), &name, bytes) {
+    let loaded = match load(engine, &Arc::new(ArtifactCache::none()), &name, bytes).await {
         Ok(l) => l,
         Err(e) => {
             report.case("load (same validation as hot swap)", Err(e));
@@ -132,14 +137,14 @@ fn check_bytes(engine: &Arc<PluginEngine>, bytes: &[u8], fixtures: Option<&Path>
             report.name = adapter.info.name.clone();
             report.version = adapter.info.version.clone();
             report.sha256 = adapter.sha256.clone();
-            adapter_cases::run(&adapter, fixtures, &mut report);
+            adapter_cases::run(&adapter, fixtures, &mut report).await;
         }
         LoadedPlugin::Router(router) => {
             report.kind = Some("router");
             report.name = router.info.name.clone();
             report.version = router.info.version.clone();
             report.sha256 = router.sha256.clone();
-            router_cases::run(&router, &mut report);
+            router_cases::run(&router, &mut report).await;
         }
     }
     report

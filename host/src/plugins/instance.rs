@@ -1,0 +1,215 @@
+//! Plugin instances: creating them, lending them to calls, and keeping the
+//! healthy ones for reuse.
+//!
+//! The reuse policy is explicit (`[plugins] instance_reuse`, see
+//! `docs/plugins.md`): an instance serves at most that many calls, only
+//! calls of the same channel key (a plugin's memory may still hold the last
+//! request it saw), and is dropped after any failed call or when its memory
+//! grew large. With `instance_reuse = 1` every call gets a fresh instance.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use wasmtime::Store;
+use wasmtime::component::{Instance, InstancePre};
+
+use super::engine::{CallBudget, PluginEngine};
+use super::error::{CallFacts, PluginError};
+use super::state::PluginState;
+
+/// Idle instances kept per plugin version, over all channel keys (and the
+/// engine caps all plugins together, see `PluginEngine::max_idle`).
+const MAX_IDLE: usize = 32;
+/// An instance whose memory grew past this is not kept.
+const MAX_KEPT_MEMORY: usize = 8 << 20;
+
+/// One instance of a plugin, the bindings the host calls on it, and how
+/// many calls it served.
+pub(crate) struct Lease<B> {
+    pub(crate) store: Store<PluginState>,
+    pub(crate) bindings: B,
+    uses: u32,
+    tag: u64,
+}
+
+/// How bindings are loaded from a fresh instance.
+pub(crate) type LoadBindings<B> = dyn Fn(&mut Store<PluginState>, &Instance) -> wasmtime::Result<B> + Send + Sync;
+
+/// The instances of one plugin version.
+pub(crate) struct Instances<B> {
+    engine: Arc<PluginEngine>,
+    name: Arc<str>,
+    pre: InstancePre<PluginState>,
+    load: Box<LoadBindings<B>>,
+    idle: Mutex<Vec<Lease<B>>>,
+}
+
+impl<B: Send + 'static> Instances<B> {
+    /// Instances of `pre`, whose bindings `load` builds.
+    pub(crate) fn new(
+        engine: Arc<PluginEngine>,
+        name: Arc<str>,
+        pre: InstancePre<PluginState>,
+        load: Box<LoadBindings<B>>,
+    ) -> Self {
+        Self { engine, name, pre, load, idle: Mutex::new(Vec::new()) }
+    }
+
+    /// An instance for a call about channel key `tag`: an idle one that
+    /// served that key before, else a fresh one.
+    pub(crate) async fn lease(&self, tag: u64) -> Result<Lease<B>, PluginError> {
+        {
+            let mut idle = self.idle();
+            if let Some(i) = idle.iter().rposition(|l| l.tag == tag) {
+                self.engine.idle.fetch_sub(1, Ordering::Relaxed);
+                return Ok(idle.swap_remove(i));
+            }
+        }
+        match self.fresh(tag).await {
+            // Idle instances hold slots too: give them back and try again.
+            Err(PluginError::Capacity { .. }) if self.clear() > 0 => self.fresh(tag).await,
+            other => other,
+        }
+    }
+
+    /// A new instance, its instantiation bounded like a call.
+    pub(crate) async fn fresh(&self, tag: u64) -> Result<Lease<B>, PluginError> {
+        let mut store = self.engine.store(self.name.clone());
+        let budget = self.engine.budget(0);
+        let _ = store.set_fuel(budget.fuel);
+        let instance = match tokio::time::timeout(budget.wall, self.pre.instantiate_async(&mut store)).await {
+            Err(_) => return Err(self.timeout(budget.wall)),
+            Ok(Err(e)) => return Err(PluginError::from_wasm(self.facts(&mut store, budget), e, true)),
+            Ok(Ok(instance)) => instance,
+        };
+        let bindings = (self.load)(&mut store, &instance)
+            .map_err(|e| PluginError::Instantiate { plugin: self.name.to_string(), detail: format!("{e:#}") })?;
+        Ok(Lease { store, bindings, uses: 0, tag })
+    }
+
+    /// Arm `lease` for a call whose inputs are `input_bytes` long, with
+    /// `credential` answering `credentials.current`; returns its budget.
+    pub(crate) fn prepare(&self, lease: &mut Lease<B>, input_bytes: usize, credential: Option<Arc<str>>) -> CallBudget {
+        let budget = self.engine.budget(input_bytes);
+        let data = lease.store.data_mut();
+        data.reset();
+        data.credential = credential;
+        let _ = lease.store.set_fuel(budget.fuel);
+        lease.uses += 1;
+        budget
+    }
+
+    fn timeout(&self, wall: Duration) -> PluginError {
+        PluginError::Timeout { plugin: self.name.to_string(), ms: wall.as_millis() as u64 }
+    }
+
+    fn facts<'a>(&'a self, store: &mut Store<PluginState>, budget: CallBudget) -> CallFacts<'a> {
+        let data = store.data();
+        CallFacts {
+            plugin: &self.name,
+            fuel: budget.fuel,
+            memory_hit: data.limits.hit,
+            memory_mib: self.engine.config.memory_limit_mib,
+            stderr: data.stderr.take(),
+        }
+    }
+
+    /// The result of a call made on `lease`: the instance goes back to the
+    /// idle set after a success (within the reuse policy) and is dropped
+    /// after any failure.
+    pub(crate) fn settle<R>(
+        &self,
+        lease: Lease<B>,
+        budget: CallBudget,
+        outcome: Result<wasmtime::Result<R>, tokio::time::error::Elapsed>,
+    ) -> Result<R, PluginError> {
+        match outcome {
+            Err(_) => Err(self.failure(lease, budget, None)),
+            Ok(Err(e)) => Err(self.failure(lease, budget, Some(e))),
+            Ok(Ok(value)) => {
+                if let Some(stderr) = lease.store.data().stderr.take() {
+                    tracing::info!(target: "wasmgate::plugin", plugin = &*self.name, "stderr: {stderr}");
+                }
+                self.give_back(lease);
+                Ok(value)
+            }
+        }
+    }
+
+    /// The error of a call on `lease` that failed with `error` (`None`: it
+    /// ran out of time). The instance is dropped.
+    pub(crate) fn failure(
+        &self,
+        mut lease: Lease<B>,
+        budget: CallBudget,
+        error: Option<wasmtime::Error>,
+    ) -> PluginError {
+        match error {
+            None => self.timeout(budget.wall),
+            Some(e) => PluginError::from_wasm(self.facts(&mut lease.store, budget), e, false),
+        }
+    }
+
+    /// Keep `lease` for another call if the policy allows.
+    pub(crate) fn give_back(&self, lease: Lease<B>) {
+        if lease.uses >= self.engine.config.instance_reuse || memory_size(&lease.store) > MAX_KEPT_MEMORY {
+            return;
+        }
+        let mut idle = self.idle();
+        if idle.len() >= MAX_IDLE {
+            idle.remove(0);
+        } else if self.engine.idle.fetch_add(1, Ordering::Relaxed) >= self.engine.max_idle() {
+            self.engine.idle.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        idle.push(lease);
+    }
+}
+
+impl<B> Instances<B> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Lease<B>>> {
+        self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Drop every idle instance (the plugin is leaving service, or the pool
+    /// needs the slots); returns how many.
+    pub(crate) fn clear(&self) -> usize {
+        let mut idle = self.idle();
+        let n = idle.len();
+        idle.clear();
+        self.engine.idle.fetch_sub(n, Ordering::Relaxed);
+        n
+    }
+}
+
+impl<B> Drop for Instances<B> {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// Linear memory an instance holds, in bytes (summed over its memories as
+/// the limiter saw them grow).
+fn memory_size(store: &Store<PluginState>) -> usize {
+    store.data().limits.peak
+}
+
+/// Make one call on a lease of `$instances`: lease an instance for channel
+/// key `$tag`, arm it with a budget for `$bytes` of input and `$cred`, run
+/// `$call` (an expression using `$store` and `$b`, the bindings) under the
+/// wall-clock limit, and settle.
+macro_rules! plugin_call {
+    ($instances:expr, $tag:expr, $bytes:expr, $cred:expr, |$store:ident, $b:ident| $call:expr) => {{
+        let instances = &$instances;
+        let mut lease = instances.lease($tag).await?;
+        let budget = instances.prepare(&mut lease, $bytes, $cred);
+        let outcome = {
+            let $store = &mut lease.store;
+            let $b = &lease.bindings;
+            tokio::time::timeout(budget.wall, $call).await
+        };
+        instances.settle(lease, budget, outcome)
+    }};
+}
+pub(crate) use plugin_call;
