@@ -15,7 +15,10 @@ pub mod channels;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod listener;
 pub mod plugins;
+#[cfg(test)]
+mod props;
 pub mod relay;
 pub mod request;
 pub mod routing;

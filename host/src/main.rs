@@ -65,6 +65,9 @@ enum PluginCommand {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Everything the gateway creates is its user's alone (data directory,
+    // journal, plugin cache, key file).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)

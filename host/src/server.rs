@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::api::app;
@@ -58,7 +57,7 @@ pub async fn build(config: Config) -> Result<Gateway> {
         secrets_key: config.secrets_key.clone(),
     };
     let store = Store::open_with(&config.data_dir, &options)?;
-    store.guard_arc().spawn_monitor(Duration::from_millis(config.storage.check_interval_ms.max(50)));
+    store.spawn_monitor(Duration::from_millis(config.storage.check_interval_ms.max(50)));
     let mut generated = (None, None);
     let mut token_groups: HashMap<[u8; 32], (Arc<str>, usize)> =
         config.tokens.iter().enumerate().map(|(i, t)| (secret_hash(t.key()), (Arc::from(t.group()), i))).collect();
@@ -79,12 +78,14 @@ pub async fn build(config: Config) -> Result<Gateway> {
     std::fs::create_dir_all(&config.plugins_dir)
         .with_context(|| format!("creating plugins directory {}", config.plugins_dir.display()))?;
     let engine = PluginEngine::new(&config.plugins).context("starting the wasm engine")?;
+    let owned = config.plugins.cache_dir.is_none();
     let cache_dir = config.plugins.cache_dir.clone().unwrap_or_else(|| config.data_dir.join("plugin-cache"));
     let compiler = match std::env::current_exe() {
         Ok(exe) if config.plugins.isolate_compile => Compiler::Child(exe),
         _ => Compiler::InProcess,
     };
-    let cache = ArtifactCache::new(config.plugins.cache.then_some(cache_dir), config.data_dir.join("tmp"), compiler);
+    let cache =
+        ArtifactCache::new(config.plugins.cache.then_some(cache_dir), owned, config.data_dir.join("tmp"), compiler);
     let registry = Arc::new(Registry::new(engine, cache, config.plugins_dir.clone()));
     registry.load_dir().await;
     let watcher = if config.plugins.watch {
@@ -152,12 +153,8 @@ pub async fn run(config: Config) -> Result<()> {
     tracing::info!(plugins = plugins.iter().filter(|p| p.loaded).count(), %addr, "wasmgate ready");
     // Tests and scripts read this line to find the port.
     println!("wasmgate listening on http://{addr}");
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let state = gateway.state.clone();
-    let service = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service).with_graceful_shutdown(shutdown_signal()).await?;
+    crate::listener::serve(listener, app(state), &gateway.state.config.server, shutdown_signal()).await?;
     // Requests are drained: write the queued usage rows and charges. What a
     // failing disk keeps from being written stays in the journal for the
     // next start.

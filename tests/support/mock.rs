@@ -48,6 +48,17 @@ pub enum Mode {
     RejectKey(String),
     /// Healthy, but never reports usage (some OpenAI-compatible servers).
     NoUsage,
+    /// A `200` event stream that never ends: chunks as fast as the client
+    /// reads them, until it goes away.
+    EndlessStream,
+    /// A `200` event stream that ends cleanly (EOF) without `[DONE]` after
+    /// a few chunks.
+    CutStream,
+    /// A `400` whose message quotes the request's `Host` header and its key
+    /// in upper case, as some servers do.
+    EchoHost,
+    /// A healthy non-streamed answer whose content is this many bytes.
+    Big(usize),
 }
 
 impl Mode {
@@ -114,6 +125,7 @@ impl MockUpstream {
             .route("/v1/completions", post(completions))
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/models", get(models))
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
         let addr = listener.local_addr().expect("mock addr");
@@ -193,7 +205,27 @@ fn dropping_body(head: String) -> Body {
 /// The failure answer for `mode`, or `None` to answer normally.
 async fn failure(mode: Mode, model: &str, headers: &HeaderMap) -> Option<Response> {
     match mode {
-        Mode::Healthy | Mode::Times(..) | Mode::NoUsage => None,
+        Mode::Healthy | Mode::Times(..) | Mode::NoUsage | Mode::Big(_) => None,
+        Mode::EndlessStream => {
+            let chunk = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u64,
+                "model": model, "choices": [{"index": 0, "delta": {"content": "endless ".repeat(256)}, "finish_reason": null}]});
+            let frame = Bytes::from(format!("data: {chunk}\n\n"));
+            let stream = futures_util::stream::repeat_with(move || Ok::<_, Infallible>(frame.clone()));
+            Some(([(header::CONTENT_TYPE, "text/event-stream")], Body::from_stream(stream)).into_response())
+        }
+        Mode::CutStream => {
+            let chunks = chat_chunks(model, "cut short here", false);
+            let body: String = chunks.iter().take(3).map(|c| format!("data: {c}\n\n")).collect();
+            Some(([(header::CONTENT_TYPE, "text/event-stream")], body).into_response())
+        }
+        Mode::EchoHost => {
+            let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            let key = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            let message = format!("request to {host} refused: {} is not allowed", key.to_uppercase());
+            let body =
+                json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}});
+            Some((StatusCode::BAD_REQUEST, axum::Json(body)).into_response())
+        }
         Mode::RejectKey(key) => {
             let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
             if auth.ends_with(&key) {
@@ -266,6 +298,8 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     // `slow*` models answer forty words, one chunk every 30 ms.
     let text = if model.starts_with("slow") {
         (0..40).map(|i| format!("word{i} ")).collect::<String>()
+    } else if let Mode::Big(n) = current_mode_peek(&state) {
+        "x".repeat(n)
     } else {
         format!("echo: {}", last_user_text(&req))
     };

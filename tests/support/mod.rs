@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod accounts;
 pub mod mock;
 pub mod providers;
 
@@ -53,6 +54,8 @@ pub struct Gateway {
     /// Temporary directory holding everything.
     pub dir: tempfile::TempDir,
     config_path: PathBuf,
+    /// Soft and hard limit on open files the process starts with.
+    nofile: Option<u64>,
 }
 
 impl Gateway {
@@ -60,6 +63,15 @@ impl Gateway {
     /// name unless given as `src:dest`) and extra TOML (channels, options).
     pub fn start(plugins: &[&str], extra_toml: &str) -> Self {
         Self::start_with(plugins, "", extra_toml)
+    }
+
+    /// Like [`Gateway::start_with`], the process limited to `nofile` open
+    /// files (soft and hard, as `ulimit -n` sets them).
+    pub fn start_with_file_limit(plugins: &[&str], extra_toml: &str, nofile: u64) -> Self {
+        let mut gw = Self::start_with(plugins, "", extra_toml);
+        gw.nofile = Some(nofile);
+        gw.restart();
+        gw
     }
 
     /// Like [`Gateway::start`], with extra lines for the `[plugins]` table.
@@ -85,29 +97,43 @@ impl Gateway {
         if !extra_toml.contains("[pricing]") {
             extra_toml.push_str("\n[pricing]\nunpriced = \"free\"\n");
         }
+        // Gateways share one compiled-plugin cache (never pruned, being
+        // configured) unless a test asks for its own with `# own cache`.
+        let cache_line =
+            if plugin_options.contains("# own cache") { String::new() } else { format!("cache_dir = {cache_dir:?}\n") };
         let config = format!(
             "{tokens}admin_token = {ADMIN:?}\ndata_dir = {:?}\nplugins_dir = {:?}\n\
-             [plugins]\ncache_dir = {:?}\ndebounce_ms = 100\n{plugin_options}\n\n{extra_toml}\n",
-            data_dir, plugins_dir, cache_dir
+             [plugins]\n{cache_line}debounce_ms = 100\n{plugin_options}\n\n{extra_toml}\n",
+            data_dir, plugins_dir
         );
         let config_path = dir.path().join("wasmgate.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let (child, base) = Self::spawn(dir.path(), &config_path);
-        Self { child, base, plugins_dir, data_dir, dir, config_path }
+        let (child, base) = Self::spawn(dir.path(), &config_path, None);
+        Self { child, base, plugins_dir, data_dir, dir, config_path, nofile: None }
     }
 
-    fn spawn(dir: &Path, config_path: &Path) -> (Child, String) {
+    fn command(dir: &Path, config_path: &Path, nofile: Option<u64>) -> Command {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(dir.join("gateway.log")).expect("log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
-            .arg("--config")
+        let mut cmd = match nofile {
+            None => Command::new(env!("CARGO_BIN_EXE_wasmgate")),
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_wasmgate")]);
+                c
+            }
+        };
+        cmd.arg("--config")
             .arg(config_path)
             .args(["--listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info,wasmgate=debug")
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn wasmgate");
+            .stderr(Stdio::from(log));
+        cmd
+    }
+
+    fn spawn(dir: &Path, config_path: &Path, nofile: Option<u64>) -> (Child, String) {
+        let mut child = Self::command(dir, config_path, nofile).spawn().expect("spawn wasmgate");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -128,7 +154,7 @@ impl Gateway {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, base) = Self::spawn(self.dir.path(), &self.config_path);
+        let (child, base) = Self::spawn(self.dir.path(), &self.config_path, self.nofile);
         self.child = child;
         self.base = base;
     }
@@ -143,7 +169,7 @@ impl Gateway {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, base) = Self::spawn(self.dir.path(), &self.config_path);
+        let (child, base) = Self::spawn(self.dir.path(), &self.config_path, self.nofile);
         self.child = child;
         self.base = base;
     }
@@ -161,6 +187,57 @@ impl Gateway {
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the process, in bytes (Linux).
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// Stop (SIGKILL) without starting again.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start the binary again on the same directories; `Err` with its log
+    /// when it refuses to start.
+    pub fn try_start_again(&mut self) -> Result<(), String> {
+        self.kill();
+        let mut child = Self::command(self.dir.path(), &self.config_path, self.nofile).spawn().expect("spawn wasmgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("wasmgate listening on ") {
+                    let _ = tx.send(Some(addr.to_string()));
+                    return;
+                }
+            }
+            let _ = tx.send(None);
+        });
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(Some(base)) => {
+                self.child = child;
+                self.base = base;
+                Ok(())
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(self.log())
+            }
+        }
     }
 
     /// Replace (or add) a plugin file atomically, as an operator would with

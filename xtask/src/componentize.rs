@@ -80,6 +80,35 @@ pub fn alien_world_fixture() -> Result<Vec<u8>> {
     trapping_component(&resolve, package, "gadget")
 }
 
+/// A component holding one core module of `functions` small functions:
+/// a compile bomb (300,000 functions took 39 s and 1.8 GB to compile) that
+/// the host must refuse before compiling, or compile within its limits.
+pub fn compile_bomb_fixture(functions: u32) -> Vec<u8> {
+    use wasm_encoder::{
+        CodeSection, Component, Function, FunctionSection, Instruction, Module, ModuleSection, TypeSection, ValType,
+    };
+    let mut types = TypeSection::new();
+    types.ty().function([ValType::I32], [ValType::I32]);
+    let mut funcs = FunctionSection::new();
+    let mut code = CodeSection::new();
+    for i in 0..functions {
+        funcs.function(0);
+        let mut f = Function::new([]);
+        f.instruction(&Instruction::LocalGet(0));
+        f.instruction(&Instruction::I32Const(i as i32));
+        f.instruction(&Instruction::I32Add);
+        f.instruction(&Instruction::I32Const(7));
+        f.instruction(&Instruction::I32Mul);
+        f.instruction(&Instruction::End);
+        code.function(&f);
+    }
+    let mut module = Module::new();
+    module.section(&types).section(&funcs).section(&code);
+    let mut component = Component::new();
+    component.section(&ModuleSection(&module));
+    component.finish()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

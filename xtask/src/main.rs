@@ -83,7 +83,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         host_cargo()
             .current_dir(root.join("plugins"))
             .args(["test", "--package", "wasmgate-pdk", "--package", "weighted", "--package", "round-robin"])
-            .args(["--package", "latency", "--target-dir"])
+            .args(["--package", "latency", "--package", "ollama", "--target-dir"])
             .arg(root.join("target/guest-native")),
     )?;
     step("clippy");

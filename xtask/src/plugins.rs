@@ -58,6 +58,8 @@ pub fn build_all(root: &Path) -> Result<()> {
     write_if_changed(&fixtures.join("future-wit.wasm"), &future)?;
     // A valid component of an unrelated world, to be refused.
     write_if_changed(&fixtures.join("alien-world.wasm"), &crate::componentize::alien_world_fixture()?)?;
+    // A compile bomb: refused by its function count, or bounded while compiling.
+    write_if_changed(&fixtures.join("compile-bomb.wasm"), &crate::componentize::compile_bomb_fixture(300_000))?;
 
     // Adapters built the way `cargo component` builds them (WASI preview 1
     // + adapter): the openai adapter, to prove such components load, and

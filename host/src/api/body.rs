@@ -19,6 +19,15 @@ pub fn take(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
             // The rest of the body is never read: the connection must not be reused.
             err.close_connection = true;
             err
+        } else if super::limits::timed_out(&rejection) {
+            let mut err = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                Some("request_timeout"),
+                "The request body was not received in time.",
+            );
+            err.close_connection = true;
+            err
         } else {
             ApiError::bad_request("The request body could not be read.")
         }

@@ -40,7 +40,7 @@ fn filter(q: &HashMap<String, String>) -> Result<LogFilter, ApiError> {
 
 async fn page(state: &AppState, f: LogFilter, q: &HashMap<String, String>) -> Result<Json<Value>, ApiError> {
     let paging = paging(q)?;
-    let tree = state.billing.logs.clone();
+    let tree = state.billing.logs().map_err(|_| crate::billing::storage_unavailable())?;
     let (rows, total) = tokio::task::spawn_blocking(move || query(&tree, &f, paging.0, paging.1))
         .await
         .map_err(|_| ApiError::internal())?;
@@ -68,7 +68,7 @@ pub async fn summary(
         return Err(ApiError::bad_request("`by` must be day, model, channel, user or token").param("by"));
     }
     let f = filter(&q)?;
-    let tree = state.billing.logs.clone();
+    let tree = state.billing.logs().map_err(|_| crate::billing::storage_unavailable())?;
     let sums = tokio::task::spawn_blocking(move || stats(&tree, &f, &by)).await.map_err(|_| ApiError::internal())?;
     Ok(Json(json!({"object": "stats", "data": sums})))
 }

@@ -4,6 +4,7 @@ mod accounts_admin;
 mod auth;
 mod body;
 mod channels_admin;
+mod limits;
 mod logs_admin;
 mod openai;
 mod params;
@@ -87,10 +88,11 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .nest("/v1", v1)
         .nest("/api", own.merge(admin))
-        .route("/health", get(|| async { "ok" }))
+        .route("/health", get(status::health))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), limits::request_limits))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use crate::channels::ChannelState;
@@ -27,9 +28,22 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
     let plugins = state.registry.snapshot();
     Json(json!({
         "object": "status",
+        "storage": state.billing.storage().status(),
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": crate::store::unix_now().saturating_sub(state.started_at),
         "channels": {"total": snapshot.records.len(), "by_status": counts, "data": channels},
         "plugins": {"adapters": plugins.adapters.len(), "routers": plugins.routers.len()},
     }))
+}
+
+/// `GET /health`: 200 `{"status":"ok"}` while the gateway can serve and
+/// bill; 503 `{"status":"degraded", ...}` with the reason when its storage
+/// cannot record usage (billed requests are refused meanwhile).
+pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let storage = state.billing.storage().status();
+    if storage.writable {
+        (StatusCode::OK, Json(json!({"status": "ok"})))
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "degraded", "storage": storage})))
+    }
 }

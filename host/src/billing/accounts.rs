@@ -227,8 +227,6 @@ where
 /// Users and tokens in sled.
 pub struct Accounts {
     store: Store,
-    users_tree: sled::Tree,
-    tokens_tree: sled::Tree,
     master: Mutex<(BTreeMap<u64, UserRecord>, BTreeMap<u64, TokenRecord>)>,
     snapshot: ArcSwap<AccountSet>,
 }
@@ -252,7 +250,7 @@ impl Accounts {
         let tokens: BTreeMap<u64, TokenRecord> =
             load::<TokenRecord>(&tokens_tree)?.into_iter().map(|t| (t.id, t)).collect();
         let snapshot = ArcSwap::from_pointee(AccountSet::rebuild(&users, &tokens));
-        Ok(Self { store: store.clone(), users_tree, tokens_tree, master: Mutex::new((users, tokens)), snapshot })
+        Ok(Self { store: store.clone(), master: Mutex::new((users, tokens)), snapshot })
     }
 
     /// The current users and tokens.
@@ -277,7 +275,7 @@ impl Accounts {
         user.used_quota = 0;
         user.request_count = 0;
         let mut master = self.lock();
-        insert_durably(&self.users_tree, user.id, &user)?;
+        insert_durably(&self.store.tree("users")?, user.id, &user)?;
         master.0.insert(user.id, user.clone());
         self.publish(&master);
         Ok(user)
@@ -297,7 +295,7 @@ impl Accounts {
         token.created_at = unix_now();
         token.used_quota = 0;
         let mut master = self.lock();
-        insert_durably(&self.tokens_tree, token.id, &token)?;
+        insert_durably(&self.store.tree("tokens")?, token.id, &token)?;
         master.1.insert(token.id, token.clone());
         self.publish(&master);
         Ok((token, key))
@@ -315,7 +313,7 @@ impl Accounts {
         let mut next = master.0.get(&id).cloned().ok_or(AccountError::NotFound("user"))?;
         f(&mut next)?;
         next.id = id;
-        let user = merge_in(&self.users_tree, id, &next, |stored: &UserRecord, merged: &mut UserRecord| {
+        let user = merge_in(&self.store.tree("users")?, id, &next, |stored: &UserRecord, merged: &mut UserRecord| {
             (merged.quota, merged.used_quota, merged.request_count) =
                 (stored.quota, stored.used_quota, stored.request_count);
         })?;
@@ -336,12 +334,13 @@ impl Accounts {
         let mut next = master.1.get(&id).cloned().ok_or(AccountError::NotFound("token"))?;
         f(&mut next)?;
         next.id = id;
-        let token = merge_in(&self.tokens_tree, id, &next, |stored: &TokenRecord, merged: &mut TokenRecord| {
-            merged.user_id = stored.user_id;
-            merged.key_hash.clone_from(&stored.key_hash);
-            merged.key_hint.clone_from(&stored.key_hint);
-            (merged.remain_quota, merged.used_quota) = (stored.remain_quota, stored.used_quota);
-        })?;
+        let token =
+            merge_in(&self.store.tree("tokens")?, id, &next, |stored: &TokenRecord, merged: &mut TokenRecord| {
+                merged.user_id = stored.user_id;
+                merged.key_hash.clone_from(&stored.key_hash);
+                merged.key_hint.clone_from(&stored.key_hint);
+                (merged.remain_quota, merged.used_quota) = (stored.remain_quota, stored.used_quota);
+            })?;
         master.1.insert(id, token.clone());
         self.publish(&master);
         Ok(token)
@@ -352,8 +351,9 @@ impl Accounts {
         self.store.ensure_writable()?;
         let mut master = self.lock();
         let token = master.1.remove(&id).ok_or(AccountError::NotFound("token"))?;
-        self.tokens_tree.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
-        self.tokens_tree.flush().map_err(anyhow::Error::from)?;
+        let tokens = self.store.tree("tokens")?;
+        tokens.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
+        tokens.flush().map_err(anyhow::Error::from)?;
         self.publish(&master);
         Ok(token)
     }
@@ -363,14 +363,16 @@ impl Accounts {
         self.store.ensure_writable()?;
         let mut master = self.lock();
         let user = master.0.remove(&id).ok_or(AccountError::NotFound("user"))?;
+        let tokens = self.store.tree("tokens")?;
         let owned: Vec<u64> = master.1.values().filter(|t| t.user_id == id).map(|t| t.id).collect();
         for t in owned {
             master.1.remove(&t);
-            self.tokens_tree.remove(t.to_be_bytes()).map_err(anyhow::Error::from)?;
+            tokens.remove(t.to_be_bytes()).map_err(anyhow::Error::from)?;
         }
-        self.users_tree.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
-        self.users_tree.flush().map_err(anyhow::Error::from)?;
-        self.tokens_tree.flush().map_err(anyhow::Error::from)?;
+        let users = self.store.tree("users")?;
+        users.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
+        users.flush().map_err(anyhow::Error::from)?;
+        tokens.flush().map_err(anyhow::Error::from)?;
         self.publish(&master);
         Ok(user)
     }

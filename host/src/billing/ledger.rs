@@ -122,6 +122,9 @@ impl Ledger {
         token_limited: bool,
         amount: i64,
     ) -> Result<Reservation, Short> {
+        // A hold is never negative: a negative one would saturate the sum of
+        // holds and never release exactly (found by the ledger property).
+        let amount = amount.max(0);
         let mut b = self.books();
         let fits =
             |bal: Option<&Balance>| bal.is_some_and(|x| amount <= 0 || x.balance.saturating_sub(x.reserved) >= amount);

@@ -81,8 +81,6 @@ pub struct Billing {
     pub pricing: Pricing,
     /// The log and charge writer.
     pub writer: Writer,
-    /// The `logs` tree.
-    pub logs: sled::Tree,
     store: Store,
     log_config: LogConfig,
     limits: LimitsConfig,
@@ -147,8 +145,13 @@ impl Billing {
             logs: store.tree("logs")?,
             state: store.tree("billing_state")?,
         };
-        let (journal, pending) = Journal::open(store.dir(), trees.committed_seq()?)?;
+        let committed = trees.committed_seq()?;
+        // A store that lost committed usage (a truncated or restored db)
+        // is refused rather than billed again from an old state.
+        store.check_mark("journal_seq", committed)?;
+        let (journal, pending) = Journal::open(store.dir(), committed)?;
         let (replayed, interrupted) = writer::recover(&trees, &journal, pending).map_err(anyhow::Error::msg)?;
+        store.committed(trees.committed_seq()?);
         if replayed + interrupted > 0 {
             tracing::warn!(replayed, interrupted, "recovered usage records a crash left unwritten");
         }
@@ -158,19 +161,23 @@ impl Billing {
             max_ops: log_config.batch_max.max(1),
             max_wait: Duration::from_millis(log_config.flush_interval_ms),
         };
-        let logs = trees.logs.clone();
-        let writer = Writer::spawn(trees, Arc::new(journal), batch, store.clone())?;
+        drop(trees);
+        let writer = Writer::spawn(Arc::new(journal), batch, store.clone())?;
         Ok(Self {
             accounts,
             ledger,
             limiter: Arc::default(),
             pricing: Pricing::load(pricing, store)?,
             writer,
-            logs,
             store: store.clone(),
             log_config: log_config.clone(),
             limits: limits.clone(),
         })
+    }
+
+    /// The `logs` tree (fetched for each use: the store may be reopened).
+    pub fn logs(&self) -> anyhow::Result<sled::Tree> {
+        self.store.tree("logs")
     }
 
     /// The storage health (fail-closed admission, `/health`).
@@ -379,7 +386,8 @@ impl Billing {
             return;
         }
         let cutoff = unix_now_ms().saturating_sub(self.log_config.retention_secs.saturating_mul(1000));
-        match logs::delete_before(&self.logs, cutoff) {
+        let result = self.logs().and_then(|tree| logs::delete_before(&tree, cutoff));
+        match result {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "old usage logs deleted"),
             Err(error) => tracing::error!(%error, "deleting old usage logs failed"),

@@ -61,6 +61,16 @@ pub struct Trees {
 }
 
 impl Trees {
+    /// The trees, fetched from `store` now.
+    pub fn open(store: &Store) -> anyhow::Result<Self> {
+        Ok(Self {
+            users: store.tree("users")?,
+            tokens: store.tree("tokens")?,
+            logs: store.tree("logs")?,
+            state: store.tree("billing_state")?,
+        })
+    }
+
     /// The last journal sequence number committed.
     pub fn committed_seq(&self) -> sled::Result<u64> {
         Ok(self
@@ -109,7 +119,7 @@ const WRITER_NICE: i32 = 10;
 
 impl Writer {
     /// Start the writer thread.
-    pub fn spawn(trees: Trees, journal: Arc<Journal>, limits: BatchLimits, store: Store) -> std::io::Result<Self> {
+    pub fn spawn(journal: Arc<Journal>, limits: BatchLimits, store: Store) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let kick = Arc::new(Kick::default());
         let (j, k, s) = (journal.clone(), kick.clone(), store.clone());
@@ -117,7 +127,7 @@ impl Writer {
             if let Err(error) = rustix::process::nice(WRITER_NICE) {
                 tracing::debug!(%error, "could not lower the billing writer's priority");
             }
-            run(rx, &trees, &j, &k, limits, &s);
+            run(rx, &j, &k, limits, &s);
         })?;
         Ok(Self { tx, journal, kick, store })
     }
@@ -172,15 +182,9 @@ impl Writer {
 /// The writer thread: every `max_wait` (or when kicked), drain the queue
 /// and commit it in transactions of at most `max_ops` changes. A batch that
 /// fails is kept and retried with backoff; its changes stay in the journal.
-fn run(
-    mut rx: mpsc::UnboundedReceiver<Op>,
-    trees: &Trees,
-    journal: &Journal,
-    kick: &Kick,
-    limits: BatchLimits,
-    store: &Store,
-) {
+fn run(mut rx: mpsc::UnboundedReceiver<Op>, journal: &Journal, kick: &Kick, limits: BatchLimits, store: &Store) {
     let mut pending: Vec<(u64, Change)> = Vec::new();
+    let mut generation = store.generation();
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     let mut backoff = Duration::from_millis(100);
     let mut open = true;
@@ -200,10 +204,23 @@ fn run(
         // A full disk must not reach sled (its errors are permanent until
         // a restart): wait for the space to come back.
         let writable = pending.is_empty() || store.guard().writable_now();
+        // The store was reopened after a failure: what it holds now is what
+        // reached the disk; drop what it already has, write the rest.
+        if writable && store.generation() != generation {
+            generation = store.generation();
+            if let Ok(done) = Trees::open(store).and_then(|t| Ok(t.committed_seq()?)) {
+                pending.retain(|(seq, _)| *seq > done);
+            }
+        }
         while writable && !pending.is_empty() {
             let n = pending.len().min(limits.max_ops);
             let last = pending[n - 1].0;
-            match write(trees, &pending[..n], Some(last)) {
+            // While the store is being reopened there are no trees: wait.
+            let Ok(trees) = Trees::open(store) else {
+                std::thread::sleep(Duration::from_millis(100));
+                break;
+            };
+            match write(&trees, &pending[..n], Some(last)) {
                 Ok(()) => {
                     pending.drain(..n);
                     journal.committed(last);

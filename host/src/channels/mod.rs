@@ -127,17 +127,76 @@ impl Channel {
     }
 
     /// Remove this channel's secrets and address from `text` before it can
-    /// reach a client or a log.
+    /// reach a client or a log: every key, in any case, also cut short (any
+    /// run of at least its first 8 characters), and the base URL, origin,
+    /// `host:port` and host.
     pub fn scrub(&self, text: &str) -> String {
-        let mut out = text.to_string();
-        let secrets = self.all_keys.iter().map(String::as_str).chain([self.base_url.as_str(), self.origin.as_str()]);
-        for secret in secrets {
-            if secret.len() >= 4 {
-                out = out.replace(secret, "[redacted]");
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        let lower = text.to_ascii_lowercase();
+        for key in &self.all_keys {
+            let key = key.to_ascii_lowercase();
+            let probe_len = key.len().min(8);
+            if key.len() < 4 {
+                continue;
+            }
+            let probe = &key[..probe_len];
+            let mut from = 0;
+            while let Some(at) = lower[from..].find(probe).map(|i| i + from) {
+                let run = lower[at..].bytes().zip(key.bytes()).take_while(|(a, b)| a == b).count();
+                spans.push((at, at + run));
+                from = at + run.max(1);
             }
         }
+        for needle in self.addresses() {
+            let needle = needle.to_ascii_lowercase();
+            let mut from = 0;
+            while let Some(at) = lower[from..].find(&needle).map(|i| i + from) {
+                spans.push((at, at + needle.len()));
+                from = at + needle.len();
+            }
+        }
+        redact(text, spans)
+    }
+
+    /// The channel's addresses, longest first: base URL, origin,
+    /// `host:port`, host.
+    fn addresses(&self) -> Vec<String> {
+        let mut out = vec![self.base_url.clone(), self.origin.clone()];
+        if let Ok(url) = reqwest::Url::parse(&self.base_url)
+            && let Some(host) = url.host_str()
+        {
+            if let Some(port) = url.port_or_known_default() {
+                out.push(format!("{host}:{port}"));
+            }
+            out.push(host.to_string());
+        }
+        out.retain(|a| a.len() >= 4);
         out
     }
+}
+
+/// `text` with the byte `spans` (which may overlap) replaced by `[redacted]`.
+fn redact(text: &str, mut spans: Vec<(usize, usize)>) -> String {
+    if spans.is_empty() {
+        return text.to_string();
+    }
+    spans.sort_unstable();
+    let mut out = String::with_capacity(text.len());
+    let mut pos = 0;
+    for (start, end) in spans {
+        if end <= pos {
+            continue;
+        }
+        let start = start.max(pos);
+        // Spans come from ASCII matches, so they fall on character boundaries.
+        out.push_str(text.get(pos..start).unwrap_or_default());
+        if !out.ends_with("[redacted]") {
+            out.push_str("[redacted]");
+        }
+        pos = end;
+    }
+    out.push_str(text.get(pos..).unwrap_or_default());
+    out
 }
 
 /// Whether a channel listing `models` offers `model`; a channel that lists
@@ -229,4 +288,31 @@ pub fn models_for_group(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrubbing_catches_any_case_cut_keys_and_bare_addresses() {
+        let rec = ChannelRecord {
+            base_url: "http://10.1.2.3:8443/v1".into(),
+            keys: vec![ChannelKey::new("sk-upstream-SECRET-0123456789".into())],
+            ..ChannelRecord::default()
+        };
+        let ch = Channel::from_record(&rec);
+        for (text, gone) in [
+            ("bad key sk-upstream-SECRET-0123456789 given", "SECRET"),
+            ("BAD KEY SK-UPSTREAM-SECRET-0123456789", "SECRET"),
+            ("key sk-upstream-SEC… is invalid", "sk-upstream"),
+            ("Host: 10.1.2.3:8443 refused", "10.1.2.3"),
+            ("connect to http://10.1.2.3:8443/v1/chat failed", "10.1.2.3"),
+        ] {
+            let out = ch.scrub(text);
+            assert!(!out.to_ascii_lowercase().contains(&gone.to_ascii_lowercase()), "{text} -> {out}");
+            assert!(out.contains("[redacted]"), "{out}");
+        }
+        assert_eq!(ch.scrub("nothing to hide"), "nothing to hide");
+    }
 }

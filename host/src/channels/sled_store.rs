@@ -20,7 +20,6 @@ const NEXT_ID: &str = "next_channel_id";
 /// The sled-backed channel store.
 pub struct SledChannels {
     store: Store,
-    tree: sled::Tree,
     records: Mutex<BTreeMap<u64, ChannelRecord>>,
     snapshot: ArcSwap<ChannelSet>,
 }
@@ -40,7 +39,7 @@ impl SledChannels {
             records.insert(rec.id, rec);
         }
         let snapshot = ArcSwap::from_pointee(ChannelSet::new(records.values().cloned()));
-        Ok(Self { store: store.clone(), tree, records: Mutex::new(records), snapshot })
+        Ok(Self { store: store.clone(), records: Mutex::new(records), snapshot })
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, ChannelRecord>> {
@@ -53,8 +52,9 @@ impl SledChannels {
         for k in &mut stored.keys {
             k.key = self.store.secrets().seal(&k.key);
         }
-        self.tree.insert(rec.id.to_be_bytes(), serde_json::to_vec(&stored)?)?;
-        self.tree.flush()?;
+        let tree = self.store.tree(TREE)?;
+        tree.insert(rec.id.to_be_bytes(), serde_json::to_vec(&stored)?)?;
+        tree.flush()?;
         Ok(())
     }
 
@@ -122,8 +122,9 @@ impl ChannelStore for SledChannels {
         let mut records = self.lock();
         let rec = records.get(&id).cloned().ok_or(StoreError::NotFound(id))?;
         self.store.ensure_writable()?;
-        self.tree.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
-        self.tree.flush().map_err(anyhow::Error::from)?;
+        let tree = self.store.tree(TREE)?;
+        tree.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
+        tree.flush().map_err(anyhow::Error::from)?;
         records.remove(&id);
         self.publish(&records);
         Ok(rec)

@@ -97,17 +97,13 @@ pub async fn probe_round(state: &AppState) {
     if jobs.is_empty() {
         return;
     }
-    let timeout = Duration::from_secs(cfg.probe_timeout_secs);
     futures_util::stream::iter(jobs)
         .map(|(rec, target)| async move {
             let channel = match target {
                 Target::Channel(Some(i)) | Target::Key(i) => Channel::with_only_key(&rec, i),
                 Target::Channel(None) => Channel::from_record(&rec),
             };
-            let outcome = match tokio::time::timeout(timeout, probe(state, &channel)).await {
-                Ok(outcome) => outcome,
-                Err(_) => ProbeOutcome::timed_out(timeout),
-            };
+            let outcome = probe(state, &channel).await;
             apply(state, rec.id, target, &outcome, cfg.max_recovery_attempts);
         })
         .buffer_unordered(cfg.probe_concurrency.max(1))

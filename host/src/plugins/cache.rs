@@ -1,7 +1,9 @@
 //! Precompiled-artifact cache: `<data>/plugin-cache/<sha256>-<engine>.cwasm`,
 //! so that a restart deserializes instead of recompiling. Only plugins that
 //! passed validation are kept; a plugin's entry goes when the plugin is
-//! deleted, and entries no plugin file refers to are swept at start.
+//! deleted, and entries no plugin file refers to are swept at start — in
+//! the default cache (`<data>/plugin-cache`) only: a `cache_dir` set in the
+//! configuration may be shared by several gateways and is never pruned.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,8 @@ use super::engine::PluginEngine;
 /// Where compiled plugins are kept between runs.
 pub struct ArtifactCache {
     dir: Option<PathBuf>,
+    /// Whether this gateway owns the directory (prunes it).
+    owned: bool,
     /// Temporary files of compilations in progress.
     scratch: PathBuf,
     compiler: Compiler,
@@ -33,18 +37,19 @@ pub struct Artifact {
 
 impl ArtifactCache {
     /// A cache in `dir` (or none: always compile), compiling with `compiler`
-    /// and using `scratch` for temporary files.
-    pub fn new(dir: Option<PathBuf>, scratch: PathBuf, compiler: Compiler) -> Self {
+    /// and using `scratch` for temporary files; `owned` when this gateway
+    /// alone uses `dir` (then it is pruned).
+    pub fn new(dir: Option<PathBuf>, owned: bool, scratch: PathBuf, compiler: Compiler) -> Self {
         if let Some(Err(e)) = dir.as_ref().map(std::fs::create_dir_all) {
             tracing::warn!(error = %e, "plugin cache directory unusable; cache disabled");
-            return Self { dir: None, scratch, compiler };
+            return Self { dir: None, owned, scratch, compiler };
         }
-        Self { dir, scratch, compiler }
+        Self { dir, owned, scratch, compiler }
     }
 
     /// No cache, compiling in this process (checks, benchmarks).
     pub fn none() -> Self {
-        Self::new(None, std::env::temp_dir(), Compiler::InProcess)
+        Self::new(None, false, std::env::temp_dir(), Compiler::InProcess)
     }
 
     fn path(&self, engine: &PluginEngine, sha256: &str) -> Option<PathBuf> {
@@ -91,6 +96,9 @@ impl ArtifactCache {
 
     /// Drop the cached artifact of `sha256` (its plugin was deleted).
     pub fn forget(&self, engine: &PluginEngine, sha256: &str) {
+        if !self.owned {
+            return;
+        }
         if let Some(path) = self.path(engine, sha256) {
             let _ = std::fs::remove_file(path);
         }
@@ -99,7 +107,7 @@ impl ArtifactCache {
     /// Delete every cached artifact whose hash is not in `keep`, and those
     /// of other engine versions.
     pub fn sweep(&self, engine: &PluginEngine, keep: &HashSet<String>) -> usize {
-        let Some(dir) = &self.dir else { return 0 };
+        let Some(dir) = self.dir.as_ref().filter(|_| self.owned) else { return 0 };
         let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
         let suffix = format!("-{}.cwasm", engine.compatibility_key());
         let mut removed = 0;

@@ -67,8 +67,18 @@ pub fn kind_name(k: &ErrorKind) -> &'static str {
     }
 }
 
-/// Probe `channel` through its adapter.
+/// Probe `channel` through its adapter, within `health.probe_timeout_secs`
+/// (a dripping upstream cannot hold the recovery tester or an admin's
+/// channel test).
 pub async fn probe(state: &AppState, channel: &Channel) -> ProbeOutcome {
+    let limit = std::time::Duration::from_secs(state.health.config().probe_timeout_secs.max(1));
+    match tokio::time::timeout(limit, probe_unbounded(state, channel)).await {
+        Ok(outcome) => outcome,
+        Err(_) => ProbeOutcome::timed_out(limit),
+    }
+}
+
+async fn probe_unbounded(state: &AppState, channel: &Channel) -> ProbeOutcome {
     let started = Instant::now();
     let mut out = ProbeOutcome {
         success: false,

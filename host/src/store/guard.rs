@@ -3,16 +3,16 @@
 //! The gateway fails closed: while the disk is (nearly) full or a write
 //! failed, requests that would be billed are refused with a clear 503,
 //! admin writes too, and `/health` says why; nothing is served unbilled.
-//! sled's own I/O errors are permanent until a restart, so the guard keeps
-//! sled from meeting a full disk at all: writes stop while the free space
-//! is under `storage.min_free_mb`, and resume when it returns (with a
-//! margin), without a restart. A probe write clears a failure once the
-//! disk works again.
+//! sled's own I/O errors are permanent until it is reopened, so the guard
+//! keeps sled from meeting a full disk where it can: writes stop while the
+//! free space is under `storage.min_free_mb`, and resume when it returns
+//! (with a margin), without a restart. A probe write clears a journal
+//! failure once the disk works again; a store that failed anyway is
+//! reopened in place (see `Store::reopen`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 /// What the guard knows.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -84,12 +84,32 @@ impl StorageGuard {
         self.set_reason(Some(format!("a write failed: {what}")));
     }
 
-    /// sled failed to write: its errors last until a restart.
+    /// sled failed to write: its errors last until it is reopened, which
+    /// the store's monitor does once the disk has room again.
     pub fn report_store_failure(&self, what: &str) {
         if !self.broken.swap(true, Ordering::Relaxed) {
-            tracing::error!(what, "the store failed to write; the gateway must be restarted once the disk works");
+            tracing::error!(what, "the store failed to write; it will be reopened once the disk has room");
         }
-        self.set_reason(Some(format!("the store failed ({what}); restart the gateway once the disk works")));
+        self.set_reason(Some(format!("the store failed to write ({what})")));
+    }
+
+    /// Whether the store must be reopened.
+    pub fn needs_reopen(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
+    /// Whether the disk has room (as of the last check).
+    pub fn space_ok(&self) -> bool {
+        !self.low_space.load(Ordering::Relaxed)
+    }
+
+    /// The store was reopened.
+    pub fn reopened(&self) {
+        self.broken.store(false, Ordering::Relaxed);
+        tracing::warn!("storage works again; serving billed requests");
+        if self.writable() {
+            self.set_reason(None);
+        }
     }
 
     /// Refresh the free-space state; returns the bytes free.
@@ -153,18 +173,5 @@ impl StorageGuard {
             reason: if self.writable() { None } else { reason },
             free_bytes: free,
         }
-    }
-
-    /// Check every `interval` until the process ends (a thread of its own:
-    /// `statvfs` and the probe block).
-    pub fn spawn_monitor(self: &std::sync::Arc<Self>, interval: Duration) {
-        let guard = std::sync::Arc::downgrade(self);
-        let _ = std::thread::Builder::new().name("storage-guard".into()).spawn(move || {
-            while let Some(g) = guard.upgrade() {
-                g.refresh();
-                drop(g);
-                std::thread::sleep(interval);
-            }
-        });
     }
 }

@@ -48,11 +48,23 @@ pub struct StoreOptions {
     pub secrets_key: Option<String>,
 }
 
-/// The gateway's data store.
-#[derive(Clone)]
-pub struct Store {
+/// The open sled database and its `options` tree.
+struct Handles {
     db: sled::Db,
     options: sled::Tree,
+}
+
+/// The gateway's data store.
+///
+/// Nothing outside keeps sled handles: every use fetches its tree here, so
+/// that after a write failure (sled's errors are permanent until it is
+/// reopened) the store can be closed and reopened in place once the disk
+/// works again ([`Store::reopen`]), without restarting the gateway.
+#[derive(Clone)]
+pub struct Store {
+    handles: Arc<arc_swap::ArcSwapOption<Handles>>,
+    /// Bumped at every reopen (the billing writer re-reads its progress).
+    generation: Arc<std::sync::atomic::AtomicU64>,
     dir: Arc<Path>,
     guard: Arc<StorageGuard>,
     secrets: Arc<SecretBox>,
@@ -129,7 +141,14 @@ impl Store {
                 Manifest { store_id: id, ..Manifest::default() }
             }
         };
-        let store = Self { db, options, dir: Arc::from(dir), guard, secrets, manifest: Arc::new(Mutex::new(manifest)) };
+        let store = Self {
+            handles: Arc::new(arc_swap::ArcSwapOption::from_pointee(Handles { db, options })),
+            generation: Arc::default(),
+            dir: Arc::from(dir),
+            guard,
+            secrets,
+            manifest: Arc::new(Mutex::new(manifest)),
+        };
         store.check_counters()?;
         migrate(&store)?;
         store.write_manifest();
@@ -204,29 +223,86 @@ impl Store {
         &self.dir
     }
 
-    /// The tree `name`.
+    fn handles(&self) -> Result<Arc<Handles>> {
+        self.handles.load_full().ok_or_else(|| StorageUnavailable("the store is being reopened".into()).into())
+    }
+
+    fn options(&self) -> Result<sled::Tree> {
+        Ok(self.handles()?.options.clone())
+    }
+
+    /// The tree `name` (fetch it for each use; do not keep it).
     pub fn tree(&self, name: &str) -> Result<sled::Tree> {
-        Ok(self.db.open_tree(name)?)
+        Ok(self.handles()?.db.open_tree(name)?)
+    }
+
+    /// How many times the store was reopened.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Close sled and open it again (after a write failure, once the disk
+    /// works): waits for the old handles in use to be released. Blocking.
+    pub fn reopen(&self) -> Result<()> {
+        let old = self.handles.swap(None);
+        drop(old);
+        let started = std::time::Instant::now();
+        let db = loop {
+            match open_sled(&self.dir) {
+                Ok(db) => break db,
+                // Handles still in use keep sled's file lock for a moment.
+                Err(e) if started.elapsed() < std::time::Duration::from_secs(30) => {
+                    tracing::debug!(error = %e, "waiting to reopen the store");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let options = db.open_tree("options")?;
+        self.handles.store(Some(Arc::new(Handles { db, options })));
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        tracing::warn!("the store was reopened after a write failure");
+        Ok(())
+    }
+
+    /// Watch the storage: the guard's free-space and probe checks, and a
+    /// reopen of the store once a failed one can work again.
+    pub fn spawn_monitor(&self, interval: std::time::Duration) {
+        let store = self.clone();
+        let _ = std::thread::Builder::new().name("storage-monitor".into()).spawn(move || {
+            loop {
+                store.guard.refresh();
+                if store.guard.needs_reopen() && store.guard.space_ok() {
+                    match store.reopen() {
+                        Ok(()) => store.guard.reopened(),
+                        Err(error) => tracing::error!(%error, "reopening the store failed; retrying"),
+                    }
+                }
+                std::thread::sleep(interval);
+            }
+        });
     }
 
     /// The option `key`, if set.
     pub fn option(&self, key: &str) -> Result<Option<String>> {
-        Ok(self.options.get(key)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self.options()?.get(key)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// Set the option `key` durably.
     pub fn set_option(&self, key: &str, value: &str) -> Result<()> {
         self.ensure_writable()?;
-        self.options.insert(key, value.as_bytes())?;
-        self.options.flush()?;
+        let options = self.options()?;
+        options.insert(key, value.as_bytes())?;
+        options.flush()?;
         Ok(())
     }
 
     /// Remove the option `key` durably.
     pub fn remove_option(&self, key: &str) -> Result<()> {
         self.ensure_writable()?;
-        self.options.remove(key)?;
-        self.options.flush()?;
+        let options = self.options()?;
+        options.remove(key)?;
+        options.flush()?;
         Ok(())
     }
 
@@ -242,8 +318,9 @@ impl Store {
         }
         let secret = random_key(prefix);
         let hash = crate::state::secret_hash(&secret);
-        self.options.insert(option.as_bytes(), hex::encode(hash).as_bytes())?;
-        self.options.flush()?;
+        let options = self.options()?;
+        options.insert(option.as_bytes(), hex::encode(hash).as_bytes())?;
+        options.flush()?;
         Ok((hash, Some(secret)))
     }
 
@@ -251,11 +328,12 @@ impl Store {
     /// value (the first call returns 1).
     pub fn next_counter(&self, key: &str) -> Result<u64> {
         self.ensure_writable()?;
-        let new = self.options.update_and_fetch(key, |old| {
+        let options = self.options()?;
+        let new = options.update_and_fetch(key, |old| {
             let n = old.and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes);
             Some(n.saturating_add(1).to_be_bytes().to_vec())
         })?;
-        self.options.flush()?;
+        options.flush()?;
         let bytes = new.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).context("counter vanished")?;
         let value = u64::from_be_bytes(bytes);
         self.mark(key, value);
@@ -264,24 +342,24 @@ impl Store {
 
     /// The counter `key`'s current value (0 before its first use).
     pub fn counter(&self, key: &str) -> Result<u64> {
-        Ok(self.options.get(key)?.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map_or(0, u64::from_be_bytes))
+        Ok(self.options()?.get(key)?.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map_or(0, u64::from_be_bytes))
     }
 
     /// A unique, increasing id (sled's crash-safe generator; it may skip
     /// numbers after a crash, never repeat one).
     pub fn generate_id(&self) -> Result<u64> {
-        Ok(self.db.generate_id()?)
+        Ok(self.handles()?.db.generate_id()?)
     }
 
     /// Flush everything to disk (on shutdown).
     pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
+        self.handles()?.db.flush()?;
         Ok(())
     }
 
     fn schema_version(&self) -> Result<Option<u32>> {
         Ok(self
-            .options
+            .options()?
             .get("schema_version")?
             .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
             .map(u32::from_be_bytes))
@@ -293,7 +371,7 @@ impl Store {
 fn migrate(store: &Store) -> Result<()> {
     let mut version = match store.schema_version()? {
         None => {
-            store.options.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+            store.options()?.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
             return Ok(());
         }
         Some(v) => v,
@@ -312,10 +390,10 @@ fn migrate(store: &Store) -> Result<()> {
             _ => bail!("no migration from schema {version}"),
         }
         version += 1;
-        store.options.insert("schema_version", &version.to_be_bytes())?;
+        store.options()?.insert("schema_version", &version.to_be_bytes())?;
         tracing::info!(version, "store migrated");
     }
-    store.options.flush()?;
+    store.options()?.flush()?;
     Ok(())
 }
 
@@ -369,8 +447,8 @@ fn migrate_secrets(store: &Store) -> Result<()> {
     for name in ["generated_token", "generated_admin_token"] {
         if let Some(token) = store.option(name)? {
             let hash = hex::encode(crate::state::secret_hash(&token));
-            store.options.insert(format!("{name}_sha256"), hash.as_bytes())?;
-            store.options.remove(name)?;
+            store.options()?.insert(format!("{name}_sha256"), hash.as_bytes())?;
+            store.options()?.remove(name)?;
             tracing::warn!(
                 option = name,
                 "a generated token is now kept as its hash only: it stays valid (an earlier start printed it), \
@@ -419,7 +497,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = Store::open(dir.path()).expect("open");
-            store.options.insert("schema_version", &2u32.to_be_bytes()).expect("downgrade");
+            store.options().expect("options").insert("schema_version", &2u32.to_be_bytes()).expect("downgrade");
             let tree = store.tree("channels").expect("tree");
             for (id, status) in [(1u64, "enabled"), (2, "disabled")] {
                 let rec = serde_json::json!({"id": id, "name": format!("c{id}"), "adapter": "openai",
@@ -441,11 +519,25 @@ mod tests {
     }
 
     #[test]
+    fn the_store_reopens_in_place_with_its_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let clone = store.clone();
+        store.tree("t").expect("tree").insert(b"k", b"v").expect("insert");
+        store.flush().expect("flush");
+        assert_eq!(store.generation(), 0);
+        store.reopen().expect("reopen");
+        assert_eq!(clone.generation(), 1, "every clone sees the reopened store");
+        assert_eq!(clone.tree("t").expect("tree").get(b"k").expect("get").as_deref(), Some(&b"v"[..]));
+        assert_eq!(clone.next_counter("c").expect("counter"), 1);
+    }
+
+    #[test]
     fn counters_survive_reopen_and_old_schemas_migrate() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let store = Store::open(dir.path()).expect("open");
-            store.options.insert("schema_version", &1u32.to_be_bytes()).expect("downgrade");
+            store.options().expect("options").insert("schema_version", &1u32.to_be_bytes()).expect("downgrade");
             assert_eq!(store.next_counter("c").expect("counter"), 1);
             assert_eq!(store.next_counter("c").expect("counter"), 2);
             store.flush().expect("flush");

@@ -276,3 +276,56 @@ impl StreamDecoder for Decoder {
 }
 
 wasmgate_pdk::export_adapter!(Ollama);
+
+#[cfg(test)]
+mod props {
+    //! The NDJSON decoder takes any bytes split anywhere, and a valid stream
+    //! decodes the same whole or in pieces (its state serialized between
+    //! pieces, as the host keeps it).
+
+    use proptest::prelude::*;
+    use wasmgate_pdk::codec;
+
+    use super::Decoder;
+
+    fn ctx() -> wasmgate_pdk::RequestContext {
+        wasmgate_pdk::testing::stream_context("m")
+    }
+
+    fn decode(bytes: &[u8], cut: usize) -> Result<Vec<Vec<u8>>, String> {
+        let cut = cut % (bytes.len() + 1);
+        let a = codec::decode::<Decoder>(ctx(), &[], &bytes[..cut]).map_err(|e| e.message)?;
+        let b = codec::decode::<Decoder>(ctx(), &a.state, &bytes[cut..]).map_err(|e| e.message)?;
+        let c = codec::finish::<Decoder>(ctx(), &b.state).map_err(|e| e.message)?;
+        Ok([a.chunks, b.chunks, c.chunks].concat())
+    }
+
+    fn stream() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec("[a-z ]{0,12}", 0..8).prop_map(|words| {
+            let mut s: String = words
+                .iter()
+                .map(|w| format!("{{\"model\":\"m\",\"message\":{{\"role\":\"assistant\",\"content\":\"{w}\"}},\"done\":false}}\n"))
+                .collect();
+            s.push_str("{\"model\":\"m\",\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done\":true,\"done_reason\":\"stop\",\"prompt_eval_count\":3,\"eval_count\":5}\n");
+            s.into_bytes()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..1024), cut in any::<usize>()) {
+            if let Ok(chunks) = decode(&bytes, cut) {
+                for c in chunks {
+                    prop_assert!(serde_json::from_slice::<serde_json::Value>(&c).is_ok());
+                }
+            }
+        }
+
+        #[test]
+        fn pieces_decode_like_the_whole(s in stream(), cut in any::<usize>()) {
+            prop_assert_eq!(decode(&s, 0).map(|c| c.len()), decode(&s, cut).map(|c| c.len()));
+        }
+    }
+}

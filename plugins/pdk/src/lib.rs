@@ -24,8 +24,11 @@ pub mod codec;
 pub mod log;
 pub mod openai;
 pub mod openai_compat;
+#[cfg(test)]
+mod props;
 pub mod raw;
 pub mod sse;
+pub mod testing;
 pub mod translate;
 mod util;
 

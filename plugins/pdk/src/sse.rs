@@ -209,7 +209,7 @@ mod tests {
 #[cfg(test)]
 mod decoder_tests {
     use super::*;
-    use crate::{Endpoint, RequestContext, StreamDecoder, StreamEvents, UpstreamError};
+    use crate::{RequestContext, StreamDecoder, StreamEvents, UpstreamError};
 
     /// Counts `n` fields; ends at `{"end": true}`.
     #[derive(serde::Serialize, serde::Deserialize)]
@@ -230,14 +230,7 @@ mod decoder_tests {
     }
 
     fn ctx() -> RequestContext {
-        RequestContext {
-            endpoint: Endpoint::ChatCompletions,
-            requested_model: "m".into(),
-            upstream_model: "m".into(),
-            stream: true,
-            include_usage: false,
-            request_id: "r".into(),
-        }
+        crate::testing::stream_context("m")
     }
 
     #[test]

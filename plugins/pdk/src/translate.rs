@@ -170,8 +170,15 @@ pub fn usage(prompt: u32, completion: u32, cached: u32) -> Usage {
 }
 
 /// The host's clock (seconds since the epoch), for `created`.
+#[cfg(target_family = "wasm")]
 pub fn now() -> u64 {
     crate::bindings::wasmgate::plugin::clock::now_unix_secs()
+}
+
+/// The system clock, when a plugin's code runs natively (its unit tests).
+#[cfg(not(target_family = "wasm"))]
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// An assistant message for a `chat.completion` choice.

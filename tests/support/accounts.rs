@@ -1,0 +1,70 @@
+//! Users, tokens and their requests: what the billing and hardening tests
+//! share.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::{Gateway, admin, eventually};
+
+/// A user with `quota` and a token for them (extra token fields merged in);
+/// returns (user id, token key).
+pub async fn user_with_token(gw: &Gateway, quota: i64, token: Value) -> (u64, String) {
+    let (status, user) = admin(gw, Method::POST, "/api/users", Some(&json!({"name": "alice", "quota": quota}))).await;
+    assert_eq!(status, 201, "{user}");
+    let id = user["id"].as_u64().expect("id");
+    let mut body = json!({"name": "t", "user_id": id});
+    for (k, v) in token.as_object().cloned().unwrap_or_default() {
+        body[k] = v;
+    }
+    let (status, t) = admin(gw, Method::POST, "/api/tokens", Some(&body)).await;
+    assert_eq!(status, 201, "{t}");
+    let key = t["key"].as_str().expect("full key at creation").to_string();
+    assert!(key.starts_with("sk-") && key.len() >= 35);
+    (id, key)
+}
+
+/// POST a chat completion with a user's `key`; the raw response.
+pub async fn send_chat(gw: &Gateway, key: &str, body: &Value) -> reqwest::Response {
+    crate::support::client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .expect("send")
+}
+
+pub async fn call(gw: &Gateway, key: &str, body: &Value) -> (u16, Value, String) {
+    let resp = send_chat(gw, key, body).await;
+    let status = resp.status().as_u16();
+    let id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let text = resp.text().await.expect("body");
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)), id)
+}
+
+/// Start a streamed chat request; returns its request id and the body stream.
+pub async fn open_stream(
+    gw: &Gateway,
+    key: &str,
+    body: &Value,
+) -> (String, impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin + use<>) {
+    let resp = send_chat(gw, key, body).await;
+    let id = resp.headers()["x-request-id"].to_str().expect("id").to_string();
+    (id, resp.bytes_stream())
+}
+
+pub async fn logs(gw: &Gateway, query: &str) -> Value {
+    let (status, body) = admin(gw, Method::GET, &format!("/api/logs?per_page=100&{query}"), None).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Wait until `query` matches `n` rows (the writer batches every 50 ms).
+pub async fn wait_rows(gw: &Gateway, query: &str, n: u64) -> Value {
+    let ok = eventually(Duration::from_secs(5), || async { logs(gw, query).await["total"] == n }).await;
+    let body = logs(gw, query).await;
+    assert!(ok.is_some(), "expected {n} rows for {query}: {body}");
+    body
+}
