@@ -1,35 +1,38 @@
 //! `wasmgate-bench`: measures what the gateway adds on loopback.
 //!
-//! 1. plugin call overhead, in process: instantiate + `build-request` +
-//!    `parse-response` of the real `openai.wasm`, one stream chunk through
-//!    the decoder, and one `select` of `weighted.wasm`;
-//! 2. added latency at concurrency 1: each iteration sends the request to the
-//!    mock upstream directly, through the gateway and through a bare
-//!    pass-through proxy (the baseline), in rotating order; the mock, the
-//!    gateway and the proxy each run in their own process;
-//! 3. added time to first token for streams, the same way;
-//! 4. throughput at a fixed concurrency for a fixed time.
+//! 1. plugin call overhead, in process: `build-request` + `parse-response`
+//!    of the real `openai.wasm`, one stream chunk through its decoder, one
+//!    `select` of each policy, and every shipped adapter on its provider's
+//!    recorded examples;
+//! 2. side by side (`peers.rs`): the mock directly, nginx, the bare
+//!    axum + reqwest proxy and wasmgate on its full path, driven by the same
+//!    `wrk` in interleaved rounds: c=1 latency, streamed c=1 latency,
+//!    throughput at c=32, memory, and the ratios of issue 12;
+//! 3. memory: idle with every shipped plugin, and after a minute at full load;
+//! 4. with `--streams N`: N concurrent slow streams (16 chunks, 500 ms
+//!    apart): errors, gateway memory per open stream, and the c=1 latency of
+//!    other requests meanwhile.
 //!
-//! Traffic goes to 127.0.0.1 only and every loop is bounded.
+//! Every process is its own (mock, nginx, proxy, gateway), traffic goes to
+//! 127.0.0.1 only, and every run is bounded in time.
 
 mod adapter_calls;
 mod bare_proxy;
 #[path = "../../tests/support/mock.rs"]
 #[allow(missing_docs)]
 mod mock;
+mod peers;
 mod plugin_calls;
 mod stats;
+mod streams;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use futures_util::StreamExt;
 use serde_json::json;
-
-use stats::Summary;
 
 /// Benchmark options.
 #[derive(Parser, Debug)]
@@ -37,7 +40,7 @@ struct Args {
     /// The release `wasmgate` binary.
     #[arg(long, required_unless_present_any = ["bare_proxy", "serve_mock"])]
     gateway_bin: Option<PathBuf>,
-    /// Directory holding `openai.wasm` and `weighted.wasm`.
+    /// Directory holding the shipped plugins.
     #[arg(long, required_unless_present_any = ["bare_proxy", "serve_mock"])]
     plugins: Option<PathBuf>,
     /// Internal: run as the baseline pass-through proxy to this upstream.
@@ -46,32 +49,43 @@ struct Args {
     /// Internal: run as the mock upstream.
     #[arg(long, hide = true)]
     serve_mock: bool,
-    /// Measured requests per latency series (after a warm-up of 10 %).
-    #[arg(long, default_value_t = 5000)]
-    requests: usize,
-    /// Seconds of the throughput run.
+    /// Seconds of each `wrk` run in the side-by-side comparison.
     #[arg(long, default_value_t = 5)]
-    seconds: u64,
-    /// Concurrency of the throughput run.
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
-    /// Plugin call iterations.
+    secs: u64,
+    /// Interleaved rounds of the side-by-side comparison (medians reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds at full load for the memory figure (0 skips it).
+    #[arg(long, default_value_t = 60)]
+    memory_secs: u64,
+    /// Concurrent slow streams to hold open (0 skips it).
+    #[arg(long, default_value_t = 0)]
+    streams: usize,
+    /// Plugin call iterations (0 skips the in-process tables).
     #[arg(long, default_value_t = 20000)]
     plugin_iterations: usize,
+    /// Extra lines for the gateway's `[plugins]` table (A/B runs), e.g.
+    /// `instance_reuse = 1`.
+    #[arg(long, default_value = "")]
+    plugin_options: String,
 }
 
 const TOKEN: &str = "sk-bench-0123456789abcdefghijklmnopqrstuv";
+const SHIPPED: &[&str] = &[
+    "openai.wasm",
+    "azure.wasm",
+    "anthropic.wasm",
+    "gemini.wasm",
+    "baidu.wasm",
+    "qwen.wasm",
+    "ollama.wasm",
+    "weighted.wasm",
+    "round-robin.wasm",
+    "latency.wasm",
+];
 
-/// The key requests use: a billed user's token created through the admin
-/// API, so the measured path includes admission, the quota reservation,
-/// settlement and the usage log.
-static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-fn key() -> &'static str {
-    KEY.get().map_or(TOKEN, String::as_str)
-}
-
-/// Create a user with ample quota and a token for them.
+/// Create a user with ample quota and a token for them: requests then take
+/// the full path (admission, reservation, settlement, a usage row).
 async fn billed_key(base: &str) -> Result<String> {
     let http = reqwest::Client::new();
     let user: serde_json::Value = http
@@ -85,7 +99,7 @@ async fn billed_key(base: &str) -> Result<String> {
     let token: serde_json::Value = http
         .post(format!("{base}/api/tokens"))
         .bearer_auth("adm-bench")
-        .json(&json!({"name": "bench", "user_id": user["id"]}))
+        .json(&json!({"name": "bench", "user_id": user["id"], "streams": 100_000, "concurrency": 100_000}))
         .send()
         .await?
         .json()
@@ -93,8 +107,23 @@ async fn billed_key(base: &str) -> Result<String> {
     token["key"].as_str().map(str::to_string).context("no key in the token answer")
 }
 
+/// Raise this process's open-file limit as far as allowed (the harness
+/// holds many connections).
+fn raise_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let want = 1 << 17;
+    let limit = getrlimit(Resource::Nofile);
+    let target = Rlimit { current: Some(want), maximum: Some(limit.maximum.unwrap_or(want).max(want)) };
+    if setrlimit(Resource::Nofile, target).is_err()
+        && let Some(hard) = limit.maximum
+    {
+        let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: Some(hard) });
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    raise_file_limit();
     if let Some(upstream) = args.bare_proxy {
         return bare_proxy::serve(upstream);
     }
@@ -104,11 +133,12 @@ fn main() -> Result<()> {
     let plugins = args.plugins.clone().context("--plugins")?;
     println!("# wasmgate loopback benchmark\n");
     println!("machine: {} cores; {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), cpu_model());
-    let plugin_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    plugin_rt.block_on(plugin_calls::run(&plugins, args.plugin_iterations))?;
-    plugin_rt.block_on(adapter_calls::run(&plugins, args.plugin_iterations))?;
-    drop(plugin_rt);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    if args.plugin_iterations > 0 {
+        let plugin_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        plugin_rt.block_on(plugin_calls::run(&plugins, args.plugin_iterations))?;
+        plugin_rt.block_on(adapter_calls::run(&plugins, args.plugin_iterations))?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(http(&args))
 }
 
@@ -133,26 +163,49 @@ impl Drop for ChildGuard {
     }
 }
 
-fn start_gateway(args: &Args, dir: &std::path::Path, upstream: &str) -> Result<(ChildGuard, String)> {
-    let plugins = dir.join("plugins");
-    std::fs::create_dir_all(&plugins)?;
-    for f in ["openai.wasm", "weighted.wasm"] {
+/// Start a gateway in `dir` with `plugins` and `channels` (TOML) in front
+/// of the mock; returns it and its base URL.
+pub(crate) fn start_gateway(args: &Args, dir: &Path, plugins: &[&str], channels: &str) -> Result<(ChildGuard, String)> {
+    let plugins_dir = dir.join("plugins");
+    std::fs::create_dir_all(&plugins_dir)?;
+    for f in plugins {
         let src = args.plugins.as_ref().context("--plugins")?.join(f);
-        std::fs::copy(src, plugins.join(f)).with_context(|| format!("copy {f}"))?;
+        std::fs::copy(src, plugins_dir.join(f)).with_context(|| format!("copy {f}"))?;
     }
     let config = format!(
         "tokens = [{TOKEN:?}]\nadmin_token = \"adm-bench\"\ndata_dir = {:?}\nplugins_dir = {:?}\n\
-         [[channels]]\nname = \"mock\"\nadapter = \"openai\"\nbase_url = \"{upstream}\"\nkey = \"sk-up\"\nmodels = [\"gpt-4o-mini\"]\n\
-         [pricing.models.gpt-4o-mini]\nratio = 0.075\ncompletion_ratio = 4\ncached_ratio = 0.5\n",
+         [plugins]\n{}\n[server]\nmax_connections = 100000\n{channels}\n\
+         [pricing.models.gpt-4o-mini]\nratio = 0.075\ncompletion_ratio = 4\ncached_ratio = 0.5\n\
+         [pricing.models.drip-mini]\nratio = 0.075\ncompletion_ratio = 4\ncached_ratio = 0.5\n",
         dir.join("data"),
-        plugins
+        plugins_dir,
+        args.plugin_options
     );
     let path = dir.join("bench.toml");
     std::fs::write(&path, config)?;
-    let mut cmd = Command::new(args.gateway_bin.as_ref().context("--gateway-bin")?);
-    cmd.arg("--config").arg(&path).args(["--listen", "127.0.0.1:0"]).env("RUST_LOG", "warn");
+    let bin = args.gateway_bin.as_ref().context("--gateway-bin")?;
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "ulimit -n 131072 2>/dev/null; exec \"$0\" \"$@\""])
+        .arg(bin)
+        .arg("--config")
+        .arg(&path)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn");
     let (child, addr) = spawn_listening(cmd, "wasmgate listening on ")?;
     Ok((ChildGuard(child), addr))
+}
+
+/// Two channels of the `openai` adapter on the mock: every request goes
+/// through the routing policy.
+fn two_channels(upstream: &str) -> String {
+    (1..=2)
+        .map(|i| {
+            format!(
+                "[[channels]]\nname = \"mock-{i}\"\nadapter = \"openai\"\nbase_url = \"{upstream}\"\nkey = \"sk-up-{i}\"\n\
+                 models = [\"gpt-4o-mini\", \"drip-mini\"]\n"
+            )
+        })
+        .collect()
 }
 
 /// Start `cmd` and wait for the stdout line `prefix ADDR`; the child is
@@ -188,130 +241,53 @@ async fn http(args: &Args) -> Result<()> {
     cmd.arg("--serve-mock");
     let (mock_child, mock_url) = spawn_listening(cmd, "mock listening on ")?;
     let _mock = ChildGuard(mock_child);
+    let scratch = tempfile::tempdir()?;
     let dir = tempfile::tempdir()?;
-    let (_gateway, base) = start_gateway(args, dir.path(), &mock_url)?;
-    let _ = KEY.set(billed_key(&base).await?);
+    let (gateway, base) = start_gateway(args, dir.path(), &["openai.wasm", "weighted.wasm"], &two_channels(&mock_url))?;
+    let key = billed_key(&base).await?;
     let (_bare, bare_base) = bare_proxy::start(&mock_url)?;
-    let bare = format!("{bare_base}/v1/chat/completions");
-    let client = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(256).build()?;
-    let direct = format!("{mock_url}/chat/completions");
-    let via = format!("{base}/v1/chat/completions");
-    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "benchmark this request"}]});
-    let mut stream_body = body.clone();
-    stream_body["stream"] = json!(true);
+    let mock_addr = mock_url.trim_start_matches("http://").trim_end_matches("/v1");
+    let (nginx, nginx_base) = peers::start_nginx(mock_addr, scratch.path())?;
+    let targets = [
+        peers::Target { name: "mock directly", url: format!("{mock_url}/chat/completions"), pid: None },
+        peers::Target {
+            name: "nginx proxy_pass (keepalive)",
+            url: format!("{nginx_base}/v1/chat/completions"),
+            pid: Some(nginx.0.id()),
+        },
+        peers::Target { name: "bare axum + reqwest proxy", url: format!("{bare_base}/v1/chat/completions"), pid: None },
+        peers::Target {
+            name: "wasmgate (billed, 2 channels + policy)",
+            url: format!("{base}/v1/chat/completions"),
+            pid: Some(gateway.0.id()),
+        },
+    ];
+    peers::compare(&targets, &key, args.secs, args.rounds, scratch.path())?;
+    drop((gateway, nginx));
 
-    // Added latency, c=1: direct, wasmgate and the bare proxy interleaved in
-    // one loop (rotating order), so all three series see the same machine.
-    let targets = [direct.as_str(), via.as_str(), bare.as_str()];
-    let series = interleaved(&client, &targets, &body, args.requests, false).await?;
-    report("non-streaming request, c=1", &series);
-    let series = interleaved(&client, &targets, &stream_body, args.requests, true).await?;
-    report("streaming, time to first chunk, c=1", &series);
+    if args.memory_secs > 0 {
+        let dir = tempfile::tempdir()?;
+        let (gateway, base) = start_gateway(args, dir.path(), SHIPPED, &two_channels(&mock_url))?;
+        let key = billed_key(&base).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle = peers::rss_tree(gateway.0.id());
+        let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"benchmark this request"}]}"#;
+        let run = peers::wrk(&format!("{base}/v1/chat/completions"), body, &key, 32, args.memory_secs, scratch.path())?;
+        let loaded = peers::rss_tree(gateway.0.id());
+        println!("\n## memory, every shipped plugin loaded\n");
+        println!(
+            "| idle RSS | RSS after {} s at c=32 ({:.0} req/s) | ratio |\n|---|---|---|",
+            args.memory_secs, run.rps
+        );
+        println!("| {} MB | {} MB | {:.2}× |", idle >> 20, loaded >> 20, loaded as f64 / idle.max(1) as f64);
+    }
 
-    // Throughput.
-    let duration = Duration::from_secs(args.seconds);
-    let direct_rps = throughput(&client, &direct, &body, args.concurrency, duration).await?;
-    let gateway_rps = throughput(&client, &via, &body, args.concurrency, duration).await?;
-    let bare_rps = throughput(&client, &bare, &body, args.concurrency, duration).await?;
-    println!("\n## throughput, non-streaming, c={}, {}s each\n", args.concurrency, args.seconds);
-    println!("| target | requests/s |\n|---|---|");
-    println!(
-        "| mock upstream directly | {direct_rps:.0} |\n| through a bare axum+reqwest proxy | {bare_rps:.0} |\n| through wasmgate | {gateway_rps:.0} |"
-    );
-    println!(
-        "\n(the load generator, the mock and the gateway share the same {} cores)",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
-    );
+    if args.streams > 0 {
+        let dir = tempfile::tempdir()?;
+        let (gateway, base) =
+            start_gateway(args, dir.path(), &["openai.wasm", "weighted.wasm"], &two_channels(&mock_url))?;
+        let key = billed_key(&base).await?;
+        streams::run(&base, &key, args.streams, gateway.0.id(), &mock_url).await?;
+    }
     Ok(())
-}
-
-/// Time one request: to the complete body, or to the first SSE chunk.
-async fn once(client: &reqwest::Client, url: &str, body: &serde_json::Value, first_chunk: bool) -> Result<Duration> {
-    let start = Instant::now();
-    let resp = client.post(url).bearer_auth(key()).json(body).send().await?;
-    anyhow::ensure!(resp.status().is_success(), "{url}: HTTP {}", resp.status());
-    if first_chunk {
-        let mut stream = resp.bytes_stream();
-        let mut seen = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            seen.extend_from_slice(&chunk?);
-            if seen.windows(2).any(|w| w == b"\n\n") {
-                break;
-            }
-        }
-        let elapsed = start.elapsed();
-        while stream.next().await.is_some() {}
-        Ok(elapsed)
-    } else {
-        let _ = resp.bytes().await?;
-        Ok(start.elapsed())
-    }
-}
-
-async fn interleaved(
-    client: &reqwest::Client,
-    targets: &[&str; 3],
-    body: &serde_json::Value,
-    n: usize,
-    first_chunk: bool,
-) -> Result<[Vec<Duration>; 3]> {
-    for _ in 0..n / 10 {
-        for url in targets {
-            once(client, url, body, first_chunk).await?;
-        }
-    }
-    let mut out: [Vec<Duration>; 3] = Default::default();
-    for i in 0..n {
-        // Rotate which target goes first so none always runs warm.
-        for k in 0..3 {
-            let t = (i + k) % 3;
-            out[t].push(once(client, targets[t], body, first_chunk).await?);
-        }
-    }
-    Ok(out)
-}
-
-fn report(title: &str, series: &[Vec<Duration>; 3]) {
-    let [d, g, b] = [Summary::of(&series[0]), Summary::of(&series[1]), Summary::of(&series[2])];
-    println!("\n## {title} ({} requests each, interleaved)\n", series[0].len());
-    println!("| | p50 | p90 | p99 | mean |\n|---|---|---|---|---|");
-    println!("| mock directly | {} |", d.cells());
-    println!("| through a bare axum+reqwest proxy | {} |", b.cells());
-    println!("| through wasmgate | {} |", g.cells());
-    let added = |x: &Summary| {
-        [stats::diff(x.p50, d.p50), stats::diff(x.p90, d.p90), stats::diff(x.p99, d.p99), stats::diff(x.mean, d.mean)]
-    };
-    let [b50, b90, b99, bm] = added(&b);
-    let [g50, g90, g99, gm] = added(&g);
-    println!("| added by the bare proxy | {b50} | {b90} | {b99} | {bm} |");
-    println!("| **added by wasmgate** | **{g50}** | **{g90}** | **{g99}** | **{gm}** |");
-}
-
-async fn throughput(
-    client: &reqwest::Client,
-    url: &str,
-    body: &serde_json::Value,
-    concurrency: usize,
-    duration: Duration,
-) -> Result<f64> {
-    let deadline = Instant::now() + duration;
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (client, url, body) = (client.clone(), url.to_string(), body.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            while Instant::now() < deadline {
-                if once(&client, &url, &body, false).await.is_ok() {
-                    n += 1;
-                }
-            }
-            n
-        }));
-    }
-    let mut total = 0;
-    for t in tasks {
-        total += t.await?;
-    }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
 }

@@ -4,9 +4,11 @@ use std::time::Duration;
 
 /// Percentiles of one series.
 pub struct Summary {
+    /// Median.
     pub p50: Duration,
-    pub p90: Duration,
+    /// 99th percentile.
     pub p99: Duration,
+    /// Mean.
     pub mean: Duration,
 }
 
@@ -23,12 +25,6 @@ pub fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
-/// `a - b`, signed, in µs.
-pub fn diff(a: Duration, b: Duration) -> String {
-    let v = a.as_secs_f64() * 1e6 - b.as_secs_f64() * 1e6;
-    format!("{v:+.1} µs")
-}
-
 impl Summary {
     /// Summarise `samples`.
     pub fn of(samples: &[Duration]) -> Self {
@@ -36,11 +32,6 @@ impl Summary {
         sorted.sort();
         let mean =
             if sorted.is_empty() { Duration::ZERO } else { sorted.iter().sum::<Duration>() / sorted.len() as u32 };
-        Self { p50: pct(&sorted, 0.5), p90: pct(&sorted, 0.9), p99: pct(&sorted, 0.99), mean }
-    }
-
-    /// `p50 | p90 | p99 | mean` as table cells.
-    pub fn cells(&self) -> String {
-        format!("{} | {} | {} | {}", us(self.p50), us(self.p90), us(self.p99), us(self.mean))
+        Self { p50: pct(&sorted, 0.5), p99: pct(&sorted, 0.99), mean }
     }
 }

@@ -210,6 +210,9 @@ pub struct ServerConfig {
     pub max_uri_bytes: usize,
     /// Largest total size of a request's headers, in bytes (431 above).
     pub max_header_bytes: usize,
+    /// Threads serving requests, each with its own single-threaded runtime
+    /// and accept loop (default: one per CPU).
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -220,6 +223,7 @@ impl Default for ServerConfig {
             max_connections: 50_000,
             max_uri_bytes: 16 * 1024,
             max_header_bytes: 64 * 1024,
+            workers: std::thread::available_parallelism().map_or(2, usize::from),
         }
     }
 }
@@ -234,11 +238,14 @@ pub struct StorageConfig {
     pub min_free_mb: u64,
     /// How often the free space is checked, in milliseconds.
     pub check_interval_ms: u64,
+    /// Memory sled may use to cache the store's pages, in MiB (usage logs
+    /// grow with traffic; the hot data is in memory anyway).
+    pub cache_mb: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { min_free_mb: 64, check_interval_ms: 500 }
+        Self { min_free_mb: 64, check_interval_ms: 500, cache_mb: 8 }
     }
 }
 

@@ -16,6 +16,8 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::os::fd::AsFd;
+
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 use tower::ServiceExt;
@@ -85,19 +87,35 @@ impl Table {
     }
 }
 
+/// What every worker's accept loop shares: the connection slots and table,
+/// the HTTP settings, and the stop signal.
+struct Shared {
+    cap: usize,
+    slots: Arc<Semaphore>,
+    table: Arc<Table>,
+    http: hyper::server::conn::http1::Builder,
+    started: Instant,
+    next_id: AtomicU64,
+    last_warning: Mutex<Option<Instant>>,
+    stop: watch::Receiver<bool>,
+}
+
 /// Serve `app` on `listener` until `shutdown` resolves, then stop accepting
 /// and wait for open connections to finish their requests.
+///
+/// With `workers` > 1 the other workers are threads of their own, each
+/// running a single-threaded runtime with its own accept loop on the same
+/// socket: a connection lives on one thread from accept to close, with no
+/// hand-off between threads (`docs/performance.md`).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     config: &ServerConfig,
+    workers: usize,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let cap = connection_cap(config, raise_file_limit());
-    tracing::info!(max_connections = cap, "accepting connections");
-    let slots = Arc::new(Semaphore::new(cap));
-    let table = Arc::new(Table::default());
-    let started = Instant::now();
+    tracing::info!(max_connections = cap, workers, "accepting connections");
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -105,25 +123,79 @@ pub async fn serve(
         .max_buf_size(config.max_header_bytes.saturating_mul(2).max(16 * 1024))
         .max_headers(256)
         .keep_alive(true);
-    let http = Arc::new(http);
-    let mut last_warning: Option<Instant> = None;
-    let mut next_id: u64 = 0;
-    tokio::pin!(shutdown);
+    let shared = Arc::new(Shared {
+        cap,
+        slots: Arc::new(Semaphore::new(cap)),
+        table: Arc::new(Table::default()),
+        http,
+        started: Instant::now(),
+        next_id: AtomicU64::new(0),
+        last_warning: Mutex::new(None),
+        stop: stop_rx,
+    });
+    let mut threads = Vec::new();
+    for n in 1..workers.max(1) {
+        let std_listener = listener.as_fd().try_clone_to_owned().map(std::net::TcpListener::from)?;
+        let (app, shared) = (app.clone(), shared.clone());
+        threads.push(std::thread::Builder::new().name(format!("wasmgate-worker-{n}")).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(error) => return tracing::error!(%error, "a worker could not start"),
+            };
+            rt.block_on(async move {
+                match TcpListener::from_std(std_listener) {
+                    Ok(listener) => accept_loop(listener, app, &shared).await,
+                    Err(error) => tracing::error!(%error, "a worker could not listen"),
+                }
+                drain(&shared).await;
+            });
+        })?);
+    }
+    tokio::select! {
+        () = accept_loop(listener, app, &shared) => {}
+        () = shutdown => {}
+    }
+    let _ = stop_tx.send(true);
+    drain(&shared).await;
+    for t in threads {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    Ok(())
+}
+
+/// Wait (bounded) for open connections to finish their requests.
+async fn drain(shared: &Shared) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while shared.slots.available_permits() < shared.cap && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Accept connections on `listener` until the stop signal, serving each on
+/// this thread's runtime.
+async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc<Shared>) {
+    let mut stop = shared.stop.clone();
     loop {
-        let permit = match slots.clone().try_acquire_owned() {
+        if *stop.borrow() {
+            return;
+        }
+        let permit = match shared.slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                    tracing::warn!(
-                        max_connections = cap,
-                        "connection limit reached; closing the longest-idle connections to make room"
-                    );
-                    last_warning = Some(Instant::now());
+                {
+                    let mut last = shared.last_warning.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!(
+                            max_connections = shared.cap,
+                            "connection limit reached; closing the longest-idle connections to make room"
+                        );
+                        *last = Some(Instant::now());
+                    }
                 }
-                table.evict_one();
+                shared.table.evict_one();
                 tokio::select! {
-                    p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                    () = &mut shutdown => break,
+                    p = shared.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    _ = stop.changed() => return,
                 }
             }
         };
@@ -133,27 +205,26 @@ pub async fn serve(
                 Err(error) => {
                     // EMFILE and the like: wait a moment instead of spinning.
                     tracing::warn!(%error, "accepting a connection failed");
-                    table.evict_one();
+                    shared.table.evict_one();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        next_id = next_id.wrapping_add(1);
-        let id = next_id;
-        let now_ms = started.elapsed().as_millis() as u64;
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
-            last_active: AtomicU64::new(now_ms),
+            last_active: AtomicU64::new(shared.started.elapsed().as_millis() as u64),
             close: Notify::new(),
             closing: std::sync::atomic::AtomicBool::new(false),
         });
-        table.lock().insert(id, conn.clone());
-        let (app, http, table, mut stop) = (app.clone(), http.clone(), table.clone(), stop_rx.clone());
+        shared.table.lock().insert(id, conn.clone());
+        let (app, shared) = (app.clone(), shared.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let touch = conn.clone();
+            let started = shared.started;
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 touch.last_active.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                 req.extensions_mut().insert(ConnectInfo(addr));
@@ -164,8 +235,9 @@ pub async fn serve(
                     )
                 }
             });
-            let connection = http.serve_connection(TokioIo::new(stream), service);
+            let connection = shared.http.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
+            let mut stop = shared.stop.clone();
             let mut closing = false;
             loop {
                 tokio::select! {
@@ -180,17 +252,9 @@ pub async fn serve(
                     }
                 }
             }
-            table.lock().remove(&id);
+            shared.table.lock().remove(&id);
         });
     }
-    drop(listener);
-    let _ = stop_tx.send(true);
-    // Wait (bounded) for open connections to finish their requests.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while slots.available_permits() < cap && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

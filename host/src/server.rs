@@ -49,12 +49,10 @@ impl Drop for AbortOnDrop {
 /// Open the store, start the plugin engine, load the plugins directory and
 /// start watching it.
 pub async fn build(config: Config) -> Result<Gateway> {
-    // The tokenizer's tables load while the plugins compile; the gateway
-    // listens only once both are ready, so no request waits for them.
-    let warm = std::thread::spawn(crate::billing::tokenize::warm);
     let options = StoreOptions {
         min_free_bytes: config.storage.min_free_mb.saturating_mul(1 << 20),
         secrets_key: config.secrets_key.clone(),
+        cache_bytes: config.storage.cache_mb.saturating_mul(1 << 20),
     };
     let store = Store::open_with(&config.data_dir, &options)?;
     store.spawn_monitor(Duration::from_millis(config.storage.check_interval_ms.max(50)));
@@ -123,7 +121,6 @@ pub async fn build(config: Config) -> Result<Gateway> {
         config,
     };
     let state = AppState(Arc::new(inner));
-    let _ = tokio::task::spawn_blocking(move || warm.join()).await;
     let tester = tokio::spawn(health::tester::run(state.clone()));
     let retention = tokio::spawn(log_retention(state.billing.clone()));
     Ok(Gateway { state, generated, _watcher: watcher, _tasks: [AbortOnDrop(tester), AbortOnDrop(retention)] })
@@ -154,7 +151,8 @@ pub async fn run(config: Config) -> Result<()> {
     // Tests and scripts read this line to find the port.
     println!("wasmgate listening on http://{addr}");
     let state = gateway.state.clone();
-    crate::listener::serve(listener, app(state), &gateway.state.config.server, shutdown_signal()).await?;
+    let workers = gateway.state.config.server.workers;
+    crate::listener::serve(listener, app(state), &gateway.state.config.server, workers, shutdown_signal()).await?;
     // Requests are drained: write the queued usage rows and charges. What a
     // failing disk keeps from being written stays in the journal for the
     // next start.

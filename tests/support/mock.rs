@@ -125,6 +125,7 @@ impl MockUpstream {
             .route("/v1/completions", post(completions))
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/models", get(models))
+            .route("/release", post(release))
             .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
@@ -298,6 +299,8 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     // `slow*` models answer forty words, one chunk every 30 ms.
     let text = if model.starts_with("slow") {
         (0..40).map(|i| format!("word{i} ")).collect::<String>()
+    } else if model.starts_with("drip") {
+        (0..14).map(|i| format!("drop{i} ")).collect::<String>()
     } else if let Mode::Big(n) = current_mode_peek(&state) {
         "x".repeat(n)
     } else {
@@ -337,10 +340,24 @@ fn chat_chunks(model: &str, text: &str, include_usage: bool) -> Vec<Value> {
     out
 }
 
-/// Stream `chunks` as SSE; `hold*` models pause after the first chunk.
+/// Stream `chunks` as SSE; `hold*` models pause after the first chunk
+/// (until released, at most 10 s), `drip*` models too (at most 120 s, or
+/// until `POST /release`) and then send one chunk every 500 ms.
 fn sse(state: Arc<MockState>, model: String, chunks: Vec<Value>) -> Response {
-    let hold = model.starts_with("hold");
-    let pace = model.starts_with("slow").then_some(Duration::from_millis(30));
+    let hold = if model.starts_with("hold") {
+        Some(Duration::from_secs(10))
+    } else if model.starts_with("drip") {
+        Some(Duration::from_secs(120))
+    } else {
+        None
+    };
+    let pace = if model.starts_with("slow") {
+        Some(Duration::from_millis(30))
+    } else if model.starts_with("drip") {
+        Some(Duration::from_millis(500))
+    } else {
+        None
+    };
     let stream = async_stream(state, chunks, hold, pace);
     Response::builder()
         .status(StatusCode::OK)
@@ -352,7 +369,7 @@ fn sse(state: Arc<MockState>, model: String, chunks: Vec<Value>) -> Response {
 fn async_stream(
     state: Arc<MockState>,
     chunks: Vec<Value>,
-    hold: bool,
+    hold: Option<Duration>,
     pace: Option<Duration>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
     let frames: Vec<Bytes> = chunks
@@ -363,9 +380,9 @@ fn async_stream(
     futures_util::stream::unfold((frames.into_iter(), 0usize), move |(mut it, i)| {
         let state = state.clone();
         async move {
-            if hold && i == 1 {
+            if let Some(limit) = hold.filter(|_| i == 1) {
                 // Hold the rest until the test releases it (bounded).
-                let _ = tokio::time::timeout(Duration::from_secs(10), state.release.notified()).await;
+                let _ = tokio::time::timeout(limit, state.release.notified()).await;
             }
             if let Some(gap) = pace.filter(|_| i > 0) {
                 tokio::time::sleep(gap).await;
@@ -415,6 +432,13 @@ async fn embeddings(State(state): State<Arc<MockState>>, headers: HeaderMap, bod
     axum::Json(json!({"object": "list", "data": data, "model": req["model"],
                       "usage": {"prompt_tokens": 4, "total_tokens": 4}}))
     .into_response()
+}
+
+/// `POST /release`: let every held stream go on (for a mock in another
+/// process).
+async fn release(State(state): State<Arc<MockState>>) -> StatusCode {
+    state.release.notify_waiters();
+    StatusCode::NO_CONTENT
 }
 
 async fn models(State(state): State<Arc<MockState>>) -> Response {

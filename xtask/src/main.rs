@@ -4,7 +4,8 @@
 //!   (and the test fixtures into `target/wasm-fixtures/`)
 //! - `cargo xtask test`      set everything up and run the whole test suite
 //! - `cargo xtask run [ARGS]` build the plugins and run the gateway (release)
-//! - `cargo xtask bench`     run the loopback benchmark harness
+//! - `cargo xtask bench`     run the loopback benchmark harness (installs wrk
+//!   and nginx, its peers, when missing)
 
 mod cargo_component;
 mod componentize;
@@ -113,7 +114,36 @@ fn run(root: &Path, extra: &[String]) -> Result<()> {
     run_checked(&mut cmd)
 }
 
+/// The peers the benchmark measures against: `wrk` (the load generator) and
+/// nginx, from Debian's packages.
+fn bench_tools() -> Result<()> {
+    let missing: Vec<&str> = [("wrk", "wrk"), ("nginx", "nginx-light")]
+        .into_iter()
+        .filter(|(bin, _)| {
+            !Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success())
+        })
+        .map(|(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing the benchmark's peers: {}", missing.join(" "));
+    run_checked(
+        Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .or_else(|_| {
+        run_checked(Command::new("apt-get").arg("update").arg("-qq"))?;
+        run_checked(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    })
+}
+
 fn bench(root: &Path, extra: &[String]) -> Result<()> {
+    bench_tools()?;
     plugins::build_all(root)?;
     let mut build = host_cargo();
     build.current_dir(root).args(["build", "--release", "--package", "wasmgate", "--package", "wasmgate-bench"]);

@@ -3,9 +3,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ipnet::IpNet;
@@ -91,17 +92,19 @@ pub fn identify(state: &AppState, key: &str, ip: Option<IpAddr>) -> Result<Calle
     }
 }
 
-/// Require a valid gateway token. Tokens are looked up by their SHA-256, so
-/// lookup time says nothing about the secret.
-pub async fn require_token(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let Some(key) = presented_key(req.headers()) else { return missing().into_response() };
-    let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    match identify(&state, key, ip) {
-        Ok(caller) => {
-            req.extensions_mut().insert(caller);
-            next.run(req).await
-        }
-        Err(error) => error.into_response(),
+/// The authenticated caller of a `/v1` (or `/api/self`) handler: a valid
+/// gateway token is required. Tokens are looked up by their SHA-256, so
+/// lookup time says nothing about the secret. (An extractor rather than a
+/// middleware layer: no boxed future per request.)
+pub struct Authed(pub Caller);
+
+impl FromRequestParts<AppState> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let key = presented_key(&parts.headers).ok_or_else(missing)?;
+        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        identify(state, key, ip).map(Authed)
     }
 }
 

@@ -9,9 +9,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -56,23 +55,33 @@ fn too_long(status: StatusCode, code: &'static str, message: &str) -> Response {
     err.into_response()
 }
 
-/// Refuse oversized URIs and headers; give the body its deadline.
-pub async fn request_limits(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Refuse an oversized URI or headers.
+pub fn check(state: &AppState, req: &Request) -> Result<(), Response> {
     let cfg = &state.config.server;
-    if req.uri().to_string().len() > cfg.max_uri_bytes {
-        return too_long(StatusCode::URI_TOO_LONG, "uri_too_long", "The request URI is too long.");
+    let uri = req.uri();
+    let uri_len = uri.path().len() + uri.query().map_or(0, |q| q.len() + 1);
+    if uri_len > cfg.max_uri_bytes {
+        return Err(too_long(StatusCode::URI_TOO_LONG, "uri_too_long", "The request URI is too long."));
     }
     let header_bytes: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
     if header_bytes > cfg.max_header_bytes {
-        return too_long(
+        return Err(too_long(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "request_header_fields_too_large",
             "The request headers are too large.",
-        );
+        ));
     }
-    let deadline = Duration::from_secs(cfg.body_timeout_secs);
-    let req = req.map(|inner| Body::new(DeadlineBody { inner, sleep: Box::pin(tokio::time::sleep(deadline)) }));
-    next.run(req).await
+    Ok(())
+}
+
+/// `req` with its body given the deadline (a request without a body —
+/// `GET`, or an empty one — needs none).
+pub fn with_deadline(state: &AppState, req: Request) -> Request {
+    if req.body().is_end_stream() {
+        return req;
+    }
+    let deadline = Duration::from_secs(state.config.server.body_timeout_secs);
+    req.map(|inner| Body::new(DeadlineBody { inner, sleep: Box::pin(tokio::time::sleep(deadline)) }))
 }
 
 /// Whether a body read failed because its deadline passed.

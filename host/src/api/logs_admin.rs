@@ -4,12 +4,13 @@
 
 use std::collections::HashMap;
 
+use axum::Json;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
-use axum::{Extension, Json};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
+use super::auth::Authed;
 use super::body;
 use super::params::{json_body, list_json, optional_u64, paging};
 use crate::billing::Caller;
@@ -80,7 +81,7 @@ fn own_account(caller: &Caller) -> Result<&crate::billing::Account, ApiError> {
 }
 
 /// `GET /api/self`: the caller's user and token, with live balances.
-pub async fn me(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Result<Json<Value>, ApiError> {
+pub async fn me(State(state): State<AppState>, Authed(caller): Authed) -> Result<Json<Value>, ApiError> {
     let acct = own_account(&caller)?;
     let user = state.billing.ledger.user(acct.user_id);
     let token = state.billing.ledger.token(acct.token.id);
@@ -96,7 +97,7 @@ pub async fn me(State(state): State<AppState>, Extension(caller): Extension<Call
 /// `GET /api/self/logs`: the caller's own rows (all their tokens).
 pub async fn my_logs(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Authed(caller): Authed,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let acct = own_account(&caller)?;

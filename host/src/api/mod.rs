@@ -13,7 +13,7 @@ mod routing_admin;
 mod status;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -36,8 +36,7 @@ pub fn app(state: AppState) -> Router {
         .route("/completions", post(openai::completions))
         .route("/embeddings", post(openai::embeddings))
         .route("/models", get(openai::list_models))
-        .route("/models/{model}", get(openai::get_model))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
+        .route("/models/{model}", get(openai::get_model));
     let admin = Router::new()
         .route("/plugins", get(plugins_admin::list))
         .route(
@@ -81,10 +80,7 @@ pub fn app(state: AppState) -> Router {
         .route("/pricing", get(logs_admin::get_pricing).put(logs_admin::put_pricing).delete(logs_admin::reset_pricing))
         .route("/routing", get(routing_admin::get).put(routing_admin::put).delete(routing_admin::reset))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
-    let own = Router::new()
-        .route("/self", get(logs_admin::me))
-        .route("/self/logs", get(logs_admin::my_logs))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_token));
+    let own = Router::new().route("/self", get(logs_admin::me)).route("/self/logs", get(logs_admin::my_logs));
     Router::new()
         .nest("/v1", v1)
         .nest("/api", own.merge(admin))
@@ -92,8 +88,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
-        .layer(middleware::from_fn_with_state(state.clone(), limits::request_limits))
-        .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn_with_state(state.clone(), front))
         .with_state(state)
 }
 
@@ -110,11 +105,17 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-async fn request_id(mut req: Request, next: Next) -> Response {
+/// In front of every route, in one layer: the request id (also sent back
+/// as `x-request-id`) and the limits on what the client sends.
+async fn front(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if let Err(refused) = limits::check(&state, &req) {
+        return refused;
+    }
     let id = format!("req_{:016x}", rand::random::<u64>());
-    req.extensions_mut().insert(RequestId(id.clone()));
-    let mut response = next.run(req).await;
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    let header = HeaderValue::from_str(&id).ok();
+    req.extensions_mut().insert(RequestId(id));
+    let mut response = next.run(limits::with_deadline(&state, req)).await;
+    if let Some(v) = header {
         response.headers_mut().insert("x-request-id", v);
     }
     response

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::RequestId;
+use super::auth::Authed;
 use super::body;
 use crate::billing::Caller;
 use crate::channels::models_for_group;
@@ -32,7 +33,7 @@ async fn serve(
 pub async fn chat_completions(
     State(s): State<AppState>,
     Extension(id): Extension<RequestId>,
-    Extension(caller): Extension<Caller>,
+    Authed(caller): Authed,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     serve(s, id, caller, Endpoint::ChatCompletions, raw).await
@@ -42,7 +43,7 @@ pub async fn chat_completions(
 pub async fn completions(
     State(s): State<AppState>,
     Extension(id): Extension<RequestId>,
-    Extension(caller): Extension<Caller>,
+    Authed(caller): Authed,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     serve(s, id, caller, Endpoint::Completions, raw).await
@@ -52,7 +53,7 @@ pub async fn completions(
 pub async fn embeddings(
     State(s): State<AppState>,
     Extension(id): Extension<RequestId>,
-    Extension(caller): Extension<Caller>,
+    Authed(caller): Authed,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     serve(s, id, caller, Endpoint::Embeddings, raw).await
@@ -72,7 +73,7 @@ fn model_object(state: &AppState, id: &str, owner: &str) -> Value {
 }
 
 /// `GET /v1/models`: what the caller's group can reach, de-duplicated.
-pub async fn list_models(State(state): State<AppState>, Extension(caller): Extension<Caller>) -> Json<Value> {
+pub async fn list_models(State(state): State<AppState>, Authed(caller): Authed) -> Json<Value> {
     let data: Vec<Value> =
         models(&state, &caller.group).iter().map(|(id, owner)| model_object(&state, id, owner)).collect();
     Json(json!({"object": "list", "data": data}))
@@ -81,7 +82,7 @@ pub async fn list_models(State(state): State<AppState>, Extension(caller): Exten
 /// `GET /v1/models/{model}`
 pub async fn get_model(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Authed(caller): Authed,
     Path(model): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let models = models(&state, &caller.group);

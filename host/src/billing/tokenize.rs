@@ -5,7 +5,9 @@
 //! bound of the prompt does not fit the caller's balance.
 //!
 //! Counting is never done on an async worker: [`off_worker`] runs it on
-//! the blocking pool, at most one count per CPU at a time. Its cost is
+//! the blocking pool, at most one count per CPU at a time. An encoding's
+//! tables (tens of MB) are loaded on its first use, so a gateway whose
+//! upstreams report usage never holds them. Its cost is
 //! linear: text is encoded in pieces of at most [`PIECE`] bytes, cut at
 //! whitespace where possible (byte-pair merging is quadratic in the length
 //! of one unbroken word; a 7 MB one-word prompt took 11–17 s whole). A cut
@@ -28,11 +30,6 @@ pub const MAX_EXACT_BYTES: usize = 4 << 20;
 
 fn bpe(model: &str) -> &'static CoreBPE {
     tiktoken_rs::bpe_for_model(model).unwrap_or_else(|_| tiktoken_rs::o200k_base_singleton())
-}
-
-/// Load the default encoding now (it takes a moment), off the request path.
-pub fn warm() {
-    let _ = tiktoken_rs::o200k_base_singleton();
 }
 
 /// Where a piece of at most `PIECE` bytes starting at `text` should end:

@@ -33,8 +33,9 @@ pub struct Channel {
     pub base_url: String,
     /// Origin (`scheme://host:port`) every upstream request must go to.
     pub origin: String,
-    /// Enabled credentials with their index in the record, rotated per request.
-    keys: Vec<(usize, String)>,
+    /// What the adapter sees for each enabled credential, with the key's
+    /// index in the record, rotated per request (built once, not per call).
+    views: Vec<(Option<usize>, ChannelView)>,
     /// Every credential, enabled or not, for scrubbing.
     all_keys: Vec<String>,
     next_key: AtomicUsize,
@@ -57,13 +58,13 @@ pub struct Channel {
 impl Channel {
     /// The runtime form of a stored record.
     pub fn from_record(rec: &ChannelRecord) -> Self {
-        Self {
+        let mut ch = Self {
             id: rec.id,
             name: rec.name.clone(),
             adapter: rec.adapter.clone(),
             base_url: rec.base_url.clone(),
             origin: origin_of(&rec.base_url).unwrap_or_default(),
-            keys: rec.keys.iter().enumerate().filter(|(_, k)| k.enabled).map(|(i, k)| (i, k.key.clone())).collect(),
+            views: Vec::new(),
             all_keys: rec.keys.iter().map(|k| k.key.clone()).collect(),
             next_key: AtomicUsize::new(0),
             models: rec.models.clone(),
@@ -76,15 +77,46 @@ impl Channel {
                 ChannelState::CoolingDown { until_ms, .. } => until_ms,
                 _ => 0,
             },
-        }
+        };
+        ch.views = if rec.keys.is_empty() {
+            vec![(None, ch.view_of(""))]
+        } else {
+            rec.keys.iter().enumerate().filter(|(_, k)| k.enabled).map(|(i, k)| (Some(i), ch.view_of(&k.key))).collect()
+        };
+        ch
     }
 
     /// The channel as a probe of key `index` sees it, whatever the key's or
     /// the channel's state (the recovery tester probes disabled keys).
     pub fn with_only_key(rec: &ChannelRecord, index: usize) -> Self {
         let mut ch = Self::from_record(rec);
-        ch.keys = rec.keys.get(index).map(|k| vec![(index, k.key.clone())]).unwrap_or_default();
+        ch.views = rec.keys.get(index).map(|k| vec![(Some(index), ch.view_of(&k.key))]).unwrap_or_default();
         ch
+    }
+
+    fn view_of(&self, key: &str) -> ChannelView {
+        ChannelView {
+            id: self.id,
+            name: self.name.clone(),
+            base_url: self.base_url.clone(),
+            key: key.to_string(),
+            settings: self.settings.clone(),
+        }
+    }
+
+    /// Whether `url` is on this channel's origin. The common case — the
+    /// adapter joined a path to the base URL — is a prefix check; anything
+    /// else is parsed.
+    pub fn same_origin(&self, url: &str) -> bool {
+        // The base URL was checked to be an http(s) URL with a host; what
+        // follows it starts its path or query, so the authority is its own.
+        if let Some(rest) = url.strip_prefix(self.base_url.as_str())
+            && (rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+            && !self.origin.is_empty()
+        {
+            return true;
+        }
+        origin_of(url).as_deref() == Some(self.origin.as_str())
     }
 
     /// Whether this channel offers `model` (`defaults` when it lists none).
@@ -104,26 +136,14 @@ impl Channel {
 
     /// What the adapter sees, with the next key of the rotation, and that
     /// key's index in the record (`None` for keyless upstreams).
-    pub fn view(&self) -> (ChannelView, Option<usize>) {
-        let (index, key) = if self.keys.is_empty() {
-            (None, String::new())
-        } else {
-            let (i, key) = &self.keys[self.next_key.fetch_add(1, Ordering::Relaxed) % self.keys.len()];
-            (Some(*i), key.clone())
-        };
-        let view = ChannelView {
-            id: self.id,
-            name: self.name.clone(),
-            base_url: self.base_url.clone(),
-            key,
-            settings: self.settings.clone(),
-        };
-        (view, index)
+    pub fn view(&self) -> (&ChannelView, Option<usize>) {
+        let (index, view) = &self.views[self.next_key.fetch_add(1, Ordering::Relaxed) % self.views.len()];
+        (view, *index)
     }
 
     /// Whether the channel has more than one key in rotation.
     pub fn multi_key(&self) -> bool {
-        self.keys.len() > 1
+        self.views.len() > 1
     }
 
     /// Remove this channel's secrets and address from `text` before it can
@@ -293,6 +313,21 @@ pub fn models_for_group(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_origin_fast_path_never_admits_another_authority() {
+        let ch =
+            |base: &str| Channel::from_record(&ChannelRecord { base_url: base.into(), ..ChannelRecord::default() });
+        let with_path = ch("http://10.0.0.1:8080/v1");
+        assert!(with_path.same_origin("http://10.0.0.1:8080/v1/chat/completions"));
+        assert!(with_path.same_origin("http://10.0.0.1:8080/other"));
+        assert!(!with_path.same_origin("http://10.0.0.1:8081/v1/chat"));
+        let bare = ch("http://10.0.0.1:8080");
+        assert!(bare.same_origin("http://10.0.0.1:8080/chat"));
+        assert!(!bare.same_origin("http://10.0.0.1:8080@evil.example/chat"));
+        assert!(!bare.same_origin("http://10.0.0.1:80800/chat"));
+        assert!(!bare.same_origin("http://10.0.0.1:8080.evil.example/chat"));
+    }
 
     #[test]
     fn scrubbing_catches_any_case_cut_keys_and_bare_addresses() {

@@ -39,12 +39,15 @@ pub struct Health {
     cfg: HealthConfig,
     channels: Arc<dyn ChannelStore>,
     windows: Mutex<HashMap<u64, VecDeque<Instant>>>,
+    /// Whether any channel has transient failures in its window: a success
+    /// takes the lock only then.
+    any_window: std::sync::atomic::AtomicBool,
 }
 
 impl Health {
     /// Health over `channels`.
     pub fn new(cfg: HealthConfig, channels: Arc<dyn ChannelStore>) -> Self {
-        Self { cfg, channels, windows: Mutex::default() }
+        Self { cfg, channels, windows: Mutex::default(), any_window: Default::default() }
     }
 
     /// The configuration.
@@ -58,9 +61,15 @@ impl Health {
 
     /// An attempt on `channel` succeeded: its transient window starts over.
     pub fn on_success(&self, channel: &Channel) {
+        if !self.any_window.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let mut windows = self.windows();
         if windows.get(&channel.id).is_some_and(|w| !w.is_empty()) {
             windows.remove(&channel.id);
+        }
+        if windows.is_empty() {
+            self.any_window.store(false, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -103,6 +112,7 @@ impl Health {
         let now = Instant::now();
         let span = Duration::from_secs(self.cfg.transient_window_secs);
         let mut windows = self.windows();
+        self.any_window.store(true, std::sync::atomic::Ordering::Relaxed);
         let window = windows.entry(id).or_default();
         window.push_back(now);
         while window.front().is_some_and(|t| now.duration_since(*t) > span) {

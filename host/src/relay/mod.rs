@@ -21,7 +21,7 @@ pub use probe::{ProbeOutcome, endpoint_name, kind_name, probe};
 pub use upstream::Upstream;
 
 use crate::billing::{AttemptInfo, Caller, Ending, Meter, storage_unavailable};
-use crate::channels::{Channel, origin_of};
+use crate::channels::Channel;
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
 use crate::health::Fault;
@@ -258,7 +258,7 @@ struct Attempt<'a> {
 /// into the stream, which settles it when it ends.
 async fn attempt(
     a: Attempt<'_>,
-    view: ChannelView,
+    view: &ChannelView,
     in_flight: InFlight,
     meter: &mut Option<Meter>,
 ) -> Result<Response, Failure> {
@@ -286,7 +286,7 @@ async fn attempt(
         Ok(Err(e)) => return Err(Failure::Final(client_error(&e, channel))),
         Ok(Ok(r)) => r,
     };
-    if origin_of(&upstream_req.url).as_deref() != Some(channel.origin.as_str()) {
+    if !channel.same_origin(&upstream_req.url) {
         let e = PluginError::malformed(&adapter.name, "upstream URL outside the channel's origin");
         return Err(plugin_failure(state, &e, request_id));
     }

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::credentials::CredentialError;
 use super::errors::client_error;
-use crate::channels::{Channel, origin_of};
+use crate::channels::Channel;
 use crate::plugins::{Endpoint, ErrorKind, RequestContext};
 use crate::state::AppState;
 
@@ -98,7 +98,8 @@ async fn probe_unbounded(state: &AppState, channel: &Channel) -> ProbeOutcome {
     let Some(adapter) = plugins.adapters.get(&channel.adapter) else {
         return fail(out, None, format!("adapter `{}` is not loaded", channel.adapter));
     };
-    let (mut view, key) = channel.view();
+    let (view, key) = channel.view();
+    let mut view = view.clone();
     let tag = super::key_tag(channel, key);
     // Unless the channel's settings name a probe model, probe with a model
     // the channel offers: an adapter's default probe model may be one this
@@ -126,7 +127,7 @@ async fn probe_unbounded(state: &AppState, channel: &Channel) -> ProbeOutcome {
         request_id: format!("probe_{:016x}", rand::random::<u64>()),
     };
     let request = match adapter.build_request(tag, &ctx, &view, &probe.body, credential.clone()).await {
-        Ok(Ok(r)) if origin_of(&r.url).as_deref() == Some(channel.origin.as_str()) => r,
+        Ok(Ok(r)) if channel.same_origin(&r.url) => r,
         Ok(Ok(_)) => return fail(out, None, "adapter built a URL outside the channel's origin".into()),
         Ok(Err(e)) => return fail(out, Some(kind_name(&e.kind)), e.message),
         Err(e) => return fail(out, None, format!("adapter failed: {e}")),

@@ -3,16 +3,19 @@
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 
 use crate::config::UpstreamConfig;
 use crate::plugins::{ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, UpstreamError};
 
-/// Pooled upstream client.
+/// Pooled upstream client: one connection pool per thread, so that a
+/// request and its upstream connection live on the same runtime (a pooled
+/// connection's task runs where it was created; using it from another
+/// thread costs a cross-thread wake-up each way).
 #[derive(Clone)]
 pub struct Upstream {
-    client: reqwest::Client,
+    id: u64,
+    connect_timeout: Duration,
     response_timeout: Duration,
     /// Longest silence allowed inside a streamed body.
     pub idle_timeout: Duration,
@@ -30,20 +33,43 @@ pub fn connection_error(what: &str) -> UpstreamError {
 impl Upstream {
     /// Build the client.
     pub fn new(cfg: &UpstreamConfig) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("wasmgate/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Self {
-            client,
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let this = Self {
+            id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
             response_timeout: Duration::from_secs(cfg.response_timeout_secs),
             idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
             exchange_timeout: Duration::from_secs(cfg.exchange_timeout_secs.max(1)),
             max_body: cfg.max_response_bytes,
+        };
+        this.build_client()?;
+        Ok(this)
+    }
+
+    fn build_client(&self) -> reqwest::Result<reqwest::Client> {
+        reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .connect_timeout(self.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("wasmgate/", env!("CARGO_PKG_VERSION")))
+            .build()
+    }
+
+    /// This thread's client.
+    fn client(&self) -> Result<reqwest::Client, UpstreamError> {
+        thread_local! {
+            static CLIENTS: std::cell::RefCell<Vec<(u64, reqwest::Client)>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        CLIENTS.with(|clients| {
+            let mut clients = clients.borrow_mut();
+            if let Some((_, c)) = clients.iter().find(|(id, _)| *id == self.id) {
+                return Ok(c.clone());
+            }
+            let client = self.build_client().map_err(|_| connection_error("client could not be built"))?;
+            clients.push((self.id, client.clone()));
+            Ok(client)
         })
     }
 
@@ -55,7 +81,7 @@ impl Upstream {
             HttpMethod::Put => reqwest::Method::PUT,
             HttpMethod::Delete => reqwest::Method::DELETE,
         };
-        let mut builder = self.client.request(method, &req.url);
+        let mut builder = self.client()?.request(method, &req.url);
         for h in &req.headers {
             builder = builder.header(&h.name, &h.value);
         }
@@ -80,8 +106,10 @@ impl Upstream {
     pub async fn read(&self, resp: reqwest::Response) -> Result<HttpResponse, UpstreamError> {
         let status = resp.status().as_u16();
         let headers = headers_of(&resp);
+        let expected = resp.content_length().map_or(0, |n| n.min(self.max_body as u64) as usize);
         let mut stream = resp.bytes_stream();
-        let mut body = BytesMut::new();
+        // One copy, into the buffer the plugin call takes.
+        let mut body = Vec::with_capacity(expected);
         loop {
             match tokio::time::timeout(self.idle_timeout, stream.next()).await {
                 Err(_) => return Err(connection_error("stalled while sending its response")),
@@ -95,7 +123,7 @@ impl Upstream {
                 }
             }
         }
-        Ok(HttpResponse { status, headers, body: Bytes::from(body).to_vec() })
+        Ok(HttpResponse { status, headers, body })
     }
 }
 

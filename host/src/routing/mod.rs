@@ -27,7 +27,9 @@ pub struct Routing {
     pub policies: Policies,
     /// Live statistics per channel.
     pub stats: StatsBook,
-    sequences: RwLock<HashMap<(String, String), Arc<AtomicU64>>>,
+    /// Requests routed per (group, model), keyed by a hash of the pair.
+    sequences: RwLock<HashMap<u64, Arc<AtomicU64>>>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 /// What routing needs to know about a request.
@@ -82,11 +84,14 @@ fn priority_order(mut channels: Vec<Arc<Channel>>) -> Vec<Arc<Channel>> {
 impl Routing {
     /// Routing with `policies` and empty statistics.
     pub fn new(policies: Policies) -> Self {
-        Self { policies, stats: StatsBook::default(), sequences: RwLock::default() }
+        Self { policies, stats: StatsBook::default(), sequences: RwLock::default(), hasher: Default::default() }
     }
 
     fn next_sequence(&self, group: &str, model: &str) -> u64 {
-        let key = (group.to_string(), model.to_string());
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = self.hasher.build_hasher();
+        (group, model).hash(&mut h);
+        let key = h.finish();
         if let Some(c) = self.sequences.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key) {
             return c.fetch_add(1, Ordering::Relaxed);
         }

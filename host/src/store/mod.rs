@@ -40,12 +40,20 @@ pub fn is_unavailable(error: &anyhow::Error) -> bool {
 }
 
 /// How the store is opened.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// Free space kept on the data directory's filesystem, in bytes.
     pub min_free_bytes: u64,
     /// Key for secrets at rest (else a generated key file).
     pub secrets_key: Option<String>,
+    /// sled's page cache, in bytes.
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { min_free_bytes: 0, secrets_key: None, cache_bytes: 8 << 20 }
+    }
 }
 
 /// The open sled database and its `options` tree.
@@ -69,6 +77,7 @@ pub struct Store {
     guard: Arc<StorageGuard>,
     secrets: Arc<SecretBox>,
     manifest: Arc<Mutex<Manifest>>,
+    cache_bytes: u64,
 }
 
 /// Make `dir` and everything in it readable by its owner only.
@@ -88,10 +97,11 @@ fn restrict_permissions(dir: &Path) {
     }
 }
 
-/// Open sled, turning its panics on some damaged files into an error.
-fn open_sled(dir: &Path) -> Result<sled::Db> {
+/// Open sled with a page cache of `cache_bytes`, turning its panics on some
+/// damaged files into an error.
+fn open_sled(dir: &Path, cache_bytes: u64) -> Result<sled::Db> {
     let path = dir.join("db");
-    let opened = std::panic::catch_unwind(|| sled::open(&path));
+    let opened = std::panic::catch_unwind(|| sled::Config::new().path(&path).cache_capacity(cache_bytes).open());
     match opened {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(e)) => bail!("opening the sled store in {} failed: {e}. {}", path.display(), manifest::RECOVERY),
@@ -113,7 +123,7 @@ impl Store {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         restrict_permissions(dir);
         let recorded = Manifest::read(dir)?;
-        let db = open_sled(dir)?;
+        let db = open_sled(dir, opts.cache_bytes)?;
         let options = db.open_tree("options")?;
         let secrets = Arc::new(SecretBox::open(opts.secrets_key.as_deref(), dir)?);
         let guard = Arc::new(StorageGuard::new(dir, opts.min_free_bytes));
@@ -148,6 +158,7 @@ impl Store {
             guard,
             secrets,
             manifest: Arc::new(Mutex::new(manifest)),
+            cache_bytes: opts.cache_bytes,
         };
         store.check_counters()?;
         migrate(&store)?;
@@ -248,7 +259,7 @@ impl Store {
         drop(old);
         let started = std::time::Instant::now();
         let db = loop {
-            match open_sled(&self.dir) {
+            match open_sled(&self.dir, self.cache_bytes) {
                 Ok(db) => break db,
                 // Handles still in use keep sled's file lock for a moment.
                 Err(e) if started.elapsed() < std::time::Duration::from_secs(30) => {
