@@ -138,6 +138,24 @@ async fn an_empty_or_non_sse_200_fails_over_and_ends_in_an_error_when_nothing_se
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_that_falls_silent_is_cut_at_the_idle_limit() {
+    let mock = MockUpstream::start("stall").await;
+    mock.set_mode(Mode::StallStream(Duration::from_secs(30)));
+    let toml = format!(
+        "{PRICING}\n[upstream]\nidle_timeout_secs = 1\n{}",
+        channel("c", "openai", &mock.base_url(), &["m"], "")
+    );
+    let gw = Gateway::start(PLUGINS, &toml);
+    let (_, key) = user_with_token(&gw, 1_000_000, json!({})).await;
+    let (id, stream) = open_stream(&gw, &key, &stream_body()).await;
+    let text = read_all(stream).await;
+    assert!(text.contains("before the silence"), "the chunk that came was relayed: {text}");
+    assert!(text.contains("stalled") && !text.contains("[DONE]"), "the silence ends the stream with an error: {text}");
+    let row = wait_rows(&gw, &format!("request_id={id}"), 1).await["data"][0].clone();
+    assert_eq!(row["upstream_cut"], true, "{row}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_cut_before_its_end_is_an_error_event_recorded_as_cut() {
     let mock = MockUpstream::start("cut").await;
     mock.set_mode(Mode::CutStream);

@@ -174,7 +174,8 @@ pub(crate) fn start_gateway(args: &Args, dir: &Path, plugins: &[&str], channels:
     }
     let config = format!(
         "tokens = [{TOKEN:?}]\nadmin_token = \"adm-bench\"\ndata_dir = {:?}\nplugins_dir = {:?}\n\
-         [plugins]\n{}\n[server]\nmax_connections = 100000\n{channels}\n\
+         [plugins]\n{}\n[server]\nmax_connections = 100000\n\
+         [limits]\ntoken_concurrency = 0\ntoken_streams = 0\nuser_concurrency = 0\n{channels}\n\
          [pricing.models.gpt-4o-mini]\nratio = 0.075\ncompletion_ratio = 4\ncached_ratio = 0.5\n\
          [pricing.models.drip-mini]\nratio = 0.075\ncompletion_ratio = 4\ncached_ratio = 0.5\n",
         dir.join("data"),

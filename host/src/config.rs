@@ -144,7 +144,9 @@ pub struct UpstreamConfig {
     pub connect_timeout_ms: u64,
     /// Timeout until the response headers arrive, in seconds.
     pub response_timeout_secs: u64,
-    /// Longest silence inside a streamed body, in seconds.
+    /// Longest silence from the upstream, in seconds: waiting for the
+    /// headers (also bounded by `response_timeout_secs`), inside a body or a
+    /// stream. Enforced by the upstream client's read timeout.
     pub idle_timeout_secs: u64,
     /// Most bytes one upstream stream may send; the gateway ends a longer
     /// stream with an error event (billed for what was delivered).

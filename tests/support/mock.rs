@@ -59,6 +59,9 @@ pub enum Mode {
     EchoHost,
     /// A healthy non-streamed answer whose content is this many bytes.
     Big(usize),
+    /// A `200` event stream that sends its first chunk, then nothing for
+    /// this long, then ends.
+    StallStream(Duration),
 }
 
 impl Mode {
@@ -260,6 +263,20 @@ async fn failure(mode: Mode, model: &str, headers: &HeaderMap) -> Option<Respons
         Mode::StreamErrorEvent => {
             let body = "data: {\"error\":{\"message\":\"The server is overloaded\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n";
             Some(([(header::CONTENT_TYPE, "text/event-stream")], body).into_response())
+        }
+        Mode::StallStream(silence) => {
+            let chunk = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u64,
+                "model": model, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "before the silence"}, "finish_reason": null}]});
+            let first = Bytes::from(format!("data: {chunk}\n\n"));
+            let stream = futures_util::stream::unfold(Some(first), move |first| async move {
+                let next = first?;
+                if next.is_empty() {
+                    tokio::time::sleep(silence).await;
+                    return Some((Ok::<_, std::io::Error>(Bytes::from_static(b"data: [DONE]\n\n")), None));
+                }
+                Some((Ok(next), Some(Bytes::new())))
+            });
+            Some(([(header::CONTENT_TYPE, "text/event-stream")], Body::from_stream(stream)).into_response())
         }
         Mode::DropMidStream => {
             let chunk = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u64,

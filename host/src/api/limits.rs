@@ -56,20 +56,20 @@ fn too_long(status: StatusCode, code: &'static str, message: &str) -> Response {
 }
 
 /// Refuse an oversized URI or headers.
-pub fn check(state: &AppState, req: &Request) -> Result<(), Response> {
+pub fn check(state: &AppState, req: &Request) -> Result<(), Box<Response>> {
     let cfg = &state.config.server;
     let uri = req.uri();
     let uri_len = uri.path().len() + uri.query().map_or(0, |q| q.len() + 1);
     if uri_len > cfg.max_uri_bytes {
-        return Err(too_long(StatusCode::URI_TOO_LONG, "uri_too_long", "The request URI is too long."));
+        return Err(Box::new(too_long(StatusCode::URI_TOO_LONG, "uri_too_long", "The request URI is too long.")));
     }
     let header_bytes: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
     if header_bytes > cfg.max_header_bytes {
-        return Err(too_long(
+        return Err(Box::new(too_long(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "request_header_fields_too_large",
             "The request headers are too large.",
-        ));
+        )));
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use crate::error::ApiError;
@@ -79,6 +79,7 @@ pub fn app(state: AppState) -> Router {
         .route("/logs/stats", get(logs_admin::summary))
         .route("/pricing", get(logs_admin::get_pricing).put(logs_admin::put_pricing).delete(logs_admin::reset_pricing))
         .route("/routing", get(routing_admin::get).put(routing_admin::put).delete(routing_admin::reset))
+        .route_layer(middleware::from_fn(on_admin_thread))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
     let own = Router::new().route("/self", get(logs_admin::me)).route("/self/logs", get(logs_admin::my_logs));
     Router::new()
@@ -90,6 +91,28 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), front))
         .with_state(state)
+}
+
+/// Administration runs on its own thread: its writes flush sled (and an
+/// upload compiles a plugin), and no request worker waits for that.
+async fn on_admin_thread(req: Request, next: Next) -> Response {
+    static ADMIN: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    let runtime = ADMIN.get_or_init(|| {
+        let built = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("wasmgate-admin")
+            .enable_all()
+            .build();
+        built.inspect_err(|error| tracing::error!(%error, "no admin thread; administration runs on the workers")).ok()
+    });
+    let Some(runtime) = runtime else { return next.run(req).await };
+    match runtime.spawn(next.run(req)).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::error!(%error, "an administration request failed");
+            ApiError::internal().into_response()
+        }
+    }
 }
 
 async fn not_found() -> ApiError {
@@ -109,7 +132,7 @@ async fn method_not_allowed() -> ApiError {
 /// as `x-request-id`) and the limits on what the client sends.
 async fn front(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if let Err(refused) = limits::check(&state, &req) {
-        return refused;
+        return *refused;
     }
     let id = format!("req_{:016x}", rand::random::<u64>());
     let header = HeaderValue::from_str(&id).ok();

@@ -351,7 +351,8 @@ fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(
                 match change {
                     Change::Row(row) => {
                         l.insert(&row.id.to_be_bytes(), serde_json::to_vec(row.as_ref()).map_err(abort)?)?;
-                        if row.kind == LogKind::Consume {
+                        // Only a stream has an open record to end.
+                        if row.kind == LogKind::Consume && row.stream {
                             s.remove(open_key(&row.request_id))?;
                         }
                     }

@@ -20,6 +20,18 @@ pub use status::{ChannelState, EventSource, KeyAuto, StatusEvent};
 
 use crate::plugins::ChannelView;
 
+/// One key of a channel as the adapter sees it, built once per snapshot.
+#[derive(Debug)]
+pub struct KeyView {
+    /// What the adapter is given.
+    pub view: ChannelView,
+    /// The key's index in the record (`None` for keyless upstreams).
+    pub index: Option<usize>,
+    /// Identifies the credential this view exchanges for (see
+    /// [`crate::relay::credentials`]).
+    pub fingerprint: [u8; 32],
+}
+
 /// One channel in service, as the relay uses it.
 #[derive(Debug)]
 pub struct Channel {
@@ -35,7 +47,7 @@ pub struct Channel {
     pub origin: String,
     /// What the adapter sees for each enabled credential, with the key's
     /// index in the record, rotated per request (built once, not per call).
-    views: Vec<(Option<usize>, ChannelView)>,
+    views: Vec<KeyView>,
     /// Every credential, enabled or not, for scrubbing.
     all_keys: Vec<String>,
     next_key: AtomicUsize,
@@ -79,9 +91,9 @@ impl Channel {
             },
         };
         ch.views = if rec.keys.is_empty() {
-            vec![(None, ch.view_of(""))]
+            vec![ch.key_view(None, "")]
         } else {
-            rec.keys.iter().enumerate().filter(|(_, k)| k.enabled).map(|(i, k)| (Some(i), ch.view_of(&k.key))).collect()
+            rec.keys.iter().enumerate().filter(|(_, k)| k.enabled).map(|(i, k)| ch.key_view(Some(i), &k.key)).collect()
         };
         ch
     }
@@ -90,18 +102,19 @@ impl Channel {
     /// the channel's state (the recovery tester probes disabled keys).
     pub fn with_only_key(rec: &ChannelRecord, index: usize) -> Self {
         let mut ch = Self::from_record(rec);
-        ch.views = rec.keys.get(index).map(|k| vec![(Some(index), ch.view_of(&k.key))]).unwrap_or_default();
+        ch.views = rec.keys.get(index).map(|k| vec![ch.key_view(Some(index), &k.key)]).unwrap_or_default();
         ch
     }
 
-    fn view_of(&self, key: &str) -> ChannelView {
-        ChannelView {
+    fn key_view(&self, index: Option<usize>, key: &str) -> KeyView {
+        let view = ChannelView {
             id: self.id,
             name: self.name.clone(),
             base_url: self.base_url.clone(),
             key: key.to_string(),
             settings: self.settings.clone(),
-        }
+        };
+        KeyView { fingerprint: crate::relay::credentials::fingerprint(&view), view, index }
     }
 
     /// Whether `url` is on this channel's origin. The common case — the
@@ -134,11 +147,9 @@ impl Channel {
         self.model_mapping.get(model).cloned().unwrap_or_else(|| model.to_string())
     }
 
-    /// What the adapter sees, with the next key of the rotation, and that
-    /// key's index in the record (`None` for keyless upstreams).
-    pub fn view(&self) -> (&ChannelView, Option<usize>) {
-        let (index, view) = &self.views[self.next_key.fetch_add(1, Ordering::Relaxed) % self.views.len()];
-        (view, *index)
+    /// What the adapter sees with the next key of the rotation.
+    pub fn view(&self) -> &KeyView {
+        &self.views[self.next_key.fetch_add(1, Ordering::Relaxed) % self.views.len()]
     }
 
     /// Whether the channel has more than one key in rotation.
@@ -289,6 +300,16 @@ pub trait ChannelStore: Send + Sync {
         id: u64,
         f: &mut dyn FnMut(&mut ChannelRecord) -> Result<(), FieldError>,
     ) -> Result<ChannelRecord, StoreError>;
+    /// Like [`Self::update`], for changes made on the request path (health
+    /// transitions): visible to the next request at once, written to disk
+    /// soon after by the store's own thread, never by the caller's.
+    fn update_soon(
+        &self,
+        id: u64,
+        f: &mut dyn FnMut(&mut ChannelRecord) -> Result<(), FieldError>,
+    ) -> Result<ChannelRecord, StoreError> {
+        self.update(id, f)
+    }
     /// Delete channel `id`, returning what it was.
     fn delete(&self, id: u64) -> Result<ChannelRecord, StoreError>;
 }

@@ -1,9 +1,10 @@
 //! Channels in the embedded sled store: tree `channels`, key = id
 //! (big-endian u64), value = the record as JSON. The master copy lives in
-//! memory behind a write lock; every write goes to sled (flushed) before the
-//! new snapshot is published, so a change the API acknowledged survives a
-//! crash and the relay never sees a change that is not on disk. Keys are
-//! stored encrypted (see `store::secrets`).
+//! memory behind a write lock; an admin's write goes to sled (flushed)
+//! before the new snapshot is published, so a change the API acknowledged
+//! survives a crash. Health transitions, made on the request path, are
+//! published at once and written by a persister thread, so no request waits
+//! for sled. Keys are stored encrypted (see `store::secrets`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,7 +20,16 @@ const NEXT_ID: &str = "next_channel_id";
 
 /// The sled-backed channel store.
 pub struct SledChannels {
+    inner: Arc<Inner>,
+    /// Ids whose record changed in memory and awaits the persister.
+    dirty: std::sync::mpsc::Sender<u64>,
+}
+
+struct Inner {
     store: Store,
+    /// Held by every disk write, taken before `records`: the persister's
+    /// write of a record cannot land after a newer write or a delete.
+    writes: Mutex<()>,
     records: Mutex<BTreeMap<u64, ChannelRecord>>,
     snapshot: ArcSwap<ChannelSet>,
 }
@@ -39,7 +49,43 @@ impl SledChannels {
             records.insert(rec.id, rec);
         }
         let snapshot = ArcSwap::from_pointee(ChannelSet::new(records.values().cloned()));
-        Ok(Self { store: store.clone(), records: Mutex::new(records), snapshot })
+        let inner =
+            Arc::new(Inner { store: store.clone(), writes: Mutex::new(()), records: Mutex::new(records), snapshot });
+        let (dirty, pending) = std::sync::mpsc::channel();
+        let persister = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("channel-persister".into())
+            .spawn(move || persist_loop(&persister, &pending))?;
+        Ok(Self { inner, dirty })
+    }
+}
+
+/// Write the records whose ids arrive on `pending`, the latest version of
+/// each, until the store is gone. A write that fails is retried.
+fn persist_loop(inner: &std::sync::Weak<Inner>, pending: &std::sync::mpsc::Receiver<u64>) {
+    let mut ids = std::collections::BTreeSet::new();
+    while let Ok(id) = pending.recv() {
+        ids.insert(id);
+        ids.extend(pending.try_iter());
+        let Some(inner) = inner.upgrade() else { return };
+        while let Some(id) = ids.pop_first() {
+            let writing = inner.writing();
+            let rec = inner.lock().get(&id).cloned();
+            let Some(rec) = rec else { continue };
+            if let Err(error) = inner.persist(&rec) {
+                drop(writing);
+                tracing::warn!(channel = id, %error, "a channel's health change is not on disk yet; retrying");
+                ids.insert(id);
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                ids.extend(pending.try_iter());
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn writing(&self) -> MutexGuard<'_, ()> {
+        self.writes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, ChannelRecord>> {
@@ -61,41 +107,45 @@ impl SledChannels {
     fn publish(&self, records: &BTreeMap<u64, ChannelRecord>) {
         self.snapshot.store(Arc::new(ChannelSet::new(records.values().cloned())));
     }
+}
 
+impl SledChannels {
     /// Insert `rec` as given (id and times included); used by the config
     /// import, which keeps its own id bookkeeping.
     pub(super) fn put_raw(&self, rec: ChannelRecord) -> anyhow::Result<()> {
-        let mut records = self.lock();
-        self.persist(&rec)?;
+        let _writing = self.inner.writing();
+        let mut records = self.inner.lock();
+        self.inner.persist(&rec)?;
         records.insert(rec.id, rec);
-        self.publish(&records);
+        self.inner.publish(&records);
         Ok(())
     }
 
     /// A fresh id, never handed out before.
     pub(super) fn allocate_id(&self) -> anyhow::Result<u64> {
-        self.store.next_counter(NEXT_ID)
+        self.inner.store.next_counter(NEXT_ID)
     }
 
     /// The store the channels live in.
     pub(super) fn store(&self) -> &Store {
-        &self.store
+        &self.inner.store
     }
 }
 
 impl ChannelStore for SledChannels {
     fn snapshot(&self) -> Arc<ChannelSet> {
-        self.snapshot.load_full()
+        self.inner.snapshot.load_full()
     }
 
     fn create(&self, mut rec: ChannelRecord) -> Result<ChannelRecord, StoreError> {
         rec.id = self.allocate_id()?;
         rec.created_at = unix_now();
         rec.updated_at = rec.created_at;
-        let mut records = self.lock();
-        self.persist(&rec)?;
+        let _writing = self.inner.writing();
+        let mut records = self.inner.lock();
+        self.inner.persist(&rec)?;
         records.insert(rec.id, rec.clone());
-        self.publish(&records);
+        self.inner.publish(&records);
         Ok(rec)
     }
 
@@ -104,7 +154,8 @@ impl ChannelStore for SledChannels {
         id: u64,
         f: &mut dyn FnMut(&mut ChannelRecord) -> Result<(), FieldError>,
     ) -> Result<ChannelRecord, StoreError> {
-        let mut records = self.lock();
+        let _writing = self.inner.writing();
+        let mut records = self.inner.lock();
         let mut rec = records.get(&id).cloned().ok_or(StoreError::NotFound(id))?;
         f(&mut rec).map_err(StoreError::Invalid)?;
         rec.id = id;
@@ -112,21 +163,41 @@ impl ChannelStore for SledChannels {
             return Ok(rec);
         }
         rec.updated_at = unix_now();
-        self.persist(&rec)?;
+        self.inner.persist(&rec)?;
         records.insert(id, rec.clone());
-        self.publish(&records);
+        self.inner.publish(&records);
+        Ok(rec)
+    }
+
+    fn update_soon(
+        &self,
+        id: u64,
+        f: &mut dyn FnMut(&mut ChannelRecord) -> Result<(), FieldError>,
+    ) -> Result<ChannelRecord, StoreError> {
+        let mut records = self.inner.lock();
+        let mut rec = records.get(&id).cloned().ok_or(StoreError::NotFound(id))?;
+        f(&mut rec).map_err(StoreError::Invalid)?;
+        rec.id = id;
+        if records.get(&id) == Some(&rec) {
+            return Ok(rec);
+        }
+        rec.updated_at = unix_now();
+        records.insert(id, rec.clone());
+        self.inner.publish(&records);
+        let _ = self.dirty.send(id);
         Ok(rec)
     }
 
     fn delete(&self, id: u64) -> Result<ChannelRecord, StoreError> {
-        let mut records = self.lock();
+        let _writing = self.inner.writing();
+        let mut records = self.inner.lock();
         let rec = records.get(&id).cloned().ok_or(StoreError::NotFound(id))?;
-        self.store.ensure_writable()?;
-        let tree = self.store.tree(TREE)?;
+        self.inner.store.ensure_writable()?;
+        let tree = self.inner.store.tree(TREE)?;
         tree.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
         tree.flush().map_err(anyhow::Error::from)?;
         records.remove(&id);
-        self.publish(&records);
+        self.inner.publish(&records);
         Ok(rec)
     }
 }

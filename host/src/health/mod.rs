@@ -132,7 +132,7 @@ impl Health {
             ErrorKind::QuotaExhausted => "the upstream account's quota is exhausted",
             _ => "the upstream refused the key (invalid, revoked or deactivated)",
         };
-        let result = self.channels.update(channel.id, &mut |rec| {
+        let result = self.channels.update_soon(channel.id, &mut |rec| {
             if !matches!(rec.status, ChannelState::Enabled | ChannelState::CoolingDown { .. }) {
                 return Ok(());
             }
@@ -178,7 +178,7 @@ impl Health {
     /// Apply `to(current)` when it yields a new state.
     fn change(&self, id: u64, source: EventSource, reason: &str, to: impl Fn(&ChannelState) -> Option<ChannelState>) {
         let mut changed = false;
-        let result = self.channels.update(id, &mut |rec| {
+        let result = self.channels.update_soon(id, &mut |rec| {
             if let Some(next) = to(&rec.status) {
                 rec.transition(next, source, reason, unix_now_ms());
                 changed = true;

@@ -52,7 +52,7 @@ pub fn end_cooldowns(state: &AppState) {
         .map(|r| r.id)
         .collect();
     for id in due {
-        let _ = state.channels.update(id, &mut |rec| {
+        let _ = state.channels.update_soon(id, &mut |rec| {
             if matches!(rec.status, ChannelState::CoolingDown { until_ms, .. } if until_ms <= now) {
                 rec.transition(ChannelState::Enabled, EventSource::Timer, "cool-down ended", now);
             }
@@ -115,7 +115,7 @@ pub async fn probe_round(state: &AppState) {
 fn apply(state: &AppState, id: u64, target: Target, outcome: &ProbeOutcome, max_attempts: u32) {
     let now = unix_now_ms();
     let failure = outcome.message.clone().unwrap_or_default();
-    let result = state.channels.update(id, &mut |rec| {
+    let result = state.channels.update_soon(id, &mut |rec| {
         match target {
             Target::Channel(_) => match &mut rec.status {
                 ChannelState::AutoDisabled { recovery_attempts, reason, error_kind, .. } if !outcome.success => {

@@ -29,12 +29,19 @@ const STDERR_KEPT: usize = 2048;
 /// panic handler abort on a failed write), keeps the first bytes of each
 /// call for the log.
 #[derive(Clone, Default)]
-pub(crate) struct Stderr(Arc<Mutex<(Vec<u8>, usize)>>);
+pub(crate) struct Stderr(Arc<(Mutex<Captured>, std::sync::atomic::AtomicBool)>);
+
+/// The first bytes written during a call, and how many were written.
+type Captured = (Vec<u8>, usize);
 
 impl Stderr {
     /// What the current call wrote (its start, lossily decoded), and reset.
     pub(crate) fn take(&self) -> Option<String> {
-        let mut guard = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Nearly every call writes nothing: skip the lock then.
+        if !self.0.1.swap(false, std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let mut guard = self.0.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (kept, total) = std::mem::take(&mut *guard);
         if total == 0 {
             return None;
@@ -49,11 +56,12 @@ impl Stderr {
 
 impl tokio::io::AsyncWrite for Stderr {
     fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let mut guard = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.0.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (kept, total) = &mut *guard;
         let room = STDERR_KEPT.saturating_sub(kept.len());
         kept.extend_from_slice(&buf[..buf.len().min(room)]);
         *total += buf.len();
+        self.0.1.store(true, std::sync::atomic::Ordering::Release);
         Poll::Ready(Ok(buf.len()))
     }
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {

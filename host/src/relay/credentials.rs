@@ -2,14 +2,18 @@
 //! trade a channel key for a short-lived credential once, share it between
 //! all requests on that key until shortly before it expires.
 //!
-//! One async mutex per (plugin version, channel key) makes the exchange
-//! single-flight: concurrent requests wait for the one exchange in progress
-//! and then read its result, so under load the upstream sees one exchange
-//! per expiry window, not one per request.
+//! A known credential is read without a lock: the key's slot is an
+//! `ArcSwap` found by the key's fingerprint, computed once per channel
+//! snapshot. When it must be (re)exchanged, one async mutex per key makes
+//! the exchange single-flight: concurrent requests wait for the one exchange
+//! in progress and then read its result, so under load the upstream sees one
+//! exchange per expiry window, not one per request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use sha2::{Digest, Sha256};
 
@@ -32,10 +36,8 @@ pub enum CredentialError {
     Upstream(UpstreamError),
 }
 
-#[derive(Default)]
-enum Slot {
-    #[default]
-    Unknown,
+/// What is known about one key's credential.
+enum Known {
     /// The adapter needs no exchange for this key.
     NotNeeded,
     Ready {
@@ -48,44 +50,84 @@ enum Slot {
     },
 }
 
+/// One key's credential under one adapter version.
+struct Slot {
+    /// The adapter version (`sha256`) that produced `known`.
+    adapter: String,
+    known: Known,
+}
+
+/// A key's slot: read without a lock; `exchange` makes the exchange
+/// single-flight.
+#[derive(Default)]
+struct Entry {
+    slot: ArcSwapOption<Slot>,
+    exchange: tokio::sync::Mutex<()>,
+}
+
+/// Entries kept before the map is started afresh (a dropped entry only
+/// costs one more exchange).
+const MAX_ENTRIES: usize = 4096;
+
 /// The credentials of every channel key whose adapter exchanges its key.
 #[derive(Default)]
 pub struct Credentials {
-    slots: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<Slot>>>>,
+    entries: ArcSwap<HashMap<[u8; 32], Arc<Entry>>>,
+    /// Serialises additions to `entries` (copy on write, rare).
+    adding: Mutex<()>,
 }
 
-fn slot_key(adapter: &AdapterPlugin, view: &ChannelView) -> [u8; 32] {
+/// What identifies a key's credential: its base URL, key and settings. The
+/// channel computes it once per snapshot (see `channels::KeyView`).
+pub fn fingerprint(view: &ChannelView) -> [u8; 32] {
     let mut h = Sha256::new();
-    for part in [adapter.sha256.as_str(), &view.base_url, &view.key, &view.settings] {
+    for part in [&view.base_url, &view.key, &view.settings] {
         h.update(part.as_bytes());
         h.update([0]);
     }
     h.finalize().into()
 }
 
+/// The answer `known` gives at `now`, if it is still good.
+fn answer(known: &Known, now: Instant) -> Option<Result<Option<Arc<str>>, CredentialError>> {
+    match known {
+        Known::NotNeeded => Some(Ok(None)),
+        Known::Ready { token, refresh_at } if *refresh_at > now => Some(Ok(Some(token.clone()))),
+        Known::Failed { error, until } if *until > now => Some(Err(CredentialError::Upstream(error.clone()))),
+        _ => None,
+    }
+}
+
 impl Credentials {
-    /// The credential for `view`'s key, exchanging it first when there is
-    /// none or it is about to expire. `None`: the adapter needs none.
+    /// The credential for `view`'s key (identified by `fingerprint`),
+    /// exchanging it first when there is none or it is about to expire.
+    /// `None`: the adapter needs none. A known credential is read without
+    /// a lock or a hash of the key.
     pub async fn get(
         &self,
         adapter: &AdapterPlugin,
         tag: u64,
         view: &ChannelView,
+        fingerprint: &[u8; 32],
         origin: &str,
         upstream: &Upstream,
     ) -> Result<Option<Arc<str>>, CredentialError> {
         if !adapter.has_auth() {
             return Ok(None);
         }
-        let slot = self.slot(slot_key(adapter, view));
-        let mut slot = slot.lock().await;
-        let now = Instant::now();
-        match &*slot {
-            Slot::NotNeeded => return Ok(None),
-            Slot::Ready { token, refresh_at } if *refresh_at > now => return Ok(Some(token.clone())),
-            Slot::Failed { error, until } if *until > now => return Err(CredentialError::Upstream(error.clone())),
-            _ => {}
+        let entry = self.entry(fingerprint);
+        let current = |entry: &Entry| {
+            let slot = entry.slot.load();
+            slot.as_ref().filter(|s| s.adapter == adapter.sha256).and_then(|s| answer(&s.known, Instant::now()))
+        };
+        if let Some(answer) = current(&entry) {
+            return answer;
         }
+        let _exchanging = entry.exchange.lock().await;
+        if let Some(answer) = current(&entry) {
+            return answer;
+        }
+        let now = Instant::now();
         let limit = upstream.exchange_timeout;
         let exchanged = match tokio::time::timeout(limit, exchange(adapter, tag, view, origin, upstream)).await {
             Ok(result) => result,
@@ -95,41 +137,45 @@ impl Credentials {
                 status: None,
             })),
         };
-        match exchanged {
-            Ok(None) => {
-                *slot = Slot::NotNeeded;
-                Ok(None)
-            }
+        let known = match &exchanged {
+            Ok(None) => Known::NotNeeded,
             Ok(Some((token, lifetime))) => {
-                let early = (lifetime / 10).min(MAX_EARLY_REFRESH);
-                let token: Arc<str> = Arc::from(token);
-                *slot = Slot::Ready { token: token.clone(), refresh_at: now + lifetime.saturating_sub(early) };
+                let early = (*lifetime / 10).min(MAX_EARLY_REFRESH);
                 tracing::info!(adapter = %adapter.name, expires_in_secs = lifetime.as_secs(), "credential exchanged");
-                Ok(Some(token))
+                Known::Ready { token: token.clone(), refresh_at: now + lifetime.saturating_sub(early) }
             }
             Err(CredentialError::Upstream(error)) => {
-                *slot = Slot::Failed { error: error.clone(), until: now + FAILURE_MEMORY };
-                Err(CredentialError::Upstream(error))
+                Known::Failed { error: error.clone(), until: now + FAILURE_MEMORY }
             }
-            Err(e) => Err(e),
+            Err(CredentialError::Plugin(_)) => return exchanged.map(|c| c.map(|(token, _)| token)),
+        };
+        entry.slot.store(Some(Arc::new(Slot { adapter: adapter.sha256.clone(), known })));
+        exchanged.map(|c| c.map(|(token, _)| token))
+    }
+
+    /// Forget the credential of the key `fingerprint` names (the upstream
+    /// refused it), so that the next request exchanges again.
+    pub fn invalidate(&self, fingerprint: &[u8; 32]) {
+        if let Some(entry) = self.entries.load().get(fingerprint) {
+            entry.slot.store(None);
         }
     }
 
-    /// Forget the credential of `view`'s key (the upstream refused it), so
-    /// that the next request exchanges again.
-    pub fn invalidate(&self, adapter: &AdapterPlugin, view: &ChannelView) {
-        if adapter.has_auth() {
-            lock(&self.slots).remove(&slot_key(adapter, view));
+    fn entry(&self, fingerprint: &[u8; 32]) -> Arc<Entry> {
+        if let Some(entry) = self.entries.load().get(fingerprint) {
+            return entry.clone();
         }
+        let _adding = self.adding.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entries = self.entries.load();
+        if let Some(entry) = entries.get(fingerprint) {
+            return entry.clone();
+        }
+        let mut next = if entries.len() >= MAX_ENTRIES { HashMap::new() } else { HashMap::clone(&entries) };
+        let entry = Arc::new(Entry::default());
+        next.insert(*fingerprint, entry.clone());
+        self.entries.store(Arc::new(next));
+        entry
     }
-
-    fn slot(&self, key: [u8; 32]) -> Arc<tokio::sync::Mutex<Slot>> {
-        lock(&self.slots).entry(key).or_default().clone()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One exchange: ask the adapter for the request, send it, let the adapter
@@ -140,7 +186,7 @@ async fn exchange(
     view: &ChannelView,
     origin: &str,
     upstream: &Upstream,
-) -> Result<Option<(String, Duration)>, CredentialError> {
+) -> Result<Option<(Arc<str>, Duration)>, CredentialError> {
     let Some(request) = adapter.exchange_request(tag, view).await.map_err(CredentialError::Plugin)? else {
         return Ok(None);
     };
@@ -156,7 +202,9 @@ async fn exchange(
             message: "the credential exchange returned no token".into(),
             status: Some(response.status),
         })),
-        Ok(credential) => Ok(Some((credential.token, Duration::from_secs(credential.expires_in_secs.max(1))))),
+        Ok(credential) => {
+            Ok(Some((Arc::from(credential.token), Duration::from_secs(credential.expires_in_secs.max(1)))))
+        }
         Err(e) => Err(CredentialError::Upstream(e)),
     }
 }

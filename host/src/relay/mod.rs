@@ -1,7 +1,7 @@
 //! The relay: route a validated request to a channel through its adapter
 //! plugin, fail over on retryable errors, answer in OpenAI's shape.
 
-mod credentials;
+pub(crate) mod credentials;
 mod errors;
 mod probe;
 mod stream;
@@ -21,11 +21,11 @@ pub use probe::{ProbeOutcome, endpoint_name, kind_name, probe};
 pub use upstream::Upstream;
 
 use crate::billing::{AttemptInfo, Caller, Ending, Meter, storage_unavailable};
-use crate::channels::Channel;
+use crate::channels::{Channel, KeyView};
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
 use crate::health::Fault;
-use crate::plugins::{ChannelView, ErrorKind, PluginError, PluginSet, RequestContext, UpstreamError};
+use crate::plugins::{ErrorKind, PluginError, PluginSet, RequestContext, UpstreamError};
 use crate::routing::{ChannelStats, InFlight, RouteRequest, candidates, unavailable};
 use crate::state::AppState;
 use stream::LiveStream;
@@ -137,7 +137,7 @@ pub async fn relay(
         }
         let stats = state.routing.stats.of(channel.id);
         let in_flight = stats.start();
-        let (view, key) = channel.view();
+        let key_view = channel.view();
         let info = attempt_info(&plugins, channel, &req.model);
         let ctx = Attempt {
             state,
@@ -147,9 +147,9 @@ pub async fn relay(
             stats: &stats,
             info: info.clone(),
             request_id,
-            tag: key_tag(channel, key),
+            tag: key_tag(channel, key_view.index),
         };
-        let (err, kind) = match tokio::time::timeout(limit, attempt(ctx, view, in_flight, &mut meter)).await {
+        let (err, kind) = match tokio::time::timeout(limit, attempt(ctx, key_view, in_flight, &mut meter)).await {
             Ok(Ok(response)) => {
                 state.health.on_success(channel);
                 return Ok(response);
@@ -176,7 +176,7 @@ pub async fn relay(
         };
         if let Some(kind) = &kind {
             let consecutive_failures = stats.view().consecutive_failures;
-            state.health.on_failure(channel, &Fault { kind, key, consecutive_failures });
+            state.health.on_failure(channel, &Fault { kind, key: key_view.index, consecutive_failures });
         }
         last = Some(err);
     }
@@ -258,11 +258,12 @@ struct Attempt<'a> {
 /// into the stream, which settles it when it ends.
 async fn attempt(
     a: Attempt<'_>,
-    view: &ChannelView,
+    key_view: &KeyView,
     in_flight: InFlight,
     meter: &mut Option<Meter>,
 ) -> Result<Response, Failure> {
     let Attempt { state, plugins, channel, req, stats, info, request_id, tag } = a;
+    let KeyView { view, fingerprint, .. } = key_view;
     let started = Instant::now();
     let Some(adapter) = plugins.adapters.get(&channel.adapter) else {
         tracing::warn!(request_id, channel = channel.id, adapter = %channel.adapter, "adapter not loaded");
@@ -276,12 +277,13 @@ async fn attempt(
         include_usage: req.include_usage,
         request_id: request_id.to_string(),
     };
-    let credential = match state.credentials.get(adapter, tag, &view, &channel.origin, &state.upstream).await {
-        Ok(c) => c,
-        Err(CredentialError::Plugin(e)) => return Err(plugin_failure(state, &e, request_id)),
-        Err(CredentialError::Upstream(e)) => return Err(upstream_failure(&e, channel)),
-    };
-    let upstream_req = match adapter.build_request(tag, &ctx, &view, &req.body, credential.clone()).await {
+    let credential =
+        match state.credentials.get(adapter, tag, view, fingerprint, &channel.origin, &state.upstream).await {
+            Ok(c) => c,
+            Err(CredentialError::Plugin(e)) => return Err(plugin_failure(state, &e, request_id)),
+            Err(CredentialError::Upstream(e)) => return Err(upstream_failure(&e, channel)),
+        };
+    let upstream_req = match adapter.build_request(tag, &ctx, view, &req.body, credential.clone()).await {
         Err(e) => return Err(plugin_failure(state, &e, request_id)),
         Ok(Err(e)) => return Err(Failure::Final(client_error(&e, channel))),
         Ok(Ok(r)) => r,
@@ -298,7 +300,7 @@ async fn attempt(
         let err = adapter.classify_error(tag, &ctx, &body).await.map_err(|e| plugin_failure(state, &e, request_id))?;
         tracing::info!(request_id, channel = channel.id, status = body.status, kind = ?err.kind, "upstream error");
         if matches!(err.kind, ErrorKind::Auth) && credential.is_some() {
-            state.credentials.invalidate(adapter, &view);
+            state.credentials.invalidate(fingerprint);
         }
         return Err(upstream_failure(&err, channel));
     }

@@ -98,20 +98,22 @@ async fn probe_unbounded(state: &AppState, channel: &Channel) -> ProbeOutcome {
     let Some(adapter) = plugins.adapters.get(&channel.adapter) else {
         return fail(out, None, format!("adapter `{}` is not loaded", channel.adapter));
     };
-    let (view, key) = channel.view();
-    let mut view = view.clone();
-    let tag = super::key_tag(channel, key);
+    let key_view = channel.view();
+    let mut view = key_view.view.clone();
+    let tag = super::key_tag(channel, key_view.index);
     // Unless the channel's settings name a probe model, probe with a model
     // the channel offers: an adapter's default probe model may be one this
     // upstream does not serve, and the channel would never recover.
     if let Some(model) = channel.models.first() {
         view.settings = with_probe_model(&view.settings, model);
     }
-    let credential = match state.credentials.get(adapter, tag, &view, &channel.origin, &state.upstream).await {
-        Ok(c) => c,
-        Err(CredentialError::Plugin(e)) => return fail(out, None, format!("credential exchange failed: {e}")),
-        Err(CredentialError::Upstream(e)) => return fail(out, Some(kind_name(&e.kind)), e.message),
-    };
+    let fingerprint = super::credentials::fingerprint(&view);
+    let credential =
+        match state.credentials.get(adapter, tag, &view, &fingerprint, &channel.origin, &state.upstream).await {
+            Ok(c) => c,
+            Err(CredentialError::Plugin(e)) => return fail(out, None, format!("credential exchange failed: {e}")),
+            Err(CredentialError::Upstream(e)) => return fail(out, Some(kind_name(&e.kind)), e.message),
+        };
     let probe = match adapter.health_probe(tag, &view, credential.clone()).await {
         Ok(p) => p,
         Err(e) => return fail(out, None, format!("adapter failed to build a probe: {e}")),

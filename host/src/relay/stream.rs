@@ -14,7 +14,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -88,9 +88,10 @@ pub(crate) struct LiveStream {
     decoder: AdapterStream,
     state: AppState,
     channel: Arc<Channel>,
-    idle: Duration,
     max_bytes: u64,
-    deadline: Instant,
+    /// When the stream is cut however busy it is (`max_stream_secs`); the
+    /// idle limit is the upstream client's read timeout.
+    deadline: Pin<Box<tokio::time::Sleep>>,
     received: u64,
     usage: Option<Usage>,
     generated: GeneratedText,
@@ -124,9 +125,8 @@ impl LiveStream {
             decoder,
             state: state.clone(),
             channel,
-            idle: state.upstream.idle_timeout,
             max_bytes: cfg.max_stream_bytes,
-            deadline: Instant::now() + Duration::from_secs(cfg.max_stream_secs),
+            deadline: Box::pin(tokio::time::sleep(Duration::from_secs(cfg.max_stream_secs))),
             received: 0,
             usage: None,
             generated: GeneratedText::default(),
@@ -194,18 +194,18 @@ impl LiveStream {
     /// Read upstream until the decoder yields something to send or the
     /// stream ends.
     async fn next_frames(&mut self) -> Frames {
-        let now = Instant::now();
-        if now >= self.deadline {
+        let next = tokio::select! {
+            biased;
+            () = &mut self.deadline => None,
+            next = self.upstream.next() => Some(next),
+        };
+        let Some(next) = next else {
             return self.limit("stream_too_long", "The stream reached the gateway's duration limit.");
-        }
-        let wait = self.idle.min(self.deadline - now);
-        match tokio::time::timeout(wait, self.upstream.next()).await {
-            Err(_) if Instant::now() >= self.deadline => {
-                self.limit("stream_too_long", "The stream reached the gateway's duration limit.")
-            }
-            Err(_) => self.broken("stalled"),
-            Ok(Some(Err(_))) => self.broken("connection dropped mid-stream"),
-            Ok(Some(Ok(bytes))) => {
+        };
+        match next {
+            Some(Err(e)) if e.is_timeout() => self.broken("stalled"),
+            Some(Err(_)) => self.broken("connection dropped mid-stream"),
+            Some(Ok(bytes)) => {
                 self.received = self.received.saturating_add(bytes.len() as u64);
                 if self.received > self.max_bytes {
                     return self.limit("stream_too_large", "The stream reached the gateway's length limit.");
@@ -213,7 +213,7 @@ impl LiveStream {
                 let r = self.decoder.feed(&bytes).await;
                 self.frames(r, false)
             }
-            Ok(None) => {
+            None => {
                 let r = self.decoder.finish().await;
                 self.frames(r, true)
             }

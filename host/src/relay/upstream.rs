@@ -50,6 +50,9 @@ impl Upstream {
         reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(self.connect_timeout)
+            // Each read of a response (its headers included) must come
+            // within the idle limit: a stalled upstream is cut.
+            .read_timeout(self.idle_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .redirect(reqwest::redirect::Policy::none())
@@ -111,11 +114,11 @@ impl Upstream {
         // One copy, into the buffer the plugin call takes.
         let mut body = Vec::with_capacity(expected);
         loop {
-            match tokio::time::timeout(self.idle_timeout, stream.next()).await {
-                Err(_) => return Err(connection_error("stalled while sending its response")),
-                Ok(None) => break,
-                Ok(Some(Err(_))) => return Err(connection_error("connection dropped mid-response")),
-                Ok(Some(Ok(chunk))) => {
+            match stream.next().await {
+                None => break,
+                Some(Err(e)) if e.is_timeout() => return Err(connection_error("stalled while sending its response")),
+                Some(Err(_)) => return Err(connection_error("connection dropped mid-response")),
+                Some(Ok(chunk)) => {
                     if body.len().saturating_add(chunk.len()) > self.max_body {
                         return Err(connection_error("response exceeded the size limit"));
                     }

@@ -88,10 +88,8 @@ impl Routing {
     }
 
     fn next_sequence(&self, group: &str, model: &str) -> u64 {
-        use std::hash::{BuildHasher, Hash, Hasher};
-        let mut h = self.hasher.build_hasher();
-        (group, model).hash(&mut h);
-        let key = h.finish();
+        use std::hash::BuildHasher;
+        let key = self.hasher.hash_one((group, model));
         if let Some(c) = self.sequences.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key) {
             return c.fetch_add(1, Ordering::Relaxed);
         }
