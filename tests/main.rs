@@ -18,6 +18,7 @@ mod hardening_streams;
 mod health;
 mod hostile_plugins;
 mod hot_swap;
+mod ingress;
 mod openai_sdk;
 mod plugin_check;
 mod providers;

@@ -47,6 +47,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Storage safety: free space kept, how often it is checked.
     pub storage: StorageConfig,
+    /// Stored responses of the Responses API.
+    pub responses: ResponsesConfig,
     /// Key encrypting upstream keys at rest (`WASMGATE_SECRETS_KEY`); when
     /// unset, a key is generated into `<data_dir>/secret.key`.
     pub secrets_key: Option<String>,
@@ -251,6 +253,21 @@ impl Default for StorageConfig {
     }
 }
 
+/// Stored responses (`POST /v1/responses` with `store`, the default).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResponsesConfig {
+    /// How long a stored response can be read or continued
+    /// (`previous_response_id`), in seconds (OpenAI keeps them 30 days).
+    pub retention_secs: u64,
+}
+
+impl Default for ResponsesConfig {
+    fn default() -> Self {
+        Self { retention_secs: 30 * 24 * 3600 }
+    }
+}
+
 /// Usage log settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -396,6 +413,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             server: ServerConfig::default(),
             storage: StorageConfig::default(),
+            responses: ResponsesConfig::default(),
             secrets_key: None,
             channels: Vec::new(),
         }
@@ -469,6 +487,7 @@ const KEYS: &[&str] = &[
     "limits",
     "server",
     "storage",
+    "responses",
     "secrets_key",
     "channels",
 ];

@@ -59,6 +59,11 @@ impl ApiError {
         .param("model")
     }
 
+    /// 404 for a URL the gateway does not serve.
+    pub fn not_found_url() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("unknown_url"), "Unknown request URL.")
+    }
+
     /// 502 `plugin_error`: an adapter or policy failed on this request.
     pub fn plugin() -> Self {
         Self::new(
@@ -80,9 +85,11 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(self.body())).into_response();
+impl ApiError {
+    /// This error's status and headers with `body`, another protocol's
+    /// shape of the same error.
+    pub fn respond_with(&self, body: serde_json::Value) -> Response {
+        let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(v) = self.retry_after.and_then(|secs| HeaderValue::from_str(&secs.to_string()).ok()) {
             response.headers_mut().insert("retry-after", v);
         }
@@ -90,5 +97,11 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.respond_with(self.body())
     }
 }

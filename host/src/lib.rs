@@ -15,6 +15,7 @@ pub mod channels;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod ingress;
 pub mod listener;
 pub mod plugins;
 #[cfg(test)]

@@ -28,12 +28,18 @@ pub struct Gateway {
     _tasks: [AbortOnDrop; 2],
 }
 
-/// Delete old usage log rows now and then.
-async fn log_retention(billing: Arc<Billing>) {
+/// Delete old usage log rows and expired stored responses now and then.
+async fn retention(state: AppState) {
     loop {
-        let b = billing.clone();
-        let _ = tokio::task::spawn_blocking(move || b.sweep_logs()).await;
-        tokio::time::sleep(billing.retention_interval()).await;
+        let s = state.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            s.billing.sweep_logs();
+            if let Err(error) = crate::ingress::responses::store::sweep(&s.store) {
+                tracing::warn!(%error, "sweeping stored responses failed");
+            }
+        })
+        .await;
+        tokio::time::sleep(state.billing.retention_interval()).await;
     }
 }
 
@@ -122,7 +128,7 @@ pub async fn build(config: Config) -> Result<Gateway> {
     };
     let state = AppState(Arc::new(inner));
     let tester = tokio::spawn(health::tester::run(state.clone()));
-    let retention = tokio::spawn(log_retention(state.billing.clone()));
+    let retention = tokio::spawn(retention(state.clone()));
     Ok(Gateway { state, generated, _watcher: watcher, _tasks: [AbortOnDrop(tester), AbortOnDrop(retention)] })
 }
 

@@ -5,21 +5,16 @@ every check raises on failure, and the process exits non-zero.
 """
 
 import os
-import sys
 
 import openai
 from openai import OpenAI
+
+from checks import check, run
 
 BASE_URL = os.environ["WASMGATE_BASE_URL"]
 API_KEY = os.environ["WASMGATE_API_KEY"]
 
 client = OpenAI(base_url=BASE_URL, api_key=API_KEY, max_retries=0, timeout=30)
-checks = []
-
-
-def check(fn):
-    checks.append(fn)
-    return fn
 
 
 @check
@@ -119,13 +114,4 @@ def errors_are_typed_like_openai():
         assert e.status_code == 400 and e.param == "messages", e
 
 
-failed = 0
-for fn in checks:
-    try:
-        fn()
-        print(f"ok      {fn.__name__}")
-    except Exception as e:  # report every check, then fail
-        failed += 1
-        print(f"FAILED  {fn.__name__}: {type(e).__name__}: {e}")
-print(f"openai SDK {openai.__version__}: {len(checks) - failed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+run(f"openai SDK {openai.__version__}")

@@ -2,7 +2,8 @@
 //! integration tests and the benchmark. It records what it receives and
 //! answers in OpenAI's exact shapes. Models whose name starts with `hold`
 //! stream their first chunk, then wait for `release()` before the rest;
-//! `slow*` models stream forty words, one every 30 ms.
+//! `slow*` models stream forty words, one every 30 ms; `tool*` models call
+//! the request's first tool (`lookup` when it names none).
 //! [`MockUpstream::set_mode`] switches chat completions between healthy and
 //! the failure kinds real upstreams produce, at runtime.
 
@@ -324,6 +325,9 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
         format!("echo: {}", last_user_text(&req))
     };
     let no_usage = matches!(current_mode_peek(&state), Mode::NoUsage);
+    if model.starts_with("tool") {
+        return tool_call(state, &req, &model);
+    }
     if req["stream"].as_bool() == Some(true) {
         let include_usage = req["stream_options"]["include_usage"].as_bool() == Some(true) && !no_usage;
         return sse(state, model.clone(), chat_chunks(&model, &text, include_usage));
@@ -336,6 +340,47 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
         "usage": if no_usage { Value::Null } else { usage() },
     });
     axum::Json(body).into_response()
+}
+
+/// A `tool*` model's answer: one call of the request's first tool, its
+/// arguments quoting the last user message.
+fn tool_call(state: Arc<MockState>, req: &Value, model: &str) -> Response {
+    let name = req["tools"][0]["function"]["name"].as_str().unwrap_or("lookup").to_string();
+    let arguments = json!({"query": last_user_text(req)}).to_string();
+    let base = |choices: Value| {
+        json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000u64,
+               "model": model, "choices": choices})
+    };
+    if req["stream"].as_bool() == Some(true) {
+        let (head, tail) = arguments.split_at(arguments.len() / 2);
+        let call = |first: bool, args: &str| {
+            let mut c = json!({"index": 0, "function": {"arguments": args}});
+            if first {
+                c["id"] = "call_mock".into();
+                c["type"] = "function".into();
+                c["function"]["name"] = name.clone().into();
+            }
+            json!([{"index": 0, "delta": {"tool_calls": [c]}, "finish_reason": null}])
+        };
+        let mut chunks = vec![
+            base(json!([{"index": 0, "delta": {"role": "assistant", "content": null}, "finish_reason": null}])),
+            base(call(true, "")),
+            base(call(false, head)),
+            base(call(false, tail)),
+            base(json!([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}])),
+        ];
+        if req["stream_options"]["include_usage"].as_bool() == Some(true) {
+            let mut last = base(json!([]));
+            last["usage"] = usage();
+            chunks.push(last);
+        }
+        return sse(state, model.to_string(), chunks);
+    }
+    let message = json!({"role": "assistant", "content": null,
+        "tool_calls": [{"id": "call_mock", "type": "function", "function": {"name": name, "arguments": arguments}}]});
+    axum::Json(json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000u64, "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}], "usage": usage()}))
+    .into_response()
 }
 
 fn chat_chunks(model: &str, text: &str, include_usage: bool) -> Vec<Value> {

@@ -1,15 +1,15 @@
-//! A Python virtual environment with the official `openai` SDK, used by the
-//! tests that check OpenAI compatibility with a real client.
+//! A Python virtual environment with the official `openai`, `anthropic`
+//! and `google-genai` SDKs, used by the tests that check compatibility with real clients.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Result;
 
-/// The SDK version range the tests are written against.
-const OPENAI_REQUIREMENT: &str = "openai>=1.40,<4";
+/// The SDK version ranges the tests are written against.
+const REQUIREMENTS: [&str; 3] = ["openai>=1.40,<4", "anthropic>=0.40,<1", "google-genai>=1.0,<2"];
 
-/// Create `target/py-venv` with the `openai` package; returns its python.
+/// Create `target/py-venv` with the SDKs; returns its python.
 pub fn ensure_venv(root: &Path) -> Result<PathBuf> {
     let venv = root.join("target/py-venv");
     let python = venv.join("bin/python");
@@ -26,16 +26,16 @@ pub fn ensure_venv(root: &Path) -> Result<PathBuf> {
             crate::run_checked(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
         }
     }
-    let has_sdk = Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
+    let has_sdk = Command::new(&python)
+        .args(["-c", "import openai, anthropic, google.genai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !has_sdk {
-        crate::run_checked(Command::new(&python).args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            OPENAI_REQUIREMENT,
-        ]))?;
+        crate::run_checked(
+            Command::new(&python)
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+                .args(REQUIREMENTS),
+        )?;
     }
     Ok(python)
 }

@@ -18,8 +18,8 @@ use crate::state::{AppState, hashes_equal, secret_hash};
 use crate::store::unix_now;
 
 /// The presented key: `Authorization: Bearer KEY` (the scheme in any
-/// case, RFC 9110), or `api-key` / `x-api-key` as Azure- and
-/// Anthropic-style clients send it. An `Authorization` header without the
+/// case, RFC 9110), or `api-key` / `x-api-key` / `x-goog-api-key` as
+/// Azure-, Anthropic- and Gemini-style clients send it. An `Authorization` header without the
 /// `Bearer` scheme presents nothing.
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
@@ -30,7 +30,7 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
         }
         return Some(key.trim()).filter(|k| !k.is_empty());
     }
-    ["api-key", "x-api-key"]
+    ["api-key", "x-api-key", "x-goog-api-key"]
         .iter()
         .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
         .map(str::trim)
@@ -105,6 +105,28 @@ impl FromRequestParts<AppState> for Authed {
         let key = presented_key(&parts.headers).ok_or_else(missing)?;
         let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
         identify(state, key, ip).map(Authed)
+    }
+}
+
+/// The caller of a Gemini-style route: a gateway token in the headers
+/// [`Authed`] reads, or in the `key` query parameter as Google's clients
+/// may send it.
+pub struct GeminiAuthed(pub Caller);
+
+impl FromRequestParts<AppState> for GeminiAuthed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let from_query = || {
+            parts
+                .uri
+                .query()
+                .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("key=")).filter(|k| !k.is_empty()))
+        };
+        let key = presented_key(&parts.headers).or_else(from_query).ok_or_else(missing)?;
+        let key = key.to_string();
+        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        identify(state, &key, ip).map(GeminiAuthed)
     }
 }
 

@@ -4,11 +4,14 @@ mod accounts_admin;
 mod auth;
 mod body;
 mod channels_admin;
+mod gemini;
 mod limits;
 mod logs_admin;
+mod messages;
 mod openai;
 mod params;
 mod plugins_admin;
+mod responses;
 mod routing_admin;
 mod status;
 
@@ -36,7 +39,11 @@ pub fn app(state: AppState) -> Router {
         .route("/completions", post(openai::completions))
         .route("/embeddings", post(openai::embeddings))
         .route("/models", get(openai::list_models))
-        .route("/models/{model}", get(openai::get_model));
+        .route("/models/{model}", get(openai::get_model))
+        .route("/responses", post(responses::create))
+        .route("/responses/{id}", get(responses::retrieve).delete(responses::delete))
+        .route("/messages", post(messages::create))
+        .route("/messages/count_tokens", post(messages::count_tokens));
     let admin = Router::new()
         .route("/plugins", get(plugins_admin::list))
         .route(
@@ -82,8 +89,10 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn(on_admin_thread))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
     let own = Router::new().route("/self", get(logs_admin::me)).route("/self/logs", get(logs_admin::my_logs));
+    let v1beta = Router::new().route("/models/{target}", post(gemini::call));
     Router::new()
         .nest("/v1", v1)
+        .nest("/v1beta", v1beta)
         .nest("/api", own.merge(admin))
         .route("/health", get(status::health))
         .fallback(not_found)
@@ -116,7 +125,7 @@ async fn on_admin_thread(req: Request, next: Next) -> Response {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", Some("unknown_url"), "Unknown request URL.")
+    ApiError::not_found_url()
 }
 
 async fn method_not_allowed() -> ApiError {

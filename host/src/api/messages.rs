@@ -1,0 +1,66 @@
+//! Anthropic Messages: `POST /v1/messages` and
+//! `POST /v1/messages/count_tokens`, every error in Anthropic's shape.
+//! The gateway token comes as `x-api-key` (Anthropic's SDKs) or as
+//! `Authorization: Bearer`; `anthropic-version` and `anthropic-beta` are
+//! accepted and need not be set.
+
+use axum::Extension;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::response::Response;
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use super::RequestId;
+use super::auth::Authed;
+use super::body;
+use crate::error::ApiError;
+use crate::ingress::anthropic::{self, AnthropicError, request};
+use crate::plugins::Endpoint;
+use crate::relay::{ClientRequest, relay};
+use crate::state::AppState;
+
+fn object(raw: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(&body::take(raw)?) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err(ApiError::bad_request("The request body must be a JSON object.")),
+    }
+}
+
+fn chat_request(chat: &Map<String, Value>) -> Result<ClientRequest, ApiError> {
+    let bytes = serde_json::to_vec(chat).map_err(|_| ApiError::internal())?;
+    ClientRequest::parse(Endpoint::ChatCompletions, Bytes::from(bytes))
+}
+
+/// `POST /v1/messages`
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(id): Extension<RequestId>,
+    auth: Result<Authed, ApiError>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, AnthropicError> {
+    let Authed(caller) = auth?;
+    let (chat, _) = request::to_chat(&object(raw)?)?;
+    let req = chat_request(&chat)?;
+    let model = req.model.clone();
+    let response = relay(&state, req, &caller, &id.0).await?;
+    Ok(anthropic::answer(response, model).await?)
+}
+
+/// `POST /v1/messages/count_tokens`: the prompt's tokens as the gateway
+/// counts them for billing (the model's tokenizer where it knows it).
+pub async fn count_tokens(
+    State(_state): State<AppState>,
+    auth: Result<Authed, ApiError>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, AnthropicError> {
+    auth?;
+    let mut body = object(raw)?;
+    body.entry("max_tokens").or_insert(Value::from(1));
+    let (chat, _) = request::to_chat(&body)?;
+    let req = chat_request(&chat)?;
+    let tokens = tokio::task::spawn_blocking(move || crate::billing::tokenize::prompt_tokens(&req.model, &req.body))
+        .await
+        .map_err(|_| ApiError::internal())?;
+    Ok(anthropic::count_answer(tokens))
+}

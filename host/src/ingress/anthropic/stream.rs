@@ -1,0 +1,185 @@
+//! A chat completion stream as Anthropic's stream events: `message_start`,
+//! `ping`, `content_block_start` / `_delta` / `_stop` (text, `tool_use`
+//! with `input_json_delta`, thinking), `message_delta` with the usage, and
+//! `message_stop`; an `error` event when the relay fails mid-stream.
+
+use bytes::BytesMut;
+use serde_json::{Value, json};
+
+use super::error_body;
+use super::reply::{stop_reason, usage};
+use crate::ingress::chat_stream::{Translator, write_event};
+
+/// What kind of content block is open.
+#[derive(PartialEq)]
+enum Block {
+    Text,
+    Thinking,
+    /// A tool call: the chat stream's tool-call index.
+    Tool(u64),
+}
+
+/// The translator's state.
+pub struct MessagesStream {
+    id: String,
+    model: String,
+    started: bool,
+    open: Option<Block>,
+    /// Index of the next content block.
+    next_index: u64,
+    finish: Option<String>,
+    usage: Option<Value>,
+}
+
+impl MessagesStream {
+    /// A stream answering for `model` as message `id`.
+    pub fn new(id: String, model: String) -> Self {
+        Self { id, model, started: false, open: None, next_index: 0, finish: None, usage: None }
+    }
+
+    fn start(&mut self, out: &mut BytesMut) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        let message = json!({"id": self.id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 0, "output_tokens": 0}});
+        write_event(out, Some("message_start"), &json!({"type": "message_start", "message": message}));
+        write_event(out, Some("ping"), &json!({"type": "ping"}));
+    }
+
+    fn close(&mut self, out: &mut BytesMut) {
+        if self.open.take().is_some() {
+            let index = self.next_index - 1;
+            write_event(out, Some("content_block_stop"), &json!({"type": "content_block_stop", "index": index}));
+        }
+    }
+
+    /// Make `block` the open block (closing another), starting it with `start`.
+    fn open(&mut self, block: Block, start: Value, out: &mut BytesMut) -> u64 {
+        if self.open.as_ref() == Some(&block) {
+            return self.next_index - 1;
+        }
+        self.close(out);
+        let index = self.next_index;
+        self.next_index += 1;
+        self.open = Some(block);
+        write_event(
+            out,
+            Some("content_block_start"),
+            &json!({"type": "content_block_start", "index": index, "content_block": start}),
+        );
+        index
+    }
+
+    fn delta(out: &mut BytesMut, index: u64, delta: Value) {
+        write_event(
+            out,
+            Some("content_block_delta"),
+            &json!({"type": "content_block_delta", "index": index, "delta": delta}),
+        );
+    }
+}
+
+impl Translator for MessagesStream {
+    fn chunk(&mut self, chunk: &Value, out: &mut BytesMut) {
+        self.start(out);
+        if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
+            self.usage = Some(u.clone());
+        }
+        let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) else { return };
+        let delta = &choice["delta"];
+        if let Some(thinking) = delta["reasoning_content"].as_str().filter(|t| !t.is_empty()) {
+            let index = self.open(Block::Thinking, json!({"type": "thinking", "thinking": "", "signature": ""}), out);
+            Self::delta(out, index, json!({"type": "thinking_delta", "thinking": thinking}));
+        }
+        if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
+            let index = self.open(Block::Text, json!({"type": "text", "text": ""}), out);
+            Self::delta(out, index, json!({"type": "text_delta", "text": text}));
+        }
+        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            let n = call["index"].as_u64().unwrap_or(0);
+            let start = json!({"type": "tool_use", "id": call["id"].as_str().unwrap_or_default(),
+                "name": call["function"]["name"].as_str().unwrap_or_default(), "input": {}});
+            let index = self.open(Block::Tool(n), start, out);
+            if let Some(args) = call["function"]["arguments"].as_str().filter(|a| !a.is_empty()) {
+                Self::delta(out, index, json!({"type": "input_json_delta", "partial_json": args}));
+            }
+        }
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            self.finish = Some(reason.to_string());
+        }
+    }
+
+    fn error(&mut self, error: &Value, out: &mut BytesMut) {
+        self.start(out);
+        let status = match error["type"].as_str() {
+            Some("invalid_request_error") => 400,
+            Some("rate_limit_error") => 429,
+            _ => 502,
+        };
+        let message = error["message"].as_str().unwrap_or("The upstream stream failed.");
+        write_event(out, Some("error"), &error_body(status, message));
+    }
+
+    fn finish(&mut self, out: &mut BytesMut) {
+        self.start(out);
+        self.close(out);
+        let delta = json!({"stop_reason": stop_reason(self.finish.as_deref()), "stop_sequence": null});
+        write_event(
+            out,
+            Some("message_delta"),
+            &json!({"type": "message_delta", "delta": delta, "usage": usage(self.usage.as_ref())}),
+        );
+        write_event(out, Some("message_stop"), &json!({"type": "message_stop"}));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(chunks: &[Value]) -> Vec<String> {
+        let mut t = MessagesStream::new("msg_1".into(), "m".into());
+        let mut out = BytesMut::new();
+        chunks.iter().for_each(|c| t.chunk(c, &mut out));
+        t.finish(&mut out);
+        String::from_utf8(out.to_vec())
+            .expect("utf8")
+            .lines()
+            .filter_map(|l| l.strip_prefix("event: "))
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn text_then_a_tool_call_opens_and_closes_blocks_in_order() {
+        let c =
+            |delta: Value, finish: Value| json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        let got = events(&[
+            c(json!({"role": "assistant", "content": ""}), Value::Null),
+            c(json!({"content": "Hi"}), Value::Null),
+            c(
+                json!({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": ""}}]}),
+                Value::Null,
+            ),
+            c(json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\":1}"}}]}), json!("tool_calls")),
+        ]);
+        assert_eq!(
+            got,
+            [
+                "message_start",
+                "ping",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+    }
+}

@@ -1,0 +1,153 @@
+//! Chat answers as Gemini `GenerateContentResponse`s: one for a
+//! non-streamed answer, a sequence of them for a stream (text as it comes,
+//! function calls whole, `finishReason` and `usageMetadata` in the last).
+
+use bytes::BytesMut;
+use serde_json::{Map, Value, json};
+
+use crate::ingress::chat_stream::Translator;
+use crate::ingress::usage_numbers;
+
+/// Gemini's `finishReason` for a chat `finish_reason`.
+fn finish_reason(finish: Option<&str>) -> &'static str {
+    match finish {
+        Some("length") => "MAX_TOKENS",
+        Some("content_filter") => "SAFETY",
+        _ => "STOP",
+    }
+}
+
+fn usage_metadata(usage: Option<&Value>) -> Value {
+    let (prompt, completion, cached, reasoning) = usage_numbers(usage);
+    let mut u = json!({"promptTokenCount": prompt, "candidatesTokenCount": completion,
+                       "totalTokenCount": prompt.saturating_add(completion)});
+    if cached > 0 {
+        u["cachedContentTokenCount"] = cached.into();
+    }
+    if reasoning > 0 {
+        u["thoughtsTokenCount"] = reasoning.into();
+    }
+    u
+}
+
+fn function_call(name: &str, arguments: &str) -> Value {
+    let args = serde_json::from_str::<Value>(arguments).ok().filter(Value::is_object).unwrap_or(json!({}));
+    json!({"functionCall": {"name": name, "args": args}})
+}
+
+fn response(parts: Vec<Value>, finish: Option<&str>, usage: Option<&Value>, model: &str, id: &str) -> Value {
+    let mut candidate = json!({"content": {"role": "model", "parts": parts}, "index": 0});
+    if finish.is_some() || usage.is_some() {
+        candidate["finishReason"] = finish_reason(finish).into();
+    }
+    let mut r = json!({"candidates": [candidate], "modelVersion": model, "responseId": id});
+    if usage.is_some() {
+        r["usageMetadata"] = usage_metadata(usage);
+    }
+    r
+}
+
+/// The response for a non-streamed chat answer.
+pub fn answer(chat: &Map<String, Value>, model: &str, id: &str) -> Value {
+    let choice = chat.get("choices").and_then(|c| c.get(0)).cloned().unwrap_or(Value::Null);
+    let msg = &choice["message"];
+    let mut parts = Vec::new();
+    if let Some(text) = msg["content"].as_str().filter(|t| !t.is_empty()) {
+        parts.push(json!({"text": text}));
+    }
+    for call in msg["tool_calls"].as_array().into_iter().flatten() {
+        let f = &call["function"];
+        parts.push(function_call(f["name"].as_str().unwrap_or_default(), f["arguments"].as_str().unwrap_or_default()));
+    }
+    let finish = choice["finish_reason"].as_str().unwrap_or("stop");
+    response(parts, Some(finish), Some(chat.get("usage").unwrap_or(&Value::Null)), model, id)
+}
+
+/// How stream responses are framed: SSE (`alt=sse`) or one JSON array.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Framing {
+    /// `data: {…}` events.
+    Sse,
+    /// `[{…},{…}]`, written as it comes.
+    Array,
+}
+
+/// The stream translator.
+pub struct GeminiStream {
+    model: String,
+    id: String,
+    framing: Framing,
+    written: usize,
+    /// Tool calls being assembled: (chat index, name, arguments).
+    calls: Vec<(u64, String, String)>,
+    finish: Option<String>,
+    usage: Option<Value>,
+}
+
+impl GeminiStream {
+    /// A stream answering for `model`.
+    pub fn new(model: String, id: String, framing: Framing) -> Self {
+        Self { model, id, framing, written: 0, calls: Vec::new(), finish: None, usage: None }
+    }
+
+    fn write(&mut self, out: &mut BytesMut, value: &Value) {
+        match self.framing {
+            Framing::Sse => {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(value.to_string().as_bytes());
+                out.extend_from_slice(b"\r\n\r\n");
+            }
+            Framing::Array => {
+                out.extend_from_slice(if self.written == 0 { b"[" } else { b",\r\n" });
+                out.extend_from_slice(value.to_string().as_bytes());
+            }
+        }
+        self.written += 1;
+    }
+
+    fn close_array(&mut self, out: &mut BytesMut) {
+        if self.framing == Framing::Array {
+            out.extend_from_slice(if self.written == 0 { b"[]" } else { b"]" });
+        }
+    }
+}
+
+impl Translator for GeminiStream {
+    fn chunk(&mut self, chunk: &Value, out: &mut BytesMut) {
+        if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
+            self.usage = Some(u.clone());
+        }
+        let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) else { return };
+        for call in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            let n = call["index"].as_u64().unwrap_or(0);
+            let (name, args) =
+                (call["function"]["name"].as_str(), call["function"]["arguments"].as_str().unwrap_or(""));
+            match self.calls.iter_mut().find(|c| c.0 == n) {
+                Some(c) => c.2.push_str(args),
+                None => self.calls.push((n, name.unwrap_or_default().to_string(), args.to_string())),
+            }
+        }
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            self.finish = Some(reason.to_string());
+        }
+        if let Some(text) = choice["delta"]["content"].as_str().filter(|t| !t.is_empty()) {
+            let r = response(vec![json!({"text": text})], None, None, &self.model, &self.id);
+            self.write(out, &r);
+        }
+    }
+
+    fn error(&mut self, error: &Value, out: &mut BytesMut) {
+        let message = error["message"].as_str().unwrap_or("The upstream stream failed.");
+        let e = json!({"error": {"code": 502, "message": message, "status": "UNAVAILABLE"}});
+        self.write(out, &e);
+        self.close_array(out);
+    }
+
+    fn finish(&mut self, out: &mut BytesMut) {
+        let parts: Vec<Value> = self.calls.iter().map(|(_, name, args)| function_call(name, args)).collect();
+        let usage = self.usage.take().unwrap_or(Value::Null);
+        let r = response(parts, Some(self.finish.as_deref().unwrap_or("stop")), Some(&usage), &self.model, &self.id);
+        self.write(out, &r);
+        self.close_array(out);
+    }
+}

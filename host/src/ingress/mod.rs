@@ -1,0 +1,97 @@
+//! Client protocols besides OpenAI's chat completions — the OpenAI
+//! Responses API, Anthropic Messages and Gemini — served on every channel by
+//! translating the request to a chat completion, relaying it through the
+//! channel's adapter as usual (admission, routing, failover, billing), and
+//! translating the answer back: a JSON body, or the chat stream re-framed
+//! as the protocol's typed SSE events while it flows.
+
+pub mod anthropic;
+pub mod chat_stream;
+pub mod gemini;
+pub mod responses;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+
+/// Largest non-streamed chat answer translated (the relay already bounds
+/// what it reads from an upstream; this only guards the second read).
+const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+
+/// The JSON object of a relayed, non-streamed chat completion.
+pub async fn chat_answer(response: Response) -> Result<Map<String, Value>, ApiError> {
+    let bytes: Bytes = axum::body::to_bytes(response.into_body(), MAX_ANSWER_BYTES).await.map_err(|error| {
+        tracing::warn!(%error, "reading a relayed answer failed");
+        ApiError::internal()
+    })?;
+    match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err(ApiError::plugin()),
+    }
+}
+
+/// Whether the relayed response is a stream.
+pub fn is_stream(response: &Response) -> bool {
+    response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
+/// An SSE response with `body`.
+pub fn sse_response(body: Body) -> Response {
+    use axum::http::{HeaderValue, header};
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// A JSON response with `value`.
+pub fn json_response(value: &Value) -> Response {
+    use axum::http::{HeaderValue, header};
+    let mut response = Response::new(Body::from(value.to_string()));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// A request field that must be an object when present.
+fn object_field<'a>(body: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Map<String, Value>>, ApiError> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(map)) => Ok(Some(map)),
+        Some(_) => Err(ApiError::bad_request(format!("Invalid type for '{key}': expected an object.")).param(key)),
+    }
+}
+
+/// Copy the fields `keys` from `from` to `to` when present and not null.
+fn copy_fields(from: &Map<String, Value>, to: &mut Map<String, Value>, keys: &[&str]) {
+    for key in keys {
+        if let Some(v) = from.get(*key).filter(|v| !v.is_null()) {
+            to.insert((*key).to_string(), v.clone());
+        }
+    }
+}
+
+/// A short random id with `prefix` (`msg_…`, `resp_…`).
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}{:024x}", rand::random::<u128>() >> 32)
+}
+
+/// The chat completion's usage as (prompt, completion, cached prompt,
+/// reasoning) tokens.
+fn usage_numbers(usage: Option<&Value>) -> (u64, u64, u64, u64) {
+    let Some(u) = usage else { return (0, 0, 0, 0) };
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    (
+        n(&u["prompt_tokens"]),
+        n(&u["completion_tokens"]),
+        n(&u["prompt_tokens_details"]["cached_tokens"]),
+        n(&u["completion_tokens_details"]["reasoning_tokens"]),
+    )
+}

@@ -1,0 +1,137 @@
+//! The OpenAI Responses API (`/v1/responses`) over chat completions.
+
+pub mod reply;
+pub mod request;
+pub mod store;
+pub mod stream;
+
+use axum::body::Body;
+use axum::http::StatusCode;
+use axum::response::Response;
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use crate::billing::Caller;
+use crate::error::ApiError;
+use crate::ingress::{chat_answer, chat_stream, is_stream, json_response, sse_response};
+use crate::plugins::Endpoint;
+use crate::relay::{ClientRequest, relay};
+use crate::state::AppState;
+use crate::store::unix_now;
+use reply::{Frame, Status};
+
+fn storage_failed(error: &anyhow::Error) -> ApiError {
+    tracing::error!(%error, "stored responses unavailable");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        Some("storage_unavailable"),
+        "Stored responses are unavailable right now.",
+    )
+}
+
+async fn blocking<T: Send + 'static>(job: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(job).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(storage_failed(&e)),
+        Err(_) => Err(ApiError::internal()),
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        Some("response_not_found"),
+        format!("Response with id '{id}' not found."),
+    )
+}
+
+/// `POST /v1/responses`.
+pub async fn create(state: &AppState, caller: &Caller, request_id: &str, body: Bytes) -> Result<Response, ApiError> {
+    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(&body) else {
+        return Err(ApiError::bad_request("The request body must be a JSON object."));
+    };
+    let owner = store::owner(caller);
+    let history = match body.get("previous_response_id") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(id)) => {
+            let (st, id2, o) = (state.clone(), id.clone(), owner.clone());
+            let found = blocking(move || store::get(&st.store, &id2, &o)).await?;
+            found.ok_or_else(|| not_found(id).param("previous_response_id"))?.conversation
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request("Invalid type for 'previous_response_id': expected a string.")
+                .param("previous_response_id"));
+        }
+    };
+    let translated = request::to_chat(&body, history)?;
+    let chat = serde_json::to_vec(&translated.chat).map_err(|_| ApiError::internal())?;
+    let req = ClientRequest::parse(Endpoint::ChatCompletions, Bytes::from(chat))?;
+    let frame = Frame::new(&body, &req.model, unix_now());
+    let response = relay(state, req, caller, request_id).await?;
+    let keep = translated.store.then(|| Keeper {
+        state: state.clone(),
+        owner,
+        conversation: translated.conversation,
+        id: frame.id.clone(),
+    });
+    if is_stream(&response) {
+        let on_complete: Option<stream::OnComplete> =
+            keep.map(|k| Box::new(move |r, a| k.keep(r, a)) as stream::OnComplete);
+        let events = chat_stream::reframe(response.into_body(), stream::ResponsesStream::new(frame, on_complete));
+        return Ok(sse_response(Body::from_stream(events)));
+    }
+    let chat = chat_answer(response).await?;
+    let choice = chat.get("choices").and_then(|c| c.get(0)).cloned().unwrap_or(Value::Null);
+    let output = reply::output_items(&choice["message"]);
+    let status = Status::of_finish(choice["finish_reason"].as_str());
+    let object = frame.response(status, &output, chat.get("usage"));
+    if let Some(k) = keep {
+        let message = &choice["message"];
+        let mut assistant = json!({"role": "assistant", "content": message["content"]});
+        if let Some(calls) = message.get("tool_calls").filter(|c| c.is_array()) {
+            assistant["tool_calls"] = calls.clone();
+        }
+        let object = object.clone();
+        let _ = tokio::task::spawn_blocking(move || k.keep(object, assistant)).await;
+    }
+    Ok(json_response(&object))
+}
+
+/// What is needed to store a response once it is complete.
+struct Keeper {
+    state: AppState,
+    owner: String,
+    conversation: Vec<Value>,
+    id: String,
+}
+
+impl Keeper {
+    /// Store `response`, the conversation and the `assistant` answer.
+    /// Blocking. A failure is logged: the answer was served.
+    fn keep(mut self, response: Value, assistant: Value) {
+        self.conversation.push(assistant);
+        let expires_at = unix_now().saturating_add(self.state.config.responses.retention_secs);
+        let record = store::Stored { owner: self.owner, expires_at, conversation: self.conversation, response };
+        if let Err(error) = store::put(&self.state.store, &self.id, &record) {
+            tracing::error!(%error, id = %self.id, "a response could not be stored");
+        }
+    }
+}
+
+/// `GET /v1/responses/{id}`.
+pub async fn retrieve(state: &AppState, caller: &Caller, id: String) -> Result<Response, ApiError> {
+    let (st, owner, key) = (state.clone(), store::owner(caller), id.clone());
+    let found = blocking(move || store::get(&st.store, &key, &owner)).await?;
+    Ok(json_response(&found.ok_or_else(|| not_found(&id))?.response))
+}
+
+/// `DELETE /v1/responses/{id}`.
+pub async fn delete(state: &AppState, caller: &Caller, id: String) -> Result<Response, ApiError> {
+    let (st, owner, key) = (state.clone(), store::owner(caller), id.clone());
+    if !blocking(move || store::delete(&st.store, &key, &owner)).await? {
+        return Err(not_found(&id));
+    }
+    Ok(json_response(&json!({"id": id, "object": "response", "deleted": true})))
+}

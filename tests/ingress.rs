@@ -1,0 +1,166 @@
+//! The Responses API, Anthropic Messages and Gemini, served on an OpenAI-style
+//! channel through `openai.wasm` by translation: checked with the official
+//! `openai`, `anthropic` and `google-genai` Python SDKs, and on the wire for what the SDKs
+//! do not show (the conversation sent upstream, token scoping, billing,
+//! error shapes, a stream cut by the upstream).
+
+use std::process::Command;
+
+use futures_util::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::openai_sdk::python;
+use crate::support::accounts::{user_with_token, wait_rows};
+use crate::support::mock::{MockUpstream, Mode};
+use crate::support::{Gateway, TOKEN, admin, channel, client};
+
+const MODELS: &[&str] = &["gpt-4o-mini", "claude-mock", "tool-mock", "tool-claude", "gemini-mock", "tool-gemini"];
+
+const PRICING: &str = "[pricing.models.claude-mock]\nratio = 2\n[pricing.models.gpt-4o-mini]\nratio = 1\n";
+
+async fn gateway() -> (MockUpstream, Gateway) {
+    let mock = MockUpstream::start("mock").await;
+    let toml = format!("{PRICING}\n{}", channel("a", "openai", &mock.base_url(), MODELS, ""));
+    let gw = Gateway::start(&["openai.wasm", "weighted.wasm"], &toml);
+    (mock, gw)
+}
+
+async fn run_python(script: &str, env: Vec<(&'static str, String)>) -> String {
+    let script = crate::support::root().join("tests/python").join(script);
+    let output =
+        tokio::task::spawn_blocking(move || Command::new(python()).arg(script).envs(env).output().expect("run python"))
+            .await
+            .expect("join");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    println!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "SDK checks failed:\n{stdout}");
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn official_sdks_speak_responses_messages_and_gemini_through_a_chat_channel() {
+    let (_mock, gw) = gateway().await;
+    let key = || ("WASMGATE_API_KEY", TOKEN.to_string());
+    let out = run_python("anthropic_sdk_check.py", vec![("WASMGATE_ROOT_URL", gw.url("")), key()]).await;
+    assert!(out.contains(": 6 passed, 0 failed"), "{out}");
+    let out = run_python("responses_check.py", vec![("WASMGATE_BASE_URL", gw.url("/v1")), key()]).await;
+    assert!(out.contains(": 6 passed, 0 failed"), "{out}");
+    let out = run_python("gemini_sdk_check.py", vec![("WASMGATE_ROOT_URL", gw.url("")), key()]).await;
+    assert!(out.contains(": 6 passed, 0 failed"), "{out}");
+}
+
+async fn post_as(gw: &Gateway, key: &str, path: &str, body: &Value) -> (u16, Value) {
+    let resp = client().post(gw.url(path)).bearer_auth(key).json(body).send().await.expect("send");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_continued_response_replays_the_conversation_and_only_its_token_sees_it() {
+    let (mock, gw) = gateway().await;
+    let (_, other) = user_with_token(&gw, 1_000_000, json!({})).await;
+    let (status, first) =
+        post_as(&gw, TOKEN, "/v1/responses", &json!({"model": "gpt-4o-mini", "input": "first"})).await;
+    assert_eq!(status, 200, "{first}");
+    let id = first["id"].as_str().expect("id").to_string();
+    let next = json!({"model": "gpt-4o-mini", "input": "second", "previous_response_id": id, "instructions": "short"});
+    let (status, second) = post_as(&gw, TOKEN, "/v1/responses", &next).await;
+    assert_eq!(status, 200, "{second}");
+    let sent = mock.state.last_body.lock().await.clone().expect("upstream body");
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "system", "content": "short"}, {"role": "user", "content": "first"},
+               {"role": "assistant", "content": "echo: first"}, {"role": "user", "content": "second"}])
+    );
+    // Another token can neither read nor continue it.
+    let get = client().get(gw.url(&format!("/v1/responses/{id}"))).bearer_auth(&other).send().await.expect("get");
+    assert_eq!(get.status().as_u16(), 404);
+    let (status, err) = post_as(&gw, &other, "/v1/responses", &next).await;
+    assert_eq!((status, err["error"]["param"].as_str()), (404, Some("previous_response_id")), "{err}");
+    let get = client().get(gw.url(&format!("/v1/responses/{id}"))).bearer_auth(TOKEN).send().await.expect("get");
+    assert_eq!(get.status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn translated_requests_are_billed_and_logged_like_chat_completions() {
+    let (_mock, gw) = gateway().await;
+    let (uid, key) = user_with_token(&gw, 10_000_000, json!({})).await;
+    let msg = json!({"model": "claude-mock", "max_tokens": 20, "stream": true,
+                     "messages": [{"role": "user", "content": "bill me"}]});
+    let resp = client().post(gw.url("/v1/messages")).header("x-api-key", &key).json(&msg).send().await.expect("send");
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = resp.text().await.expect("stream");
+    assert!(text.starts_with("event: message_start\n"), "{text}");
+    assert!(
+        text.contains("\"output_tokens\":12") && text.trim_end().ends_with("{\"type\":\"message_stop\"}"),
+        "{text}"
+    );
+    let (status, _) =
+        post_as(&gw, &key, "/v1/responses", &json!({"model": "gpt-4o-mini", "input": "bill me too"})).await;
+    assert_eq!(status, 200);
+    let rows = wait_rows(&gw, &format!("user_id={uid}"), 2).await;
+    for row in rows["data"].as_array().expect("rows") {
+        assert_eq!((row["prompt_tokens"].as_u64(), row["completion_tokens"].as_u64()), (Some(9), Some(12)), "{row}");
+    }
+    let (_, user) = admin(&gw, Method::GET, &format!("/api/users/{uid}"), None).await;
+    assert!(user["used_quota"].as_i64().is_some_and(|q| q > 0), "{user}");
+    assert_eq!(user["request_count"], 2, "{user}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_errors_are_in_anthropic_shape_also_mid_stream() {
+    let (mock, gw) = gateway().await;
+    let anthropic_error = |body: &Value, kind: &str| {
+        assert_eq!(body["type"], "error", "{body}");
+        assert_eq!(body["error"]["type"], kind, "{body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    };
+    let resp = client().post(gw.url("/v1/messages")).json(&json!({})).send().await.expect("send");
+    assert_eq!(resp.status().as_u16(), 401);
+    anthropic_error(&resp.json().await.expect("json"), "authentication_error");
+    let (status, body) = post_as(&gw, TOKEN, "/v1/messages", &json!({"model": "claude-mock", "messages": []})).await;
+    assert_eq!(status, 400);
+    anthropic_error(&body, "invalid_request_error");
+    let resp = client().post(gw.url("/v1/messages")).bearer_auth(TOKEN).body("{not json").send().await.expect("send");
+    assert_eq!(resp.status().as_u16(), 400);
+    anthropic_error(&resp.json().await.expect("json"), "invalid_request_error");
+
+    mock.set_mode(Mode::DropMidStream);
+    let msg = json!({"model": "claude-mock", "max_tokens": 20, "stream": true,
+                     "messages": [{"role": "user", "content": "cut me"}]});
+    let resp = client().post(gw.url("/v1/messages")).bearer_auth(TOKEN).json(&msg).send().await.expect("send");
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    while let Some(Ok(chunk)) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.starts_with("event: message_start\n"), "{text}");
+    let error = text.split("event: error\ndata: ").nth(1).expect("an error event");
+    anthropic_error(&serde_json::from_str(error.trim()).expect("error json"), "api_error");
+    assert!(!text.contains("message_stop"), "a cut stream must not look complete: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gemini_takes_the_key_as_a_query_parameter_and_streams_a_json_array_without_alt_sse() {
+    let (_mock, gw) = gateway().await;
+    let body = json!({"contents": [{"role": "user", "parts": [{"text": "array me"}]}]});
+    let url = gw.url(&format!("/v1beta/models/gemini-mock:streamGenerateContent?key={TOKEN}"));
+    let resp = client().post(url).json(&body).send().await.expect("send");
+    assert_eq!(resp.status().as_u16(), 200);
+    let chunks: Vec<Value> = serde_json::from_str(&resp.text().await.expect("body")).expect("a JSON array");
+    let text: String =
+        chunks.iter().filter_map(|c| c["candidates"][0]["content"]["parts"][0]["text"].as_str()).collect();
+    assert_eq!(text, "echo: array me");
+    assert_eq!(chunks.last().expect("last")["candidates"][0]["finishReason"], "STOP");
+    let url = gw.url("/v1beta/models/gemini-mock:embedSomething");
+    let resp = client().post(url).header("x-goog-api-key", TOKEN).json(&body).send().await.expect("send");
+    assert_eq!(resp.status().as_u16(), 404);
+    let err: Value = resp.json().await.expect("json");
+    assert_eq!(
+        (err["error"]["code"].as_u64(), err["error"]["status"].as_str()),
+        (Some(404), Some("NOT_FOUND")),
+        "{err}"
+    );
+}
