@@ -291,3 +291,30 @@ async fn open_streams_hold_no_plugin_instance_and_abandoned_ones_are_billed_off_
     }
     assert!(gw.alive());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_channel_set_to_http2_reaches_a_plain_http_upstream_over_h2c() {
+    let mock = MockUpstream::start("h2").await;
+    let ch = channel("h2", "openai", &mock.base_url(), &["gpt-4o-mini"], "settings = { http2 = true }\n");
+    let gw = Gateway::start(&["openai.wasm", "weighted.wasm"], &ch);
+    let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "over h2")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: over h2");
+    assert_eq!(*mock.state.last_version.lock().expect("lock"), Some(axum::http::Version::HTTP_2));
+    // Many streams at once share the multiplexed connection.
+    let streamed = futures_util::future::join_all((0..40).map(|i| {
+        let mut req = chat("gpt-4o-mini", &format!("stream {i}"));
+        req["stream"] = json!(true);
+        let gw = &gw;
+        async move {
+            let resp = client().post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&req).send().await;
+            resp.expect("send").text().await.expect("body")
+        }
+    }))
+    .await;
+    for (i, text) in streamed.iter().enumerate() {
+        // The mock streams word by word: "echo: ", "stream ", "{i}".
+        assert!(text.contains(&format!("\"content\":\"{i}\"")) && text.ends_with("data: [DONE]\n\n"), "{text}");
+    }
+    assert_eq!(*mock.state.last_version.lock().expect("lock"), Some(axum::http::Version::HTTP_2));
+}

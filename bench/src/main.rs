@@ -199,14 +199,26 @@ pub(crate) fn start_gateway(args: &Args, dir: &Path, plugins: &[&str], channels:
 /// Two channels of the `openai` adapter on the mock: every request goes
 /// through the routing policy.
 fn two_channels(upstream: &str) -> String {
+    two_channels_with(upstream, "")
+}
+
+/// [`two_channels`] with `extra` TOML lines in each channel.
+fn two_channels_with(upstream: &str, extra: &str) -> String {
     (1..=2)
         .map(|i| {
             format!(
                 "[[channels]]\nname = \"mock-{i}\"\nadapter = \"openai\"\nbase_url = \"{upstream}\"\nkey = \"sk-up-{i}\"\n\
-                 models = [\"gpt-4o-mini\", \"drip-mini\"]\n"
+                 models = [\"gpt-4o-mini\", \"drip-mini\"]\n{extra}"
             )
         })
         .collect()
+}
+
+/// Streams a gateway can hold over HTTP/1.1 upstreams under this
+/// process's file limit (two sockets each, plus headroom).
+fn http1_stream_limit() -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.unwrap_or(u64::MAX);
+    usize::try_from(limit.saturating_sub(1024) / 2).unwrap_or(usize::MAX)
 }
 
 /// Start `cmd` and wait for the stdout line `prefix ADDR`; the child is
@@ -284,11 +296,17 @@ async fn http(args: &Args) -> Result<()> {
     }
 
     if args.streams > 0 {
-        let dir = tempfile::tempdir()?;
-        let (gateway, base) =
-            start_gateway(args, dir.path(), &["openai.wasm", "weighted.wasm"], &two_channels(&mock_url))?;
-        let key = billed_key(&base).await?;
-        streams::run(&base, &key, args.streams, gateway.0.id(), &mock_url).await?;
+        // Over HTTP/1.1 every open stream holds two sockets (client and
+        // upstream); over HTTP/2 the upstream side is a few multiplexed
+        // connections, as with any HTTPS provider (ALPN).
+        for (label, extra) in [("HTTP/2 (h2c)", "settings = { http2 = true }\n"), ("HTTP/1.1", "")] {
+            let dir = tempfile::tempdir()?;
+            let channels = two_channels_with(&mock_url, extra);
+            let (gateway, base) = start_gateway(args, dir.path(), &["openai.wasm", "weighted.wasm"], &channels)?;
+            let key = billed_key(&base).await?;
+            let n = if extra.is_empty() { args.streams.min(http1_stream_limit()) } else { args.streams };
+            streams::run(&base, &key, n, gateway.0.id(), &mock_url, label).await?;
+        }
     }
     Ok(())
 }

@@ -29,8 +29,9 @@ async fn c1_latency(client: &reqwest::Client, url: &str, key: &str, n: usize) ->
 }
 
 /// Run the measurement against the gateway at `base` (process `pid`),
-/// whose mock answers `POST /release`.
-pub async fn run(base: &str, key: &str, n: usize, pid: u32, mock_url: &str) -> Result<()> {
+/// whose mock answers `POST /release`; `upstream` names the protocol the
+/// gateway speaks to the mock.
+pub async fn run(base: &str, key: &str, n: usize, pid: u32, mock_url: &str, upstream: &str) -> Result<()> {
     let url = format!("{base}/v1/chat/completions");
     let idle = rss_tree(pid);
     let probe = reqwest::Client::builder().tcp_nodelay(true).build()?;
@@ -87,7 +88,7 @@ pub async fn run(base: &str, key: &str, n: usize, pid: u32, mock_url: &str) -> R
     }
     let errors = errors.load(Ordering::Relaxed);
     let per_stream = peak.saturating_sub(idle) as f64 / held.max(1) as f64;
-    println!("\n## {n} concurrent streams (16 chunks, 500 ms apart, all open at once)\n");
+    println!("\n## {n} concurrent streams, upstream over {upstream} (16 chunks, 500 ms apart, all open at once)\n");
     println!("| streams open at once | errors | opened in | gateway RSS idle → all open | per open stream |");
     println!("|---|---|---|---|---|");
     println!(

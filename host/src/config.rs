@@ -159,6 +159,11 @@ pub struct UpstreamConfig {
     pub exchange_timeout_secs: u64,
     /// Largest non-streamed upstream body read, in bytes.
     pub max_response_bytes: usize,
+    /// Requests in flight on one upstream client (per worker thread)
+    /// before another is opened. An HTTP/2 upstream multiplexes them on one
+    /// connection, so keep this at or under the servers' stream limit
+    /// (OpenAI-style CDNs announce 100).
+    pub requests_per_connection: usize,
     /// Attempts per request, first included. Attempts go down the policy's
     /// order; when every candidate has been tried, the order starts again.
     pub max_attempts: u32,
@@ -453,6 +458,7 @@ impl Default for UpstreamConfig {
             max_stream_secs: 3600,
             exchange_timeout_secs: 15,
             max_response_bytes: 64 * 1024 * 1024,
+            requests_per_connection: 100,
             max_attempts: 3,
             attempt_timeout_secs: 300,
             total_timeout_secs: 600,

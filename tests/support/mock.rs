@@ -106,6 +106,9 @@ pub struct MockState {
     pub last_body: Mutex<Option<Value>>,
     /// The last request's headers.
     pub last_headers: Mutex<Option<HeaderMap>>,
+    /// The HTTP version of the last request (the mock speaks HTTP/1.1 and
+    /// HTTP/2 with prior knowledge).
+    pub last_version: std::sync::Mutex<Option<axum::http::Version>>,
     /// Releases held streams.
     pub release: Notify,
     /// Name reported in responses (to tell mocks apart).
@@ -130,6 +133,7 @@ impl MockUpstream {
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/models", get(models))
             .route("/release", post(release))
+            .layer(axum::middleware::from_fn_with_state(state.clone(), note_version))
             .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
@@ -163,6 +167,15 @@ impl MockUpstream {
 }
 
 /// The mode in force, without consuming a `Times` use.
+async fn note_version(
+    State(state): State<Arc<MockState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    *state.last_version.lock().expect("version lock") = Some(req.version());
+    next.run(req).await
+}
+
 fn current_mode_peek(state: &MockState) -> Mode {
     state.mode.lock().expect("mode lock").clone()
 }

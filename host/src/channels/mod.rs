@@ -63,6 +63,9 @@ pub struct Channel {
     pub weight: u32,
     /// Adapter settings as a JSON object string.
     pub settings: String,
+    /// Speak HTTP/2 with prior knowledge to a plain-HTTP upstream (the
+    /// `http2: true` setting; over TLS HTTP/2 is negotiated anyway).
+    pub http2: bool,
     /// Unix ms until which the channel is cooling down (0: not cooling).
     pub cooling_until_ms: u64,
 }
@@ -85,6 +88,7 @@ impl Channel {
             priority: rec.priority,
             weight: rec.weight,
             settings: serde_json::Value::Object(rec.settings.clone()).to_string(),
+            http2: rec.settings.get("http2") == Some(&serde_json::Value::Bool(true)),
             cooling_until_ms: match rec.status {
                 ChannelState::CoolingDown { until_ms, .. } => until_ms,
                 _ => 0,

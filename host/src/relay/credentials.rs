@@ -194,7 +194,7 @@ async fn exchange(
         let e = PluginError::malformed(&adapter.name, "credential exchange URL outside the channel's origin");
         return Err(CredentialError::Plugin(e));
     }
-    let response = upstream.send(request).await.map_err(CredentialError::Upstream)?;
+    let response = upstream.send(request, false).await.map_err(CredentialError::Upstream)?;
     let response = upstream.read(response).await.map_err(CredentialError::Upstream)?;
     match adapter.parse_exchange(tag, view, &response).await.map_err(CredentialError::Plugin)? {
         Ok(credential) if credential.token.is_empty() => Err(CredentialError::Upstream(UpstreamError {

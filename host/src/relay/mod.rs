@@ -293,7 +293,7 @@ async fn attempt(
         return Err(plugin_failure(state, &e, request_id));
     }
     let upstream = &state.upstream;
-    let response = upstream.send(upstream_req).await.map_err(|e| upstream_failure(&e, channel))?;
+    let response = upstream.send(upstream_req, channel.http2).await.map_err(|e| upstream_failure(&e, channel))?;
 
     if !response.status().is_success() {
         let body = upstream.read(response).await.map_err(|e| upstream_failure(&e, channel))?;

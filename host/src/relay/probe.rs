@@ -134,7 +134,7 @@ async fn probe_unbounded(state: &AppState, channel: &Channel) -> ProbeOutcome {
         Ok(Err(e)) => return fail(out, Some(kind_name(&e.kind)), e.message),
         Err(e) => return fail(out, None, format!("adapter failed: {e}")),
     };
-    let response = match state.upstream.send(request).await {
+    let response = match state.upstream.send(request, channel.http2).await {
         Ok(r) => r,
         Err(e) => return fail(out, Some(kind_name(&e.kind)), e.message),
     };

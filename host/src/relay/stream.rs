@@ -112,7 +112,7 @@ impl LiveStream {
     /// A stream over `response`, decoded by `decoder`.
     pub fn new(
         state: &AppState,
-        response: reqwest::Response,
+        response: super::upstream::UpstreamResponse,
         decoder: AdapterStream,
         channel: Arc<Channel>,
         stats: Arc<ChannelStats>,
@@ -121,7 +121,7 @@ impl LiveStream {
     ) -> Self {
         let cfg = &state.config.upstream;
         Self {
-            upstream: Box::pin(response.bytes_stream()),
+            upstream: Box::pin(response.body_stream()),
             decoder,
             state: state.clone(),
             channel,

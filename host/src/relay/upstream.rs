@@ -1,9 +1,12 @@
 //! The host's HTTP client: all upstream I/O goes through here, never through
 //! a plugin. Pooled connections, TCP_NODELAY, timeouts, bounded bodies.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
 
 use crate::config::UpstreamConfig;
 use crate::plugins::{ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, UpstreamError};
@@ -22,6 +25,46 @@ pub struct Upstream {
     /// Limit of a whole credential exchange.
     pub exchange_timeout: Duration,
     max_body: usize,
+    /// Requests in flight on one client before another is opened.
+    per_client: usize,
+}
+
+/// A client and how many of its requests are in flight (their responses
+/// not yet dropped).
+type Counted = (reqwest::Client, Arc<AtomicUsize>);
+
+/// A thread's clients: per (`Upstream` id, h2c), the clients opened so far.
+type ClientSets = std::cell::RefCell<Vec<((u64, bool), Vec<Counted>)>>;
+
+/// An upstream response, holding its client's in-flight slot until it is
+/// read or its body stream is dropped.
+pub struct UpstreamResponse {
+    inner: reqwest::Response,
+    slot: Slot,
+}
+
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl UpstreamResponse {
+    /// The status.
+    pub fn status(&self) -> reqwest::StatusCode {
+        self.inner.status()
+    }
+
+    /// The body as it arrives (the slot is released when it is dropped).
+    pub fn body_stream(self) -> impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static {
+        let slot = self.slot;
+        self.inner.bytes_stream().map(move |chunk| {
+            let _held = &slot;
+            chunk
+        })
+    }
 }
 
 /// A transient, host-side failure talking to the upstream. Its message names
@@ -41,13 +84,18 @@ impl Upstream {
             idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
             exchange_timeout: Duration::from_secs(cfg.exchange_timeout_secs.max(1)),
             max_body: cfg.max_response_bytes,
+            per_client: cfg.requests_per_connection.max(1),
         };
-        this.build_client()?;
+        this.build_client(false)?;
         Ok(this)
     }
 
-    fn build_client(&self) -> reqwest::Result<reqwest::Client> {
-        reqwest::Client::builder()
+    fn build_client(&self, h2c: bool) -> reqwest::Result<reqwest::Client> {
+        let builder = reqwest::Client::builder();
+        // HTTP/2 without TLS needs prior knowledge; over TLS it is
+        // negotiated (ALPN) whatever this says.
+        let builder = if h2c { builder.http2_prior_knowledge() } else { builder };
+        builder
             .tcp_nodelay(true)
             .connect_timeout(self.connect_timeout)
             // Each read of a response (its headers included) must come
@@ -60,31 +108,52 @@ impl Upstream {
             .build()
     }
 
-    /// This thread's client.
-    fn client(&self) -> Result<reqwest::Client, UpstreamError> {
+    /// A client of this thread (`h2c`: HTTP/2 with prior knowledge) with
+    /// fewer than `per_client` requests in flight, and its slot. Each
+    /// client holds its own connections: an HTTP/2 upstream (h2c, or
+    /// negotiated over TLS) multiplexes one connection per client, so
+    /// streams beyond a connection's stream limit open another client
+    /// rather than queue behind it.
+    fn client(&self, h2c: bool) -> Result<(reqwest::Client, Slot), UpstreamError> {
         thread_local! {
-            static CLIENTS: std::cell::RefCell<Vec<(u64, reqwest::Client)>> = const { std::cell::RefCell::new(Vec::new()) };
+            static CLIENTS: ClientSets = const { std::cell::RefCell::new(Vec::new()) };
         }
         CLIENTS.with(|clients| {
             let mut clients = clients.borrow_mut();
-            if let Some((_, c)) = clients.iter().find(|(id, _)| *id == self.id) {
-                return Ok(c.clone());
-            }
-            let client = self.build_client().map_err(|_| connection_error("client could not be built"))?;
-            clients.push((self.id, client.clone()));
-            Ok(client)
+            let index = match clients.iter().position(|(key, _)| *key == (self.id, h2c)) {
+                Some(i) => i,
+                None => {
+                    clients.push(((self.id, h2c), Vec::new()));
+                    clients.len() - 1
+                }
+            };
+            let set = &mut clients[index].1;
+            let free = set.iter().find(|(_, n)| n.load(Ordering::Relaxed) < self.per_client);
+            let (client, count) = match free {
+                Some(c) => c.clone(),
+                None => {
+                    let client = self.build_client(h2c).map_err(|_| connection_error("client could not be built"))?;
+                    set.push((client, Arc::new(AtomicUsize::new(0))));
+                    set.last().cloned().expect("just pushed")
+                }
+            };
+            count.fetch_add(1, Ordering::Relaxed);
+            Ok((client, Slot(count)))
         })
     }
 
-    /// Send `req`; returns once the response headers are in.
-    pub async fn send(&self, req: HttpRequest) -> Result<reqwest::Response, UpstreamError> {
+    /// Send `req`; returns once the response headers are in. `h2c`: speak
+    /// HTTP/2 to a plain-HTTP upstream (a channel's `http2` setting), so
+    /// every request shares a few connections instead of one each.
+    pub async fn send(&self, req: HttpRequest, h2c: bool) -> Result<UpstreamResponse, UpstreamError> {
         let method = match req.method {
             HttpMethod::Get => reqwest::Method::GET,
             HttpMethod::Post => reqwest::Method::POST,
             HttpMethod::Put => reqwest::Method::PUT,
             HttpMethod::Delete => reqwest::Method::DELETE,
         };
-        let mut builder = self.client()?.request(method, &req.url);
+        let (client, slot) = self.client(h2c)?;
+        let mut builder = client.request(method, &req.url);
         for h in &req.headers {
             builder = builder.header(&h.name, &h.value);
         }
@@ -101,16 +170,16 @@ impl Upstream {
                 status: None,
             }),
             Ok(Err(_)) => Err(connection_error("request failed")),
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(inner)) => Ok(UpstreamResponse { inner, slot }),
         }
     }
 
     /// Read a whole (non-streamed) response, bounded in size and idle time.
-    pub async fn read(&self, resp: reqwest::Response) -> Result<HttpResponse, UpstreamError> {
+    pub async fn read(&self, resp: UpstreamResponse) -> Result<HttpResponse, UpstreamError> {
         let status = resp.status().as_u16();
-        let headers = headers_of(&resp);
-        let expected = resp.content_length().map_or(0, |n| n.min(self.max_body as u64) as usize);
-        let mut stream = resp.bytes_stream();
+        let headers = headers_of(&resp.inner);
+        let expected = resp.inner.content_length().map_or(0, |n| n.min(self.max_body as u64) as usize);
+        let mut stream = std::pin::pin!(resp.body_stream());
         // One copy, into the buffer the plugin call takes.
         let mut body = Vec::with_capacity(expected);
         loop {
