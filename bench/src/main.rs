@@ -71,6 +71,16 @@ struct Args {
 }
 
 const TOKEN: &str = "sk-bench-0123456789abcdefghijklmnopqrstuv";
+/// The benchmark request as a Responses API call (nothing stored).
+const RESPONSES: (&str, &str) = (
+    r#"{"model":"gpt-4o-mini","store":false,"input":"benchmark this request"}"#,
+    r#"{"model":"gpt-4o-mini","store":false,"stream":true,"input":"benchmark this request"}"#,
+);
+/// The benchmark request as an Anthropic Messages call.
+const MESSAGES: (&str, &str) = (
+    r#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"benchmark this request"}]}"#,
+    r#"{"model":"gpt-4o-mini","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"benchmark this request"}]}"#,
+);
 const SHIPPED: &[&str] = &[
     "openai.wasm",
     "azure.wasm",
@@ -262,17 +272,36 @@ async fn http(args: &Args) -> Result<()> {
     let mock_addr = mock_url.trim_start_matches("http://").trim_end_matches("/v1");
     let (nginx, nginx_base) = peers::start_nginx(mock_addr, scratch.path())?;
     let targets = [
-        peers::Target { name: "mock directly", url: format!("{mock_url}/chat/completions"), pid: None },
+        peers::Target { name: "mock directly", url: format!("{mock_url}/chat/completions"), pid: None, bodies: None },
         peers::Target {
             name: "nginx proxy_pass (keepalive)",
             url: format!("{nginx_base}/v1/chat/completions"),
             pid: Some(nginx.0.id()),
+            bodies: None,
         },
-        peers::Target { name: "bare axum + reqwest proxy", url: format!("{bare_base}/v1/chat/completions"), pid: None },
+        peers::Target {
+            name: "bare axum + reqwest proxy",
+            url: format!("{bare_base}/v1/chat/completions"),
+            pid: None,
+            bodies: None,
+        },
         peers::Target {
             name: "wasmgate (billed, 2 channels + policy)",
             url: format!("{base}/v1/chat/completions"),
             pid: Some(gateway.0.id()),
+            bodies: None,
+        },
+        peers::Target {
+            name: "wasmgate /v1/responses (translated, store off)",
+            url: format!("{base}/v1/responses"),
+            pid: None,
+            bodies: Some(RESPONSES),
+        },
+        peers::Target {
+            name: "wasmgate /v1/messages (translated)",
+            url: format!("{base}/v1/messages"),
+            pid: None,
+            bodies: Some(MESSAGES),
         },
     ];
     peers::compare(&targets, &key, args.secs, args.rounds, scratch.path())?;

@@ -21,7 +21,15 @@ pub struct Target {
     pub url: String,
     /// Process whose memory is reported (with its children).
     pub pid: Option<u32>,
+    /// The (non-streamed, streamed) request bodies; `None`: chat completions.
+    pub bodies: Option<(&'static str, &'static str)>,
 }
+
+/// The chat completion bodies every target gets unless it names its own.
+const CHAT: (&str, &str) = (
+    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"benchmark this request"}]}"#,
+    r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"benchmark this request"}]}"#,
+);
 
 /// What one `wrk` run measured.
 #[derive(Debug, Clone, Copy, Default)]
@@ -152,9 +160,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Measure every target in `rounds` rotating rounds and print the table
 /// and the ratios.
 pub fn compare(targets: &[Target], key: &str, secs: u64, rounds: usize, scratch: &Path) -> Result<()> {
-    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"benchmark this request"}]}"#;
-    let stream =
-        r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"benchmark this request"}]}"#;
     let n = targets.len();
     let (mut c1, mut s1, mut c32) = (vec![Vec::new(); n], vec![Vec::new(); n], vec![Vec::new(); n]);
     let mut rss_after = vec![0u64; n];
@@ -163,6 +168,7 @@ pub fn compare(targets: &[Target], key: &str, secs: u64, rounds: usize, scratch:
         for k in 0..n {
             let i = (round + k) % n;
             let t = &targets[i];
+            let (body, stream) = t.bodies.unwrap_or(CHAT);
             c1[i].push(wrk(&t.url, body, key, 1, secs, scratch)?);
             s1[i].push(wrk(&t.url, stream, key, 1, secs, scratch)?);
             c32[i].push(wrk(&t.url, body, key, 32, secs, scratch)?);
@@ -212,6 +218,10 @@ pub fn compare(targets: &[Target], key: &str, secs: u64, rounds: usize, scratch:
         );
         if let Some(b) = find("bare") {
             println!("| throughput c=32, wasmgate / bare proxy | {:.2}× | |", rps(&c32[w]) / rps(&c32[b]));
+        }
+        for (i, t) in targets.iter().enumerate().filter(|(_, t)| t.bodies.is_some()) {
+            let over = |runs: &[Vec<Run>]| us(p50(&runs[i]) - p50(&runs[w]));
+            println!("| {}: added over chat, c=1 p50 / stream p50 | {} / {} | ≤ 20 µs |", t.name, over(&c1), over(&s1));
         }
     }
     Ok(())
