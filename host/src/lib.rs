@@ -16,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod ingress;
+mod lingering;
 pub mod listener;
 pub mod plugins;
 #[cfg(test)]

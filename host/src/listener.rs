@@ -23,6 +23,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tower::ServiceExt;
 
 use crate::config::ServerConfig;
+use crate::lingering::Lingering;
 
 /// File descriptors kept for everything but client connections (the store,
 /// plugins, logs), before the rest is split between client connections and
@@ -225,14 +226,18 @@ async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc<Shared>) {
             let _permit = permit;
             let touch = conn.clone();
             let started = shared.started;
+            let stream = Lingering::new(stream);
+            let linger = stream.flag();
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 touch.last_active.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                 req.extensions_mut().insert(ConnectInfo(addr));
-                let app = app.clone();
+                let (app, linger) = (app.clone(), linger.clone());
                 async move {
-                    Ok::<_, Infallible>(
-                        app.oneshot(req.map(axum::body::Body::new)).await.unwrap_or_else(|e| match e {}),
-                    )
+                    let response = app.oneshot(req.map(axum::body::Body::new)).await.unwrap_or_else(|e| match e {});
+                    if response.headers().get(hyper::header::CONNECTION).is_some_and(|v| v == "close") {
+                        linger.store(true, Ordering::Relaxed);
+                    }
+                    Ok::<_, Infallible>(response)
                 }
             });
             let connection = shared.http.serve_connection(TokioIo::new(stream), service);
