@@ -19,6 +19,7 @@ mod health;
 mod hostile_plugins;
 mod hot_swap;
 mod ingress;
+mod observability;
 mod openai_sdk;
 mod plugin_check;
 mod providers;

@@ -49,6 +49,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Stored responses of the Responses API.
     pub responses: ResponsesConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
     /// Key encrypting upstream keys at rest (`WASMGATE_SECRETS_KEY`); when
     /// unset, a key is generated into `<data_dir>/secret.key`.
     pub secrets_key: Option<String>,
@@ -273,6 +275,24 @@ impl Default for ResponsesConfig {
     }
 }
 
+/// `GET /metrics` (Prometheus).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` on the main listener.
+    pub enabled: bool,
+    /// Bearer token scrapers must present (`WASMGATE_METRICS__TOKEN`);
+    /// unset: open, like most exporters — it shows counts, model and
+    /// channel ids, never users, tokens, keys or prompts.
+    pub token: Option<String>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: true, token: None }
+    }
+}
+
 /// Usage log settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -419,6 +439,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             storage: StorageConfig::default(),
             responses: ResponsesConfig::default(),
+            metrics: MetricsConfig::default(),
             secrets_key: None,
             channels: Vec::new(),
         }
@@ -494,6 +515,7 @@ const KEYS: &[&str] = &[
     "server",
     "storage",
     "responses",
+    "metrics",
     "secrets_key",
     "channels",
 ];

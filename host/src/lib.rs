@@ -18,6 +18,7 @@ pub mod health;
 pub mod ingress;
 mod lingering;
 pub mod listener;
+pub mod metrics;
 pub mod plugins;
 #[cfg(test)]
 mod props;

@@ -224,6 +224,7 @@ async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc<Shared>) {
         let (app, shared) = (app.clone(), shared.clone());
         tokio::spawn(async move {
             let _permit = permit;
+            let _open = crate::metrics::OpenConnection::new();
             let touch = conn.clone();
             let started = shared.started;
             let stream = Lingering::new(stream);

@@ -65,6 +65,9 @@ impl PromptSize {
 pub struct ClientRequest {
     /// Endpoint called.
     pub endpoint: Endpoint,
+    /// The route the client called, for metrics (`chat_completions`, or
+    /// `responses`, `messages`, `gemini` for translated requests).
+    pub route: &'static str,
     /// Requested model.
     pub model: String,
     /// `"stream": true`.
@@ -410,6 +413,7 @@ impl ClientRequest {
         }
         Ok(Self {
             endpoint,
+            route: crate::relay::endpoint_name(endpoint),
             model,
             stream,
             include_usage: head.include_usage.unwrap_or(false),

@@ -96,8 +96,11 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    step("python openai SDK");
+    step("python SDKs (openai, anthropic, google-genai)");
     let python = python::ensure_venv(root)?;
+    step("prometheus");
+    // The observability test scrapes the gateway with a real Prometheus.
+    ensure_packages("Prometheus", &[("prometheus", "prometheus")])?;
     step("host tests");
     let mut cmd = host_cargo();
     cmd.current_dir(root)
@@ -114,36 +117,37 @@ fn run(root: &Path, extra: &[String]) -> Result<()> {
     run_checked(&mut cmd)
 }
 
-/// The peers the benchmark measures against: `wrk` (the load generator) and
-/// nginx, from Debian's packages.
-fn bench_tools() -> Result<()> {
-    let missing: Vec<&str> = [("wrk", "wrk"), ("nginx", "nginx-light")]
-        .into_iter()
+/// Install, from Debian's packages, every `(binary, package)` whose binary
+/// is not on the PATH (`what` names them in the log).
+fn ensure_packages(what: &str, wanted: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
         .filter(|(bin, _)| {
             !Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success())
         })
-        .map(|(_, package)| package)
+        .map(|(_, package)| *package)
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: installing the benchmark's peers: {}", missing.join(" "));
-    run_checked(
-        Command::new("apt-get").args(["install", "-y", "-qq"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .or_else(|_| {
-        run_checked(Command::new("apt-get").arg("update").arg("-qq"))?;
+    eprintln!("xtask: installing {what}: {}", missing.join(" "));
+    let install = || {
         run_checked(
             Command::new("apt-get")
-                .args(["install", "-y", "-qq"])
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )
+    };
+    install().or_else(|_| {
+        run_checked(Command::new("apt-get").arg("update").arg("-qq"))?;
+        install()
     })
 }
 
 fn bench(root: &Path, extra: &[String]) -> Result<()> {
-    bench_tools()?;
+    // The peers the benchmark measures against: `wrk` (the load generator) and nginx.
+    ensure_packages("the benchmark's peers", &[("wrk", "wrk"), ("nginx", "nginx-light")])?;
     plugins::build_all(root)?;
     let mut build = host_cargo();
     build.current_dir(root).args(["build", "--release", "--package", "wasmgate", "--package", "wasmgate-bench"]);

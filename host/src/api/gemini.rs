@@ -37,7 +37,8 @@ pub async fn call(
     let body = if matches!(method, Method::Count) { gemini::count_body(&body) } else { body };
     let chat = request::to_chat(&body, model, stream)?;
     let bytes = serde_json::to_vec(&chat).map_err(|_| ApiError::internal())?;
-    let req = ClientRequest::parse(Endpoint::ChatCompletions, Bytes::from(bytes))?;
+    let mut req = ClientRequest::parse(Endpoint::ChatCompletions, Bytes::from(bytes))?;
+    req.route = "gemini";
     if matches!(method, Method::Count) {
         let tokens =
             tokio::task::spawn_blocking(move || crate::billing::tokenize::prompt_tokens(&req.model, &req.body))

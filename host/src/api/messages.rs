@@ -41,8 +41,9 @@ pub async fn create(
 ) -> Result<Response, AnthropicError> {
     let Authed(caller) = auth?;
     let (chat, _) = request::to_chat(&object(raw)?)?;
-    let req = chat_request(&chat)?;
+    let mut req = chat_request(&chat)?;
     let model = req.model.clone();
+    req.route = "messages";
     let response = relay(&state, req, &caller, &id.0).await?;
     Ok(anthropic::answer(response, model).await?)
 }

@@ -8,6 +8,7 @@ mod gemini;
 mod limits;
 mod logs_admin;
 mod messages;
+mod metrics;
 mod openai;
 mod params;
 mod plugins_admin;
@@ -95,6 +96,7 @@ pub fn app(state: AppState) -> Router {
         .nest("/v1beta", v1beta)
         .nest("/api", own.merge(admin))
         .route("/health", get(status::health))
+        .route("/metrics", get(metrics::scrape))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))

@@ -182,6 +182,11 @@ impl Journal {
         then(seq, entry.change, written)
     }
 
+    /// Bytes in the live journal file.
+    pub fn size(&self) -> u64 {
+        self.lock().bytes
+    }
+
     /// Everything up to `seq` is committed to sled: drop what the journal
     /// no longer needs (truncate when caught up, rotate when large).
     pub fn committed(&self, seq: u64) {

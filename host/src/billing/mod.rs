@@ -96,6 +96,7 @@ fn insufficient_quota() -> ApiError {
 }
 
 fn rate_limited(l: limits::Limited) -> ApiError {
+    crate::metrics::get().rate_limited(l.limit);
     let what = match l.limit {
         "concurrency" => "requests in flight",
         "streams" => "open streams",
@@ -592,6 +593,7 @@ impl Meter {
         row.upstream_cut = ending.upstream_cut;
         row.limited = ending.limited;
         let quota = row.quota;
+        let billed = (row.prompt_tokens, row.completion_tokens, row.model.clone());
         let Some(row) = self.billing.numbered(row) else {
             return Err(NotRecorded("no row id".into()));
         };
@@ -604,6 +606,7 @@ impl Meter {
             // Not served: the reservation is released when `self` drops.
             return recorded;
         }
+        crate::metrics::get().billed(&billed.2, billed.0, billed.1, quota);
         if let Some(r) = self.reservation.take() {
             r.settle(quota);
         }

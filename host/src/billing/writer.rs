@@ -12,6 +12,7 @@
 //! A clean stop flushes the queue first.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -88,6 +89,16 @@ pub struct Writer {
     journal: Arc<Journal>,
     kick: Arc<Kick>,
     store: Store,
+    stats: Arc<WriterStats>,
+}
+
+/// What the writer thread reports, for metrics.
+#[derive(Default)]
+struct WriterStats {
+    /// Changes waiting to be written.
+    pending: std::sync::atomic::AtomicU64,
+    /// Unix ms of the last commit (or of the start).
+    last_commit_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Wakes the writer thread before its interval ends (for a flush).
@@ -122,14 +133,26 @@ impl Writer {
     pub fn spawn(journal: Arc<Journal>, limits: BatchLimits, store: Store) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let kick = Arc::new(Kick::default());
-        let (j, k, s) = (journal.clone(), kick.clone(), store.clone());
+        let stats = Arc::new(WriterStats::default());
+        stats.last_commit_ms.store(crate::store::unix_now_ms(), Ordering::Relaxed);
+        let (j, k, s, st) = (journal.clone(), kick.clone(), store.clone(), stats.clone());
         std::thread::Builder::new().name("billing-writer".into()).spawn(move || {
             if let Err(error) = rustix::process::nice(WRITER_NICE) {
                 tracing::debug!(%error, "could not lower the billing writer's priority");
             }
-            run(rx, &j, &k, limits, &s);
+            run(rx, &j, &k, limits, &s, &st);
         })?;
-        Ok(Self { tx, journal, kick, store })
+        Ok(Self { tx, journal, kick, store, stats })
+    }
+
+    /// The writer's backlog, last commit and journal size, for metrics.
+    pub fn gauges(&self) -> crate::metrics::BillingGauges {
+        let last = self.stats.last_commit_ms.load(Ordering::Relaxed);
+        crate::metrics::BillingGauges {
+            pending: self.stats.pending.load(Ordering::Relaxed),
+            last_commit_age: Duration::from_millis(crate::store::unix_now_ms().saturating_sub(last)),
+            journal_bytes: self.journal.size(),
+        }
     }
 
     /// Journal `change` and queue it; when it cannot be journaled it is
@@ -182,7 +205,14 @@ impl Writer {
 /// The writer thread: every `max_wait` (or when kicked), drain the queue
 /// and commit it in transactions of at most `max_ops` changes. A batch that
 /// fails is kept and retried with backoff; its changes stay in the journal.
-fn run(mut rx: mpsc::UnboundedReceiver<Op>, journal: &Journal, kick: &Kick, limits: BatchLimits, store: &Store) {
+fn run(
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    journal: &Journal,
+    kick: &Kick,
+    limits: BatchLimits,
+    store: &Store,
+    stats: &WriterStats,
+) {
     let mut pending: Vec<(u64, Change)> = Vec::new();
     let mut generation = store.generation();
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
@@ -225,6 +255,7 @@ fn run(mut rx: mpsc::UnboundedReceiver<Op>, journal: &Journal, kick: &Kick, limi
                     pending.drain(..n);
                     journal.committed(last);
                     store.committed(last);
+                    stats.last_commit_ms.store(crate::store::unix_now_ms(), Ordering::Relaxed);
                     backoff = Duration::from_millis(100);
                 }
                 Err(error) => {
@@ -235,6 +266,11 @@ fn run(mut rx: mpsc::UnboundedReceiver<Op>, journal: &Journal, kick: &Kick, limi
                     break;
                 }
             }
+        }
+        stats.pending.store(pending.len() as u64, Ordering::Relaxed);
+        if pending.is_empty() {
+            // Nothing waits: the writer is as fresh as it can be.
+            stats.last_commit_ms.store(crate::store::unix_now_ms(), Ordering::Relaxed);
         }
         if !writable {
             std::thread::sleep(limits.max_wait.max(Duration::from_millis(100)));

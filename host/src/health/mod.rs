@@ -169,6 +169,7 @@ impl Health {
         });
         match result {
             Ok(rec) => {
+                crate::metrics::get().transition(channel.id, rec.status.name());
                 tracing::warn!(channel = channel.id, state = rec.status.name(), key = ?fault.key, reason, "channel health changed")
             }
             Err(error) => tracing::error!(channel = channel.id, %error, "recording a channel's health failed"),
@@ -187,6 +188,7 @@ impl Health {
         });
         match result {
             Ok(rec) if changed => {
+                crate::metrics::get().transition(id, rec.status.name());
                 tracing::warn!(channel = id, state = rec.status.name(), reason, "channel health changed")
             }
             Ok(_) => {}

@@ -104,6 +104,7 @@ pub async fn probe_round(state: &AppState) {
                 Target::Channel(None) => Channel::from_record(&rec),
             };
             let outcome = probe(state, &channel).await;
+            crate::metrics::get().probe(if outcome.success { "success" } else { "failure" });
             apply(state, rec.id, target, &outcome, cfg.max_recovery_attempts);
         })
         .buffer_unordered(cfg.probe_concurrency.max(1))

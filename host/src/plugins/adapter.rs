@@ -90,7 +90,10 @@ impl AdapterPlugin {
     /// Instantiate and call `info()` on a fresh instance: the fixed cost of
     /// a call (used by validation and benchmarks).
     pub async fn call_info(&self) -> Result<AdapterInfo, PluginError> {
-        plugin_call!(self.instances, NO_KEY, 0, None, |store, b| b.adapter.wasmgate_plugin_adapter().call_info(store))
+        plugin_call!("info", self.instances, NO_KEY, 0, None, |store, b| b
+            .adapter
+            .wasmgate_plugin_adapter()
+            .call_info(store))
     }
 
     /// `build-request` for channel key `tag`, with the credential obtained
@@ -103,7 +106,7 @@ impl AdapterPlugin {
         body: &[u8],
         credential: Option<Arc<str>>,
     ) -> AdapterResult<HttpRequest> {
-        plugin_call!(self.instances, tag, body.len(), credential, |store, b| b
+        plugin_call!("build_request", self.instances, tag, body.len(), credential, |store, b| b
             .adapter
             .wasmgate_plugin_adapter()
             .call_build_request(store, ctx, channel, body))
@@ -127,7 +130,7 @@ impl AdapterPlugin {
         if !self.has_auth {
             return Ok(None);
         }
-        plugin_call!(self.instances, tag, channel.key.len(), None, |store, b| async move {
+        plugin_call!("exchange_request", self.instances, tag, channel.key.len(), None, |store, b| async move {
             match &b.auth {
                 Some(auth) => auth.wasmgate_plugin_auth().call_exchange_request(store, channel).await,
                 None => Ok(None),
@@ -145,7 +148,7 @@ impl AdapterPlugin {
         if !self.has_auth {
             return Err(PluginError::malformed(&self.name, "parse-exchange called on an adapter without auth"));
         }
-        plugin_call!(self.instances, tag, response.body.len(), None, |store, b| async move {
+        plugin_call!("parse_exchange", self.instances, tag, response.body.len(), None, |store, b| async move {
             match &b.auth {
                 Some(auth) => auth.wasmgate_plugin_auth().call_parse_exchange(store, channel, response).await,
                 None => Err(wasmtime::format_err!("no auth export")),
@@ -160,7 +163,7 @@ impl AdapterPlugin {
         ctx: &RequestContext,
         response: &HttpResponse,
     ) -> AdapterResult<ParsedResponse> {
-        plugin_call!(self.instances, tag, response.body.len(), None, |store, b| b
+        plugin_call!("parse_response", self.instances, tag, response.body.len(), None, |store, b| b
             .adapter
             .wasmgate_plugin_adapter()
             .call_parse_response(store, ctx, response))
@@ -173,7 +176,7 @@ impl AdapterPlugin {
         ctx: &RequestContext,
         response: &HttpResponse,
     ) -> Result<UpstreamError, PluginError> {
-        plugin_call!(self.instances, tag, response.body.len(), None, |store, b| b
+        plugin_call!("classify_error", self.instances, tag, response.body.len(), None, |store, b| b
             .adapter
             .wasmgate_plugin_adapter()
             .call_classify_error(store, ctx, response))
@@ -186,7 +189,7 @@ impl AdapterPlugin {
         channel: &ChannelView,
         credential: Option<Arc<str>>,
     ) -> Result<Probe, PluginError> {
-        plugin_call!(self.instances, tag, channel.settings.len(), credential, |store, b| b
+        plugin_call!("health_probe", self.instances, tag, channel.settings.len(), credential, |store, b| b
             .adapter
             .wasmgate_plugin_adapter()
             .call_health_probe(store, channel))
@@ -270,7 +273,7 @@ impl AdapterStream {
                 let input = state.len() + bytes.map_or(0, <[u8]>::len);
                 let (ctx, tag) = (&self.ctx, self.tag);
                 let decoded: Result<Result<Decoded, UpstreamError>, PluginError> =
-                    plugin_call!(plugin.instances, tag, input, None, |store, b| async move {
+                    plugin_call!("decode_stream", plugin.instances, tag, input, None, |store, b| async move {
                         let Some(codec) = &b.codec else { return Err(wasmtime::format_err!("no stream-codec export")) };
                         let codec = codec.wasmgate_plugin_stream_codec();
                         match bytes {

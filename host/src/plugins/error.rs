@@ -76,6 +76,19 @@ pub(crate) struct CallFacts<'a> {
 }
 
 impl PluginError {
+    /// The failure's label in the metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::OutOfFuel { .. } => "out_of_fuel",
+            Self::Timeout { .. } => "timeout",
+            Self::MemoryLimit { .. } => "memory_limit",
+            Self::Trap { .. } => "trap",
+            Self::Malformed { .. } => "malformed",
+            Self::Capacity { .. } => "capacity",
+            Self::Instantiate { .. } => "instantiate",
+        }
+    }
+
     /// Classify a wasmtime error raised while calling (or instantiating) a
     /// plugin.
     pub(crate) fn from_wasm(facts: CallFacts<'_>, err: wasmtime::Error, instantiating: bool) -> Self {

@@ -115,6 +115,25 @@ impl<B: Send + 'static> Instances<B> {
         }
     }
 
+    /// [`Self::settle`] for the call `what` that began at `started`,
+    /// counted in the metrics by outcome.
+    pub(crate) fn settle_call<R>(
+        &self,
+        what: &'static str,
+        started: std::time::Instant,
+        lease: Lease<B>,
+        budget: CallBudget,
+        outcome: Result<wasmtime::Result<R>, tokio::time::error::Elapsed>,
+    ) -> Result<R, PluginError> {
+        let result = self.settle(lease, budget, outcome);
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.metric_label(),
+        };
+        crate::metrics::get().plugin_call(&self.name, what, label, started.elapsed());
+        result
+    }
+
     /// The result of a call made on `lease`: the instance goes back to the
     /// idle set after a success (within the reuse policy) and is dropped
     /// after any failure.
@@ -195,13 +214,15 @@ fn memory_size(store: &Store<PluginState>) -> usize {
     store.data().limits.peak
 }
 
-/// Make one call on a lease of `$instances`: lease an instance for channel
+/// Make one call (`$what`, its name in the metrics) on a lease of
+/// `$instances`: lease an instance for channel
 /// key `$tag`, arm it with a budget for `$bytes` of input and `$cred`, run
 /// `$call` (an expression using `$store` and `$b`, the bindings) under the
 /// wall-clock limit, and settle.
 macro_rules! plugin_call {
-    ($instances:expr, $tag:expr, $bytes:expr, $cred:expr, |$store:ident, $b:ident| $call:expr) => {{
+    ($what:literal, $instances:expr, $tag:expr, $bytes:expr, $cred:expr, |$store:ident, $b:ident| $call:expr) => {{
         let instances = &$instances;
+        let started = std::time::Instant::now();
         let mut lease = instances.lease($tag).await?;
         let budget = instances.prepare(&mut lease, $bytes, $cred);
         let outcome = {
@@ -209,7 +230,7 @@ macro_rules! plugin_call {
             let $b = &lease.bindings;
             tokio::time::timeout(budget.wall, $call).await
         };
-        instances.settle(lease, budget, outcome)
+        instances.settle_call($what, started, lease, budget, outcome)
     }};
 }
 pub(crate) use plugin_call;

@@ -39,7 +39,8 @@ impl RouterPlugin {
                 indices.load(store, instance)
             });
         let instances = Instances::new(engine, name.clone(), pre, load);
-        let info = plugin_call!(instances, NO_KEY, 0, None, |store, b| b.wasmgate_plugin_router().call_info(store))?;
+        let info =
+            plugin_call!("info", instances, NO_KEY, 0, None, |store, b| b.wasmgate_plugin_router().call_info(store))?;
         Ok(Self { name, sha256, info, instances })
     }
 
@@ -52,7 +53,7 @@ impl RouterPlugin {
         facts: RoutingFacts,
     ) -> Result<Vec<usize>, PluginError> {
         let input = std::mem::size_of_val(candidates) + meta.model.len() + meta.group.len();
-        let order = plugin_call!(self.instances, NO_KEY, input, None, |store, b| {
+        let order = plugin_call!("select", self.instances, NO_KEY, input, None, |store, b| {
             store.data_mut().routing = facts;
             b.wasmgate_plugin_router().call_select(store, meta, candidates)
         })?;

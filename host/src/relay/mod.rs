@@ -8,6 +8,7 @@ mod stream;
 mod upstream;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -93,6 +94,38 @@ pub async fn relay(
     caller: &Caller,
     request_id: &str,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let (route, model) = (req.route, req.model.clone());
+    let waited = AtomicU64::new(0);
+    let result = relay_attempts(state, req, caller, request_id, &waited).await;
+    let (total, waited) = (started.elapsed(), Duration::from_nanos(waited.load(Ordering::Relaxed)));
+    let metrics = crate::metrics::get();
+    match &result {
+        Ok(response) => {
+            metrics.request(route, &model, response.status().as_u16(), "", total, waited);
+            if crate::ingress::is_stream(response) {
+                metrics.first_token(route, total);
+            }
+        }
+        Err(e) => {
+            let code = e.code.unwrap_or(e.kind);
+            // Unknown models are whatever clients send: never a label.
+            let model = if code == "model_not_found" { "unknown" } else { &model };
+            metrics.request(route, model, e.status.as_u16(), code, total, waited);
+        }
+    }
+    result
+}
+
+/// [`relay`] without the request metrics; `waited` sums the time spent
+/// waiting for upstreams.
+async fn relay_attempts(
+    state: &AppState,
+    req: ClientRequest,
+    caller: &Caller,
+    request_id: &str,
+    waited: &AtomicU64,
+) -> Result<Response, ApiError> {
     let group: &str = &caller.group;
     let plugins = state.registry.snapshot();
     let channels = state.channels.snapshot();
@@ -148,20 +181,33 @@ pub async fn relay(
             info: info.clone(),
             request_id,
             tag: key_tag(channel, key_view.index),
+            waited,
         };
+        let metrics = crate::metrics::get();
         let (err, kind) = match tokio::time::timeout(limit, attempt(ctx, key_view, in_flight, &mut meter)).await {
             Ok(Ok(response)) => {
                 state.health.on_success(channel);
+                metrics.attempt(channel.id, "success");
+                if n > 0 {
+                    metrics.failover();
+                }
                 return Ok(response);
             }
             Ok(Err(Failure::Final(err))) => {
+                metrics.attempt(channel.id, err.code.unwrap_or(err.kind));
                 if let Some(m) = &meter {
                     m.attempt_failed(&info, err.status.as_u16(), err.code.unwrap_or(err.kind));
                 }
                 return Err(err);
             }
-            Ok(Err(Failure::Retry(err, kind))) => (err, kind),
-            Err(_) => (timeout_error(), Some(ErrorKind::Transient)),
+            Ok(Err(Failure::Retry(err, kind))) => {
+                metrics.attempt(channel.id, kind.as_ref().map_or("adapter_unavailable", kind_name));
+                (err, kind)
+            }
+            Err(_) => {
+                metrics.attempt(channel.id, "timeout");
+                (timeout_error(), Some(ErrorKind::Transient))
+            }
         };
         if let Some(m) = &meter {
             let what = kind.as_ref().map_or("adapter_unavailable", kind_name);
@@ -252,6 +298,8 @@ struct Attempt<'a> {
     request_id: &'a str,
     /// The channel key's tag (plugin instance reuse).
     tag: u64,
+    /// Nanoseconds spent waiting for upstreams, summed over attempts.
+    waited: &'a AtomicU64,
 }
 
 /// Try `a.channel`. On success the meter is settled (non-streamed) or moved
@@ -262,7 +310,10 @@ async fn attempt(
     in_flight: InFlight,
     meter: &mut Option<Meter>,
 ) -> Result<Response, Failure> {
-    let Attempt { state, plugins, channel, req, stats, info, request_id, tag } = a;
+    let Attempt { state, plugins, channel, req, stats, info, request_id, tag, waited } = a;
+    let wait = |since: Instant| {
+        waited.fetch_add(u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    };
     let KeyView { view, fingerprint, .. } = key_view;
     let started = Instant::now();
     let Some(adapter) = plugins.adapters.get(&channel.adapter) else {
@@ -293,10 +344,16 @@ async fn attempt(
         return Err(plugin_failure(state, &e, request_id));
     }
     let upstream = &state.upstream;
-    let response = upstream.send(upstream_req, channel.http2).await.map_err(|e| upstream_failure(&e, channel))?;
+    let sent = Instant::now();
+    let response = upstream.send(upstream_req, channel.http2).await;
+    wait(sent);
+    let response = response.map_err(|e| upstream_failure(&e, channel))?;
 
     if !response.status().is_success() {
-        let body = upstream.read(response).await.map_err(|e| upstream_failure(&e, channel))?;
+        let reading = Instant::now();
+        let body = upstream.read(response).await;
+        wait(reading);
+        let body = body.map_err(|e| upstream_failure(&e, channel))?;
         let err = adapter.classify_error(tag, &ctx, &body).await.map_err(|e| plugin_failure(state, &e, request_id))?;
         tracing::info!(request_id, channel = channel.id, status = body.status, kind = ?err.kind, "upstream error");
         if matches!(err.kind, ErrorKind::Auth) && credential.is_some() {
@@ -310,7 +367,10 @@ async fn attempt(
             stream::LiveStream::new(state, response, decoder, channel.clone(), stats.clone(), in_flight, request_id);
         return stream_response(live, started, meter, info).await;
     }
-    let body = upstream.read(response).await.map_err(|e| upstream_failure(&e, channel))?;
+    let reading = Instant::now();
+    let body = upstream.read(response).await;
+    wait(reading);
+    let body = body.map_err(|e| upstream_failure(&e, channel))?;
     match adapter.parse_response(tag, &ctx, &body).await {
         Err(e) => Err(plugin_failure(state, &e, request_id)),
         Ok(Err(e)) => Err(upstream_failure(&e, channel)),

@@ -101,6 +101,8 @@ pub(crate) struct LiveStream {
     pub stats: Arc<ChannelStats>,
     /// Counts the stream as in flight until it ends.
     _in_flight: InFlight,
+    /// Counted in `wasmgate_open_streams` while alive.
+    _open: crate::metrics::OpenStream,
     /// Bills the request when the stream ends (or the client leaves).
     pub meter: Option<Meter>,
     /// Time to first token.
@@ -133,6 +135,7 @@ impl LiveStream {
             request_id: request_id.to_string(),
             stats,
             _in_flight: in_flight,
+            _open: crate::metrics::open_streams(),
             meter: None,
             ttft: None,
             ending: Ending::default(),

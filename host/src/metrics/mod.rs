@@ -1,0 +1,352 @@
+//! Prometheus metrics (`GET /metrics`, OpenMetrics text): what operators
+//! of a Prometheus/Grafana stack expect from a gateway — requests, latency
+//! split into upstream time and the gateway's own overhead, tokens and
+//! quota, attempts and failovers, plugin calls, channel health, rate
+//! limits, billing lag and the process. Labels stay low-cardinality: no
+//! user or token ids; models are the configured ones, capped (see
+//! [`MAX_MODELS`]). `docs/observability.md` lists every metric.
+
+mod process;
+
+use std::collections::HashMap;
+use std::sync::{OnceLock, RwLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+pub use process::{OpenConnection, OpenStream, open_streams};
+
+/// Distinct values kept per label (models, plugins); later ones are
+/// counted as `other`.
+pub const MAX_MODELS: usize = 200;
+
+/// Label values as `&'static str`, so that a hot-path update allocates
+/// nothing: each distinct value is leaked once, at most [`MAX_MODELS`] of
+/// them, then `other`.
+#[derive(Default)]
+struct Interner(RwLock<HashMap<Box<str>, &'static str>>);
+
+impl Interner {
+    fn get(&self, value: &str) -> &'static str {
+        if let Some(v) = self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(value) {
+            return v;
+        }
+        let mut map = self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(v) = map.get(value) {
+            return v;
+        }
+        if map.len() >= MAX_MODELS {
+            return "other";
+        }
+        let leaked: &'static str = Box::leak(value.into());
+        map.insert(value.into(), leaked);
+        leaked
+    }
+}
+
+/// Buckets for request and upstream durations: 100 µs … ~105 s.
+fn seconds_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+/// Buckets for the gateway's own time and plugin calls: 5 µs … ~5 s.
+fn fine_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_005, 2.0, 21))
+}
+
+/// Endpoint, model and outcome of a request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `chat_completions`, `responses`, `messages`, …
+    pub endpoint: &'static str,
+    /// The requested model (capped).
+    pub model: &'static str,
+    /// `2xx`, `4xx` or `5xx`.
+    pub status: &'static str,
+    /// The error code (`""` for success), a fixed set.
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    model: &'static str,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    channel: u64,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    plugin: &'static str,
+    call: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginCallLabels {
+    plugin: &'static str,
+    call: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChannelStateLabels {
+    channel: u64,
+    state: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    models: Interner,
+    plugins: Interner,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily<EndpointLabels>,
+    upstream_duration: HistogramFamily<EndpointLabels>,
+    overhead: HistogramFamily<EndpointLabels>,
+    ttft: HistogramFamily<EndpointLabels>,
+    tokens: Family<TokenLabels, Counter>,
+    quota: Family<ModelLabels, Counter>,
+    attempts: Family<AttemptLabels, Counter>,
+    failovers: Counter,
+    plugin_calls: Family<PluginLabels, Counter>,
+    plugin_duration: HistogramFamily<PluginCallLabels>,
+    rate_limited: Family<KindLabels, Counter>,
+    health_transitions: Family<ChannelStateLabels, Counter>,
+    probes: Family<KindLabels, Counter>,
+    /// Refreshed at scrape time.
+    channel_state: Family<ChannelStateLabels, Gauge>,
+    billing_pending: Gauge,
+    billing_last_commit_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    journal_bytes: Gauge,
+    process: process::ProcessMetrics,
+}
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut root = Registry::default();
+        let registry = root.sub_registry_with_prefix("wasmgate");
+        let requests = Family::default();
+        registry.register("requests", "Requests by endpoint, model, status class and error code", requests.clone());
+        let h = || HistogramFamily::<EndpointLabels>::new_with_constructor(seconds_buckets as fn() -> Histogram);
+        let fine = || HistogramFamily::<EndpointLabels>::new_with_constructor(fine_buckets as fn() -> Histogram);
+        let (request_duration, upstream_duration, overhead, ttft) = (h(), h(), fine(), h());
+        registry.register(
+            "request_duration_seconds",
+            "Time from the request to its answer (a stream: to its first event)",
+            request_duration.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time spent waiting for upstreams, all attempts of a request together",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            "overhead_seconds",
+            "The gateway's own time in a request: request duration minus upstream time",
+            overhead.clone(),
+        );
+        registry.register("time_to_first_token_seconds", "Time to a stream's first event", ttft.clone());
+        let tokens = Family::default();
+        registry.register("tokens", "Tokens billed, by model and direction (input, output)", tokens.clone());
+        let quota = Family::default();
+        registry.register("quota_charged", "Quota charged, by model", quota.clone());
+        let attempts = Family::default();
+        registry.register(
+            "attempts",
+            "Upstream attempts by channel and outcome (success or the error kind)",
+            attempts.clone(),
+        );
+        let failovers = Counter::default();
+        registry.register("failovers", "Requests served by another attempt after a failed one", failovers.clone());
+        let plugin_calls = Family::default();
+        registry.register("plugin_calls", "Plugin calls by plugin, call and outcome", plugin_calls.clone());
+        let plugin_duration =
+            HistogramFamily::<PluginCallLabels>::new_with_constructor(fine_buckets as fn() -> Histogram);
+        registry.register("plugin_call_duration_seconds", "Plugin call duration", plugin_duration.clone());
+        let rate_limited = Family::default();
+        registry.register("rate_limited", "Requests refused by a limit, by kind", rate_limited.clone());
+        let health_transitions = Family::default();
+        registry.register(
+            "channel_transitions",
+            "Channel health transitions, by the state entered",
+            health_transitions.clone(),
+        );
+        let probes = Family::default();
+        registry.register(
+            "recovery_probes",
+            "Recovery probes of cooling or disabled channels, by outcome",
+            probes.clone(),
+        );
+        let channel_state = Family::default();
+        registry.register("channel_state", "1 for each channel's current health state", channel_state.clone());
+        let billing_pending = Gauge::default();
+        registry.register("billing_rows_pending", "Usage rows waiting for the batch writer", billing_pending.clone());
+        let billing_last_commit_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "billing_last_commit_age_seconds",
+            "Seconds since the batch writer last committed",
+            billing_last_commit_age.clone(),
+        );
+        let journal_bytes = Gauge::default();
+        registry.register("billing_journal_bytes", "Size of the crash journal", journal_bytes.clone());
+        let process = process::ProcessMetrics::new();
+        process.register_gateway(registry);
+        process.register_process(root.sub_registry_with_prefix("process"));
+        Self {
+            registry: root,
+            models: Interner::default(),
+            plugins: Interner::default(),
+            requests,
+            request_duration,
+            upstream_duration,
+            overhead,
+            ttft,
+            tokens,
+            quota,
+            attempts,
+            failovers,
+            plugin_calls,
+            plugin_duration,
+            rate_limited,
+            health_transitions,
+            probes,
+            channel_state,
+            billing_pending,
+            billing_last_commit_age,
+            journal_bytes,
+            process,
+        }
+    }
+
+    /// A request that ended: its labels, total time and upstream time.
+    pub fn request(
+        &self,
+        endpoint: &'static str,
+        model: &str,
+        status: u16,
+        code: &'static str,
+        total: Duration,
+        upstream: Duration,
+    ) {
+        let status_class = match status {
+            200..=299 => "2xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        let labels = RequestLabels { endpoint, model: self.models.get(model), status: status_class, code };
+        self.requests.get_or_create(&labels).inc();
+        let e = EndpointLabels { endpoint };
+        self.request_duration.get_or_create(&e).observe(total.as_secs_f64());
+        if !upstream.is_zero() {
+            self.upstream_duration.get_or_create(&e).observe(upstream.as_secs_f64());
+            self.overhead.get_or_create(&e).observe(total.saturating_sub(upstream).as_secs_f64());
+        }
+    }
+
+    /// A stream's first event came after `ttft`.
+    pub fn first_token(&self, endpoint: &'static str, ttft: Duration) {
+        self.ttft.get_or_create(&EndpointLabels { endpoint }).observe(ttft.as_secs_f64());
+    }
+
+    /// A settled request: its tokens and charge.
+    pub fn billed(&self, model: &str, input: u64, output: u64, quota: i64) {
+        let model = self.models.get(model);
+        self.tokens.get_or_create(&TokenLabels { model, direction: "input" }).inc_by(input);
+        self.tokens.get_or_create(&TokenLabels { model, direction: "output" }).inc_by(output);
+        self.quota.get_or_create(&ModelLabels { model }).inc_by(u64::try_from(quota).unwrap_or(0));
+    }
+
+    /// An attempt on `channel` ended with `outcome` (`success` or an error kind).
+    pub fn attempt(&self, channel: u64, outcome: &'static str) {
+        self.attempts.get_or_create(&AttemptLabels { channel, outcome }).inc();
+    }
+
+    /// A request was served after at least one failed attempt.
+    pub fn failover(&self) {
+        self.failovers.inc();
+    }
+
+    /// A plugin call ended with `outcome` after `elapsed`.
+    pub fn plugin_call(&self, plugin: &str, call: &'static str, outcome: &'static str, elapsed: Duration) {
+        let plugin = self.plugins.get(plugin);
+        self.plugin_calls.get_or_create(&PluginLabels { plugin, call, outcome }).inc();
+        let labels = PluginCallLabels { plugin, call };
+        self.plugin_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    /// A request refused by a limit of `kind` (`rpm`, `tpm`, `concurrency`, …).
+    pub fn rate_limited(&self, kind: &'static str) {
+        self.rate_limited.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// Channel `channel` entered `state`.
+    pub fn transition(&self, channel: u64, state: &'static str) {
+        self.health_transitions.get_or_create(&ChannelStateLabels { channel, state }).inc();
+    }
+
+    /// A recovery probe ended with `outcome`.
+    pub fn probe(&self, outcome: &'static str) {
+        self.probes.get_or_create(&KindLabels { kind: outcome }).inc();
+    }
+
+    /// The OpenMetrics text, after refreshing the gauges read at scrape
+    /// time: every channel's `state`, billing's writer, the process.
+    pub fn render(&self, channels: &[(u64, &'static str)], billing: BillingGauges) -> String {
+        self.channel_state.clear();
+        for (id, state) in channels {
+            self.channel_state.get_or_create(&ChannelStateLabels { channel: *id, state }).set(1);
+        }
+        self.billing_pending.set(i64::try_from(billing.pending).unwrap_or(i64::MAX));
+        self.billing_last_commit_age.set(billing.last_commit_age.as_secs_f64());
+        self.journal_bytes.set(i64::try_from(billing.journal_bytes).unwrap_or(i64::MAX));
+        self.process.refresh();
+        let mut out = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(%error, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// Billing's writer, read at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BillingGauges {
+    /// Rows queued for the writer.
+    pub pending: u64,
+    /// Since the last commit.
+    pub last_commit_age: Duration,
+    /// The journal's size.
+    pub journal_bytes: u64,
+}

@@ -1,0 +1,167 @@
+//! `/metrics` after a known mix of requests — successes, a failover, a
+//! plugin trap, a rate-limit rejection, a stream — read directly and
+//! through a real Prometheus server (Debian's `prometheus`, installed by
+//! `cargo xtask test`) scraping the gateway every second on loopback.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::accounts::user_with_token;
+use crate::support::mock::MockUpstream;
+use crate::support::{Gateway, TOKEN, channel, chat, client, eventually, post};
+
+/// A Prometheus server, killed on drop.
+struct Prometheus {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    /// Start one scraping `target` (`host:port`) every second.
+    fn start(target: &str) -> Self {
+        let bin = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("no prometheus binary: run the suite with `cargo xtask test`, which installs it");
+        let dir = tempfile::tempdir().expect("tmp");
+        let config = dir.path().join("prometheus.yml");
+        let yaml = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: wasmgate\n    \
+             static_configs:\n      - targets: ['{target}']\n"
+        );
+        std::fs::write(&config, yaml).expect("config");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        Self { child, url: format!("http://127.0.0.1:{port}"), _dir: dir }
+    }
+
+    /// The value of an instant `query`, if it has exactly one sample.
+    async fn value(&self, query: &str) -> Option<f64> {
+        let resp = client().get(format!("{}/api/v1/query", self.url)).query(&[("query", query)]).send().await.ok()?;
+        let body: Value = resp.json().await.ok()?;
+        let result = body["data"]["result"].as_array()?;
+        if result.len() != 1 {
+            return None;
+        }
+        result[0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Wait until `query` is `expected` (bounded); panics with the last value.
+    async fn expect(&self, query: &str, expected: impl Fn(f64) -> bool) {
+        let ok = eventually(Duration::from_secs(45), || async { self.value(query).await.is_some_and(&expected) }).await;
+        assert!(ok.is_some(), "PromQL `{query}` never matched; last value {:?}", self.value(query).await);
+    }
+}
+
+/// One sample of the text exposition: `name{labels} value` where every
+/// `(label, value)` of `labels` is present.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_a_known_mix_and_a_real_prometheus_reads_them() {
+    let mock = MockUpstream::start("ok").await;
+    let channels = channel("dead", "openai", "http://127.0.0.1:1/v1", &["fo-model"], "priority = 10\n")
+        + &channel("good", "openai", &mock.base_url(), &["gpt-4o-mini", "fo-model"], "")
+        + &channel("hostile", "hostile", &mock.base_url(), &["trap"], "");
+    let gw = Gateway::start(&["openai.wasm", "weighted.wasm", "hostile.wasm"], &channels);
+
+    // The mix: one failover, two plain successes, a stream, a trap, and a
+    // token limited to one request a minute (one served, one refused).
+    let (status, body) = post(&gw, "/v1/chat/completions", &chat("fo-model", "fail over")).await;
+    assert_eq!(status, 200, "{body}");
+    for _ in 0..2 {
+        assert_eq!(post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "plain")).await.0, 200);
+    }
+    let mut streamed = chat("gpt-4o-mini", "stream");
+    streamed["stream"] = json!(true);
+    let text = client().post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&streamed).send().await;
+    assert!(text.expect("stream").text().await.expect("body").ends_with("data: [DONE]\n\n"));
+    assert_eq!(post(&gw, "/v1/chat/completions", &chat("trap", "trap")).await.0, 502);
+    let (_, limited) = user_with_token(&gw, 1_000_000, json!({"rpm": 1})).await;
+    let send =
+        || client().post(gw.url("/v1/chat/completions")).bearer_auth(&limited).json(&chat("gpt-4o-mini", "x")).send();
+    assert_eq!(send().await.expect("send").status().as_u16(), 200);
+    assert_eq!(send().await.expect("send").status().as_u16(), 429);
+
+    let scrape = client().get(gw.url("/metrics")).send().await.expect("scrape");
+    assert_eq!(scrape.status().as_u16(), 200);
+    assert!(scrape.headers()["content-type"].to_str().expect("type").starts_with("application/openmetrics-text"));
+    let text = scrape.text().await.expect("text");
+    assert_eq!(sample(&text, "wasmgate_requests_total", &[]), 7.0, "{text}");
+    assert_eq!(sample(&text, "wasmgate_requests_total", &[("status", "2xx")]), 5.0);
+    assert_eq!(sample(&text, "wasmgate_requests_total", &[("status", "4xx"), ("code", "rate_limit_exceeded")]), 1.0);
+    assert_eq!(sample(&text, "wasmgate_requests_total", &[("status", "5xx"), ("code", "plugin_error")]), 1.0);
+    assert_eq!(sample(&text, "wasmgate_failovers_total", &[]), 1.0);
+    assert_eq!(sample(&text, "wasmgate_attempts_total", &[("outcome", "transient")]), 1.0);
+    assert!(sample(&text, "wasmgate_plugin_calls_total", &[("plugin", "hostile"), ("outcome", "trap")]) >= 1.0);
+    assert!(
+        sample(
+            &text,
+            "wasmgate_plugin_calls_total",
+            &[("plugin", "openai"), ("call", "build_request"), ("outcome", "ok")]
+        ) >= 5.0
+    );
+    assert_eq!(sample(&text, "wasmgate_rate_limited_total", &[("kind", "rpm")]), 1.0);
+    assert_eq!(sample(&text, "wasmgate_overhead_seconds_count", &[("endpoint", "chat_completions")]), 5.0);
+    assert_eq!(sample(&text, "wasmgate_time_to_first_token_seconds_count", &[]), 1.0);
+    assert!(sample(&text, "wasmgate_tokens_total", &[("model", "gpt-4o-mini"), ("direction", "output")]) >= 12.0);
+    assert_eq!(sample(&text, "wasmgate_channel_state", &[("state", "enabled")]), 3.0);
+    assert!(sample(&text, "process_resident_memory_bytes", &[]) > 1e6);
+    assert!(!text.contains(&limited) && !text.contains("sk-upstream-secret"), "no secrets in metrics");
+    // Every metric the shipped Grafana dashboard queries exists.
+    let dashboard =
+        std::fs::read_to_string(crate::support::root().join("docs/grafana-dashboard.json")).expect("dashboard");
+    for name in
+        dashboard.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("wasmgate_"))
+    {
+        let base = name.trim_end_matches("_bucket");
+        assert!(text.contains(&format!("\n{base}")), "the dashboard queries {name}, which /metrics does not serve");
+    }
+
+    let target = gw.url("").trim_start_matches("http://").to_string();
+    let prometheus = Prometheus::start(&target);
+    prometheus.expect("sum(wasmgate_requests_total)", |v| v == 7.0).await;
+    prometheus.expect("wasmgate_failovers_total", |v| v == 1.0).await;
+    prometheus.expect(r#"sum(wasmgate_plugin_calls_total{outcome="trap"})"#, |v| v >= 1.0).await;
+    prometheus.expect(r#"sum(wasmgate_rate_limited_total{kind="rpm"})"#, |v| v == 1.0).await;
+    prometheus.expect("wasmgate_open_streams", |v| v == 0.0).await;
+    prometheus
+        .expect("histogram_quantile(0.5, sum by (le) (wasmgate_overhead_seconds_bucket))", |v| v > 0.0 && v < 1.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_metrics_token_is_required_when_set() {
+    let mock = MockUpstream::start("ok").await;
+    let toml =
+        format!("[metrics]\ntoken = \"scrape-secret\"\n{}", channel("a", "openai", &mock.base_url(), &["m"], ""));
+    let gw = Gateway::start(&["openai.wasm", "weighted.wasm"], &toml);
+    let bare = client().get(gw.url("/metrics")).send().await.expect("scrape");
+    assert_eq!(bare.status().as_u16(), 401);
+    let ok = client().get(gw.url("/metrics")).bearer_auth("scrape-secret").send().await.expect("scrape");
+    assert_eq!(ok.status().as_u16(), 200);
+    assert!(ok.text().await.expect("text").contains("# TYPE wasmgate_failovers counter"));
+}
