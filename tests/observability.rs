@@ -165,3 +165,52 @@ async fn a_metrics_token_is_required_when_set() {
     assert_eq!(ok.status().as_u16(), 200);
     assert!(ok.text().await.expect("text").contains("# TYPE wasmgate_failovers counter"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_request_id_is_kept_echoed_and_logged_in_the_usage_row() {
+    let mock = MockUpstream::start("ok").await;
+    let gw = Gateway::start(&["openai.wasm", "weighted.wasm"], &channel("a", "openai", &mock.base_url(), &["m"], ""));
+    let (_, key) = user_with_token(&gw, 1_000_000, json!({})).await;
+    let send = |id: &'static str| {
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("x-request-id", id)
+            .json(&chat("m", "hi"))
+            .send()
+    };
+    let resp = send("client-trace.42:a_b").await.expect("send");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "client-trace.42:a_b");
+    crate::support::accounts::wait_rows(&gw, "request_id=client-trace.42:a_b", 1).await;
+    // An id that cannot be logged or stored as it is gets replaced.
+    let resp = send("has spaces and / slashes").await.expect("send");
+    let id = resp.headers()["x-request-id"].to_str().expect("id").to_string();
+    assert!(id.starts_with("req_"), "{id}");
+}
+
+#[test]
+fn log_lines_are_json_objects_with_log_format_json() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = dir.path().join("c.toml");
+    let toml = format!("data_dir = {:?}\nplugins_dir = {:?}\n", dir.path().join("data"), dir.path().join("plugins"));
+    std::fs::write(&config, toml).expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+        .args(["--log-format", "json", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let stderr = child.stderr.take().expect("stderr");
+    let lines: Vec<String> =
+        std::io::BufRead::lines(std::io::BufReader::new(stderr)).take(3).map_while(Result::ok).collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for line in &lines {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["timestamp"].is_string() && v["fields"].is_object(), "{line}");
+    }
+}

@@ -29,9 +29,22 @@ struct Cli {
     /// Plugins directory (overrides the configuration).
     #[arg(long)]
     plugins_dir: Option<PathBuf>,
+    /// Log line format on stderr: `text` for people, `json` (one object a
+    /// line, span fields included) for log shippers.
+    #[arg(long, env = "WASMGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Without a command, run the gateway.
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// `--log-format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,12 +90,14 @@ async fn main() -> anyhow::Result<()> {
     // Everything the gateway creates is its user's alone (data directory,
     // journal, plugin cache, key file).
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     match &cli.command {
         Some(Command::Plugin { command: PluginCommand::Check { file, fixtures } }) => {
             let report = wasmgate::plugins::check::check_file(file, fixtures.as_deref()).await;

@@ -139,13 +139,23 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// In front of every route, in one layer: the request id (also sent back
-/// as `x-request-id`) and the limits on what the client sends.
+/// The client's own `x-request-id`, when it is a usable one: 1 to 128
+/// characters of letters, digits and `-_.:`, so it can be logged, stored
+/// in the usage row and echoed back as it is.
+fn client_request_id(req: &Request) -> Option<String> {
+    let v = req.headers().get("x-request-id")?.to_str().ok()?;
+    let ok = (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    ok.then(|| v.to_string())
+}
+
+/// In front of every route, in one layer: the request id (the client's
+/// `x-request-id` when usable, else a new one; sent back either way) and
+/// the limits on what the client sends.
 async fn front(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if let Err(refused) = limits::check(&state, &req) {
         return *refused;
     }
-    let id = format!("req_{:016x}", rand::random::<u64>());
+    let id = client_request_id(&req).unwrap_or_else(|| format!("req_{:016x}", rand::random::<u64>()));
     let header = HeaderValue::from_str(&id).ok();
     req.extensions_mut().insert(RequestId(id));
     let mut response = next.run(limits::with_deadline(&state, req)).await;
