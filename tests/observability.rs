@@ -141,6 +141,15 @@ async fn metrics_count_a_known_mix_and_a_real_prometheus_reads_them() {
         assert!(text.contains(&format!("\n{base}")), "the dashboard queries {name}, which /metrics does not serve");
     }
 
+    // `/api/plugins` counts every call, adapters' and routers' alike.
+    let (_, plugins) = crate::support::admin(&gw, reqwest::Method::GET, "/api/plugins", None).await;
+    let plugin = |name: &str| plugins["data"].as_array().and_then(|d| d.iter().find(|p| p["name"] == name).cloned());
+    let hostile = plugin("hostile").expect("hostile listed");
+    assert!(hostile["calls"].as_u64() >= Some(2) && hostile["failed_calls"].as_u64() >= Some(1), "{hostile}");
+    let openai = plugin("openai").expect("openai listed");
+    assert!(openai["calls"].as_u64() >= Some(10) && openai["failed_calls"] == 0, "{openai}");
+    assert!(plugin("weighted").expect("weighted listed")["calls"].as_u64() >= Some(1));
+
     let target = gw.url("").trim_start_matches("http://").to_string();
     let prometheus = Prometheus::start(&target);
     prometheus.expect("sum(wasmgate_requests_total)", |v| v == 7.0).await;

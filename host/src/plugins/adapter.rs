@@ -51,6 +51,12 @@ pub struct AdapterPlugin {
 }
 
 impl AdapterPlugin {
+    /// Calls made on this version and how many failed (trap, timeout,
+    /// fuel, memory, instantiation), for `GET /api/plugins`.
+    pub fn call_counts(&self) -> (u64, u64) {
+        self.instances.call_counts()
+    }
+
     /// Prepare the adapter compiled into `pre` and call `info()`.
     pub(crate) async fn new(
         name: Arc<str>,

@@ -43,6 +43,9 @@ pub(crate) struct Instances<B> {
     pre: InstancePre<PluginState>,
     load: Box<LoadBindings<B>>,
     idle: Mutex<Vec<Lease<B>>>,
+    /// Calls made on this version, and how many failed.
+    calls: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
 }
 
 impl<B: Send + 'static> Instances<B> {
@@ -53,7 +56,15 @@ impl<B: Send + 'static> Instances<B> {
         pre: InstancePre<PluginState>,
         load: Box<LoadBindings<B>>,
     ) -> Self {
-        Self { engine, name, pre, load, idle: Mutex::new(Vec::new()) }
+        Self {
+            engine,
+            name,
+            pre,
+            load,
+            idle: Mutex::new(Vec::new()),
+            calls: Default::default(),
+            failed: Default::default(),
+        }
     }
 
     /// An instance for a call about channel key `tag`: an idle one that
@@ -126,12 +137,21 @@ impl<B: Send + 'static> Instances<B> {
         outcome: Result<wasmtime::Result<R>, tokio::time::error::Elapsed>,
     ) -> Result<R, PluginError> {
         let result = self.settle(lease, budget, outcome);
+        self.calls.fetch_add(1, Ordering::Relaxed);
         let label = match &result {
             Ok(_) => "ok",
-            Err(e) => e.metric_label(),
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                e.metric_label()
+            }
         };
         crate::metrics::get().plugin_call(&self.name, what, label, started.elapsed());
         result
+    }
+
+    /// Calls made on this version and how many of them failed.
+    pub(crate) fn call_counts(&self) -> (u64, u64) {
+        (self.calls.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
     }
 
     /// The result of a call made on `lease`: the instance goes back to the

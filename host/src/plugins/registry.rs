@@ -65,6 +65,11 @@ pub struct PluginStatus {
     pub last_error_sha256: Option<String>,
     /// Unix time (seconds) of that failure.
     pub last_error_at: Option<u64>,
+    /// Calls of the version in service (every adapter and router call).
+    pub calls: u64,
+    /// Of those, the calls that failed inside the plugin (trap, timeout,
+    /// fuel, memory, instantiation).
+    pub failed_calls: u64,
     /// Calls of the version in service that failed (trap, timeout, invalid
     /// output) and were answered by a fallback or an error.
     pub call_failures: u64,
@@ -125,7 +130,15 @@ impl Registry {
 
     /// Status of every plugin file seen, sorted by name.
     pub fn list(&self) -> Vec<PluginStatus> {
-        lock(&self.statuses).values().cloned().collect()
+        let set = self.snapshot();
+        let counts = |name: &str| {
+            set.adapters.get(name).map(|a| a.call_counts()).or_else(|| set.routers.get(name).map(|r| r.call_counts()))
+        };
+        let mut list: Vec<PluginStatus> = lock(&self.statuses).values().cloned().collect();
+        for status in &mut list {
+            (status.calls, status.failed_calls) = counts(&status.name).unwrap_or_default();
+        }
+        list
     }
 
     /// Record that a call of plugin `name` failed, for `GET /api/plugins`.

@@ -246,6 +246,7 @@ impl LiveStream {
         self.ending.upstream_cut |= f.cut;
         self.ending.limited |= f.limited;
         if let Some(kind) = &f.early_kind {
+            crate::metrics::get().attempt(self.channel.id, super::kind_name(kind));
             self.stats.failure();
             let consecutive_failures = self.stats.view().consecutive_failures;
             self.state.health.on_failure(&self.channel, &Fault { kind, key: None, consecutive_failures });
