@@ -3,18 +3,98 @@
 //! by chunk as it arrives. Dropping the re-framed stream drops the relayed
 //! one, so a client that leaves is billed exactly as on the chat route.
 
+use std::borrow::Cow;
+
 use axum::body::{Body, BodyDataStream};
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
 use serde_json::Value;
 
 /// Largest SSE frame buffered while waiting for its end.
 const MAX_FRAME: usize = 16 * 1024 * 1024;
 
+/// What the translators read of a chat completion chunk, borrowed from
+/// the frame where the JSON allows (no DOM per chunk).
+#[derive(Debug, Default, Deserialize)]
+pub struct ChatChunk<'a> {
+    /// The choices; translators read the first.
+    #[serde(default, borrow)]
+    pub choices: Vec<ChoiceDelta<'a>>,
+    /// Usage, on the last chunk when asked for.
+    #[serde(default)]
+    pub usage: Option<Value>,
+    /// An error the relay ended the stream with.
+    #[serde(default)]
+    pub error: Option<Value>,
+}
+
+/// One choice of a chunk.
+#[derive(Debug, Default, Deserialize)]
+pub struct ChoiceDelta<'a> {
+    /// What the choice adds.
+    #[serde(default, borrow)]
+    pub delta: Delta<'a>,
+    /// Why the choice ended, on its last chunk.
+    #[serde(default, borrow)]
+    pub finish_reason: Option<Cow<'a, str>>,
+}
+
+/// A choice's increment.
+#[derive(Debug, Default, Deserialize)]
+pub struct Delta<'a> {
+    /// Text.
+    #[serde(default, borrow)]
+    pub content: Option<Cow<'a, str>>,
+    /// Reasoning text (DeepSeek-style `reasoning_content`).
+    #[serde(default, borrow)]
+    pub reasoning_content: Option<Cow<'a, str>>,
+    /// Tool call fragments.
+    #[serde(default, borrow)]
+    pub tool_calls: Vec<ToolCallDelta<'a>>,
+}
+
+/// A fragment of one tool call.
+#[derive(Debug, Default, Deserialize)]
+pub struct ToolCallDelta<'a> {
+    /// Which call of the turn.
+    #[serde(default)]
+    pub index: u64,
+    /// The call's id, on its first fragment.
+    #[serde(default, borrow)]
+    pub id: Option<Cow<'a, str>>,
+    /// Name and argument text.
+    #[serde(default, borrow)]
+    pub function: FunctionDelta<'a>,
+}
+
+/// A tool call fragment's function part.
+#[derive(Debug, Default, Deserialize)]
+pub struct FunctionDelta<'a> {
+    /// The function's name, on the first fragment.
+    #[serde(default, borrow)]
+    pub name: Option<Cow<'a, str>>,
+    /// More of the JSON arguments.
+    #[serde(default, borrow)]
+    pub arguments: Option<Cow<'a, str>>,
+}
+
+impl ChatChunk<'_> {
+    /// The first choice's delta and finish reason.
+    pub fn first(&self) -> Option<&ChoiceDelta<'_>> {
+        self.choices.first()
+    }
+}
+
+/// A non-empty optional string.
+pub fn non_empty<'s>(s: &'s Option<Cow<'_, str>>) -> Option<&'s str> {
+    s.as_deref().filter(|t| !t.is_empty())
+}
+
 /// A protocol's side of the re-framing.
 pub trait Translator: Send + 'static {
     /// One chat completion chunk.
-    fn chunk(&mut self, chunk: &Value, out: &mut BytesMut);
+    fn chunk(&mut self, chunk: &ChatChunk<'_>, out: &mut BytesMut);
     /// The relay ended the stream with an error (`{"error":{…}}`).
     fn error(&mut self, error: &Value, out: &mut BytesMut);
     /// The stream ended (`[DONE]`, or the body ended without it).
@@ -26,15 +106,18 @@ pub trait Translator: Send + 'static {
     }
 }
 
-/// Write one SSE event: `event: NAME` (when given) and `data: JSON`.
-pub fn write_event(out: &mut BytesMut, event: Option<&str>, data: &Value) {
+/// Write one SSE event: `event: NAME` (when given) and `data: JSON`,
+/// serialized straight into `out`.
+pub fn write_event<T: serde::Serialize + ?Sized>(out: &mut BytesMut, event: Option<&str>, data: &T) {
     if let Some(name) = event {
         out.extend_from_slice(b"event: ");
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b"\n");
     }
     out.extend_from_slice(b"data: ");
-    out.extend_from_slice(data.to_string().as_bytes());
+    if serde_json::to_writer(out.writer(), data).is_err() {
+        out.extend_from_slice(b"{}");
+    }
     out.extend_from_slice(b"\n\n");
 }
 
@@ -52,25 +135,23 @@ impl<T: Translator> State<T> {
         while let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
             let frame = self.buffer.split_to(end + 2);
             let text = String::from_utf8_lossy(&frame);
-            let data: String = text
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(str::trim_start)
-                .collect::<Vec<_>>()
-                .join("\n");
-            if data.is_empty() {
-                continue;
-            }
+            // The relay writes one `data:` line per frame; join several if not.
+            let mut lines = text.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start);
+            let data: Cow<'_, str> = match (lines.next(), lines.next()) {
+                (None, _) => continue,
+                (Some(one), None) => Cow::Borrowed(one),
+                (Some(a), Some(b)) => Cow::Owned([a, b].into_iter().chain(lines).collect::<Vec<_>>().join("\n")),
+            };
             if data == "[DONE]" {
                 self.translator.finish(out);
                 return true;
             }
-            match serde_json::from_str::<Value>(&data) {
-                Ok(v) if v.get("error").is_some() => {
-                    self.translator.error(&v["error"], out);
+            match serde_json::from_str::<ChatChunk<'_>>(&data) {
+                Ok(ChatChunk { error: Some(error), .. }) => {
+                    self.translator.error(&error, out);
                     return true;
                 }
-                Ok(v) => self.translator.chunk(&v, out),
+                Ok(chunk) => self.translator.chunk(&chunk, out),
                 Err(_) => {
                     tracing::warn!("skipping a relayed stream frame that is not JSON");
                 }
@@ -128,8 +209,8 @@ mod tests {
     #[derive(Default)]
     struct Log(Vec<String>);
     impl Translator for Log {
-        fn chunk(&mut self, chunk: &Value, out: &mut BytesMut) {
-            self.0.push(chunk["n"].to_string());
+        fn chunk(&mut self, chunk: &ChatChunk<'_>, out: &mut BytesMut) {
+            self.0.push(chunk.choices.len().to_string());
             out.extend_from_slice(b"c");
         }
         fn error(&mut self, _: &Value, out: &mut BytesMut) {

@@ -4,11 +4,12 @@
 //! `message_stop`; an `error` event when the relay fails mid-stream.
 
 use bytes::BytesMut;
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::error_body;
 use super::reply::{stop_reason, usage};
-use crate::ingress::chat_stream::{Translator, write_event};
+use crate::ingress::chat_stream::{ChatChunk, Translator, non_empty, write_event};
 
 /// What kind of content block is open.
 #[derive(PartialEq)]
@@ -17,6 +18,26 @@ enum Block {
     Thinking,
     /// A tool call: the chat stream's tool-call index.
     Tool(u64),
+}
+
+/// `content_block_delta`, serialized without building a JSON tree.
+#[derive(Serialize)]
+struct BlockDelta<'a, D> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: u64,
+    delta: &'a D,
+}
+
+/// A text or thinking delta.
+#[derive(Serialize)]
+struct TextDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thinking: Option<&'a str>,
 }
 
 /// The translator's state.
@@ -73,41 +94,36 @@ impl MessagesStream {
         index
     }
 
-    fn delta(out: &mut BytesMut, index: u64, delta: Value) {
-        write_event(
-            out,
-            Some("content_block_delta"),
-            &json!({"type": "content_block_delta", "index": index, "delta": delta}),
-        );
+    fn delta<D: Serialize>(out: &mut BytesMut, index: u64, delta: &D) {
+        write_event(out, Some("content_block_delta"), &BlockDelta { kind: "content_block_delta", index, delta });
     }
 }
 
 impl Translator for MessagesStream {
-    fn chunk(&mut self, chunk: &Value, out: &mut BytesMut) {
+    fn chunk(&mut self, chunk: &ChatChunk<'_>, out: &mut BytesMut) {
         self.start(out);
-        if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
+        if let Some(u) = chunk.usage.as_ref().filter(|u| u.is_object()) {
             self.usage = Some(u.clone());
         }
-        let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) else { return };
-        let delta = &choice["delta"];
-        if let Some(thinking) = delta["reasoning_content"].as_str().filter(|t| !t.is_empty()) {
+        let Some(choice) = chunk.first() else { return };
+        let delta = &choice.delta;
+        if let Some(thinking) = non_empty(&delta.reasoning_content) {
             let index = self.open(Block::Thinking, json!({"type": "thinking", "thinking": "", "signature": ""}), out);
-            Self::delta(out, index, json!({"type": "thinking_delta", "thinking": thinking}));
+            Self::delta(out, index, &TextDelta { kind: "thinking_delta", text: None, thinking: Some(thinking) });
         }
-        if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
+        if let Some(text) = non_empty(&delta.content) {
             let index = self.open(Block::Text, json!({"type": "text", "text": ""}), out);
-            Self::delta(out, index, json!({"type": "text_delta", "text": text}));
+            Self::delta(out, index, &TextDelta { kind: "text_delta", text: Some(text), thinking: None });
         }
-        for call in delta["tool_calls"].as_array().into_iter().flatten() {
-            let n = call["index"].as_u64().unwrap_or(0);
-            let start = json!({"type": "tool_use", "id": call["id"].as_str().unwrap_or_default(),
-                "name": call["function"]["name"].as_str().unwrap_or_default(), "input": {}});
-            let index = self.open(Block::Tool(n), start, out);
-            if let Some(args) = call["function"]["arguments"].as_str().filter(|a| !a.is_empty()) {
-                Self::delta(out, index, json!({"type": "input_json_delta", "partial_json": args}));
+        for call in &delta.tool_calls {
+            let start = json!({"type": "tool_use", "id": call.id.as_deref().unwrap_or_default(),
+                "name": call.function.name.as_deref().unwrap_or_default(), "input": {}});
+            let index = self.open(Block::Tool(call.index), start, out);
+            if let Some(args) = non_empty(&call.function.arguments) {
+                Self::delta(out, index, &json!({"type": "input_json_delta", "partial_json": args}));
             }
         }
-        if let Some(reason) = choice["finish_reason"].as_str() {
+        if let Some(reason) = &choice.finish_reason {
             self.finish = Some(reason.to_string());
         }
     }
@@ -143,7 +159,11 @@ mod tests {
     fn events(chunks: &[Value]) -> Vec<String> {
         let mut t = MessagesStream::new("msg_1".into(), "m".into());
         let mut out = BytesMut::new();
-        chunks.iter().for_each(|c| t.chunk(c, &mut out));
+        for c in chunks {
+            let text = c.to_string();
+            let chunk: ChatChunk<'_> = serde_json::from_str(&text).expect("a chat chunk");
+            t.chunk(&chunk, &mut out);
+        }
         t.finish(&mut out);
         String::from_utf8(out.to_vec())
             .expect("utf8")

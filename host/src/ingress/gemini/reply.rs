@@ -5,7 +5,7 @@
 use bytes::BytesMut;
 use serde_json::{Map, Value, json};
 
-use crate::ingress::chat_stream::Translator;
+use crate::ingress::chat_stream::{ChatChunk, Translator, non_empty};
 use crate::ingress::usage_numbers;
 
 /// Gemini's `finishReason` for a chat `finish_reason`.
@@ -113,24 +113,26 @@ impl GeminiStream {
 }
 
 impl Translator for GeminiStream {
-    fn chunk(&mut self, chunk: &Value, out: &mut BytesMut) {
-        if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
+    fn chunk(&mut self, chunk: &ChatChunk<'_>, out: &mut BytesMut) {
+        if let Some(u) = chunk.usage.as_ref().filter(|u| u.is_object()) {
             self.usage = Some(u.clone());
         }
-        let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) else { return };
-        for call in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
-            let n = call["index"].as_u64().unwrap_or(0);
-            let (name, args) =
-                (call["function"]["name"].as_str(), call["function"]["arguments"].as_str().unwrap_or(""));
-            match self.calls.iter_mut().find(|c| c.0 == n) {
+        let Some(choice) = chunk.first() else { return };
+        for call in &choice.delta.tool_calls {
+            let args = call.function.arguments.as_deref().unwrap_or("");
+            match self.calls.iter_mut().find(|c| c.0 == call.index) {
                 Some(c) => c.2.push_str(args),
-                None => self.calls.push((n, name.unwrap_or_default().to_string(), args.to_string())),
+                None => self.calls.push((
+                    call.index,
+                    call.function.name.as_deref().unwrap_or_default().to_string(),
+                    args.to_string(),
+                )),
             }
         }
-        if let Some(reason) = choice["finish_reason"].as_str() {
+        if let Some(reason) = &choice.finish_reason {
             self.finish = Some(reason.to_string());
         }
-        if let Some(text) = choice["delta"]["content"].as_str().filter(|t| !t.is_empty()) {
+        if let Some(text) = non_empty(&choice.delta.content) {
             let r = response(vec![json!({"text": text})], None, None, &self.model, &self.id);
             self.write(out, &r);
         }

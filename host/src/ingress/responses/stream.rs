@@ -9,8 +9,22 @@ use bytes::BytesMut;
 use serde_json::{Value, json};
 
 use super::reply::{Frame, Status, assistant_message, call_item, message_item};
-use crate::ingress::chat_stream::{Translator, write_event};
+use crate::ingress::chat_stream::{ChatChunk, ToolCallDelta, Translator, non_empty, write_event};
 use crate::ingress::new_id;
+
+/// `response.output_text.delta`, the most frequent event, serialized
+/// without building a JSON tree.
+#[derive(serde::Serialize)]
+struct TextDeltaEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sequence_number: u64,
+    item_id: &'a str,
+    output_index: usize,
+    content_index: u32,
+    delta: &'a str,
+    logprobs: [u8; 0],
+}
 
 /// One output item as it streams.
 enum Item {
@@ -129,24 +143,33 @@ impl ResponsesStream {
         let index = self.items.len() - 1;
         let Some(Item::Text { id, text }) = self.items.last_mut() else { return };
         text.push_str(delta);
-        let data = json!({"item_id": id, "output_index": index, "content_index": 0, "delta": delta, "logprobs": []});
-        self.emit(out, "response.output_text.delta", data);
+        let event = TextDeltaEvent {
+            kind: "response.output_text.delta",
+            sequence_number: self.sequence,
+            item_id: id,
+            output_index: index,
+            content_index: 0,
+            delta,
+            logprobs: [],
+        };
+        write_event(out, Some(event.kind), &event);
+        self.sequence += 1;
     }
 
-    fn call(&mut self, out: &mut BytesMut, call: &Value) {
-        let n = call["index"].as_u64().unwrap_or(0);
+    fn call(&mut self, out: &mut BytesMut, call: &ToolCallDelta<'_>) {
+        let n = call.index;
         let same = self.open && matches!(self.items.last(), Some(Item::Call { chat_index, .. }) if *chat_index == n);
         if !same {
             let item = Item::Call {
                 id: new_id("fc_"),
-                call_id: call["id"].as_str().unwrap_or_default().to_string(),
-                name: call["function"]["name"].as_str().unwrap_or_default().to_string(),
+                call_id: call.id.as_deref().unwrap_or_default().to_string(),
+                name: call.function.name.as_deref().unwrap_or_default().to_string(),
                 arguments: String::new(),
                 chat_index: n,
             };
             self.add(out, item);
         }
-        let Some(delta) = call["function"]["arguments"].as_str().filter(|a| !a.is_empty()) else { return };
+        let Some(delta) = non_empty(&call.function.arguments) else { return };
         let index = self.items.len() - 1;
         let Some(Item::Call { id, arguments, .. }) = self.items.last_mut() else { return };
         arguments.push_str(delta);
@@ -168,19 +191,19 @@ fn merge(base: &Value, extra: Value) -> Value {
 }
 
 impl Translator for ResponsesStream {
-    fn chunk(&mut self, chunk: &Value, out: &mut BytesMut) {
+    fn chunk(&mut self, chunk: &ChatChunk<'_>, out: &mut BytesMut) {
         self.start(out);
-        if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
+        if let Some(u) = chunk.usage.as_ref().filter(|u| u.is_object()) {
             self.usage = Some(u.clone());
         }
-        let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) else { return };
-        if let Some(text) = choice["delta"]["content"].as_str().filter(|t| !t.is_empty()) {
+        let Some(choice) = chunk.first() else { return };
+        if let Some(text) = non_empty(&choice.delta.content) {
             self.text(out, text);
         }
-        for call in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
+        for call in &choice.delta.tool_calls {
             self.call(out, call);
         }
-        if let Some(reason) = choice["finish_reason"].as_str() {
+        if let Some(reason) = &choice.finish_reason {
             self.finish = Some(reason.to_string());
         }
     }
@@ -240,14 +263,14 @@ mod tests {
         let mut out = BytesMut::new();
         let c =
             |delta: Value, finish: Value| json!({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-        t.chunk(&c(json!({"content": "Hi"}), Value::Null), &mut out);
-        t.chunk(
-            &c(
-                json!({"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{}"}}]}),
-                json!("tool_calls"),
-            ),
-            &mut out,
-        );
+        let first = c(json!({"content": "Hi"}), Value::Null).to_string();
+        t.chunk(&serde_json::from_str::<ChatChunk<'_>>(&first).expect("chunk"), &mut out);
+        let call = c(
+            json!({"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{}"}}]}),
+            json!("tool_calls"),
+        )
+        .to_string();
+        t.chunk(&serde_json::from_str::<ChatChunk<'_>>(&call).expect("chunk"), &mut out);
         t.finish(&mut out);
         let text = String::from_utf8(out.to_vec()).expect("utf8");
         let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
