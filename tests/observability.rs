@@ -1,10 +1,17 @@
 //! `/metrics` after a known mix of requests — successes, a failover, a
 //! plugin trap, a rate-limit rejection, a stream — read directly and
 //! through a real Prometheus server (Debian's `prometheus`, installed by
-//! `cargo xtask test`) scraping the gateway every second on loopback.
+//! `cargo xtask test`) scraping the gateway every second on loopback; and
+//! the spans of a failover request, received by an OTLP/HTTP collector.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValueKind;
+use opentelemetry_proto::tonic::trace::v1::Span as OtlpSpan;
+use prost::Message;
 
 use serde_json::{Value, json};
 
@@ -222,4 +229,110 @@ fn log_lines_are_json_objects_with_log_format_json() {
         let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(v["level"].is_string() && v["timestamp"].is_string() && v["fields"].is_object(), "{line}");
     }
+}
+
+/// A minimal OTLP/HTTP traces receiver on loopback: every span it is sent.
+async fn otlp_receiver() -> (String, Arc<Mutex<Vec<OtlpSpan>>>) {
+    use axum::extract::State;
+    let spans: Arc<Mutex<Vec<OtlpSpan>>> = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/v1/traces",
+            axum::routing::post(|State(spans): State<Arc<Mutex<Vec<OtlpSpan>>>>, body: axum::body::Bytes| async move {
+                let request = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf export");
+                let mut all = spans.lock().expect("lock");
+                for resource in request.resource_spans {
+                    for scope in resource.scope_spans {
+                        all.extend(scope.spans);
+                    }
+                }
+                ([("content-type", "application/x-protobuf")], Vec::<u8>::new())
+            }),
+        )
+        .with_state(spans.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), spans)
+}
+
+fn attr<'a>(span: &'a OtlpSpan, key: &str) -> Option<&'a AnyValueKind> {
+    span.attributes.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref()).and_then(|v| v.value.as_ref())
+}
+
+fn text_attr<'a>(span: &'a OtlpSpan, key: &str) -> Option<&'a str> {
+    match attr(span, key) {
+        Some(AnyValueKind::StringValue(s)) => Some(s),
+        _ => None,
+    }
+}
+
+fn int_attr(span: &OtlpSpan, key: &str) -> Option<i64> {
+    match attr(span, key) {
+        Some(AnyValueKind::IntValue(i)) => Some(*i),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_is_traced_over_otlp_with_genai_attributes_and_the_clients_trace_id() {
+    let (collector, spans) = otlp_receiver().await;
+    let mock = MockUpstream::start("ok").await;
+    let toml = format!(
+        "[telemetry]\notlp_endpoint = {collector:?}\nexport_interval_ms = 200\n{}{}",
+        channel("dead", "openai", "http://127.0.0.1:1/v1", &["fo-model"], "priority = 10\n"),
+        channel("good", "openai", &mock.base_url(), &["fo-model"], "")
+    );
+    let gw = Gateway::start(&["openai.wasm", "weighted.wasm"], &toml);
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(TOKEN)
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .json(&chat("fo-model", "a secret prompt"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status().as_u16(), 200);
+    let request_name = "POST /v1/chat/completions";
+    let found = eventually(Duration::from_secs(20), || async {
+        spans.lock().expect("lock").iter().any(|s| s.name == request_name)
+    })
+    .await;
+    assert!(found.is_some(), "no request span exported");
+    // Children end (and are exported) before their parent.
+    let spans = spans.lock().expect("lock").clone();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let request = spans.iter().find(|s| s.name == request_name).expect("request span");
+    assert_eq!(hex(&request.trace_id), trace_id, "the client's trace is continued");
+    assert_eq!(hex(&request.parent_span_id), "b7ad6b7169203331");
+    assert_eq!(text_attr(request, "gen_ai.operation.name"), Some("chat"));
+    assert_eq!(text_attr(request, "gen_ai.request.model"), Some("fo-model"));
+    let children = |parent: &OtlpSpan, name: &str| -> Vec<OtlpSpan> {
+        spans.iter().filter(|s| s.parent_span_id == parent.span_id && s.name == name).cloned().collect()
+    };
+    let attempts = children(request, "attempt");
+    assert_eq!(attempts.len(), 2, "one attempt per channel: {:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>());
+    let (failed, served): (Vec<_>, Vec<_>) = attempts.iter().partition(|a| text_attr(a, "error.type").is_some());
+    assert_eq!((failed.len(), served.len()), (1, 1));
+    assert_eq!(text_attr(failed[0], "error.type"), Some("transient"));
+    let served = served[0];
+    assert_eq!(text_attr(served, "gen_ai.provider.name"), Some("openai"));
+    assert_eq!(text_attr(served, "gen_ai.response.model"), Some("fo-model"));
+    assert_eq!(
+        (int_attr(served, "gen_ai.usage.input_tokens"), int_attr(served, "gen_ai.usage.output_tokens")),
+        (Some(9), Some(12))
+    );
+    for attempt in &attempts {
+        assert_eq!(children(attempt, "plugin build_request").len(), 1, "a build_request span under each attempt");
+        assert_eq!(children(attempt, "upstream").len(), 1, "an upstream span under each attempt");
+    }
+    assert_eq!(children(served, "plugin parse_response").len(), 1);
+    assert_eq!(int_attr(&children(served, "upstream")[0], "http.response.status_code"), Some(200));
+    // The upstream got the trace context; prompts are never recorded.
+    let headers = mock.state.last_headers.lock().await.clone().expect("upstream headers");
+    let sent = headers.get("traceparent").expect("traceparent upstream").to_str().expect("ascii").to_string();
+    assert!(sent.starts_with(&format!("00-{trace_id}-")), "{sent}");
+    let dump = format!("{spans:?}");
+    assert!(!dump.contains("a secret prompt") && !dump.contains("sk-upstream-secret"), "no prompt or key in spans");
 }

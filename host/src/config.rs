@@ -51,6 +51,8 @@ pub struct Config {
     pub responses: ResponsesConfig,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// OpenTelemetry traces.
+    pub telemetry: TelemetryConfig,
     /// Key encrypting upstream keys at rest (`WASMGATE_SECRETS_KEY`); when
     /// unset, a key is generated into `<data_dir>/secret.key`.
     pub secrets_key: Option<String>,
@@ -293,6 +295,26 @@ impl Default for MetricsConfig {
     }
 }
 
+/// OpenTelemetry traces, exported over OTLP/HTTP (protobuf).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The collector's OTLP/HTTP base URL (`/v1/traces` is added), e.g.
+    /// `http://127.0.0.1:4318`. Unset: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+    /// or `OTEL_EXPORTER_OTLP_ENDPOINT` if set, else no traces.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` (`OTEL_SERVICE_NAME` wins).
+    pub service_name: String,
+    /// Longest a finished span waits before its batch is sent, in ms.
+    pub export_interval_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { otlp_endpoint: None, service_name: "wasmgate".into(), export_interval_ms: 5000 }
+    }
+}
+
 /// Usage log settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -440,6 +462,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             responses: ResponsesConfig::default(),
             metrics: MetricsConfig::default(),
+            telemetry: TelemetryConfig::default(),
             secrets_key: None,
             channels: Vec::new(),
         }
@@ -516,6 +539,7 @@ const KEYS: &[&str] = &[
     "storage",
     "responses",
     "metrics",
+    "telemetry",
     "secrets_key",
     "channels",
 ];

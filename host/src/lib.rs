@@ -28,6 +28,7 @@ pub mod routing;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 
 pub use config::Config;
 pub use server::{Gateway, build, run};

@@ -1,6 +1,5 @@
 //! The `wasmgate` binary.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -11,7 +10,6 @@ use clap::{Parser, Subcommand};
 /// mimalloc returns (see docs/performance.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use tracing_subscriber::EnvFilter;
 
 /// OpenAI-compatible AI gateway with WebAssembly provider adapters.
 #[derive(Parser, Debug)]
@@ -91,12 +89,10 @@ async fn main() -> anyhow::Result<()> {
     // journal, plugin cache, key file).
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Json => logs.json().with_current_span(true).init(),
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    let json_logs = cli.log_format == LogFormat::Json;
+    if cli.command.is_some() {
+        // Subcommands log, but never trace.
+        drop(wasmgate::telemetry::init(json_logs, &wasmgate::config::TelemetryConfig::default()));
     }
     match &cli.command {
         Some(Command::Plugin { command: PluginCommand::Check { file, fixtures } }) => {
@@ -114,6 +110,8 @@ async fn main() -> anyhow::Result<()> {
         None => {}
     }
     let mut config = wasmgate::Config::load(cli.config.as_deref())?;
+    // Flushes the last spans when the gateway stops.
+    let _telemetry = wasmgate::telemetry::init(json_logs, &config.telemetry);
     if let Some(listen) = cli.listen {
         config.listen = listen;
     }

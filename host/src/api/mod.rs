@@ -22,6 +22,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -158,7 +159,20 @@ async fn front(State(state): State<AppState>, mut req: Request, next: Next) -> R
     let id = client_request_id(&req).unwrap_or_else(|| format!("req_{:016x}", rand::random::<u64>()));
     let header = HeaderValue::from_str(&id).ok();
     req.extensions_mut().insert(RequestId(id));
-    let mut response = next.run(limits::with_deadline(&state, req)).await;
+    let span = if req.uri().path().starts_with("/v1") {
+        let span = tracing::debug_span!(target: "wasmgate::request", "request",
+            otel.name = %format_args!("{} {}", req.method(), req.uri().path()), otel.kind = "server",
+            request_id = tracing::field::Empty);
+        if let Some(RequestId(id)) = req.extensions().get::<RequestId>() {
+            span.record("request_id", id.as_str());
+        }
+        crate::telemetry::continue_trace(&span, req.headers());
+        span
+    } else {
+        tracing::Span::none()
+    };
+    let mut response = next.run(limits::with_deadline(&state, req)).instrument(span.clone()).await;
+    crate::telemetry::span_attribute(&span, "http.response.status_code", i64::from(response.status().as_u16()));
     if let Some(v) = header {
         response.headers_mut().insert("x-request-id", v);
     }

@@ -607,6 +607,8 @@ impl Meter {
             return recorded;
         }
         crate::metrics::get().billed(&billed.2, billed.0, billed.1, quota);
+        crate::telemetry::attribute("gen_ai.usage.input_tokens", i64::try_from(billed.0).unwrap_or(i64::MAX));
+        crate::telemetry::attribute("gen_ai.usage.output_tokens", i64::try_from(billed.1).unwrap_or(i64::MAX));
         if let Some(r) = self.reservation.take() {
             r.settle(quota);
         }

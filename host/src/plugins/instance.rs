@@ -149,6 +149,11 @@ impl<B: Send + 'static> Instances<B> {
         result
     }
 
+    /// The plugin's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Calls made on this version and how many of them failed.
     pub(crate) fn call_counts(&self) -> (u64, u64) {
         (self.calls.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
@@ -245,12 +250,18 @@ macro_rules! plugin_call {
         let started = std::time::Instant::now();
         let mut lease = instances.lease($tag).await?;
         let budget = instances.prepare(&mut lease, $bytes, $cred);
+        let span = tracing::debug_span!(target: "wasmgate::plugin", "plugin",
+            otel.name = concat!("plugin ", $what), plugin.name = instances.name(), plugin.call = $what);
         let outcome = {
             let $store = &mut lease.store;
             let $b = &lease.bindings;
-            tokio::time::timeout(budget.wall, $call).await
+            tracing::Instrument::instrument(tokio::time::timeout(budget.wall, $call), span.clone()).await
         };
-        instances.settle_call($what, started, lease, budget, outcome)
+        let result = instances.settle_call($what, started, lease, budget, outcome);
+        if let Err(e) = &result {
+            crate::telemetry::span_attribute(&span, "error.type", e.metric_label());
+        }
+        result
     }};
 }
 pub(crate) use plugin_call;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
 
 pub use crate::request::ClientRequest;
 pub use credentials::{CredentialError, Credentials};
@@ -96,6 +97,8 @@ pub async fn relay(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let (route, model) = (req.route, req.model.clone());
+    crate::telemetry::attribute("gen_ai.operation.name", operation_name(req.endpoint));
+    crate::telemetry::attribute("gen_ai.request.model", model.clone());
     let waited = AtomicU64::new(0);
     let result = relay_attempts(state, req, caller, request_id, &waited).await;
     let (total, waited) = (started.elapsed(), Duration::from_nanos(waited.load(Ordering::Relaxed)));
@@ -115,6 +118,15 @@ pub async fn relay(
         }
     }
     result
+}
+
+/// The GenAI semantic conventions' `gen_ai.operation.name`.
+fn operation_name(endpoint: crate::plugins::Endpoint) -> &'static str {
+    match endpoint {
+        crate::plugins::Endpoint::Completions => "text_completion",
+        crate::plugins::Endpoint::Embeddings => "embeddings",
+        _ => "chat",
+    }
 }
 
 /// [`relay`] without the request metrics; `waited` sums the time spent
@@ -184,7 +196,20 @@ async fn relay_attempts(
             waited,
         };
         let metrics = crate::metrics::get();
-        let (err, kind) = match tokio::time::timeout(limit, attempt(ctx, key_view, in_flight, &mut meter)).await {
+        let span = tracing::debug_span!(target: "wasmgate::attempt", "attempt", otel.name = "attempt",
+            channel.id = channel.id, gen_ai.provider.name = %channel.adapter, attempt = n + 1);
+        let outcome =
+            tokio::time::timeout(limit, attempt(ctx, key_view, in_flight, &mut meter)).instrument(span.clone()).await;
+        let error_type = match &outcome {
+            Ok(Ok(_)) => None,
+            Ok(Err(Failure::Retry(_, Some(kind)))) => Some(kind_name(kind)),
+            Ok(Err(Failure::Final(e) | Failure::Retry(e, None))) => Some(e.code.unwrap_or(e.kind)),
+            Err(_) => Some("timeout"),
+        };
+        if let Some(error_type) = error_type {
+            crate::telemetry::span_attribute(&span, "error.type", error_type);
+        }
+        let (err, kind) = match outcome {
             Ok(Ok(response)) => {
                 state.health.on_success(channel);
                 metrics.attempt(channel.id, "success");
@@ -344,9 +369,19 @@ async fn attempt(
         return Err(plugin_failure(state, &e, request_id));
     }
     let upstream = &state.upstream;
+    let mut upstream_req = upstream_req;
+    crate::telemetry::attribute("gen_ai.response.model", ctx.upstream_model.clone());
+    let span =
+        tracing::debug_span!(target: "wasmgate::upstream", "upstream", otel.name = "upstream", otel.kind = "client");
+    if let Some(traceparent) = span.in_scope(crate::telemetry::traceparent) {
+        upstream_req.headers.push(crate::plugins::Header { name: "traceparent".into(), value: traceparent });
+    }
     let sent = Instant::now();
-    let response = upstream.send(upstream_req, channel.http2).await;
+    let response = upstream.send(upstream_req, channel.http2).instrument(span.clone()).await;
     wait(sent);
+    if let Ok(r) = &response {
+        crate::telemetry::span_attribute(&span, "http.response.status_code", i64::from(r.status().as_u16()));
+    }
     let response = response.map_err(|e| upstream_failure(&e, channel))?;
 
     if !response.status().is_success() {
