@@ -268,44 +268,66 @@ async fn http(args: &Args) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (gateway, base) = start_gateway(args, dir.path(), &["openai.wasm", "weighted.wasm"], &two_channels(&mock_url))?;
     let key = billed_key(&base).await?;
+    let off_dir = tempfile::tempdir()?;
+    let off_config = format!("{}[metrics]\nenabled = false\n", two_channels(&mock_url));
+    let (gateway_off, base_off) = start_gateway(args, off_dir.path(), &["openai.wasm", "weighted.wasm"], &off_config)?;
+    let key_off = billed_key(&base_off).await?;
     let (_bare, bare_base) = bare_proxy::start(&mock_url)?;
     let mock_addr = mock_url.trim_start_matches("http://").trim_end_matches("/v1");
     let (nginx, nginx_base) = peers::start_nginx(mock_addr, scratch.path())?;
     let targets = [
-        peers::Target { name: "mock directly", url: format!("{mock_url}/chat/completions"), pid: None, bodies: None },
+        peers::Target {
+            name: "mock directly",
+            url: format!("{mock_url}/chat/completions"),
+            pid: None,
+            bodies: None,
+            key: None,
+        },
         peers::Target {
             name: "nginx proxy_pass (keepalive)",
             url: format!("{nginx_base}/v1/chat/completions"),
             pid: Some(nginx.0.id()),
             bodies: None,
+            key: None,
         },
         peers::Target {
             name: "bare axum + reqwest proxy",
             url: format!("{bare_base}/v1/chat/completions"),
             pid: None,
             bodies: None,
+            key: None,
         },
         peers::Target {
             name: "wasmgate (billed, 2 channels + policy)",
             url: format!("{base}/v1/chat/completions"),
             pid: Some(gateway.0.id()),
             bodies: None,
+            key: None,
+        },
+        peers::Target {
+            name: "wasmgate, metrics off",
+            url: format!("{base_off}/v1/chat/completions"),
+            pid: Some(gateway_off.0.id()),
+            bodies: None,
+            key: Some(key_off),
         },
         peers::Target {
             name: "wasmgate /v1/responses (translated, store off)",
             url: format!("{base}/v1/responses"),
             pid: None,
             bodies: Some(RESPONSES),
+            key: None,
         },
         peers::Target {
             name: "wasmgate /v1/messages (translated)",
             url: format!("{base}/v1/messages"),
             pid: None,
             bodies: Some(MESSAGES),
+            key: None,
         },
     ];
     peers::compare(&targets, &key, args.secs, args.rounds, scratch.path())?;
-    drop((gateway, nginx));
+    drop((gateway, gateway_off, nginx));
 
     if args.memory_secs > 0 {
         let dir = tempfile::tempdir()?;

@@ -23,6 +23,8 @@ pub struct Target {
     pub pid: Option<u32>,
     /// The (non-streamed, streamed) request bodies; `None`: chat completions.
     pub bodies: Option<(&'static str, &'static str)>,
+    /// Its own bearer key (another gateway's); `None`: the shared one.
+    pub key: Option<String>,
 }
 
 /// The chat completion bodies every target gets unless it names its own.
@@ -169,6 +171,7 @@ pub fn compare(targets: &[Target], key: &str, secs: u64, rounds: usize, scratch:
             let i = (round + k) % n;
             let t = &targets[i];
             let (body, stream) = t.bodies.unwrap_or(CHAT);
+            let key = t.key.as_deref().unwrap_or(key);
             c1[i].push(wrk(&t.url, body, key, 1, secs, scratch)?);
             s1[i].push(wrk(&t.url, stream, key, 1, secs, scratch)?);
             c32[i].push(wrk(&t.url, body, key, 32, secs, scratch)?);
@@ -218,6 +221,15 @@ pub fn compare(targets: &[Target], key: &str, secs: u64, rounds: usize, scratch:
         );
         if let Some(b) = find("bare") {
             println!("| throughput c=32, wasmgate / bare proxy | {:.2}× | |", rps(&c32[w]) / rps(&c32[b]));
+        }
+        if let Some(off) = find("wasmgate, metrics off") {
+            println!(
+                "| metrics on vs off: req/s c=32 | {:.0} vs {:.0} ({:+.1} %) | within 3 % |",
+                rps(&c32[w]),
+                rps(&c32[off]),
+                (rps(&c32[w]) / rps(&c32[off]) - 1.0) * 100.0
+            );
+            println!("| metrics on vs off: c=1 p50 | {} vs {} | within 3 % |", us(p50(&c1[w])), us(p50(&c1[off])));
         }
         for (i, t) in targets.iter().enumerate().filter(|(_, t)| t.bodies.is_some()) {
             let over = |runs: &[Vec<Run>]| us(p50(&runs[i]) - p50(&runs[w]));

@@ -281,7 +281,8 @@ impl Default for ResponsesConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Serve `/metrics` on the main listener.
+    /// Record metrics and serve `/metrics` on the main listener (off: no
+    /// recording cost at all, `/metrics` answers 404).
     pub enabled: bool,
     /// Bearer token scrapers must present (`WASMGATE_METRICS__TOKEN`);
     /// unset: open, like most exporters — it shows counts, model and

@@ -112,6 +112,7 @@ pub async fn build(config: Config) -> Result<Gateway> {
     let channels: Arc<dyn ChannelStore> = Arc::new(channels);
     let billing =
         Arc::new(Billing::open(&store, &config.pricing, &config.logs, &config.limits).context("opening billing")?);
+    crate::metrics::get().set_enabled(config.metrics.enabled);
     let inner = Inner {
         billing,
         health: Health::new(config.health.clone(), channels.clone()),

@@ -123,6 +123,8 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
+    /// `[metrics] enabled`: when off, recording is skipped altogether.
+    enabled: std::sync::atomic::AtomicBool,
     models: Interner,
     plugins: Interner,
     requests: Family<RequestLabels, Counter>,
@@ -226,6 +228,7 @@ impl Metrics {
         process.register_process(root.sub_registry_with_prefix("process"));
         Self {
             registry: root,
+            enabled: std::sync::atomic::AtomicBool::new(true),
             models: Interner::default(),
             plugins: Interner::default(),
             requests,
@@ -250,6 +253,15 @@ impl Metrics {
         }
     }
 
+    /// Turn recording on or off (`[metrics] enabled`).
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn on(&self) -> bool {
+        self.enabled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A request that ended: its labels, total time and upstream time.
     pub fn request(
         &self,
@@ -260,6 +272,9 @@ impl Metrics {
         total: Duration,
         upstream: Duration,
     ) {
+        if !self.on() {
+            return;
+        }
         let status_class = match status {
             200..=299 => "2xx",
             400..=499 => "4xx",
@@ -277,11 +292,17 @@ impl Metrics {
 
     /// A stream's first event came after `ttft`.
     pub fn first_token(&self, endpoint: &'static str, ttft: Duration) {
+        if !self.on() {
+            return;
+        }
         self.ttft.get_or_create(&EndpointLabels { endpoint }).observe(ttft.as_secs_f64());
     }
 
     /// A settled request: its tokens and charge.
     pub fn billed(&self, model: &str, input: u64, output: u64, quota: i64) {
+        if !self.on() {
+            return;
+        }
         let model = self.models.get(model);
         self.tokens.get_or_create(&TokenLabels { model, direction: "input" }).inc_by(input);
         self.tokens.get_or_create(&TokenLabels { model, direction: "output" }).inc_by(output);
@@ -290,16 +311,25 @@ impl Metrics {
 
     /// An attempt on `channel` ended with `outcome` (`success` or an error kind).
     pub fn attempt(&self, channel: u64, outcome: &'static str) {
+        if !self.on() {
+            return;
+        }
         self.attempts.get_or_create(&AttemptLabels { channel, outcome }).inc();
     }
 
     /// A request was served after at least one failed attempt.
     pub fn failover(&self) {
+        if !self.on() {
+            return;
+        }
         self.failovers.inc();
     }
 
     /// A plugin call ended with `outcome` after `elapsed`.
     pub fn plugin_call(&self, plugin: &str, call: &'static str, outcome: &'static str, elapsed: Duration) {
+        if !self.on() {
+            return;
+        }
         let plugin = self.plugins.get(plugin);
         self.plugin_calls.get_or_create(&PluginLabels { plugin, call, outcome }).inc();
         let labels = PluginCallLabels { plugin, call };
@@ -308,16 +338,25 @@ impl Metrics {
 
     /// A request refused by a limit of `kind` (`rpm`, `tpm`, `concurrency`, …).
     pub fn rate_limited(&self, kind: &'static str) {
+        if !self.on() {
+            return;
+        }
         self.rate_limited.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// Channel `channel` entered `state`.
     pub fn transition(&self, channel: u64, state: &'static str) {
+        if !self.on() {
+            return;
+        }
         self.health_transitions.get_or_create(&ChannelStateLabels { channel, state }).inc();
     }
 
     /// A recovery probe ended with `outcome`.
     pub fn probe(&self, outcome: &'static str) {
+        if !self.on() {
+            return;
+        }
         self.probes.get_or_create(&KindLabels { kind: outcome }).inc();
     }
 
