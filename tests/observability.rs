@@ -137,6 +137,9 @@ async fn metrics_count_a_known_mix_and_a_real_prometheus_reads_them() {
     assert!(sample(&text, "wasmgate_tokens_total", &[("model", "gpt-4o-mini"), ("direction", "output")]) >= 12.0);
     assert_eq!(sample(&text, "wasmgate_channel_state", &[("state", "enabled")]), 3.0);
     assert!(sample(&text, "process_resident_memory_bytes", &[]) > 1e6);
+    assert_eq!(sample(&text, "wasmgate_plugin_loads_total", &[("kind", "published")]), 3.0, "three plugins loaded");
+    assert!(sample(&text, "wasmgate_plugin_instances_idle", &[]) >= 1.0);
+    assert!(text.contains("\nwasmgate_billing_batch_duration_seconds_count "), "the writer's batches are timed");
     assert!(!text.contains(&limited) && !text.contains("sk-upstream-secret"), "no secrets in metrics");
     // Every metric the shipped Grafana dashboard queries exists.
     let dashboard =

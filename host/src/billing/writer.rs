@@ -250,8 +250,10 @@ fn run(
                 std::thread::sleep(Duration::from_millis(100));
                 break;
             };
+            let started = std::time::Instant::now();
             match write(&trees, &pending[..n], Some(last)) {
                 Ok(()) => {
+                    crate::metrics::get().billing_batch(started.elapsed());
                     pending.drain(..n);
                     journal.committed(last);
                     store.committed(last);

@@ -144,6 +144,9 @@ pub struct Metrics {
     /// Refreshed at scrape time.
     channel_state: Family<ChannelStateLabels, Gauge>,
     billing_pending: Gauge,
+    billing_batch: Histogram,
+    plugin_loads: Family<KindLabels, Counter>,
+    instances_idle: Gauge,
     billing_last_commit_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     journal_bytes: Gauge,
     process: process::ProcessMetrics,
@@ -213,6 +216,24 @@ impl Metrics {
         );
         let channel_state = Family::default();
         registry.register("channel_state", "1 for each channel's current health state", channel_state.clone());
+        let billing_batch = fine_buckets();
+        registry.register(
+            "billing_batch_duration_seconds",
+            "Time the batch writer takes to commit one batch of usage rows and charges",
+            billing_batch.clone(),
+        );
+        let plugin_loads = Family::default();
+        registry.register(
+            "plugin_loads",
+            "Plugin files handled by the loader: published (a hot swap) or rejected",
+            plugin_loads.clone(),
+        );
+        let instances_idle = Gauge::default();
+        registry.register(
+            "plugin_instances_idle",
+            "Plugin instances kept idle for reuse, all plugins",
+            instances_idle.clone(),
+        );
         let billing_pending = Gauge::default();
         registry.register("billing_rows_pending", "Usage rows waiting for the batch writer", billing_pending.clone());
         let billing_last_commit_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
@@ -247,6 +268,9 @@ impl Metrics {
             probes,
             channel_state,
             billing_pending,
+            billing_batch,
+            plugin_loads,
+            instances_idle,
             billing_last_commit_age,
             journal_bytes,
             process,
@@ -352,6 +376,22 @@ impl Metrics {
         self.health_transitions.get_or_create(&ChannelStateLabels { channel, state }).inc();
     }
 
+    /// The batch writer committed a batch in `elapsed`.
+    pub fn billing_batch(&self, elapsed: Duration) {
+        if !self.on() {
+            return;
+        }
+        self.billing_batch.observe(elapsed.as_secs_f64());
+    }
+
+    /// A plugin file was `published` (hot-swapped in) or `rejected`.
+    pub fn plugin_load(&self, outcome: &'static str) {
+        if !self.on() {
+            return;
+        }
+        self.plugin_loads.get_or_create(&KindLabels { kind: outcome }).inc();
+    }
+
     /// A recovery probe ended with `outcome`.
     pub fn probe(&self, outcome: &'static str) {
         if !self.on() {
@@ -362,7 +402,8 @@ impl Metrics {
 
     /// The OpenMetrics text, after refreshing the gauges read at scrape
     /// time: every channel's `state`, billing's writer, the process.
-    pub fn render(&self, channels: &[(u64, &'static str)], billing: BillingGauges) -> String {
+    pub fn render(&self, channels: &[(u64, &'static str)], billing: BillingGauges, instances_idle: usize) -> String {
+        self.instances_idle.set(i64::try_from(instances_idle).unwrap_or(i64::MAX));
         self.channel_state.clear();
         for (id, state) in channels {
             self.channel_state.get_or_create(&ChannelStateLabels { channel: *id, state }).set(1);

@@ -128,6 +128,11 @@ impl Registry {
         self.current.load_full()
     }
 
+    /// Plugin instances kept idle for reuse, over all plugins.
+    pub fn instances_idle(&self) -> usize {
+        self.engine.idle.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Status of every plugin file seen, sorted by name.
     pub fn list(&self) -> Vec<PluginStatus> {
         let set = self.snapshot();
@@ -318,11 +323,13 @@ impl Registry {
                 };
                 tracing::info!(plugin = name, kind = ?status.kind, version = ?status.version,
                     sha256 = ?status.sha256, from_cache = status.from_cache, "plugin published");
+                crate::metrics::get().plugin_load("published");
                 lock(&self.statuses).insert(name.to_string(), status.clone());
                 Ok(status)
             }
             Err(error) => {
                 tracing::error!(plugin = name, sha256 = %sha, %error, "plugin rejected; the previous version (if any) keeps serving");
+                crate::metrics::get().plugin_load("rejected");
                 let mut statuses = lock(&self.statuses);
                 let status = statuses
                     .entry(name.to_string())
