@@ -21,6 +21,7 @@ mod hot_swap;
 mod ingress;
 mod observability;
 mod openai_sdk;
+mod pdk;
 mod plugin_check;
 mod providers;
 mod relay;

@@ -9,6 +9,7 @@
 
 mod cargo_component;
 mod componentize;
+mod outside;
 mod plugins;
 mod python;
 mod toolchain;

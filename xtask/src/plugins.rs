@@ -82,7 +82,8 @@ pub fn build_all(root: &Path) -> Result<()> {
     if let Err(e) = crate::cargo_component::build_template(root, chain) {
         eprintln!("xtask: cargo component build of plugins/template failed: {e:#}");
     }
-    Ok(())
+    // An adapter by a third-party author, outside this repository.
+    crate::outside::build(root)
 }
 
 fn wasip1_toolchain(core: Toolchain) -> Option<Toolchain> {
@@ -100,7 +101,7 @@ fn install(module: &Path, dest: &Path, wasip1: bool) -> Result<()> {
 }
 
 /// Replace `dest` atomically with `component` unless it already holds it.
-fn write_if_changed(dest: &Path, component: &[u8]) -> Result<()> {
+pub(crate) fn write_if_changed(dest: &Path, component: &[u8]) -> Result<()> {
     if fs::read(dest).is_ok_and(|old| old == component) {
         return Ok(());
     }

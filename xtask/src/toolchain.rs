@@ -80,6 +80,14 @@ fn apt_install() -> Result<()> {
     )
 }
 
+/// Whether rustup has `target`, adding it if it can within 20 s.
+pub fn rustup_target(target: &str) -> bool {
+    if std::env::var("WASMGATE_WASM_TOOLCHAIN").as_deref() == Ok("debian") {
+        return false;
+    }
+    rustup_has_target(target) || rustup_add_target(target, Duration::from_secs(20))
+}
+
 /// Pick (and if needed install) a toolchain that can build `target`.
 /// `WASMGATE_WASM_TOOLCHAIN=rustup|debian` skips the detection.
 pub fn select(target: &str) -> Result<Toolchain> {

@@ -1,7 +1,8 @@
 //! # wasmgate-pdk-router — write a wasmgate routing policy
 //!
 //! A routing policy is a WebAssembly component implementing
-//! `wasmgate:plugin/router@0.1.1` (see `wit/router.wit`). Implement
+//! `wasmgate:plugin/router@0.1.3` (see `wit/router.wit`, vendored in this
+//! crate). Implement
 //! [`Router`] and register it with [`export_router!`]. Policies are pure:
 //! use [`SeededRng`] with the request's seed for any randomness, so the same
 //! seed and candidates always give the same order.
@@ -10,7 +11,7 @@
 pub mod bindings {
     wit_bindgen::generate!({
         world: "router-plugin",
-        path: "../../wit",
+        path: "wit",
         pub_export_macro: true,
         export_macro_name: "__export_router_world",
         default_bindings_module: "wasmgate_pdk_router::bindings",
@@ -21,7 +22,10 @@ pub use bindings::exports::wasmgate::plugin::router::{Candidate, RequestMeta, Ro
 pub use bindings::wasmgate::plugin::types::{Endpoint, LogLevel};
 
 /// The version of the WIT contract this kit implements.
-pub const WIT_VERSION: &str = "0.1.1";
+pub const WIT_VERSION: &str = "0.1.3";
+
+/// The contract this kit implements, as the host names it.
+pub const CONTRACT: &str = "wasmgate:plugin@0.1.3";
 
 /// A routing policy.
 pub trait Router {

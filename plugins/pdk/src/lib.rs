@@ -38,7 +38,7 @@ pub use util::{error, header, json_bytes, origin_url};
 pub mod bindings {
     wit_bindgen::generate!({
         world: "pdk-adapter-plugin",
-        path: "../../wit",
+        path: "wit",
         // Decoder states hold some of these types (usage, errors) and are
         // serialized between `stream-codec` calls.
         additional_derives: [serde::Serialize, serde::Deserialize],
@@ -57,6 +57,14 @@ pub use bindings::wasmgate::plugin::types::{
 
 /// The version of the WIT contract this kit implements.
 pub const WIT_VERSION: &str = "0.1.3";
+
+/// The contract this kit implements, as the host names it.
+pub const CONTRACT: &str = "wasmgate:plugin@0.1.3";
+
+// What adapters need besides the kit, re-exported so that an author's crate
+// depends on the kit alone (and on the same versions).
+pub use serde;
+pub use serde_json;
 
 /// A provider adapter: pure translation between OpenAI's API and a provider's.
 ///

@@ -1,0 +1,58 @@
+//! The PDKs as a third-party author uses them: the WIT they vendor is the
+//! contract's, and an adapter written outside this repository (built by
+//! `cargo xtask plugins` in the temp directory, with no workspace of ours
+//! above it — see xtask/src/outside.rs) passes `plugin check` and serves.
+
+use std::process::Command;
+
+use crate::support::{Gateway, MockUpstream, artifact, channel, chat, post, root};
+
+#[test]
+fn the_vendored_wit_is_the_contract_and_the_kits_say_which() {
+    let contract = root().join("wit");
+    let mut files: Vec<_> =
+        std::fs::read_dir(&contract).expect("wit/").map(|e| e.expect("entry").file_name()).collect();
+    files.sort();
+    let package = std::fs::read_to_string(contract.join("types.wit")).expect("types.wit");
+    let version =
+        package.lines().next().and_then(|l| l.strip_prefix("package wasmgate:plugin@")).expect("package line");
+    let version = version.trim_end_matches(';');
+    for kit in ["plugins/pdk", "plugins/pdk-router"] {
+        let vendored = root().join(kit).join("wit");
+        let mut theirs: Vec<_> =
+            std::fs::read_dir(&vendored).expect("vendored wit").map(|e| e.expect("entry").file_name()).collect();
+        theirs.sort();
+        assert_eq!(theirs, files, "{kit}/wit must hold exactly the contract's files");
+        for f in &files {
+            let (a, b) =
+                (std::fs::read(contract.join(f)).expect("read"), std::fs::read(vendored.join(f)).expect("read"));
+            assert!(a == b, "{kit}/wit/{} differs from wit/: copy wit/*.wit into {kit}/wit", f.to_string_lossy());
+        }
+        let manifest = std::fs::read_to_string(root().join(kit).join("Cargo.toml")).expect("manifest");
+        assert!(!manifest.contains(".workspace = true"), "{kit} must build outside the workspace");
+        assert!(manifest.contains(&format!("version = \"{version}\"")), "{kit}'s version follows the contract's");
+        assert!(manifest.contains(&format!("contract = \"wasmgate:plugin@{version}\"")), "{kit} names its contract");
+        let lib = std::fs::read_to_string(root().join(kit).join("src/lib.rs")).expect("lib.rs");
+        assert!(lib.contains(&format!("pub const CONTRACT: &str = \"wasmgate:plugin@{version}\";")), "{kit}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_adapter_written_outside_the_repository_checks_and_serves() {
+    let file = artifact("outside-author.wasm");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_wasmgate")).args(["plugin", "check"]).arg(&file).output().expect("check");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && report.contains("result: PASS"), "{report}");
+
+    let mock = MockUpstream::start("third-party").await;
+    let gw = Gateway::start(
+        &["outside-author.wasm", "weighted.wasm"],
+        &channel("ext", "outside-author", &mock.base_url(), &["gpt-4o-mini"], ""),
+    );
+    let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "hello from outside")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: hello from outside");
+    let headers = mock.state.last_headers.lock().await.clone().expect("upstream headers");
+    assert_eq!(headers.get("x-built-outside").map(|v| v.as_bytes()), Some(&b"yes"[..]), "the author's code ran");
+}
