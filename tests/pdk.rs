@@ -56,3 +56,62 @@ async fn an_adapter_written_outside_the_repository_checks_and_serves() {
     let headers = mock.state.last_headers.lock().await.clone().expect("upstream headers");
     assert_eq!(headers.get("x-built-outside").map(|v| v.as_bytes()), Some(&b"yes"[..]), "the author's code ran");
 }
+
+/// `wasmgate plugin new KIND NAME --dir DIR --kits plugins/`; the crate's path.
+fn scaffold(kind: &str, name: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let out = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+        .args(["plugin", "new", kind, name, "--dir"])
+        .arg(dir)
+        .arg("--kits")
+        .arg(root().join("plugins"))
+        .output()
+        .expect("plugin new");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    dir.join(name)
+}
+
+/// Build a standalone crate the documented way (`cargo xtask component`,
+/// i.e. `cargo build --target wasm32-wasip2`, or the project's fallback)
+/// into `target/wasm-fixtures/NAME.wasm`.
+fn build(crate_dir: &std::path::Path, name: &str) {
+    let xtask = root().join("target/debug/xtask");
+    assert!(xtask.exists(), "run the suite with `cargo xtask test` (it builds xtask)");
+    let dest = root().join(format!("target/wasm-fixtures/{name}.wasm"));
+    let out = Command::new(xtask).arg("component").arg(crate_dir).arg(&dest).output().expect("xtask component");
+    assert!(out.status.success(), "building {name} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugin_new_scaffolds_an_adapter_and_a_policy_that_build_check_and_serve() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let adapter = scaffold("adapter", "acme-new", dir.path());
+    let policy = scaffold("router", "calm-policy", dir.path());
+    let (a, p) = (adapter.clone(), policy.clone());
+    tokio::task::spawn_blocking(move || {
+        build(&a, "acme-new");
+        build(&p, "calm-policy");
+    })
+    .await
+    .expect("build");
+    for name in ["acme-new", "calm-policy"] {
+        let file = artifact(&format!("{name}.wasm"));
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_wasmgate")).args(["plugin", "check"]).arg(&file).output().expect("check");
+        let report = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && report.contains("result: PASS"), "{name}:\n{report}");
+    }
+    let mock = MockUpstream::start("scaffolded").await;
+    let toml = format!(
+        "[routing]\npolicy = \"calm-policy\"\n{}{}",
+        channel("one", "acme-new", &mock.base_url(), &["gpt-4o-mini"], ""),
+        channel("two", "acme-new", &mock.base_url(), &["gpt-4o-mini"], "")
+    );
+    let gw = Gateway::start(&["acme-new.wasm", "calm-policy.wasm", "weighted.wasm"], &toml);
+    let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "scaffolded")).await;
+    assert_eq!(status, 200, "{body}");
+    let headers = mock.state.last_headers.lock().await.clone().expect("upstream headers");
+    assert_eq!(headers.get("x-acme-new-client").map(|v| v.as_bytes()), Some(&b"wasmgate"[..]));
+    let (_, plugins) = crate::support::admin(&gw, reqwest::Method::GET, "/api/plugins", None).await;
+    let policy = plugins["data"].as_array().and_then(|d| d.iter().find(|p| p["name"] == "calm-policy").cloned());
+    assert!(policy.is_some_and(|p| p["calls"].as_u64() >= Some(2)), "the scaffolded policy routed the request");
+}

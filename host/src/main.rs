@@ -66,6 +66,21 @@ enum PluginCommand {
         #[arg(long)]
         fixtures: Option<PathBuf>,
     },
+    /// Start a standalone plugin crate: `Cargo.toml` (size-optimised
+    /// release profile), a working `src/lib.rs` and a README.
+    New {
+        /// `adapter` or `router`.
+        kind: String,
+        /// The plugin's name (its file stem, what channels and policies use).
+        name: String,
+        /// Where to create the crate's directory.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The directory holding the kits (`pdk/`, `pdk-router/`) to depend
+        /// on by path; default: from git.
+        #[arg(long)]
+        kits: Option<PathBuf>,
+    },
     /// Compile a component into a precompiled artifact, with this process's
     /// address space limited (the gateway runs this in a child process).
     #[command(hide = true)]
@@ -99,6 +114,32 @@ async fn main() -> anyhow::Result<()> {
             let report = wasmgate::plugins::check::check_file(file, fixtures.as_deref()).await;
             println!("{report}");
             std::process::exit(if report.passed() { 0 } else { 1 });
+        }
+        Some(Command::Plugin { command: PluginCommand::New { kind, name, dir, kits } }) => {
+            use wasmgate::plugins::scaffold::{Kind, scaffold};
+            let kind = match kind.as_str() {
+                "adapter" => Kind::Adapter,
+                "router" => Kind::Router,
+                other => {
+                    eprintln!(
+                        "cannot scaffold a `{other}`: kinds are `adapter` and `router` (filters are not in the contract yet)"
+                    );
+                    std::process::exit(2);
+                }
+            };
+            match scaffold(kind, name, dir, kits.as_deref()) {
+                Ok(path) => println!(
+                    "created {}
+next: cd {} && cargo build --release --target wasm32-wasip2",
+                    path.display(),
+                    path.display()
+                ),
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    std::process::exit(1);
+                }
+            }
+            return Ok(());
         }
         Some(Command::Plugin { command: PluginCommand::Compile { input, output, memory_mib } }) => {
             if let Err(e) = wasmgate::plugins::compile_child(input, output, *memory_mib) {

@@ -27,8 +27,12 @@ fn main() -> Result<()> {
         Some("test") => test(&root, &args[1..]),
         Some("run") => run(&root, forwarded(&args[1..])),
         Some("bench") => bench(&root, forwarded(&args[1..])),
+        // Build a standalone plugin crate (e.g. one `wasmgate plugin new` made) into a component.
+        Some("component") if args.len() == 3 => {
+            outside::build_crate(&root, std::path::Path::new(&args[1]), std::path::Path::new(&args[2]))
+        }
         _ => {
-            eprintln!("usage: cargo xtask <plugins|test|run|bench> [args]");
+            eprintln!("usage: cargo xtask <plugins|test|run|bench|component CRATE_DIR OUT.wasm> [args]");
             std::process::exit(2);
         }
     }

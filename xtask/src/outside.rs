@@ -82,27 +82,44 @@ pub fn build(root: &Path) -> Result<()> {
     fs::create_dir_all(dir.join("src"))?;
     write_if_changed(&dir.join("Cargo.toml"), &cargo_toml(&root.join("plugins/pdk")))?;
     write_if_changed(&dir.join("src/lib.rs"), LIB_RS)?;
-    let dest = root.join("target/wasm-fixtures/outside-author.wasm");
+    build_crate(root, &dir, &root.join("target/wasm-fixtures/outside-author.wasm"))
+}
+
+/// Build the standalone plugin crate in `dir` into the component `dest`:
+/// with `cargo build --release --target wasm32-wasip2` where that target
+/// is (or can be) installed, else as a core module made a component with
+/// `wit-component`. `cargo xtask component DIR OUT` runs this.
+pub fn build_crate(root: &Path, dir: &Path, dest: &Path) -> Result<()> {
+    let manifest = fs::read_to_string(dir.join("Cargo.toml")).context("the crate's Cargo.toml")?;
+    let package = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("name = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .context("no package name")?;
+    let artifact = format!("{}.wasm", package.replace('-', "_"));
     let target_dir = root.join("target/outside-author");
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent)?;
+    }
     if toolchain::rustup_target(WASIP2_TARGET) {
-        eprintln!("xtask: building the outside author's adapter with cargo build --target {WASIP2_TARGET}");
+        eprintln!("xtask: building {} with cargo build --target {WASIP2_TARGET}", dir.display());
         let mut cmd = std::process::Command::new("cargo");
-        cmd.env_remove("RUSTC").env_remove("RUSTDOC").current_dir(&dir);
+        cmd.env_remove("RUSTC").env_remove("RUSTDOC").current_dir(dir);
         cmd.args(["build", "--release", "--target", WASIP2_TARGET, "--target-dir"]).arg(&target_dir);
         crate::run_checked(&mut cmd)?;
-        let built = target_dir.join(WASIP2_TARGET).join("release/outside_author.wasm");
+        let built = target_dir.join(WASIP2_TARGET).join("release").join(&artifact);
         let bytes = fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
-        return crate::plugins::write_if_changed(&dest, &bytes);
+        return crate::plugins::write_if_changed(dest, &bytes);
     }
     let chain = toolchain::select(CORE_TARGET)?;
-    eprintln!("xtask: no {WASIP2_TARGET} target here; building the outside author's adapter with {chain:?}");
-    let mut cmd = toolchain::cargo_build(chain, CORE_TARGET, &dir);
+    eprintln!("xtask: no {WASIP2_TARGET} target here; building {} with {chain:?}", dir.display());
+    let mut cmd = toolchain::cargo_build(chain, CORE_TARGET, dir);
     cmd.arg("--target-dir").arg(&target_dir);
     crate::run_checked(&mut cmd)?;
-    let core = target_dir.join(CORE_TARGET).join("release/outside_author.wasm");
+    let core = target_dir.join(CORE_TARGET).join("release").join(&artifact);
     let bytes = fs::read(&core).with_context(|| format!("reading {}", core.display()))?;
     let component = crate::componentize::componentize(&bytes, false)?;
-    crate::plugins::write_if_changed(&dest, &component)
+    crate::plugins::write_if_changed(dest, &component)
 }
 
 fn write_if_changed(path: &Path, text: &str) -> Result<()> {

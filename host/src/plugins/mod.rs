@@ -12,6 +12,7 @@ mod instance;
 mod loader;
 mod registry;
 mod router;
+pub mod scaffold;
 mod state;
 mod watcher;
 
