@@ -354,10 +354,20 @@ impl Metrics {
         if !self.on() {
             return;
         }
+        self.plugin_handles(plugin, call).record(self, outcome, elapsed);
+    }
+
+    /// The metrics of `plugin`'s `call`, resolved once so that a caller
+    /// that keeps them records a successful call with an atomic add and one
+    /// histogram observation, no label lookup.
+    pub fn plugin_handles(&self, plugin: &str, call: &'static str) -> PluginCallHandles {
         let plugin = self.plugins.get(plugin);
-        self.plugin_calls.get_or_create(&PluginLabels { plugin, call, outcome }).inc();
-        let labels = PluginCallLabels { plugin, call };
-        self.plugin_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        PluginCallHandles {
+            plugin,
+            call,
+            ok: self.plugin_calls.get_or_create(&PluginLabels { plugin, call, outcome: "ok" }).clone(),
+            duration: self.plugin_duration.get_or_create(&PluginCallLabels { plugin, call }).clone(),
+        }
     }
 
     /// A request refused by a limit of `kind` (`rpm`, `tpm`, `concurrency`, …).
@@ -417,6 +427,30 @@ impl Metrics {
             tracing::error!(%error, "encoding metrics failed");
         }
         out
+    }
+}
+
+/// One plugin call's metrics, resolved (see [`Metrics::plugin_handles`]).
+#[derive(Clone)]
+pub struct PluginCallHandles {
+    plugin: &'static str,
+    call: &'static str,
+    ok: Counter,
+    duration: Histogram,
+}
+
+impl PluginCallHandles {
+    /// Record a call that ended with `outcome` after `elapsed`.
+    pub fn record(&self, metrics: &Metrics, outcome: &'static str, elapsed: Duration) {
+        if !metrics.on() {
+            return;
+        }
+        if outcome == "ok" {
+            self.ok.inc();
+        } else {
+            metrics.plugin_calls.get_or_create(&PluginLabels { plugin: self.plugin, call: self.call, outcome }).inc();
+        }
+        self.duration.observe(elapsed.as_secs_f64());
     }
 }
 

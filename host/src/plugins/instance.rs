@@ -46,7 +46,23 @@ pub(crate) struct Instances<B> {
     /// Calls made on this version, and how many failed.
     calls: std::sync::atomic::AtomicU64,
     failed: std::sync::atomic::AtomicU64,
+    /// Each call's metrics, resolved on first use (see [`CALLS`]).
+    metrics: [std::sync::OnceLock<crate::metrics::PluginCallHandles>; CALLS.len()],
 }
+
+/// The calls made through `plugin_call!`, in the order of
+/// [`Instances::metrics`].
+const CALLS: [&str; 9] = [
+    "info",
+    "build_request",
+    "parse_response",
+    "classify_error",
+    "decode_stream",
+    "exchange_request",
+    "parse_exchange",
+    "health_probe",
+    "select",
+];
 
 impl<B: Send + 'static> Instances<B> {
     /// Instances of `pre`, whose bindings `load` builds.
@@ -64,6 +80,7 @@ impl<B: Send + 'static> Instances<B> {
             idle: Mutex::new(Vec::new()),
             calls: Default::default(),
             failed: Default::default(),
+            metrics: Default::default(),
         }
     }
 
@@ -145,7 +162,14 @@ impl<B: Send + 'static> Instances<B> {
                 e.metric_label()
             }
         };
-        crate::metrics::get().plugin_call(&self.name, what, label, started.elapsed());
+        let metrics = crate::metrics::get();
+        match CALLS.iter().position(|c| *c == what) {
+            Some(slot) => {
+                let handles = self.metrics[slot].get_or_init(|| metrics.plugin_handles(&self.name, what));
+                handles.record(metrics, label, started.elapsed());
+            }
+            None => metrics.plugin_call(&self.name, what, label, started.elapsed()),
+        }
         result
     }
 
