@@ -202,6 +202,8 @@ async fn a_client_request_id_is_kept_echoed_and_logged_in_the_usage_row() {
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(resp.headers()["x-request-id"], "client-trace.42:a_b");
     crate::support::accounts::wait_rows(&gw, "request_id=client-trace.42:a_b", 1).await;
+    // Every log line of the request carries its id (the request span's field).
+    assert!(gw.log().contains("request{request_id=client-trace.42:a_b}"), "{}", gw.log());
     // An id that cannot be logged or stored as it is gets replaced.
     let resp = send("has spaces and / slashes").await.expect("send");
     let id = resp.headers()["x-request-id"].to_str().expect("id").to_string();

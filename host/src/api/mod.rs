@@ -160,13 +160,15 @@ async fn front(State(state): State<AppState>, mut req: Request, next: Next) -> R
     let header = HeaderValue::from_str(&id).ok();
     req.extensions_mut().insert(RequestId(id));
     let span = if req.uri().path().starts_with("/v1") {
-        let span = tracing::debug_span!(target: "wasmgate::request", "request",
-            otel.name = %format_args!("{} {}", req.method(), req.uri().path()), otel.kind = "server",
-            request_id = tracing::field::Empty);
-        if let Some(RequestId(id)) = req.extensions().get::<RequestId>() {
-            span.record("request_id", id.as_str());
+        // INFO, so that every log line of the request carries its id.
+        let id = req.extensions().get::<RequestId>().map_or("", |r| r.0.as_str());
+        let span = tracing::info_span!(target: "wasmgate::request", "request", request_id = %id,
+            otel.name = tracing::field::Empty, otel.kind = tracing::field::Empty);
+        if crate::telemetry::traces_on() {
+            span.record("otel.name", format!("{} {}", req.method(), req.uri().path()));
+            span.record("otel.kind", "server");
+            crate::telemetry::continue_trace(&span, req.headers());
         }
-        crate::telemetry::continue_trace(&span, req.headers());
         span
     } else {
         tracing::Span::none()
