@@ -1,7 +1,7 @@
 //! The PDKs as a third-party author uses them: the WIT they vendor is the
-//! contract's, and an adapter written outside this repository (built by
-//! `cargo xtask plugins` in the temp directory, with no workspace of ours
-//! above it — see xtask/src/outside.rs) passes `plugin check` and serves.
+//! contract's, and crates `wasmgate plugin new` writes outside this
+//! repository (no workspace of ours above them), built the documented way
+//! (xtask/src/standalone.rs), pass `plugin check` and serve.
 
 use std::process::Command;
 
@@ -35,26 +35,6 @@ fn the_vendored_wit_is_the_contract_and_the_kits_say_which() {
         let lib = std::fs::read_to_string(root().join(kit).join("src/lib.rs")).expect("lib.rs");
         assert!(lib.contains(&format!("pub const CONTRACT: &str = \"wasmgate:plugin@{version}\";")), "{kit}");
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_adapter_written_outside_the_repository_checks_and_serves() {
-    let file = artifact("outside-author.wasm");
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_wasmgate")).args(["plugin", "check"]).arg(&file).output().expect("check");
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && report.contains("result: PASS"), "{report}");
-
-    let mock = MockUpstream::start("third-party").await;
-    let gw = Gateway::start(
-        &["outside-author.wasm", "weighted.wasm"],
-        &channel("ext", "outside-author", &mock.base_url(), &["gpt-4o-mini"], ""),
-    );
-    let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "hello from outside")).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["choices"][0]["message"]["content"], "echo: hello from outside");
-    let headers = mock.state.last_headers.lock().await.clone().expect("upstream headers");
-    assert_eq!(headers.get("x-built-outside").map(|v| v.as_bytes()), Some(&b"yes"[..]), "the author's code ran");
 }
 
 /// `wasmgate plugin new KIND NAME --dir DIR --kits plugins/`; the crate's path.
@@ -101,16 +81,20 @@ async fn plugin_new_scaffolds_an_adapter_and_a_policy_that_build_check_and_serve
         assert!(out.status.success() && report.contains("result: PASS"), "{name}:\n{report}");
     }
     let mock = MockUpstream::start("scaffolded").await;
+    let tenant = "settings = { tenant = \"t-42\" }\n";
     let toml = format!(
         "[routing]\npolicy = \"calm-policy\"\n{}{}",
-        channel("one", "acme-new", &mock.base_url(), &["gpt-4o-mini"], ""),
-        channel("two", "acme-new", &mock.base_url(), &["gpt-4o-mini"], "")
+        channel("one", "acme-new", &mock.base_url(), &["gpt-4o-mini"], tenant),
+        channel("two", "acme-new", &mock.base_url(), &["gpt-4o-mini"], tenant)
     );
     let gw = Gateway::start(&["acme-new.wasm", "calm-policy.wasm", "weighted.wasm"], &toml);
     let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "scaffolded")).await;
     assert_eq!(status, 200, "{body}");
     let headers = mock.state.last_headers.lock().await.clone().expect("upstream headers");
-    assert_eq!(headers.get("x-acme-new-client").map(|v| v.as_bytes()), Some(&b"wasmgate"[..]));
+    // The author's code ran: the key moved to `x-api-key`, the tenant header added.
+    assert_eq!(headers.get("x-acme-new-tenant").map(|v| v.as_bytes()), Some(&b"t-42"[..]));
+    let key = headers.get("x-api-key").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(key.starts_with("sk-upstream-secret-") && headers.get("authorization").is_none(), "{headers:?}");
     let (_, plugins) = crate::support::admin(&gw, reqwest::Method::GET, "/api/plugins", None).await;
     let policy = plugins["data"].as_array().and_then(|d| d.iter().find(|p| p["name"] == "calm-policy").cloned());
     assert!(policy.is_some_and(|p| p["calls"].as_u64() >= Some(2)), "the scaffolded policy routed the request");

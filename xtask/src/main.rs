@@ -9,9 +9,9 @@
 
 mod cargo_component;
 mod componentize;
-mod outside;
 mod plugins;
 mod python;
+mod standalone;
 mod toolchain;
 
 use std::path::{Path, PathBuf};
@@ -29,7 +29,7 @@ fn main() -> Result<()> {
         Some("bench") => bench(&root, forwarded(&args[1..])),
         // Build a standalone plugin crate (e.g. one `wasmgate plugin new` made) into a component.
         Some("component") if args.len() == 3 => {
-            outside::build_crate(&root, std::path::Path::new(&args[1]), std::path::Path::new(&args[2]))
+            standalone::build_crate(&root, std::path::Path::new(&args[1]), std::path::Path::new(&args[2]))
         }
         _ => {
             eprintln!("usage: cargo xtask <plugins|test|run|bench|component CRATE_DIR OUT.wasm> [args]");

@@ -82,8 +82,7 @@ pub fn build_all(root: &Path) -> Result<()> {
     if let Err(e) = crate::cargo_component::build_template(root, chain) {
         eprintln!("xtask: cargo component build of plugins/template failed: {e:#}");
     }
-    // An adapter by a third-party author, outside this repository.
-    crate::outside::build(root)
+    Ok(())
 }
 
 fn wasip1_toolchain(core: Toolchain) -> Option<Toolchain> {

@@ -1,7 +1,8 @@
 //! `wasmgate plugin new adapter|router NAME`: a standalone plugin crate to
 //! start from — a `Cargo.toml` with the size-optimised release profile and
-//! its own `[workspace]`, a working `src/lib.rs`, and a README with the
-//! build commands. It depends on the kits by path (`--kits DIR`, the
+//! its own `[workspace]`, a working `src/lib.rs` (for an adapter, the
+//! repository's template crate renamed), and a README with the build
+//! commands. It depends on the kits by path (`--kits DIR`, the
 //! directory holding `pdk/` and `pdk-router/`) or, by default, from git.
 
 use std::path::{Path, PathBuf};
@@ -19,52 +20,9 @@ pub enum Kind {
 
 const GIT: &str = "https://github.com/wasmgate/wasmgate";
 
-const ADAPTER_LIB: &str = r#"//! `{name}`: an OpenAI-compatible provider adapter. Requests, responses,
-//! streams, errors and the health probe are the kit's OpenAI-compatible
-//! adapter; change what your provider does differently (auth headers, paths,
-//! body fields) in `build_request` and `parse_response`.
-
-use wasmgate_pdk::openai_compat::{self, OpenAiCompat, OpenAiSseDecoder};
-use wasmgate_pdk::{
-    header, Adapter, AdapterInfo, Channel, HttpRequest, HttpResponse, ParsedResponse, Probe, RequestContext,
-    UpstreamError,
-};
-
-struct Plugin;
-
-impl Adapter for Plugin {
-    type Decoder = OpenAiSseDecoder;
-
-    fn info() -> AdapterInfo {
-        AdapterInfo {
-            name: "{name}".into(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            description: "{name} (OpenAI-compatible)".into(),
-            ..OpenAiCompat::info()
-        }
-    }
-
-    fn build_request(ctx: &RequestContext, channel: &Channel, body: &[u8]) -> Result<HttpRequest, UpstreamError> {
-        let mut request = openai_compat::build_request(ctx, channel, body)?;
-        request.headers.push(header("x-{name}-client", "wasmgate"));
-        Ok(request)
-    }
-
-    fn parse_response(ctx: &RequestContext, response: &HttpResponse) -> Result<ParsedResponse, UpstreamError> {
-        openai_compat::parse_response(ctx, response)
-    }
-
-    fn classify_error(ctx: &RequestContext, response: &HttpResponse) -> UpstreamError {
-        openai_compat::classify_error(ctx, response)
-    }
-
-    fn health_probe(channel: &Channel) -> Probe {
-        openai_compat::health_probe(channel)
-    }
-}
-
-wasmgate_pdk::export_adapter!(Plugin);
-"#;
+/// The adapter template: the repository's template crate (built and
+/// checked by the suite as the `acme` fixture), renamed.
+const ADAPTER_LIB: &str = include_str!("../../../plugins/template/src/lib.rs");
 
 const ROUTER_LIB: &str = r#"//! `{name}`: a routing policy. Highest priority tier first; inside a tier
 //! the channel with the fewest requests in flight, then the lowest latency.
@@ -141,8 +99,8 @@ pub fn scaffold(kind: Kind, name: &str, dir: &Path, kits: Option<&Path>) -> Resu
         bail!("{} already holds a crate", root.display());
     }
     let (kit, subdir, lib) = match kind {
-        Kind::Adapter => ("wasmgate-pdk", "pdk", ADAPTER_LIB),
-        Kind::Router => ("wasmgate-pdk-router", "pdk-router", ROUTER_LIB),
+        Kind::Adapter => ("wasmgate-pdk", "pdk", ADAPTER_LIB.replace("Acme", "Plugin").replace("acme", name)),
+        Kind::Router => ("wasmgate-pdk-router", "pdk-router", ROUTER_LIB.replace("{name}", name)),
     };
     let dependency = match kits {
         Some(kits) => {
@@ -154,7 +112,7 @@ pub fn scaffold(kind: Kind, name: &str, dir: &Path, kits: Option<&Path>) -> Resu
     };
     std::fs::create_dir_all(root.join("src"))?;
     std::fs::write(root.join("Cargo.toml"), cargo_toml(name, kit, &dependency))?;
-    std::fs::write(root.join("src/lib.rs"), lib.replace("{name}", name))?;
+    std::fs::write(root.join("src/lib.rs"), lib)?;
     std::fs::write(root.join("README.md"), readme(name, kind))?;
     Ok(root)
 }
@@ -172,5 +130,8 @@ mod tests {
         assert!(manifest.contains("wasmgate-pdk-router = { git = ") && manifest.contains("opt-level = \"s\""));
         assert!(std::fs::read_to_string(made.join("src/lib.rs")).expect("lib").contains("name: \"my-policy\""));
         assert!(scaffold(Kind::Router, "my-policy", dir.path(), None).is_err(), "never overwrites");
+        let adapter = scaffold(Kind::Adapter, "my-provider", dir.path(), None).expect("scaffold");
+        let lib = std::fs::read_to_string(adapter.join("src/lib.rs")).expect("lib");
+        assert!(lib.contains("name: \"my-provider\"") && lib.contains("x-my-provider-tenant") && !lib.contains("acme"));
     }
 }

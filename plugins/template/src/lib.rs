@@ -4,10 +4,11 @@
 //! request rewriting, usage, streaming, error classification, the health
 //! probe — is the PDK's OpenAI-compatible adapter.
 //!
-//! Copy this crate to start a new adapter; see docs/plugins.md.
+//! `wasmgate plugin new adapter NAME` starts a crate from this file; see
+//! docs/plugins.md.
 
-use serde_json::Value;
 use wasmgate_pdk::openai_compat::{self, settings, OpenAiCompat, OpenAiSseDecoder};
+use wasmgate_pdk::serde_json::Value;
 use wasmgate_pdk::{
     header, Adapter, AdapterInfo, Channel, HttpRequest, HttpResponse, ParsedResponse, Probe, RequestContext,
     UpstreamError,
