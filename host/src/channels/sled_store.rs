@@ -34,6 +34,31 @@ struct Inner {
     snapshot: ArcSwap<ChannelSet>,
 }
 
+/// A record after an edit.
+enum Edit {
+    /// The edit changed nothing.
+    Unchanged(ChannelRecord),
+    /// Changed, `updated_at` set.
+    Changed(ChannelRecord),
+}
+
+/// `f` applied to a copy of record `id` (its id kept).
+fn edit(
+    records: &BTreeMap<u64, ChannelRecord>,
+    id: u64,
+    f: &mut dyn FnMut(&mut ChannelRecord) -> Result<(), FieldError>,
+) -> Result<Edit, StoreError> {
+    let current = records.get(&id).ok_or(StoreError::NotFound(id))?;
+    let mut rec = current.clone();
+    f(&mut rec).map_err(StoreError::Invalid)?;
+    rec.id = id;
+    if &rec == current {
+        return Ok(Edit::Unchanged(rec));
+    }
+    rec.updated_at = unix_now();
+    Ok(Edit::Changed(rec))
+}
+
 impl SledChannels {
     /// Load every stored channel.
     pub fn open(store: &Store) -> anyhow::Result<Self> {
@@ -156,13 +181,10 @@ impl ChannelStore for SledChannels {
     ) -> Result<ChannelRecord, StoreError> {
         let _writing = self.inner.writing();
         let mut records = self.inner.lock();
-        let mut rec = records.get(&id).cloned().ok_or(StoreError::NotFound(id))?;
-        f(&mut rec).map_err(StoreError::Invalid)?;
-        rec.id = id;
-        if records.get(&id) == Some(&rec) {
-            return Ok(rec);
-        }
-        rec.updated_at = unix_now();
+        let rec = match edit(&records, id, f)? {
+            Edit::Unchanged(rec) => return Ok(rec),
+            Edit::Changed(rec) => rec,
+        };
         self.inner.persist(&rec)?;
         records.insert(id, rec.clone());
         self.inner.publish(&records);
@@ -175,13 +197,10 @@ impl ChannelStore for SledChannels {
         f: &mut dyn FnMut(&mut ChannelRecord) -> Result<(), FieldError>,
     ) -> Result<ChannelRecord, StoreError> {
         let mut records = self.inner.lock();
-        let mut rec = records.get(&id).cloned().ok_or(StoreError::NotFound(id))?;
-        f(&mut rec).map_err(StoreError::Invalid)?;
-        rec.id = id;
-        if records.get(&id) == Some(&rec) {
-            return Ok(rec);
-        }
-        rec.updated_at = unix_now();
+        let rec = match edit(&records, id, f)? {
+            Edit::Unchanged(rec) => return Ok(rec),
+            Edit::Changed(rec) => rec,
+        };
         records.insert(id, rec.clone());
         self.inner.publish(&records);
         let _ = self.dirty.send(id);
