@@ -124,6 +124,9 @@ pub fn write_event<T: serde::Serialize + ?Sized>(out: &mut BytesMut, event: Opti
 struct State<T> {
     body: BodyDataStream,
     buffer: BytesMut,
+    /// Bytes of `buffer` already searched for a frame end (a frame that
+    /// arrives in many pieces is not rescanned from its start each time).
+    searched: usize,
     translator: T,
     done: bool,
 }
@@ -132,7 +135,13 @@ impl<T: Translator> State<T> {
     /// Translate every complete frame in the buffer; true once the stream
     /// is over.
     fn drain(&mut self, out: &mut BytesMut) -> bool {
-        while let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+        loop {
+            let from = self.searched.saturating_sub(1);
+            let Some(end) = self.buffer[from..].windows(2).position(|w| w == b"\n\n").map(|at| from + at) else {
+                self.searched = self.buffer.len();
+                break;
+            };
+            self.searched = 0;
             let frame = self.buffer.split_to(end + 2);
             let text = String::from_utf8_lossy(&frame);
             // The relay writes one `data:` line per frame; join several if not.
@@ -163,7 +172,7 @@ impl<T: Translator> State<T> {
 
 /// `body` (a relayed chat stream) re-framed by `translator`.
 pub fn reframe<T: Translator>(body: Body, translator: T) -> impl Stream<Item = Result<Bytes, axum::Error>> + Send {
-    let state = State { body: body.into_data_stream(), buffer: BytesMut::new(), translator, done: false };
+    let state = State { body: body.into_data_stream(), buffer: BytesMut::new(), searched: 0, translator, done: false };
     futures_util::stream::unfold(state, |mut s| async move {
         let mut out = BytesMut::new();
         while out.is_empty() {

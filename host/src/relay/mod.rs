@@ -97,8 +97,10 @@ pub async fn relay(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let (route, model) = (req.route, req.model.clone());
-    crate::telemetry::attribute("gen_ai.operation.name", operation_name(req.endpoint));
-    crate::telemetry::attribute("gen_ai.request.model", model.clone());
+    if crate::telemetry::traces_on() {
+        crate::telemetry::attribute("gen_ai.operation.name", operation_name(req.endpoint));
+        crate::telemetry::attribute("gen_ai.request.model", model.clone());
+    }
     let waited = AtomicU64::new(0);
     let result = relay_attempts(state, req, caller, request_id, &waited).await;
     let (total, waited) = (started.elapsed(), Duration::from_nanos(waited.load(Ordering::Relaxed)));
@@ -370,7 +372,9 @@ async fn attempt(
     }
     let upstream = &state.upstream;
     let mut upstream_req = upstream_req;
-    crate::telemetry::attribute("gen_ai.response.model", ctx.upstream_model.clone());
+    if crate::telemetry::traces_on() {
+        crate::telemetry::attribute("gen_ai.response.model", ctx.upstream_model.clone());
+    }
     let span =
         tracing::debug_span!(target: "wasmgate::upstream", "upstream", otel.name = "upstream", otel.kind = "client");
     if let Some(traceparent) = span.in_scope(crate::telemetry::traceparent) {
