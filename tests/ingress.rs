@@ -4,16 +4,13 @@
 //! do not show (the conversation sent upstream, token scoping, billing,
 //! error shapes, a stream cut by the upstream).
 
-use std::process::Command;
-
 use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::openai_sdk::python;
 use crate::support::accounts::{user_with_token, wait_rows};
 use crate::support::mock::{MockUpstream, Mode};
-use crate::support::{Gateway, TOKEN, admin, channel, client};
+use crate::support::{Gateway, TOKEN, admin, channel, client, run_python};
 
 const MODELS: &[&str] = &["gpt-4o-mini", "claude-mock", "tool-mock", "tool-claude", "gemini-mock", "tool-gemini"];
 
@@ -24,18 +21,6 @@ async fn gateway() -> (MockUpstream, Gateway) {
     let toml = format!("{PRICING}\n{}", channel("a", "openai", &mock.base_url(), MODELS, ""));
     let gw = Gateway::start(&["openai.wasm", "weighted.wasm"], &toml);
     (mock, gw)
-}
-
-async fn run_python(script: &str, env: Vec<(&'static str, String)>) -> String {
-    let script = crate::support::root().join("tests/python").join(script);
-    let output =
-        tokio::task::spawn_blocking(move || Command::new(python()).arg(script).envs(env).output().expect("run python"))
-            .await
-            .expect("join");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    println!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "SDK checks failed:\n{stdout}");
-    stdout
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -4,15 +4,13 @@
 //! Python SDK as the client. Then what each provider received is checked
 //! field by field, and Baidu's token exchange is checked under load.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::openai_sdk::python;
 use crate::support::providers::{KEYS, ProviderMock, Recorded};
-use crate::support::{Gateway, TOKEN, admin, chat, post};
+use crate::support::{Gateway, TOKEN, admin, chat, post, run_python};
 
 const PROVIDERS: &[&str] = &["anthropic", "gemini", "baidu", "qwen", "ollama", "azure"];
 
@@ -68,23 +66,15 @@ fn has_header(r: &Recorded, name: &str, value: &str) -> bool {
 async fn every_adapter_passes_its_fixture_suite_with_the_openai_sdk() {
     let mock = ProviderMock::start().await;
     let gw = start_gateway(&mock);
-    let base = gw.url("/v1");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(crate::support::root().join("tests/python/provider_check.py"))
-            .env("WASMGATE_BASE_URL", base)
-            .env("WASMGATE_API_KEY", TOKEN)
-            .env("WASMGATE_FIXTURES", crate::support::root().join("tests/fixtures/providers"))
-            .env("WASMGATE_PROVIDERS", PROVIDERS.join(","))
-            .output()
-            .expect("run python")
-    })
-    .await
-    .expect("join");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    println!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "provider checks failed:\n{stdout}\n{}", gw.log());
-    assert!(stdout.contains(&format!("{} passed, 0 failed", PROVIDERS.len() * 10)), "{stdout}");
+    let fixtures = crate::support::root().join("tests/fixtures/providers").to_string_lossy().into_owned();
+    let env = vec![
+        ("WASMGATE_BASE_URL", gw.url("/v1")),
+        ("WASMGATE_API_KEY", TOKEN.to_string()),
+        ("WASMGATE_FIXTURES", fixtures),
+        ("WASMGATE_PROVIDERS", PROVIDERS.join(",")),
+    ];
+    let stdout = run_python("provider_check.py", env).await;
+    assert!(stdout.contains(&format!("{} passed, 0 failed", PROVIDERS.len() * 10)), "{stdout}\n{}", gw.log());
 
     // What each provider actually received from the non-stream check.
     let sent = |r: &Recorded| r.body.to_string().contains("Hello there") && r.body.to_string().contains("END");

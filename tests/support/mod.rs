@@ -355,3 +355,30 @@ pub fn chat(model: &str, text: &str) -> serde_json::Value {
 pub async fn send(gw: &Gateway, path: &str, body: &serde_json::Value) -> reqwest::Response {
     client().post(gw.url(path)).bearer_auth(TOKEN).json(body).send().await.expect("send")
 }
+
+/// The Python with the SDKs and Playwright (`cargo xtask test` installs
+/// them and sets WASMGATE_TEST_PYTHON).
+pub fn python() -> String {
+    match std::env::var("WASMGATE_TEST_PYTHON") {
+        Ok(p) => p,
+        Err(_) => {
+            let venv = root().join("target/py-venv/bin/python");
+            assert!(venv.exists(), "no Python with the SDKs: run the suite with `cargo xtask test`");
+            venv.to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// Run `tests/python/SCRIPT` with `env`; returns its output, which must
+/// end in success.
+pub async fn run_python(script: &str, env: Vec<(&'static str, String)>) -> String {
+    let script = root().join("tests/python").join(script);
+    let output =
+        tokio::task::spawn_blocking(move || Command::new(python()).arg(script).envs(env).output().expect("run python"))
+            .await
+            .expect("join");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    println!("{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "Python checks failed:\n{stdout}");
+    stdout
+}
