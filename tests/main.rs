@@ -8,6 +8,7 @@ mod support;
 mod billing;
 mod channels_admin;
 mod compat;
+mod console;
 mod failover;
 mod hardening_billing;
 mod hardening_config;

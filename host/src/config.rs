@@ -53,6 +53,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// OpenTelemetry traces.
     pub telemetry: TelemetryConfig,
+    /// The web console at `/` and its sign-in sessions.
+    pub console: ConsoleConfig,
     /// Key encrypting upstream keys at rest (`WASMGATE_SECRETS_KEY`); when
     /// unset, a key is generated into `<data_dir>/secret.key`.
     pub secrets_key: Option<String>,
@@ -277,6 +279,36 @@ impl Default for ResponsesConfig {
     }
 }
 
+/// The web console (served at `/`) and its sessions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Serve the console (off: `/` answers 404; the API is unaffected).
+    pub enabled: bool,
+    /// How long a sign-in lasts, in seconds.
+    pub session_secs: u64,
+    /// Always mark the session cookie `Secure`. Without it the cookie is
+    /// `Secure` when the request came over TLS (`X-Forwarded-Proto: https`
+    /// from the proxy that terminates it).
+    pub secure_cookie: bool,
+    /// Failed sign-ins allowed per client address in 5 minutes.
+    pub max_failed_sign_ins: u32,
+    /// Most tokens a user can own through the self-service view.
+    pub max_tokens_per_user: u32,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            session_secs: 12 * 3600,
+            secure_cookie: false,
+            max_failed_sign_ins: 10,
+            max_tokens_per_user: 20,
+        }
+    }
+}
+
 /// `GET /metrics` (Prometheus).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -464,6 +496,7 @@ impl Default for Config {
             responses: ResponsesConfig::default(),
             metrics: MetricsConfig::default(),
             telemetry: TelemetryConfig::default(),
+            console: ConsoleConfig::default(),
             secrets_key: None,
             channels: Vec::new(),
         }

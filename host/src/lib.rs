@@ -13,6 +13,7 @@ pub mod api;
 pub mod billing;
 pub mod channels;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod health;
 pub mod ingress;

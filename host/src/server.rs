@@ -11,6 +11,7 @@ use crate::api::app;
 use crate::billing::Billing;
 use crate::channels::{ChannelStore, SledChannels};
 use crate::config::{Config, DEFAULT_GROUP};
+use crate::console::sessions::Sessions;
 use crate::health::{self, Health};
 use crate::plugins::{ArtifactCache, Compiler, PluginEngine, PluginWatcher, Registry, watch};
 use crate::relay::{Credentials, Upstream};
@@ -124,6 +125,7 @@ pub async fn build(config: Config) -> Result<Gateway> {
         admin_hash,
         registry,
         store,
+        sessions: Sessions::new(config.console.session_secs, config.console.max_failed_sign_ins),
         started_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         config,
     };

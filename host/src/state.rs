@@ -41,6 +41,8 @@ pub struct Inner {
     pub admin_hash: [u8; 32],
     /// Embedded store.
     pub store: Store,
+    /// Console sign-in sessions.
+    pub sessions: crate::console::sessions::Sessions,
     /// Unix time the gateway started (the `created` of listed models).
     pub started_at: u64,
 }

@@ -101,11 +101,12 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    step("python SDKs (openai, anthropic, google-genai)");
+    step("python SDKs (openai, anthropic, google-genai) and playwright");
     let python = python::ensure_venv(root)?;
-    step("prometheus");
-    // The observability test scrapes the gateway with a real Prometheus.
-    ensure_packages("Prometheus", &[("prometheus", "prometheus")])?;
+    step("prometheus and chromium");
+    // The observability test scrapes the gateway with a real Prometheus;
+    // the console test drives a real headless Chromium.
+    ensure_packages("Prometheus and Chromium", &[("prometheus", "prometheus"), ("chromium", "chromium")])?;
     step("host tests");
     let mut cmd = host_cargo();
     cmd.current_dir(root)

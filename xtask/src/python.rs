@@ -1,5 +1,7 @@
 //! A Python virtual environment with the official `openai`, `anthropic`
-//! and `google-genai` SDKs, used by the tests that check compatibility with real clients.
+//! and `google-genai` SDKs, used by the tests that check compatibility with
+//! real clients, and Playwright, which drives Debian's Chromium through the
+//! console (it never downloads a browser of its own).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -7,7 +9,8 @@ use std::process::Command;
 use anyhow::Result;
 
 /// The SDK version ranges the tests are written against.
-const REQUIREMENTS: [&str; 3] = ["openai>=1.40,<4", "anthropic>=0.40,<1", "google-genai>=1.0,<2"];
+const REQUIREMENTS: [&str; 4] =
+    ["openai>=1.40,<4", "anthropic>=0.40,<1", "google-genai>=1.0,<2", "playwright>=1.40,<2"];
 
 /// Create `target/py-venv` with the SDKs; returns its python.
 pub fn ensure_venv(root: &Path) -> Result<PathBuf> {
@@ -27,7 +30,7 @@ pub fn ensure_venv(root: &Path) -> Result<PathBuf> {
         }
     }
     let has_sdk = Command::new(&python)
-        .args(["-c", "import openai, anthropic, google.genai"])
+        .args(["-c", "import openai, anthropic, google.genai, playwright"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_sdk {

@@ -67,7 +67,7 @@ fn user_view(state: &AppState, u: &UserRecord) -> Value {
 }
 
 /// A token as the API shows it (never the key).
-fn token_view(state: &AppState, t: &TokenRecord) -> Value {
+pub fn token_view(state: &AppState, t: &TokenRecord) -> Value {
     let live = state.billing.ledger.token(t.id);
     json!({
         "id": t.id, "object": "token", "name": t.name, "user_id": t.user_id, "key": t.key_hint,
@@ -211,6 +211,43 @@ pub async fn delete_user(State(state): State<AppState>, Path(id): Path<String>) 
     Ok(Json(json!({"id": id, "object": "user", "deleted": true})))
 }
 
+/// Body of `POST /api/users/{id}/topup`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopUp {
+    /// Quota to add (negative deducts).
+    amount: i64,
+    /// Why; shown in the usage log.
+    #[serde(default)]
+    note: String,
+}
+
+/// `POST /api/users/{id}/topup` `{"amount": …, "note": "…"}`: add to (or
+/// deduct from) a user's balance, recorded in the usage log as a `topup`
+/// row with the note.
+pub async fn top_up(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = path_id(&id)?;
+    let input: TopUp = json_body(&body::take(raw)?)?;
+    if input.amount == 0 {
+        return Err(ApiError::bad_request("`amount` must not be 0").param("amount"));
+    }
+    if input.note.chars().count() > 500 {
+        return Err(ApiError::bad_request("`note` must be at most 500 characters").param("note"));
+    }
+    let set = state.billing.accounts.snapshot();
+    let user = set.users.get(&id).ok_or(AccountError::NotFound("user"))?;
+    state.billing.top_up(id, input.amount, input.note.trim()).map_err(|e| {
+        tracing::error!(error = %e, user = id, "a top-up could not be recorded");
+        crate::billing::storage_unavailable()
+    })?;
+    tracing::info!(user = id, amount = input.amount, "user topped up");
+    Ok(Json(user_view(&state, user)))
+}
+
 /// Body of `POST`/`PUT`/`PATCH /api/tokens`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -304,12 +341,18 @@ pub async fn create_token(
     let mut token = TokenRecord { user_id, unlimited_quota: remain.is_none(), ..TokenRecord::default() };
     input.apply(&mut token, true)?;
     token.remain_quota = remain.unwrap_or(0);
+    Ok((StatusCode::CREATED, Json(issue(&state, token)?)))
+}
+
+/// Store a new token and open its balance; the view carries the full
+/// key, this once.
+pub fn issue(state: &AppState, token: TokenRecord) -> Result<Value, ApiError> {
     let (token, key) = state.billing.accounts.create_token(token)?;
     state.billing.ledger.open_token(token.id, token.remain_quota);
-    tracing::info!(token = token.id, user = user_id, name = %token.name, "token created");
-    let mut view = token_view(&state, &token);
+    tracing::info!(token = token.id, user = token.user_id, name = %token.name, "token created");
+    let mut view = token_view(state, &token);
     view["key"] = json!(key);
-    Ok((StatusCode::CREATED, Json(view)))
+    Ok(view)
 }
 
 /// `GET /api/tokens/{id}`

@@ -13,6 +13,7 @@ use ipnet::IpNet;
 
 use crate::billing::accounts::Status;
 use crate::billing::{Account, Caller};
+use crate::console::sessions::Role;
 use crate::error::ApiError;
 use crate::state::{AppState, hashes_equal, secret_hash};
 use crate::store::unix_now;
@@ -21,7 +22,7 @@ use crate::store::unix_now;
 /// case, RFC 9110), or `api-key` / `x-api-key` / `x-goog-api-key` as
 /// Azure-, Anthropic- and Gemini-style clients send it. An `Authorization` header without the
 /// `Bearer` scheme presents nothing.
-fn presented_key(headers: &HeaderMap) -> Option<&str> {
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
         let v = v.trim();
         let (scheme, key) = v.split_once([' ', '\t'])?;
@@ -37,7 +38,8 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .filter(|k| !k.is_empty())
 }
 
-fn missing() -> ApiError {
+/// No credentials at all: OpenAI's answer.
+pub fn missing() -> ApiError {
     let mut e = ApiError::unauthorized(
         "You didn't provide an API key. You need to provide your API key in an Authorization header \
          using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
@@ -66,9 +68,13 @@ fn ip_allowed(ip: Option<IpAddr>, subnets: &[String]) -> bool {
 /// the API (checked for status, expiry, owner and client address), else a
 /// token from the configuration file.
 pub fn identify(state: &AppState, key: &str, ip: Option<IpAddr>) -> Result<Caller, ApiError> {
-    let hash = secret_hash(key);
+    identify_hash(state, &secret_hash(key), ip)
+}
+
+/// [`identify`] by the key's SHA-256 (a console session keeps only that).
+pub fn identify_hash(state: &AppState, hash: &[u8; 32], ip: Option<IpAddr>) -> Result<Caller, ApiError> {
     let accounts = state.billing.accounts.snapshot();
-    if let Some((token, user)) = accounts.by_key_hash(&hash) {
+    if let Some((token, user)) = accounts.by_key_hash(hash) {
         if token.status != Status::Enabled {
             return Err(refused(StatusCode::UNAUTHORIZED, "token_disabled", "This API key has been disabled."));
         }
@@ -86,7 +92,7 @@ pub fn identify(state: &AppState, key: &str, ip: Option<IpAddr>) -> Result<Calle
         let account = Account { user_id: user.id, token: token.clone() };
         return Ok(Caller { group: Arc::from(user.group.as_str()), account: Some(account), config_token: None });
     }
-    match state.token_groups.get(&hash) {
+    match state.token_groups.get(hash) {
         Some((group, index)) => Ok(Caller { group: group.clone(), account: None, config_token: Some(*index) }),
         None => Err(ApiError::unauthorized("Incorrect API key provided.")),
     }
@@ -130,10 +136,10 @@ impl FromRequestParts<AppState> for GeminiAuthed {
     }
 }
 
-/// Require the admin token.
+/// Require the admin token, or a console session signed in with it
+/// (whose state-changing calls carry its CSRF token).
 pub async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
     match presented_key(req.headers()) {
-        None => missing().into_response(),
         Some(key) if hashes_equal(&secret_hash(key), &state.admin_hash) => next.run(req).await,
         Some(_) => ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -142,6 +148,18 @@ pub async fn require_admin(State(state): State<AppState>, req: Request, next: Ne
             "Incorrect admin token.",
         )
         .into_response(),
+        None => match super::session::session_of(&state, req.headers(), req.method()) {
+            Ok(Some(s)) if s.role == Role::Admin => next.run(req).await,
+            Ok(Some(_)) => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                Some("not_an_admin"),
+                "This page needs the admin token; you signed in with a user's key.",
+            )
+            .into_response(),
+            Ok(None) => missing().into_response(),
+            Err(refused) => refused.into_response(),
+        },
     }
 }
 

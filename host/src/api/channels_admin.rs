@@ -76,7 +76,18 @@ pub async fn list(
         .filter(|r| field("model").is_none_or(|m| r.models.iter().any(|x| x == m)))
         .filter(|r| status.is_none_or(|s| r.status.name() == s))
         .collect();
-    Ok(Json(paged(&matching, paging, |r| r.masked())))
+    Ok(Json(paged(&matching, paging, |r| with_stats(&state, r))))
+}
+
+/// A channel as the API shows it, with its live routing statistics.
+fn with_stats(state: &AppState, rec: &ChannelRecord) -> Value {
+    let mut view = rec.masked();
+    let stats = state.routing.stats.view(rec.id);
+    view["stats"] = json!({
+        "latency_ms": stats.latency_ms, "ttft_ms": stats.ttft_ms, "error_rate": stats.error_rate,
+        "in_flight": stats.in_flight, "consecutive_failures": stats.consecutive_failures,
+    });
+    view
 }
 
 /// `POST /api/channels`
@@ -97,13 +108,7 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Resul
     let id = path_id(&id)?;
     let snapshot = state.channels.snapshot();
     let rec = snapshot.records.get(&id).ok_or_else(|| not_found(id))?;
-    let mut view = rec.masked();
-    let stats = state.routing.stats.view(id);
-    view["stats"] = json!({
-        "latency_ms": stats.latency_ms, "ttft_ms": stats.ttft_ms, "error_rate": stats.error_rate,
-        "in_flight": stats.in_flight, "consecutive_failures": stats.consecutive_failures,
-    });
-    Ok(Json(view))
+    Ok(Json(with_stats(&state, rec)))
 }
 
 async fn modify(

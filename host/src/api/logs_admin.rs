@@ -10,11 +10,11 @@ use axum::extract::{Query, State};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::auth::Authed;
 use super::body;
-use super::params::{json_body, list_json, optional_u64, paging};
+use super::params::{json_body, list_json, number, optional_u64, paging};
+use super::session::SelfAuthed;
 use crate::billing::Caller;
-use crate::billing::logs::{LogFilter, LogKind, query, stats};
+use crate::billing::logs::{LogFilter, LogKind, page_before, query, stats};
 use crate::billing::pricing::PricingConfig;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -24,7 +24,8 @@ fn filter(q: &HashMap<String, String>) -> Result<LogFilter, ApiError> {
         None => None,
         Some("consume") => Some(LogKind::Consume),
         Some("error") => Some(LogKind::Error),
-        Some(_) => return Err(ApiError::bad_request("`type` must be `consume` or `error`").param("type")),
+        Some("topup") => Some(LogKind::Topup),
+        Some(_) => return Err(ApiError::bad_request("`type` must be `consume`, `error` or `topup`").param("type")),
     };
     Ok(LogFilter {
         start_ms: optional_u64(q, "start_ms")?,
@@ -39,18 +40,35 @@ fn filter(q: &HashMap<String, String>) -> Result<LogFilter, ApiError> {
     })
 }
 
+/// Most rows one cursor page carries.
+const MAX_LIMIT: usize = 500;
+
+/// A page of rows: by cursor (`before_id`, `limit`: fast at any depth,
+/// no total) when either is given, else by number (`page`, `per_page`,
+/// with the matching total).
 async fn page(state: &AppState, f: LogFilter, q: &HashMap<String, String>) -> Result<Json<Value>, ApiError> {
+    let logs = state.billing.logs().map_err(|_| crate::billing::storage_unavailable())?;
+    let index = state.billing.log_index().map_err(|_| crate::billing::storage_unavailable())?;
+    if q.contains_key("before_id") || q.contains_key("limit") {
+        let before = optional_u64(q, "before_id")?;
+        let limit = number(q, "limit", 50)?.min(MAX_LIMIT);
+        let (rows, more) = tokio::task::spawn_blocking(move || page_before(&logs, &index, &f, before, limit))
+            .await
+            .map_err(|_| ApiError::internal())?;
+        let next = if more { rows.last().map(|r| r.id) } else { None };
+        let data: Vec<Value> = rows.iter().map(|r| json!(r)).collect();
+        return Ok(Json(json!({"object": "list", "data": data, "has_more": more, "next_before_id": next})));
+    }
     let paging = paging(q)?;
-    let tree = state.billing.logs().map_err(|_| crate::billing::storage_unavailable())?;
-    let (rows, total) = tokio::task::spawn_blocking(move || query(&tree, &f, paging.0, paging.1))
+    let (rows, total) = tokio::task::spawn_blocking(move || query(&logs, &index, &f, paging.0, paging.1))
         .await
         .map_err(|_| ApiError::internal())?;
     let data = rows.iter().map(|r| json!(r)).collect();
     Ok(Json(list_json(data, total, paging)))
 }
 
-/// `GET /api/logs?start_ms=&end_ms=&user_id=&token=&token_id=&channel_id=&model=&type=&request_id=&page=&per_page=`
-/// — newest first.
+/// `GET /api/logs?start_ms=&end_ms=&user_id=&token=&token_id=&channel_id=&model=&type=&request_id=`
+/// `&before_id=&limit=` (or `&page=&per_page=`) — newest first.
 pub async fn list(
     State(state): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
@@ -74,14 +92,14 @@ pub async fn summary(
     Ok(Json(json!({"object": "stats", "data": sums})))
 }
 
-fn own_account(caller: &Caller) -> Result<&crate::billing::Account, ApiError> {
+pub fn own_account(caller: &Caller) -> Result<&crate::billing::Account, ApiError> {
     caller.account.as_ref().ok_or_else(|| {
         ApiError::bad_request("This token is from the configuration file and has no account.").param("authorization")
     })
 }
 
 /// `GET /api/self`: the caller's user and token, with live balances.
-pub async fn me(State(state): State<AppState>, Authed(caller): Authed) -> Result<Json<Value>, ApiError> {
+pub async fn me(State(state): State<AppState>, SelfAuthed(caller): SelfAuthed) -> Result<Json<Value>, ApiError> {
     let acct = own_account(&caller)?;
     let user = state.billing.ledger.user(acct.user_id);
     let token = state.billing.ledger.token(acct.token.id);
@@ -97,7 +115,7 @@ pub async fn me(State(state): State<AppState>, Authed(caller): Authed) -> Result
 /// `GET /api/self/logs`: the caller's own rows (all their tokens).
 pub async fn my_logs(
     State(state): State<AppState>,
-    Authed(caller): Authed,
+    SelfAuthed(caller): SelfAuthed,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let acct = own_account(&caller)?;
@@ -125,4 +143,104 @@ pub async fn put_pricing(
 pub async fn reset_pricing(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     state.billing.pricing.reset().map_err(|_| ApiError::internal())?;
     Ok(Json(json!(*state.billing.pricing.table())))
+}
+
+/// Most rows one CSV export carries.
+const MAX_EXPORT: usize = 100_000;
+
+/// One CSV cell: quoted when it holds a separator, a quote or a line
+/// break; a leading `=`, `+`, `-` or `@` is defused so a spreadsheet
+/// never runs it as a formula.
+fn cell(out: &mut String, value: &str) {
+    let defused = value.starts_with(['=', '+', '-', '@']);
+    if defused || value.contains([',', '"', '\n', '\r']) {
+        out.push('"');
+        if defused {
+            out.push('\'');
+        }
+        out.push_str(&value.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(value);
+    }
+}
+
+fn csv(rows: &[crate::billing::logs::LogRow]) -> String {
+    const HEAD: &str = "id,at_ms,type,request_id,user_id,token_name,channel_id,model,upstream_model,\
+                        prompt_tokens,completion_tokens,cached_tokens,quota,latency_ms,ttft_ms,stream,status,error_or_note\n";
+    let mut out = String::with_capacity(HEAD.len() + rows.len() * 160);
+    out.push_str(HEAD);
+    for r in rows {
+        let kind = match r.kind {
+            LogKind::Consume => "consume",
+            LogKind::Error => "error",
+            LogKind::Topup => "topup",
+        };
+        let opt = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_default();
+        let fields = [
+            r.id.to_string(),
+            r.at_ms.to_string(),
+            kind.to_string(),
+            r.request_id.clone(),
+            opt(r.user_id),
+            r.token_name.clone(),
+            r.channel_id.to_string(),
+            r.model.clone(),
+            r.upstream_model.clone(),
+            r.prompt_tokens.to_string(),
+            r.completion_tokens.to_string(),
+            r.cached_tokens.to_string(),
+            r.quota.to_string(),
+            r.latency_ms.to_string(),
+            opt(r.ttft_ms),
+            r.stream.to_string(),
+            r.status.to_string(),
+            r.error_kind.clone().or_else(|| r.note.clone()).unwrap_or_default(),
+        ];
+        for (i, f) in fields.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            cell(&mut out, f);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `GET /api/logs/export?…&limit=` (the filters of `/api/logs`): the
+/// matching rows as CSV, newest first, at most 100,000.
+pub async fn export(
+    State(state): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let f = filter(&q)?;
+    let limit = number(&q, "limit", MAX_EXPORT)?.min(MAX_EXPORT);
+    let logs = state.billing.logs().map_err(|_| crate::billing::storage_unavailable())?;
+    let index = state.billing.log_index().map_err(|_| crate::billing::storage_unavailable())?;
+    let body = tokio::task::spawn_blocking(move || csv(&page_before(&logs, &index, &f, None, limit).0))
+        .await
+        .map_err(|_| ApiError::internal())?;
+    let headers = [
+        (axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+        (axum::http::header::CONTENT_DISPOSITION, "attachment; filename=\"wasmgate-logs.csv\""),
+    ];
+    Ok((headers, body).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_cells_are_quoted_and_formulas_defused() {
+        let mut out = String::new();
+        cell(&mut out, "a,b");
+        out.push('|');
+        cell(&mut out, "=cmd()");
+        out.push('|');
+        cell(&mut out, "say \"hi\"");
+        assert_eq!(out, "\"a,b\"|\"'=cmd()\"|\"say \"\"hi\"\"\"");
+    }
 }

@@ -4,6 +4,7 @@ mod accounts_admin;
 mod auth;
 mod body;
 mod channels_admin;
+mod dashboard;
 mod gemini;
 mod limits;
 mod logs_admin;
@@ -14,6 +15,8 @@ mod params;
 mod plugins_admin;
 mod responses;
 mod routing_admin;
+mod self_tokens;
+mod session;
 mod status;
 
 use axum::Router;
@@ -76,6 +79,7 @@ pub fn app(state: AppState) -> Router {
                 .patch(accounts_admin::patch_user)
                 .delete(accounts_admin::delete_user),
         )
+        .route("/users/{id}/topup", post(accounts_admin::top_up))
         .route("/tokens", get(accounts_admin::list_tokens).post(accounts_admin::create_token))
         .route(
             "/tokens/{id}",
@@ -86,13 +90,23 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/logs", get(logs_admin::list))
         .route("/logs/stats", get(logs_admin::summary))
+        .route("/logs/export", get(logs_admin::export))
+        .route("/dashboard", get(dashboard::admin))
         .route("/pricing", get(logs_admin::get_pricing).put(logs_admin::put_pricing).delete(logs_admin::reset_pricing))
         .route("/routing", get(routing_admin::get).put(routing_admin::put).delete(routing_admin::reset))
         .route_layer(middleware::from_fn(on_admin_thread))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
-    let own = Router::new().route("/self", get(logs_admin::me)).route("/self/logs", get(logs_admin::my_logs));
+    let own = Router::new()
+        .route("/self", get(logs_admin::me))
+        .route("/self/logs", get(logs_admin::my_logs))
+        .route("/self/dashboard", get(dashboard::own))
+        .route("/self/tokens", get(self_tokens::list).post(self_tokens::create))
+        .route("/self/tokens/{id}", axum::routing::delete(self_tokens::revoke))
+        .route("/session", get(session::current).post(session::sign_in).delete(session::sign_out));
     let v1beta = Router::new().route("/models/{target}", post(gemini::call));
+    let console = if state.config.console.enabled { crate::console::routes() } else { Router::new() };
     Router::new()
+        .merge(console)
         .nest("/v1", v1)
         .nest("/v1beta", v1beta)
         .nest("/api", own.merge(admin))

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::{log_index, rollup};
+
 /// What a row records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -14,6 +16,9 @@ pub enum LogKind {
     Consume,
     /// A failed attempt or request that reached a channel; never charged.
     Error,
+    /// An administrator's quota adjustment (`quota` is the amount added;
+    /// negative when deducted), with their note.
+    Topup,
 }
 
 /// One usage log row.
@@ -79,6 +84,9 @@ pub struct LogRow {
     pub plugin: String,
     /// Its SHA-256.
     pub plugin_sha256: String,
+    /// The administrator's note of a top-up row.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Filters of `GET /api/logs` and `/api/logs/stats`.
@@ -122,12 +130,49 @@ fn rows(tree: &sled::Tree) -> impl DoubleEndedIterator<Item = LogRow> + '_ {
     tree.iter().filter_map(|item| item.ok().and_then(|(_, v)| serde_json::from_slice::<LogRow>(&v).ok()))
 }
 
-/// A page of rows, newest first, and the number matching.
-pub fn query(tree: &sled::Tree, filter: &LogFilter, page: usize, per_page: usize) -> (Vec<LogRow>, usize) {
+/// How far, in ms, a row's time may precede that of a row with a smaller
+/// id (ids are given when a row is made; a long stream's row is made at
+/// its end but dated at its start): a walk back in time stops this far
+/// past its `start_ms`.
+const ORDER_SLACK_MS: u64 = 3_600_000;
+
+/// The rows matching `filter`, newest first, below the row id `before`
+/// when given: through the most selective secondary key when the filter
+/// has one, else along the log itself; it stops past `start_ms`.
+fn candidates<'a>(
+    logs: &'a sled::Tree,
+    index: &'a sled::Tree,
+    filter: &'a LogFilter,
+    before: Option<u64>,
+) -> impl Iterator<Item = LogRow> + 'a {
+    let decode = |v: &[u8]| serde_json::from_slice::<LogRow>(v).ok();
+    let walk: Box<dyn Iterator<Item = LogRow> + 'a> = match log_index::walk_prefix(filter) {
+        Some(prefix) => Box::new(
+            log_index::ids_under(index, prefix, before)
+                .filter_map(move |id| logs.get(id.to_be_bytes()).ok().flatten().and_then(|v| decode(&v))),
+        ),
+        None => {
+            let end = before.unwrap_or(u64::MAX).to_be_bytes();
+            Box::new(logs.range(..end).rev().filter_map(move |item| item.ok().and_then(|(_, v)| decode(&v))))
+        }
+    };
+    let floor = filter.start_ms.map(|s| s.saturating_sub(ORDER_SLACK_MS));
+    walk.take_while(move |r| floor.is_none_or(|f| r.at_ms >= f)).filter(|r| filter.keeps(r))
+}
+
+/// A page of rows, newest first, and the number matching (which walks
+/// every matching row: the cursor form, [`page_before`], does not).
+pub fn query(
+    logs: &sled::Tree,
+    index: &sled::Tree,
+    filter: &LogFilter,
+    page: usize,
+    per_page: usize,
+) -> (Vec<LogRow>, usize) {
     let mut total = 0usize;
     let mut out = Vec::new();
     let skip = page.saturating_sub(1).saturating_mul(per_page);
-    for row in rows(tree).rev().filter(|r| filter.keeps(r)) {
+    for row in candidates(logs, index, filter, None) {
         if total >= skip && out.len() < per_page {
             out.push(row);
         }
@@ -136,8 +181,69 @@ pub fn query(tree: &sled::Tree, filter: &LogFilter, page: usize, per_page: usize
     (out, total)
 }
 
+/// Up to `limit` rows, newest first, below the row id `before`, and
+/// whether more follow: as fast on the thousandth page as on the first.
+pub fn page_before(
+    logs: &sled::Tree,
+    index: &sled::Tree,
+    filter: &LogFilter,
+    before: Option<u64>,
+    limit: usize,
+) -> (Vec<LogRow>, bool) {
+    let mut rows: Vec<LogRow> = candidates(logs, index, filter, before).take(limit.saturating_add(1)).collect();
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    (rows, more)
+}
+
+/// Build the secondary keys and rollups of a log that has none (a store
+/// from before they existed, or whose build was cut short): from scratch,
+/// once, before the writer starts.
+pub fn ensure_index(logs: &sled::Tree, index: &sled::Tree) -> anyhow::Result<()> {
+    const BUILT: &[u8] = b"built-v1";
+    if index.contains_key(BUILT)? {
+        return Ok(());
+    }
+    index.clear()?;
+    let started = std::time::Instant::now();
+    let mut n = 0usize;
+    let mut chunk: Vec<LogRow> = Vec::with_capacity(10_000);
+    let flush = |chunk: &mut Vec<LogRow>| -> anyhow::Result<()> {
+        let mut batch = sled::Batch::default();
+        for row in chunk.iter() {
+            for key in log_index::keys(row) {
+                batch.insert(key, &[][..]);
+            }
+        }
+        for (key, delta) in rollup::deltas(chunk.iter()) {
+            let mut bucket: rollup::Bucket =
+                index.get(key)?.and_then(|raw| serde_json::from_slice(&raw).ok()).unwrap_or_default();
+            bucket.merge(&delta);
+            batch.insert(&key[..], serde_json::to_vec(&bucket)?);
+        }
+        index.apply_batch(batch)?;
+        chunk.clear();
+        Ok(())
+    };
+    for row in rows(logs) {
+        chunk.push(row);
+        n += 1;
+        if chunk.len() == chunk.capacity() {
+            flush(&mut chunk)?;
+        }
+    }
+    flush(&mut chunk)?;
+    index.insert(BUILT, &[][..])?;
+    index.flush()?;
+    if n > 0 {
+        tracing::info!(rows = n, ms = started.elapsed().as_millis() as u64, "usage log index built");
+    }
+    Ok(())
+}
+
 /// Sums of one group.
-#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Sums {
     /// Rows.
     pub requests: u64,
@@ -154,7 +260,8 @@ pub struct Sums {
 /// Sums per `by` (`day`, `model`, `channel`, `user`, `token`).
 pub fn stats(tree: &sled::Tree, filter: &LogFilter, by: &str) -> BTreeMap<String, Sums> {
     let mut out: BTreeMap<String, Sums> = BTreeMap::new();
-    for r in rows(tree).filter(|r| filter.keeps(r)) {
+    let usage = |r: &LogRow| r.kind != LogKind::Topup || filter.kind == Some(LogKind::Topup);
+    for r in rows(tree).filter(|r| filter.keeps(r) && usage(r)) {
         let key = match by {
             "model" => r.model.clone(),
             "channel" => r.channel_id.to_string(),
@@ -188,20 +295,28 @@ fn day(at_ms: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// Delete rows older than `cutoff_ms`; returns how many.
-pub fn delete_before(tree: &sled::Tree, cutoff_ms: u64) -> anyhow::Result<usize> {
+/// Delete rows older than `cutoff_ms` with their secondary keys and
+/// hourly rollups; returns how many rows.
+pub fn delete_before(logs: &sled::Tree, index: &sled::Tree, cutoff_ms: u64) -> anyhow::Result<usize> {
     let mut n = 0;
-    for item in tree.iter() {
+    for item in logs.iter() {
         let (key, value) = item?;
         let row: LogRow = serde_json::from_slice(&value).unwrap_or_default();
         if row.at_ms >= cutoff_ms {
             break;
         }
-        tree.remove(key)?;
+        let mut batch = sled::Batch::default();
+        for k in log_index::keys(&LogRow { id: u64::from_be_bytes(key.as_ref().try_into()?), ..row }) {
+            batch.remove(k);
+        }
+        index.apply_batch(batch)?;
+        logs.remove(key)?;
         n += 1;
     }
+    rollup::prune(index, true, cutoff_ms)?;
     if n > 0 {
-        tree.flush()?;
+        logs.flush()?;
+        index.flush()?;
     }
     Ok(n)
 }
@@ -209,6 +324,60 @@ pub fn delete_before(tree: &sled::Tree, cutoff_ms: u64) -> anyhow::Result<usize>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn store() -> (tempfile::TempDir, sled::Tree, sled::Tree) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::open(dir.path()).expect("sled");
+        (dir, db.open_tree("logs").expect("logs"), db.open_tree("log_index").expect("index"))
+    }
+
+    fn row(id: u64, user: u64, kind: LogKind) -> LogRow {
+        LogRow { id, at_ms: 1_000 * id, user_id: Some(user), kind, model: format!("m{}", id % 2), ..LogRow::default() }
+    }
+
+    #[test]
+    fn an_unindexed_log_is_indexed_once_and_pages_by_cursor() {
+        let (_dir, logs, index) = store();
+        for id in 1..=9u64 {
+            let r = row(id, 1 + id % 3, if id == 5 { LogKind::Error } else { LogKind::Consume });
+            logs.insert(id.to_be_bytes(), serde_json::to_vec(&r).expect("json")).expect("insert");
+        }
+        ensure_index(&logs, &index).expect("index");
+        ensure_index(&logs, &index).expect("a second start changes nothing");
+        let hour = rollup::read(&index, true, 0, 3_600_000);
+        assert_eq!((hour[0].1.total.requests, hour[0].1.total.errors), (8, 1), "counted once");
+
+        let everyone = LogFilter::default();
+        let (first, more) = page_before(&logs, &index, &everyone, None, 4);
+        assert_eq!((first.iter().map(|r| r.id).collect::<Vec<_>>(), more), (vec![9, 8, 7, 6], true));
+        let (next, _) = page_before(&logs, &index, &everyone, Some(6), 4);
+        assert_eq!(next.iter().map(|r| r.id).collect::<Vec<_>>(), vec![5, 4, 3, 2]);
+
+        let user = LogFilter { user_id: Some(1), ..LogFilter::default() };
+        let (rows, more) = page_before(&logs, &index, &user, None, 10);
+        assert_eq!((rows.iter().map(|r| r.id).collect::<Vec<_>>(), more), (vec![9, 6, 3], false));
+        let errors = LogFilter { kind: Some(LogKind::Error), ..LogFilter::default() };
+        assert_eq!(page_before(&logs, &index, &errors, None, 10).0.len(), 1);
+        let both = LogFilter { user_id: Some(2), model: Some("m0".into()), ..LogFilter::default() };
+        assert_eq!(page_before(&logs, &index, &both, None, 10).0.iter().map(|r| r.id).collect::<Vec<_>>(), vec![4]);
+        let (_, total) = query(&logs, &index, &user, 1, 2);
+        assert_eq!(total, 3);
+    }
+
+    #[test]
+    fn deleting_old_rows_takes_their_keys_with_them() {
+        let (_dir, logs, index) = store();
+        for id in 1..=4u64 {
+            logs.insert(id.to_be_bytes(), serde_json::to_vec(&row(id, 1, LogKind::Consume)).expect("json"))
+                .expect("insert");
+        }
+        ensure_index(&logs, &index).expect("index");
+        assert_eq!(delete_before(&logs, &index, 3_000).expect("delete"), 2);
+        let user = LogFilter { user_id: Some(1), ..LogFilter::default() };
+        assert_eq!(page_before(&logs, &index, &user, None, 10).0.iter().map(|r| r.id).collect::<Vec<_>>(), vec![4, 3]);
+        let keys = index.iter().keys().filter(|k| k.as_ref().is_ok_and(|k| k[0] == b'u')).count();
+        assert_eq!(keys, 2);
+    }
 
     #[test]
     fn days_are_utc_calendar_dates() {

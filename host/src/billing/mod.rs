@@ -20,11 +20,14 @@
 //! around, and a request estimated above [`pricing::MAX_QUOTA`] is refused.
 
 pub mod accounts;
+pub mod dashboard;
 pub mod journal;
 pub mod ledger;
 pub mod limits;
+pub mod log_index;
 pub mod logs;
 pub mod pricing;
+pub mod rollup;
 pub mod tokenize;
 pub mod writer;
 
@@ -140,12 +143,8 @@ impl Billing {
         log_config: &LogConfig,
         limits: &LimitsConfig,
     ) -> anyhow::Result<Self> {
-        let trees = Trees {
-            users: store.tree("users")?,
-            tokens: store.tree("tokens")?,
-            logs: store.tree("logs")?,
-            state: store.tree("billing_state")?,
-        };
+        let trees = Trees::open(store)?;
+        logs::ensure_index(&trees.logs, &trees.index)?;
         let committed = trees.committed_seq()?;
         // A store that lost committed usage (a truncated or restored db)
         // is refused rather than billed again from an old state.
@@ -179,6 +178,11 @@ impl Billing {
     /// The `logs` tree (fetched for each use: the store may be reopened).
     pub fn logs(&self) -> anyhow::Result<sled::Tree> {
         self.store.tree("logs")
+    }
+
+    /// The `log_index` tree: the log's secondary keys and rollups.
+    pub fn log_index(&self) -> anyhow::Result<sled::Tree> {
+        self.store.tree("log_index")
     }
 
     /// The storage health (fail-closed admission, `/health`).
@@ -360,6 +364,29 @@ impl Billing {
         Ok(delta)
     }
 
+    /// Add `delta` to a user's balance (negative deducts) and record it in
+    /// the usage log with the administrator's `note`.
+    pub fn top_up(&self, user: u64, delta: i64, note: &str) -> Result<(), NotRecorded> {
+        let row = LogRow {
+            at_ms: unix_now_ms(),
+            kind: LogKind::Topup,
+            request_id: format!("topup_{:016x}", rand::random::<u64>()),
+            user_id: Some(user),
+            quota: delta,
+            status: 200,
+            note: Some(note.to_string()),
+            ..LogRow::default()
+        };
+        let row = self.numbered(row).ok_or_else(|| NotRecorded("no row id".into()))?;
+        self.writer.send(Change::Adjust { user: Some(user), token: None, delta })?;
+        self.ledger.adjust(Some(user), None, delta);
+        // The balance moved: a lost row is logged, never a reason to undo it.
+        if let Err(error) = self.writer.send_or_keep(Change::Row(row)) {
+            tracing::error!(%error, user, delta, "a top-up's log row could not be recorded");
+        }
+        Ok(())
+    }
+
     /// A row with a fresh id, or `None` (logged) when sled cannot give one.
     fn numbered(&self, mut row: LogRow) -> Option<Box<LogRow>> {
         match self.store.generate_id() {
@@ -381,16 +408,21 @@ impl Billing {
         }
     }
 
-    /// Delete log rows older than the retention, if one is set.
+    /// Delete log rows older than the retention, if one is set, and the
+    /// minute rollups older than two days.
     pub fn sweep_logs(&self) {
-        if self.log_config.retention_secs == 0 {
-            return;
-        }
-        let cutoff = unix_now_ms().saturating_sub(self.log_config.retention_secs.saturating_mul(1000));
-        let result = self.logs().and_then(|tree| logs::delete_before(&tree, cutoff));
+        let result = self.logs().and_then(|tree| {
+            let index = self.log_index()?;
+            let minutes = rollup::prune(&index, false, unix_now_ms().saturating_sub(rollup::MINUTES_KEPT_MS))?;
+            if self.log_config.retention_secs == 0 {
+                return Ok((0, minutes));
+            }
+            let cutoff = unix_now_ms().saturating_sub(self.log_config.retention_secs.saturating_mul(1000));
+            Ok((logs::delete_before(&tree, &index, cutoff)?, minutes))
+        });
         match result {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(rows = n, "old usage logs deleted"),
+            Ok((0, _)) => {}
+            Ok((n, _)) => tracing::info!(rows = n, "old usage logs deleted"),
             Err(error) => tracing::error!(%error, "deleting old usage logs failed"),
         }
     }

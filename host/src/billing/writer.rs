@@ -24,6 +24,7 @@ use super::NotRecorded;
 use super::accounts::{TokenRecord, UserRecord};
 use super::journal::{Change, Entry, Journal};
 use super::logs::{LogKind, LogRow};
+use super::{log_index, rollup};
 use crate::store::Store;
 
 /// Key of the last committed journal sequence number in `billing_state`.
@@ -59,6 +60,8 @@ pub struct Trees {
     pub logs: sled::Tree,
     /// The committed journal sequence number and the open streams.
     pub state: sled::Tree,
+    /// The log's secondary keys and per-minute/hour rollups.
+    pub index: sled::Tree,
 }
 
 impl Trees {
@@ -69,6 +72,7 @@ impl Trees {
             tokens: store.tree("tokens")?,
             logs: store.tree("logs")?,
             state: store.tree("billing_state")?,
+            index: store.tree("log_index")?,
         })
     }
 
@@ -382,13 +386,20 @@ fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(
         return Ok(());
     }
     let (user_deltas, token_deltas) = deltas(changes);
-    let Trees { users, tokens, logs, state } = trees;
-    (users, tokens, logs, state)
-        .transaction(|(u, t, l, s)| {
+    let Trees { users, tokens, logs, state, index } = trees;
+    (users, tokens, logs, state, index)
+        .transaction(|(u, t, l, s, x)| {
+            let mut fresh = Vec::new();
             for (_, change) in changes {
                 match change {
                     Change::Row(row) => {
-                        l.insert(&row.id.to_be_bytes(), serde_json::to_vec(row.as_ref()).map_err(abort)?)?;
+                        let before =
+                            l.insert(&row.id.to_be_bytes(), serde_json::to_vec(row.as_ref()).map_err(abort)?)?;
+                        // A row written again (a replay) is indexed and counted once.
+                        if before.is_none() {
+                            log_index::add(x, row)?;
+                            fresh.push(row.as_ref());
+                        }
                         // Only a stream has an open record to end.
                         if row.kind == LogKind::Consume && row.stream {
                             s.remove(open_key(&row.request_id))?;
@@ -400,6 +411,7 @@ fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(
                     Change::Adjust { .. } => {}
                 }
             }
+            rollup::apply(x, &rollup::deltas(fresh.into_iter()))?;
             for (id, d) in &user_deltas {
                 update::<UserRecord>(u, *id, |r| {
                     r.quota = r.quota.saturating_add(d.quota);
