@@ -12,12 +12,15 @@
 //! 4. with `--streams N`: N concurrent slow streams (16 chunks, 500 ms
 //!    apart): errors, gateway memory per open stream, and the c=1 latency of
 //!    other requests meanwhile.
+//! 5. with `--log-rows N` (alone): the console's dashboard and logs queries
+//!    on a store of N usage rows (`console_queries.rs`).
 //!
 //! Every process is its own (mock, nginx, proxy, gateway), traffic goes to
 //! 127.0.0.1 only, and every run is bounded in time.
 
 mod adapter_calls;
 mod bare_proxy;
+mod console_queries;
 #[path = "../../tests/support/mock.rs"]
 #[allow(missing_docs)]
 mod mock;
@@ -68,6 +71,9 @@ struct Args {
     /// `instance_reuse = 1`.
     #[arg(long, default_value = "")]
     plugin_options: String,
+    /// Only time the console's queries on a store of this many usage rows.
+    #[arg(long, default_value_t = 0)]
+    log_rows: usize,
 }
 
 const TOKEN: &str = "sk-bench-0123456789abcdefghijklmnopqrstuv";
@@ -143,6 +149,10 @@ fn main() -> Result<()> {
     let plugins = args.plugins.clone().context("--plugins")?;
     println!("# wasmgate loopback benchmark\n");
     println!("machine: {} cores; {}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), cpu_model());
+    if args.log_rows > 0 {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        return rt.block_on(console_queries::run(&args, args.log_rows));
+    }
     if args.plugin_iterations > 0 {
         let plugin_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         plugin_rt.block_on(plugin_calls::run(&plugins, args.plugin_iterations))?;
