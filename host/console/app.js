@@ -104,7 +104,7 @@
   }
 
   function notice(target, message, isError) {
-    target.replaceChildren(h("div", { class: "notice" + (isError ? " error" : ""), role: isError ? "alert" : "status" }, message));
+    target.replaceChildren(h("div", { class: "notice" + (isError ? " error" : ""), role: isError ? "alert" : "status" }, [message]));
   }
 
   // A form's inputs keyed by name; an API error naming a field is shown next to it.
@@ -323,9 +323,11 @@
 
   // ---- channels -----------------------------------------------------------
 
+  // Loaded adapters by name → the models each offers on a channel listing none.
   async function adapters() {
     const p = await api("GET", "/api/plugins");
-    return p.data.filter((x) => x.loaded && x.kind === "adapter").map((x) => x.name).sort();
+    const loaded = p.data.filter((x) => x.loaded && x.kind === "adapter").sort((a, b) => a.name.localeCompare(b.name));
+    return Object.fromEntries(loaded.map((x) => [x.name, x.default_models || []]));
   }
 
   function channelForm(rec, adapterNames, done) {
@@ -335,7 +337,7 @@
     const form = h("form", { class: "fields", "data-test": "channel-form" },
       h("label", {}, t("col.name"), h("input", { name: "name", required: true, value: v.name || "" })),
       h("label", {}, t("col.adapter"), h("select", { name: "adapter", required: true },
-        adapterNames.map((a) => h("option", { value: a, selected: a === v.adapter }, a)))),
+        Object.keys(adapterNames).map((a) => h("option", { value: a, selected: a === v.adapter }, a)))),
       h("label", {}, t("ch.base_url"), h("input", { name: "base_url", required: true, value: v.base_url || "", type: "url" })),
       h("label", {}, t("ch.models_hint"), h("input", { name: "models", value: (v.models || []).join(", ") })),
       h("label", {}, t("col.groups"), h("input", { name: "groups", value: (v.groups || ["default"]).join(", ") })),
@@ -348,6 +350,12 @@
       h("label", { class: "wide" }, t("ch.settings"), h("textarea", { name: "settings", rows: 3, value: json(v.settings) })),
       h("div", { class: "actions wide" }, h("button", { class: "primary", type: "submit" }, rec ? t("save") : t("create"))));
     form.querySelectorAll("textarea").forEach((x) => { x.style.minHeight = "70px"; });
+    // An empty model list offers the adapter's defaults: show them as the placeholder.
+    const models = form.querySelector("[name=models]");
+    const adapter = form.querySelector("[name=adapter]");
+    const defaults = () => { models.placeholder = t("ch.defaults", { models: (adapterNames[adapter.value] || []).join(", ") || "—" }); };
+    adapter.addEventListener("change", defaults);
+    defaults();
     form.addEventListener("submit", async (e) => {
       e.preventDefault();
       const f = new FormData(form);
@@ -472,7 +480,13 @@
       const target = name.value.trim() || f.name.replace(/\.wasm$/, "");
       try {
         const r = await api("PUT", "/api/plugins/" + encodeURIComponent(target), undefined, await f.arrayBuffer());
-        S.flash = t("pl.uploaded", { name: r.name, kind: r.kind, version: r.version || "" });
+        const cases = (r.check && r.check.cases) || [];
+        const failed = cases.filter((c) => !c.passed);
+        S.flash = [
+          t("pl.uploaded", { name: r.name, kind: r.kind, version: r.version || "" }),
+          " — ", t("pl.checked", { passed: cases.length - failed.length, total: cases.length }),
+          failed.length ? h("ul", {}, failed.map((c) => h("li", { class: "error" }, c.name + ": " + c.detail))) : null,
+        ];
         route();
       } catch (err) { notice(out, t("pl.rejected", { msg: err.message }), true); }
     };

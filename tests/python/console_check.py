@@ -169,6 +169,7 @@ def a_plugin_is_uploaded_and_listed():
     page.fill("#plugin-name", "uploaded-policy")
     page.set_input_files("[data-test=plugin-file]", PLUGIN)
     expect(page.locator("[data-test=plugin-notice]")).to_contain_text("uploaded-policy loaded")
+    expect(page.locator("[data-test=plugin-notice]")).to_contain_text(re.compile(r"plugin check: (\d+) of \1 conformance checks passed"))
     expect(page.locator("[data-test=plugins] tr", has_text="uploaded-policy")).to_be_visible()
     expect(page.locator("[data-test=plugins] tr", has_text="openai")).to_contain_text("browser-channel")
     shot("plugins")
@@ -203,6 +204,19 @@ def pricing_errors_are_shown_inline():
     pricing.locator("button[type=submit]").click()
     expect(page.locator("[role=alert]")).to_be_visible()
     shot("settings")
+
+
+@check
+def the_console_speaks_chinese_and_has_a_dark_mode():
+    goto("channels")
+    page.click("header button:has-text('中文')")
+    expect(page.locator("nav")).to_contain_text("渠道")
+    expect(page.locator("main h1")).to_have_text("渠道")
+    page.click("header button:has-text('English')")
+    expect(page.locator("nav")).to_contain_text("Channels")
+    page.check("#dark")
+    assert page.evaluate("document.documentElement.classList.contains('dark')")
+    page.uncheck("#dark")
 
 
 @check

@@ -100,9 +100,14 @@ pub fn app(state: AppState) -> Router {
         .route("/self", get(logs_admin::me))
         .route("/self/logs", get(logs_admin::my_logs))
         .route("/self/dashboard", get(dashboard::own))
-        .route("/self/tokens", get(self_tokens::list).post(self_tokens::create))
-        .route("/self/tokens/{id}", axum::routing::delete(self_tokens::revoke))
-        .route("/session", get(session::current).post(session::sign_in).delete(session::sign_out));
+        .route("/session", get(session::current).post(session::sign_in).delete(session::sign_out))
+        .merge(
+            // Creating and revoking keys writes the store: off the workers.
+            Router::new()
+                .route("/self/tokens", get(self_tokens::list).post(self_tokens::create))
+                .route("/self/tokens/{id}", axum::routing::delete(self_tokens::revoke))
+                .route_layer(middleware::from_fn(on_admin_thread)),
+        );
     let v1beta = Router::new().route("/models/{target}", post(gemini::call));
     let console = if state.config.console.enabled { crate::console::routes() } else { Router::new() };
     Router::new()

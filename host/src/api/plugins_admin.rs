@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 
 use super::body;
 use crate::error::ApiError;
-use crate::plugins::{PluginStatus, WIT_PACKAGE, WIT_VERSION};
+use crate::plugins::check::{Report, conformance};
+use crate::plugins::{LoadedPlugin, PluginStatus, WIT_PACKAGE, WIT_VERSION};
 use crate::state::AppState;
 
 fn not_found(name: &str) -> ApiError {
@@ -36,16 +37,36 @@ pub async fn get(State(state): State<AppState>, Path(name): Path<String>) -> Res
 }
 
 /// `PUT /api/plugins/{name}`: the body is the component's bytes. It is
-/// validated before anything changes; on success it is saved and in service.
+/// validated before anything changes; on success it is saved and in
+/// service, and the answer adds what the conformance suite of
+/// `wasmgate plugin check` says of it (`check`).
 pub async fn upload(
     State(state): State<AppState>,
     Path(name): Path<String>,
     raw: Result<Bytes, BytesRejection>,
-) -> Result<Json<PluginStatus>, ApiError> {
+) -> Result<Json<Value>, ApiError> {
     let bytes = body::take(raw)?;
-    state.registry.install(&name, bytes.to_vec()).await.map(Json).map_err(|message| {
+    let status = state.registry.install(&name, bytes.to_vec()).await.map_err(|message| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_plugin"), message)
-    })
+    })?;
+    // What `wasmgate plugin check` would say of the version now serving.
+    let set = state.registry.snapshot();
+    let loaded = match (set.adapters.get(&name), set.routers.get(&name)) {
+        (Some(a), _) => Some(LoadedPlugin::Adapter(a.clone())),
+        (None, Some(r)) => Some(LoadedPlugin::Router(r.clone())),
+        _ => None,
+    };
+    let mut view = json!(status);
+    if let Some(plugin) = loaded {
+        let report = Report {
+            file: name.clone(),
+            wit_version: status.wit_version.clone().unwrap_or_default(),
+            ..Report::default()
+        };
+        let report = conformance(&plugin, None, report).await;
+        view["check"] = json!({"passed": report.passed(), "cases": report.cases, "timings": report.timings});
+    }
+    Ok(Json(view))
 }
 
 /// `DELETE /api/plugins/{name}`

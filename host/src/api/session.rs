@@ -31,12 +31,16 @@ fn refused(status: StatusCode, code: &'static str, message: &str) -> ApiError {
     ApiError::new(status, "invalid_request_error", Some(code), message)
 }
 
-/// Whether `Origin` (when the browser sent one) names this very host.
+/// Whether `Origin` (when the browser sent one) names this very host, as
+/// the client reached it: `Host`, or `X-Forwarded-Host` from a proxy in
+/// front that rewrites `Host`.
 fn same_origin(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else { return true };
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
     let origin_host = origin.split_once("://").map_or("", |(_, rest)| rest);
-    !host.is_empty() && origin_host.eq_ignore_ascii_case(host)
+    [header::HOST.as_str(), "x-forwarded-host"]
+        .iter()
+        .filter_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()))
+        .any(|host| !host.is_empty() && origin_host.eq_ignore_ascii_case(host.trim()))
 }
 
 /// The console session of a request, if it carries the cookie: an unknown
@@ -199,4 +203,28 @@ pub async fn sign_out(State(state): State<AppState>, headers: HeaderMap) -> Resu
     let mut response = Json(json!({"object": "session", "signed_out": true})).into_response();
     response.headers_mut().insert(header::SET_COOKIE, cookie(&state, &headers, "", 0));
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().expect("header"));
+        }
+        h
+    }
+
+    #[test]
+    fn the_origin_must_be_the_host_the_client_reached() {
+        assert!(same_origin(&headers(&[("host", "gw.example:3000")])), "no Origin: not a browser's cross-site call");
+        assert!(same_origin(&headers(&[("host", "gw.example:3000"), ("origin", "http://gw.example:3000")])));
+        assert!(!same_origin(&headers(&[("host", "gw.example:3000"), ("origin", "http://evil.example")])));
+        let proxied =
+            [("host", "127.0.0.1:3000"), ("x-forwarded-host", "gw.example"), ("origin", "https://gw.example")];
+        assert!(same_origin(&headers(&proxied)));
+        assert!(!same_origin(&headers(&[("origin", "https://gw.example")])), "no host to compare with");
+    }
 }

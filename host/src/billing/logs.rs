@@ -131,9 +131,10 @@ fn rows(tree: &sled::Tree) -> impl DoubleEndedIterator<Item = LogRow> + '_ {
 }
 
 /// How far, in ms, a row's time may precede that of a row with a smaller
-/// id (ids are given when a row is made; a long stream's row is made at
-/// its end but dated at its start): a walk back in time stops this far
-/// past its `start_ms`.
+/// id: ids are given when a row is made, and rows are dated then too, but
+/// a stream cut by a crash is billed at the restart, dated when it started
+/// (streams last at most `max_stream_secs`, an hour by default). A walk
+/// back in time stops this far past its `start_ms`.
 const ORDER_SLACK_MS: u64 = 3_600_000;
 
 /// The rows matching `filter`, newest first, below the row id `before`

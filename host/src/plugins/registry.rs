@@ -59,6 +59,8 @@ pub struct PluginStatus {
     pub from_cache: bool,
     /// Whether a version of this plugin is in service.
     pub loaded: bool,
+    /// The models an adapter offers on a channel that lists none.
+    pub default_models: Vec<String>,
     /// Why the most recent attempt to load a new version failed, if it did.
     pub last_error: Option<String>,
     /// SHA-256 of the rejected file.
@@ -142,6 +144,8 @@ impl Registry {
         let mut list: Vec<PluginStatus> = lock(&self.statuses).values().cloned().collect();
         for status in &mut list {
             (status.calls, status.failed_calls) = counts(&status.name).unwrap_or_default();
+            status.default_models =
+                set.adapters.get(&status.name).map(|a| a.info.default_models.clone()).unwrap_or_default();
         }
         list
     }

@@ -19,7 +19,7 @@ use super::{ArtifactCache, LoadedPlugin, PluginEngine, WIT_PACKAGE, load};
 use crate::config::PluginConfig;
 
 /// One conformance case and its outcome.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Case {
     /// What was checked.
     pub name: String,
@@ -30,7 +30,7 @@ pub struct Case {
 }
 
 /// Everything `plugin check` found.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
     /// The file checked.
     pub file: String,
@@ -131,20 +131,26 @@ async fn check_bytes(
     };
     report.wit_version = loaded.wit_version;
     report.case("load: compiles, matches its world and version, info() answers", Ok(()));
-    match loaded.plugin {
+    conformance(&loaded.plugin, fixtures, report).await
+}
+
+/// Run the conformance suite of `plugin`'s kind on a plugin already
+/// loaded (the hot-swap path checks what it has just published).
+pub async fn conformance(plugin: &LoadedPlugin, fixtures: Option<&Path>, mut report: Report) -> Report {
+    match plugin {
         LoadedPlugin::Adapter(adapter) => {
             report.kind = Some("adapter");
             report.name = adapter.info.name.clone();
             report.version = adapter.info.version.clone();
             report.sha256 = adapter.sha256.clone();
-            adapter_cases::run(&adapter, fixtures, &mut report).await;
+            adapter_cases::run(adapter, fixtures, &mut report).await;
         }
         LoadedPlugin::Router(router) => {
             report.kind = Some("router");
             report.name = router.info.name.clone();
             report.version = router.info.version.clone();
             report.sha256 = router.sha256.clone();
-            router_cases::run(&router, &mut report).await;
+            router_cases::run(router, &mut report).await;
         }
     }
     report
