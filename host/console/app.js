@@ -234,6 +234,8 @@
   async function signOut() {
     try { await api("DELETE", "/api/session"); } catch (_) { /* signed out either way */ }
     S.session = null;
+    // Nothing of this session's view carries over to the next one.
+    for (const k of ["logFilter", "logCursor", "channelFilter", "tokenUser", "userQuery", "flash", "newKey"]) delete S[k];
     location.hash = "";
     signIn();
   }
@@ -244,12 +246,17 @@
     const pages = S.session.role === "admin" ? ADMIN_PAGES : USER_PAGES;
     let page = (location.hash.match(/^#\/(\w+)/) || [])[1];
     if (!pages.includes(page)) page = pages[0];
+    // A new key stays on its page until the operator leaves it.
+    if (S.newKey && S.newKey.page !== page) S.newKey = null;
     const main = layout(page);
     const id = ++S.renderId;
     main.append(h("p", { class: "muted" }, t("loading")));
     try {
       const content = await PAGES[page]();
-      if (id === S.renderId) main.replaceChildren(...[content].flat());
+      if (id === S.renderId) {
+        main.replaceChildren();
+        add(main, [content]);
+      }
     } catch (err) {
       if (id === S.renderId && S.session) notice(main, err.message, true);
     }
@@ -557,6 +564,24 @@
         } catch (err) { fieldError(f, err, msg); }
       });
     };
+    const edit = (u) => {
+      const msg = h("div", {});
+      const f = h("form", { class: "fields" },
+        h("label", {}, t("col.name"), h("input", { name: "name", required: true, value: u.name })),
+        h("label", {}, t("col.group"), h("input", { name: "group", required: true, value: u.group })),
+        h("label", {}, t("col.role"), h("select", { name: "role" }, ["user", "admin"].map((r) => h("option", { value: r, selected: u.role === r }, r)))),
+        h("button", { class: "primary", type: "submit" }, t("save")));
+      const d = dialog(t("edit") + " — " + u.name, [f, msg]);
+      f.addEventListener("submit", async (e) => {
+        e.preventDefault();
+        const v = new FormData(f);
+        try {
+          await api("PATCH", "/api/users/" + u.id, { name: v.get("name"), group: v.get("group"), role: v.get("role") });
+          d.close();
+          route();
+        } catch (err) { fieldError(f, err, msg); }
+      });
+    };
     const setStatus = async (u) => {
       try { await api("PATCH", "/api/users/" + u.id, { status: u.status === "enabled" ? "disabled" : "enabled" }); route(); } catch (err) { notice(out, err.message, true); }
     };
@@ -577,7 +602,8 @@
         { label: "col.used", num: true, cell: (u) => money(u.used_quota) },
         { label: "col.requests", num: true, cell: (u) => num(u.request_count) },
         { label: "col.actions", cell: (u) => h("div", { class: "actions" },
-          h("button", { type: "button", onclick: () => topUp(u) }, t("us.topup")),
+          h("button", { type: "button", "data-test": "topup", onclick: () => topUp(u) }, t("us.topup")),
+          h("button", { type: "button", onclick: () => edit(u) }, t("edit")),
           h("button", { type: "button", onclick: () => setStatus(u) }, u.status === "enabled" ? t("us.disable") : t("us.enable")),
           h("button", { type: "button", onclick: () => { location.hash = "#/tokens"; S.tokenUser = String(u.id); } }, t("nav.tokens"))) },
       ], users.data, { test: "users" })),
@@ -629,7 +655,7 @@
       for (const k of ["remain_quota", "rpm", "tpm", "concurrency"]) if (f.get(k) !== "") body[k] = Number(f.get(k));
       try {
         const r = await api("POST", "/api/tokens", body);
-        S.newKey = r.key;
+        S.newKey = { key: r.key, page: "tokens" };
         route();
       } catch (err) { fieldError(form, err, out); }
     });
@@ -637,8 +663,7 @@
       if (!confirm(t("confirm.delete"))) return;
       try { await api("DELETE", "/api/tokens/" + k.id); route(); } catch (err) { notice(out, err.message, true); }
     };
-    const shown = S.newKey ? createdKey(S.newKey) : null;
-    S.newKey = null;
+    const shown = S.newKey ? createdKey(S.newKey.key) : null;
     const filter = h("form", { class: "filters", onsubmit: (e) => { e.preventDefault(); S.tokenUser = new FormData(filter).get("user"); route(); } },
       h("label", {}, t("tk.user"), h("input", { name: "user", type: "number", value: user })), h("button", { type: "submit" }, t("apply")));
     return [
@@ -674,6 +699,7 @@
       h("label", {}, t("lg.type"), h("select", { name: "type" }, h("option", { value: "" }, t("lg.any")),
         ["consume", "error", "topup"].map((k) => h("option", { value: k, selected: f.type === k }, t("lg." + k) === "lg." + k ? k : t("lg." + k))))),
       h("label", {}, t("lg.request"), h("input", { name: "request_id", value: f.request_id || "" })),
+      h("label", {}, t("col.status"), h("input", { name: "status", type: "number", min: 100, max: 599, value: f.status || "" })),
       h("label", {}, t("lg.from"), h("input", { name: "start_ms", type: "datetime-local", value: f.start_ms || "" })),
       h("label", {}, t("lg.to"), h("input", { name: "end_ms", type: "datetime-local", value: f.end_ms || "" })),
       h("button", { type: "submit" }, t("apply")),
@@ -703,7 +729,7 @@
       { label: "col.type", cell: (r) => badge(r.kind === "error" ? "bad" : r.kind === "topup" ? "warn" : "ok", r.error_kind || r.note) },
       { label: "col.user", cell: (r) => r.user_id ?? "config" },
       { label: "col.token", cell: (r) => r.token_name },
-      { label: "col.model", cell: (r) => r.model },
+      { label: "col.model", cell: (r) => (r.kind === "topup" ? h("em", {}, r.note || "") : r.model) },
       { label: "col.channel", num: true, cell: (r) => (r.kind === "topup" ? "" : r.channel_id) },
       { label: "col.prompt", num: true, cell: (r) => num(r.prompt_tokens) },
       { label: "col.completion", num: true, cell: (r) => num(r.completion_tokens) },
@@ -773,14 +799,13 @@
       const body = { name: f.get("name") };
       if (f.get("expires_at")) body.expires_at = seconds(f.get("expires_at"));
       if (f.get("remain_quota") !== "") body.remain_quota = Number(f.get("remain_quota"));
-      try { S.newKey = (await api("POST", "/api/self/tokens", body)).key; route(); } catch (err) { fieldError(form, err, out); }
+      try { S.newKey = { key: (await api("POST", "/api/self/tokens", body)).key, page: "mytokens" }; route(); } catch (err) { fieldError(form, err, out); }
     });
     const revoke = async (k) => {
       if (!confirm(t("confirm.delete"))) return;
       try { await api("DELETE", "/api/self/tokens/" + k.id); route(); } catch (err) { notice(out, err.message, true); }
     };
-    const shown = S.newKey ? createdKey(S.newKey) : null;
-    S.newKey = null;
+    const shown = S.newKey ? createdKey(S.newKey.key) : null;
     return [
       h("h1", {}, t("nav.mytokens")),
       h("div", { class: "panel" }, h("h2", {}, t("tk.new")), form),

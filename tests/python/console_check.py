@@ -114,6 +114,11 @@ def a_user_and_a_key_are_created_and_the_key_is_shown_once():
     row = page.locator("[data-test=users] tr", has_text="carol")
     expect(row).to_be_visible()
     state["user_id"] = row.get_attribute("data-id")
+    row.locator("[data-test=topup]").click()
+    page.fill("dialog [name=amount]", "250000")
+    page.fill("dialog [name=note]", "welcome credit")
+    page.click("dialog button[type=submit]")
+    expect(page.locator("main [role=status]")).to_contain_text("Balance is now $10.50")
     shot("users")
     goto("tokens")
     form = page.locator("[data-test=token-form]")
@@ -146,6 +151,9 @@ def the_request_is_on_the_logs_page_with_its_detail():
     shot("log-detail")
     page.keyboard.press("Escape")
     shot("logs")
+    page.select_option("[data-test=log-filters] [name=type]", "topup")
+    page.click("[data-test=log-filters] button[type=submit]")
+    expect(page.locator("[data-test=logs] tr", has_text="welcome credit")).to_be_visible()
 
 
 @check
@@ -247,7 +255,9 @@ def a_user_sees_only_their_own_account_and_logs():
     text = page.locator("main").inner_text()
     assert OTHER_TOKEN_NAME not in text, "another user's rows are shown"
     tokens = page.locator("[data-test=logs] tbody tr td:nth-child(4)").all_inner_texts()
-    assert tokens and set(tokens) == {"carol-key"}, tokens
+    # Their requests, and the top-up an admin gave them (no token).
+    assert set(tokens) == {"carol-key", ""}, tokens
+    assert "welcome credit" in text, "the user does not see their top-up"
     shot("self-logs")
     goto("mytokens")
     page.locator("[data-test=my-token-form] [name=name]").fill("carol-second")

@@ -37,6 +37,11 @@ fn filter(q: &HashMap<String, String>) -> Result<LogFilter, ApiError> {
         model: q.get("model").cloned(),
         kind,
         request_id: q.get("request_id").cloned(),
+        status: optional_u64(q, "status")?
+            .map(|s| {
+                u16::try_from(s).map_err(|_| ApiError::bad_request("`status` must be an HTTP status").param("status"))
+            })
+            .transpose()?,
     })
 }
 
@@ -67,7 +72,7 @@ async fn page(state: &AppState, f: LogFilter, q: &HashMap<String, String>) -> Re
     Ok(Json(list_json(data, total, paging)))
 }
 
-/// `GET /api/logs?start_ms=&end_ms=&user_id=&token=&token_id=&channel_id=&model=&type=&request_id=`
+/// `GET /api/logs?start_ms=&end_ms=&user_id=&token=&token_id=&channel_id=&model=&type=&request_id=&status=`
 /// `&before_id=&limit=` (or `&page=&per_page=`) — newest first.
 pub async fn list(
     State(state): State<AppState>,

@@ -110,6 +110,8 @@ pub struct LogFilter {
     pub kind: Option<LogKind>,
     /// Request id.
     pub request_id: Option<String>,
+    /// HTTP status the client (or, for error rows, the attempt) got.
+    pub status: Option<u16>,
 }
 
 impl LogFilter {
@@ -123,6 +125,7 @@ impl LogFilter {
             && self.model.as_deref().is_none_or(|m| r.model == m)
             && self.kind.is_none_or(|k| r.kind == k)
             && self.request_id.as_deref().is_none_or(|id| r.request_id == id)
+            && self.status.is_none_or(|s| r.status == s)
     }
 }
 
