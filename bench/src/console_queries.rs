@@ -1,8 +1,8 @@
 //! `--log-rows N`: the console's read endpoints on a large usage log.
 //! Seeds a store with N rows spread over the last week (1,000 users, 50
 //! channels, 20 models, 5 % errors) in the rows' own format, starts the
-//! gateway on it (which builds the secondary keys and rollups once:
-//! timed), then times each dashboard and logs query from one client, one
+//! gateway on it (which builds the rollups and segments once: timed),
+//! then times each dashboard and logs query from one client, one
 //! at a time, and prints p50 / p99.
 
 use std::path::Path;
@@ -32,19 +32,23 @@ impl Rng {
 }
 
 /// Write `rows` rows into a store at `data`, oldest first; returns the
-/// id of the row a tenth of the way from the oldest (a deep cursor).
-fn seed(data: &Path, rows: usize) -> Result<u64> {
+/// id and request id of the row a tenth of the way from the oldest (a
+/// deep cursor).
+fn seed(data: &Path, rows: usize) -> Result<(u64, String)> {
     let store = Store::open(data)?;
     let logs = store.tree("logs")?;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let now = unix_now_ms();
     let week = 7 * 86_400_000u64;
-    let mut deep = 0;
+    let mut deep = (0, String::new());
     let mut batch = sled::Batch::default();
     for i in 0..rows {
         let id = store.generate_id()?;
+        let at_ms = now - week + (week * i as u64) / rows as u64;
+        // The gateway's own request id format: the time, then random digits.
+        let request_id = format!("req_{at_ms:012x}{:08x}", id as u32);
         if i == rows / 10 {
-            deep = id;
+            deep = (id, request_id.clone());
         }
         let error = rng.below(20) == 0;
         let user = rng.below(1000) + 1;
@@ -53,9 +57,9 @@ fn seed(data: &Path, rows: usize) -> Result<u64> {
         let completion = if error { 0 } else { rng.below(800) };
         let row = LogRow {
             id,
-            at_ms: now - week + (week * i as u64) / rows as u64,
+            at_ms,
             kind: if error { LogKind::Error } else { LogKind::Consume },
-            request_id: format!("req_{id:016x}"),
+            request_id,
             user_id: Some(user),
             token_id: Some(user * 10 + rng.below(3)),
             token_name: format!("key-{user}"),
@@ -105,11 +109,11 @@ pub async fn run(args: &Args, rows: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     let started = Instant::now();
-    let deep = tokio::task::spawn_blocking(move || seed(&data, rows)).await.context("seeding")??;
+    let (deep, deep_request) = tokio::task::spawn_blocking(move || seed(&data, rows)).await.context("seeding")??;
     println!("seeded in {:.1} s", started.elapsed().as_secs_f64());
     let started = Instant::now();
     let (_gateway, base) = start_gateway(args, dir.path(), &["openai.wasm", "weighted.wasm"], "")?;
-    println!("gateway up (building secondary keys and rollups once) in {:.1} s\n", started.elapsed().as_secs_f64());
+    println!("gateway up (building rollups and segments once) in {:.1} s\n", started.elapsed().as_secs_f64());
     let http = reqwest::Client::new();
     let n = 200;
     println!("| query | p50 | p99 |\n|---|---|---|");
@@ -122,7 +126,13 @@ pub async fn run(args: &Args, rows: usize) -> Result<()> {
         ("logs, one user's rows", "/api/logs?limit=50&user_id=7".to_string(), n),
         ("logs, one model, 90 % deep", format!("/api/logs?limit=50&model=model-3&before_id={deep}"), n),
         ("logs, errors only", "/api/logs?limit=50&type=error".to_string(), n),
-        ("logs, one request id", format!("/api/logs?limit=50&request_id=req_{deep:016x}"), n),
+        ("logs, one request id (the gateway's, 90 % deep)", format!("/api/logs?limit=50&request_id={deep_request}"), n),
+        (
+            "logs, a client's own request id, absent (walks every row)",
+            "/api/logs?limit=50&request_id=client-42".to_string(),
+            10,
+        ),
+        ("logs, a user with no rows (skips every segment)", "/api/logs?limit=50&user_id=5000".to_string(), n),
         ("logs, last hour only", format!("/api/logs?limit=50&start_ms={}", unix_now_ms() - 3_600_000), n),
         ("logs by page number (counts every match: page 1000)", "/api/logs?page=1000&per_page=50".to_string(), 5),
     ];

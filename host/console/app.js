@@ -107,6 +107,12 @@
     target.replaceChildren(h("div", { class: "notice" + (isError ? " error" : ""), role: isError ? "alert" : "status" }, [message]));
   }
 
+  // The result of the action that rendered the page again, shown once on top.
+  function showFlash(out) {
+    if (S.flash) notice(out, S.flash.message, S.flash.error);
+    S.flash = null;
+  }
+
   // A form's inputs keyed by name; an API error naming a field is shown next to it.
   function fieldError(form, err, out) {
     form.querySelectorAll(".field-error").forEach((e) => e.remove());
@@ -246,8 +252,9 @@
     const pages = S.session.role === "admin" ? ADMIN_PAGES : USER_PAGES;
     let page = (location.hash.match(/^#\/(\w+)/) || [])[1];
     if (!pages.includes(page)) page = pages[0];
-    // A new key stays on its page until the operator leaves it.
+    // A new key stays on its page until the operator leaves it; a result, until shown.
     if (S.newKey && S.newKey.page !== page) S.newKey = null;
+    if (S.flash && S.flash.page !== page) S.flash = null;
     const main = layout(page);
     const id = ++S.renderId;
     main.append(h("p", { class: "muted" }, t("loading")));
@@ -417,8 +424,10 @@
     const act = async (fn) => { try { await fn(); } catch (err) { notice(out, err.message, true); } };
     const test = (c) => act(async () => {
       const r = await api("POST", `/api/channels/${c.id}/test`);
-      notice(out, r.success ? t("ch.tested", { ms: r.time_ms }) : t("ch.test_failed", { msg: r.message || r.error_kind }), !r.success);
-      if (r.success) setTimeout(route, 600);
+      const message = r.success ? t("ch.tested", { ms: r.time_ms }) : t("ch.test_failed", { msg: r.message || r.error_kind });
+      // Render again at once (the row shows the new response time), the result on top.
+      S.flash = { page: "channels", message, error: !r.success };
+      route();
     });
     const toggle = (c) => {
       const disabled = statusName(c.status) === "manually_disabled";
@@ -436,6 +445,7 @@
     const edit = (c) => { const d = dialog(c ? t("edit") + " #" + c.id : t("ch.new"), channelForm(c, names, () => { d.close(); route(); })); };
     const remove = (c) => act(async () => { if (confirm(t("confirm.delete"))) { await api("DELETE", "/api/channels/" + c.id); route(); } });
     const rows = channels.data;
+    showFlash(out);
     return [
       h("h1", {}, t("nav.channels")),
       filters,
@@ -489,11 +499,11 @@
         const r = await api("PUT", "/api/plugins/" + encodeURIComponent(target), undefined, await f.arrayBuffer());
         const cases = (r.check && r.check.cases) || [];
         const failed = cases.filter((c) => !c.passed);
-        S.flash = [
+        S.flash = { page: "plugins", message: [
           t("pl.uploaded", { name: r.name, kind: r.kind, version: r.version || "" }),
           " — ", t("pl.checked", { passed: cases.length - failed.length, total: cases.length }),
           failed.length ? h("ul", {}, failed.map((c) => h("li", { class: "error" }, c.name + ": " + c.detail))) : null,
-        ];
+        ] };
         route();
       } catch (err) { notice(out, t("pl.rejected", { msg: err.message }), true); }
     };
@@ -502,7 +512,7 @@
     zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
     zone.addEventListener("dragleave", () => zone.classList.remove("over"));
     zone.addEventListener("drop", (e) => { e.preventDefault(); zone.classList.remove("over"); if (e.dataTransfer.files[0]) upload(e.dataTransfer.files[0]); });
-    if (S.flash) { notice(out, S.flash); S.flash = null; }
+    showFlash(out);
     const remove = async (p) => {
       if (!confirm(t("confirm.delete"))) return;
       try { await api("DELETE", "/api/plugins/" + encodeURIComponent(p.name)); route(); } catch (err) { notice(out, err.message, true); }
@@ -559,7 +569,7 @@
         try {
           const r = await api("POST", `/api/users/${u.id}/topup`, { amount: Number(v.get("amount")), note: v.get("note") });
           d.close();
-          S.flash = t("us.topped", { q: money(r.quota) });
+          S.flash = { page: "users", message: t("us.topped", { q: money(r.quota) }) };
           route();
         } catch (err) { fieldError(f, err, msg); }
       });
@@ -585,7 +595,7 @@
     const setStatus = async (u) => {
       try { await api("PATCH", "/api/users/" + u.id, { status: u.status === "enabled" ? "disabled" : "enabled" }); route(); } catch (err) { notice(out, err.message, true); }
     };
-    if (S.flash) { notice(out, S.flash); S.flash = null; }
+    showFlash(out);
     const search = h("form", { class: "filters", onsubmit: (e) => { e.preventDefault(); S.userQuery = new FormData(search).get("q"); route(); } },
       h("label", {}, t("search"), h("input", { name: "q", type: "search", value: S.userQuery || "" })), h("button", { type: "submit" }, t("apply")));
     return [
@@ -705,7 +715,9 @@
       h("button", { type: "submit" }, t("apply")),
       h("button", { type: "button", onclick: () => { S.logFilter = {}; S.logCursor = []; route(); } }, t("reset")));
     const detail = async (r) => {
-      const same = await api("GET", base + "?limit=50&request_id=" + encodeURIComponent(r.request_id));
+      // A request's rows are made within its longest duration of each other.
+      const around = new URLSearchParams({ limit: "50", request_id: r.request_id, start_ms: String(r.at_ms - 7_200_000), end_ms: String(r.at_ms + 7_200_000) });
+      const same = await api("GET", base + "?" + around);
       dialog(t("lg.detail") + " " + r.request_id, [
         h("pre", { "data-test": "log-detail" }, JSON.stringify(r, null, 2)),
         h("h3", {}, t("lg.rows")),

@@ -125,7 +125,11 @@ def a_user_and_a_key_are_created_and_the_key_is_shown_once():
     form.locator("[name=user_id]").fill(state["user_id"])
     form.locator("[name=name]").fill("carol-key")
     form.locator("button[type=submit]").click()
-    key = page.locator("[data-test=key]").inner_text()
+    try:
+        key = page.locator("[data-test=key]").inner_text()
+    except Exception:
+        print("DEBUG", state, page.url, page.inner_text("main")[:1500])
+        raise
     assert key.startswith("sk-") and len(key) >= 35, key
     state["key"] = key
     shot("tokens")

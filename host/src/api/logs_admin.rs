@@ -19,6 +19,13 @@ use crate::billing::pricing::PricingConfig;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+/// The longest a request's rows can be made after its id: its total
+/// timeout plus the longest stream.
+fn longest_request_ms(state: &AppState) -> u64 {
+    let u = &state.config.upstream;
+    u.total_timeout_secs.saturating_add(u.max_stream_secs).saturating_mul(1000)
+}
+
 fn filter(q: &HashMap<String, String>) -> Result<LogFilter, ApiError> {
     let kind = match q.get("type").map(String::as_str) {
         None => None,
@@ -52,8 +59,9 @@ const MAX_LIMIT: usize = 500;
 /// no total) when either is given, else by number (`page`, `per_page`,
 /// with the matching total).
 async fn page(state: &AppState, f: LogFilter, q: &HashMap<String, String>) -> Result<Json<Value>, ApiError> {
+    let f = f.around_request(longest_request_ms(state));
     let logs = state.billing.logs().map_err(|_| crate::billing::storage_unavailable())?;
-    let index = state.billing.log_index().map_err(|_| crate::billing::storage_unavailable())?;
+    let index = state.billing.log_rollups().map_err(|_| crate::billing::storage_unavailable())?;
     if q.contains_key("before_id") || q.contains_key("limit") {
         let before = optional_u64(q, "before_id")?;
         let limit = number(q, "limit", 50)?.min(MAX_LIMIT);
@@ -220,10 +228,10 @@ pub async fn export(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
-    let f = filter(&q)?;
+    let f = filter(&q)?.around_request(longest_request_ms(&state));
     let limit = number(&q, "limit", MAX_EXPORT)?.min(MAX_EXPORT);
     let logs = state.billing.logs().map_err(|_| crate::billing::storage_unavailable())?;
-    let index = state.billing.log_index().map_err(|_| crate::billing::storage_unavailable())?;
+    let index = state.billing.log_rollups().map_err(|_| crate::billing::storage_unavailable())?;
     let body = tokio::task::spawn_blocking(move || csv(&page_before(&logs, &index, &f, None, limit).0))
         .await
         .map_err(|_| ApiError::internal())?;

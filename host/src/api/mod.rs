@@ -175,7 +175,7 @@ async fn front(State(state): State<AppState>, mut req: Request, next: Next) -> R
     if let Err(refused) = limits::check(&state, &req) {
         return *refused;
     }
-    let id = client_request_id(&req).unwrap_or_else(|| format!("req_{:016x}", rand::random::<u64>()));
+    let id = client_request_id(&req).unwrap_or_else(crate::billing::logs::new_request_id);
     let header = HeaderValue::from_str(&id).ok();
     req.extensions_mut().insert(RequestId(id));
     let span = if req.uri().path().starts_with("/v1") {

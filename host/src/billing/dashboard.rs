@@ -136,7 +136,7 @@ mod tests {
     fn an_hour_has_sixty_points_and_only_its_users_counts_for_a_user() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::Config::new().path(dir.path()).temporary(true).open().expect("sled");
-        let index = db.open_tree("log_index").expect("tree");
+        let index = db.open_tree("log_rollup").expect("tree");
         let now = 10 * 3_600_000 + 30 * 60_000;
         let rows: Vec<LogRow> = (0..3)
             .map(|i| LogRow {

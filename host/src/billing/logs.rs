@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{log_index, rollup};
+use super::log_filter::Needles;
+use super::{log_segments, rollup};
 
 /// What a row records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogKind {
     /// A served request, charged (possibly 0 for free models).
@@ -89,6 +90,19 @@ pub struct LogRow {
     pub note: Option<String>,
 }
 
+/// A new request id: `req_`, the Unix ms in 12 hex digits, 8 random hex
+/// digits. Its time lets a lookup by id read only the rows around it.
+pub fn new_request_id() -> String {
+    format!("req_{:012x}{:08x}", crate::store::unix_now_ms(), rand::random::<u32>())
+}
+
+/// The Unix ms a gateway-made request id was made at ([`new_request_id`];
+/// `None` for a client's own id).
+pub fn request_id_time(id: &str) -> Option<u64> {
+    let hex = id.strip_prefix("req_").filter(|h| h.len() == 20 && h.bytes().all(|b| b.is_ascii_hexdigit()))?;
+    u64::from_str_radix(&hex[..12], 16).ok()
+}
+
 /// Filters of `GET /api/logs` and `/api/logs/stats`.
 #[derive(Debug, Default, Clone)]
 pub struct LogFilter {
@@ -115,6 +129,19 @@ pub struct LogFilter {
 }
 
 impl LogFilter {
+    /// With a gateway-made `request_id` and no time range: the window its
+    /// rows can be in (made at most `longest_ms` after the id).
+    pub fn around_request(mut self, longest_ms: u64) -> Self {
+        if let Some(at) = self.request_id.as_deref().and_then(request_id_time)
+            && self.start_ms.is_none()
+            && self.end_ms.is_none()
+        {
+            self.start_ms = Some(at.saturating_sub(60_000));
+            self.end_ms = Some(at.saturating_add(longest_ms).saturating_add(60_000));
+        }
+        self
+    }
+
     fn keeps(&self, r: &LogRow) -> bool {
         self.start_ms.is_none_or(|s| r.at_ms >= s)
             && self.end_ms.is_none_or(|e| r.at_ms < e)
@@ -133,35 +160,39 @@ fn rows(tree: &sled::Tree) -> impl DoubleEndedIterator<Item = LogRow> + '_ {
     tree.iter().filter_map(|item| item.ok().and_then(|(_, v)| serde_json::from_slice::<LogRow>(&v).ok()))
 }
 
-/// How far, in ms, a row's time may precede that of a row with a smaller
-/// id: ids are given when a row is made, and rows are dated then too, but
-/// a stream cut by a crash is billed at the restart, dated when it started
-/// (streams last at most `max_stream_secs`, an hour by default). A walk
-/// back in time stops this far past its `start_ms`.
-const ORDER_SLACK_MS: u64 = 3_600_000;
-
 /// The rows matching `filter`, newest first, below the row id `before`
-/// when given: through the most selective secondary key when the filter
-/// has one, else along the log itself; it stops past `start_ms`.
+/// when given: a walk back along the log between the ids the hourly id
+/// ranges give for `end_ms` and `start_ms`, through only the segments
+/// that may hold a match, decoding only the rows whose bytes hold every
+/// filtered field ([`Needles`]).
 fn candidates<'a>(
     logs: &'a sled::Tree,
-    index: &'a sled::Tree,
+    rollups: &'a sled::Tree,
     filter: &'a LogFilter,
     before: Option<u64>,
 ) -> impl Iterator<Item = LogRow> + 'a {
-    let decode = |v: &[u8]| serde_json::from_slice::<LogRow>(v).ok();
-    let walk: Box<dyn Iterator<Item = LogRow> + 'a> = match log_index::walk_prefix(filter) {
-        Some(prefix) => Box::new(
-            log_index::ids_under(index, prefix, before)
-                .filter_map(move |id| logs.get(id.to_be_bytes()).ok().flatten().and_then(|v| decode(&v))),
-        ),
-        None => {
-            let end = before.unwrap_or(u64::MAX).to_be_bytes();
-            Box::new(logs.range(..end).rev().filter_map(move |item| item.ok().and_then(|(_, v)| decode(&v))))
-        }
-    };
-    let floor = filter.start_ms.map(|s| s.saturating_sub(ORDER_SLACK_MS));
-    walk.take_while(move |r| floor.is_none_or(|f| r.at_ms >= f)).filter(|r| filter.keeps(r))
+    let needles = Needles::of(filter);
+    let lower = filter.start_ms.map_or(0, |s| rollup::lowest_id_from(rollups, s).unwrap_or(u64::MAX));
+    let upper =
+        filter.end_ms.map_or(u64::MAX, |e| rollup::highest_id_before(rollups, e).map_or(0, |id| id.saturating_add(1)));
+    let upper = before.map_or(upper, |b| b.min(upper));
+    let segments = if lower < upper { Some(log_segments::matching(rollups, filter, lower, upper)) } else { None };
+    segments
+        .into_iter()
+        .flatten()
+        .flat_map(move |seg| {
+            let from = log_segments::first_id(seg).max(lower);
+            let to = log_segments::first_id(seg.saturating_add(1)).min(upper);
+            logs.range(from.to_be_bytes()..to.to_be_bytes()).rev()
+        })
+        .filter_map(move |item| {
+            let (_, raw) = item.ok()?;
+            if !needles.may_match(&raw) {
+                return None;
+            }
+            serde_json::from_slice::<LogRow>(&raw).ok()
+        })
+        .filter(|r| filter.keeps(r))
 }
 
 /// A page of rows, newest first, and the number matching (which walks
@@ -200,32 +231,28 @@ pub fn page_before(
     (rows, more)
 }
 
-/// Build the secondary keys and rollups of a log that has none (a store
-/// from before they existed, or whose build was cut short): from scratch,
-/// once, before the writer starts.
-pub fn ensure_index(logs: &sled::Tree, index: &sled::Tree) -> anyhow::Result<()> {
-    const BUILT: &[u8] = b"built-v1";
-    if index.contains_key(BUILT)? {
+/// Before the writer starts, build the rollups and segments of a log that
+/// has none (a store from before they existed, or whose build was cut
+/// short): once, from the rows. After that the writer keeps them in its
+/// transactions.
+pub fn ensure_rollups(logs: &sled::Tree, rollups: &sled::Tree) -> anyhow::Result<()> {
+    const BUILT: &[u8] = b"built-v2";
+    if rollups.contains_key(BUILT)? {
         return Ok(());
     }
-    index.clear()?;
+    rollups.clear()?;
     let started = std::time::Instant::now();
     let mut n = 0usize;
     let mut chunk: Vec<LogRow> = Vec::with_capacity(10_000);
     let flush = |chunk: &mut Vec<LogRow>| -> anyhow::Result<()> {
         let mut batch = sled::Batch::default();
-        for row in chunk.iter() {
-            for key in log_index::keys(row) {
-                batch.insert(key, &[][..]);
-            }
+        for (key, value) in rollup::changes(chunk.iter(), |k| rollups.get(k))? {
+            batch.insert(&key[..], value);
         }
-        for (key, delta) in rollup::deltas(chunk.iter()) {
-            let mut bucket: rollup::Bucket =
-                index.get(key)?.and_then(|raw| serde_json::from_slice(&raw).ok()).unwrap_or_default();
-            bucket.merge(&delta);
-            batch.insert(&key[..], serde_json::to_vec(&bucket)?);
+        for (key, value) in log_segments::changes(chunk.iter(), |k| rollups.get(k))? {
+            batch.insert(&key[..], value);
         }
-        index.apply_batch(batch)?;
+        rollups.apply_batch(batch)?;
         chunk.clear();
         Ok(())
     };
@@ -237,10 +264,10 @@ pub fn ensure_index(logs: &sled::Tree, index: &sled::Tree) -> anyhow::Result<()>
         }
     }
     flush(&mut chunk)?;
-    index.insert(BUILT, &[][..])?;
-    index.flush()?;
+    rollups.insert(BUILT, &[][..])?;
+    rollups.flush()?;
     if n > 0 {
-        tracing::info!(rows = n, ms = started.elapsed().as_millis() as u64, "usage log index built");
+        tracing::info!(rows = n, ms = started.elapsed().as_millis() as u64, "usage rollups built");
     }
     Ok(())
 }
@@ -299,9 +326,9 @@ fn day(at_ms: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// Delete rows older than `cutoff_ms` with their secondary keys and
-/// hourly rollups; returns how many rows.
-pub fn delete_before(logs: &sled::Tree, index: &sled::Tree, cutoff_ms: u64) -> anyhow::Result<usize> {
+/// Delete rows older than `cutoff_ms` and the hourly rollups before it;
+/// returns how many rows.
+pub fn delete_before(logs: &sled::Tree, rollups: &sled::Tree, cutoff_ms: u64) -> anyhow::Result<usize> {
     let mut n = 0;
     for item in logs.iter() {
         let (key, value) = item?;
@@ -309,18 +336,16 @@ pub fn delete_before(logs: &sled::Tree, index: &sled::Tree, cutoff_ms: u64) -> a
         if row.at_ms >= cutoff_ms {
             break;
         }
-        let mut batch = sled::Batch::default();
-        for k in log_index::keys(&LogRow { id: u64::from_be_bytes(key.as_ref().try_into()?), ..row }) {
-            batch.remove(k);
-        }
-        index.apply_batch(batch)?;
         logs.remove(key)?;
         n += 1;
     }
-    rollup::prune(index, true, cutoff_ms)?;
+    rollup::prune(rollups, true, cutoff_ms)?;
+    if let Some(first) = logs.first()?.and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok()) {
+        log_segments::prune(rollups, u64::from_be_bytes(first))?;
+    }
     if n > 0 {
         logs.flush()?;
-        index.flush()?;
+        rollups.flush()?;
     }
     Ok(n)
 }
@@ -332,7 +357,7 @@ mod tests {
     fn store() -> (tempfile::TempDir, sled::Tree, sled::Tree) {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path()).expect("sled");
-        (dir, db.open_tree("logs").expect("logs"), db.open_tree("log_index").expect("index"))
+        (dir, db.open_tree("logs").expect("logs"), db.open_tree("log_rollup").expect("rollups"))
     }
 
     fn row(id: u64, user: u64, kind: LogKind) -> LogRow {
@@ -340,14 +365,14 @@ mod tests {
     }
 
     #[test]
-    fn an_unindexed_log_is_indexed_once_and_pages_by_cursor() {
+    fn rollups_are_built_once_and_pages_walk_back_by_cursor_and_time() {
         let (_dir, logs, index) = store();
         for id in 1..=9u64 {
             let r = row(id, 1 + id % 3, if id == 5 { LogKind::Error } else { LogKind::Consume });
             logs.insert(id.to_be_bytes(), serde_json::to_vec(&r).expect("json")).expect("insert");
         }
-        ensure_index(&logs, &index).expect("index");
-        ensure_index(&logs, &index).expect("a second start changes nothing");
+        ensure_rollups(&logs, &index).expect("index");
+        ensure_rollups(&logs, &index).expect("a second start changes nothing");
         let hour = rollup::read(&index, true, 0, 3_600_000);
         assert_eq!((hour[0].1.total.requests, hour[0].1.total.errors), (8, 1), "counted once");
 
@@ -366,21 +391,34 @@ mod tests {
         assert_eq!(page_before(&logs, &index, &both, None, 10).0.iter().map(|r| r.id).collect::<Vec<_>>(), vec![4]);
         let (_, total) = query(&logs, &index, &user, 1, 2);
         assert_eq!(total, 3);
+        let window = LogFilter { start_ms: Some(3_000), end_ms: Some(6_000), ..LogFilter::default() };
+        let ids: Vec<u64> = page_before(&logs, &index, &window, None, 10).0.iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![5, 4, 3]);
+        let later = LogFilter { start_ms: Some(3_600_000), ..LogFilter::default() };
+        assert!(page_before(&logs, &index, &later, None, 10).0.is_empty());
     }
 
     #[test]
-    fn deleting_old_rows_takes_their_keys_with_them() {
+    fn deleting_old_rows_leaves_the_rest_findable() {
         let (_dir, logs, index) = store();
         for id in 1..=4u64 {
             logs.insert(id.to_be_bytes(), serde_json::to_vec(&row(id, 1, LogKind::Consume)).expect("json"))
                 .expect("insert");
         }
-        ensure_index(&logs, &index).expect("index");
+        ensure_rollups(&logs, &index).expect("index");
         assert_eq!(delete_before(&logs, &index, 3_000).expect("delete"), 2);
         let user = LogFilter { user_id: Some(1), ..LogFilter::default() };
         assert_eq!(page_before(&logs, &index, &user, None, 10).0.iter().map(|r| r.id).collect::<Vec<_>>(), vec![4, 3]);
-        let keys = index.iter().keys().filter(|k| k.as_ref().is_ok_and(|k| k[0] == b'u')).count();
-        assert_eq!(keys, 2);
+    }
+
+    #[test]
+    fn a_gateway_request_id_carries_its_time() {
+        let id = new_request_id();
+        let at = request_id_time(&id).expect("time");
+        assert!(at.abs_diff(crate::store::unix_now_ms()) < 60_000, "{id}");
+        assert_eq!(request_id_time("req_0123456789abcdef"), None, "an older or client id");
+        let f = LogFilter { request_id: Some(id), ..LogFilter::default() }.around_request(1000);
+        assert_eq!((f.start_ms, f.end_ms), (Some(at - 60_000), Some(at + 61_000)));
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub mod dashboard;
 pub mod journal;
 pub mod ledger;
 pub mod limits;
-pub mod log_index;
+pub mod log_filter;
+pub mod log_segments;
 pub mod logs;
 pub mod pricing;
 pub mod rollup;
@@ -144,7 +145,7 @@ impl Billing {
         limits: &LimitsConfig,
     ) -> anyhow::Result<Self> {
         let trees = Trees::open(store)?;
-        logs::ensure_index(&trees.logs, &trees.index)?;
+        logs::ensure_rollups(&trees.logs, &trees.rollups)?;
         let committed = trees.committed_seq()?;
         // A store that lost committed usage (a truncated or restored db)
         // is refused rather than billed again from an old state.
@@ -180,9 +181,10 @@ impl Billing {
         self.store.tree("logs")
     }
 
-    /// The `log_index` tree: the log's secondary keys and rollups.
-    pub fn log_index(&self) -> anyhow::Result<sled::Tree> {
-        self.store.tree("log_index")
+    /// The `log_rollup` tree: usage per minute and hour, and each hour's
+    /// row ids.
+    pub fn log_rollups(&self) -> anyhow::Result<sled::Tree> {
+        self.store.tree("log_rollup")
     }
 
     /// The storage health (fail-closed admission, `/health`).
@@ -412,13 +414,13 @@ impl Billing {
     /// minute rollups older than two days.
     pub fn sweep_logs(&self) {
         let result = self.logs().and_then(|tree| {
-            let index = self.log_index()?;
-            let minutes = rollup::prune(&index, false, unix_now_ms().saturating_sub(rollup::MINUTES_KEPT_MS))?;
+            let rollups = self.log_rollups()?;
+            let minutes = rollup::prune(&rollups, false, unix_now_ms().saturating_sub(rollup::MINUTES_KEPT_MS))?;
             if self.log_config.retention_secs == 0 {
                 return Ok((0, minutes));
             }
             let cutoff = unix_now_ms().saturating_sub(self.log_config.retention_secs.saturating_mul(1000));
-            Ok((logs::delete_before(&tree, &index, cutoff)?, minutes))
+            Ok((logs::delete_before(&tree, &rollups, cutoff)?, minutes))
         });
         match result {
             Ok((0, _)) => {}

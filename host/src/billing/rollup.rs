@@ -1,17 +1,20 @@
-//! Usage pre-aggregated per minute and per hour (`log_index` tree, keys
-//! `M`/`H` + the Unix minute/hour), updated in the writer's transaction,
-//! so the dashboard reads at most a few hundred small records whatever
-//! the size of the log.
+//! Usage pre-aggregated per minute and per hour (`log_rollup` tree, keys
+//! `M`/`H` + the Unix minute/hour), and per hour the lowest and highest
+//! row id dated in it (`I` + hour), written in the billing writer's
+//! transaction with the rows: the dashboard reads at most a few hundred
+//! small records, and a logs query by time starts and stops at the right
+//! ids, whatever the size of the log.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
 use super::logs::{LogKind, LogRow, Sums};
 
 const MINUTE: u8 = b'M';
 const HOUR: u8 = b'H';
+const IDS: u8 = b'I';
+const HOUR_MS: u64 = 3_600_000;
 
 /// Growth factor between latency histogram buckets (≈ 20 % resolution).
 const LATENCY_STEP: f64 = 1.2;
@@ -129,22 +132,73 @@ pub fn deltas<'a>(rows: impl Iterator<Item = &'a LogRow>) -> BTreeMap<[u8; 9], B
     out
 }
 
-fn decode(raw: &[u8]) -> Bucket {
+/// A stored bucket (an unreadable one counts as empty).
+pub fn decode(raw: &[u8]) -> Bucket {
     serde_json::from_slice(raw).unwrap_or_default()
 }
 
-/// Add `deltas` to their buckets inside the writer's transaction.
-pub fn apply(
-    index: &TransactionalTree,
-    deltas: &BTreeMap<[u8; 9], Bucket>,
-) -> Result<(), ConflictableTransactionError<String>> {
-    for (k, delta) in deltas {
-        let mut bucket = index.get(k)?.map(|raw| decode(&raw)).unwrap_or_default();
-        bucket.merge(delta);
-        let raw = serde_json::to_vec(&bucket).map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-        index.insert(&k[..], raw)?;
+/// A bucket as stored.
+pub fn encode(bucket: &Bucket) -> Vec<u8> {
+    serde_json::to_vec(bucket).unwrap_or_default()
+}
+
+fn ids_key(at_ms: u64) -> [u8; 9] {
+    let mut k = key(true, at_ms);
+    k[0] = IDS;
+    k
+}
+
+fn decode_ids(raw: &[u8]) -> Option<(u64, u64)> {
+    let lo = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
+    let hi = u64::from_be_bytes(raw.get(8..16)?.try_into().ok()?);
+    Some((lo, hi))
+}
+
+fn encode_ids((lo, hi): (u64, u64)) -> Vec<u8> {
+    [lo.to_be_bytes(), hi.to_be_bytes()].concat()
+}
+
+/// Stored records: key and encoded value.
+pub type Records = Vec<([u8; 9], Vec<u8>)>;
+
+/// The records `rows` change, merged with what `get` reads of them: the
+/// minute and hour buckets (usage rows only) and the hourly id ranges
+/// (every row). Keys and encoded values, ready to store.
+pub fn changes<'a, E>(
+    rows: impl Iterator<Item = &'a LogRow>,
+    mut get: impl FnMut(&[u8]) -> Result<Option<sled::IVec>, E>,
+) -> Result<Records, E> {
+    let rows: Vec<&LogRow> = rows.collect();
+    let mut ids: BTreeMap<[u8; 9], (u64, u64)> = BTreeMap::new();
+    for row in &rows {
+        let range = ids.entry(ids_key(row.at_ms)).or_insert((row.id, row.id));
+        *range = (range.0.min(row.id), range.1.max(row.id));
     }
-    Ok(())
+    let mut out = Vec::new();
+    for (k, delta) in deltas(rows.into_iter()) {
+        let mut bucket = get(&k)?.map(|raw| decode(&raw)).unwrap_or_default();
+        bucket.merge(&delta);
+        out.push((k, encode(&bucket)));
+    }
+    for (k, (lo, hi)) in ids {
+        let (was_lo, was_hi) = get(&k)?.and_then(|raw| decode_ids(&raw)).unwrap_or((lo, hi));
+        out.push((k, encode_ids((lo.min(was_lo), hi.max(was_hi)))));
+    }
+    Ok(out)
+}
+
+/// The lowest id of a row dated at or after `from_ms`, to the hour
+/// (`None`: no such row).
+pub fn lowest_id_from(rollups: &sled::Tree, from_ms: u64) -> Option<u64> {
+    let end = ids_key(u64::MAX - HOUR_MS);
+    rollups.range(ids_key(from_ms)..end).filter_map(|i| i.ok().and_then(|(_, v)| decode_ids(&v))).map(|r| r.0).min()
+}
+
+/// The highest id of a row dated before `to_ms`, to the hour (`None`: no
+/// such row).
+pub fn highest_id_before(rollups: &sled::Tree, to_ms: u64) -> Option<u64> {
+    let end = ids_key(to_ms.saturating_add(HOUR_MS - 1));
+    rollups.range(ids_key(0)..end).filter_map(|i| i.ok().and_then(|(_, v)| decode_ids(&v))).map(|r| r.1).max()
 }
 
 /// The buckets from `from_ms` (inclusive) to `to_ms` (exclusive), by
@@ -165,12 +219,20 @@ pub fn read(index: &sled::Tree, hourly: bool, from_ms: u64, to_ms: u64) -> Vec<(
 /// last hour; hours serve the rest).
 pub const MINUTES_KEPT_MS: u64 = 2 * 86_400_000;
 
-/// Drop the hour (`hourly`) or minute buckets before `before_ms`.
-pub fn prune(index: &sled::Tree, hourly: bool, before_ms: u64) -> sled::Result<usize> {
+/// Drop the minute buckets, or the hour buckets and id ranges
+/// (`hourly`), before `before_ms`.
+pub fn prune(rollups: &sled::Tree, hourly: bool, before_ms: u64) -> sled::Result<usize> {
+    let ranges = if hourly {
+        vec![key(true, 0)..key(true, before_ms), ids_key(0)..ids_key(before_ms)]
+    } else {
+        vec![key(false, 0)..key(false, before_ms)]
+    };
     let mut n = 0;
-    for item in index.range(key(hourly, 0)..key(hourly, before_ms)) {
-        index.remove(item?.0)?;
-        n += 1;
+    for range in ranges {
+        for item in rollups.range(range) {
+            rollups.remove(item?.0)?;
+            n += 1;
+        }
     }
     Ok(n)
 }

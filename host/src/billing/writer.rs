@@ -24,7 +24,7 @@ use super::NotRecorded;
 use super::accounts::{TokenRecord, UserRecord};
 use super::journal::{Change, Entry, Journal};
 use super::logs::{LogKind, LogRow};
-use super::{log_index, rollup};
+use super::{log_segments, rollup};
 use crate::store::Store;
 
 /// Key of the last committed journal sequence number in `billing_state`.
@@ -60,8 +60,8 @@ pub struct Trees {
     pub logs: sled::Tree,
     /// The committed journal sequence number and the open streams.
     pub state: sled::Tree,
-    /// The log's secondary keys and per-minute/hour rollups.
-    pub index: sled::Tree,
+    /// The log's per-minute and per-hour rollups.
+    pub rollups: sled::Tree,
 }
 
 impl Trees {
@@ -72,7 +72,7 @@ impl Trees {
             tokens: store.tree("tokens")?,
             logs: store.tree("logs")?,
             state: store.tree("billing_state")?,
-            index: store.tree("log_index")?,
+            rollups: store.tree("log_rollup")?,
         })
     }
 
@@ -386,18 +386,17 @@ fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(
         return Ok(());
     }
     let (user_deltas, token_deltas) = deltas(changes);
-    let Trees { users, tokens, logs, state, index } = trees;
-    (users, tokens, logs, state, index)
-        .transaction(|(u, t, l, s, x)| {
+    let Trees { users, tokens, logs, state, rollups } = trees;
+    (users, tokens, logs, state, rollups)
+        .transaction(|(u, t, l, s, r)| {
             let mut fresh = Vec::new();
             for (_, change) in changes {
                 match change {
                     Change::Row(row) => {
                         let before =
                             l.insert(&row.id.to_be_bytes(), serde_json::to_vec(row.as_ref()).map_err(abort)?)?;
-                        // A row written again (a replay) is indexed and counted once.
+                        // A row written again (a replay) is counted once.
                         if before.is_none() {
-                            log_index::add(x, row)?;
                             fresh.push(row.as_ref());
                         }
                         // Only a stream has an open record to end.
@@ -411,7 +410,11 @@ fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(
                     Change::Adjust { .. } => {}
                 }
             }
-            rollup::apply(x, &rollup::deltas(fresh.into_iter()))?;
+            let mut derived = rollup::changes(fresh.iter().copied(), |k| r.get(k))?;
+            derived.extend(log_segments::changes(fresh.iter().copied(), |k| r.get(k))?);
+            for (k, v) in derived {
+                r.insert(&k[..], v)?;
+            }
             for (id, d) in &user_deltas {
                 update::<UserRecord>(u, *id, |r| {
                     r.quota = r.quota.saturating_add(d.quota);
