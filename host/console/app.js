@@ -454,7 +454,9 @@
         h("button", { type: "button", "data-test": "test-all", onclick: () => act(async () => {
           const r = await api("POST", "/api/channels/test");
           const ok = r.data.filter((x) => x.success).length;
-          notice(out, `${ok} / ${r.data.length} ✓`, ok !== r.data.length);
+          // The table shows each channel's new response time.
+          S.flash = { page: "channels", message: t("ch.tested_all", { ok, total: r.data.length }), error: ok !== r.data.length };
+          route();
         }) }, t("ch.test_all"))),
       out,
       h("div", { class: "panel" }, table([

@@ -101,6 +101,9 @@ def the_channel_is_tested_with_its_response_time():
     row = page.locator("[data-test=channels] tr", has_text="browser-channel")
     row.locator("[data-test=test]").click()
     expect(page.locator("[data-test=channel-notice]")).to_contain_text(re.compile(r"Test finished in \d+ ms"))
+    page.click("[data-test=test-all]")
+    expect(page.locator("[data-test=channel-notice]")).to_contain_text("2 of 2 channels answered")
+    expect(row.locator("td").nth(8)).to_contain_text(re.compile(r"\d+ ms"))
     shot("channels")
 
 
