@@ -709,7 +709,7 @@
       h("label", {}, t("lg.model"), h("input", { name: "model", value: f.model || "" })),
       self ? null : h("label", {}, t("lg.channel"), h("input", { name: "channel_id", type: "number", value: f.channel_id || "" })),
       h("label", {}, t("lg.type"), h("select", { name: "type" }, h("option", { value: "" }, t("lg.any")),
-        ["consume", "error", "topup"].map((k) => h("option", { value: k, selected: f.type === k }, t("lg." + k) === "lg." + k ? k : t("lg." + k))))),
+        ["consume", "error", "topup"].map((k) => h("option", { value: k, selected: f.type === k }, t("lg." + k))))),
       h("label", {}, t("lg.request"), h("input", { name: "request_id", value: f.request_id || "" })),
       h("label", {}, t("col.status"), h("input", { name: "status", type: "number", min: 100, max: 599, value: f.status || "" })),
       h("label", {}, t("lg.from"), h("input", { name: "start_ms", type: "datetime-local", value: f.start_ms || "" })),
@@ -740,15 +740,15 @@
   function logColumns() {
     return [
       { label: "col.time", cell: (r) => when(r.at_ms) },
-      { label: "col.type", cell: (r) => badge(r.kind === "error" ? "bad" : r.kind === "topup" ? "warn" : "ok", r.error_kind || r.note) },
+      { label: "col.type", cell: (r) => h("span", { class: "badge " + ({ error: "bad", topup: "warn" }[r.kind] || "ok"), title: r.error_kind || r.note || null }, t("lg." + r.kind)) },
       { label: "col.user", cell: (r) => r.user_id ?? "config" },
       { label: "col.token", cell: (r) => r.token_name },
       { label: "col.model", cell: (r) => (r.kind === "topup" ? h("em", {}, r.note || "") : r.model) },
       { label: "col.channel", num: true, cell: (r) => (r.kind === "topup" ? "" : r.channel_id) },
       { label: "col.prompt", num: true, cell: (r) => num(r.prompt_tokens) },
       { label: "col.completion", num: true, cell: (r) => num(r.completion_tokens) },
-      { label: "col.charge", num: true, cell: (r) => money(r.quota) },
-      { label: "col.latency", num: true, cell: (r) => ms(r.latency_ms) },
+      { label: "col.charge", num: true, cell: (r) => (r.kind === "topup" ? "+" + money(r.quota) : money(r.quota)) },
+      { label: "col.latency", num: true, cell: (r) => (r.kind === "topup" ? "—" : ms(r.latency_ms)) },
       { label: "col.status", num: true, cell: (r) => r.status },
     ];
   }
