@@ -139,6 +139,14 @@ async fn metrics_count_a_known_mix_and_a_real_prometheus_reads_them() {
     assert!(sample(&text, "process_resident_memory_bytes", &[]) > 1e6);
     assert_eq!(sample(&text, "wasmgate_plugin_loads_total", &[("kind", "published")]), 3.0, "three plugins loaded");
     assert!(sample(&text, "wasmgate_plugin_instances_idle", &[]) >= 1.0);
+    // Every call has ended: no instance is counted as in use (none leaked).
+    assert_eq!(sample(&text, "wasmgate_plugin_instances_in_use", &[]), 0.0, "{text}");
+    // Calls are labelled with the version the plugin reports.
+    let (_, plugins) = crate::support::admin(&gw, reqwest::Method::GET, "/api/plugins", None).await;
+    let openai = plugins["data"].as_array().and_then(|d| d.iter().find(|p| p["name"] == "openai")).expect("openai");
+    let version = openai["version"].as_str().expect("version");
+    let labels = [("plugin", "openai"), ("version", version), ("call", "build_request"), ("outcome", "ok")];
+    assert!(sample(&text, "wasmgate_plugin_calls_total", &labels) >= 5.0, "{text}");
     assert!(text.contains("\nwasmgate_billing_batch_duration_seconds_count "), "the writer's batches are timed");
     assert!(!text.contains(&limited) && !text.contains("sk-upstream-secret"), "no secrets in metrics");
     // Every metric the shipped Grafana dashboard queries exists.

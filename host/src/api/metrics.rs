@@ -37,8 +37,8 @@ pub async fn scrape(State(state): State<AppState>, headers: HeaderMap) -> Respon
     }
     let snapshot = state.channels.snapshot();
     let channels: Vec<(u64, &'static str)> = snapshot.records.values().map(|r| (r.id, r.status.name())).collect();
-    let idle = state.registry.instances_idle();
-    let body = crate::metrics::get().render(&channels, state.billing.writer.gauges(), idle);
+    let instances = state.registry.instance_gauges();
+    let body = crate::metrics::get().render(&channels, state.billing.writer.gauges(), instances);
     let mut response = body.into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
     response

@@ -97,6 +97,7 @@ struct AttemptLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PluginLabels {
     plugin: &'static str,
+    version: &'static str,
     call: &'static str,
     outcome: &'static str,
 }
@@ -104,6 +105,7 @@ struct PluginLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PluginCallLabels {
     plugin: &'static str,
+    version: &'static str,
     call: &'static str,
 }
 
@@ -127,6 +129,7 @@ pub struct Metrics {
     enabled: std::sync::atomic::AtomicBool,
     models: Interner,
     plugins: Interner,
+    versions: Interner,
     requests: Family<RequestLabels, Counter>,
     request_duration: HistogramFamily<EndpointLabels>,
     upstream_duration: HistogramFamily<EndpointLabels>,
@@ -147,6 +150,7 @@ pub struct Metrics {
     billing_batch: Histogram,
     plugin_loads: Family<KindLabels, Counter>,
     instances_idle: Gauge,
+    instances_in_use: Gauge,
     billing_last_commit_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     journal_bytes: Gauge,
     process: process::ProcessMetrics,
@@ -234,6 +238,12 @@ impl Metrics {
             "Plugin instances kept idle for reuse, all plugins",
             instances_idle.clone(),
         );
+        let instances_in_use = Gauge::default();
+        registry.register(
+            "plugin_instances_in_use",
+            "Plugin instances serving a call now, all plugins (the pool holds `max_instances`)",
+            instances_in_use.clone(),
+        );
         let billing_pending = Gauge::default();
         registry.register("billing_rows_pending", "Usage rows waiting for the batch writer", billing_pending.clone());
         let billing_last_commit_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
@@ -252,6 +262,7 @@ impl Metrics {
             enabled: std::sync::atomic::AtomicBool::new(true),
             models: Interner::default(),
             plugins: Interner::default(),
+            versions: Interner::default(),
             requests,
             request_duration,
             upstream_duration,
@@ -271,6 +282,7 @@ impl Metrics {
             billing_batch,
             plugin_loads,
             instances_idle,
+            instances_in_use,
             billing_last_commit_age,
             journal_bytes,
             process,
@@ -349,24 +361,33 @@ impl Metrics {
         self.failovers.inc();
     }
 
-    /// A plugin call ended with `outcome` after `elapsed`.
-    pub fn plugin_call(&self, plugin: &str, call: &'static str, outcome: &'static str, elapsed: Duration) {
+    /// A call of `version` of `plugin` ended with `outcome` after `elapsed`.
+    pub fn plugin_call(
+        &self,
+        plugin: &str,
+        version: &str,
+        call: &'static str,
+        outcome: &'static str,
+        elapsed: Duration,
+    ) {
         if !self.on() {
             return;
         }
-        self.plugin_handles(plugin, call).record(self, outcome, elapsed);
+        self.plugin_handles(plugin, version, call).record(self, outcome, elapsed);
     }
 
-    /// The metrics of `plugin`'s `call`, resolved once so that a caller
-    /// that keeps them records a successful call with an atomic add and one
-    /// histogram observation, no label lookup.
-    pub fn plugin_handles(&self, plugin: &str, call: &'static str) -> PluginCallHandles {
+    /// The metrics of `call` on `version` of `plugin`, resolved once so
+    /// that a caller that keeps them records a successful call with an
+    /// atomic add and one histogram observation, no label lookup.
+    pub fn plugin_handles(&self, plugin: &str, version: &str, call: &'static str) -> PluginCallHandles {
         let plugin = self.plugins.get(plugin);
+        let version = self.versions.get(version);
         PluginCallHandles {
             plugin,
+            version,
             call,
-            ok: self.plugin_calls.get_or_create(&PluginLabels { plugin, call, outcome: "ok" }).clone(),
-            duration: self.plugin_duration.get_or_create(&PluginCallLabels { plugin, call }).clone(),
+            ok: self.plugin_calls.get_or_create(&PluginLabels { plugin, version, call, outcome: "ok" }).clone(),
+            duration: self.plugin_duration.get_or_create(&PluginCallLabels { plugin, version, call }).clone(),
         }
     }
 
@@ -412,8 +433,14 @@ impl Metrics {
 
     /// The OpenMetrics text, after refreshing the gauges read at scrape
     /// time: every channel's `state`, billing's writer, the process.
-    pub fn render(&self, channels: &[(u64, &'static str)], billing: BillingGauges, instances_idle: usize) -> String {
-        self.instances_idle.set(i64::try_from(instances_idle).unwrap_or(i64::MAX));
+    pub fn render(
+        &self,
+        channels: &[(u64, &'static str)],
+        billing: BillingGauges,
+        instances: InstanceGauges,
+    ) -> String {
+        self.instances_idle.set(i64::try_from(instances.idle).unwrap_or(i64::MAX));
+        self.instances_in_use.set(i64::try_from(instances.in_use).unwrap_or(i64::MAX));
         self.channel_state.clear();
         for (id, state) in channels {
             self.channel_state.get_or_create(&ChannelStateLabels { channel: *id, state }).set(1);
@@ -430,10 +457,20 @@ impl Metrics {
     }
 }
 
+/// Plugin instances, read at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InstanceGauges {
+    /// Kept idle for reuse.
+    pub idle: usize,
+    /// Serving a call now.
+    pub in_use: usize,
+}
+
 /// One plugin call's metrics, resolved (see [`Metrics::plugin_handles`]).
 #[derive(Clone)]
 pub struct PluginCallHandles {
     plugin: &'static str,
+    version: &'static str,
     call: &'static str,
     ok: Counter,
     duration: Histogram,
@@ -448,7 +485,8 @@ impl PluginCallHandles {
         if outcome == "ok" {
             self.ok.inc();
         } else {
-            metrics.plugin_calls.get_or_create(&PluginLabels { plugin: self.plugin, call: self.call, outcome }).inc();
+            let labels = PluginLabels { plugin: self.plugin, version: self.version, call: self.call, outcome };
+            metrics.plugin_calls.get_or_create(&labels).inc();
         }
         self.duration.observe(elapsed.as_secs_f64());
     }

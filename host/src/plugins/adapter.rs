@@ -90,6 +90,7 @@ impl AdapterPlugin {
         let instances = Instances::new(engine, name.clone(), pre, load);
         let mut this = Self { name, sha256, info: empty_info(), has_auth, has_codec, instances, pinned };
         this.info = this.call_info().await?;
+        this.instances.set_version(&this.info.version);
         Ok(this)
     }
 

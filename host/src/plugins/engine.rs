@@ -52,6 +52,8 @@ pub struct PluginEngine {
     memory_bytes: usize,
     /// Instances kept idle for reuse, over all plugins.
     pub(crate) idle: std::sync::atomic::AtomicUsize,
+    /// Instances alive (leased or idle), over all plugins.
+    pub(crate) live: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The wasmtime configuration every gateway and compiler process shares
@@ -116,6 +118,7 @@ impl PluginEngine {
             config: config.clone(),
             memory_bytes,
             idle: std::sync::atomic::AtomicUsize::new(0),
+            live: Arc::default(),
         }))
     }
 

@@ -31,6 +31,23 @@ pub(crate) struct Lease<B> {
     pub(crate) bindings: B,
     uses: u32,
     tag: u64,
+    _alive: Alive,
+}
+
+/// Counts an instance among the engine's live ones while it exists.
+struct Alive(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Alive {
+    fn new(live: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::Relaxed);
+        Self(live.clone())
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How bindings are loaded from a fresh instance.
@@ -46,6 +63,8 @@ pub(crate) struct Instances<B> {
     /// Calls made on this version, and how many failed.
     calls: std::sync::atomic::AtomicU64,
     failed: std::sync::atomic::AtomicU64,
+    /// The plugin's own version (from `info()`), for the metrics' labels.
+    version: std::sync::OnceLock<String>,
     /// Each call's metrics, resolved on first use (see [`CALLS`]).
     metrics: [std::sync::OnceLock<crate::metrics::PluginCallHandles>; CALLS.len()],
 }
@@ -80,6 +99,7 @@ impl<B: Send + 'static> Instances<B> {
             idle: Mutex::new(Vec::new()),
             calls: Default::default(),
             failed: Default::default(),
+            version: Default::default(),
             metrics: Default::default(),
         }
     }
@@ -113,7 +133,7 @@ impl<B: Send + 'static> Instances<B> {
         };
         let bindings = (self.load)(&mut store, &instance)
             .map_err(|e| PluginError::Instantiate { plugin: self.name.to_string(), detail: format!("{e:#}") })?;
-        Ok(Lease { store, bindings, uses: 0, tag })
+        Ok(Lease { store, bindings, uses: 0, tag, _alive: Alive::new(&self.engine.live) })
     }
 
     /// Arm `lease` for a call whose inputs are `input_bytes` long, with
@@ -163,14 +183,21 @@ impl<B: Send + 'static> Instances<B> {
             }
         };
         let metrics = crate::metrics::get();
-        match CALLS.iter().position(|c| *c == what) {
+        // `info` runs before the version is known: its calls are not cached.
+        let version = self.version.get().map_or("", String::as_str);
+        match CALLS.iter().position(|c| *c == what).filter(|_| !version.is_empty()) {
             Some(slot) => {
-                let handles = self.metrics[slot].get_or_init(|| metrics.plugin_handles(&self.name, what));
+                let handles = self.metrics[slot].get_or_init(|| metrics.plugin_handles(&self.name, version, what));
                 handles.record(metrics, label, started.elapsed());
             }
-            None => metrics.plugin_call(&self.name, what, label, started.elapsed()),
+            None => metrics.plugin_call(&self.name, version, what, label, started.elapsed()),
         }
         result
+    }
+
+    /// Record the plugin's own version, which labels its calls' metrics.
+    pub(crate) fn set_version(&self, version: &str) {
+        let _ = self.version.set(version.to_string());
     }
 
     /// The plugin's name.

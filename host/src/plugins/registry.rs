@@ -130,9 +130,12 @@ impl Registry {
         self.current.load_full()
     }
 
-    /// Plugin instances kept idle for reuse, over all plugins.
-    pub fn instances_idle(&self) -> usize {
-        self.engine.idle.load(std::sync::atomic::Ordering::Relaxed)
+    /// Plugin instances kept idle for reuse and serving calls now, over all
+    /// plugins.
+    pub fn instance_gauges(&self) -> crate::metrics::InstanceGauges {
+        use std::sync::atomic::Ordering::Relaxed;
+        let idle = self.engine.idle.load(Relaxed);
+        crate::metrics::InstanceGauges { idle, in_use: self.engine.live.load(Relaxed).saturating_sub(idle) }
     }
 
     /// Status of every plugin file seen, sorted by name.

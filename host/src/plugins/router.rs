@@ -47,6 +47,7 @@ impl RouterPlugin {
         let instances = Instances::new(engine, name.clone(), pre, load);
         let info =
             plugin_call!("info", instances, NO_KEY, 0, None, |store, b| b.wasmgate_plugin_router().call_info(store))?;
+        instances.set_version(&info.version);
         Ok(Self { name, sha256, info, instances })
     }
 
