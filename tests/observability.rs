@@ -196,7 +196,10 @@ async fn a_metrics_token_is_required_when_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_request_id_is_kept_echoed_and_logged_in_the_usage_row() {
     let mock = MockUpstream::start("ok").await;
-    let gw = Gateway::start(&["openai.wasm", "weighted.wasm"], &channel("a", "openai", &mock.base_url(), &["m"], ""));
+    let gw = Gateway::start(
+        &["openai.wasm", "weighted.wasm"],
+        &channel("a", "openai", &mock.base_url(), &["m", "slow-m"], ""),
+    );
     let (_, key) = user_with_token(&gw, 1_000_000, json!({})).await;
     let send = |id: &'static str| {
         client()
@@ -212,6 +215,25 @@ async fn a_client_request_id_is_kept_echoed_and_logged_in_the_usage_row() {
     crate::support::accounts::wait_rows(&gw, "request_id=client-trace.42:a_b", 1).await;
     // Every log line of the request carries its id (the request span's field).
     assert!(gw.log().contains("request{request_id=client-trace.42:a_b}"), "{}", gw.log());
+    // A stream's lines logged after the handler returned carry it too:
+    // here the client leaves mid-stream.
+    let mut stream = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-request-id", "client-stream-7")
+        .json(&json!({"model": "slow-m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("stream")
+        .bytes_stream();
+    futures_util::StreamExt::next(&mut stream).await.expect("a first chunk").expect("bytes");
+    drop(stream);
+    let logged = || async {
+        gw.log()
+            .lines()
+            .any(|l| l.contains("client disconnected mid-stream") && l.contains("request_id=client-stream-7"))
+    };
+    assert!(eventually(Duration::from_secs(10), logged).await.is_some(), "{}", gw.log());
     // An id that cannot be logged or stored as it is gets replaced.
     let resp = send("has spaces and / slashes").await.expect("send");
     let id = resp.headers()["x-request-id"].to_str().expect("id").to_string();

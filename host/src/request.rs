@@ -84,6 +84,10 @@ pub struct ClientRequest {
     pub user: Option<String>,
     /// The body as received.
     pub body: Bytes,
+    /// The gateway's id of the request (`x-request-id`): it goes into the
+    /// usage rows and the adapter's context; logs get it from the request's
+    /// span.
+    pub request_id: String,
 }
 
 /// The fields read out of the body.
@@ -422,7 +426,14 @@ impl ClientRequest {
             prompt: head.size,
             user: head.user.flatten().map(Cow::into_owned),
             body,
+            request_id: String::new(),
         })
+    }
+
+    /// The request, known by the gateway's id `request_id`.
+    pub fn with_id(mut self, request_id: String) -> Self {
+        self.request_id = request_id;
+        self
     }
 }
 

@@ -49,6 +49,7 @@ pub async fn call(
     let sse = query.as_deref().is_some_and(|q| q.split('&').any(|p| p == "alt=sse"));
     let framing = if sse { Framing::Sse } else { Framing::Array };
     let model = req.model.clone();
-    let response = relay(&state, req, &caller, &id.0).await?;
+    req.request_id = id.0;
+    let response = relay(&state, req, &caller).await?;
     Ok(gemini::answer(response, model, framing).await?)
 }

@@ -44,7 +44,8 @@ pub async fn create(
     let mut req = chat_request(&chat)?;
     let model = req.model.clone();
     req.route = "messages";
-    let response = relay(&state, req, &caller, &id.0).await?;
+    req.request_id = id.0;
+    let response = relay(&state, req, &caller).await?;
     Ok(anthropic::answer(response, model).await?)
 }
 

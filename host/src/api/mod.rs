@@ -25,6 +25,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::Instrument;
 
 use crate::error::ApiError;
@@ -36,6 +37,8 @@ const MAX_PLUGIN_UPLOAD: usize = 64 * 1024 * 1024;
 /// The request id of the current request (also sent as `x-request-id`).
 #[derive(Clone)]
 pub struct RequestId(pub String);
+
+const X_REQUEST_ID: axum::http::HeaderName = axum::http::HeaderName::from_static("x-request-id");
 
 /// The complete router; tests can serve it directly.
 pub fn app(state: AppState) -> Router {
@@ -110,7 +113,7 @@ pub fn app(state: AppState) -> Router {
         );
     let v1beta = Router::new().route("/models/{target}", post(gemini::call));
     let console = if state.config.console.enabled { crate::console::routes() } else { Router::new() };
-    Router::new()
+    let routes = Router::new()
         .merge(console)
         .nest("/v1", v1)
         .nest("/v1beta", v1beta)
@@ -121,7 +124,8 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), front))
-        .with_state(state)
+        .with_state(state);
+    with_request_ids(routes)
 }
 
 /// Administration runs on its own thread: its writes flush sled (and an
@@ -159,28 +163,54 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// The client's own `x-request-id`, when it is a usable one: 1 to 128
-/// characters of letters, digits and `-_.:`, so it can be logged, stored
-/// in the usage row and echoed back as it is.
-fn client_request_id(req: &Request) -> Option<String> {
-    let v = req.headers().get("x-request-id")?.to_str().ok()?;
-    let ok = (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-    ok.then(|| v.to_string())
+/// Whether a client's own `x-request-id` is usable: 1 to 128 characters
+/// of letters, digits and `-_.:`, so it can be logged, stored in the usage
+/// row and echoed back as it is. An unusable one is dropped (and replaced).
+fn usable_request_id(v: &HeaderValue) -> bool {
+    (1..=128).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
 }
 
-/// In front of every route, in one layer: the request id (the client's
-/// `x-request-id` when usable, else a new one; sent back either way) and
-/// the limits on what the client sends.
+/// New request ids ([`crate::billing::logs::new_request_id`]: they carry
+/// their time) for `tower-http`'s request-id layers.
+#[derive(Clone, Copy)]
+struct MakeId;
+
+impl MakeRequestId for MakeId {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<tower_http::request_id::RequestId> {
+        HeaderValue::from_str(&crate::billing::logs::new_request_id()).ok().map(tower_http::request_id::RequestId::new)
+    }
+}
+
+/// Request ids, outermost first: an unusable client id is dropped, a
+/// missing one made, and the id sent back on every answer.
+fn with_request_ids(router: Router) -> Router {
+    let strip = tower::util::MapRequestLayer::new(|mut req: Request| {
+        if req.headers().get(X_REQUEST_ID).is_some_and(|v| !usable_request_id(v)) {
+            req.headers_mut().remove(X_REQUEST_ID);
+        }
+        req
+    });
+    router
+        .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
+        .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeId))
+        .layer(strip)
+}
+
+/// In front of every route, in one layer: the limits on what the client
+/// sends, then the request's span, which carries its id to every log line
+/// (and, when traces are on, continues the client's trace).
 async fn front(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if let Err(refused) = limits::check(&state, &req) {
         return *refused;
     }
-    let id = client_request_id(&req).unwrap_or_else(crate::billing::logs::new_request_id);
-    let header = HeaderValue::from_str(&id).ok();
-    req.extensions_mut().insert(RequestId(id));
+    let id = req
+        .extensions()
+        .get::<tower_http::request_id::RequestId>()
+        .and_then(|r| r.header_value().to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let span = if req.uri().path().starts_with("/v1") {
         // INFO, so that every log line of the request carries its id.
-        let id = req.extensions().get::<RequestId>().map_or("", |r| r.0.as_str());
         let span = tracing::info_span!(target: "wasmgate::request", "request", request_id = %id,
             otel.name = tracing::field::Empty, otel.kind = tracing::field::Empty);
         if crate::telemetry::traces_on() {
@@ -192,10 +222,8 @@ async fn front(State(state): State<AppState>, mut req: Request, next: Next) -> R
     } else {
         tracing::Span::none()
     };
-    let mut response = next.run(limits::with_deadline(&state, req)).instrument(span.clone()).await;
+    req.extensions_mut().insert(RequestId(id));
+    let response = next.run(limits::with_deadline(&state, req)).instrument(span.clone()).await;
     crate::telemetry::span_attribute(&span, "http.response.status_code", i64::from(response.status().as_u16()));
-    if let Some(v) = header {
-        response.headers_mut().insert("x-request-id", v);
-    }
     response
 }

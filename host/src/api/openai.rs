@@ -25,8 +25,8 @@ async fn serve(
     endpoint: Endpoint,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req = ClientRequest::parse(endpoint, body::take(raw)?)?;
-    relay(&state, req, &caller, &id.0).await
+    let req = ClientRequest::parse(endpoint, body::take(raw)?)?.with_id(id.0);
+    relay(&state, req, &caller).await
 }
 
 /// `POST /v1/chat/completions`

@@ -222,12 +222,7 @@ impl Billing {
     /// Admit `req` for `caller`: storage, model allowlist, price, the
     /// completion limit, rate limits and the quota pre-charge. The
     /// [`Meter`] bills the request.
-    pub async fn admit(
-        self: &Arc<Self>,
-        caller: &Caller,
-        req: &ClientRequest,
-        request_id: &str,
-    ) -> Result<Meter, ApiError> {
+    pub async fn admit(self: &Arc<Self>, caller: &Caller, req: &ClientRequest) -> Result<Meter, ApiError> {
         if !self.storage().writable() {
             return Err(storage_unavailable());
         }
@@ -287,7 +282,7 @@ impl Billing {
         let mut meter = Meter {
             billing: self.clone(),
             caller: caller.clone(),
-            request_id: request_id.to_string(),
+            request_id: req.request_id.clone(),
             model: req.model.clone(),
             stream: req.stream,
             price,
@@ -653,7 +648,7 @@ impl Meter {
                 .saturating_sub(i64::try_from(self.token_estimate).unwrap_or(i64::MAX));
             self.billing.limiter.correct(subject, delta);
         }
-        tracing::debug!(request_id = %self.request_id, charge = quota, estimated = tokens.estimated, "request settled");
+        tracing::debug!(charge = quota, estimated = tokens.estimated, "request settled");
         recorded
     }
 }

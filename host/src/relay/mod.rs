@@ -49,8 +49,8 @@ fn upstream_failure(e: &UpstreamError, channel: &Channel) -> Failure {
 
 /// The client's error for a failed plugin call; the failure is counted
 /// against the plugin (never the channel), capacity aside.
-fn plugin_failure(state: &AppState, e: &PluginError, request_id: &str) -> Failure {
-    tracing::warn!(request_id, error = %e, cause = e.cause(), "plugin call failed");
+fn plugin_failure(state: &AppState, e: &PluginError) -> Failure {
+    tracing::warn!(error = %e, cause = e.cause(), "plugin call failed");
     Failure::Final(plugin_error(state, e))
 }
 
@@ -89,12 +89,7 @@ pub(crate) fn key_tag(channel: &Channel, key: Option<usize>) -> u64 {
 /// admitted and pre-charged by billing, candidates in the policy's order,
 /// retried and failed over on the adapter's classified errors within the
 /// attempt and time budget; only the attempt that served is charged.
-pub async fn relay(
-    state: &AppState,
-    req: ClientRequest,
-    caller: &Caller,
-    request_id: &str,
-) -> Result<Response, ApiError> {
+pub async fn relay(state: &AppState, req: ClientRequest, caller: &Caller) -> Result<Response, ApiError> {
     let started = Instant::now();
     let (route, model) = (req.route, req.model.clone());
     if crate::telemetry::traces_on() {
@@ -102,7 +97,7 @@ pub async fn relay(
         crate::telemetry::attribute("gen_ai.request.model", model.clone());
     }
     let waited = AtomicU64::new(0);
-    let result = relay_attempts(state, req, caller, request_id, &waited).await;
+    let result = relay_attempts(state, req, caller, &waited).await;
     let (total, waited) = (started.elapsed(), Duration::from_nanos(waited.load(Ordering::Relaxed)));
     let metrics = crate::metrics::get();
     match &result {
@@ -137,7 +132,6 @@ async fn relay_attempts(
     state: &AppState,
     req: ClientRequest,
     caller: &Caller,
-    request_id: &str,
     waited: &AtomicU64,
 ) -> Result<Response, ApiError> {
     let group: &str = &caller.group;
@@ -150,7 +144,7 @@ async fn relay_attempts(
             None => ApiError::model_not_found(&req.model),
         });
     }
-    let mut meter = Some(state.billing.admit(caller, &req, request_id).await?);
+    let mut meter = Some(state.billing.admit(caller, &req).await?);
     let route = RouteRequest { endpoint: req.endpoint, model: &req.model, group, stream: req.stream };
     let ordered = state.routing.order(&plugins, &state.registry, &route, candidates).await;
     let cfg = &state.config.upstream;
@@ -169,12 +163,7 @@ async fn relay_attempts(
             // Every candidate has been tried: wait before trying this one again.
             let round = (n / ordered.len()) as u32;
             let Some(wait) = retry_wait(cfg, round, last.as_ref(), deadline) else { break };
-            tracing::info!(
-                request_id,
-                channel = channel.id,
-                wait_ms = wait.as_millis() as u64,
-                "retrying after backoff"
-            );
+            tracing::info!(channel = channel.id, wait_ms = wait.as_millis() as u64, "retrying after backoff");
             tokio::time::sleep(wait).await;
         }
         let limit =
@@ -193,7 +182,6 @@ async fn relay_attempts(
             req: &req,
             stats: &stats,
             info: info.clone(),
-            request_id,
             tag: key_tag(channel, key_view.index),
             waited,
         };
@@ -241,7 +229,7 @@ async fn relay_attempts(
             m.attempt_failed(&info, err.status.as_u16(), what);
         }
         stats.failure();
-        tracing::info!(request_id, channel = channel.id, status = %err.status, code = ?err.code, "attempt failed");
+        tracing::info!(channel = channel.id, status = %err.status, code = ?err.code, "attempt failed");
         spent[index] = match &kind {
             None => true,
             Some(ErrorKind::Auth | ErrorKind::QuotaExhausted) => !channel.multi_key(),
@@ -322,7 +310,6 @@ struct Attempt<'a> {
     req: &'a ClientRequest,
     stats: &'a Arc<ChannelStats>,
     info: AttemptInfo,
-    request_id: &'a str,
     /// The channel key's tag (plugin instance reuse).
     tag: u64,
     /// Nanoseconds spent waiting for upstreams, summed over attempts.
@@ -337,14 +324,14 @@ async fn attempt(
     in_flight: InFlight,
     meter: &mut Option<Meter>,
 ) -> Result<Response, Failure> {
-    let Attempt { state, plugins, channel, req, stats, info, request_id, tag, waited } = a;
+    let Attempt { state, plugins, channel, req, stats, info, tag, waited } = a;
     let wait = |since: Instant| {
         waited.fetch_add(u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
     };
     let KeyView { view, fingerprint, .. } = key_view;
     let started = Instant::now();
     let Some(adapter) = plugins.adapters.get(&channel.adapter) else {
-        tracing::warn!(request_id, channel = channel.id, adapter = %channel.adapter, "adapter not loaded");
+        tracing::warn!(channel = channel.id, adapter = %channel.adapter, "adapter not loaded");
         return Err(Failure::Retry(adapter_unavailable(), None));
     };
     let ctx = RequestContext {
@@ -353,22 +340,22 @@ async fn attempt(
         upstream_model: channel.upstream_model(&req.model),
         stream: req.stream,
         include_usage: req.include_usage,
-        request_id: request_id.to_string(),
+        request_id: req.request_id.clone(),
     };
     let credential =
         match state.credentials.get(adapter, tag, view, fingerprint, &channel.origin, &state.upstream).await {
             Ok(c) => c,
-            Err(CredentialError::Plugin(e)) => return Err(plugin_failure(state, &e, request_id)),
+            Err(CredentialError::Plugin(e)) => return Err(plugin_failure(state, &e)),
             Err(CredentialError::Upstream(e)) => return Err(upstream_failure(&e, channel)),
         };
     let upstream_req = match adapter.build_request(tag, &ctx, view, &req.body, credential.clone()).await {
-        Err(e) => return Err(plugin_failure(state, &e, request_id)),
+        Err(e) => return Err(plugin_failure(state, &e)),
         Ok(Err(e)) => return Err(Failure::Final(client_error(&e, channel))),
         Ok(Ok(r)) => r,
     };
     if !channel.same_origin(&upstream_req.url) {
         let e = PluginError::malformed(&adapter.name, "upstream URL outside the channel's origin");
-        return Err(plugin_failure(state, &e, request_id));
+        return Err(plugin_failure(state, &e));
     }
     let upstream = &state.upstream;
     let mut upstream_req = upstream_req;
@@ -393,17 +380,16 @@ async fn attempt(
         let body = upstream.read(response).await;
         wait(reading);
         let body = body.map_err(|e| upstream_failure(&e, channel))?;
-        let err = adapter.classify_error(tag, &ctx, &body).await.map_err(|e| plugin_failure(state, &e, request_id))?;
-        tracing::info!(request_id, channel = channel.id, status = body.status, kind = ?err.kind, "upstream error");
+        let err = adapter.classify_error(tag, &ctx, &body).await.map_err(|e| plugin_failure(state, &e))?;
+        tracing::info!(channel = channel.id, status = body.status, kind = ?err.kind, "upstream error");
         if matches!(err.kind, ErrorKind::Auth) && credential.is_some() {
             state.credentials.invalidate(fingerprint);
         }
         return Err(upstream_failure(&err, channel));
     }
     if req.stream {
-        let decoder = adapter.stream_decoder(tag, &ctx).await.map_err(|e| plugin_failure(state, &e, request_id))?;
-        let live =
-            stream::LiveStream::new(state, response, decoder, channel.clone(), stats.clone(), in_flight, request_id);
+        let decoder = adapter.stream_decoder(tag, &ctx).await.map_err(|e| plugin_failure(state, &e))?;
+        let live = stream::LiveStream::new(state, response, decoder, channel.clone(), stats.clone(), in_flight);
         return stream_response(live, started, meter, info).await;
     }
     let reading = Instant::now();
@@ -411,7 +397,7 @@ async fn attempt(
     wait(reading);
     let body = body.map_err(|e| upstream_failure(&e, channel))?;
     match adapter.parse_response(tag, &ctx, &body).await {
-        Err(e) => Err(plugin_failure(state, &e, request_id)),
+        Err(e) => Err(plugin_failure(state, &e)),
         Ok(Err(e)) => Err(upstream_failure(&e, channel)),
         Ok(Ok(parsed)) => {
             // One pass validates the body and, when the upstream reported
@@ -420,18 +406,18 @@ async fn attempt(
             let needs_text = parsed.usage.is_none() && meter.as_ref().is_some_and(Meter::needs_tokens);
             if !crate::billing::tokenize::generated_text(&parsed.body, needs_text.then_some(&mut generated)) {
                 let e = PluginError::malformed(&adapter.name, "response body is not JSON");
-                return Err(plugin_failure(state, &e, request_id));
+                return Err(plugin_failure(state, &e));
             }
             stats.success(started.elapsed(), None);
             drop(in_flight);
-            tracing::debug!(request_id, channel = channel.id, usage = ?parsed.usage, "request served");
+            tracing::debug!(channel = channel.id, usage = ?parsed.usage, "request served");
             if let Some(mut m) = meter.take() {
                 m.serving(info);
                 let tokens = m.tokens(parsed.usage, generated).await;
                 if let Err(e) = m.settle(tokens, Ending::default()) {
                     // Fail closed: an answer whose usage cannot be recorded
                     // is not served.
-                    tracing::error!(request_id, error = %e, "refusing an answer whose usage cannot be recorded");
+                    tracing::error!(error = %e, "refusing an answer whose usage cannot be recorded");
                     return Err(Failure::Final(storage_unavailable()));
                 }
             }
@@ -458,7 +444,7 @@ async fn stream_response(
     live.ttft = Some(ttft);
     if let Some(mut m) = meter.take() {
         if let Err(e) = m.stream_started(info, ttft) {
-            tracing::error!(request_id = %live.request_id, error = %e, "refusing a stream whose usage cannot be recorded");
+            tracing::error!(error = %e, "refusing a stream whose usage cannot be recorded");
             return Err(Failure::Final(storage_unavailable()));
         }
         live.meter = Some(m);

@@ -19,6 +19,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
+use tracing::Instrument;
 
 use crate::billing::tokenize::{GeneratedText, generated_text};
 use crate::billing::{Ending, Meter};
@@ -95,8 +96,9 @@ pub(crate) struct LiveStream {
     received: u64,
     usage: Option<Usage>,
     generated: GeneratedText,
-    /// The request id, for logs.
-    pub request_id: String,
+    /// The request's span: the stream's log lines (polled after the
+    /// handler returned) carry its id through it.
+    span: tracing::Span,
     /// The channel's statistics (a failure after the first byte counts).
     pub stats: Arc<ChannelStats>,
     /// Counts the stream as in flight until it ends.
@@ -119,7 +121,6 @@ impl LiveStream {
         channel: Arc<Channel>,
         stats: Arc<ChannelStats>,
         in_flight: InFlight,
-        request_id: &str,
     ) -> Self {
         let cfg = &state.config.upstream;
         Self {
@@ -132,7 +133,7 @@ impl LiveStream {
             received: 0,
             usage: None,
             generated: GeneratedText::default(),
-            request_id: request_id.to_string(),
+            span: tracing::Span::current(),
             stats,
             _in_flight: in_flight,
             _open: crate::metrics::open_streams(),
@@ -153,7 +154,7 @@ impl LiveStream {
     fn frames(&mut self, result: AdapterResult<StreamEvents>, upstream_ended: bool) -> Frames {
         let events = match result {
             Err(e) => {
-                tracing::warn!(request_id = %self.request_id, error = %e, cause = e.cause(), "plugin failed while decoding a stream");
+                tracing::warn!(error = %e, cause = e.cause(), "plugin failed while decoding a stream");
                 return Frames::failed(super::plugin_error(&self.state, &e), None);
             }
             Ok(Err(e)) => return Frames::failed(client_error(&e, &self.channel), Some(e.kind)),
@@ -165,7 +166,7 @@ impl LiveStream {
             // One pass: validate the chunk, and take its text for the bill.
             if !generated_text(chunk, needs_text.then_some(&mut self.generated)) {
                 let e = PluginError::malformed(self.decoder.plugin_name(), "a stream chunk that is not JSON");
-                tracing::warn!(request_id = %self.request_id, channel = self.channel.id, "adapter emitted a stream chunk that is not JSON");
+                tracing::warn!(channel = self.channel.id, "adapter emitted a stream chunk that is not JSON");
                 return Frames::failed(super::plugin_error(&self.state, &e), None);
             }
             out.bytes.put_slice(b"data: ");
@@ -184,7 +185,7 @@ impl LiveStream {
             out.bytes.put_slice(b"data: [DONE]\n\n");
             out.end = true;
         } else if upstream_ended {
-            tracing::warn!(request_id = %self.request_id, channel = self.channel.id, "upstream stream ended before its end marker");
+            tracing::warn!(channel = self.channel.id, "upstream stream ended before its end marker");
             out.early_error =
                 Some(upstream_error("stream_truncated", "The upstream stream ended before it was complete."));
             out.early_kind = Some(ErrorKind::Transient);
@@ -224,7 +225,7 @@ impl LiveStream {
     }
 
     fn broken(&self, what: &str) -> Frames {
-        tracing::warn!(request_id = %self.request_id, channel = self.channel.id, "upstream stream {what}");
+        tracing::warn!(channel = self.channel.id, "upstream stream {what}");
         let mut f = Frames::failed(
             upstream_error("upstream_error", &format!("The upstream stream {what}.")),
             Some(ErrorKind::Transient),
@@ -234,7 +235,7 @@ impl LiveStream {
     }
 
     fn limit(&self, code: &'static str, message: &str) -> Frames {
-        tracing::warn!(request_id = %self.request_id, channel = self.channel.id, received = self.received, "{message}");
+        tracing::warn!(channel = self.channel.id, received = self.received, "{message}");
         let mut f = Frames::failed(upstream_error(code, message), None);
         f.limited = true;
         f
@@ -260,9 +261,9 @@ impl LiveStream {
         let ending = Ending { ttft: self.ttft, ..self.ending };
         let tokens = meter.tokens(self.usage, std::mem::take(&mut self.generated)).await;
         if let Err(e) = meter.settle(tokens, ending) {
-            tracing::error!(request_id = %self.request_id, error = %e, "a delivered stream's usage is held in memory until the storage recovers");
+            tracing::error!(error = %e, "a delivered stream's usage is held in memory until the storage recovers");
         }
-        tracing::debug!(request_id = %self.request_id, channel = self.channel.id,
+        tracing::debug!(channel = self.channel.id,
             plugin = self.decoder.plugin_name(), usage = ?self.usage, "stream finished");
     }
 }
@@ -272,13 +273,15 @@ impl Drop for LiveStream {
     /// what was delivered — counted on the blocking pool, never here.
     fn drop(&mut self) {
         let Some(meter) = self.meter.take() else { return };
-        tracing::info!(request_id = %self.request_id, channel = self.channel.id, "client disconnected mid-stream");
+        let _entered = self.span.enter();
+        tracing::info!(channel = self.channel.id, "client disconnected mid-stream");
         let ending = Ending { ttft: self.ttft, client_disconnected: true, ..self.ending };
         let (usage, generated) = (self.usage, std::mem::take(&mut self.generated));
-        let request_id = self.request_id.clone();
+        let span = self.span.clone();
         let finish = move |meter: Meter, tokens| {
             if let Err(e) = meter.settle(tokens, ending) {
-                tracing::error!(request_id, error = %e, "an abandoned stream's usage is held in memory until the storage recovers");
+                let _entered = span.enter();
+                tracing::error!(error = %e, "an abandoned stream's usage is held in memory until the storage recovers");
             }
         };
         if usage.is_some() || !meter.needs_tokens() {
@@ -318,7 +321,7 @@ pub(crate) async fn first_frames(live: &mut LiveStream) -> Result<Frames, (ApiEr
             return Ok(step);
         }
         if step.end {
-            tracing::warn!(request_id = %live.request_id, channel = live.channel.id, "upstream sent an empty stream");
+            tracing::warn!(channel = live.channel.id, "upstream sent an empty stream");
             let err = upstream_error("upstream_error", "The upstream returned an empty stream.");
             return Err((err, Some(ErrorKind::Transient)));
         }
@@ -328,31 +331,36 @@ pub(crate) async fn first_frames(live: &mut LiveStream) -> Result<Frames, (ApiEr
 /// The response body: `first` then everything after it.
 pub(crate) fn body(first: Frames, live: LiveStream) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
     let state = (Some(first), live, false);
-    futures_util::stream::unfold(state, |(pending, mut live, ended)| async move {
-        if let Some(f) = pending {
-            let end = f.end;
-            if end {
-                live.settle().await;
+    futures_util::stream::unfold(state, |(pending, mut live, ended)| {
+        // Each step runs in the request's span (the handler has returned).
+        let span = live.span.clone();
+        async move {
+            if let Some(f) = pending {
+                let end = f.end;
+                if end {
+                    live.settle().await;
+                }
+                return Some((Ok(f.bytes.freeze()), (None, live, end)));
             }
-            return Some((Ok(f.bytes.freeze()), (None, live, end)));
+            if ended {
+                return None;
+            }
+            loop {
+                let mut step = live.next_frames().await;
+                if let Some(err) = &step.early_error {
+                    error_frame(&mut step.bytes, err);
+                    live.failed_midway(&step);
+                }
+                if step.end {
+                    // Journaled before the last frame leaves.
+                    live.settle().await;
+                    return Some((Ok(step.bytes.freeze()), (None, live, true)));
+                }
+                if !step.bytes.is_empty() {
+                    return Some((Ok(step.bytes.freeze()), (None, live, false)));
+                }
+            }
         }
-        if ended {
-            return None;
-        }
-        loop {
-            let mut step = live.next_frames().await;
-            if let Some(err) = &step.early_error {
-                error_frame(&mut step.bytes, err);
-                live.failed_midway(&step);
-            }
-            if step.end {
-                // Journaled before the last frame leaves.
-                live.settle().await;
-                return Some((Ok(step.bytes.freeze()), (None, live, true)));
-            }
-            if !step.bytes.is_empty() {
-                return Some((Ok(step.bytes.freeze()), (None, live, false)));
-            }
-        }
+        .instrument(span)
     })
 }

@@ -67,10 +67,10 @@ pub async fn create(state: &AppState, caller: &Caller, request_id: &str, body: B
     };
     let translated = request::to_chat(&body, history)?;
     let chat = serde_json::to_vec(&translated.chat).map_err(|_| ApiError::internal())?;
-    let mut req = ClientRequest::parse(Endpoint::ChatCompletions, Bytes::from(chat))?;
+    let mut req = ClientRequest::parse(Endpoint::ChatCompletions, Bytes::from(chat))?.with_id(request_id.to_string());
     req.route = "responses";
     let frame = Frame::new(&body, &req.model, unix_now());
-    let response = relay(state, req, caller, request_id).await?;
+    let response = relay(state, req, caller).await?;
     let keep = translated.store.then(|| Keeper {
         state: state.clone(),
         owner,
