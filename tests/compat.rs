@@ -38,3 +38,41 @@ async fn plugins_built_against_wit_0_1_0_still_load_and_serve() {
         m[1].hits()
     );
 }
+
+/// 0.1.4 added functions to `routing-context`: a policy built against 0.1.3
+/// (importing the older interface) and an adapter built against 0.1.3
+/// (golden builds from before the change) load and serve on this host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugins_built_against_wit_0_1_3_still_load_and_serve() {
+    let dir = crate::support::root().join("tests/fixtures/compat");
+    let m = [MockUpstream::start("a").await, MockUpstream::start("b").await];
+    let toml: String = m
+        .iter()
+        .enumerate()
+        .map(|(i, mock)| channel(&format!("c{i}"), "openai", &mock.base_url(), &["gpt-4o-mini"], ""))
+        .collect::<String>()
+        + "[routing]\npolicy = \"round-robin\"\n";
+    let gw = Gateway::start(&["weighted.wasm"], &toml);
+    for (file, name) in [("openai-wit-0.1.3.wasm", "openai.wasm"), ("round-robin-wit-0.1.3.wasm", "round-robin.wasm")] {
+        std::fs::copy(dir.join(file), gw.plugins_dir.join(name)).expect("copy golden plugin");
+    }
+    let loaded = crate::support::eventually(std::time::Duration::from_secs(20), || async {
+        let (_, list) = admin(&gw, Method::GET, "/api/plugins", None).await;
+        list["data"].as_array().is_some_and(|d| d.iter().filter(|p| p["loaded"] == true).count() == 3)
+    })
+    .await;
+    assert!(loaded.is_some(), "the 0.1.3 plugins did not load: {}", gw.log());
+    for name in ["openai", "round-robin"] {
+        let (_, status) = admin(&gw, Method::GET, &format!("/api/plugins/{name}"), None).await;
+        assert_eq!(status["wit_version"], "0.1.3", "{status}");
+    }
+    // The 0.1.3 round-robin reads `routing-context.sequence`: strict turns.
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        let (status, body) = crate::support::post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "turn")).await;
+        assert_eq!(status, 200, "{body}");
+        order.push(body["system_fingerprint"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(order[..2], order[2..4], "{order:?}");
+    assert_ne!(order[0], order[1], "{order:?}");
+}

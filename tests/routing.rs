@@ -256,3 +256,73 @@ async fn models_and_channels_are_per_group() {
     let body: serde_json::Value = resp.json().await.expect("json");
     assert_eq!(body["system_fingerprint"], "vip", "the vip group's higher-priority channel serves it");
 }
+
+/// POST a chat completion in session `session` (the `x-session-id` header).
+async fn in_session(gw: &Gateway, model: &str, session: &str) -> String {
+    let resp = crate::support::client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(crate::support::TOKEN)
+        .header("x-session-id", session)
+        .json(&chat(model, "hi"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    body["system_fingerprint"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn affinity_keeps_a_session_on_its_channel_and_cheapest_prefers_the_cheap_one() {
+    let m = mocks(&["a", "b", "c"]).await;
+    let mut toml = String::from("[upstream]\nmax_attempts = 3\n\n");
+    for (i, mock) in m.iter().enumerate() {
+        let price = if i == 1 { "settings = { price_ratio = 0.3 }" } else { "settings = { price_ratio = 1.0 }" };
+        toml += &channel(&format!("c{i}"), "openai", &mock.base_url(), &["sticky-model", "cheap-model"], price);
+    }
+    let plugins = [POLICIES, &["affinity.wasm", "cheapest.wasm"]].concat();
+    let gw = Gateway::start(&plugins, &toml);
+    let table = json!({"policy": "weighted", "rules": [
+        {"model": "sticky-model", "policy": "affinity"},
+        {"model": "cheap-model", "policy": "cheapest"},
+    ]});
+    let (status, view) = admin(&gw, Method::PUT, "/api/routing", Some(&table)).await;
+    assert_eq!((status, &view["missing_policies"]), (200, &json!([])), "{view}");
+
+    // Each session sticks to one channel; sessions spread over the channels.
+    let mut homes = Vec::new();
+    for s in 0..12 {
+        let session = format!("session-{s}");
+        let home = in_session(&gw, "sticky-model", &session).await;
+        for _ in 0..4 {
+            assert_eq!(in_session(&gw, "sticky-model", &session).await, home, "{session} moved");
+        }
+        homes.push(home);
+    }
+    homes.sort();
+    homes.dedup();
+    assert!(homes.len() >= 2, "twelve sessions all on {homes:?}");
+    // The body's `user` keeps a session too.
+    let by_user = json!({"model": "sticky-model", "user": "u-42", "messages": [{"role": "user", "content": "hi"}]});
+    let mut served = Vec::new();
+    for _ in 0..5 {
+        let (status, body) = post(&gw, "/v1/chat/completions", &by_user).await;
+        assert_eq!(status, 200, "{body}");
+        served.push(body["system_fingerprint"].as_str().unwrap_or_default().to_string());
+    }
+    assert!(served.windows(2).all(|w| w[0] == w[1]), "{served:?}");
+    // A session whose channel fails is served elsewhere, not refused.
+    let home = in_session(&gw, "sticky-model", "session-0").await;
+    let index = ["a", "b", "c"].iter().position(|n| *n == home).expect("a mock");
+    m[index].set_mode(Mode::no_healthy_upstream());
+    assert_ne!(in_session(&gw, "sticky-model", "session-0").await, home);
+    m[index].set_mode(Mode::Healthy);
+
+    // Cheapest: the channel with price_ratio 0.3 serves, while it works.
+    for _ in 0..10 {
+        assert_eq!(in_session(&gw, "cheap-model", "any").await, "b");
+    }
+    m[1].set_mode(Mode::no_healthy_upstream());
+    let other = in_session(&gw, "cheap-model", "any").await;
+    assert!(other == "a" || other == "c", "{other}");
+}

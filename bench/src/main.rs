@@ -98,6 +98,8 @@ const SHIPPED: &[&str] = &[
     "weighted.wasm",
     "round-robin.wasm",
     "latency.wasm",
+    "affinity.wasm",
+    "cheapest.wasm",
 ];
 
 /// Create a user with ample quota and a token for them: requests then take

@@ -129,7 +129,11 @@ pub async fn run(plugins: &Path, n: usize) -> Result<()> {
         if let LoadedPlugin::Router(router) =
             wasmgate::plugins::load(&engine, &cache, policy, bytes).await.map_err(anyhow::Error::msg)?.plugin
         {
-            let facts = wasmgate::plugins::RoutingFacts { sequence: 7, ttft_ms: vec![30.0, 10.0, 50.0] };
+            let facts = wasmgate::plugins::RoutingFacts {
+                sequence: 7,
+                ttft_ms: vec![30.0, 10.0, 50.0],
+                ..wasmgate::plugins::RoutingFacts::default()
+            };
             row(
                 &format!("{policy}: select (3 candidates)"),
                 &time!(n, {

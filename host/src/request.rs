@@ -11,6 +11,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -84,6 +85,10 @@ pub struct ClientRequest {
     pub user: Option<String>,
     /// The body as received.
     pub body: Bytes,
+    /// The client's session, for routing affinity: the `x-session-id`
+    /// header (set by the handler), else the body's `prompt_cache_key`,
+    /// else its `user`.
+    pub session: Option<Arc<str>>,
     /// The gateway's id of the request (`x-request-id`): it goes into the
     /// usage rows and the adapter's context; logs get it from the request's
     /// span.
@@ -100,6 +105,7 @@ struct Head<'a> {
     max_completion_tokens: Option<Option<u64>>,
     n: Option<Option<u64>>,
     user: Option<Option<Cow<'a, str>>>,
+    prompt_cache_key: Option<Option<Cow<'a, str>>>,
     /// What `messages` was.
     messages: Option<Msgs>,
     /// `prompt`/`input` was present (not null).
@@ -162,6 +168,13 @@ impl<'de> Visitor<'de> for &mut Head<'de> {
                     self.user = Some(
                         map.next_value::<Option<Cow<'de, str>>>()
                             .map_err(|_| de::Error::custom(invalid("user", "a string")))?,
+                    );
+                }
+                "prompt_cache_key" => {
+                    dup(self.prompt_cache_key.is_some())?;
+                    self.prompt_cache_key = Some(
+                        map.next_value::<Option<Cow<'de, str>>>()
+                            .map_err(|_| de::Error::custom(invalid("prompt_cache_key", "a string")))?,
                     );
                 }
                 "messages" => {
@@ -424,6 +437,7 @@ impl ClientRequest {
             max_tokens,
             n,
             prompt: head.size,
+            session: head.prompt_cache_key.flatten().or_else(|| head.user.clone().flatten()).map(|s| Arc::from(&*s)),
             user: head.user.flatten().map(Cow::into_owned),
             body,
             request_id: String::new(),

@@ -89,7 +89,8 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         host_cargo()
             .current_dir(root.join("plugins"))
             .args(["test", "--package", "wasmgate-pdk", "--package", "weighted", "--package", "round-robin"])
-            .args(["--package", "latency", "--package", "ollama", "--target-dir"])
+            .args(["--package", "latency", "--package", "ollama", "--package", "affinity", "--package", "cheapest"])
+            .arg("--target-dir")
             .arg(root.join("target/guest-native")),
     )?;
     step("clippy");

@@ -26,6 +26,8 @@ const SHIPPED: &[(&str, &str)] = &[
     ("weighted", "weighted"),
     ("round_robin", "round-robin"),
     ("latency", "latency"),
+    ("affinity", "affinity"),
+    ("cheapest", "cheapest"),
 ];
 /// Test fixtures: (crate artifact name, file stem).
 const FIXTURES: &[(&str, &str)] = &[

@@ -18,14 +18,31 @@ use crate::plugins::Endpoint;
 use crate::relay::{ClientRequest, relay};
 use crate::state::AppState;
 
+/// The client's `x-session-id` header (at most 256 bytes), which routing
+/// policies can keep together on one channel (see `affinity-key`).
+pub struct SessionHeader(pub Option<std::sync::Arc<str>>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for SessionHeader {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let value = parts.headers.get("x-session-id").and_then(|v| v.to_str().ok());
+        Ok(Self(value.filter(|v| !v.is_empty() && v.len() <= 256).map(std::sync::Arc::from)))
+    }
+}
+
 async fn serve(
     state: AppState,
     id: RequestId,
     caller: Caller,
     endpoint: Endpoint,
+    session: SessionHeader,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req = ClientRequest::parse(endpoint, body::take(raw)?)?.with_id(id.0);
+    let mut req = ClientRequest::parse(endpoint, body::take(raw)?)?.with_id(id.0);
+    if session.0.is_some() {
+        req.session = session.0;
+    }
     relay(&state, req, &caller).await
 }
 
@@ -34,9 +51,10 @@ pub async fn chat_completions(
     State(s): State<AppState>,
     Extension(id): Extension<RequestId>,
     Authed(caller): Authed,
+    session: SessionHeader,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    serve(s, id, caller, Endpoint::ChatCompletions, raw).await
+    serve(s, id, caller, Endpoint::ChatCompletions, session, raw).await
 }
 
 /// `POST /v1/completions`
@@ -44,9 +62,10 @@ pub async fn completions(
     State(s): State<AppState>,
     Extension(id): Extension<RequestId>,
     Authed(caller): Authed,
+    session: SessionHeader,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    serve(s, id, caller, Endpoint::Completions, raw).await
+    serve(s, id, caller, Endpoint::Completions, session, raw).await
 }
 
 /// `POST /v1/embeddings`
@@ -54,9 +73,10 @@ pub async fn embeddings(
     State(s): State<AppState>,
     Extension(id): Extension<RequestId>,
     Authed(caller): Authed,
+    session: SessionHeader,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    serve(s, id, caller, Endpoint::Embeddings, raw).await
+    serve(s, id, caller, Endpoint::Embeddings, session, raw).await
 }
 
 /// Model name → adapter of the first channel offering it, over the

@@ -68,6 +68,11 @@ pub struct Channel {
     pub http2: bool,
     /// Unix ms until which the channel is cooling down (0: not cooling).
     pub cooling_until_ms: u64,
+    /// Tags (routing policies see them).
+    pub tags: Arc<[String]>,
+    /// What the operator pays for this channel relative to list price (the
+    /// `price_ratio` setting, 1.0 when unset or not a positive number).
+    pub price_ratio: f64,
 }
 
 impl Channel {
@@ -89,6 +94,13 @@ impl Channel {
             weight: rec.weight,
             settings: serde_json::Value::Object(rec.settings.clone()).to_string(),
             http2: rec.settings.get("http2") == Some(&serde_json::Value::Bool(true)),
+            tags: rec.tags.clone().into(),
+            price_ratio: rec
+                .settings
+                .get("price_ratio")
+                .and_then(serde_json::Value::as_f64)
+                .filter(|r| r.is_finite() && *r > 0.0)
+                .unwrap_or(1.0),
             cooling_until_ms: match rec.status {
                 ChannelState::CoolingDown { until_ms, .. } => until_ms,
                 _ => 0,

@@ -20,6 +20,38 @@ pub struct RoutingFacts {
     pub sequence: u64,
     /// EWMA time to first token per candidate, in ms (0 = unknown).
     pub ttft_ms: Vec<f64>,
+    /// The calling user's id.
+    pub user_id: Option<u64>,
+    /// The calling token's id.
+    pub token_id: Option<u64>,
+    /// Who is calling and in which session, for `affinity-key` (hashed only
+    /// when a policy asks).
+    pub affinity: Option<Affinity>,
+    /// Each candidate's price ratio.
+    pub price_ratios: Vec<f64>,
+    /// Each candidate's tags.
+    pub tags: Vec<Arc<[String]>>,
+}
+
+/// The inputs of a routing affinity key.
+#[derive(Debug, Clone, Default)]
+pub struct Affinity {
+    /// The calling token: its id, or `config:N` for the configuration's.
+    pub caller: String,
+    /// The client's session, when it named one.
+    pub session: Option<Arc<str>>,
+}
+
+impl Affinity {
+    /// The key: SHA-256 of caller and session, 16 bytes in hex.
+    pub fn key(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.caller.as_bytes());
+        h.update([0]);
+        h.update(self.session.as_deref().unwrap_or("").as_bytes());
+        hex::encode(&h.finalize()[..16])
+    }
 }
 
 /// Bytes of a call's stderr kept for the log; the rest is counted, not kept.
@@ -179,6 +211,26 @@ impl RoutingContextHost for PluginState {
 
     fn ttft_ms(&mut self) -> Vec<f64> {
         self.routing.ttft_ms.clone()
+    }
+
+    fn user_id(&mut self) -> Option<u64> {
+        self.routing.user_id
+    }
+
+    fn token_id(&mut self) -> Option<u64> {
+        self.routing.token_id
+    }
+
+    fn affinity_key(&mut self) -> Option<String> {
+        self.routing.affinity.as_ref().map(Affinity::key)
+    }
+
+    fn price_ratios(&mut self) -> Vec<f64> {
+        self.routing.price_ratios.clone()
+    }
+
+    fn tags(&mut self) -> Vec<Vec<String>> {
+        self.routing.tags.iter().map(|t| t.to_vec()).collect()
     }
 }
 

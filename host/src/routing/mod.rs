@@ -16,7 +16,7 @@ pub use policy::Policies;
 pub use stats::{ChannelStats, InFlight, StatsBook, StatsView};
 
 use crate::channels::{Channel, ChannelSet};
-use crate::plugins::{Candidate, Endpoint, PluginSet, Registry, RequestMeta, RoutingFacts};
+use crate::plugins::{Affinity, Candidate, Endpoint, PluginSet, Registry, RequestMeta, RoutingFacts};
 
 /// The default policy, also the fallback of a failing one.
 pub const FALLBACK_POLICY: &str = "weighted";
@@ -42,6 +42,12 @@ pub struct RouteRequest<'a> {
     pub group: &'a str,
     /// Streamed or not.
     pub stream: bool,
+    /// The calling user's id.
+    pub user_id: Option<u64>,
+    /// The calling token's id.
+    pub token_id: Option<u64>,
+    /// Who is calling and in which session.
+    pub affinity: Option<Affinity>,
 }
 
 /// Channels in `set` that may serve `model` for `group`. A channel whose
@@ -132,6 +138,11 @@ impl Routing {
         let facts = RoutingFacts {
             sequence: self.next_sequence(req.group, req.model),
             ttft_ms: views.iter().map(|s| s.ttft_ms).collect(),
+            user_id: req.user_id,
+            token_id: req.token_id,
+            affinity: req.affinity.clone(),
+            price_ratios: channels.iter().map(|c| c.price_ratio).collect(),
+            tags: channels.iter().map(|c| c.tags.clone()).collect(),
         };
         let policy = self.policies.policy_for(req.group, req.model);
         let mut tried = vec![policy.as_str()];

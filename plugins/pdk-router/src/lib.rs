@@ -1,7 +1,7 @@
 //! # wasmgate-pdk-router — write a wasmgate routing policy
 //!
 //! A routing policy is a WebAssembly component implementing
-//! `wasmgate:plugin/router@0.1.3` (see `wit/router.wit`, vendored in this
+//! `wasmgate:plugin/router@0.1.4` (see `wit/router.wit`, vendored in this
 //! crate). Implement
 //! [`Router`] and register it with [`export_router!`]. Policies are pure:
 //! use [`SeededRng`] with the request's seed for any randomness, so the same
@@ -22,10 +22,10 @@ pub use bindings::exports::wasmgate::plugin::router::{Candidate, RequestMeta, Ro
 pub use bindings::wasmgate::plugin::types::{Endpoint, LogLevel};
 
 /// The version of the WIT contract this kit implements.
-pub const WIT_VERSION: &str = "0.1.3";
+pub const WIT_VERSION: &str = "0.1.4";
 
 /// The contract this kit implements, as the host names it.
-pub const CONTRACT: &str = "wasmgate:plugin@0.1.3";
+pub const CONTRACT: &str = "wasmgate:plugin@0.1.4";
 
 /// A routing policy.
 pub trait Router {
@@ -50,6 +50,36 @@ pub fn sequence() -> u64 {
 /// in ms, index-aligned with `candidates` (0 when unknown). Added in WIT 0.1.1.
 pub fn ttft_ms() -> Vec<f64> {
     bindings::wasmgate::plugin::routing_context::ttft_ms()
+}
+
+/// The calling user's id (absent for the gateway's configuration tokens,
+/// and outside `select`). Added in WIT 0.1.4.
+pub fn user_id() -> Option<u64> {
+    bindings::wasmgate::plugin::routing_context::user_id()
+}
+
+/// The calling token's id (absent for configuration tokens, and outside
+/// `select`). Added in WIT 0.1.4.
+pub fn token_id() -> Option<u64> {
+    bindings::wasmgate::plugin::routing_context::token_id()
+}
+
+/// A stable key (hex) for keeping one caller's session on one channel: the
+/// client's session (`x-session-id`, `prompt_cache_key` or `user`) hashed
+/// with its token, or the token alone. Added in WIT 0.1.4.
+pub fn affinity_key() -> Option<String> {
+    bindings::wasmgate::plugin::routing_context::affinity_key()
+}
+
+/// Each candidate's price ratio (the channel's `price_ratio` setting, 1.0
+/// when unset), index-aligned with `candidates`. Added in WIT 0.1.4.
+pub fn price_ratios() -> Vec<f64> {
+    bindings::wasmgate::plugin::routing_context::price_ratios()
+}
+
+/// Each candidate's tags, index-aligned with `candidates`. Added in WIT 0.1.4.
+pub fn tags() -> Vec<Vec<String>> {
+    bindings::wasmgate::plugin::routing_context::tags()
 }
 
 /// A candidate with no statistics yet, for policy unit tests.
