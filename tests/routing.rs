@@ -289,6 +289,11 @@ async fn affinity_keeps_a_session_on_its_channel_and_cheapest_prefers_the_cheap_
     let (status, view) = admin(&gw, Method::PUT, "/api/routing", Some(&table)).await;
     assert_eq!((status, &view["missing_policies"]), (200, &json!([])), "{view}");
 
+    // One session's 100 requests all go to one channel.
+    let home = in_session(&gw, "sticky-model", "long-session").await;
+    for i in 0..99 {
+        assert_eq!(in_session(&gw, "sticky-model", "long-session").await, home, "request {i} moved");
+    }
     // Each session sticks to one channel; sessions spread over the channels.
     let mut homes = Vec::new();
     for s in 0..12 {
