@@ -13,7 +13,9 @@
 //!    apart): errors, gateway memory per open stream, and the c=1 latency of
 //!    other requests meanwhile.
 //! 5. with `--log-rows N` (alone): the console's dashboard and logs queries
-//!    on a store of N usage rows (`console_queries.rs`).
+//!    on a store of N usage rows (`console_queries.rs`);
+//! 6. with `--swaps N` (alone): N hot swaps of `openai.wasm` under load,
+//!    timed from the file landing to the new version serving (`hot_swap.rs`).
 //!
 //! Every process is its own (mock, nginx, proxy, gateway), traffic goes to
 //! 127.0.0.1 only, and every run is bounded in time.
@@ -21,6 +23,7 @@
 mod adapter_calls;
 mod bare_proxy;
 mod console_queries;
+mod hot_swap;
 #[path = "../../tests/support/mock.rs"]
 #[allow(missing_docs)]
 mod mock;
@@ -38,7 +41,7 @@ use clap::Parser;
 use serde_json::json;
 
 /// Benchmark options.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 struct Args {
     /// The release `wasmgate` binary.
     #[arg(long, required_unless_present_any = ["bare_proxy", "serve_mock"])]
@@ -74,6 +77,9 @@ struct Args {
     /// Only time the console's queries on a store of this many usage rows.
     #[arg(long, default_value_t = 0)]
     log_rows: usize,
+    /// Only time this many hot swaps of `openai.wasm` under load.
+    #[arg(long, default_value_t = 0)]
+    swaps: usize,
 }
 
 const TOKEN: &str = "sk-bench-0123456789abcdefghijklmnopqrstuv";
@@ -154,6 +160,14 @@ fn main() -> Result<()> {
     if args.log_rows > 0 {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         return rt.block_on(console_queries::run(&args, args.log_rows));
+    }
+    if args.swaps > 0 {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("--serve-mock");
+        let (mock_child, mock_url) = spawn_listening(cmd, "mock listening on ")?;
+        let _mock = ChildGuard(mock_child);
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        return rt.block_on(hot_swap::run(&args, &mock_url, args.swaps));
     }
     if args.plugin_iterations > 0 {
         let plugin_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
