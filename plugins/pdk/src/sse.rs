@@ -133,8 +133,21 @@ pub trait SseEvents {
     fn done(&self) -> bool;
 }
 
+/// What a non-JSON `data:` payload that relays and providers are known to
+/// send means: `[DONE]` ends the stream (OpenAI's marker, which some
+/// proxies append to other providers' streams); keep-alive words are
+/// skipped. Any other non-JSON data is an error.
+fn sentinel(data: &str) -> Option<bool> {
+    let d = data.trim();
+    if d == "[DONE]" {
+        return Some(true);
+    }
+    ["ping", "keep-alive", "keepalive", "heartbeat"].iter().any(|w| d.eq_ignore_ascii_case(w)).then_some(false)
+}
+
 /// A [`crate::StreamDecoder`] for SSE streams of JSON events: parses the
-/// bytes (split anywhere), skips blank events, turns non-JSON data into a
+/// bytes (split anywhere), skips blank events and keep-alive sentinels,
+/// ends at a `[DONE]` marker, turns any other non-JSON data into a
 /// transient error and stops at the first in-band error. Its state (the
 /// parser's partial line and `E`) is serialized between calls, so `E` must
 /// be too.
@@ -144,14 +157,24 @@ pub struct SseDecoder<E> {
     parser: SseParser,
     events: E,
     failed: bool,
+    #[serde(default)]
+    ended: bool,
 }
 
 impl<E: SseEvents> SseDecoder<E> {
     fn dispatch(&mut self, events: Vec<SseEvent>) -> Result<crate::StreamEvents, crate::UpstreamError> {
         let mut out = crate::StreamEvents::empty();
         for event in events {
-            if self.failed || event.data.trim().is_empty() {
+            if self.failed || self.ended || event.data.trim().is_empty() {
                 continue;
+            }
+            match sentinel(&event.data) {
+                Some(true) => {
+                    self.ended = true;
+                    continue;
+                }
+                Some(false) => continue,
+                None => {}
             }
             let data = serde_json::from_str(&event.data).map_err(|_| {
                 crate::error(crate::ErrorKind::Transient, "upstream stream carried data that is not JSON", None)
@@ -159,14 +182,14 @@ impl<E: SseEvents> SseDecoder<E> {
             self.events.event(event.event.as_deref(), data, &mut out)?;
             self.failed = out.error.is_some();
         }
-        out.done = self.failed || self.events.done();
+        out.done = self.failed || self.ended || self.events.done();
         Ok(out)
     }
 }
 
 impl<E: SseEvents + Serialize + serde::de::DeserializeOwned> crate::StreamDecoder for SseDecoder<E> {
     fn new(ctx: crate::RequestContext) -> Self {
-        Self { parser: SseParser::new(), events: E::new(ctx), failed: false }
+        Self { parser: SseParser::new(), events: E::new(ctx), failed: false, ended: false }
     }
 
     fn feed(&mut self, bytes: &[u8]) -> Result<crate::StreamEvents, crate::UpstreamError> {
@@ -246,5 +269,17 @@ mod decoder_tests {
         }
         let mut d = SseDecoder::<Count>::new(ctx());
         assert!(d.feed(b"data: {oops\n\n").is_err_and(|e| matches!(e.kind, crate::ErrorKind::Transient)));
+    }
+
+    #[test]
+    fn keep_alive_sentinels_are_skipped_and_done_ends_the_stream() {
+        let mut d = SseDecoder::<Count>::new(ctx());
+        let out = d.feed(b"data: ping\n\ndata: {\"n\": 2}\n\ndata: Keep-Alive\n\n").expect("sentinels skipped");
+        assert!(!out.done);
+        let out = d.feed(b"data: [DONE]\n\ndata: {\"n\": 9}\n\n").expect("[DONE]");
+        assert!(out.done, "[DONE] ends the stream");
+        assert_eq!(d.events.0, 2, "nothing after [DONE] counts");
+        let mut d = SseDecoder::<Count>::new(ctx());
+        assert!(d.feed(b"data: pong pong\n\n").is_err(), "other non-JSON data is still an error");
     }
 }
