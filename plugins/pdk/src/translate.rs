@@ -220,13 +220,23 @@ pub struct ChunkWriter {
     pub created: u64,
     /// Whether the first (role) delta was sent.
     pub started: bool,
+    /// Top-level fields added to every chunk from now on (say
+    /// `system_fingerprint`, or a provider's `citations`); the chunk's own
+    /// fields (`id`, `object`, `created`, `model`, `choices`, `usage`) win.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 impl ChunkWriter {
     /// A writer for a stream of `ctx`'s request; `id` may be replaced later
     /// when the provider announces its own.
     pub fn new(ctx: &RequestContext, id: String) -> Self {
-        Self { id, model: ctx.requested_model.clone(), created: now(), started: false }
+        Self { id, model: ctx.requested_model.clone(), created: now(), started: false, extra: serde_json::Map::new() }
+    }
+
+    /// Add the top-level field `key` to every chunk written from now on.
+    pub fn set_field(&mut self, key: &str, value: Value) {
+        self.extra.insert(key.to_string(), value);
     }
 
     /// A chunk with one choice carrying `delta` and maybe a finish reason.
@@ -252,8 +262,15 @@ impl ChunkWriter {
             "id": self.id, "object": "chat.completion.chunk", "created": self.created,
             "model": self.model, "choices": choices,
         });
-        if let (Some(u), Some(obj)) = (usage, body.as_object_mut()) {
-            obj.insert("usage".into(), usage_json(u));
+        if let Some(obj) = body.as_object_mut() {
+            if let Some(u) = usage {
+                obj.insert("usage".into(), usage_json(u));
+            }
+            for (k, v) in &self.extra {
+                if !obj.contains_key(k) && k != "usage" {
+                    obj.insert(k.clone(), v.clone());
+                }
+            }
         }
         crate::json_bytes(&body)
     }
@@ -309,6 +326,21 @@ mod tests {
 
     fn message(content: Value) -> ChatMessage {
         serde_json::from_value(json!({"role": "user", "content": content})).expect("message")
+    }
+
+    #[test]
+    fn a_chunk_writer_adds_top_level_fields_but_never_over_its_own() {
+        let ctx = crate::testing::stream_context("m");
+        let mut w = ChunkWriter::new(&ctx, "c1".into());
+        w.set_field("system_fingerprint", json!("fp_1"));
+        w.set_field("id", json!("hijack"));
+        let chunk: Value = serde_json::from_slice(&w.delta(json!({"content": "hi"}), None)).expect("json");
+        assert_eq!((chunk["system_fingerprint"].as_str(), chunk["id"].as_str()), (Some("fp_1"), Some("c1")));
+        let kept: ChunkWriter = serde_json::from_value(serde_json::to_value(&w).expect("state")).expect("state");
+        assert_eq!(kept.extra["system_fingerprint"], "fp_1", "the fields survive the decoder's state");
+        let old: ChunkWriter =
+            serde_json::from_value(json!({"id": "c", "model": "m", "created": 1, "started": true})).expect("old state");
+        assert!(old.extra.is_empty());
     }
 
     #[test]
