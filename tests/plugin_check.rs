@@ -28,13 +28,30 @@ fn every_shipped_adapter_passes_with_its_recorded_examples() {
         assert!(!out.contains("FAIL"), "{out}");
         if provider != "openai" {
             assert!(out.contains("recorded stream, split every 7 bytes"), "fixtures were not run:\n{out}");
+            assert!(out.contains("as expect.json says"), "expect.json was not compared:\n{out}");
         }
     }
 }
 
 #[test]
+fn a_recorded_example_that_translates_wrong_fails_and_says_how() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let src = root().join("tests/fixtures/providers/anthropic");
+    for f in ["chat.json", "stream.sse"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).expect("copy");
+    }
+    let expect = r#"{"text": "Something else", "completion_tokens": 9, "stream_completion_tokens": 70}"#;
+    std::fs::write(dir.path().join("expect.json"), expect).expect("expect");
+    let (ok, out) = check(&artifact("anthropic.wasm"), Some(dir.path().to_path_buf()));
+    assert!(!ok, "{out}");
+    assert!(out.contains("text: expected \"Something else\", got \"Hello! How can I help you today?\""), "{out}");
+    assert!(!out.contains("completion_tokens: expected 9"), "a matching count is not reported:\n{out}");
+    assert!(out.contains("stream_completion_tokens: expected 70, got 7"), "{out}");
+}
+
+#[test]
 fn every_shipped_policy_passes() {
-    for policy in ["weighted", "round-robin", "latency"] {
+    for policy in ["weighted", "round-robin", "latency", "affinity", "cheapest"] {
         let (ok, out) = check(&artifact(&format!("{policy}.wasm")), None);
         println!("{out}");
         assert!(ok && out.contains(&format!("router `{policy}`")), "{out}");

@@ -281,8 +281,23 @@ async fn probe_case(
     report.case("health-probe: a claimed endpoint, a model, a buildable body", result);
 }
 
+/// What `expect.json` says a recorded example must translate to: `text`,
+/// `prompt_tokens`, `completion_tokens` and `finish_reason` for
+/// `chat.json`; `stream_text`, `stream_prompt_tokens`,
+/// `stream_completion_tokens` for the recorded stream (each optional).
+fn compare(expect: &serde_json::Value, fields: &[(&str, serde_json::Value)]) -> Result<(), String> {
+    let wrong: Vec<String> = fields
+        .iter()
+        .filter(|(key, got)| expect.get(*key).is_some_and(|want| !want.is_null() && want != got))
+        .map(|(key, got)| format!("{key}: expected {}, got {got}", expect[*key]))
+        .collect();
+    if wrong.is_empty() { Ok(()) } else { Err(wrong.join("; ")) }
+}
+
 /// The provider's recorded examples in `dir`, when present.
 pub(super) async fn recorded(adapter: &Arc<AdapterPlugin>, dir: &Path, claimed: &[Endpoint], report: &mut Report) {
+    let expect: serde_json::Value =
+        std::fs::read(dir.join("expect.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     let c = ctx(Endpoint::ChatCompletions, "conformance-chat", false);
     if let Ok(body) = std::fs::read(dir.join("chat.json")) {
         let result = match adapter
@@ -295,14 +310,23 @@ pub(super) async fn recorded(adapter: &Arc<AdapterPlugin>, dir: &Path, claimed: 
                 let v: serde_json::Value = serde_json::from_slice(&parsed.body).unwrap_or_default();
                 if v["choices"].as_array().is_none_or(Vec::is_empty) {
                     Err("no choices in the OpenAI body".into())
-                } else if parsed.usage.is_none() {
-                    Err("no usage taken from the response".into())
+                } else if let Some(u) = parsed.usage {
+                    compare(
+                        &expect,
+                        &[
+                            ("text", v["choices"][0]["message"]["content"].clone()),
+                            ("finish_reason", v["choices"][0]["finish_reason"].clone()),
+                            ("prompt_tokens", u.prompt_tokens.into()),
+                            ("completion_tokens", u.completion_tokens.into()),
+                        ],
+                    )
                 } else {
-                    Ok(())
+                    Err("no usage taken from the response".into())
                 }
             }
         };
-        report.case("recorded chat.json: an OpenAI body with choices and usage", result);
+        let what = if expect.is_null() { "" } else { ", as expect.json says" };
+        report.case(format!("recorded chat.json: an OpenAI body with choices and usage{what}"), result);
     }
     let stream = ["stream.sse", "stream.ndjson"].iter().find_map(|f| std::fs::read(dir.join(f)).ok());
     if let (Some(bytes), true) = (stream, claimed.contains(&Endpoint::ChatCompletions)) {
@@ -325,13 +349,25 @@ pub(super) async fn recorded(adapter: &Arc<AdapterPlugin>, dir: &Path, claimed: 
             if chunks.is_empty() || !done || usage.is_none() {
                 return Err(format!("{} chunks, done={done}, usage={}", chunks.len(), usage.is_some()));
             }
-            match chunks.iter().all(|c| serde_json::from_slice::<serde_json::Value>(c).is_ok()) {
-                true => Ok(()),
-                false => Err("a chunk is not JSON".into()),
+            let mut text = String::new();
+            for chunk in &chunks {
+                let v: serde_json::Value =
+                    serde_json::from_slice(chunk).map_err(|_| "a chunk is not JSON".to_string())?;
+                text.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
             }
+            let tokens = |f: fn(&crate::plugins::Usage) -> u32| usage.as_ref().map_or(0, f);
+            compare(
+                &expect,
+                &[
+                    ("stream_text", text.into()),
+                    ("stream_prompt_tokens", tokens(|u| u.prompt_tokens).into()),
+                    ("stream_completion_tokens", tokens(|u| u.completion_tokens).into()),
+                ],
+            )
         }
         .await;
-        report.case("recorded stream, split every 7 bytes: chunks, end and usage", result);
+        let what = if expect.is_null() { "" } else { ", as expect.json says" };
+        report.case(format!("recorded stream, split every 7 bytes: chunks, end and usage{what}"), result);
     }
     if let Ok(body) = std::fs::read(dir.join("error.json")) {
         let result = match adapter.classify_error(NO_KEY, &c, &response(400, &[], &body)).await {
