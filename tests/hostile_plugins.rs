@@ -162,3 +162,17 @@ async fn a_decoder_state_past_the_limit_ends_its_stream_with_an_error() {
     assert!(!text.contains("[DONE]"), "{text}");
     assert!(gw.log().contains("stream decoder state of"), "the cause is logged");
 }
+
+/// WIT 0.1.4's `channel-context`: an adapter sees its channel's settings in
+/// `parse-response`, which gets no channel argument.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_sees_its_channels_settings_while_parsing_the_answer() {
+    let mock = MockUpstream::start("mock").await;
+    let channels = channel("h", "hostile", &mock.base_url(), &["echo-settings"], "settings = { region = \"eu-west\" }");
+    let gw = Gateway::start(&["openai.wasm", "weighted.wasm", "hostile.wasm"], &channels);
+    let (status, body) = post(&gw, "/v1/chat/completions", &chat("echo-settings", false)).await;
+    assert_eq!(status, 200, "{body}");
+    let content = body["choices"][0]["message"]["content"].as_str().expect("content");
+    let settings: serde_json::Value = serde_json::from_str(content).expect("settings JSON");
+    assert_eq!(settings["region"], "eu-west", "{content}");
+}

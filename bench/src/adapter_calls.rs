@@ -66,12 +66,12 @@ pub async fn run(plugins: &Path, n: usize) -> Result<()> {
         });
         row(&format!("{name} | build-request"), &build);
         let parse = time!(n, {
-            let r = adapter.parse_response(1, &ctx(false), &response).await;
+            let r = adapter.parse_response(1, &ctx(false), None, &response).await;
             assert!(matches!(r, Ok(Ok(_))), "{name} parse-response");
         });
         row(&format!("{name} | parse-response"), &parse);
         let decode = time!(n / 4, {
-            let mut decoder = adapter.stream_decoder(1, &ctx(true)).await.expect("decoder");
+            let mut decoder = adapter.stream_decoder(1, &ctx(true), None).await.expect("decoder");
             let r = decoder.feed(&stream).await;
             assert!(matches!(r, Ok(Ok(ref ev)) if !ev.chunks.is_empty()), "{name} stream");
             let _ = decoder.finish().await;

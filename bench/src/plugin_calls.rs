@@ -78,7 +78,7 @@ pub async fn run(plugins: &Path, n: usize) -> Result<()> {
     let both = time!(n, {
         let r = adapter.build_request(1, &ctx, &channel, request, None).await;
         assert!(matches!(r, Ok(Ok(_))));
-        let p = adapter.parse_response(1, &ctx, &response).await;
+        let p = adapter.parse_response(1, &ctx, None, &response).await;
         assert!(matches!(p, Ok(Ok(_))));
     });
     row("openai: build-request + parse-response (instances reused per channel key)", &both);
@@ -96,7 +96,7 @@ pub async fn run(plugins: &Path, n: usize) -> Result<()> {
     );
     let mut stream_ctx = ctx.clone();
     stream_ctx.stream = true;
-    let mut decoder = adapter.stream_decoder(1, &stream_ctx).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut decoder = adapter.stream_decoder(1, &stream_ctx, None).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     row(
         "openai: stream-codec decode (one chunk)",
         &time!(n, {

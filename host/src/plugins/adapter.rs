@@ -15,7 +15,7 @@ use super::bindings::{
 use super::engine::PluginEngine;
 use super::error::PluginError;
 use super::instance::{Instances, Lease, plugin_call};
-use super::state::PluginState;
+use super::state::{CallInputs, PluginState};
 
 /// The outcome of a plugin call that completed: the adapter's own answer,
 /// which may be a classified error.
@@ -97,7 +97,7 @@ impl AdapterPlugin {
     /// Instantiate and call `info()` on a fresh instance: the fixed cost of
     /// a call (used by validation and benchmarks).
     pub async fn call_info(&self) -> Result<AdapterInfo, PluginError> {
-        plugin_call!("info", self.instances, NO_KEY, 0, None, |store, b| b
+        plugin_call!("info", self.instances, NO_KEY, 0, CallInputs::default(), |store, b| b
             .adapter
             .wasmgate_plugin_adapter()
             .call_info(store))
@@ -113,7 +113,8 @@ impl AdapterPlugin {
         body: &[u8],
         credential: Option<Arc<str>>,
     ) -> AdapterResult<HttpRequest> {
-        plugin_call!("build_request", self.instances, tag, body.len(), credential, |store, b| b
+        let inputs = CallInputs { credential, settings: Some(Arc::from(channel.settings.as_str())) };
+        plugin_call!("build_request", self.instances, tag, body.len(), inputs, |store, b| b
             .adapter
             .wasmgate_plugin_adapter()
             .call_build_request(store, ctx, channel, body))
@@ -137,7 +138,8 @@ impl AdapterPlugin {
         if !self.has_auth {
             return Ok(None);
         }
-        plugin_call!("exchange_request", self.instances, tag, channel.key.len(), None, |store, b| async move {
+        let inputs = CallInputs { credential: None, settings: Some(Arc::from(channel.settings.as_str())) };
+        plugin_call!("exchange_request", self.instances, tag, channel.key.len(), inputs, |store, b| async move {
             match &b.auth {
                 Some(auth) => auth.wasmgate_plugin_auth().call_exchange_request(store, channel).await,
                 None => Ok(None),
@@ -155,7 +157,8 @@ impl AdapterPlugin {
         if !self.has_auth {
             return Err(PluginError::malformed(&self.name, "parse-exchange called on an adapter without auth"));
         }
-        plugin_call!("parse_exchange", self.instances, tag, response.body.len(), None, |store, b| async move {
+        let inputs = CallInputs { credential: None, settings: Some(Arc::from(channel.settings.as_str())) };
+        plugin_call!("parse_exchange", self.instances, tag, response.body.len(), inputs, |store, b| async move {
             match &b.auth {
                 Some(auth) => auth.wasmgate_plugin_auth().call_parse_exchange(store, channel, response).await,
                 None => Err(wasmtime::format_err!("no auth export")),
@@ -163,27 +166,32 @@ impl AdapterPlugin {
         })
     }
 
-    /// `parse-response`.
+    /// `parse-response`; `settings` are the channel's (for
+    /// `channel-context.settings`).
     pub async fn parse_response(
         &self,
         tag: u64,
         ctx: &RequestContext,
+        settings: Option<Arc<str>>,
         response: &HttpResponse,
     ) -> AdapterResult<ParsedResponse> {
-        plugin_call!("parse_response", self.instances, tag, response.body.len(), None, |store, b| b
+        let inputs = CallInputs { credential: None, settings };
+        plugin_call!("parse_response", self.instances, tag, response.body.len(), inputs, |store, b| b
             .adapter
             .wasmgate_plugin_adapter()
             .call_parse_response(store, ctx, response))
     }
 
-    /// `classify-error`.
+    /// `classify-error`; `settings` are the channel's.
     pub async fn classify_error(
         &self,
         tag: u64,
         ctx: &RequestContext,
+        settings: Option<Arc<str>>,
         response: &HttpResponse,
     ) -> Result<UpstreamError, PluginError> {
-        plugin_call!("classify_error", self.instances, tag, response.body.len(), None, |store, b| b
+        let inputs = CallInputs { credential: None, settings };
+        plugin_call!("classify_error", self.instances, tag, response.body.len(), inputs, |store, b| b
             .adapter
             .wasmgate_plugin_adapter()
             .call_classify_error(store, ctx, response))
@@ -196,7 +204,8 @@ impl AdapterPlugin {
         channel: &ChannelView,
         credential: Option<Arc<str>>,
     ) -> Result<Probe, PluginError> {
-        plugin_call!("health_probe", self.instances, tag, channel.settings.len(), credential, |store, b| b
+        let inputs = CallInputs { credential, settings: Some(Arc::from(channel.settings.as_str())) };
+        plugin_call!("health_probe", self.instances, tag, channel.settings.len(), inputs, |store, b| b
             .adapter
             .wasmgate_plugin_adapter()
             .call_health_probe(store, channel))
@@ -209,6 +218,7 @@ impl AdapterPlugin {
         self: &Arc<Self>,
         tag: u64,
         ctx: &RequestContext,
+        settings: Option<Arc<str>>,
     ) -> Result<AdapterStream, PluginError> {
         let mode = if self.has_codec {
             Mode::Resumable { state: Vec::new() }
@@ -219,7 +229,8 @@ impl AdapterPlugin {
                 .try_acquire_owned()
                 .map_err(|_| PluginError::Capacity { plugin: self.name.to_string() })?;
             let mut lease = self.instances.fresh(tag).await?;
-            let budget = self.instances.prepare(&mut lease, 0, None);
+            let budget =
+                self.instances.prepare(&mut lease, 0, CallInputs { credential: None, settings: settings.clone() });
             let outcome = {
                 let decoder = lease.bindings.adapter.wasmgate_plugin_adapter().stream_decoder();
                 tokio::time::timeout(budget.wall, decoder.call_constructor(&mut lease.store, ctx)).await
@@ -231,7 +242,7 @@ impl AdapterPlugin {
             };
             Mode::Pinned { lease: Box::new(lease), decoder, _permit: permit }
         };
-        Ok(AdapterStream { plugin: self.clone(), ctx: ctx.clone(), tag, mode })
+        Ok(AdapterStream { plugin: self.clone(), ctx: ctx.clone(), settings, tag, mode })
     }
 
     /// Take every idle instance out of service (the plugin is replaced).
@@ -253,6 +264,8 @@ enum Mode {
 pub struct AdapterStream {
     plugin: Arc<AdapterPlugin>,
     ctx: RequestContext,
+    /// The channel's settings, for every decoding step.
+    settings: Option<Arc<str>>,
     tag: u64,
     mode: Mode,
 }
@@ -279,8 +292,9 @@ impl AdapterStream {
             Mode::Resumable { state } => {
                 let input = state.len() + bytes.map_or(0, <[u8]>::len);
                 let (ctx, tag) = (&self.ctx, self.tag);
+                let inputs = CallInputs { credential: None, settings: self.settings.clone() };
                 let decoded: Result<Result<Decoded, UpstreamError>, PluginError> =
-                    plugin_call!("decode_stream", plugin.instances, tag, input, None, |store, b| async move {
+                    plugin_call!("decode_stream", plugin.instances, tag, input, inputs, |store, b| async move {
                         let Some(codec) = &b.codec else { return Err(wasmtime::format_err!("no stream-codec export")) };
                         let codec = codec.wasmgate_plugin_stream_codec();
                         match bytes {
@@ -303,7 +317,8 @@ impl AdapterStream {
             }
             Mode::Pinned { mut lease, decoder, _permit } => {
                 let input = bytes.map_or(0, <[u8]>::len);
-                let budget = plugin.instances.prepare(&mut lease, input, None);
+                let inputs = CallInputs { credential: None, settings: self.settings.clone() };
+                let budget = plugin.instances.prepare(&mut lease, input, inputs);
                 let outcome = {
                     let d = lease.bindings.adapter.wasmgate_plugin_adapter().stream_decoder();
                     let store = &mut lease.store;

@@ -47,6 +47,9 @@ pub(crate) use gen_::adapter::wasmgate::plugin::log::Host as LogHost;
 pub(crate) use gen_::adapter::wasmgate::plugin::types::Host as TypesHost;
 pub(crate) use gen_::adapter::{AdapterPlugin as AdapterWorld, AdapterPluginIndices as AdapterWorldIndices};
 pub use gen_::auth::exports::wasmgate::plugin::auth::Credential;
+pub(crate) use gen_::auth::wasmgate::plugin::channel_context::{
+    Host as ChannelContextHost, add_to_linker as add_channel_context_to_linker,
+};
 pub(crate) use gen_::auth::wasmgate::plugin::clock::{Host as ClockHost, add_to_linker as add_clock_to_linker};
 pub(crate) use gen_::auth::wasmgate::plugin::credentials::{
     Host as CredentialsHost, add_to_linker as add_credentials_to_linker,

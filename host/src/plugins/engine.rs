@@ -16,7 +16,9 @@ use anyhow::Result;
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline};
 
-use super::bindings::{AdapterWorld, RouterWorld, add_clock_to_linker, add_credentials_to_linker};
+use super::bindings::{
+    AdapterWorld, RouterWorld, add_channel_context_to_linker, add_clock_to_linker, add_credentials_to_linker,
+};
 use super::state::PluginState;
 use crate::config::PluginConfig;
 
@@ -106,6 +108,7 @@ impl PluginEngine {
         AdapterWorld::add_to_linker::<_, HasSelf<PluginState>>(&mut adapter_linker, |s| s).map_err(wasm_err)?;
         add_credentials_to_linker::<_, HasSelf<PluginState>>(&mut adapter_linker, |s| s).map_err(wasm_err)?;
         add_clock_to_linker::<_, HasSelf<PluginState>>(&mut adapter_linker, |s| s).map_err(wasm_err)?;
+        add_channel_context_to_linker::<_, HasSelf<PluginState>>(&mut adapter_linker, |s| s).map_err(wasm_err)?;
         let mut router_linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut router_linker).map_err(wasm_err)?;
         RouterWorld::add_to_linker::<_, HasSelf<PluginState>>(&mut router_linker, |s| s).map_err(wasm_err)?;

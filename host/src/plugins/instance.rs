@@ -16,7 +16,7 @@ use wasmtime::component::{Instance, InstancePre};
 
 use super::engine::{CallBudget, PluginEngine};
 use super::error::{CallFacts, PluginError};
-use super::state::PluginState;
+use super::state::{CallInputs, PluginState};
 
 /// Idle instances kept per plugin version, over all channel keys (and the
 /// engine caps all plugins together, see `PluginEngine::max_idle`).
@@ -137,12 +137,13 @@ impl<B: Send + 'static> Instances<B> {
     }
 
     /// Arm `lease` for a call whose inputs are `input_bytes` long, with
-    /// `credential` answering `credentials.current`; returns its budget.
-    pub(crate) fn prepare(&self, lease: &mut Lease<B>, input_bytes: usize, credential: Option<Arc<str>>) -> CallBudget {
+    /// what the host's imports answer during it; returns its budget.
+    pub(crate) fn prepare(&self, lease: &mut Lease<B>, input_bytes: usize, inputs: CallInputs) -> CallBudget {
         let budget = self.engine.budget(input_bytes);
         let data = lease.store.data_mut();
         data.reset();
-        data.credential = credential;
+        data.credential = inputs.credential;
+        data.settings = inputs.settings;
         let _ = lease.store.set_fuel(budget.fuel);
         lease.uses += 1;
         budget

@@ -9,7 +9,7 @@ use super::bindings::{Candidate, RequestMeta, RouterInfo, RouterWorld, RouterWor
 use super::engine::PluginEngine;
 use super::error::PluginError;
 use super::instance::{Instances, plugin_call};
-use super::state::{PluginState, RoutingFacts};
+use super::state::{CallInputs, PluginState, RoutingFacts};
 
 /// A routing policy ready to serve calls.
 pub struct RouterPlugin {
@@ -45,8 +45,9 @@ impl RouterPlugin {
                 indices.load(store, instance)
             });
         let instances = Instances::new(engine, name.clone(), pre, load);
-        let info =
-            plugin_call!("info", instances, NO_KEY, 0, None, |store, b| b.wasmgate_plugin_router().call_info(store))?;
+        let info = plugin_call!("info", instances, NO_KEY, 0, CallInputs::default(), |store, b| b
+            .wasmgate_plugin_router()
+            .call_info(store))?;
         instances.set_version(&info.version);
         Ok(Self { name, sha256, info, instances })
     }
@@ -60,7 +61,7 @@ impl RouterPlugin {
         facts: RoutingFacts,
     ) -> Result<Vec<usize>, PluginError> {
         let input = std::mem::size_of_val(candidates) + meta.model.len() + meta.group.len();
-        let order = plugin_call!("select", self.instances, NO_KEY, input, None, |store, b| {
+        let order = plugin_call!("select", self.instances, NO_KEY, input, CallInputs::default(), |store, b| {
             store.data_mut().routing = facts;
             b.wasmgate_plugin_router().call_select(store, meta, candidates)
         })?;

@@ -11,7 +11,9 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::{ClockHost, CredentialsHost, LogHost, LogLevel, RoutingContextHost, TypesHost};
+use super::bindings::{
+    ChannelContextHost, ClockHost, CredentialsHost, LogHost, LogLevel, RoutingContextHost, TypesHost,
+};
 
 /// What `routing-context` answers during one `select` call.
 #[derive(Debug, Clone, Default)]
@@ -154,6 +156,17 @@ pub struct PluginState {
     pub(crate) routing: RoutingFacts,
     /// What `credentials.current` answers (adapters with an exchange only).
     pub(crate) credential: Option<Arc<str>>,
+    /// What `channel-context.settings` answers.
+    pub(crate) settings: Option<Arc<str>>,
+}
+
+/// What a call may ask the host besides its arguments.
+#[derive(Debug, Clone, Default)]
+pub struct CallInputs {
+    /// The channel key's exchanged credential.
+    pub credential: Option<Arc<str>>,
+    /// The channel's settings (a JSON object).
+    pub settings: Option<Arc<str>>,
 }
 
 impl PluginState {
@@ -167,6 +180,7 @@ impl PluginState {
             limits: MemoryCap { max_bytes: memory_bytes, hit: false, peak: 0 },
             routing: RoutingFacts::default(),
             credential: None,
+            settings: None,
         }
     }
 
@@ -175,6 +189,7 @@ impl PluginState {
         self.limits.hit = false;
         self.routing = RoutingFacts::default();
         self.credential = None;
+        self.settings = None;
         let _ = self.stderr.take();
     }
 }
@@ -231,6 +246,12 @@ impl RoutingContextHost for PluginState {
 
     fn tags(&mut self) -> Vec<Vec<String>> {
         self.routing.tags.iter().map(|t| t.to_vec()).collect()
+    }
+}
+
+impl ChannelContextHost for PluginState {
+    fn settings(&mut self) -> String {
+        self.settings.as_deref().unwrap_or("{}").to_string()
     }
 }
 

@@ -370,6 +370,8 @@ async fn attempt(
         let e = PluginError::malformed(&adapter.name, "upstream URL outside the channel's origin");
         return Err(plugin_failure(state, &e));
     }
+    // What `channel-context.settings` answers during the calls below.
+    let settings: Option<Arc<str>> = Some(Arc::from(view.settings.as_str()));
     let upstream = &state.upstream;
     let mut upstream_req = upstream_req;
     if crate::telemetry::traces_on() {
@@ -393,7 +395,7 @@ async fn attempt(
         let body = upstream.read(response).await;
         wait(reading);
         let body = body.map_err(|e| upstream_failure(&e, channel))?;
-        let err = adapter.classify_error(tag, &ctx, &body).await.map_err(|e| plugin_failure(state, &e))?;
+        let err = adapter.classify_error(tag, &ctx, settings, &body).await.map_err(|e| plugin_failure(state, &e))?;
         tracing::info!(channel = channel.id, status = body.status, kind = ?err.kind, "upstream error");
         if matches!(err.kind, ErrorKind::Auth) && credential.is_some() {
             state.credentials.invalidate(fingerprint);
@@ -401,7 +403,7 @@ async fn attempt(
         return Err(upstream_failure(&err, channel));
     }
     if req.stream {
-        let decoder = adapter.stream_decoder(tag, &ctx).await.map_err(|e| plugin_failure(state, &e))?;
+        let decoder = adapter.stream_decoder(tag, &ctx, settings).await.map_err(|e| plugin_failure(state, &e))?;
         let live = stream::LiveStream::new(state, response, decoder, channel.clone(), stats.clone(), in_flight);
         return stream_response(live, started, meter, info).await;
     }
@@ -409,7 +411,7 @@ async fn attempt(
     let body = upstream.read(response).await;
     wait(reading);
     let body = body.map_err(|e| upstream_failure(&e, channel))?;
-    match adapter.parse_response(tag, &ctx, &body).await {
+    match adapter.parse_response(tag, &ctx, settings, &body).await {
         Err(e) => Err(plugin_failure(state, &e)),
         Ok(Err(e)) => Err(upstream_failure(&e, channel)),
         Ok(Ok(parsed)) => {

@@ -144,9 +144,12 @@ async fn probe_unbounded(state: &AppState, channel: &Channel) -> ProbeOutcome {
         Err(e) => return fail(out, Some(kind_name(&e.kind)), e.message),
     };
     let verdict = if ok_status {
-        adapter.parse_response(tag, &ctx, &body).await.map(|r| r.map(|_| ()))
+        adapter
+            .parse_response(tag, &ctx, Some(std::sync::Arc::from(view.settings.as_str())), &body)
+            .await
+            .map(|r| r.map(|_| ()))
     } else {
-        adapter.classify_error(tag, &ctx, &body).await.map(Err)
+        adapter.classify_error(tag, &ctx, Some(std::sync::Arc::from(view.settings.as_str())), &body).await.map(Err)
     };
     match verdict {
         Ok(Ok(())) => {

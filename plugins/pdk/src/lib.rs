@@ -111,6 +111,20 @@ pub fn credential() -> Option<String> {
     bindings::wasmgate::plugin::credentials::current()
 }
 
+/// The settings of the channel this call is about, as a JSON object (`{}`
+/// when it has none) — also in calls that get no `channel` argument
+/// (`parse_response`, `classify_error`, stream decoding). Added in WIT 0.1.4.
+#[cfg(target_family = "wasm")]
+pub fn channel_settings() -> serde_json::Map<String, serde_json::Value> {
+    serde_json::from_str(&bindings::wasmgate::plugin::channel_context::settings()).unwrap_or_default()
+}
+
+/// No host when a plugin's code runs natively (its unit tests): no settings.
+#[cfg(not(target_family = "wasm"))]
+pub fn channel_settings() -> serde_json::Map<String, serde_json::Value> {
+    serde_json::Map::new()
+}
+
 /// Incremental decoder of one upstream stream into OpenAI chunks.
 ///
 /// Between two calls the decoder is serialized (JSON) and handed to the

@@ -204,7 +204,7 @@ async fn classify_cases(adapter: &Arc<AdapterPlugin>, claimed: &[Endpoint], repo
         ("empty 500 is transient", response(500, &[], b""), |k| matches!(k, ErrorKind::Transient)),
     ];
     for (label, resp, ok) in cases {
-        let result = match adapter.classify_error(NO_KEY, &c, &resp).await {
+        let result = match adapter.classify_error(NO_KEY, &c, None, &resp).await {
             Err(e) => Err(format!("trapped: {e}")),
             Ok(e) if e.message.contains("conformance-key") => Err("the message contains the channel key".into()),
             Ok(e) if ok(&e.kind) => Ok(()),
@@ -222,7 +222,7 @@ async fn garbage_cases(adapter: &Arc<AdapterPlugin>, claimed: &[Endpoint], repor
     for (label, body) in
         [("an HTML", &b"<html>oops</html>"[..]), ("an empty", b""), ("a truncated JSON", b"{\"id\": \"x\", \"cho")]
     {
-        let result = match adapter.parse_response(NO_KEY, &c, &response(200, &[], body)).await {
+        let result = match adapter.parse_response(NO_KEY, &c, None, &response(200, &[], body)).await {
             Err(e) => Err(format!("trapped: {e}")),
             Ok(Ok(_)) => Err("turned it into a successful response".into()),
             Ok(Err(_)) => Ok(()),
@@ -234,7 +234,7 @@ async fn garbage_cases(adapter: &Arc<AdapterPlugin>, claimed: &[Endpoint], repor
     }
     let c = ctx(Endpoint::ChatCompletions, "conformance-chat", true);
     let result = async {
-        let mut decoder = adapter.stream_decoder(NO_KEY, &c).await.map_err(|e| format!("trapped: {e}"))?;
+        let mut decoder = adapter.stream_decoder(NO_KEY, &c, None).await.map_err(|e| format!("trapped: {e}"))?;
         let mut chunks: Vec<Vec<u8>> = Vec::new();
         for bytes in [&b"data: {garbage\n\n"[..], b"\x00\xff\xfe not a stream at all\n\n"] {
             match decoder.feed(bytes).await {
@@ -301,7 +301,7 @@ pub(super) async fn recorded(adapter: &Arc<AdapterPlugin>, dir: &Path, claimed: 
     let c = ctx(Endpoint::ChatCompletions, "conformance-chat", false);
     if let Ok(body) = std::fs::read(dir.join("chat.json")) {
         let result = match adapter
-            .parse_response(NO_KEY, &c, &response(200, &[("content-type", "application/json")], &body))
+            .parse_response(NO_KEY, &c, None, &response(200, &[("content-type", "application/json")], &body))
             .await
         {
             Err(e) => Err(format!("trapped: {e}")),
@@ -332,7 +332,7 @@ pub(super) async fn recorded(adapter: &Arc<AdapterPlugin>, dir: &Path, claimed: 
     if let (Some(bytes), true) = (stream, claimed.contains(&Endpoint::ChatCompletions)) {
         let c = ctx(Endpoint::ChatCompletions, "conformance-chat", true);
         let result = async {
-            let mut decoder = adapter.stream_decoder(NO_KEY, &c).await.map_err(|e| format!("trapped: {e}"))?;
+            let mut decoder = adapter.stream_decoder(NO_KEY, &c, None).await.map_err(|e| format!("trapped: {e}"))?;
             let (mut chunks, mut usage, mut done): (Vec<Vec<u8>>, _, _) = (Vec::new(), None, false);
             // Split every 7 bytes: decoders must cope with any boundary.
             let mut pieces = Vec::new();
@@ -370,7 +370,7 @@ pub(super) async fn recorded(adapter: &Arc<AdapterPlugin>, dir: &Path, claimed: 
         report.case(format!("recorded stream, split every 7 bytes: chunks, end and usage{what}"), result);
     }
     if let Ok(body) = std::fs::read(dir.join("error.json")) {
-        let result = match adapter.classify_error(NO_KEY, &c, &response(400, &[], &body)).await {
+        let result = match adapter.classify_error(NO_KEY, &c, None, &response(400, &[], &body)).await {
             Err(e) => Err(format!("trapped: {e}")),
             Ok(e) if matches!(e.kind, ErrorKind::Other) || e.message.is_empty() => {
                 Err(format!("unclassified ({:?}, message {:?})", e.kind, e.message))
