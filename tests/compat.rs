@@ -1,34 +1,53 @@
 //! The WIT compatibility promise: components built against
-//! `wasmgate:plugin@0.1.0` (golden builds kept in `tests/fixtures/compat/`,
-//! made before 0.1.1 added `routing-context`) still load and serve on this
+//! `wasmgate:plugin@0.1.0` and `@0.1.3` (golden builds kept in `tests/fixtures/compat/`,
+//! made before 0.1.1 and 0.1.4 changed the contract) still load and serve on this
 //! host, through wasmtime's semver-compatible import and export matching.
 
 use crate::support::{Gateway, MockUpstream, admin, channel, chat, load};
 use reqwest::Method;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn plugins_built_against_wit_0_1_0_still_load_and_serve() {
+/// A gateway with one channel per mock (`extra` TOML appended) and the
+/// shipped plugins `shipped`, into whose plugins directory the golden
+/// builds `golden` (file, installed name) are copied; returns once all are
+/// loaded, each golden one reporting `wit_version`.
+async fn with_golden(
+    mocks: &[MockUpstream],
+    extra: &str,
+    shipped: &[&str],
+    golden: &[(&str, &str)],
+    wit_version: &str,
+) -> Gateway {
     let dir = crate::support::root().join("tests/fixtures/compat");
-    let m = [MockUpstream::start("a").await, MockUpstream::start("b").await];
-    let toml: String = m
+    let toml: String = mocks
         .iter()
         .enumerate()
         .map(|(i, mock)| channel(&format!("c{i}"), "openai", &mock.base_url(), &["gpt-4o-mini"], ""))
-        .collect();
-    let gw = Gateway::start(&[], &toml);
-    for (file, name) in [("openai-wit-0.1.0.wasm", "openai.wasm"), ("weighted-wit-0.1.0.wasm", "weighted.wasm")] {
+        .collect::<String>()
+        + extra;
+    let gw = Gateway::start(shipped, &toml);
+    for (file, name) in golden {
         std::fs::copy(dir.join(file), gw.plugins_dir.join(name)).expect("copy golden plugin");
     }
+    let expected = shipped.len() + golden.len();
     let loaded = crate::support::eventually(std::time::Duration::from_secs(20), || async {
         let (_, list) = admin(&gw, Method::GET, "/api/plugins", None).await;
-        list["data"].as_array().is_some_and(|d| d.iter().filter(|p| p["loaded"] == true).count() == 2)
+        list["data"].as_array().is_some_and(|d| d.iter().filter(|p| p["loaded"] == true).count() == expected)
     })
     .await;
-    assert!(loaded.is_some(), "the 0.1.0 plugins did not load: {}", gw.log());
-    for name in ["openai", "weighted"] {
+    assert!(loaded.is_some(), "the {wit_version} plugins did not load: {}", gw.log());
+    for (_, name) in golden {
+        let name = name.trim_end_matches(".wasm");
         let (_, status) = admin(&gw, Method::GET, &format!("/api/plugins/{name}"), None).await;
-        assert_eq!(status["wit_version"], "0.1.0", "{status}");
+        assert_eq!(status["wit_version"], wit_version, "{status}");
     }
+    gw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugins_built_against_wit_0_1_0_still_load_and_serve() {
+    let m = [MockUpstream::start("a").await, MockUpstream::start("b").await];
+    let golden = [("openai-wit-0.1.0.wasm", "openai.wasm"), ("weighted-wit-0.1.0.wasm", "weighted.wasm")];
+    let gw = with_golden(&m, "", &[], &golden, "0.1.0").await;
     let results = load(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "old plugins"), 200, 8).await;
     assert!(results.iter().all(|(s, b)| *s == 200 && b["choices"][0]["message"]["content"] == "echo: old plugins"));
     assert!(
@@ -44,28 +63,9 @@ async fn plugins_built_against_wit_0_1_0_still_load_and_serve() {
 /// (golden builds from before the change) load and serve on this host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn plugins_built_against_wit_0_1_3_still_load_and_serve() {
-    let dir = crate::support::root().join("tests/fixtures/compat");
     let m = [MockUpstream::start("a").await, MockUpstream::start("b").await];
-    let toml: String = m
-        .iter()
-        .enumerate()
-        .map(|(i, mock)| channel(&format!("c{i}"), "openai", &mock.base_url(), &["gpt-4o-mini"], ""))
-        .collect::<String>()
-        + "[routing]\npolicy = \"round-robin\"\n";
-    let gw = Gateway::start(&["weighted.wasm"], &toml);
-    for (file, name) in [("openai-wit-0.1.3.wasm", "openai.wasm"), ("round-robin-wit-0.1.3.wasm", "round-robin.wasm")] {
-        std::fs::copy(dir.join(file), gw.plugins_dir.join(name)).expect("copy golden plugin");
-    }
-    let loaded = crate::support::eventually(std::time::Duration::from_secs(20), || async {
-        let (_, list) = admin(&gw, Method::GET, "/api/plugins", None).await;
-        list["data"].as_array().is_some_and(|d| d.iter().filter(|p| p["loaded"] == true).count() == 3)
-    })
-    .await;
-    assert!(loaded.is_some(), "the 0.1.3 plugins did not load: {}", gw.log());
-    for name in ["openai", "round-robin"] {
-        let (_, status) = admin(&gw, Method::GET, &format!("/api/plugins/{name}"), None).await;
-        assert_eq!(status["wit_version"], "0.1.3", "{status}");
-    }
+    let golden = [("openai-wit-0.1.3.wasm", "openai.wasm"), ("round-robin-wit-0.1.3.wasm", "round-robin.wasm")];
+    let gw = with_golden(&m, "[routing]\npolicy = \"round-robin\"\n", &["weighted.wasm"], &golden, "0.1.3").await;
     // The 0.1.3 round-robin reads `routing-context.sequence`: strict turns.
     let mut order = Vec::new();
     for _ in 0..6 {
