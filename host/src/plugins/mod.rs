@@ -31,5 +31,5 @@ pub use loader::{
 };
 pub use registry::{PluginSet, PluginStatus, Registry};
 pub use router::RouterPlugin;
-pub use state::{Affinity, RoutingFacts};
+pub use state::{Affinity, AffinityCaller, RoutingFacts};
 pub use watcher::{PluginWatcher, watch};

@@ -35,21 +35,39 @@ pub struct RoutingFacts {
     pub tags: Vec<Arc<[String]>>,
 }
 
-/// The inputs of a routing affinity key.
+/// The calling token, as an affinity key names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AffinityCaller {
+    /// A token created through the API, by id.
+    Token(u64),
+    /// The configuration file's token at this position.
+    Config(usize),
+    /// Nobody known (never on a routed request).
+    #[default]
+    Unknown,
+}
+
+/// The inputs of a routing affinity key (hashed only when a policy asks).
 #[derive(Debug, Clone, Default)]
 pub struct Affinity {
-    /// The calling token: its id, or `config:N` for the configuration's.
-    pub caller: String,
+    /// The calling token.
+    pub caller: AffinityCaller,
     /// The client's session, when it named one.
     pub session: Option<Arc<str>>,
 }
 
 impl Affinity {
-    /// The key: SHA-256 of caller and session, 16 bytes in hex.
+    /// The key: SHA-256 of the caller (`ID`, or `config:N`) and the
+    /// session, 16 bytes in hex.
     pub fn key(&self) -> String {
         use sha2::{Digest, Sha256};
+        let caller = match self.caller {
+            AffinityCaller::Token(id) => id.to_string(),
+            AffinityCaller::Config(i) => format!("config:{i}"),
+            AffinityCaller::Unknown => String::new(),
+        };
         let mut h = Sha256::new();
-        h.update(self.caller.as_bytes());
+        h.update(caller.as_bytes());
         h.update([0]);
         h.update(self.session.as_deref().unwrap_or("").as_bytes());
         hex::encode(&h.finalize()[..16])
@@ -264,5 +282,21 @@ impl CredentialsHost for PluginState {
 impl ClockHost for PluginState {
     fn now_unix_secs(&mut self) -> u64 {
         crate::store::unix_now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn an_affinity_key_hashes_the_caller_and_the_session() {
+        let expect = |text: &[u8]| hex::encode(&Sha256::digest(text)[..16]);
+        let token = Affinity { caller: AffinityCaller::Token(42), session: Some("s-1".into()) };
+        assert_eq!(token.key(), expect(b"42\0s-1"));
+        let config = Affinity { caller: AffinityCaller::Config(0), session: None };
+        assert_eq!(config.key(), expect(b"config:0\0"));
+        assert_ne!(token.key(), Affinity { session: Some("s-2".into()), ..token.clone() }.key());
     }
 }

@@ -27,7 +27,7 @@ use crate::channels::{Channel, KeyView};
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
 use crate::health::Fault;
-use crate::plugins::{Affinity, ErrorKind, PluginError, PluginSet, RequestContext, UpstreamError};
+use crate::plugins::{Affinity, AffinityCaller, ErrorKind, PluginError, PluginSet, RequestContext, UpstreamError};
 use crate::routing::{ChannelStats, InFlight, RouteRequest, candidates, unavailable};
 use crate::state::AppState;
 use stream::LiveStream;
@@ -145,10 +145,10 @@ async fn relay_attempts(
         });
     }
     let mut meter = Some(state.billing.admit(caller, &req).await?);
-    let caller_key = match (&caller.account, caller.config_token) {
-        (Some(a), _) => a.token.id.to_string(),
-        (None, Some(i)) => format!("config:{i}"),
-        (None, None) => String::new(),
+    let affinity_caller = match (&caller.account, caller.config_token) {
+        (Some(a), _) => AffinityCaller::Token(a.token.id),
+        (None, Some(i)) => AffinityCaller::Config(i),
+        (None, None) => AffinityCaller::Unknown,
     };
     let route = RouteRequest {
         endpoint: req.endpoint,
@@ -157,7 +157,7 @@ async fn relay_attempts(
         stream: req.stream,
         user_id: caller.account.as_ref().map(|a| a.user_id),
         token_id: caller.account.as_ref().map(|a| a.token.id),
-        affinity: Some(Affinity { caller: caller_key, session: req.session.clone() }),
+        affinity: Affinity { caller: affinity_caller, session: req.session.clone() },
     };
     let ordered = state.routing.order(&plugins, &state.registry, &route, candidates).await;
     let cfg = &state.config.upstream;

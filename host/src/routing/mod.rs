@@ -47,7 +47,7 @@ pub struct RouteRequest<'a> {
     /// The calling token's id.
     pub token_id: Option<u64>,
     /// Who is calling and in which session.
-    pub affinity: Option<Affinity>,
+    pub affinity: Affinity,
 }
 
 /// Channels in `set` that may serve `model` for `group`. A channel whose
@@ -140,7 +140,7 @@ impl Routing {
             ttft_ms: views.iter().map(|s| s.ttft_ms).collect(),
             user_id: req.user_id,
             token_id: req.token_id,
-            affinity: req.affinity.clone(),
+            affinity: Some(req.affinity.clone()),
             price_ratios: channels.iter().map(|c| c.price_ratio).collect(),
             tags: channels.iter().map(|c| c.tags.clone()).collect(),
         };

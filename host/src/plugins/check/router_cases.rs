@@ -46,7 +46,10 @@ fn facts(seed: u64, n: usize) -> RoutingFacts {
         ttft_ms: (0..n).map(|i| (i * 17 % 200) as f64).collect(),
         user_id: Some(seed % 7),
         token_id: Some(seed % 11),
-        affinity: Some(crate::plugins::Affinity { caller: format!("{}", seed % 11), session: None }),
+        affinity: Some(crate::plugins::Affinity {
+            caller: crate::plugins::AffinityCaller::Token(seed % 11),
+            session: None,
+        }),
         price_ratios: (0..n).map(|i| 0.5 + (i * 7 % 5) as f64 / 4.0).collect(),
         tags: (0..n).map(|i| if i % 2 == 0 { vec!["even".to_string()].into() } else { Vec::new().into() }).collect(),
     }
