@@ -44,7 +44,7 @@ fn invalid(field: &str, message: &str) -> AccountError {
 
 /// Apply a `name` field: trimmed, 1 to 64 characters, required on create
 /// and replace.
-fn set_name(name: Option<String>, required: bool, target: &mut String) -> Result<(), AccountError> {
+pub(super) fn set_name(name: Option<String>, required: bool, target: &mut String) -> Result<(), AccountError> {
     match name.map(|n| n.trim().to_string()) {
         Some(n) if n.is_empty() || n.chars().count() > 64 => Err(invalid("name", "must be 1 to 64 characters")),
         Some(n) => {
@@ -415,7 +415,11 @@ pub async fn patch_token(
 
 /// `DELETE /api/tokens/{id}`
 pub async fn delete_token(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    let id = path_id(&id)?;
+    remove_token(&state, path_id(&id)?)
+}
+
+/// Delete token `id` and close its balance; the answer says so.
+pub(super) fn remove_token(state: &AppState, id: u64) -> Result<Json<Value>, ApiError> {
     state.billing.accounts.delete_token(id)?;
     state.billing.ledger.close(None, Some(id));
     Ok(Json(json!({"id": id, "object": "token", "deleted": true})))

@@ -98,6 +98,12 @@ pub fn identify_hash(state: &AppState, hash: &[u8; 32], ip: Option<IpAddr>) -> R
     }
 }
 
+/// The client's address, when the server recorded it (tests may serve the
+/// router without it).
+pub fn client_ip(parts: &Parts) -> Option<IpAddr> {
+    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
+}
+
 /// The authenticated caller of a `/v1` (or `/api/self`) handler: a valid
 /// gateway token is required. Tokens are looked up by their SHA-256, so
 /// lookup time says nothing about the secret. (An extractor rather than a
@@ -109,8 +115,7 @@ impl FromRequestParts<AppState> for Authed {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let key = presented_key(&parts.headers).ok_or_else(missing)?;
-        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-        identify(state, key, ip).map(Authed)
+        identify(state, key, client_ip(parts)).map(Authed)
     }
 }
 
@@ -131,8 +136,7 @@ impl FromRequestParts<AppState> for GeminiAuthed {
         };
         let key = presented_key(&parts.headers).or_else(from_query).ok_or_else(missing)?;
         let key = key.to_string();
-        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-        identify(state, &key, ip).map(GeminiAuthed)
+        identify(state, &key, client_ip(parts)).map(GeminiAuthed)
     }
 }
 

@@ -3,7 +3,7 @@
 //! and top lists read from the usage rollups, plus — for admins — channel
 //! health by state, plugins loaded and the billing writer's lag.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -11,7 +11,6 @@ use serde_json::{Value, json};
 
 use super::session::SelfAuthed;
 use crate::billing::dashboard::{Range, figures};
-use crate::channels::ChannelState;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::store::unix_now_ms;
@@ -36,10 +35,7 @@ pub async fn admin(
 ) -> Result<Json<Value>, ApiError> {
     let mut out = read(&state, range(&q)?, None).await?;
     let snapshot = state.channels.snapshot();
-    let mut by_state: BTreeMap<&str, usize> = ChannelState::NAMES.into_iter().map(|s| (s, 0)).collect();
-    for rec in snapshot.records.values() {
-        *by_state.entry(rec.status.name()).or_default() += 1;
-    }
+    let by_state = super::status::channels_by_state(&snapshot);
     let plugins = state.registry.snapshot();
     let writer = state.billing.writer.gauges();
     out["object"] = json!("dashboard");

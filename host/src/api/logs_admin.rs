@@ -52,6 +52,12 @@ fn filter(q: &HashMap<String, String>) -> Result<LogFilter, ApiError> {
     })
 }
 
+/// The log and its rollups (fetched for each use: the store may be reopened).
+fn log_trees(state: &AppState) -> Result<(sled::Tree, sled::Tree), ApiError> {
+    let unavailable = |_| crate::billing::storage_unavailable();
+    Ok((state.billing.logs().map_err(unavailable)?, state.billing.log_rollups().map_err(unavailable)?))
+}
+
 /// Most rows one cursor page carries.
 const MAX_LIMIT: usize = 500;
 
@@ -60,8 +66,7 @@ const MAX_LIMIT: usize = 500;
 /// with the matching total).
 async fn page(state: &AppState, f: LogFilter, q: &HashMap<String, String>) -> Result<Json<Value>, ApiError> {
     let f = f.around_request(longest_request_ms(state));
-    let logs = state.billing.logs().map_err(|_| crate::billing::storage_unavailable())?;
-    let index = state.billing.log_rollups().map_err(|_| crate::billing::storage_unavailable())?;
+    let (logs, index) = log_trees(state)?;
     if q.contains_key("before_id") || q.contains_key("limit") {
         let before = optional_u64(q, "before_id")?;
         let limit = number(q, "limit", 50)?.min(MAX_LIMIT);
@@ -230,8 +235,7 @@ pub async fn export(
     use axum::response::IntoResponse;
     let f = filter(&q)?.around_request(longest_request_ms(&state));
     let limit = number(&q, "limit", MAX_EXPORT)?.min(MAX_EXPORT);
-    let logs = state.billing.logs().map_err(|_| crate::billing::storage_unavailable())?;
-    let index = state.billing.log_rollups().map_err(|_| crate::billing::storage_unavailable())?;
+    let (logs, index) = log_trees(&state)?;
     let body = tokio::task::spawn_blocking(move || csv(&page_before(&logs, &index, &f, None, limit).0))
         .await
         .map_err(|_| ApiError::internal())?;

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::accounts_admin::{issue, token_view};
+use super::accounts_admin::{issue, remove_token, set_name, token_view};
 use super::body;
 use super::logs_admin::own_account;
 use super::params::{json_body, path_id};
@@ -63,10 +63,8 @@ pub async fn create(
     if input.expires_at.is_some_and(|at| at <= unix_now()) {
         return Err(ApiError::bad_request("`expires_at` must be in the future").param("expires_at"));
     }
-    let name = input.name.trim().to_string();
-    if name.is_empty() || name.chars().count() > 64 {
-        return Err(ApiError::bad_request("`name` must be 1 to 64 characters").param("name"));
-    }
+    let mut name = String::new();
+    set_name(Some(input.name), true, &mut name)?;
     let token = TokenRecord {
         user_id: user,
         name,
@@ -91,7 +89,5 @@ pub async fn revoke(
     if !mine {
         return Err(AccountError::NotFound("token").into());
     }
-    state.billing.accounts.delete_token(id)?;
-    state.billing.ledger.close(None, Some(id));
-    Ok(Json(json!({"id": id, "object": "token", "deleted": true})))
+    remove_token(&state, id)
 }

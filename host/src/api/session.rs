@@ -4,11 +4,11 @@
 //! must echo in `x-csrf-token`); `DELETE` signs out. Wrong credentials
 //! are counted per client address and refused with 429 past the limit.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use axum::Json;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, FromRequestParts, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::auth::{identify, identify_hash, missing, presented_key};
+use super::auth::{client_ip, identify, identify_hash, missing, presented_key};
 use super::body;
 use super::params::json_body;
 use crate::billing::Caller;
@@ -70,7 +70,7 @@ impl FromRequestParts<AppState> for SelfAuthed {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        let ip = client_ip(parts);
         if let Some(key) = presented_key(&parts.headers) {
             return identify(state, key, ip).map(SelfAuthed);
         }
@@ -101,8 +101,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
-        Ok(ClientIp(ip))
+        Ok(ClientIp(client_ip(parts).unwrap_or(IpAddr::from([0, 0, 0, 0]))))
     }
 }
 

@@ -11,13 +11,21 @@ use serde_json::{Value, json};
 use crate::channels::ChannelState;
 use crate::state::AppState;
 
+/// How many channels are in each health state (every state named, 0 included).
+pub(super) fn channels_by_state(set: &crate::channels::ChannelSet) -> BTreeMap<&'static str, usize> {
+    let mut counts: BTreeMap<&str, usize> = ChannelState::NAMES.into_iter().map(|s| (s, 0)).collect();
+    for rec in set.records.values() {
+        *counts.entry(rec.status.name()).or_default() += 1;
+    }
+    counts
+}
+
 /// `GET /api/status`
 pub async fn status(State(state): State<AppState>) -> Json<Value> {
     let snapshot = state.channels.snapshot();
-    let mut counts: BTreeMap<&str, usize> = ChannelState::NAMES.into_iter().map(|s| (s, 0)).collect();
+    let counts = channels_by_state(&snapshot);
     let mut channels = Vec::with_capacity(snapshot.records.len());
     for rec in snapshot.records.values() {
-        *counts.entry(rec.status.name()).or_default() += 1;
         let keys_disabled = rec.keys.iter().filter(|k| !k.enabled).count();
         channels.push(json!({
             "id": rec.id, "name": rec.name, "status": rec.status,
