@@ -117,13 +117,15 @@ pub fn figures(index: &sled::Tree, range: Range, now_ms: u64, user: Option<u64>)
         series.push(point(t, &b));
     }
     let admin = user.is_none();
+    let totals = point(first, &all);
+    let Bucket { models, channels, users, .. } = all;
     Figures {
         step_secs: unit / 1000,
-        totals: point(first, &all),
+        totals,
         series,
-        top_models: if admin { top(all.models.clone().into_iter(), false) } else { Vec::new() },
-        top_channels: if admin { top(all.channels.clone().into_iter(), false) } else { Vec::new() },
-        top_users: if admin { top(all.users.into_iter(), true) } else { Vec::new() },
+        top_models: if admin { top(models.into_iter(), false) } else { Vec::new() },
+        top_channels: if admin { top(channels.into_iter(), false) } else { Vec::new() },
+        top_users: if admin { top(users.into_iter(), true) } else { Vec::new() },
     }
 }
 

@@ -121,8 +121,15 @@ impl Sessions {
     pub fn failed(&self, ip: IpAddr) {
         let now = unix_now_ms();
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if failures.len() >= MAX_SESSIONS {
+        if failures.len() >= MAX_SESSIONS && !failures.contains_key(&ip) {
             failures.retain(|_, (since, _)| since.saturating_add(FAILURE_WINDOW_MS) > now);
+            // Still full of recent failures: the oldest address is forgotten,
+            // so the table stays bounded whatever the number of addresses.
+            if failures.len() >= MAX_SESSIONS
+                && let Some(oldest) = failures.iter().min_by_key(|(_, (since, _))| *since).map(|(ip, _)| *ip)
+            {
+                failures.remove(&oldest);
+            }
         }
         let entry = failures.entry(ip).or_insert((now, 0));
         if entry.0.saturating_add(FAILURE_WINDOW_MS) <= now {
@@ -166,6 +173,15 @@ mod tests {
         sessions.failed(ip);
         assert!(sessions.blocked(ip).is_some_and(|s| s > 0 && s <= 300));
         assert_eq!(sessions.blocked("127.0.0.2".parse().expect("ip")), None);
+    }
+
+    #[test]
+    fn the_failure_table_stays_bounded() {
+        let sessions = Sessions::new(60, 3);
+        for i in 0..(MAX_SESSIONS as u32 + 50) {
+            sessions.failed(IpAddr::from(i.to_be_bytes()));
+        }
+        assert_eq!(sessions.failures.lock().expect("lock").len(), MAX_SESSIONS);
     }
 
     #[test]
