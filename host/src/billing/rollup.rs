@@ -72,7 +72,8 @@ impl Bucket {
         }
         add(&mut self.total, row);
         if row.kind == LogKind::Consume {
-            *self.latency.entry(latency_bucket(row.latency_ms)).or_default() += 1;
+            let n = self.latency.entry(latency_bucket(row.latency_ms)).or_default();
+            *n = n.saturating_add(1);
         }
         add(self.models.entry(row.model.clone()).or_default(), row);
         add(self.channels.entry(row.channel_id).or_default(), row);
@@ -83,7 +84,8 @@ impl Bucket {
     pub fn merge(&mut self, other: &Bucket) {
         merge(&mut self.total, &other.total);
         for (k, n) in &other.latency {
-            *self.latency.entry(*k).or_default() += n;
+            let count = self.latency.entry(*k).or_default();
+            *count = count.saturating_add(*n);
         }
         for (k, s) in &other.models {
             merge(self.models.entry(k.clone()).or_default(), s);
