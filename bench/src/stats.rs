@@ -6,6 +6,8 @@ use std::time::Duration;
 pub struct Summary {
     /// Median.
     pub p50: Duration,
+    /// 95th percentile.
+    pub p95: Duration,
     /// 99th percentile.
     pub p99: Duration,
     /// Mean.
@@ -32,6 +34,6 @@ impl Summary {
         sorted.sort();
         let mean =
             if sorted.is_empty() { Duration::ZERO } else { sorted.iter().sum::<Duration>() / sorted.len() as u32 };
-        Self { p50: pct(&sorted, 0.5), p99: pct(&sorted, 0.99), mean }
+        Self { p50: pct(&sorted, 0.5), p95: pct(&sorted, 0.95), p99: pct(&sorted, 0.99), mean }
     }
 }
