@@ -21,8 +21,8 @@ fn range(q: &HashMap<String, String>) -> Result<Range, ApiError> {
 }
 
 async fn read(state: &AppState, range: Range, user: Option<u64>) -> Result<Value, ApiError> {
-    let index = state.billing.log_rollups().map_err(|_| crate::billing::storage_unavailable())?;
-    let figures = tokio::task::spawn_blocking(move || figures(&index, range, unix_now_ms(), user))
+    let rollups = state.billing.log_rollups().map_err(|_| crate::billing::storage_unavailable())?;
+    let figures = tokio::task::spawn_blocking(move || figures(&rollups, range, unix_now_ms(), user))
         .await
         .map_err(|_| ApiError::internal())?;
     Ok(json!(figures))

@@ -66,11 +66,11 @@ const MAX_LIMIT: usize = 500;
 /// with the matching total).
 async fn page(state: &AppState, f: LogFilter, q: &HashMap<String, String>) -> Result<Json<Value>, ApiError> {
     let f = f.around_request(longest_request_ms(state));
-    let (logs, index) = log_trees(state)?;
+    let (logs, rollups) = log_trees(state)?;
     if q.contains_key("before_id") || q.contains_key("limit") {
         let before = optional_u64(q, "before_id")?;
         let limit = number(q, "limit", 50)?.min(MAX_LIMIT);
-        let (rows, more) = tokio::task::spawn_blocking(move || page_before(&logs, &index, &f, before, limit))
+        let (rows, more) = tokio::task::spawn_blocking(move || page_before(&logs, &rollups, &f, before, limit))
             .await
             .map_err(|_| ApiError::internal())?;
         let next = if more { rows.last().map(|r| r.id) } else { None };
@@ -78,7 +78,7 @@ async fn page(state: &AppState, f: LogFilter, q: &HashMap<String, String>) -> Re
         return Ok(Json(json!({"object": "list", "data": data, "has_more": more, "next_before_id": next})));
     }
     let paging = paging(q)?;
-    let (rows, total) = tokio::task::spawn_blocking(move || query(&logs, &index, &f, paging.0, paging.1))
+    let (rows, total) = tokio::task::spawn_blocking(move || query(&logs, &rollups, &f, paging.0, paging.1))
         .await
         .map_err(|_| ApiError::internal())?;
     let data = rows.iter().map(|r| json!(r)).collect();
@@ -235,8 +235,8 @@ pub async fn export(
     use axum::response::IntoResponse;
     let f = filter(&q)?.around_request(longest_request_ms(&state));
     let limit = number(&q, "limit", MAX_EXPORT)?.min(MAX_EXPORT);
-    let (logs, index) = log_trees(&state)?;
-    let body = tokio::task::spawn_blocking(move || csv(&page_before(&logs, &index, &f, None, limit).0))
+    let (logs, rollups) = log_trees(&state)?;
+    let body = tokio::task::spawn_blocking(move || csv(&page_before(&logs, &rollups, &f, None, limit).0))
         .await
         .map_err(|_| ApiError::internal())?;
     let headers = [

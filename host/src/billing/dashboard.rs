@@ -96,12 +96,12 @@ fn point(t: u64, b: &Bucket) -> Point {
 
 /// The figures of `range` ending at `now_ms`; with `user`, only that
 /// user's counts (no top lists, no latency: rollups keep those for all).
-pub fn figures(index: &sled::Tree, range: Range, now_ms: u64, user: Option<u64>) -> Figures {
+pub fn figures(rollups: &sled::Tree, range: Range, now_ms: u64, user: Option<u64>) -> Figures {
     let (hourly, points) = range.shape();
     let unit = if hourly { 3_600_000 } else { 60_000 };
     let last = now_ms / unit * unit;
     let first = last.saturating_sub((points - 1) * unit);
-    let mut buckets = rollup::read(index, hourly, first, last.saturating_add(unit)).into_iter().peekable();
+    let mut buckets = rollup::read(rollups, hourly, first, last.saturating_add(unit)).into_iter().peekable();
     let mut all = Bucket::default();
     let mut series = Vec::with_capacity(points as usize);
     for i in 0..points {
@@ -138,7 +138,7 @@ mod tests {
     fn an_hour_has_sixty_points_and_only_its_users_counts_for_a_user() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::Config::new().path(dir.path()).temporary(true).open().expect("sled");
-        let index = db.open_tree("log_rollup").expect("tree");
+        let rollups = db.open_tree("log_rollup").expect("tree");
         let now = 10 * 3_600_000 + 30 * 60_000;
         let rows: Vec<LogRow> = (0..3)
             .map(|i| LogRow {
@@ -155,17 +155,17 @@ mod tests {
         for (k, b) in rollup::deltas(rows.iter()) {
             batch.insert(&k[..], serde_json::to_vec(&b).expect("json"));
         }
-        index.apply_batch(batch).expect("batch");
-        let all = figures(&index, Range::Hour, now, None);
+        rollups.apply_batch(batch).expect("batch");
+        let all = figures(&rollups, Range::Hour, now, None);
         assert_eq!(all.series.len(), 60);
         assert_eq!(all.totals.sums.requests, 3);
         assert_eq!(all.series.last().map(|p| p.sums.requests), Some(1));
         assert_eq!(all.top_models[0].key, "m");
         assert_eq!(all.top_users[0].key, "1");
-        let one = figures(&index, Range::Hour, now, Some(2));
+        let one = figures(&rollups, Range::Hour, now, Some(2));
         assert_eq!(one.totals.sums.requests, 1);
         assert!(one.top_models.is_empty());
-        let day = figures(&index, Range::Day, now, None);
+        let day = figures(&rollups, Range::Day, now, None);
         assert_eq!((day.series.len(), day.totals.sums.quota), (24, 30));
     }
 }

@@ -199,7 +199,7 @@ fn candidates<'a>(
 /// every matching row: the cursor form, [`page_before`], does not).
 pub fn query(
     logs: &sled::Tree,
-    index: &sled::Tree,
+    rollups: &sled::Tree,
     filter: &LogFilter,
     page: usize,
     per_page: usize,
@@ -207,7 +207,7 @@ pub fn query(
     let mut total = 0usize;
     let mut out = Vec::new();
     let skip = page.saturating_sub(1).saturating_mul(per_page);
-    for row in candidates(logs, index, filter, None) {
+    for row in candidates(logs, rollups, filter, None) {
         if total >= skip && out.len() < per_page {
             out.push(row);
         }
@@ -220,15 +220,28 @@ pub fn query(
 /// whether more follow: as fast on the thousandth page as on the first.
 pub fn page_before(
     logs: &sled::Tree,
-    index: &sled::Tree,
+    rollups: &sled::Tree,
     filter: &LogFilter,
     before: Option<u64>,
     limit: usize,
 ) -> (Vec<LogRow>, bool) {
-    let mut rows: Vec<LogRow> = candidates(logs, index, filter, before).take(limit.saturating_add(1)).collect();
+    let mut rows: Vec<LogRow> = candidates(logs, rollups, filter, before).take(limit.saturating_add(1)).collect();
     let more = rows.len() > limit;
     rows.truncate(limit);
     (rows, more)
+}
+
+/// Everything the `log_rollup` tree derives from `rows` (minute and hour
+/// buckets, hourly id ranges, segments), merged with what `get` reads of
+/// those records: what the writer stores with each batch, and a rebuild
+/// with each chunk.
+pub fn derived<'a, E>(
+    rows: impl Iterator<Item = &'a LogRow> + Clone,
+    mut get: impl FnMut(&[u8]) -> Result<Option<sled::IVec>, E>,
+) -> Result<rollup::Records, E> {
+    let mut out = rollup::changes(rows.clone(), &mut get)?;
+    out.extend(log_segments::changes(rows, get)?);
+    Ok(out)
 }
 
 /// Before the writer starts, build the rollups and segments of a log that
@@ -246,10 +259,7 @@ pub fn ensure_rollups(logs: &sled::Tree, rollups: &sled::Tree) -> anyhow::Result
     let mut chunk: Vec<LogRow> = Vec::with_capacity(10_000);
     let flush = |chunk: &mut Vec<LogRow>| -> anyhow::Result<()> {
         let mut batch = sled::Batch::default();
-        for (key, value) in rollup::changes(chunk.iter(), |k| rollups.get(k))? {
-            batch.insert(&key[..], value);
-        }
-        for (key, value) in log_segments::changes(chunk.iter(), |k| rollups.get(k))? {
+        for (key, value) in derived(chunk.iter(), |k| rollups.get(k))? {
             batch.insert(&key[..], value);
         }
         rollups.apply_batch(batch)?;
@@ -366,49 +376,52 @@ mod tests {
 
     #[test]
     fn rollups_are_built_once_and_pages_walk_back_by_cursor_and_time() {
-        let (_dir, logs, index) = store();
+        let (_dir, logs, rollups) = store();
         for id in 1..=9u64 {
             let r = row(id, 1 + id % 3, if id == 5 { LogKind::Error } else { LogKind::Consume });
             logs.insert(id.to_be_bytes(), serde_json::to_vec(&r).expect("json")).expect("insert");
         }
-        ensure_rollups(&logs, &index).expect("index");
-        ensure_rollups(&logs, &index).expect("a second start changes nothing");
-        let hour = rollup::read(&index, true, 0, 3_600_000);
+        ensure_rollups(&logs, &rollups).expect("rollups");
+        ensure_rollups(&logs, &rollups).expect("a second start changes nothing");
+        let hour = rollup::read(&rollups, true, 0, 3_600_000);
         assert_eq!((hour[0].1.total.requests, hour[0].1.total.errors), (8, 1), "counted once");
 
         let everyone = LogFilter::default();
-        let (first, more) = page_before(&logs, &index, &everyone, None, 4);
+        let (first, more) = page_before(&logs, &rollups, &everyone, None, 4);
         assert_eq!((first.iter().map(|r| r.id).collect::<Vec<_>>(), more), (vec![9, 8, 7, 6], true));
-        let (next, _) = page_before(&logs, &index, &everyone, Some(6), 4);
+        let (next, _) = page_before(&logs, &rollups, &everyone, Some(6), 4);
         assert_eq!(next.iter().map(|r| r.id).collect::<Vec<_>>(), vec![5, 4, 3, 2]);
 
         let user = LogFilter { user_id: Some(1), ..LogFilter::default() };
-        let (rows, more) = page_before(&logs, &index, &user, None, 10);
+        let (rows, more) = page_before(&logs, &rollups, &user, None, 10);
         assert_eq!((rows.iter().map(|r| r.id).collect::<Vec<_>>(), more), (vec![9, 6, 3], false));
         let errors = LogFilter { kind: Some(LogKind::Error), ..LogFilter::default() };
-        assert_eq!(page_before(&logs, &index, &errors, None, 10).0.len(), 1);
+        assert_eq!(page_before(&logs, &rollups, &errors, None, 10).0.len(), 1);
         let both = LogFilter { user_id: Some(2), model: Some("m0".into()), ..LogFilter::default() };
-        assert_eq!(page_before(&logs, &index, &both, None, 10).0.iter().map(|r| r.id).collect::<Vec<_>>(), vec![4]);
-        let (_, total) = query(&logs, &index, &user, 1, 2);
+        assert_eq!(page_before(&logs, &rollups, &both, None, 10).0.iter().map(|r| r.id).collect::<Vec<_>>(), vec![4]);
+        let (_, total) = query(&logs, &rollups, &user, 1, 2);
         assert_eq!(total, 3);
         let window = LogFilter { start_ms: Some(3_000), end_ms: Some(6_000), ..LogFilter::default() };
-        let ids: Vec<u64> = page_before(&logs, &index, &window, None, 10).0.iter().map(|r| r.id).collect();
+        let ids: Vec<u64> = page_before(&logs, &rollups, &window, None, 10).0.iter().map(|r| r.id).collect();
         assert_eq!(ids, vec![5, 4, 3]);
         let later = LogFilter { start_ms: Some(3_600_000), ..LogFilter::default() };
-        assert!(page_before(&logs, &index, &later, None, 10).0.is_empty());
+        assert!(page_before(&logs, &rollups, &later, None, 10).0.is_empty());
     }
 
     #[test]
     fn deleting_old_rows_leaves_the_rest_findable() {
-        let (_dir, logs, index) = store();
+        let (_dir, logs, rollups) = store();
         for id in 1..=4u64 {
             logs.insert(id.to_be_bytes(), serde_json::to_vec(&row(id, 1, LogKind::Consume)).expect("json"))
                 .expect("insert");
         }
-        ensure_rollups(&logs, &index).expect("index");
-        assert_eq!(delete_before(&logs, &index, 3_000).expect("delete"), 2);
+        ensure_rollups(&logs, &rollups).expect("rollups");
+        assert_eq!(delete_before(&logs, &rollups, 3_000).expect("delete"), 2);
         let user = LogFilter { user_id: Some(1), ..LogFilter::default() };
-        assert_eq!(page_before(&logs, &index, &user, None, 10).0.iter().map(|r| r.id).collect::<Vec<_>>(), vec![4, 3]);
+        assert_eq!(
+            page_before(&logs, &rollups, &user, None, 10).0.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![4, 3]
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ const LATENCY_STEP: f64 = 1.2;
 pub struct Bucket {
     /// Totals.
     pub total: Sums,
-    /// Latency histogram of served requests: bucket index → count.
+    /// Latency histogram of served requests: bucket rollups → count.
     pub latency: BTreeMap<u8, u64>,
     /// Per requested model.
     pub models: BTreeMap<String, Sums>,
@@ -205,9 +205,9 @@ pub fn highest_id_before(rollups: &sled::Tree, to_ms: u64) -> Option<u64> {
 
 /// The buckets from `from_ms` (inclusive) to `to_ms` (exclusive), by
 /// their start time in Unix ms.
-pub fn read(index: &sled::Tree, hourly: bool, from_ms: u64, to_ms: u64) -> Vec<(u64, Bucket)> {
+pub fn read(rollups: &sled::Tree, hourly: bool, from_ms: u64, to_ms: u64) -> Vec<(u64, Bucket)> {
     let unit = if hourly { 3_600_000 } else { 60_000 };
-    index
+    rollups
         .range(key(hourly, from_ms)..key(hourly, to_ms))
         .filter_map(|item| {
             let (k, v) = item.ok()?;

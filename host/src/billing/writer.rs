@@ -23,8 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::NotRecorded;
 use super::accounts::{TokenRecord, UserRecord};
 use super::journal::{Change, Entry, Journal};
-use super::logs::{LogKind, LogRow};
-use super::{log_segments, rollup};
+use super::logs::{self, LogKind, LogRow};
 use crate::store::Store;
 
 /// Key of the last committed journal sequence number in `billing_state`.
@@ -410,9 +409,7 @@ fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(
                     Change::Adjust { .. } => {}
                 }
             }
-            let mut derived = rollup::changes(fresh.iter().copied(), |k| r.get(k))?;
-            derived.extend(log_segments::changes(fresh.iter().copied(), |k| r.get(k))?);
-            for (k, v) in derived {
+            for (k, v) in logs::derived(fresh.iter().copied(), |k| r.get(k))? {
                 r.insert(&k[..], v)?;
             }
             for (id, d) in &user_deltas {
