@@ -25,7 +25,7 @@ const LATENCY_STEP: f64 = 1.2;
 pub struct Bucket {
     /// Totals.
     pub total: Sums,
-    /// Latency histogram of served requests: bucket rollups → count.
+    /// Latency histogram of served requests: bucket index → count.
     pub latency: BTreeMap<u8, u64>,
     /// Per requested model.
     pub models: BTreeMap<String, Sums>,
