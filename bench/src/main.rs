@@ -162,10 +162,7 @@ fn main() -> Result<()> {
         return rt.block_on(console_queries::run(&args, args.log_rows));
     }
     if args.swaps > 0 {
-        let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.arg("--serve-mock");
-        let (mock_child, mock_url) = spawn_listening(cmd, "mock listening on ")?;
-        let _mock = ChildGuard(mock_child);
+        let (_mock, mock_url) = start_mock()?;
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         return rt.block_on(hot_swap::run(&args, &mock_url, args.swaps));
     }
@@ -285,11 +282,17 @@ fn serve_mock() -> Result<()> {
     })
 }
 
-async fn http(args: &Args) -> Result<()> {
+/// The mock upstream in a process of its own (this binary, `--serve-mock`);
+/// returns it and its base URL.
+fn start_mock() -> Result<(ChildGuard, String)> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("--serve-mock");
-    let (mock_child, mock_url) = spawn_listening(cmd, "mock listening on ")?;
-    let _mock = ChildGuard(mock_child);
+    let (child, url) = spawn_listening(cmd, "mock listening on ")?;
+    Ok((ChildGuard(child), url))
+}
+
+async fn http(args: &Args) -> Result<()> {
+    let (_mock, mock_url) = start_mock()?;
     let scratch = tempfile::tempdir()?;
     let dir = tempfile::tempdir()?;
     let (gateway, base) = start_gateway(args, dir.path(), &["openai.wasm", "weighted.wasm"], &two_channels(&mock_url))?;
