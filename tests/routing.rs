@@ -316,6 +316,29 @@ async fn affinity_keeps_a_session_on_its_channel_and_cheapest_prefers_the_cheap_
         served.push(body["system_fingerprint"].as_str().unwrap_or_default().to_string());
     }
     assert!(served.windows(2).all(|w| w[0] == w[1]), "{served:?}");
+    // So does `prompt_cache_key`, ahead of `user`: these five users alone
+    // land on several channels, with one cache key on one.
+    let homes_of = |cache_key: Option<&'static str>| {
+        let gw = &gw;
+        async move {
+            let mut served = Vec::new();
+            for i in 0..5 {
+                let mut body = json!({"model": "sticky-model", "user": format!("u-{i}"),
+                    "messages": [{"role": "user", "content": "hi"}]});
+                if let Some(k) = cache_key {
+                    body["prompt_cache_key"] = json!(k);
+                }
+                let (status, body) = post(gw, "/v1/chat/completions", &body).await;
+                assert_eq!(status, 200, "{body}");
+                served.push(body["system_fingerprint"].as_str().unwrap_or_default().to_string());
+            }
+            served.sort();
+            served.dedup();
+            served
+        }
+    };
+    assert!(homes_of(None).await.len() >= 2, "five users on one channel: the check below would prove nothing");
+    assert_eq!(homes_of(Some("cache-7")).await.len(), 1);
     // A session whose channel fails is served elsewhere, not refused.
     let home = in_session(&gw, "sticky-model", "session-0").await;
     let index = ["a", "b", "c"].iter().position(|n| *n == home).expect("a mock");
