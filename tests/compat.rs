@@ -1,7 +1,8 @@
-//! The WIT compatibility promise: components built against
-//! `wasmgate:plugin@0.1.0` and `@0.1.3` (golden builds kept in `tests/fixtures/compat/`,
-//! made before 0.1.1 and 0.1.4 changed the contract) still load and serve on this
-//! host, through wasmtime's semver-compatible import and export matching.
+//! The WIT compatibility promise: components built against every earlier
+//! contract version — `wasmgate:plugin@0.1.0` through `@0.1.4`, golden builds
+//! kept in `tests/fixtures/compat/`, each made from the commit that last
+//! had that version — still load and serve on this host, through
+//! wasmtime's semver-compatible import and export matching.
 
 use crate::support::{Gateway, MockUpstream, admin, channel, chat, load};
 use reqwest::Method;
@@ -58,6 +59,52 @@ async fn plugins_built_against_wit_0_1_0_still_load_and_serve() {
     );
 }
 
+/// Six requests through a round-robin policy take strict turns over two
+/// channels (the policy reads `routing-context.sequence`, added in 0.1.1).
+async fn assert_strict_turns(gw: &Gateway) {
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        let (status, body) = crate::support::post(gw, "/v1/chat/completions", &chat("gpt-4o-mini", "turn")).await;
+        assert_eq!(status, 200, "{body}");
+        order.push(body["system_fingerprint"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(order[..2], order[2..4], "{order:?}");
+    assert_ne!(order[0], order[1], "{order:?}");
+}
+
+/// 0.1.1 added the `routing-context` import: a round-robin policy and an
+/// adapter built against 0.1.1 load and serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugins_built_against_wit_0_1_1_still_load_and_serve() {
+    let m = [MockUpstream::start("a").await, MockUpstream::start("b").await];
+    let golden = [("openai-wit-0.1.1.wasm", "openai.wasm"), ("round-robin-wit-0.1.1.wasm", "round-robin.wasm")];
+    let gw = with_golden(&m, "[routing]\npolicy = \"round-robin\"\n", &["weighted.wasm"], &golden, "0.1.1").await;
+    assert_strict_turns(&gw).await;
+}
+
+/// 0.1.2 added the `auth` export (credential exchange): the openai and
+/// azure adapters built against 0.1.2 load and serve, azure on its own
+/// provider mock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugins_built_against_wit_0_1_2_still_load_and_serve() {
+    let m = [MockUpstream::start("a").await];
+    let providers = crate::support::providers::ProviderMock::start().await;
+    let azure = crate::providers::provider_channel(&providers, "azure");
+    let golden = [("openai-wit-0.1.2.wasm", "openai.wasm"), ("azure-wit-0.1.2.wasm", "azure.wasm")];
+    let gw = with_golden(&m, &azure, &["weighted.wasm"], &golden, "0.1.2").await;
+    let results = load(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "old openai"), 20, 4).await;
+    assert!(results.iter().all(|(s, b)| *s == 200 && b["choices"][0]["message"]["content"] == "echo: old openai"));
+    let expect = crate::providers::expect("azure");
+    let (status, body) = crate::support::post(
+        &gw,
+        "/v1/chat/completions",
+        &chat(expect["model"].as_str().expect("model"), "Hello there"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], expect["text"], "{body}");
+}
+
 /// 0.1.4 added functions to `routing-context`: a policy built against 0.1.3
 /// (importing the older interface) and an adapter built against 0.1.3
 /// (golden builds from before the change) load and serve on this host.
@@ -66,13 +113,40 @@ async fn plugins_built_against_wit_0_1_3_still_load_and_serve() {
     let m = [MockUpstream::start("a").await, MockUpstream::start("b").await];
     let golden = [("openai-wit-0.1.3.wasm", "openai.wasm"), ("round-robin-wit-0.1.3.wasm", "round-robin.wasm")];
     let gw = with_golden(&m, "[routing]\npolicy = \"round-robin\"\n", &["weighted.wasm"], &golden, "0.1.3").await;
-    // The 0.1.3 round-robin reads `routing-context.sequence`: strict turns.
-    let mut order = Vec::new();
-    for _ in 0..6 {
-        let (status, body) = crate::support::post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "turn")).await;
-        assert_eq!(status, 200, "{body}");
-        order.push(body["system_fingerprint"].as_str().unwrap_or_default().to_string());
+    assert_strict_turns(&gw).await;
+}
+
+/// 0.1.5 added the filter world: the affinity policy and the openai
+/// adapter built against 0.1.4 load and serve — one session stays on one
+/// channel while others spread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugins_built_against_wit_0_1_4_still_load_and_serve() {
+    let m = [MockUpstream::start("a").await, MockUpstream::start("b").await];
+    let golden = [("openai-wit-0.1.4.wasm", "openai.wasm"), ("affinity-wit-0.1.4.wasm", "affinity.wasm")];
+    let gw = with_golden(&m, "[routing]\npolicy = \"affinity\"\n", &["weighted.wasm"], &golden, "0.1.4").await;
+    let served_by = |session: String| {
+        let gw = &gw;
+        async move {
+            let resp = crate::support::client()
+                .post(gw.url("/v1/chat/completions"))
+                .bearer_auth(crate::support::TOKEN)
+                .header("x-session-id", session)
+                .json(&chat("gpt-4o-mini", "sticky"))
+                .send()
+                .await
+                .expect("send");
+            let body: serde_json::Value = resp.json().await.expect("json");
+            body["system_fingerprint"].as_str().unwrap_or_default().to_string()
+        }
+    };
+    let mut one = std::collections::HashSet::new();
+    for _ in 0..10 {
+        one.insert(served_by("session-1".into()).await);
     }
-    assert_eq!(order[..2], order[2..4], "{order:?}");
-    assert_ne!(order[0], order[1], "{order:?}");
+    assert_eq!(one.len(), 1, "one session, one channel: {one:?}");
+    let mut many = std::collections::HashSet::new();
+    for i in 0..20 {
+        many.insert(served_by(format!("session-{i}")).await);
+    }
+    assert_eq!(many.len(), 2, "sessions spread over both channels: {many:?}");
 }

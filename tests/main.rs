@@ -10,6 +10,7 @@ mod channels_admin;
 mod compat;
 mod console;
 mod failover;
+mod filters;
 mod hardening_billing;
 mod hardening_config;
 mod hardening_plugins;

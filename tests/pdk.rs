@@ -17,7 +17,7 @@ fn the_vendored_wit_is_the_contract_and_the_kits_say_which() {
     let version =
         package.lines().next().and_then(|l| l.strip_prefix("package wasmgate:plugin@")).expect("package line");
     let version = version.trim_end_matches(';');
-    for kit in ["plugins/pdk", "plugins/pdk-router"] {
+    for kit in ["plugins/pdk", "plugins/pdk-router", "plugins/pdk-filter"] {
         let vendored = root().join(kit).join("wit");
         let mut theirs: Vec<_> =
             std::fs::read_dir(&vendored).expect("vendored wit").map(|e| e.expect("entry").file_name()).collect();
@@ -62,18 +62,20 @@ fn build(crate_dir: &std::path::Path, name: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn plugin_new_scaffolds_an_adapter_and_a_policy_that_build_check_and_serve() {
+async fn plugin_new_scaffolds_an_adapter_a_policy_and_a_filter_that_build_check_and_serve() {
     let dir = tempfile::tempdir().expect("tmp");
     let adapter = scaffold("adapter", "acme-new", dir.path());
     let policy = scaffold("router", "calm-policy", dir.path());
-    let (a, p) = (adapter.clone(), policy.clone());
+    let filter = scaffold("filter", "tag-filter", dir.path());
+    let (a, p, f) = (adapter.clone(), policy.clone(), filter.clone());
     tokio::task::spawn_blocking(move || {
         build(&a, "acme-new");
         build(&p, "calm-policy");
+        build(&f, "tag-filter");
     })
     .await
     .expect("build");
-    for name in ["acme-new", "calm-policy"] {
+    for name in ["acme-new", "calm-policy", "tag-filter"] {
         let file = artifact(&format!("{name}.wasm"));
         let out =
             Command::new(env!("CARGO_BIN_EXE_wasmgate")).args(["plugin", "check"]).arg(&file).output().expect("check");
@@ -83,13 +85,18 @@ async fn plugin_new_scaffolds_an_adapter_and_a_policy_that_build_check_and_serve
     let mock = MockUpstream::start("scaffolded").await;
     let tenant = "settings = { tenant = \"t-42\" }\n";
     let toml = format!(
-        "[routing]\npolicy = \"calm-policy\"\n{}{}",
+        "[routing]\npolicy = \"calm-policy\"\n{}{}\n[[filters]]\nplugin = \"tag-filter\"\nsettings = {{ tag = \"t1\" }}\n",
         channel("one", "acme-new", &mock.base_url(), &["gpt-4o-mini"], tenant),
         channel("two", "acme-new", &mock.base_url(), &["gpt-4o-mini"], tenant)
     );
-    let gw = Gateway::start(&["acme-new.wasm", "calm-policy.wasm", "weighted.wasm"], &toml);
+    let plugins = ["acme-new.wasm", "calm-policy.wasm", "tag-filter.wasm", "weighted.wasm"];
+    let gw = Gateway::start(&plugins, &toml);
     let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "scaffolded")).await;
     assert_eq!(status, 200, "{body}");
+    // The scaffolded filter ran on the answer, and refuses an empty prompt.
+    assert_eq!(body["x_filter_tag"], "t1", "{body}");
+    let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", " ")).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("empty_prompt")), "{body}");
     let headers = mock.state.last_headers.lock().await.clone().expect("upstream headers");
     // The author's code ran: the key moved to `x-api-key`, the tenant header added.
     assert_eq!(headers.get("x-acme-new-tenant").map(|v| v.as_bytes()), Some(&b"t-42"[..]));

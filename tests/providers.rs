@@ -14,14 +14,14 @@ use crate::support::{Gateway, TOKEN, admin, chat, post, run_python};
 
 const PROVIDERS: &[&str] = &["anthropic", "gemini", "baidu", "qwen", "ollama", "azure"];
 
-fn expect(provider: &str) -> Value {
+pub(crate) fn expect(provider: &str) -> Value {
     let path = crate::support::root().join(format!("tests/fixtures/providers/{provider}/expect.json"));
     serde_json::from_slice(&std::fs::read(path).expect("expect.json")).expect("expect JSON")
 }
 
 /// A channel for `provider` on the mock, offering the models its
 /// `expect.json` names.
-fn provider_channel(mock: &ProviderMock, provider: &str) -> String {
+pub(crate) fn provider_channel(mock: &ProviderMock, provider: &str) -> String {
     let e = expect(provider);
     let models: Vec<String> = ["model", "fail_model", "embed_model", "blocked_model"]
         .iter()

@@ -35,6 +35,9 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Routing.
     pub routing: RoutingConfig,
+    /// Traffic filters, each applied to the requests it matches, in order
+    /// (`PUT /api/filters` overrides them; see docs/filters.md).
+    pub filters: Vec<crate::filters::FilterRule>,
     /// Channel health: automatic disabling, cool-downs, recovery probes.
     pub health: HealthConfig,
     /// Prices (one-api's ratios; `PUT /api/pricing` overrides them).
@@ -487,6 +490,7 @@ impl Default for Config {
             plugins: PluginConfig::default(),
             upstream: UpstreamConfig::default(),
             routing: RoutingConfig::default(),
+            filters: Vec::new(),
             health: HealthConfig::default(),
             pricing: crate::billing::pricing::PricingConfig::default(),
             logs: LogConfig::default(),
@@ -565,6 +569,7 @@ const KEYS: &[&str] = &[
     "plugins",
     "upstream",
     "routing",
+    "filters",
     "health",
     "pricing",
     "logs",
@@ -574,6 +579,7 @@ const KEYS: &[&str] = &[
     "responses",
     "metrics",
     "telemetry",
+    "console",
     "secrets_key",
     "channels",
 ];
@@ -628,6 +634,9 @@ impl Config {
         }
         if self.upstream.max_attempts == 0 {
             bail!("upstream.max_attempts must be at least 1");
+        }
+        if let Err((field, message)) = crate::filters::validate(&self.filters) {
+            bail!("{field}: {message}");
         }
         if let Err((field, message)) = self.pricing.validate() {
             bail!("pricing.{field}: {message}");

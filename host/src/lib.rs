@@ -15,6 +15,7 @@ pub mod channels;
 pub mod config;
 pub mod console;
 pub mod error;
+pub mod filters;
 pub mod health;
 pub mod ingress;
 mod lingering;

@@ -69,14 +69,14 @@ enum PluginCommand {
     /// Start a standalone plugin crate: `Cargo.toml` (size-optimised
     /// release profile), a working `src/lib.rs` and a README.
     New {
-        /// `adapter` or `router`.
+        /// `adapter`, `router` or `filter`.
         kind: String,
         /// The plugin's name (its file stem, what channels and policies use).
         name: String,
         /// Where to create the crate's directory.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
-        /// The directory holding the kits (`pdk/`, `pdk-router/`) to depend
+        /// The directory holding the kits (`pdk/`, `pdk-router/`, `pdk-filter/`) to depend
         /// on by path; default: from git.
         #[arg(long)]
         kits: Option<PathBuf>,
@@ -120,10 +120,9 @@ async fn main() -> anyhow::Result<()> {
             let kind = match kind.as_str() {
                 "adapter" => Kind::Adapter,
                 "router" => Kind::Router,
+                "filter" => Kind::Filter,
                 other => {
-                    eprintln!(
-                        "cannot scaffold a `{other}`: kinds are `adapter` and `router` (filters are not in the contract yet)"
-                    );
+                    eprintln!("cannot scaffold a `{other}`: kinds are `adapter`, `router` and `filter`");
                     std::process::exit(2);
                 }
             };

@@ -109,6 +109,7 @@ pub async fn build(config: Config) -> Result<Gateway> {
         "channels loaded"
     );
     let routing = Routing::new(Policies::load(&config.routing, &store)?);
+    let filters = crate::filters::Filters::load(&config.filters, &store)?;
 
     let channels: Arc<dyn ChannelStore> = Arc::new(channels);
     let billing =
@@ -119,6 +120,7 @@ pub async fn build(config: Config) -> Result<Gateway> {
         health: Health::new(config.health.clone(), channels.clone()),
         channels,
         routing,
+        filters,
         upstream: Upstream::new(&config.upstream)?,
         credentials: Credentials::default(),
         token_groups,

@@ -26,6 +26,8 @@ pub struct Inner {
     pub channels: Arc<dyn ChannelStore>,
     /// Routing policies and live channel statistics.
     pub routing: Routing,
+    /// Traffic filter rules.
+    pub filters: crate::filters::Filters,
     /// Channel health transitions.
     pub health: Health,
     /// Users, tokens, prices, quota and usage logs.

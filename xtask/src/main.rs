@@ -90,6 +90,8 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
             .current_dir(root.join("plugins"))
             .args(["test", "--package", "wasmgate-pdk", "--package", "weighted", "--package", "round-robin"])
             .args(["--package", "latency", "--package", "ollama", "--package", "affinity", "--package", "cheapest"])
+            .args(["--package", "wasmgate-pdk-filter", "--package", "block-list", "--package", "pii-redact"])
+            .args(["--package", "prompt-cap"])
             .arg("--target-dir")
             .arg(root.join("target/guest-native")),
     )?;

@@ -28,6 +28,9 @@ const SHIPPED: &[(&str, &str)] = &[
     ("latency", "latency"),
     ("affinity", "affinity"),
     ("cheapest", "cheapest"),
+    ("block_list", "block-list"),
+    ("pii_redact", "pii-redact"),
+    ("prompt_cap", "prompt-cap"),
 ];
 /// Test fixtures: (crate artifact name, file stem).
 const FIXTURES: &[(&str, &str)] = &[
@@ -36,6 +39,7 @@ const FIXTURES: &[(&str, &str)] = &[
     ("pick_last", "pick-last"),
     ("bad_policy", "bad-policy"),
     ("acme", "acme"),
+    ("trap_filter", "trap-filter"),
 ];
 
 /// Build all plugins and fixtures.

@@ -5,6 +5,7 @@ mod auth;
 mod body;
 mod channels_admin;
 mod dashboard;
+mod filters_admin;
 mod gemini;
 mod limits;
 mod logs_admin;
@@ -97,6 +98,7 @@ pub fn app(state: AppState) -> Router {
         .route("/dashboard", get(dashboard::admin))
         .route("/pricing", get(logs_admin::get_pricing).put(logs_admin::put_pricing).delete(logs_admin::reset_pricing))
         .route("/routing", get(routing_admin::get).put(routing_admin::put).delete(routing_admin::reset))
+        .route("/filters", get(filters_admin::get).put(filters_admin::put).delete(filters_admin::reset))
         .route_layer(middleware::from_fn(on_admin_thread))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
     let own = Router::new()

@@ -110,6 +110,13 @@ struct PluginCallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FilterLabels {
+    filter: &'static str,
+    hook: &'static str,
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -149,6 +156,7 @@ pub struct Metrics {
     billing_pending: Gauge,
     billing_batch: Histogram,
     plugin_loads: Family<KindLabels, Counter>,
+    filter_actions: Family<FilterLabels, Counter>,
     instances_idle: Gauge,
     instances_in_use: Gauge,
     billing_last_commit_age: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -226,6 +234,12 @@ impl Metrics {
             "Time the batch writer takes to commit one batch of usage rows and charges",
             billing_batch.clone(),
         );
+        let filter_actions = Family::default();
+        registry.register(
+            "filter_actions",
+            "Filter verdicts by filter, hook (request, response, stream_chunk) and action",
+            filter_actions.clone(),
+        );
         let plugin_loads = Family::default();
         registry.register(
             "plugin_loads",
@@ -281,6 +295,7 @@ impl Metrics {
             billing_pending,
             billing_batch,
             plugin_loads,
+            filter_actions,
             instances_idle,
             instances_in_use,
             billing_last_commit_age,
@@ -421,6 +436,16 @@ impl Metrics {
             return;
         }
         self.plugin_loads.get_or_create(&KindLabels { kind: outcome }).inc();
+    }
+
+    /// Filter `filter` answered `action` (`pass`, `edit`, `refuse`,
+    /// `rewrite`, `drop`, `stop`, `skipped`, `failed`) on `hook`.
+    pub fn filter_action(&self, filter: &str, hook: &'static str, action: &'static str) {
+        if !self.on() {
+            return;
+        }
+        let filter = self.plugins.get(filter);
+        self.filter_actions.get_or_create(&FilterLabels { filter, hook, action }).inc();
     }
 
     /// A recovery probe ended with `outcome`.

@@ -29,6 +29,17 @@ mod gen_ {
             },
         });
     }
+    pub mod filter {
+        wasmtime::component::bindgen!({
+            world: "filter-plugin",
+            path: "../wit",
+            exports: { default: async },
+            with: {
+                "wasmgate:plugin/types": super::adapter::wasmgate::plugin::types,
+                "wasmgate:plugin/log": super::adapter::wasmgate::plugin::log,
+            },
+        });
+    }
     pub mod router {
         wasmtime::component::bindgen!({
             world: "router-plugin",
@@ -57,6 +68,10 @@ pub(crate) use gen_::auth::wasmgate::plugin::credentials::{
 pub(crate) use gen_::auth::{CredentialExchange as AuthWorld, CredentialExchangeIndices as AuthWorldIndices};
 pub use gen_::codec::exports::wasmgate::plugin::stream_codec::Decoded;
 pub(crate) use gen_::codec::{ResumableStream as CodecWorld, ResumableStreamIndices as CodecWorldIndices};
+pub use gen_::filter::exports::wasmgate::plugin::filter::{
+    ChunkAction, ChunkVerdict, FilterContext, FilterInfo, Hook, Refusal, RequestEdit, RequestVerdict, ResponseVerdict,
+};
+pub(crate) use gen_::filter::{FilterPlugin as FilterWorld, FilterPluginIndices as FilterWorldIndices};
 pub use gen_::router::exports::wasmgate::plugin::router::{Candidate, RequestMeta, RouterInfo};
 pub(crate) use gen_::router::wasmgate::plugin::routing_context::Host as RoutingContextHost;
 pub(crate) use gen_::router::{RouterPlugin as RouterWorld, RouterPluginIndices as RouterWorldIndices};

@@ -17,7 +17,8 @@ use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline};
 
 use super::bindings::{
-    AdapterWorld, RouterWorld, add_channel_context_to_linker, add_clock_to_linker, add_credentials_to_linker,
+    AdapterWorld, FilterWorld, RouterWorld, add_channel_context_to_linker, add_clock_to_linker,
+    add_credentials_to_linker,
 };
 use super::state::PluginState;
 use crate::config::PluginConfig;
@@ -50,6 +51,7 @@ pub struct PluginEngine {
     pub(crate) engine: Engine,
     pub(crate) adapter_linker: Linker<PluginState>,
     pub(crate) router_linker: Linker<PluginState>,
+    pub(crate) filter_linker: Linker<PluginState>,
     pub(crate) config: PluginConfig,
     memory_bytes: usize,
     /// Instances kept idle for reuse, over all plugins.
@@ -113,11 +115,16 @@ impl PluginEngine {
         wasmtime_wasi::p2::add_to_linker_async(&mut router_linker).map_err(wasm_err)?;
         RouterWorld::add_to_linker::<_, HasSelf<PluginState>>(&mut router_linker, |s| s).map_err(wasm_err)?;
 
+        let mut filter_linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut filter_linker).map_err(wasm_err)?;
+        FilterWorld::add_to_linker::<_, HasSelf<PluginState>>(&mut filter_linker, |s| s).map_err(wasm_err)?;
+
         spawn_epoch_ticker(engine.weak());
         Ok(Arc::new(Self {
             engine,
             adapter_linker,
             router_linker,
+            filter_linker,
             config: config.clone(),
             memory_bytes,
             idle: std::sync::atomic::AtomicUsize::new(0),

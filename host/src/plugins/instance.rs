@@ -71,7 +71,7 @@ pub(crate) struct Instances<B> {
 
 /// The calls made through `plugin_call!`, in the order of
 /// [`Instances::metrics`].
-const CALLS: [&str; 9] = [
+const CALLS: [&str; 12] = [
     "info",
     "build_request",
     "parse_response",
@@ -81,6 +81,9 @@ const CALLS: [&str; 9] = [
     "parse_exchange",
     "health_probe",
     "select",
+    "on_request",
+    "on_response",
+    "on_stream_chunk",
 ];
 
 impl<B: Send + 'static> Instances<B> {

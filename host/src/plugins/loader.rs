@@ -10,13 +10,14 @@ use sha2::{Digest, Sha256};
 use super::adapter::AdapterPlugin;
 use super::cache::{Artifact, ArtifactCache};
 use super::engine::PluginEngine;
+use super::filter::FilterPlugin;
 use super::router::RouterPlugin;
 
 /// The WIT package plugins implement.
 pub const WIT_PACKAGE: &str = "wasmgate:plugin";
 /// The WIT version this host implements. Plugins built against any
 /// `0.1.z` load; other versions are refused with a clear message.
-pub const WIT_VERSION: &str = "0.1.4";
+pub const WIT_VERSION: &str = "0.1.5";
 
 /// Which world a plugin implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -26,6 +27,8 @@ pub enum PluginKind {
     Adapter,
     /// `router-plugin`: a routing policy.
     Router,
+    /// `filter-plugin` (since 0.1.5): a traffic filter.
+    Filter,
 }
 
 /// A plugin that passed validation.
@@ -34,6 +37,8 @@ pub enum LoadedPlugin {
     Adapter(Arc<AdapterPlugin>),
     /// A routing policy.
     Router(Arc<RouterPlugin>),
+    /// A traffic filter.
+    Filter(Arc<FilterPlugin>),
 }
 
 /// Load results besides the plugin itself.
@@ -52,6 +57,7 @@ impl LoadedPlugin {
         match self {
             Self::Adapter(_) => PluginKind::Adapter,
             Self::Router(_) => PluginKind::Router,
+            Self::Filter(_) => PluginKind::Filter,
         }
     }
 }
@@ -94,12 +100,15 @@ fn detect_world(
         let kind = match iface {
             "adapter" => PluginKind::Adapter,
             "router" => PluginKind::Router,
+            "filter" => PluginKind::Filter,
             _ => continue,
         };
         found = Some((kind, version.to_string()));
     }
     let (kind, version) = found.ok_or_else(|| {
-        format!("component exports neither {WIT_PACKAGE}/adapter nor {WIT_PACKAGE}/router (wrong world)")
+        format!(
+            "component exports none of {WIT_PACKAGE}/adapter, {WIT_PACKAGE}/router, {WIT_PACKAGE}/filter (wrong world)"
+        )
     })?;
     if !version_compatible(&version) {
         return Err(format!(
@@ -177,6 +186,16 @@ pub async fn finish(
                 .await
                 .map_err(|e| format!("info() failed: {e}"))?;
             LoadedPlugin::Router(Arc::new(plugin))
+        }
+        PluginKind::Filter => {
+            let pre = engine
+                .filter_linker
+                .instantiate_pre(&artifact.component)
+                .map_err(|e| format!("does not match the filter-plugin world: {e:#}"))?;
+            let plugin = FilterPlugin::new(name, sha256, pre, engine.clone())
+                .await
+                .map_err(|e| format!("info() failed: {e}"))?;
+            LoadedPlugin::Filter(Arc::new(plugin))
         }
     };
     let from_cache = artifact.from_cache;

@@ -8,6 +8,7 @@ pub mod check;
 mod compile;
 mod engine;
 mod error;
+mod filter;
 mod instance;
 mod loader;
 mod registry;
@@ -22,10 +23,14 @@ pub use bindings::{
     ChannelView, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, LogLevel, RequestContext,
     UpstreamError, Usage,
 };
+pub use bindings::{
+    ChunkAction, ChunkVerdict, FilterContext, FilterInfo, Hook, Refusal, RequestEdit, RequestVerdict, ResponseVerdict,
+};
 pub use cache::ArtifactCache;
 pub use compile::{Compiler, compile_child};
 pub use engine::{CallBudget, PluginEngine};
 pub use error::PluginError;
+pub use filter::{FilterPlugin, MAX_FILTER_STATE};
 pub use loader::{
     LoadReport, LoadedPlugin, PluginKind, WIT_PACKAGE, WIT_VERSION, load, sha256_hex, valid_name as valid_plugin_name,
 };

@@ -14,16 +14,19 @@ use serde::Serialize;
 use super::adapter::AdapterPlugin;
 use super::cache::ArtifactCache;
 use super::engine::PluginEngine;
+use super::filter::FilterPlugin;
 use super::loader::{self, LoadedPlugin, PluginKind};
 use super::router::RouterPlugin;
 
 /// Every plugin in service at one instant.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct PluginSet {
     /// Provider adapters by name.
     pub adapters: HashMap<String, Arc<AdapterPlugin>>,
     /// Routing policies by name.
     pub routers: HashMap<String, Arc<RouterPlugin>>,
+    /// Traffic filters by name.
+    pub filters: HashMap<String, Arc<FilterPlugin>>,
 }
 
 impl PluginSet {
@@ -32,6 +35,8 @@ impl PluginSet {
             Some(PluginKind::Adapter)
         } else if self.routers.contains_key(name) {
             Some(PluginKind::Router)
+        } else if self.filters.contains_key(name) {
+            Some(PluginKind::Filter)
         } else {
             None
         }
@@ -43,7 +48,7 @@ impl PluginSet {
 pub struct PluginStatus {
     /// Plugin name (file stem).
     pub name: String,
-    /// `adapter` or `router`; absent when the file never loaded.
+    /// `adapter`, `router` or `filter`; absent when the file never loaded.
     pub kind: Option<PluginKind>,
     /// Version reported by the plugin's `info()`.
     pub version: Option<String>,
@@ -142,7 +147,11 @@ impl Registry {
     pub fn list(&self) -> Vec<PluginStatus> {
         let set = self.snapshot();
         let counts = |name: &str| {
-            set.adapters.get(name).map(|a| a.call_counts()).or_else(|| set.routers.get(name).map(|r| r.call_counts()))
+            set.adapters
+                .get(name)
+                .map(|a| a.call_counts())
+                .or_else(|| set.routers.get(name).map(|r| r.call_counts()))
+                .or_else(|| set.filters.get(name).map(|f| f.call_counts()))
         };
         let mut list: Vec<PluginStatus> = lock(&self.statuses).values().cloned().collect();
         for status in &mut list {
@@ -260,11 +269,13 @@ impl Registry {
             .adapters
             .get(name)
             .map(|a| (a.sha256.clone(), Retired::Adapter(a.clone())))
-            .or_else(|| current.routers.get(name).map(|r| (r.sha256.clone(), Retired::Router(r.clone()))));
+            .or_else(|| current.routers.get(name).map(|r| (r.sha256.clone(), Retired::Router(r.clone()))))
+            .or_else(|| current.filters.get(name).map(|f| (f.sha256.clone(), Retired::Filter(f.clone()))));
         if let Some((sha, old)) = &removed {
-            let mut next = PluginSet { adapters: current.adapters.clone(), routers: current.routers.clone() };
+            let mut next = current.as_ref().clone();
             next.adapters.remove(name);
             next.routers.remove(name);
+            next.filters.remove(name);
             self.current.store(Arc::new(next));
             old.retire();
             self.cache.forget(&self.engine, sha);
@@ -298,7 +309,7 @@ impl Registry {
         });
         match result {
             Ok(report) => {
-                let mut next = PluginSet { adapters: current.adapters.clone(), routers: current.routers.clone() };
+                let mut next = current.as_ref().clone();
                 let (version, description, replaced) = match &report.plugin {
                     LoadedPlugin::Adapter(a) => {
                         let old = next.adapters.insert(name.to_string(), a.clone()).map(Retired::Adapter);
@@ -307,6 +318,10 @@ impl Registry {
                     LoadedPlugin::Router(r) => {
                         let old = next.routers.insert(name.to_string(), r.clone()).map(Retired::Router);
                         (r.info.version.clone(), r.info.description.clone(), old)
+                    }
+                    LoadedPlugin::Filter(f) => {
+                        let old = next.filters.insert(name.to_string(), f.clone()).map(Retired::Filter);
+                        (f.info.version.clone(), f.info.description.clone(), old)
                     }
                 };
                 self.current.store(Arc::new(next));
@@ -354,6 +369,7 @@ impl Registry {
 enum Retired {
     Adapter(Arc<AdapterPlugin>),
     Router(Arc<RouterPlugin>),
+    Filter(Arc<FilterPlugin>),
 }
 
 impl Retired {
@@ -362,6 +378,7 @@ impl Retired {
         match self {
             Self::Adapter(a) => a.retire(),
             Self::Router(r) => r.retire(),
+            Self::Filter(f) => f.retire(),
         }
     }
 
@@ -369,6 +386,7 @@ impl Retired {
         match self {
             Self::Adapter(a) => &a.sha256,
             Self::Router(r) => &r.sha256,
+            Self::Filter(f) => &f.sha256,
         }
     }
 }

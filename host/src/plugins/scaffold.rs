@@ -1,9 +1,10 @@
-//! `wasmgate plugin new adapter|router NAME`: a standalone plugin crate to
+//! `wasmgate plugin new adapter|router|filter NAME`: a standalone plugin crate to
 //! start from — a `Cargo.toml` with the size-optimised release profile and
 //! its own `[workspace]`, a working `src/lib.rs` (for an adapter, the
 //! repository's template crate renamed), and a README with the build
 //! commands. It depends on the kits by path (`--kits DIR`, the
-//! directory holding `pdk/` and `pdk-router/`) or, by default, from git.
+//! directory holding `pdk/`, `pdk-router/` and `pdk-filter/`) or, by
+//! default, from git.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,8 @@ pub enum Kind {
     Adapter,
     /// A routing policy (`wasmgate-pdk-router`).
     Router,
+    /// A traffic filter (`wasmgate-pdk-filter`).
+    Filter,
 }
 
 const GIT: &str = "https://github.com/wasmgate/wasmgate";
@@ -53,6 +56,47 @@ impl Router for Plugin {
 wasmgate_pdk_router::export_router!(Plugin);
 "#;
 
+const FILTER_LIB: &str = r#"//! `{name}`: a traffic filter. It refuses requests whose prompt is empty
+//! and tags answers; settings of the rule: `{"tag": "…"}`.
+
+use wasmgate_pdk_filter::serde_json::{self, Value};
+use wasmgate_pdk_filter::{
+    Filter, FilterContext, FilterInfo, Hook, RequestVerdict, ResponseVerdict, prompt_text, refuse, settings,
+};
+
+struct Plugin;
+
+impl Filter for Plugin {
+    fn info() -> FilterInfo {
+        FilterInfo {
+            name: "{name}".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            description: "refuses empty prompts; tags answers".into(),
+            hooks: vec![Hook::Request, Hook::Response],
+        }
+    }
+
+    fn on_request(_ctx: &FilterContext, body: Vec<u8>) -> RequestVerdict {
+        let Ok(value) = serde_json::from_slice::<Value>(&body) else { return RequestVerdict::Pass };
+        if prompt_text(&value).trim().is_empty() {
+            return RequestVerdict::Refuse(refuse(400, "empty_prompt", "The prompt is empty."));
+        }
+        RequestVerdict::Pass
+    }
+
+    fn on_response(ctx: &FilterContext, body: Vec<u8>) -> ResponseVerdict {
+        let Some(tag) = settings(ctx).get("tag").and_then(Value::as_str).map(str::to_owned) else {
+            return ResponseVerdict::Pass;
+        };
+        let Ok(mut answer) = serde_json::from_slice::<Value>(&body) else { return ResponseVerdict::Pass };
+        answer["x_filter_tag"] = Value::String(tag);
+        ResponseVerdict::Rewrite(serde_json::to_vec(&answer).unwrap_or(body))
+    }
+}
+
+wasmgate_pdk_filter::export_filter!(Plugin);
+"#;
+
 fn cargo_toml(name: &str, kit: &str, dependency: &str) -> String {
     format!(
         "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
@@ -68,6 +112,7 @@ fn readme(name: &str, kind: Kind) -> String {
     let what = match kind {
         Kind::Adapter => "provider adapter",
         Kind::Router => "routing policy",
+        Kind::Filter => "traffic filter",
     };
     format!(
         "# {name}\n\nA wasmgate {what}.\n\n```sh\nrustup target add wasm32-wasip2\n\
@@ -88,8 +133,8 @@ fn valid(name: &str) -> bool {
 }
 
 /// Write the crate `name` of `kind` into `dir/name` (or `dir` itself when
-/// it is empty or missing); `kits`: the directory holding `pdk/` and
-/// `pdk-router/`. Returns the crate's directory.
+/// it is empty or missing); `kits`: the directory holding `pdk/`,
+/// `pdk-router/` and `pdk-filter/`. Returns the crate's directory.
 pub fn scaffold(kind: Kind, name: &str, dir: &Path, kits: Option<&Path>) -> Result<PathBuf> {
     if !valid(name) {
         bail!("`{name}` is not a plugin name: lower-case letters, digits and `-`, starting with a letter");
@@ -101,6 +146,7 @@ pub fn scaffold(kind: Kind, name: &str, dir: &Path, kits: Option<&Path>) -> Resu
     let (kit, subdir, lib) = match kind {
         Kind::Adapter => ("wasmgate-pdk", "pdk", ADAPTER_LIB.replace("Acme", "Plugin").replace("acme", name)),
         Kind::Router => ("wasmgate-pdk-router", "pdk-router", ROUTER_LIB.replace("{name}", name)),
+        Kind::Filter => ("wasmgate-pdk-filter", "pdk-filter", FILTER_LIB.replace("{name}", name)),
     };
     let dependency = match kits {
         Some(kits) => {
@@ -133,5 +179,8 @@ mod tests {
         let adapter = scaffold(Kind::Adapter, "my-provider", dir.path(), None).expect("scaffold");
         let lib = std::fs::read_to_string(adapter.join("src/lib.rs")).expect("lib");
         assert!(lib.contains("name: \"my-provider\"") && lib.contains("x-my-provider-tenant") && !lib.contains("acme"));
+        let filter = scaffold(Kind::Filter, "my-filter", dir.path(), None).expect("scaffold");
+        let lib = std::fs::read_to_string(filter.join("src/lib.rs")).expect("lib");
+        assert!(lib.contains("name: \"my-filter\"") && lib.contains("export_filter!"));
     }
 }

@@ -26,6 +26,7 @@ use crate::billing::{AttemptInfo, Caller, Ending, Meter, storage_unavailable};
 use crate::channels::{Channel, KeyView};
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
+use crate::filters::{Chain, RequestFacts};
 use crate::health::Fault;
 use crate::plugins::{Affinity, AffinityCaller, ErrorKind, PluginError, PluginSet, RequestContext, UpstreamError};
 use crate::routing::{ChannelStats, InFlight, RouteRequest, candidates, unavailable};
@@ -136,6 +137,11 @@ async fn relay_attempts(
 ) -> Result<Response, ApiError> {
     let group: &str = &caller.group;
     let plugins = state.registry.snapshot();
+    let filters = state.filters.chain(&plugins, filter_facts(&req, caller), state);
+    let (req, filter_headers) = match &filters {
+        Some(chain) => filtered_request(chain, req).await?,
+        None => (req, Vec::new()),
+    };
     let channels = state.channels.snapshot();
     let candidates = candidates(&channels, &plugins, group, &req.model);
     if candidates.is_empty() {
@@ -197,6 +203,8 @@ async fn relay_attempts(
             info: info.clone(),
             tag: key_tag(channel, key_view.index),
             waited,
+            filters: filters.as_ref(),
+            filter_headers: &filter_headers,
         };
         let metrics = crate::metrics::get();
         let span = tracing::debug_span!(target: "wasmgate::attempt", "attempt", otel.name = "attempt",
@@ -327,6 +335,46 @@ struct Attempt<'a> {
     tag: u64,
     /// Nanoseconds spent waiting for upstreams, summed over attempts.
     waited: &'a AtomicU64,
+    /// The request's filters, when any apply.
+    filters: Option<&'a Arc<Chain>>,
+    /// Headers the request filters add to the upstream request.
+    filter_headers: &'a [crate::plugins::Header],
+}
+
+/// What the filters of `req`'s chain know about it.
+fn filter_facts(req: &ClientRequest, caller: &Caller) -> RequestFacts {
+    RequestFacts {
+        endpoint: req.endpoint,
+        route: req.route,
+        model: req.model.clone(),
+        group: caller.group.to_string(),
+        stream: req.stream,
+        request_id: req.request_id.clone(),
+        user_id: caller.account.as_ref().map(|a| a.user_id),
+        token_id: caller.account.as_ref().map(|a| a.token.id),
+    }
+}
+
+/// `req` after the request filters of `chain`, and the headers they add
+/// upstream. A changed body is validated again like the client's; it may
+/// name another model but not turn a stream into an answer or back.
+async fn filtered_request(
+    chain: &Chain,
+    req: ClientRequest,
+) -> Result<(ClientRequest, Vec<crate::plugins::Header>), ApiError> {
+    let outcome = chain.on_request(&req.body).await?;
+    let Some(body) = outcome.body else { return Ok((req, outcome.headers)) };
+    let parsed = ClientRequest::parse(req.endpoint, bytes::Bytes::from(body)).map_err(|e| {
+        tracing::warn!(error = %e.message, "a request filter produced an invalid request");
+        ApiError::plugin()
+    })?;
+    if parsed.stream != req.stream {
+        tracing::warn!("a request filter changed the request's stream flag");
+        return Err(ApiError::plugin());
+    }
+    let session = req.session.clone().or(parsed.session.clone());
+    let filtered = ClientRequest { route: req.route, session, ..parsed.with_id(req.request_id) };
+    Ok((filtered, outcome.headers))
 }
 
 /// Try `a.channel`. On success the meter is settled (non-streamed) or moved
@@ -337,7 +385,7 @@ async fn attempt(
     in_flight: InFlight,
     meter: &mut Option<Meter>,
 ) -> Result<Response, Failure> {
-    let Attempt { state, plugins, channel, req, stats, info, tag, waited } = a;
+    let Attempt { state, plugins, channel, req, stats, info, tag, waited, filters, filter_headers } = a;
     let wait = |since: Instant| {
         waited.fetch_add(u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
     };
@@ -374,6 +422,7 @@ async fn attempt(
     let settings: Option<Arc<str>> = Some(Arc::from(view.settings.as_str()));
     let upstream = &state.upstream;
     let mut upstream_req = upstream_req;
+    upstream_req.headers.extend_from_slice(filter_headers);
     if crate::telemetry::traces_on() {
         crate::telemetry::attribute("gen_ai.response.model", ctx.upstream_model.clone());
     }
@@ -404,7 +453,8 @@ async fn attempt(
     }
     if req.stream {
         let decoder = adapter.stream_decoder(tag, &ctx, settings).await.map_err(|e| plugin_failure(state, &e))?;
-        let live = stream::LiveStream::new(state, response, decoder, channel.clone(), stats.clone(), in_flight);
+        let mut live = stream::LiveStream::new(state, response, decoder, channel.clone(), stats.clone(), in_flight);
+        live.filter_chunks(filters.filter(|c| c.filters_chunks()).cloned());
         return stream_response(live, started, meter, info).await;
     }
     let reading = Instant::now();
@@ -436,7 +486,11 @@ async fn attempt(
                     return Err(Failure::Final(storage_unavailable()));
                 }
             }
-            let mut response = Response::new(Body::from(parsed.body));
+            let body = match filters {
+                Some(chain) => chain.on_response(parsed.body).await.map_err(Failure::Final)?,
+                None => parsed.body,
+            };
+            let mut response = Response::new(Body::from(body));
             response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             Ok(response)
         }

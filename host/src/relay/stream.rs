@@ -25,6 +25,7 @@ use crate::billing::tokenize::{GeneratedText, generated_text};
 use crate::billing::{Ending, Meter};
 use crate::channels::Channel;
 use crate::error::ApiError;
+use crate::filters::{Chain, ChunkOutcome};
 use crate::health::Fault;
 use crate::plugins::{AdapterResult, AdapterStream, ErrorKind, PluginError, StreamEvents, Usage};
 use crate::routing::{ChannelStats, InFlight};
@@ -110,6 +111,10 @@ pub(crate) struct LiveStream {
     /// Time to first token.
     pub ttft: Option<Duration>,
     ending: Ending,
+    /// The request's filters that look at chunks, and each one's state.
+    filters: Option<(Arc<Chain>, Vec<Vec<u8>>)>,
+    /// A filter stopped the stream (or failed closed): the error ending it.
+    stopped: Option<ApiError>,
 }
 
 impl LiveStream {
@@ -140,7 +145,37 @@ impl LiveStream {
             meter: None,
             ttft: None,
             ending: Ending::default(),
+            filters: None,
+            stopped: None,
         }
+    }
+
+    /// Run every chunk through `chain`'s chunk filters.
+    pub fn filter_chunks(&mut self, chain: Option<Arc<Chain>>) {
+        self.filters = chain.map(|c| {
+            let states = c.stream_states();
+            (c, states)
+        });
+    }
+
+    /// The decoder's chunks after the chunk filters: rewritten, dropped, or
+    /// cut where a filter stopped the stream (what follows is not sent).
+    async fn filtered(&mut self, result: AdapterResult<StreamEvents>) -> AdapterResult<StreamEvents> {
+        let Some((chain, states)) = &mut self.filters else { return result };
+        let Ok(Ok(mut events)) = result else { return result };
+        let mut kept = Vec::with_capacity(events.chunks.len());
+        for chunk in std::mem::take(&mut events.chunks) {
+            match chain.on_chunk(chunk, states).await {
+                Ok(ChunkOutcome::Send(chunk)) => kept.push(chunk),
+                Ok(ChunkOutcome::Drop) => {}
+                Ok(ChunkOutcome::Stop(err)) | Err(err) => {
+                    self.stopped = Some(err);
+                    break;
+                }
+            }
+        }
+        events.chunks = kept;
+        Ok(Ok(events))
     }
 
     /// Whether the bill needs the generated text (no usage reported yet,
@@ -177,7 +212,11 @@ impl LiveStream {
         if events.usage.is_some() {
             self.usage = events.usage;
         }
-        if let Some(e) = events.error {
+        if let Some(err) = self.stopped.take() {
+            // A filter ended the stream: not the upstream's fault.
+            out.early_error = Some(err);
+            out.end = true;
+        } else if let Some(e) = events.error {
             out.early_error = Some(client_error(&e, &self.channel));
             out.early_kind = Some(e.kind);
             out.end = true;
@@ -215,10 +254,12 @@ impl LiveStream {
                     return self.limit("stream_too_large", "The stream reached the gateway's length limit.");
                 }
                 let r = self.decoder.feed(&bytes).await;
+                let r = self.filtered(r).await;
                 self.frames(r, false)
             }
             None => {
                 let r = self.decoder.finish().await;
+                let r = self.filtered(r).await;
                 self.frames(r, true)
             }
         }

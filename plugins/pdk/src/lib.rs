@@ -1,7 +1,7 @@
 //! # wasmgate-pdk — write a wasmgate provider adapter in a page of Rust
 //!
 //! A provider adapter is a WebAssembly component implementing the
-//! `wasmgate:plugin/adapter@0.1.4` interface (see `wit/adapter.wit`). This
+//! `wasmgate:plugin/adapter@0.1.5` interface (see `wit/adapter.wit`). This
 //! crate hides the generated bindings: implement [`Adapter`] (and a
 //! [`StreamDecoder`]) on a type and register it with [`export_adapter!`].
 //! The component also exports `stream-codec` (see `wit/stream.wit`): the
@@ -56,10 +56,10 @@ pub use bindings::wasmgate::plugin::types::{
 };
 
 /// The version of the WIT contract this kit implements.
-pub const WIT_VERSION: &str = "0.1.4";
+pub const WIT_VERSION: &str = "0.1.5";
 
 /// The contract this kit implements, as the host names it.
-pub const CONTRACT: &str = "wasmgate:plugin@0.1.4";
+pub const CONTRACT: &str = "wasmgate:plugin@0.1.5";
 
 // What adapters need besides the kit, re-exported so that an author's crate
 // depends on the kit alone (and on the same versions).

@@ -6,8 +6,11 @@
 //! `info()` claims (see `adapter_cases.rs`), plus, with `--fixtures DIR`,
 //! the provider's recorded examples. Routing policies get index validity,
 //! determinism under a fixed seed and time per call (`router_cases.rs`).
+//! Filters get every declared hook on the shapes clients send
+//! (`filter_cases.rs`).
 
 mod adapter_cases;
+mod filter_cases;
 mod router_cases;
 
 use std::fmt;
@@ -34,7 +37,7 @@ pub struct Case {
 pub struct Report {
     /// The file checked.
     pub file: String,
-    /// `adapter` or `router`, once loaded.
+    /// `adapter`, `router` or `filter`, once loaded.
     pub kind: Option<&'static str>,
     /// WIT version the component was built against.
     pub wit_version: String,
@@ -151,6 +154,13 @@ pub async fn conformance(plugin: &LoadedPlugin, fixtures: Option<&Path>, mut rep
             report.version = router.info.version.clone();
             report.sha256 = router.sha256.clone();
             router_cases::run(router, &mut report).await;
+        }
+        LoadedPlugin::Filter(filter) => {
+            report.kind = Some("filter");
+            report.name = filter.info.name.clone();
+            report.version = filter.info.version.clone();
+            report.sha256 = filter.sha256.clone();
+            filter_cases::run(filter, fixtures, &mut report).await;
         }
     }
     report
