@@ -23,6 +23,7 @@ mod hot_swap;
 mod ingress;
 mod observability;
 mod openai_sdk;
+mod other_languages;
 mod pdk;
 mod plugin_check;
 mod providers;

@@ -65,6 +65,10 @@ enum PluginCommand {
         /// `stream.sse` or `stream.ndjson`, `error.json`) to run as well.
         #[arg(long)]
         fixtures: Option<PathBuf>,
+        /// A gateway's compiled-plugin cache (`[plugins] cache_dir`): take
+        /// the compiled code from it when there, add it when not.
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
     },
     /// Start a standalone plugin crate: `Cargo.toml` (size-optimised
     /// release profile), a working `src/lib.rs` and a README.
@@ -110,8 +114,8 @@ async fn main() -> anyhow::Result<()> {
         drop(wasmgate::telemetry::init(json_logs, &wasmgate::config::TelemetryConfig::default()));
     }
     match &cli.command {
-        Some(Command::Plugin { command: PluginCommand::Check { file, fixtures } }) => {
-            let report = wasmgate::plugins::check::check_file(file, fixtures.as_deref()).await;
+        Some(Command::Plugin { command: PluginCommand::Check { file, fixtures, cache_dir } }) => {
+            let report = wasmgate::plugins::check::check_file(file, fixtures.as_deref(), cache_dir.as_deref()).await;
             println!("{report}");
             std::process::exit(if report.passed() { 0 } else { 1 });
         }

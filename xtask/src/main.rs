@@ -2,6 +2,8 @@
 //!
 //! - `cargo xtask plugins`   build the wasm plugins into `plugins/*.wasm`
 //!   (and the test fixtures into `target/wasm-fixtures/`)
+//! - `cargo xtask examples`  build the Python adapter and JavaScript filter
+//!   in `examples/` (componentize-py, componentize-js) into `target/wasm-fixtures/`
 //! - `cargo xtask test`      set everything up and run the whole test suite
 //! - `cargo xtask run [ARGS]` build the plugins and run the gateway (release)
 //! - `cargo xtask bench`     run the loopback benchmark harness (installs wrk
@@ -9,6 +11,7 @@
 
 mod cargo_component;
 mod componentize;
+mod examples;
 mod plugins;
 mod python;
 mod standalone;
@@ -24,6 +27,9 @@ fn main() -> Result<()> {
     let root = workspace_root();
     match args.first().map(String::as_str) {
         Some("plugins") => plugins::build_all(&root),
+        Some("examples") => examples::build_all(&root, &python::ensure_venv(&root)?).map(|built| {
+            built.iter().for_each(|p| eprintln!("xtask: built {}", p.display()));
+        }),
         Some("test") => test(&root, &args[1..]),
         Some("run") => run(&root, forwarded(&args[1..])),
         Some("bench") => bench(&root, forwarded(&args[1..])),
@@ -32,7 +38,7 @@ fn main() -> Result<()> {
             standalone::build_crate(&root, std::path::Path::new(&args[1]), std::path::Path::new(&args[2]))
         }
         _ => {
-            eprintln!("usage: cargo xtask <plugins|test|run|bench|component CRATE_DIR OUT.wasm> [args]");
+            eprintln!("usage: cargo xtask <plugins|examples|test|run|bench|component CRATE_DIR OUT.wasm> [args]");
             std::process::exit(2);
         }
     }
@@ -106,6 +112,8 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     ]))?;
     step("python SDKs (openai, anthropic, google-genai) and playwright");
     let python = python::ensure_venv(root)?;
+    step("plugins in other languages (componentize-py, componentize-js)");
+    examples::build_all(root, &python)?;
     step("prometheus and chromium");
     // The observability test scrapes the gateway with a real Prometheus;
     // the console test drives a real headless Chromium.
@@ -128,7 +136,7 @@ fn run(root: &Path, extra: &[String]) -> Result<()> {
 
 /// Install, from Debian's packages, every `(binary, package)` whose binary
 /// is not on the PATH (`what` names them in the log).
-fn ensure_packages(what: &str, wanted: &[(&str, &str)]) -> Result<()> {
+pub(crate) fn ensure_packages(what: &str, wanted: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(bin, _)| {

@@ -1,7 +1,8 @@
 //! A Python virtual environment with the official `openai`, `anthropic`
 //! and `google-genai` SDKs, used by the tests that check compatibility with
-//! real clients, and Playwright, which drives Debian's Chromium through the
-//! console (it never downloads a browser of its own).
+//! real clients, Playwright, which drives Debian's Chromium through the
+//! console (it never downloads a browser of its own), and componentize-py,
+//! which builds the Python adapter of `examples/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,8 +10,13 @@ use std::process::Command;
 use anyhow::Result;
 
 /// The SDK version ranges the tests are written against.
-const REQUIREMENTS: [&str; 4] =
-    ["openai>=1.40,<4", "anthropic>=0.40,<1", "google-genai>=1.0,<2", "playwright>=1.40,<2"];
+const REQUIREMENTS: [&str; 5] = [
+    "openai>=1.40,<4",
+    "anthropic>=0.40,<1",
+    "google-genai>=1.0,<2",
+    "playwright>=1.40,<2",
+    crate::examples::COMPONENTIZE_PY,
+];
 
 /// Create `target/py-venv` with the SDKs; returns its python.
 pub fn ensure_venv(root: &Path) -> Result<PathBuf> {
@@ -30,7 +36,7 @@ pub fn ensure_venv(root: &Path) -> Result<PathBuf> {
         }
     }
     let has_sdk = Command::new(&python)
-        .args(["-c", "import openai, anthropic, google.genai, playwright"])
+        .args(["-c", "import openai, anthropic, google.genai, playwright, componentize_py"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_sdk {

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ArtifactCache, LoadedPlugin, PluginEngine, WIT_PACKAGE, load};
+use super::{ArtifactCache, Compiler, LoadedPlugin, PluginEngine, WIT_PACKAGE, load};
 use crate::config::PluginConfig;
 
 /// One conformance case and its outcome.
@@ -97,8 +97,10 @@ impl fmt::Display for Report {
 }
 
 /// Check the component in `file`; `fixtures` optionally holds the provider's
-/// recorded examples (`chat.json`, `stream.sse`/`stream.ndjson`, `error.json`).
-pub async fn check_file(file: &Path, fixtures: Option<&Path>) -> Report {
+/// recorded examples (`chat.json`, `stream.sse`/`stream.ndjson`, `error.json`);
+/// `cache_dir`, a gateway's compiled-plugin cache to take the compiled code
+/// from (and add it to), as the hot-swap path does.
+pub async fn check_file(file: &Path, fixtures: Option<&Path>, cache_dir: Option<&Path>) -> Report {
     let mut report = Report { file: file.display().to_string(), ..Report::default() };
     let bytes = match std::fs::read(file) {
         Ok(b) => b,
@@ -115,17 +117,22 @@ pub async fn check_file(file: &Path, fixtures: Option<&Path>) -> Report {
             return report;
         }
     };
-    check_bytes(&engine, bytes, fixtures, report).await
+    let cache = match cache_dir {
+        Some(dir) => ArtifactCache::new(Some(dir.to_path_buf()), false, std::env::temp_dir(), Compiler::InProcess),
+        None => ArtifactCache::none(),
+    };
+    check_bytes(&engine, &Arc::new(cache), bytes, fixtures, report).await
 }
 
 async fn check_bytes(
     engine: &Arc<PluginEngine>,
+    cache: &Arc<ArtifactCache>,
     bytes: Vec<u8>,
     fixtures: Option<&Path>,
     mut report: Report,
 ) -> Report {
     let name = Path::new(&report.file).file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_string();
-    let loaded = match load(engine, &Arc::new(ArtifactCache::none()), &name, bytes).await {
+    let loaded = match load(engine, cache, &name, bytes).await {
         Ok(l) => l,
         Err(e) => {
             report.case("load (same validation as hot swap)", Err(e));
