@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::mock::Mode;
-use crate::support::{Gateway, MockUpstream, admin, channel, chat, eventually, load, post};
+use crate::support::{Gateway, MockUpstream, TOKEN, admin, channel, chat, client, eventually, load, post};
 use reqwest::Method;
 use serde_json::json;
 
@@ -353,4 +353,46 @@ async fn affinity_keeps_a_session_on_its_channel_and_cheapest_prefers_the_cheap_
     m[1].set_mode(Mode::no_healthy_upstream());
     let other = in_session(&gw, "cheap-model", "any").await;
     assert!(other == "a" || other == "c", "{other}");
+}
+
+/// Key-level affinity: on a channel with several keys, a session keeps its
+/// key (a provider's prompt cache is per key), sessions spread over the
+/// keys, and requests without a session rotate through them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_keeps_its_key_on_a_multi_key_channel() {
+    let m = mocks(&["a"]).await;
+    let keys = "keys = [\"sk-key-one-000000\", \"sk-key-two-000000\", \"sk-key-three-0000\"]";
+    let gw = Gateway::start(&[POLICIES, &["affinity.wasm"]].concat(), &{
+        let mut toml = channel("c0", "openai", &m[0].base_url(), &["sticky-model"], keys);
+        toml += "[routing]\npolicy = \"affinity\"\n";
+        toml
+    });
+    let key_of = |session: Option<String>| {
+        let (gw, mock) = (&gw, &m[0]);
+        async move {
+            let mut req = client().post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN);
+            if let Some(s) = session {
+                req = req.header("x-session-id", s);
+            }
+            let resp = req.json(&chat("sticky-model", "hi")).send().await.expect("send");
+            assert_eq!(resp.status(), 200);
+            let headers = mock.state.last_headers.lock().await.clone().expect("headers");
+            headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string()
+        }
+    };
+    let home = key_of(Some("long-session".into())).await;
+    for i in 0..30 {
+        assert_eq!(key_of(Some("long-session".into())).await, home, "request {i} changed key");
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for s in 0..20 {
+        used.insert(key_of(Some(format!("session-{s}"))).await);
+    }
+    // `channel()` declares one key, `keys` three more.
+    assert_eq!(used.len(), 4, "twenty sessions use every key: {used:?}");
+    let mut rotated = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        rotated.insert(key_of(None).await);
+    }
+    assert_eq!(rotated.len(), 4, "no session: the keys rotate: {rotated:?}");
 }

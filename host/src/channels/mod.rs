@@ -168,6 +168,20 @@ impl Channel {
         &self.views[self.next_key.fetch_add(1, Ordering::Relaxed) % self.views.len()]
     }
 
+    /// What the adapter sees with the key a session keeps (key-level
+    /// affinity, for providers' prompt caches): rendezvous hashing of
+    /// `session` over the keys in rotation, so when a key leaves, only its
+    /// sessions move.
+    pub fn view_for(&self, session: u64) -> &KeyView {
+        let score = |v: &KeyView| {
+            let mut z = session ^ (v.index.unwrap_or(0) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        self.views.iter().max_by_key(|v| score(v)).unwrap_or_else(|| self.view())
+    }
+
     /// Whether the channel has more than one key in rotation.
     pub fn multi_key(&self) -> bool {
         self.views.len() > 1

@@ -72,6 +72,23 @@ impl Affinity {
         h.update(self.session.as_deref().unwrap_or("").as_bytes());
         hex::encode(&h.finalize()[..16])
     }
+
+    /// The session's 64-bit hash (caller and session), for choosing among a
+    /// channel's keys; `None` without a session: requests of a caller that
+    /// names no session spread over the keys.
+    pub fn session_hash(&self) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let session = self.session.as_deref()?;
+        // SipHash with fixed keys: the same on every run and every node.
+        let mut h = std::hash::DefaultHasher::new();
+        match self.caller {
+            AffinityCaller::Token(id) => (0u8, id).hash(&mut h),
+            AffinityCaller::Config(i) => (1u8, i as u64).hash(&mut h),
+            AffinityCaller::Unknown => 2u8.hash(&mut h),
+        }
+        session.hash(&mut h);
+        Some(h.finish())
+    }
 }
 
 /// Bytes of a call's stderr kept for the log; the rest is counted, not kept.

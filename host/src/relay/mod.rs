@@ -172,6 +172,10 @@ async fn relay_attempts(
     // Channels not worth another try in this request (their key was refused,
     // their adapter is missing).
     let mut spent = vec![false; ordered.len()];
+    // A session keeps its key on a channel's first attempt; a retry on the
+    // same channel rotates (the kept key may be the one that failed).
+    let session = route.affinity.session_hash();
+    let mut attempted = vec![false; ordered.len()];
     let mut next = 0usize;
     for n in 0..cfg.max_attempts as usize {
         let Some(offset) = (0..ordered.len()).find(|k| !spent[(next + k) % ordered.len()]) else { break };
@@ -192,7 +196,10 @@ async fn relay_attempts(
         }
         let stats = state.routing.stats.of(channel.id);
         let in_flight = stats.start();
-        let key_view = channel.view();
+        let key_view = match session {
+            Some(h) if channel.multi_key() && !std::mem::replace(&mut attempted[index], true) => channel.view_for(h),
+            _ => channel.view(),
+        };
         let info = attempt_info(&plugins, channel, &req.model);
         let ctx = Attempt {
             state,
