@@ -89,6 +89,20 @@ async fn filters_add_upstream_headers_refusals_never_leave_and_rules_change_live
     assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("at most 60")), "{body}");
     assert_eq!(mock.hits(), before, "a refused request must not reach the upstream");
 
+    // On the Anthropic Messages route, a refusal is in Anthropic's shape.
+    let messages = serde_json::json!({"model": "capped", "max_tokens": 16,
+        "messages": [{"role": "user", "content": "z".repeat(100)}]});
+    let resp = client().post(gw.url("/v1/messages")).header("x-api-key", TOKEN).json(&messages).send().await;
+    let resp = resp.expect("send");
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(
+        (body["type"].as_str(), body["error"]["type"].as_str()),
+        (Some("error"), Some("invalid_request_error")),
+        "{body}"
+    );
+    assert_eq!(mock.hits(), before, "a refused request must not reach the upstream");
+
     // The rules are replaced live: the cap goes, and a new rule caps `plain`.
     let (status, view) = admin(&gw, Method::GET, "/api/filters", None).await;
     assert_eq!((status, view["source"].as_str()), (200, Some("config")));
