@@ -21,6 +21,7 @@ mod health;
 mod hostile_plugins;
 mod hot_swap;
 mod ingress;
+mod multi_node;
 mod observability;
 mod openai_sdk;
 mod other_languages;

@@ -58,6 +58,12 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// The web console at `/` and its sign-in sessions.
     pub console: ConsoleConfig,
+    /// PostgreSQL shared by several gateway nodes (`postgres://user@host/db`,
+    /// or `WASMGATE_DATABASE_URL`). When set, channels (and their health)
+    /// live there and every node follows changes within a round trip; the
+    /// rest stays in each node's data directory for now (see
+    /// docs/deployment.md). Requires `secrets_key`, the same on every node.
+    pub database_url: Option<String>,
     /// Key encrypting upstream keys at rest (`WASMGATE_SECRETS_KEY`); when
     /// unset, a key is generated into `<data_dir>/secret.key`.
     pub secrets_key: Option<String>,
@@ -501,6 +507,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             telemetry: TelemetryConfig::default(),
             console: ConsoleConfig::default(),
+            database_url: None,
             secrets_key: None,
             channels: Vec::new(),
         }
@@ -580,6 +587,7 @@ const KEYS: &[&str] = &[
     "metrics",
     "telemetry",
     "console",
+    "database_url",
     "secrets_key",
     "channels",
 ];
@@ -650,6 +658,17 @@ impl Config {
         let srv = &self.server;
         if srv.header_timeout_secs == 0 || srv.body_timeout_secs == 0 || srv.max_connections == 0 {
             bail!("server.header_timeout_secs, server.body_timeout_secs and server.max_connections must be positive");
+        }
+        if let Some(url) = &self.database_url {
+            if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+                bail!("database_url: a PostgreSQL URL (postgres://user:password@host:port/database)");
+            }
+            if self.secrets_key.is_none() {
+                bail!(
+                    "database_url needs secrets_key (WASMGATE_SECRETS_KEY), the same on every node: \
+                     upstream keys are stored encrypted with it"
+                );
+            }
         }
         if self.tokens.iter().any(|t| t.key().trim().is_empty()) {
             bail!("tokens: a gateway token must not be empty");

@@ -99,19 +99,30 @@ pub async fn build(config: Config) -> Result<Gateway> {
         None
     };
 
-    let channels = SledChannels::open(&store).context("loading channels")?;
-    let report = channels.import_config(&config.channels).context("importing the configuration's channels")?;
+    let (channels, report, postgres): (Arc<dyn ChannelStore>, _, _) = match &config.database_url {
+        None => {
+            let channels = SledChannels::open(&store).context("loading channels")?;
+            let report = channels.import_config(&config.channels).context("importing the configuration's channels")?;
+            (Arc::new(channels), report, None)
+        }
+        Some(url) => {
+            let pg = crate::store::postgres::Postgres::start(url)?;
+            let channels = crate::channels::PgChannels::open(&pg, store.secrets_arc())?;
+            let report = channels.import_config(&config.channels).context("importing the configuration's channels")?;
+            (Arc::new(channels), report, Some(pg))
+        }
+    };
     tracing::info!(
         created = report.created,
         updated = report.updated,
         kept_api_version = report.kept_api_version,
         total = channels.snapshot().records.len(),
+        shared = postgres.is_some(),
         "channels loaded"
     );
     let routing = Routing::new(Policies::load(&config.routing, &store)?);
     let filters = crate::filters::Filters::load(&config.filters, &store)?;
 
-    let channels: Arc<dyn ChannelStore> = Arc::new(channels);
     let billing =
         Arc::new(Billing::open(&store, &config.pricing, &config.logs, &config.limits).context("opening billing")?);
     crate::metrics::get().set_enabled(config.metrics.enabled);

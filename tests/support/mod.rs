@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod mock;
+pub mod postgres;
 pub mod providers;
 
 use std::io::{BufRead, BufReader};
@@ -85,13 +86,19 @@ impl Gateway {
         }
         let data_dir = dir.path().join("data");
         let cache_dir = root().join("target/test-plugin-cache");
-        // `extra_toml` may declare its own `tokens` line (with groups); it
-        // must come before the first table.
-        let (token_lines, rest): (Vec<&str>, Vec<&str>) = extra_toml.lines().partition(|l| l.starts_with("tokens = "));
-        let tokens = match token_lines.first() {
+        // `extra_toml` may declare its own `tokens` line (with groups) and
+        // other top-level keys; they must come before the first table.
+        const TOP_LEVEL: [&str; 3] = ["tokens = ", "database_url = ", "secrets_key = "];
+        let (top, rest): (Vec<&str>, Vec<&str>) =
+            extra_toml.lines().partition(|l| TOP_LEVEL.iter().any(|k| l.starts_with(k)));
+        let mut tokens = match top.iter().find(|l| l.starts_with("tokens = ")) {
             Some(line) => format!("{line}\n"),
             None => format!("tokens = [{TOKEN:?}]\n"),
         };
+        for line in top.iter().filter(|l| !l.starts_with("tokens = ")) {
+            tokens.push_str(line);
+            tokens.push('\n');
+        }
         let mut extra_toml = rest.join("\n");
         // Tests that are not about prices serve every model for free.
         if !extra_toml.contains("[pricing]") {

@@ -118,6 +118,8 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     // The observability test scrapes the gateway with a real Prometheus;
     // the console test drives a real headless Chromium.
     ensure_packages("Prometheus and Chromium", &[("prometheus", "prometheus"), ("chromium", "chromium")])?;
+    step("postgresql (the multi-node tests)");
+    ensure_postgres()?;
     step("host tests");
     let mut cmd = host_cargo();
     cmd.current_dir(root)
@@ -160,6 +162,42 @@ pub(crate) fn ensure_packages(what: &str, wanted: &[(&str, &str)]) -> Result<()>
         run_checked(Command::new("apt-get").arg("update").arg("-qq"))?;
         install()
     })
+}
+
+/// Debian's PostgreSQL server (its binaries are not on the PATH), and,
+/// when we run as root, the unprivileged user the tests start it as
+/// (PostgreSQL refuses to run as root).
+fn ensure_postgres() -> Result<()> {
+    let installed = |dir: &Path| dir.join("initdb").exists() && dir.join("postgres").exists();
+    let versioned = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(|e| e.ok()).any(|e| installed(&e.path().join("bin"))))
+        .unwrap_or(false);
+    if !versioned && !installed(Path::new("/usr/local/bin")) && !installed(Path::new("/usr/bin")) {
+        eprintln!("xtask: installing PostgreSQL (Debian package postgresql)");
+        let install = || {
+            run_checked(
+                Command::new("apt-get")
+                    .args(["install", "-y", "-qq", "--no-install-recommends", "postgresql"])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )
+        };
+        install().or_else(|_| {
+            run_checked(Command::new("apt-get").arg("update").arg("-qq"))?;
+            install()
+        })?;
+    }
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let user = "wasmgate-pg";
+    if root && !Command::new("id").arg(user).output().is_ok_and(|o| o.status.success()) {
+        run_checked(Command::new("useradd").args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            user,
+        ]))?;
+    }
+    Ok(())
 }
 
 fn bench(root: &Path, extra: &[String]) -> Result<()> {

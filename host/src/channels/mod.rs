@@ -4,6 +4,7 @@
 
 mod import;
 mod input;
+mod pg_store;
 mod record;
 mod sled_store;
 mod status;
@@ -14,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use import::ImportReport;
 pub use input::{ChannelInput, FieldError, Mode, parse as parse_input};
+pub use pg_store::PgChannels;
 pub use record::{ChannelKey, ChannelRecord, ChannelSource, HISTORY_LEN, mask};
 pub use sled_store::SledChannels;
 pub use status::{ChannelState, EventSource, KeyAuto, StatusEvent};

@@ -10,6 +10,7 @@
 
 pub mod guard;
 pub mod manifest;
+pub mod postgres;
 pub mod secrets;
 
 use std::path::Path;
@@ -179,6 +180,11 @@ impl Store {
     /// Secrets at rest.
     pub fn secrets(&self) -> &SecretBox {
         &self.secrets
+    }
+
+    /// Secrets at rest, shared (for a store of another backend).
+    pub fn secrets_arc(&self) -> Arc<SecretBox> {
+        self.secrets.clone()
     }
 
     /// Fail with [`StorageUnavailable`] when the store cannot take writes

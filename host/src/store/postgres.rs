@@ -1,0 +1,170 @@
+//! PostgreSQL, for several gateway nodes sharing one state
+//! (`database_url = "postgres://…"`, see `docs/deployment.md`).
+//!
+//! Every database call runs on one dedicated thread with its own tokio
+//! runtime, never on a request worker: the request path reads in-memory
+//! snapshots, which the database's `LISTEN/NOTIFY` (and a periodic
+//! reconcile) keep current. Synchronous callers (the admin API's writes,
+//! which run on their own thread) wait for their call with a timeout.
+//!
+//! The schema is versioned: [`MIGRATIONS`] run in order on start, each in a
+//! transaction, under an advisory lock so nodes starting together apply
+//! each once.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use tokio_postgres::{Client, NoTls};
+
+/// How long a synchronous caller waits for the database.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Advisory lock key held while migrating (and importing the configuration).
+pub const SCHEMA_LOCK: i64 = 0x7761_736d_6761_7465; // "wasmgate"
+
+/// The schema, one migration per version, applied in order.
+pub const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE channels (
+         id BIGINT PRIMARY KEY,
+         record JSONB NOT NULL,
+         version BIGINT NOT NULL DEFAULT 1
+     );
+     CREATE SEQUENCE channel_ids;
+     CREATE TABLE options (
+         key TEXT PRIMARY KEY,
+         value TEXT NOT NULL
+     );",
+)];
+
+/// The notification channel announcing a changed channel (payload: its id).
+pub const CHANNELS_NOTIFY: &str = "wasmgate_channels";
+
+/// The database thread and how to reach the server.
+pub struct Postgres {
+    url: String,
+    handle: tokio::runtime::Handle,
+    stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Postgres {
+    /// Start the database thread, connect once and bring the schema up to
+    /// date.
+    pub fn start(url: &str) -> Result<Arc<Self>> {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new().name("postgres".into()).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = handle_tx.send(Err(anyhow!("database runtime: {e}")));
+                    return;
+                }
+            };
+            let _ = handle_tx.send(Ok(rt.handle().clone()));
+            rt.block_on(async {
+                let _ = stop_rx.await;
+            });
+        })?;
+        let handle = handle_rx.recv().context("database thread")??;
+        let pg = Arc::new(Self { url: url.to_string(), handle, stop: std::sync::Mutex::new(Some(stop_tx)) });
+        let me = pg.clone();
+        pg.block(async move {
+            let mut client = me.connect().await?;
+            migrate(&mut client).await
+        })
+        .context("preparing the PostgreSQL schema")?;
+        Ok(pg)
+    }
+
+    /// Run `fut` on the database thread and wait for it (at most
+    /// [`CALL_TIMEOUT`]). Never call this on a request worker.
+    pub fn block<T: Send + 'static>(&self, fut: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv_timeout(CALL_TIMEOUT).map_err(|_| anyhow!("the database did not answer in time"))?
+    }
+
+    /// Run `fut` on the database thread without waiting.
+    pub fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        self.handle.spawn(fut);
+    }
+
+    /// A new connection (call on the database thread: its driver task runs
+    /// there). Notifications received on it go to `notify` when given.
+    pub async fn connect_listening(
+        &self,
+        notify: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
+    ) -> Result<Client> {
+        let (client, mut connection) =
+            tokio_postgres::connect(&self.url, NoTls).await.context("connecting to PostgreSQL")?;
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
+                match message {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        if let Some(tx) = &notify {
+                            let _ = tx.send(n);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "PostgreSQL connection lost");
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(client)
+    }
+
+    /// A new connection (see [`Self::connect_listening`]).
+    pub async fn connect(&self) -> Result<Client> {
+        self.connect_listening(None).await
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Apply the migrations not applied yet, in order, under [`SCHEMA_LOCK`].
+async fn migrate(client: &mut Client) -> Result<()> {
+    client.execute("SELECT pg_advisory_lock($1)", &[&SCHEMA_LOCK]).await?;
+    let result = async {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS wasmgate_schema (
+                     version INT PRIMARY KEY,
+                     applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                 )",
+            )
+            .await?;
+        let applied: Option<i32> = client.query_one("SELECT max(version) FROM wasmgate_schema", &[]).await?.get(0);
+        let applied = applied.unwrap_or(0);
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
+            let tx = client.transaction().await?;
+            tx.batch_execute(sql).await.with_context(|| format!("schema migration {version}"))?;
+            tx.execute("INSERT INTO wasmgate_schema (version) VALUES ($1)", &[version]).await?;
+            tx.commit().await?;
+            tracing::info!(version, "PostgreSQL schema migrated");
+        }
+        if let Some((latest, _)) = MIGRATIONS.last()
+            && applied > *latest
+        {
+            anyhow::bail!("the database's schema (version {applied}) is newer than this gateway's ({latest})");
+        }
+        Ok(())
+    }
+    .await;
+    client.execute("SELECT pg_advisory_unlock($1)", &[&SCHEMA_LOCK]).await?;
+    result
+}

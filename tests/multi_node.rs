@@ -1,0 +1,129 @@
+//! Several gateway nodes on one PostgreSQL (`database_url`): a real
+//! server from Debian's package, three real gateway processes with their
+//! own data directories, loopback mock upstreams. Channels are shared: the
+//! configuration's channels are imported once whatever the number of nodes
+//! starting, a channel created through one node serves on the others, and
+//! a channel disabled on one is out of rotation on all.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::support::postgres::PgServer;
+use crate::support::{Gateway, MockUpstream, admin, channel, chat, eventually, post};
+
+const SECRETS: &str = "secrets_key = \"multi-node-test-secret-0123456789\"";
+
+fn node(database_url: &str, extra: &str) -> Gateway {
+    Gateway::start(&["openai.wasm", "weighted.wasm"], &format!("database_url = {database_url:?}\n{SECRETS}\n{extra}"))
+}
+
+/// Channel names node `gw` lists.
+async fn names(gw: &Gateway) -> Vec<String> {
+    let (status, list) = admin(gw, Method::GET, "/api/channels", None).await;
+    assert_eq!(status, 200, "{list}");
+    let mut names: Vec<String> = list["data"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|c| c["name"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_share_channels_through_postgresql() {
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
+    let (m1, m2) = (MockUpstream::start("one").await, MockUpstream::start("two").await);
+    let declared = channel("from-config", "openai", &m1.base_url(), &["shared-model"], "");
+    // Three nodes starting with the same configuration import it once.
+    let nodes: Vec<Gateway> = tokio::task::spawn_blocking({
+        let (url, declared) = (pg.url.clone(), declared.clone());
+        move || {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..3).map(|_| s.spawn(|| node(&url, &declared))).collect();
+                handles.into_iter().map(|h| h.join().expect("node")).collect()
+            })
+        }
+    })
+    .await
+    .expect("nodes");
+    for gw in &nodes {
+        assert_eq!(names(gw).await, ["from-config"], "one import for three nodes");
+    }
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    // A channel created on A serves on B and C.
+    let body = json!({"name": "created-on-a", "adapter": "openai", "base_url": m2.base_url(),
+        "key": "sk-upstream-two", "models": ["new-model"]});
+    let (status, created) = admin(a, Method::POST, "/api/channels", Some(&body)).await;
+    assert_eq!(status, 201, "{created}");
+    let created_at = Instant::now();
+    for gw in [b, c] {
+        let served = eventually(Duration::from_secs(10), || async {
+            post(gw, "/v1/chat/completions", &chat("new-model", "hi")).await.0 == 200
+        })
+        .await;
+        assert!(served.is_some(), "the channel created on A never served on another node");
+    }
+    println!("channel created on A served on B and C after {:?}", created_at.elapsed());
+    let (_, answer) = post(c, "/v1/chat/completions", &chat("new-model", "from c")).await;
+    assert_eq!(answer["choices"][0]["message"]["content"], "echo: from c", "{answer}");
+
+    // `shared-model` on both mocks; disabled on B, the first gets no traffic anywhere.
+    let id = created["id"].as_u64().expect("id");
+    let patch = json!({"models": ["new-model", "shared-model"]});
+    let (status, _) = admin(a, Method::PATCH, &format!("/api/channels/{id}"), Some(&patch)).await;
+    assert_eq!(status, 200);
+    let (_, list) = admin(b, Method::GET, "/api/channels", None).await;
+    let config_id = list["data"]
+        .as_array()
+        .and_then(|d| d.iter().find(|c| c["name"] == "from-config"))
+        .and_then(|c| c["id"].as_u64())
+        .expect("config channel");
+    let disable = json!({"note": "maintenance"});
+    let (status, body) = admin(b, Method::POST, &format!("/api/channels/{config_id}/disable"), Some(&disable)).await;
+    assert_eq!(status, 200, "{body}");
+    let disabled_at = Instant::now();
+    for gw in [a, c] {
+        let gone = eventually(Duration::from_secs(10), || async {
+            let (_, ch) = admin(gw, Method::GET, &format!("/api/channels/{config_id}"), None).await;
+            ch["status"]["state"] == "manually_disabled"
+        })
+        .await;
+        assert!(gone.is_some(), "the disable on B never reached another node");
+    }
+    println!("channel disabled on B out of rotation on A and C after {:?}", disabled_at.elapsed());
+    let before = m1.hits();
+    for gw in [a, c] {
+        for _ in 0..20 {
+            let (status, body) = post(gw, "/v1/chat/completions", &chat("shared-model", "x")).await;
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    assert_eq!(m1.hits(), before, "a channel disabled on B served on A or C");
+
+    // Deleted on C: gone everywhere.
+    let (status, _) = admin(c, Method::DELETE, &format!("/api/channels/{id}"), None).await;
+    assert_eq!(status, 200);
+    for gw in [a, b] {
+        let gone = eventually(Duration::from_secs(10), || async { names(gw).await == ["from-config"] }).await;
+        assert!(gone.is_some(), "the delete on C never reached another node");
+    }
+
+    // A channel one node's traffic disables (a rejected key) is out of
+    // rotation on the others: health transitions are shared too.
+    let (status, _) = admin(a, Method::POST, &format!("/api/channels/{config_id}/enable"), None).await;
+    assert_eq!(status, 200);
+    m1.set_mode(crate::support::mock::Mode::openai_error(401, "invalid_api_key", None));
+    let (status, _) = post(a, "/v1/chat/completions", &chat("shared-model", "bad key")).await;
+    assert!(status >= 400);
+    for gw in [b, c] {
+        let seen = eventually(Duration::from_secs(10), || async {
+            let (_, ch) = admin(gw, Method::GET, &format!("/api/channels/{config_id}"), None).await;
+            ch["status"]["state"] == "auto_disabled"
+        })
+        .await;
+        assert!(seen.is_some(), "a channel disabled by A's traffic still serves on another node");
+    }
+}

@@ -1,0 +1,125 @@
+//! A real PostgreSQL server for the multi-node tests: Debian's package
+//! (installed by `cargo xtask test`), a fresh cluster in a temporary
+//! directory, started as an unprivileged user on a loopback port and
+//! stopped (SIGKILL of the postmaster's group) on drop.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The user the server runs as when the tests run as root (PostgreSQL
+/// refuses to run as root); `cargo xtask test` creates it.
+pub const PG_USER: &str = "wasmgate-pg";
+
+/// A running server.
+pub struct PgServer {
+    child: Child,
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+/// The directory holding `initdb` and `postgres`.
+fn bindir() -> PathBuf {
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    candidates.sort();
+    candidates.reverse();
+    candidates.push(PathBuf::from("/usr/local/bin"));
+    candidates.push(PathBuf::from("/usr/bin"));
+    candidates
+        .into_iter()
+        .find(|d| d.join("initdb").exists() && d.join("postgres").exists())
+        .expect("no PostgreSQL server binaries: run the suite with `cargo xtask test` (it installs postgresql)")
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// `program args…`, as [`PG_USER`] when we are root (`setpriv` execs the
+/// program, so the child is the server itself and signals reach it).
+fn as_pg_user(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args([&format!("--reuid={PG_USER}"), &format!("--regid={PG_USER}"), "--clear-groups", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+impl PgServer {
+    /// A fresh cluster, started; returns once it accepts connections.
+    pub fn start() -> Self {
+        let bin = bindir();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        if is_root() {
+            let ok = Command::new("chown").args(["-R", PG_USER]).arg(dir.path()).status().is_ok_and(|s| s.success());
+            assert!(ok, "chown to {PG_USER} failed: run the suite with `cargo xtask test` (it creates the user)");
+        }
+        let out = as_pg_user(&bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["--username=postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .output()
+            .expect("initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("postgres.log")).expect("log");
+        let child = as_pg_user(&bin.join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .arg("-k")
+            .arg(dir.path())
+            .args(["-c", "max_connections=200"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start postgres");
+        let server = Self { child, url: format!("postgres://postgres@127.0.0.1:{port}/postgres"), _dir: dir };
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(60), "PostgreSQL did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Accepting TCP is not yet accepting sessions: wait for a query.
+        let psql = bin.join("psql");
+        let started = Instant::now();
+        loop {
+            let ok = Command::new(if psql.exists() { psql.as_path() } else { Path::new("psql") })
+                .args([&server.url, "-c", "SELECT 1"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "PostgreSQL does not answer queries");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        // The postmaster stops its children on SIGINT (fast shutdown).
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+    }
+}
