@@ -127,3 +127,107 @@ async fn three_nodes_share_channels_through_postgresql() {
         assert!(seen.is_some(), "a channel disabled by A's traffic still serves on another node");
     }
 }
+
+/// A plugin uploaded to node A serves on B and C, under load, with no
+/// failed request; a corrupt upload is refused and every node keeps the
+/// version it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plugin_uploaded_to_one_node_serves_on_all_of_them() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
+    let mock = MockUpstream::start("up").await;
+    let declared = channel("c", "openai", &mock.base_url(), &["gpt-4o-mini"], "");
+    let nodes: Vec<Arc<Gateway>> = tokio::task::spawn_blocking({
+        let url = pg.url.clone();
+        move || {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..3).map(|_| s.spawn(|| node(&url, &declared))).collect();
+                handles.into_iter().map(|h| Arc::new(h.join().expect("node"))).collect()
+            })
+        }
+    })
+    .await
+    .expect("nodes");
+
+    // Load on B and C while A takes the new version.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut load = Vec::new();
+    for gw in [nodes[1].clone(), nodes[2].clone()] {
+        let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "load")).await;
+                if status == 200 { &served } else { &failed }.fetch_add(1, Ordering::Relaxed);
+                if status != 200 {
+                    eprintln!("failed under swap: {status} {body}");
+                }
+            }
+        }));
+    }
+    let v2 = std::fs::read(crate::support::artifact("openai-v2.wasm")).expect("v2");
+    let resp = crate::support::client()
+        .put(nodes[0].url("/api/plugins/openai"))
+        .bearer_auth(crate::support::ADMIN)
+        .body(v2)
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(resp.status(), 200);
+    let uploaded = Instant::now();
+    for gw in &nodes[1..] {
+        let swapped = eventually(Duration::from_secs(30), || async {
+            let (_, body) = post(gw, "/v1/chat/completions", &chat("gpt-4o-mini", "v2?")).await;
+            body["system_fingerprint"] == "wasmgate-hotswap-v2"
+        })
+        .await;
+        assert!(swapped.is_some(), "the plugin uploaded to A never served on another node");
+    }
+    println!("plugin uploaded to A served on B and C after {:?}", uploaded.elapsed());
+    // Keep the load on a while after the swap (old instances draining).
+    let _ = eventually(Duration::from_secs(10), || async { served.load(Ordering::Relaxed) >= 300 }).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.expect("load");
+    }
+    println!(
+        "under load meanwhile: {} served, {} failed",
+        served.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed)
+    );
+    assert!(served.load(Ordering::Relaxed) > 0);
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during the shared hot swap");
+
+    // A corrupt upload is refused on A and reaches no node.
+    let resp = crate::support::client()
+        .put(nodes[0].url("/api/plugins/openai"))
+        .bearer_auth(crate::support::ADMIN)
+        .body("not a component")
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(resp.status(), 400);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for gw in &nodes {
+        let (status, body) = post(gw, "/v1/chat/completions", &chat("gpt-4o-mini", "still v2")).await;
+        assert_eq!((status, &body["system_fingerprint"]), (200, &json!("wasmgate-hotswap-v2")), "{body}");
+    }
+
+    // A delete is shared too.
+    let resp = crate::support::client()
+        .delete(nodes[1].url("/api/plugins/openai"))
+        .bearer_auth(crate::support::ADMIN)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(resp.status(), 204);
+    for gw in [&nodes[0], &nodes[2]] {
+        let gone = eventually(Duration::from_secs(10), || async {
+            post(gw, "/v1/chat/completions", &chat("gpt-4o-mini", "gone?")).await.0 == 503
+        })
+        .await;
+        assert!(gone.is_some(), "a plugin deleted on B still serves on another node");
+    }
+}

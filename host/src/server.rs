@@ -120,6 +120,9 @@ pub async fn build(config: Config) -> Result<Gateway> {
         shared = postgres.is_some(),
         "channels loaded"
     );
+    let shared_plugins = postgres
+        .as_ref()
+        .map(|pg| crate::plugins::SharedPlugins::start(pg, &registry, &tokio::runtime::Handle::current()));
     let routing = Routing::new(Policies::load(&config.routing, &store)?);
     let filters = crate::filters::Filters::load(&config.filters, &store)?;
 
@@ -137,6 +140,7 @@ pub async fn build(config: Config) -> Result<Gateway> {
         token_groups,
         admin_hash,
         registry,
+        shared_plugins,
         store,
         sessions: Sessions::new(config.console.session_secs, config.console.max_failed_sign_ins),
         started_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),

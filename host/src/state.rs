@@ -41,6 +41,9 @@ pub struct Inner {
     pub token_groups: HashMap<[u8; 32], (Arc<str>, usize)>,
     /// SHA-256 of the admin token.
     pub admin_hash: [u8; 32],
+    /// Plugins shared with the other nodes through PostgreSQL, when
+    /// `database_url` is set.
+    pub shared_plugins: Option<Arc<crate::plugins::SharedPlugins>>,
     /// Embedded store.
     pub store: Store,
     /// Console sign-in sessions.

@@ -49,11 +49,24 @@ pub async fn upload(
     let status = state.registry.install(&name, bytes.to_vec()).await.map_err(|message| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_plugin"), message)
     })?;
+    // Validated and serving here: the other nodes take it from the database.
+    if let Some(shared) = &state.shared_plugins {
+        shared.publish(&name, bytes.to_vec()).await.map_err(|error| {
+            tracing::error!(plugin = %name, %error, "the plugin serves here but could not be shared");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("storage_unavailable"),
+                "The plugin was installed on this node but could not be shared with the others; retry.",
+            )
+        })?;
+    }
     // What `wasmgate plugin check` would say of the version now serving.
     let set = state.registry.snapshot();
-    let loaded = match (set.adapters.get(&name), set.routers.get(&name)) {
-        (Some(a), _) => Some(LoadedPlugin::Adapter(a.clone())),
-        (None, Some(r)) => Some(LoadedPlugin::Router(r.clone())),
+    let loaded = match (set.adapters.get(&name), set.routers.get(&name), set.filters.get(&name)) {
+        (Some(a), _, _) => Some(LoadedPlugin::Adapter(a.clone())),
+        (None, Some(r), _) => Some(LoadedPlugin::Router(r.clone())),
+        (None, None, Some(f)) => Some(LoadedPlugin::Filter(f.clone())),
         _ => None,
     };
     let mut view = json!(status);
@@ -74,5 +87,12 @@ pub async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> 
     if !crate::plugins::valid_plugin_name(&name) {
         return Err(not_found(&name));
     }
-    if state.registry.remove(&name).await { Ok(StatusCode::NO_CONTENT) } else { Err(not_found(&name)) }
+    let removed = state.registry.remove(&name).await;
+    if let Some(shared) = &state.shared_plugins
+        && let Err(error) = shared.unpublish(&name).await
+    {
+        tracing::error!(plugin = %name, %error, "the plugin was removed here but not from the shared table");
+        return Err(ApiError::internal());
+    }
+    if removed { Ok(StatusCode::NO_CONTENT) } else { Err(not_found(&name)) }
 }

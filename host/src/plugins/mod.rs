@@ -14,6 +14,7 @@ mod loader;
 mod registry;
 mod router;
 pub mod scaffold;
+mod shared;
 mod state;
 mod watcher;
 
@@ -36,5 +37,6 @@ pub use loader::{
 };
 pub use registry::{PluginSet, PluginStatus, Registry};
 pub use router::RouterPlugin;
+pub use shared::SharedPlugins;
 pub use state::{Affinity, AffinityCaller, RoutingFacts};
 pub use watcher::{PluginWatcher, watch};

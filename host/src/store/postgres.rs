@@ -25,9 +25,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SCHEMA_LOCK: i64 = 0x7761_736d_6761_7465; // "wasmgate"
 
 /// The schema, one migration per version, applied in order.
-pub const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE channels (
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE channels (
          id BIGINT PRIMARY KEY,
          record JSONB NOT NULL,
          version BIGINT NOT NULL DEFAULT 1
@@ -37,7 +38,17 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
          key TEXT PRIMARY KEY,
          value TEXT NOT NULL
      );",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE plugins (
+         name TEXT PRIMARY KEY,
+         sha256 TEXT NOT NULL,
+         bytes BYTEA NOT NULL,
+         updated_at BIGINT NOT NULL
+     );",
+    ),
+];
 
 /// The notification channel announcing a changed channel (payload: its id).
 pub const CHANNELS_NOTIFY: &str = "wasmgate_channels";

@@ -1,0 +1,196 @@
+//! Plugins shared through PostgreSQL (when `database_url` is set): a
+//! plugin uploaded through `PUT /api/plugins` on one node is validated
+//! there, stored in table `plugins` and announced with
+//! `NOTIFY wasmgate_plugins, '<name>'`; every node then fetches it and
+//! installs it through the same path as an upload of its own — validated
+//! again, hot-swapped, written to its plugins directory — or, if it
+//! rejects it, reports why in `GET /api/plugins` and keeps its previous
+//! version. A delete is shared the same way. At start a node installs
+//! every stored plugin whose bytes differ from its own file. The plugins
+//! directory keeps working as on one node for files dropped in by hand.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::Registry;
+use crate::store::postgres::Postgres;
+
+/// The notification channel announcing a changed plugin (payload: its name).
+pub const PLUGINS_NOTIFY: &str = "wasmgate_plugins";
+
+/// How often every stored plugin is compared with the local ones, whatever
+/// was announced.
+const RECONCILE: Duration = Duration::from_secs(10);
+
+/// The shared plugin table and this node's registry.
+pub struct SharedPlugins {
+    pg: Arc<Postgres>,
+    registry: Arc<Registry>,
+}
+
+/// A stored plugin: its name, hash and bytes (`None`: deleted).
+type Stored = (String, Option<(String, Vec<u8>)>);
+
+impl SharedPlugins {
+    /// Follow the shared table: install what differs now, then whatever is
+    /// announced (the work runs on `runtime`, the fetches on the database
+    /// thread).
+    pub fn start(pg: &Arc<Postgres>, registry: &Arc<Registry>, runtime: &tokio::runtime::Handle) -> Arc<Self> {
+        let shared = Arc::new(Self { pg: pg.clone(), registry: registry.clone() });
+        let (changed, mut names) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
+        pg.spawn(listen(pg.clone(), changed));
+        let me = shared.clone();
+        runtime.spawn(async move {
+            while let Some(name) = names.recv().await {
+                me.sync(name).await;
+            }
+        });
+        shared
+    }
+
+    /// Store `bytes` as plugin `name` (already validated and in service
+    /// here) and announce it to the other nodes.
+    pub async fn publish(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let (pg, name) = (self.pg.clone(), name.to_string());
+        let sha = super::sha256_hex(&bytes);
+        tokio::task::spawn_blocking(move || {
+            let inner = pg.clone();
+            pg.block(async move {
+                let mut c = inner.connect().await?;
+                let tx = c.transaction().await?;
+                tx.execute(
+                    "INSERT INTO plugins (name, sha256, bytes, updated_at) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (name) DO UPDATE SET sha256 = $2, bytes = $3, updated_at = $4",
+                    &[&name, &sha, &bytes, &(crate::store::unix_now() as i64)],
+                )
+                .await?;
+                tx.execute("SELECT pg_notify($1, $2)", &[&PLUGINS_NOTIFY, &name]).await?;
+                tx.commit().await?;
+                Ok(())
+            })
+        })
+        .await?
+    }
+
+    /// Remove plugin `name` from the shared table and announce it.
+    pub async fn unpublish(&self, name: &str) -> Result<()> {
+        let (pg, name) = (self.pg.clone(), name.to_string());
+        tokio::task::spawn_blocking(move || {
+            let inner = pg.clone();
+            pg.block(async move {
+                let mut c = inner.connect().await?;
+                let tx = c.transaction().await?;
+                tx.execute("DELETE FROM plugins WHERE name = $1", &[&name]).await?;
+                tx.execute("SELECT pg_notify($1, $2)", &[&PLUGINS_NOTIFY, &name]).await?;
+                tx.commit().await?;
+                Ok(())
+            })
+        })
+        .await?
+    }
+
+    /// Fetch plugin `name` (or, for `None`, every stored plugin).
+    async fn fetch(&self, name: Option<String>) -> Result<Vec<Stored>> {
+        let pg = self.pg.clone();
+        tokio::task::spawn_blocking(move || {
+            let inner = pg.clone();
+            pg.block(async move {
+                let c = inner.connect().await?;
+                Ok(match name {
+                    Some(name) => {
+                        let row = c.query_opt("SELECT sha256, bytes FROM plugins WHERE name = $1", &[&name]).await?;
+                        vec![(name, row.map(|r| (r.get(0), r.get(1))))]
+                    }
+                    None => c
+                        .query("SELECT name, sha256, bytes FROM plugins", &[])
+                        .await?
+                        .into_iter()
+                        .map(|r| (r.get(0), Some((r.get(1), r.get(2)))))
+                        .collect(),
+                })
+            })
+        })
+        .await?
+    }
+
+    /// Bring this node in line with the stored plugin `name` (or all).
+    async fn sync(&self, name: Option<String>) {
+        let stored = match self.fetch(name.clone()).await {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::warn!(plugin = ?name, %error, "cannot read the shared plugins");
+                return;
+            }
+        };
+        let local = self.registry.list();
+        for (name, row) in stored {
+            let here = local.iter().find(|p| p.name == name);
+            match row {
+                Some((sha, bytes)) => {
+                    if here.and_then(|p| p.sha256.as_deref()) == Some(sha.as_str())
+                        || here.and_then(|p| p.last_error_sha256.as_deref()) == Some(sha.as_str())
+                    {
+                        continue;
+                    }
+                    match self.registry.install(&name, bytes).await {
+                        Ok(_) => tracing::info!(plugin = %name, sha256 = %sha, "shared plugin installed"),
+                        Err(error) => tracing::error!(plugin = %name, sha256 = %sha, %error,
+                            "a shared plugin was rejected on this node; the previous version keeps serving"),
+                    }
+                }
+                // Only a fetch by name finds no row: the plugin was deleted.
+                None if here.is_some_and(|p| p.loaded) => {
+                    self.registry.remove(&name).await;
+                    tracing::info!(plugin = %name, "shared plugin removed");
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+/// Forward announced names (and a full comparison at start, after every
+/// reconnection and every [`RECONCILE`]) until the receiver is gone.
+async fn listen(pg: Arc<Postgres>, changed: tokio::sync::mpsc::UnboundedSender<Option<String>>) {
+    loop {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = match pg.connect_listening(Some(tx)).await {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for plugin changes; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(error) = client.batch_execute(&format!("LISTEN {PLUGINS_NOTIFY}")).await {
+            tracing::warn!(%error, "LISTEN failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        if changed.send(None).is_err() {
+            return;
+        }
+        let mut tick = tokio::time::interval(RECONCILE);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                n = rx.recv() => {
+                    let Some(n) = n else { break };
+                    if changed.send(Some(n.payload().to_string())).is_err() {
+                        return;
+                    }
+                }
+                _ = tick.tick() => {
+                    if client.is_closed() {
+                        break;
+                    }
+                    if changed.send(None).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
