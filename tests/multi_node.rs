@@ -70,6 +70,45 @@ async fn three_nodes_share_channels_through_postgresql() {
     let (_, answer) = post(c, "/v1/chat/completions", &chat("new-model", "from c")).await;
     assert_eq!(answer["choices"][0]["message"]["content"], "echo: from c", "{answer}");
 
+    // Tables set through one node's API (filters, routing, pricing) reach the others.
+    let rules = json!([{"plugin": "not-loaded-filter", "models": ["new-model"]}]);
+    let (status, _) = admin(b, Method::PUT, "/api/filters", Some(&rules)).await;
+    assert_eq!(status, 200);
+    for gw in [a, c] {
+        let shared = eventually(Duration::from_secs(10), || async {
+            post(gw, "/v1/chat/completions", &chat("new-model", "filtered?")).await.0 == 503
+        })
+        .await;
+        assert!(shared.is_some(), "filter rules set on B never applied on another node");
+    }
+    let (status, _) = admin(c, Method::DELETE, "/api/filters", None).await;
+    assert_eq!(status, 200);
+    for gw in [a, b] {
+        let back = eventually(Duration::from_secs(10), || async {
+            post(gw, "/v1/chat/completions", &chat("new-model", "back")).await.0 == 200
+        })
+        .await;
+        assert!(back.is_some(), "the filter reset on C never reached another node");
+    }
+    let routing = json!({"policy": "round-robin", "rules": []});
+    let (status, _) = admin(a, Method::PUT, "/api/routing", Some(&routing)).await;
+    assert_eq!(status, 200);
+    let (_, mut pricing) = admin(a, Method::GET, "/api/pricing", None).await;
+    pricing["quota_per_dollar"] = json!(1234);
+    let (status, body) = admin(a, Method::PUT, "/api/pricing", Some(&pricing)).await;
+    assert_eq!(status, 200, "{body}");
+    for gw in [b, c] {
+        let shared = eventually(Duration::from_secs(10), || async {
+            let (_, r) = admin(gw, Method::GET, "/api/routing", None).await;
+            let (_, p) = admin(gw, Method::GET, "/api/pricing", None).await;
+            r["policy"] == "round-robin" && r["source"] == "api" && p["quota_per_dollar"].as_f64() == Some(1234.0)
+        })
+        .await;
+        let (_, r) = admin(gw, Method::GET, "/api/routing", None).await;
+        let (_, p) = admin(gw, Method::GET, "/api/pricing", None).await;
+        assert!(shared.is_some(), "routing or pricing set on A never reached another node: {r} {p}");
+    }
+
     // `shared-model` on both mocks; disabled on B, the first gets no traffic anywhere.
     let id = created["id"].as_u64().expect("id");
     let patch = json!({"models": ["new-model", "shared-model"]});

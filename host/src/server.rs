@@ -17,6 +17,7 @@ use crate::plugins::{ArtifactCache, Compiler, PluginEngine, PluginWatcher, Regis
 use crate::relay::{Credentials, Upstream};
 use crate::routing::{Policies, Routing};
 use crate::state::{AppState, Inner, secret_hash};
+use crate::store::overrides::OptionStore;
 use crate::store::{Store, StoreOptions};
 
 /// A gateway ready to serve.
@@ -99,17 +100,22 @@ pub async fn build(config: Config) -> Result<Gateway> {
         None
     };
 
-    let (channels, report, postgres): (Arc<dyn ChannelStore>, _, _) = match &config.database_url {
+    let postgres = config.database_url.as_deref().map(crate::store::postgres::Postgres::start).transpose()?;
+    // Where API overrides (routing, filters, pricing) live.
+    let options: Arc<dyn OptionStore> = match &postgres {
+        Some(pg) => crate::store::overrides::PgOptions::start(pg),
+        None => Arc::new(store.clone()),
+    };
+    let (channels, report): (Arc<dyn ChannelStore>, _) = match &postgres {
         None => {
             let channels = SledChannels::open(&store).context("loading channels")?;
             let report = channels.import_config(&config.channels).context("importing the configuration's channels")?;
-            (Arc::new(channels), report, None)
+            (Arc::new(channels), report)
         }
-        Some(url) => {
-            let pg = crate::store::postgres::Postgres::start(url)?;
-            let channels = crate::channels::PgChannels::open(&pg, store.secrets_arc())?;
+        Some(pg) => {
+            let channels = crate::channels::PgChannels::open(pg, store.secrets_arc())?;
             let report = channels.import_config(&config.channels).context("importing the configuration's channels")?;
-            (Arc::new(channels), report, Some(pg))
+            (Arc::new(channels), report)
         }
     };
     tracing::info!(
@@ -123,11 +129,12 @@ pub async fn build(config: Config) -> Result<Gateway> {
     let shared_plugins = postgres
         .as_ref()
         .map(|pg| crate::plugins::SharedPlugins::start(pg, &registry, &tokio::runtime::Handle::current()));
-    let routing = Routing::new(Policies::load(&config.routing, &store)?);
-    let filters = crate::filters::Filters::load(&config.filters, &store)?;
+    let routing = Routing::new(Policies::load(&config.routing, options.clone())?);
+    let filters = crate::filters::Filters::load(&config.filters, options.clone())?;
 
-    let billing =
-        Arc::new(Billing::open(&store, &config.pricing, &config.logs, &config.limits).context("opening billing")?);
+    let billing = Arc::new(
+        Billing::open(&store, options, &config.pricing, &config.logs, &config.limits).context("opening billing")?,
+    );
     crate::metrics::get().set_enabled(config.metrics.enabled);
     let inner = Inner {
         billing,

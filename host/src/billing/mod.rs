@@ -137,9 +137,10 @@ pub struct NotRecorded(pub String);
 
 impl Billing {
     /// Apply what a crash left in the journal, open the accounts, load
-    /// prices and start the writer.
+    /// prices (overrides from `options`) and start the writer.
     pub fn open(
         store: &Store,
+        options: Arc<dyn crate::store::overrides::OptionStore>,
         pricing: &PricingConfig,
         log_config: &LogConfig,
         limits: &LimitsConfig,
@@ -168,7 +169,7 @@ impl Billing {
             accounts,
             ledger,
             limiter: Arc::default(),
-            pricing: Pricing::load(pricing, store)?,
+            pricing: Pricing::load(pricing, options)?,
             writer,
             store: store.clone(),
             log_config: log_config.clone(),

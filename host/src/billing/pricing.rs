@@ -14,10 +14,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
-use crate::store::Store;
+use crate::store::overrides::{OptionStore, Override};
 
 /// How a model is priced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,41 +196,29 @@ const OPTION: &str = "pricing_override";
 
 /// The price table in force: the configuration's, or the admin API's once set.
 pub struct Pricing {
-    from_config: PricingConfig,
-    current: ArcSwap<PricingConfig>,
-    store: Store,
+    table: Arc<Override<PricingConfig>>,
 }
 
 impl Pricing {
     /// Load the stored override, else the configuration's table.
-    pub fn load(config: &PricingConfig, store: &Store) -> anyhow::Result<Self> {
-        let stored = store.option(OPTION)?.and_then(|raw| serde_json::from_str(&raw).ok());
-        Ok(Self {
-            from_config: config.clone(),
-            current: ArcSwap::from_pointee(stored.unwrap_or_else(|| config.clone())),
-            store: store.clone(),
-        })
+    pub fn load(config: &PricingConfig, options: Arc<dyn OptionStore>) -> anyhow::Result<Self> {
+        Ok(Self { table: Override::load(OPTION, config.clone(), PricingConfig::clone, options)? })
     }
 
     /// The table in force.
     pub fn table(&self) -> Arc<PricingConfig> {
-        self.current.load_full()
+        self.table.current()
     }
 
     /// Replace the table durably.
     pub fn set(&self, table: PricingConfig) -> Result<(), (String, String)> {
         table.validate()?;
-        let raw = serde_json::to_string(&table).map_err(|e| ("body".to_string(), e.to_string()))?;
-        self.store.set_option(OPTION, &raw).map_err(|e| ("body".to_string(), format!("storage failed: {e:#}")))?;
-        self.current.store(Arc::new(table));
-        Ok(())
+        self.table.set(table).map_err(|e| ("body".to_string(), format!("storage failed: {e:#}")))
     }
 
     /// Return to the configuration's table.
     pub fn reset(&self) -> anyhow::Result<()> {
-        self.store.remove_option(OPTION)?;
-        self.current.store(Arc::new(self.from_config.clone()));
-        Ok(())
+        self.table.reset()
     }
 }
 

@@ -5,72 +5,43 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-
 use crate::config::RoutingConfig;
 use crate::plugins::valid_plugin_name;
-use crate::store::Store;
+use crate::store::overrides::{OptionStore, Override};
 
 const OPTION: &str = "routing_override";
 
 /// The routing table in force.
 pub struct Policies {
-    from_config: RoutingConfig,
-    current: ArcSwap<RoutingConfig>,
-    overridden: std::sync::atomic::AtomicBool,
-    store: Store,
+    table: Arc<Override<RoutingConfig>>,
 }
 
 impl Policies {
     /// The stored override if there is one, else the configuration's table.
-    pub fn load(config: &RoutingConfig, store: &Store) -> anyhow::Result<Self> {
-        let stored: Option<RoutingConfig> = match store.option(OPTION)? {
-            Some(raw) => match serde_json::from_str(&raw) {
-                Ok(table) => Some(table),
-                Err(error) => {
-                    tracing::warn!(%error, "stored routing table unreadable; using the configuration's");
-                    None
-                }
-            },
-            None => None,
-        };
-        let overridden = stored.is_some();
-        let current = stored.unwrap_or_else(|| config.clone());
-        Ok(Self {
-            from_config: config.clone(),
-            current: ArcSwap::from_pointee(current),
-            overridden: overridden.into(),
-            store: store.clone(),
-        })
+    pub fn load(config: &RoutingConfig, options: Arc<dyn OptionStore>) -> anyhow::Result<Self> {
+        Ok(Self { table: Override::load(OPTION, config.clone(), RoutingConfig::clone, options)? })
     }
 
     /// The table in force and whether it came from the admin API.
     pub fn table(&self) -> (Arc<RoutingConfig>, bool) {
-        (self.current.load_full(), self.overridden.load(std::sync::atomic::Ordering::Relaxed))
+        self.table.raw()
     }
 
     /// Replace the table (validated), durably.
     pub fn set(&self, table: RoutingConfig) -> Result<(), (String, String)> {
         validate(&table)?;
-        let raw = serde_json::to_string(&table).map_err(|e| ("body".to_string(), e.to_string()))?;
-        self.store.set_option(OPTION, &raw).map_err(|e| ("body".to_string(), format!("storage failed: {e:#}")))?;
-        self.current.store(Arc::new(table));
-        self.overridden.store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        self.table.set(table).map_err(|e| ("body".to_string(), format!("storage failed: {e:#}")))
     }
 
     /// Drop the API's table and return to the configuration's.
     pub fn reset(&self) -> anyhow::Result<()> {
-        self.store.remove_option(OPTION)?;
-        self.current.store(Arc::new(self.from_config.clone()));
-        self.overridden.store(false, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        self.table.reset()
     }
 
     /// The policy for `group` and `model`: a rule naming both, then one
     /// naming the model, then one naming the group, then the global policy.
     pub fn policy_for(&self, group: &str, model: &str) -> String {
-        let table = self.current.load();
+        let table = self.table.current();
         let find = |g: bool, m: bool| {
             table.rules.iter().find(|r| {
                 r.group.as_deref().is_some() == g
@@ -114,12 +85,12 @@ mod tests {
     #[test]
     fn most_specific_rule_wins_and_overrides_persist() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("store");
+        let store: Arc<dyn OptionStore> = Arc::new(crate::store::Store::open(dir.path()).expect("store"));
         let config = RoutingConfig {
             policy: "weighted".into(),
             rules: vec![rule(Some("vip"), None, "latency"), rule(None, Some("m"), "round-robin")],
         };
-        let p = Policies::load(&config, &store).expect("load");
+        let p = Policies::load(&config, store.clone()).expect("load");
         assert_eq!(p.policy_for("default", "x"), "weighted");
         assert_eq!(p.policy_for("vip", "x"), "latency");
         assert_eq!(p.policy_for("vip", "m"), "round-robin");
@@ -127,7 +98,7 @@ mod tests {
         table.rules.push(rule(Some("vip"), Some("m"), "pick"));
         p.set(table).expect("set");
         assert_eq!(p.policy_for("vip", "m"), "pick");
-        let reloaded = Policies::load(&config, &store).expect("reload");
+        let reloaded = Policies::load(&config, store.clone()).expect("reload");
         assert_eq!((reloaded.policy_for("vip", "m"), reloaded.table().1), ("pick".to_string(), true));
         reloaded.reset().expect("reset");
         assert_eq!(reloaded.policy_for("vip", "m"), "round-robin");
