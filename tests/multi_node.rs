@@ -270,3 +270,50 @@ async fn a_plugin_uploaded_to_one_node_serves_on_all_of_them() {
         assert!(gone.is_some(), "a plugin deleted on B still serves on another node");
     }
 }
+
+/// `wasmgate migrate` copies a single node's shared state into PostgreSQL,
+/// twice with the same result, and a node on the database serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_copies_a_single_node_into_postgresql() {
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
+    let mock = MockUpstream::start("m").await;
+    let mut single = Gateway::start(&["openai.wasm", "weighted.wasm"], "");
+    let body = json!({"name": "migrated", "adapter": "openai", "base_url": mock.base_url(),
+        "key": "sk-upstream-migrated-0123", "models": ["migrated-model"]});
+    let (status, _) = admin(&single, Method::POST, "/api/channels", Some(&body)).await;
+    assert_eq!(status, 201);
+    let routing = json!({"policy": "weighted", "rules": [{"model": "migrated-model", "policy": "weighted"}]});
+    assert_eq!(admin(&single, Method::PUT, "/api/routing", Some(&routing)).await.0, 200);
+    single.kill();
+
+    let run = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+            .args(["migrate", "--from"])
+            .arg(&single.data_dir)
+            .args(["--to", &pg.url, "--secrets-key", "multi-node-test-secret-0123456789", "--plugins"])
+            .arg(&single.plugins_dir)
+            .output()
+            .expect("migrate");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        stdout
+    };
+    let first = run();
+    assert!(first.contains("1 channels, 1 options, 2 plugins"), "{first}");
+    assert_eq!(run(), first, "a second run changes nothing");
+
+    let gw = tokio::task::spawn_blocking({
+        let url = pg.url.clone();
+        move || node(&url, "")
+    })
+    .await
+    .expect("node");
+    let (status, answer) = post(&gw, "/v1/chat/completions", &chat("migrated-model", "moved")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        mock.state.last_headers.lock().await.clone().expect("headers")["authorization"],
+        "Bearer sk-upstream-migrated-0123"
+    );
+    let (_, table) = admin(&gw, Method::GET, "/api/routing", None).await;
+    assert_eq!(table["source"], "api", "{table}");
+}

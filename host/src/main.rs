@@ -47,6 +47,27 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Copy what several nodes share (channels and their health, the API's
+    /// routing/filter/pricing tables, the configuration import's markers,
+    /// and with `--plugins` the plugin files) from a stopped node's data
+    /// directory into PostgreSQL; idempotent, verified (docs/deployment.md).
+    Migrate {
+        /// The data directory to copy from (stop its gateway first).
+        #[arg(long)]
+        from: PathBuf,
+        /// The database, `postgres://user:password@host:port/db`.
+        #[arg(long)]
+        to: String,
+        /// The `secrets_key` the nodes will use: upstream keys are sealed with it.
+        #[arg(long, env = "WASMGATE_SECRETS_KEY")]
+        secrets_key: String,
+        /// The `secrets_key` the source store used (default: its key file).
+        #[arg(long)]
+        from_secrets_key: Option<String>,
+        /// A plugins directory whose `*.wasm` go into the shared table too.
+        #[arg(long)]
+        plugins: Option<PathBuf>,
+    },
     /// Work with plugin components.
     Plugin {
         #[command(subcommand)]
@@ -114,6 +135,20 @@ async fn main() -> anyhow::Result<()> {
         drop(wasmgate::telemetry::init(json_logs, &wasmgate::config::TelemetryConfig::default()));
     }
     match &cli.command {
+        Some(Command::Migrate { from, to, secrets_key, from_secrets_key, plugins }) => {
+            let (from, to, key, from_key, plugins) =
+                (from.clone(), to.clone(), secrets_key.clone(), from_secrets_key.clone(), plugins.clone());
+            let report = tokio::task::spawn_blocking(move || {
+                wasmgate::store::migrate_pg::migrate(&from, from_key.as_deref(), &to, &key, plugins.as_deref())
+            })
+            .await??;
+            println!(
+                "migrated and verified: {} channels, {} options, {} plugins (users, tokens, quota and usage logs \
+                 are not shared yet and stay in the data directory)",
+                report.channels, report.options, report.plugins
+            );
+            return Ok(());
+        }
         Some(Command::Plugin { command: PluginCommand::Check { file, fixtures, cache_dir } }) => {
             let report = wasmgate::plugins::check::check_file(file, fixtures.as_deref(), cache_dir.as_deref()).await;
             println!("{report}");

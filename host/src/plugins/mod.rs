@@ -37,6 +37,6 @@ pub use loader::{
 };
 pub use registry::{PluginSet, PluginStatus, Registry};
 pub use router::RouterPlugin;
-pub use shared::SharedPlugins;
+pub use shared::{PLUGINS_NOTIFY, SharedPlugins};
 pub use state::{Affinity, AffinityCaller, RoutingFacts};
 pub use watcher::{PluginWatcher, watch};

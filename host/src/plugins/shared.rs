@@ -178,7 +178,9 @@ async fn listen(pg: Arc<Postgres>, changed: tokio::sync::mpsc::UnboundedSender<O
             tokio::select! {
                 n = rx.recv() => {
                     let Some(n) = n else { break };
-                    if changed.send(Some(n.payload().to_string())).is_err() {
+                    // An empty payload (a migration) asks for a full comparison.
+                    let name = Some(n.payload().to_string()).filter(|p| !p.is_empty());
+                    if changed.send(name).is_err() {
                         return;
                     }
                 }

@@ -10,6 +10,7 @@
 
 pub mod guard;
 pub mod manifest;
+pub mod migrate_pg;
 pub mod overrides;
 pub mod postgres;
 pub mod secrets;

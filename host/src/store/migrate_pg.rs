@@ -1,0 +1,137 @@
+//! `wasmgate migrate --from DATA_DIR --to postgres://…`: copy what several
+//! nodes share today (see `docs/deployment.md`) from a single node's sled
+//! store into PostgreSQL — channels with their health (keys re-sealed with
+//! the nodes' `secrets_key`), the configuration import's markers, the
+//! tables set through the API (routing, filters, pricing) and, with
+//! `--plugins DIR`, the plugin files. Idempotent (rows are upserted by id,
+//! key and name), in one transaction, and verified: every source row is
+//! counted in the database afterwards. Stop the gateway first.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use super::postgres::{CHANNELS_NOTIFY, Postgres};
+use super::{SecretBox, Store, StoreOptions};
+use crate::channels::{ChannelStore, SledChannels};
+
+/// Options copied as they are.
+const OPTION_KEYS: [&str; 3] = ["routing_override", "filters_override", "pricing_override"];
+/// Option prefixes copied as they are.
+const OPTION_PREFIXES: [&str; 1] = ["config_channel/"];
+
+/// What was copied, each count verified in the database.
+#[derive(Debug, Default)]
+pub struct MigrateReport {
+    /// Channels.
+    pub channels: usize,
+    /// Options (markers and API tables).
+    pub options: usize,
+    /// Plugin files.
+    pub plugins: usize,
+}
+
+/// Copy `from` (a data directory; its keys opened with `from_key`, else its
+/// key file) into the database at `to`, sealing keys with `secrets_key`.
+pub fn migrate(
+    from: &Path,
+    from_key: Option<&str>,
+    to: &str,
+    secrets_key: &str,
+    plugins: Option<&Path>,
+) -> Result<MigrateReport> {
+    if !from.is_dir() {
+        bail!("{} is not a data directory", from.display());
+    }
+    let store =
+        Store::open_with(from, &StoreOptions { secrets_key: from_key.map(str::to_string), ..Default::default() })
+            .with_context(|| format!("opening the store in {}", from.display()))?;
+    let channels = SledChannels::open(&store).context("reading channels")?.snapshot();
+    let target = SecretBox::from_passphrase(secrets_key)?;
+    let mut rows = Vec::new();
+    for rec in channels.records.values() {
+        let mut sealed = crate::channels::ChannelRecord::clone(rec);
+        for k in &mut sealed.keys {
+            k.key = target.seal(&k.key);
+        }
+        rows.push((rec.id as i64, serde_json::to_value(&sealed)?));
+    }
+    let mut options = Vec::new();
+    for key in OPTION_KEYS {
+        if let Some(value) = store.option(key)? {
+            options.push((key.to_string(), value));
+        }
+    }
+    let tree = store.tree("options")?;
+    for prefix in OPTION_PREFIXES {
+        for item in tree.scan_prefix(prefix) {
+            let (k, v) = item?;
+            options.push((String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()));
+        }
+    }
+    let mut files = Vec::new();
+    if let Some(dir) = plugins {
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if let Some(name) = crate::plugins::Registry::name_for(&path) {
+                let bytes = std::fs::read(&path)?;
+                files.push((name, crate::plugins::sha256_hex(&bytes), bytes));
+            }
+        }
+    }
+    let report = MigrateReport { channels: rows.len(), options: options.len(), plugins: files.len() };
+    let pg = Postgres::start(to)?;
+    let inner = pg.clone();
+    pg.block(async move {
+        let mut c = inner.connect().await?;
+        let tx = c.transaction().await?;
+        for (id, record) in &rows {
+            tx.execute(
+                "INSERT INTO channels (id, record) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET record = $2, version = channels.version + 1",
+                &[id, record],
+            )
+            .await?;
+        }
+        tx.execute("SELECT setval('channel_ids', GREATEST((SELECT max(id) FROM channels), 1))", &[]).await?;
+        for (key, value) in &options {
+            tx.execute(
+                "INSERT INTO options (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2",
+                &[key, value],
+            )
+            .await?;
+        }
+        let now = super::unix_now() as i64;
+        for (name, sha, bytes) in &files {
+            tx.execute(
+                "INSERT INTO plugins (name, sha256, bytes, updated_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO UPDATE SET sha256 = $2, bytes = $3, updated_at = $4",
+                &[name, sha, bytes, &now],
+            )
+            .await?;
+        }
+        // Nodes already running re-read everything.
+        for channel in [CHANNELS_NOTIFY, super::overrides::OPTIONS_NOTIFY, crate::plugins::PLUGINS_NOTIFY] {
+            tx.execute("SELECT pg_notify($1, '')", &[&channel]).await?;
+        }
+        tx.commit().await?;
+        // Verify: every source row is there.
+        let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+        let keys: Vec<String> = options.iter().map(|(k, _)| k.clone()).collect();
+        let names: Vec<String> = files.iter().map(|(n, _, _)| n.clone()).collect();
+        let count = |n: i64, want: usize, what: &str| {
+            if n as usize == want {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("verification failed: {want} {what} copied, {n} found in the database"))
+            }
+        };
+        let n: i64 = c.query_one("SELECT count(*) FROM channels WHERE id = ANY($1)", &[&ids]).await?.get(0);
+        count(n, ids.len(), "channels")?;
+        let n: i64 = c.query_one("SELECT count(*) FROM options WHERE key = ANY($1)", &[&keys]).await?.get(0);
+        count(n, keys.len(), "options")?;
+        let n: i64 = c.query_one("SELECT count(*) FROM plugins WHERE name = ANY($1)", &[&names]).await?.get(0);
+        count(n, names.len(), "plugins")
+    })?;
+    Ok(report)
+}
