@@ -317,3 +317,83 @@ async fn migrate_copies_a_single_node_into_postgresql() {
     let (_, table) = admin(&gw, Method::GET, "/api/routing", None).await;
     assert_eq!(table["source"], "api", "{table}");
 }
+
+/// Recovery probes of a channel come from one node at a time; when that
+/// node dies, another takes over once its lease ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_node_at_a_time_probes_a_disabled_channel() {
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
+    let mock = MockUpstream::start("m").await;
+    mock.set_mode(crate::support::mock::Mode::openai_error(401, "invalid_api_key", None));
+    let extra = format!(
+        "{}[health]\nprobe_interval_ms = 100\nmax_recovery_attempts = 100000\n",
+        channel("probed", "openai", &mock.base_url(), &["probed-model"], "")
+    );
+    let mut nodes: Vec<Gateway> = tokio::task::spawn_blocking({
+        let url = pg.url.clone();
+        move || (0..3).map(|_| node(&url, &extra)).collect()
+    })
+    .await
+    .expect("nodes");
+    // A rejected key disables the channel (through node A's traffic).
+    let (status, _) = post(&nodes[0], "/v1/chat/completions", &chat("probed-model", "x")).await;
+    assert!(status >= 400);
+    let probes = |gw: &Gateway| {
+        let url = gw.url("/metrics");
+        async move {
+            let text = crate::support::client()
+                .get(url)
+                .bearer_auth(crate::support::ADMIN)
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("text");
+            text.lines()
+                .filter(|l| l.starts_with("wasmgate_recovery_probes_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .map(|v| v as u64)
+                .sum::<u64>()
+        }
+    };
+    let enough = eventually(Duration::from_secs(20), || async {
+        let mut total = 0;
+        for gw in &nodes {
+            total += probes(gw).await;
+        }
+        total >= 10
+    })
+    .await;
+    assert!(enough.is_some(), "no recovery probes");
+    let mut counts = Vec::new();
+    for gw in &nodes {
+        counts.push(probes(gw).await);
+    }
+    let probing: Vec<usize> = (0..3).filter(|&i| counts[i] > 0).collect();
+    assert_eq!(probing.len(), 1, "more than one node probes the channel: {counts:?}");
+    println!("probes per node: {counts:?}");
+
+    // The prober dies; another node takes over.
+    let dead = probing[0];
+    nodes[dead].kill();
+    let others: Vec<usize> = (0..3).filter(|&i| i != dead).collect();
+    let before: Vec<u64> = {
+        let mut v = Vec::new();
+        for &i in &others {
+            v.push(probes(&nodes[i]).await);
+        }
+        v
+    };
+    let took_over = eventually(Duration::from_secs(20), || async {
+        let mut grown = 0;
+        for (k, &i) in others.iter().enumerate() {
+            if probes(&nodes[i]).await > before[k] {
+                grown += 1;
+            }
+        }
+        grown >= 1
+    })
+    .await;
+    assert!(took_over.is_some(), "no node took over the probes of the node that died");
+}

@@ -344,6 +344,13 @@ pub trait ChannelStore: Send + Sync {
     }
     /// Delete channel `id`, returning what it was.
     fn delete(&self, id: u64) -> Result<ChannelRecord, StoreError>;
+    /// Of `ids`, the channels this node may probe for the next `lease`:
+    /// with several nodes on one database only one probes a channel at a
+    /// time (the holder keeps it while alive). Blocking: call it off the
+    /// async workers. One node alone probes everything.
+    fn claim_probes(&self, ids: &[u64], _lease: std::time::Duration) -> Vec<u64> {
+        ids.to_vec()
+    }
 }
 
 /// Models that channels in `set` offer to `group`, de-duplicated and sorted,

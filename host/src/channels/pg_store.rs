@@ -49,6 +49,8 @@ struct Inner {
     /// database thread only.
     client: tokio::sync::Mutex<Option<Client>>,
     persist: tokio::sync::mpsc::UnboundedSender<u64>,
+    /// This process, for probe leases.
+    node: String,
 }
 
 /// A database call on the write connection.
@@ -161,6 +163,7 @@ impl PgChannels {
             snapshot: ArcSwap::from_pointee(ChannelSet::new(std::iter::empty())),
             client: tokio::sync::Mutex::new(None),
             persist,
+            node: format!("{:016x}", rand::random::<u64>()),
         });
         let first = inner.clone();
         pg.block(async move { first.reload(None).await }).context("loading channels from PostgreSQL")?;
@@ -439,6 +442,34 @@ impl ChannelStore for PgChannels {
         lock(&self.inner.dirty).insert(id);
         let _ = self.inner.persist.send(id);
         Ok(rec)
+    }
+
+    fn claim_probes(&self, ids: &[u64], lease: Duration) -> Vec<u64> {
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        let ids: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
+        let (node, lease_ms) = (self.inner.node.clone(), lease.as_millis() as i64);
+        let claimed = self.call(move |c| {
+            Box::pin(async move {
+                let now = crate::store::unix_now_ms() as i64;
+                c.query(
+                    "UPDATE channels SET probe_lease_until = $2 + $3, probe_lease_node = $4
+                     WHERE id = ANY($1) AND (probe_lease_until < $2 OR probe_lease_node = $4) RETURNING id",
+                    &[&ids, &now, &lease_ms, &node],
+                )
+                .await
+            })
+        });
+        match claimed {
+            Ok(rows) => rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect(),
+            Err(error) => {
+                // Without the database no node can coordinate: probe nothing
+                // rather than everything from every node.
+                tracing::warn!(%error, "cannot claim recovery probes; skipping this round");
+                Vec::new()
+            }
+        }
     }
 
     fn delete(&self, id: u64) -> Result<ChannelRecord, StoreError> {

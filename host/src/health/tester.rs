@@ -87,7 +87,7 @@ fn targets(rec: &ChannelRecord, max_attempts: u32) -> Vec<Target> {
 /// Probe everything due, at most `probe_concurrency` at a time.
 pub async fn probe_round(state: &AppState) {
     let cfg = state.health.config().clone();
-    let jobs: Vec<(ChannelRecord, Target)> = state
+    let mut jobs: Vec<(ChannelRecord, Target)> = state
         .channels
         .snapshot()
         .records
@@ -97,6 +97,13 @@ pub async fn probe_round(state: &AppState) {
     if jobs.is_empty() {
         return;
     }
+    // Several nodes: only the one holding a channel's lease probes it.
+    let mut ids: Vec<u64> = jobs.iter().map(|(r, _)| r.id).collect();
+    ids.dedup();
+    let lease = Duration::from_millis(cfg.probe_interval_ms.saturating_mul(3)).max(Duration::from_secs(1));
+    let channels = state.channels.clone();
+    let claimed = tokio::task::spawn_blocking(move || channels.claim_probes(&ids, lease)).await.unwrap_or_default();
+    jobs.retain(|(r, _)| claimed.contains(&r.id));
     futures_util::stream::iter(jobs)
         .map(|(rec, target)| async move {
             let channel = match target {

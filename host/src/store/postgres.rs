@@ -48,6 +48,12 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
          updated_at BIGINT NOT NULL
      );",
     ),
+    (
+        3,
+        "ALTER TABLE channels
+         ADD COLUMN probe_lease_until BIGINT NOT NULL DEFAULT 0,
+         ADD COLUMN probe_lease_node TEXT NOT NULL DEFAULT '';",
+    ),
 ];
 
 /// The notification channel announcing a changed channel (payload: its id).
