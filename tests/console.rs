@@ -42,7 +42,7 @@ async fn an_operator_runs_the_gateway_from_the_console_in_a_real_browser() {
         ("UPSTREAM_SECRET", BROWSER_SECRET.to_string()),
     ];
     let stdout = run_python("console_check.py", env).await;
-    assert!(stdout.contains("console: 17 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("console: 18 passed, 0 failed"), "{stdout}");
     for page in ["dashboard", "channels", "plugins", "users", "tokens", "logs", "settings", "self-logs"] {
         assert!(shots.join(format!("{page}.png")).exists(), "no screenshot of {page}");
     }

@@ -487,11 +487,12 @@
 
   async function pagePlugins() {
     const out = h("div", { "data-test": "plugin-notice" });
-    const [plugins, channels, routing] = await Promise.all([api("GET", "/api/plugins"), api("GET", "/api/channels?per_page=100"), api("GET", "/api/routing")]);
+    const [plugins, channels, routing, filters] = await Promise.all([api("GET", "/api/plugins"), api("GET", "/api/channels?per_page=100"), api("GET", "/api/routing"), api("GET", "/api/filters")]);
     const usedBy = (name) => [
       ...channels.data.filter((c) => c.adapter === name).map((c) => "#" + c.id + " " + c.name),
       ...(routing.policy === name ? ["routing: default"] : []),
       ...(routing.rules || []).filter((r) => r.policy === name).map((r) => `routing: ${r.group || "*"}/${r.model || "*"}`),
+      ...(filters.filters || []).filter((r) => r.plugin === name).map((r) => `filter: ${(r.groups || ["*"]).join("|")}/${(r.models || ["*"]).join("|")}`),
     ].join(", ") || t("pl.none");
     const name = h("input", { name: "plugin-name", id: "plugin-name", pattern: "[a-z0-9][a-z0-9_-]*" });
     const file = h("input", { type: "file", accept: ".wasm", id: "plugin-file", "data-test": "plugin-file" });
@@ -776,9 +777,10 @@
   }
 
   async function pageSettings() {
-    const [pricing, routing] = await Promise.all([api("GET", "/api/pricing"), api("GET", "/api/routing")]);
+    const [pricing, routing, filters] = await Promise.all([api("GET", "/api/pricing"), api("GET", "/api/routing"), api("GET", "/api/filters")]);
     return [h("h1", {}, t("nav.settings")), h("div", { class: "grid2" },
-      jsonEditor(t("set.pricing"), "/api/pricing", pricing), jsonEditor(t("set.routing"), "/api/routing", routing))];
+      jsonEditor(t("set.pricing"), "/api/pricing", pricing), jsonEditor(t("set.routing"), "/api/routing", routing),
+      jsonEditor(t("set.filters"), "/api/filters", filters))];
   }
 
   // ---- self-service -----------------------------------------------------------

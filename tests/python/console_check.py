@@ -222,6 +222,20 @@ def pricing_errors_are_shown_inline():
 
 
 @check
+def filter_rules_are_edited_and_validated_on_the_settings_page():
+    goto("settings")
+    filters = page.locator("main form").nth(2)
+    filters.locator("textarea").fill('{"filters": [{"plugin": "block-list", "routes": ["chat"]}]}')
+    filters.locator("button[type=submit]").click()
+    expect(page.locator("[role=alert]")).to_contain_text("filters[0].routes")
+    filters.locator("textarea").fill('{"filters": [{"plugin": "block-list", "models": ["gpt-4o*"], "settings": {"words": ["x"]}}]}')
+    filters.locator("button[type=submit]").click()
+    expect(filters.locator("textarea")).to_have_value(re.compile('"source": "api"'))
+    filters.locator("button[type=button]").click()
+    expect(filters.locator("textarea")).to_have_value(re.compile('"source": "config"'))
+
+
+@check
 def the_console_speaks_chinese_and_has_a_dark_mode():
     goto("channels")
     page.click("header button:has-text('中文')")
