@@ -257,7 +257,7 @@ async fn token_rules_expiry_allowlists_and_limits() {
 }
 
 /// Every consume row, by request id (asserting none is duplicated).
-async fn consume_rows(gw: &Gateway) -> std::collections::HashMap<String, Value> {
+pub(crate) async fn consume_rows(gw: &Gateway) -> std::collections::HashMap<String, Value> {
     let mut rows = std::collections::HashMap::new();
     for page in 1.. {
         let body = logs(gw, &format!("type=consume&page={page}")).await;
