@@ -143,5 +143,54 @@ pub async fn run(plugins: &Path, n: usize) -> Result<()> {
             );
         }
     }
+    filters(plugins, &engine, &cache, n, request).await
+}
+
+/// The shipped filters' hooks on the same request, an answer chunk.
+async fn filters(
+    plugins: &Path,
+    engine: &Arc<PluginEngine>,
+    cache: &Arc<ArtifactCache>,
+    n: usize,
+    request: &[u8],
+) -> Result<()> {
+    let context = |settings: &str| wasmgate::plugins::FilterContext {
+        endpoint: Endpoint::ChatCompletions,
+        route: "chat_completions".into(),
+        model: "gpt-4o-mini".into(),
+        group: "default".into(),
+        stream: true,
+        request_id: "req_bench".into(),
+        user_id: Some(1),
+        token_id: Some(1),
+        settings: settings.into(),
+    };
+    let chunk = br#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"word "},"finish_reason":null}]}"#;
+    let block = r#"{"words": ["forbidden fruit", "secret", "password"], "patterns": ["sk-[A-Za-z0-9]{20,}"]}"#;
+    for (name, settings) in [("block-list", block), ("pii-redact", "{}"), ("prompt-cap", r#"{"max_chars": 100000}"#)] {
+        let bytes = std::fs::read(plugins.join(format!("{name}.wasm"))).with_context(|| name.to_string())?;
+        let LoadedPlugin::Filter(filter) =
+            wasmgate::plugins::load(engine, cache, name, bytes).await.map_err(anyhow::Error::msg)?.plugin
+        else {
+            bail!("{name}.wasm is not a filter");
+        };
+        let ctx = context(settings);
+        row(
+            &format!("{name}: on-request"),
+            &time!(n, {
+                let r = filter.on_request(&ctx, request).await;
+                assert!(r.is_ok());
+            }),
+        );
+        if filter.wants(wasmgate::plugins::Hook::StreamChunk) {
+            row(
+                &format!("{name}: on-stream-chunk (one chunk)"),
+                &time!(n, {
+                    let r = filter.on_stream_chunk(&ctx, chunk, b"").await;
+                    assert!(r.is_ok());
+                }),
+            );
+        }
+    }
     Ok(())
 }
