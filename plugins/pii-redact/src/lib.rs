@@ -116,6 +116,30 @@ fn redact(text: &mut String, kinds: &[String], placeholder: &str) -> bool {
     changed
 }
 
+/// Whether `body` may hold anything to redact: an `@`, a run of seven
+/// digits (spaces, dots, dashes and parentheses between them allowed), or
+/// a JSON `\u` escape that could hide either. Most prompts have none, and
+/// skip the JSON round trip.
+fn may_hold_pii(body: &[u8]) -> bool {
+    if body.contains(&b'@') || body.windows(2).any(|w| w == b"\\u") {
+        return true;
+    }
+    let mut digits = 0;
+    for &b in body {
+        match b {
+            b'0'..=b'9' => {
+                digits += 1;
+                if digits >= 7 {
+                    return true;
+                }
+            }
+            b' ' | b'-' | b'.' | b'(' | b')' | b'+' => {}
+            _ => digits = 0,
+        }
+    }
+    false
+}
+
 struct PiiRedact;
 
 impl Filter for PiiRedact {
@@ -129,6 +153,9 @@ impl Filter for PiiRedact {
     }
 
     fn on_request(ctx: &FilterContext, body: Vec<u8>) -> RequestVerdict {
+        if !may_hold_pii(&body) {
+            return RequestVerdict::Pass;
+        }
         let settings = settings(ctx);
         let mut kinds = string_list(&settings, "kinds");
         if kinds.is_empty() {
@@ -185,6 +212,18 @@ mod tests {
         // 16 digits failing the Luhn check are not a card (still a long
         // number, which reads as a phone number only up to 15 digits).
         assert_eq!(redacted("id 4111111111111112"), "id 4111111111111112");
+    }
+
+    #[test]
+    fn the_prefilter_never_skips_what_could_be_redacted() {
+        assert!(!may_hold_pii(br#"{"messages":[{"content":"in 2024 we sold 1500 units"}]}"#));
+        assert!(may_hold_pii(br#"{"content":"me@x.example"}"#));
+        assert!(may_hold_pii(br#"{"content":"+1 (415) 555-0132"}"#));
+        assert!(may_hold_pii(br#"{"content":"jane\u0040corp.example"}"#));
+        // An escaped e-mail is still redacted.
+        let ctx = wasmgate_pdk_filter::test_context("{}", false);
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"jane\u0040corp.example"}]}"#;
+        assert!(matches!(PiiRedact::on_request(&ctx, body.to_vec()), RequestVerdict::Edit(_)));
     }
 
     #[test]
