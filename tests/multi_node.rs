@@ -277,7 +277,7 @@ async fn a_plugin_uploaded_to_one_node_serves_on_all_of_them() {
 async fn migrate_copies_a_single_node_into_postgresql() {
     let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
     let mock = MockUpstream::start("m").await;
-    let mut single = Gateway::start(&["openai.wasm", "weighted.wasm"], "");
+    let mut single = Gateway::start(&["openai.wasm", "weighted.wasm"], "# store: sled");
     let body = json!({"name": "migrated", "adapter": "openai", "base_url": mock.base_url(),
         "key": "sk-upstream-migrated-0123", "models": ["migrated-model"]});
     let (status, _) = admin(&single, Method::POST, "/api/channels", Some(&body)).await;

@@ -99,6 +99,17 @@ impl Gateway {
             tokens.push_str(line);
             tokens.push('\n');
         }
+        // The suite's PostgreSQL pass (see `postgres::database_for_gateway`).
+        // `# store: sled` in `extra_toml` keeps a gateway on sled in that pass.
+        if !top.iter().any(|l| l.starts_with("database_url = "))
+            && !extra_toml.contains("# store: sled")
+            && let Some(url) = postgres::database_for_gateway()
+        {
+            tokens.push_str(&format!("database_url = {url:?}\n"));
+            if !top.iter().any(|l| l.starts_with("secrets_key = ")) {
+                tokens.push_str("secrets_key = \"suite-on-postgresql-0123456789\"\n");
+            }
+        }
         let mut extra_toml = rest.join("\n");
         // Tests that are not about prices serve every model for free.
         if !extra_toml.contains("[pricing]") {

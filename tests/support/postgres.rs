@@ -42,13 +42,50 @@ fn is_root() -> bool {
 /// `program args…`, as [`PG_USER`] when we are root (`setpriv` execs the
 /// program, so the child is the server itself and signals reach it).
 fn as_pg_user(program: &Path) -> Command {
+    // The server stops when the test process ends, however it ends.
+    let mut c = Command::new("setpriv");
     if is_root() {
-        let mut c = Command::new("setpriv");
-        c.args([&format!("--reuid={PG_USER}"), &format!("--regid={PG_USER}"), "--clear-groups", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
+        c.args([&format!("--reuid={PG_USER}"), &format!("--regid={PG_USER}"), "--clear-groups"]);
     }
+    c.args(["--pdeathsig=TERM", "--"]).arg(program);
+    c
+}
+
+/// With `WASMGATE_TEST_BACKEND=postgres`, every gateway the suite starts
+/// keeps its channels, tables and plugins in a database of its own on one
+/// server started for the whole run: the suite runs against PostgreSQL as
+/// well as sled. Returns a fresh database's URL then, `None` otherwise.
+pub fn database_for_gateway() -> Option<String> {
+    static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    if std::env::var("WASMGATE_TEST_BACKEND").ok().as_deref() != Some("postgres") {
+        return None;
+    }
+    let url = SERVER.get_or_init(|| {
+        // The server's parent-death signal follows the thread that started
+        // it: start it from one that lives as long as the test process.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let server = PgServer::start();
+            let _ = tx.send(server.url.clone());
+            loop {
+                std::thread::park();
+            }
+        });
+        rx.recv().expect("the suite's PostgreSQL server")
+    });
+    let name = format!("gw_{:016x}", rand::random::<u64>());
+    let out = Command::new(psql())
+        .args([url.as_str(), "-q", "-c", &format!("CREATE DATABASE {name}")])
+        .output()
+        .expect("psql");
+    assert!(out.status.success(), "CREATE DATABASE failed: {}", String::from_utf8_lossy(&out.stderr));
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+    Some(format!("{base}/{name}"))
+}
+
+fn psql() -> PathBuf {
+    let bundled = bindir().join("psql");
+    if bundled.exists() { bundled } else { PathBuf::from("psql") }
 }
 
 fn free_port() -> u16 {
@@ -92,13 +129,10 @@ impl PgServer {
             std::thread::sleep(Duration::from_millis(100));
         }
         // Accepting TCP is not yet accepting sessions: wait for a query.
-        let psql = bin.join("psql");
         let started = Instant::now();
         loop {
-            let ok = Command::new(if psql.exists() { psql.as_path() } else { Path::new("psql") })
-                .args([&server.url, "-c", "SELECT 1"])
-                .output()
-                .is_ok_and(|o| o.status.success());
+            let ok =
+                Command::new(psql()).args([&server.url, "-c", "SELECT 1"]).output().is_ok_and(|o| o.status.success());
             if ok {
                 break;
             }
