@@ -9,7 +9,8 @@ use reqwest::Method;
 
 use crate::support::{ADMIN, Gateway, MockUpstream, TOKEN, admin, channel, chat, client, run_python, send};
 
-const MODELS: [&str; 7] = ["guarded", "guarded-split", "pii", "capped", "trap-closed", "trap-open", "plain"];
+const MODELS: [&str; 8] =
+    ["guarded", "guarded-split", "pii", "capped", "trap-closed", "trap-open", "plain", "slow-guarded"];
 
 const FILTERS: &str = r#"
 [[filters]]
@@ -21,6 +22,11 @@ settings = { words = ["forbidden fruit", "echo"], patterns = ["secret-[0-9]+"] }
 plugin = "block-list"
 models = ["guarded-split"]
 settings = { words = ["echo: hello"] }
+
+[[filters]]
+plugin = "block-list"
+models = ["slow-guarded"]
+settings = { words = ["word5 word6"] }
 
 [[filters]]
 plugin = "pii-redact"
@@ -103,10 +109,29 @@ async fn filters_add_upstream_headers_refusals_never_leave_and_rules_change_live
     );
     assert_eq!(mock.hits(), before, "a refused request must not reach the upstream");
 
+    // A phrase split across chunks that already left stops the stream
+    // midway: the client has the chunks before it, then an OpenAI error
+    // event, and no `[DONE]`.
+    let mut slow = chat("slow-guarded", "count");
+    slow["stream"] = true.into();
+    let sse = send(&gw, "/v1/chat/completions", &slow).await.text().await.expect("stream");
+    let text: String = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    assert!(text.starts_with("word0 ") && text.ends_with("word5 "), "{text}");
+    assert!(sse.contains("\"code\":\"content_blocked\"") && !sse.contains("[DONE]"), "{sse}");
+    let (status, answer) = crate::support::post(&gw, "/v1/chat/completions", &chat("slow-guarded", "count")).await;
+    let content = answer["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string();
+    assert_eq!(status, 200);
+    assert!(content.contains("word4 *** word7"), "not streamed, the phrase is masked: {content}");
+
     // The rules are replaced live: the cap goes, and a new rule caps `plain`.
     let (status, view) = admin(&gw, Method::GET, "/api/filters", None).await;
     assert_eq!((status, view["source"].as_str()), (200, Some("config")));
-    assert_eq!(view["filters"].as_array().map(Vec::len), Some(6));
+    assert_eq!(view["filters"].as_array().map(Vec::len), Some(7));
     assert_eq!(view["loaded_filters"].as_array().map(Vec::len), Some(4), "{view}");
     let rules = serde_json::json!([{"plugin": "prompt-cap", "models": ["plain"], "settings": {"max_messages": 1}}]);
     let (status, view) = admin(&gw, Method::PUT, "/api/filters", Some(&rules)).await;
@@ -135,7 +160,7 @@ async fn filters_add_upstream_headers_refusals_never_leave_and_rules_change_live
     let (_, view) = admin(&gw, Method::GET, "/api/filters", None).await;
     assert_eq!(view["source"], "api");
     let (status, view) = admin(&gw, Method::DELETE, "/api/filters", None).await;
-    assert_eq!((status, view["filters"].as_array().map(Vec::len)), (200, Some(6)));
+    assert_eq!((status, view["filters"].as_array().map(Vec::len)), (200, Some(7)));
     let resp = send(&gw, "/v1/chat/completions", &chat("plain", "hi")).await;
     assert_eq!(resp.status(), 200);
 }
