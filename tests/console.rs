@@ -59,9 +59,9 @@ async fn an_operator_runs_the_gateway_from_the_console_in_a_real_browser() {
 }
 
 /// A signed-in console session over plain HTTP: its cookie and CSRF token.
-struct Session {
+pub(crate) struct Session {
     cookie: String,
-    csrf: String,
+    pub(crate) csrf: String,
 }
 
 fn session_cookie(headers: &HeaderMap) -> Option<String> {
@@ -69,14 +69,14 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
     Some(set.split(';').next()?.to_string())
 }
 
-async fn sign_in(gw: &Gateway, token: &str) -> (u16, Value, Option<String>, HeaderMap) {
+pub(crate) async fn sign_in(gw: &Gateway, token: &str) -> (u16, Value, Option<String>, HeaderMap) {
     let resp = client().post(gw.url("/api/session")).json(&json!({"token": token})).send().await.expect("send");
     let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     (status, body, session_cookie(&headers), headers)
 }
 
-async fn admin_session(gw: &Gateway) -> Session {
+pub(crate) async fn admin_session(gw: &Gateway) -> Session {
     let (status, body, cookie, headers) = sign_in(gw, ADMIN).await;
     assert_eq!(status, 200, "{body}");
     let set = headers[SET_COOKIE].to_str().expect("cookie");
@@ -87,7 +87,7 @@ async fn admin_session(gw: &Gateway) -> Session {
     Session { cookie: cookie.expect("cookie"), csrf: body["csrf_token"].as_str().expect("csrf").to_string() }
 }
 
-async fn with_session(
+pub(crate) async fn with_session(
     gw: &Gateway,
     s: &Session,
     method: Method,

@@ -109,6 +109,24 @@ async fn three_nodes_share_channels_through_postgresql() {
         assert!(shared.is_some(), "routing or pricing set on A never reached another node: {r} {p}");
     }
 
+    // A console session opened on A works on B and C; signed out on C, it
+    // is refused everywhere.
+    let session = crate::console::admin_session(a).await;
+    for gw in [b, c] {
+        let (status, _) = crate::console::with_session(gw, &session, Method::GET, "/api/users", None, &[]).await;
+        assert_eq!(status, 200, "a console session from A refused on another node");
+    }
+    let csrf = [("x-csrf-token", session.csrf.as_str())];
+    let (status, _) = crate::console::with_session(c, &session, Method::DELETE, "/api/session", None, &csrf).await;
+    assert_eq!(status, 200);
+    for gw in [a, b] {
+        let out = eventually(Duration::from_secs(10), || async {
+            crate::console::with_session(gw, &session, Method::GET, "/api/users", None, &[]).await.0 == 401
+        })
+        .await;
+        assert!(out.is_some(), "a sign-out on C never reached another node");
+    }
+
     // `shared-model` on both mocks; disabled on B, the first gets no traffic anywhere.
     let id = created["id"].as_u64().expect("id");
     let patch = json!({"models": ["new-model", "shared-model"]});

@@ -136,6 +136,11 @@ pub async fn build(config: Config) -> Result<Gateway> {
         Billing::open(&store, options, &config.pricing, &config.logs, &config.limits).context("opening billing")?,
     );
     crate::metrics::get().set_enabled(config.metrics.enabled);
+    let sessions =
+        Arc::new(Sessions::new(store.secrets_arc(), config.console.session_secs, config.console.max_failed_sign_ins));
+    if let Some(pg) = &postgres {
+        crate::console::signouts_pg::PgSignOuts::start(pg, &sessions);
+    }
     let inner = Inner {
         billing,
         health: Health::new(config.health.clone(), channels.clone()),
@@ -149,7 +154,7 @@ pub async fn build(config: Config) -> Result<Gateway> {
         registry,
         shared_plugins,
         store,
-        sessions: Sessions::new(config.console.session_secs, config.console.max_failed_sign_ins),
+        sessions,
         started_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         config,
     };

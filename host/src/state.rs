@@ -47,7 +47,7 @@ pub struct Inner {
     /// Embedded store.
     pub store: Store,
     /// Console sign-in sessions.
-    pub sessions: crate::console::sessions::Sessions,
+    pub sessions: Arc<crate::console::sessions::Sessions>,
     /// Unix time the gateway started (the `created` of listed models).
     pub started_at: u64,
 }

@@ -3,6 +3,7 @@
 //! over the admin and self-service JSON API; and its sign-in sessions.
 
 pub mod sessions;
+pub mod signouts_pg;
 
 use std::collections::HashMap;
 use std::io::Write;

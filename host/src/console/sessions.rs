@@ -1,33 +1,58 @@
-//! Console sign-in sessions: a random id in an `HttpOnly` cookie, kept in
-//! memory (a restart signs everyone out), each with its CSRF token and
-//! expiry; and the per-address count of failed sign-ins.
+//! Console sign-in sessions: the session itself — who signed in, its CSRF
+//! token and expiry — sealed (AES-256-GCM, the store's secrets key) into
+//! an `HttpOnly` cookie, so any node sharing the key (`secrets_key`) opens
+//! it, and a restart signs no one out; a sign-out is remembered until the
+//! session would have expired (in memory, and with `database_url` in the
+//! shared database, so it holds on every node); and the per-address count
+//! of failed sign-ins.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use crate::state::secret_hash;
+use serde::{Deserialize, Serialize};
+
+use crate::store::SecretBox;
 use crate::store::unix_now_ms;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "wasmgate_session";
 
-/// Most sessions kept at once; the oldest go first beyond it.
+/// Most addresses (and sign-outs) remembered at once; the oldest go first.
 const MAX_SESSIONS: usize = 10_000;
 
 /// The window over which failed sign-ins are counted.
 const FAILURE_WINDOW_MS: u64 = 5 * 60 * 1000;
 
+/// What a sealed cookie holds is marked as such, so no other value sealed
+/// with the same key (a channel's upstream key) can pass for a session.
+const KIND: &str = "wasmgate-console-session";
+
 /// Who a session signed in as.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "as", rename_all = "lowercase")]
 pub enum Role {
     /// The admin token: the whole console.
     Admin,
     /// A user's own gateway token (its SHA-256): the self-service view.
     User {
         /// SHA-256 of the token the user signed in with.
+        #[serde(with = "hex_bytes")]
         key_hash: [u8; 32],
     },
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| serde::de::Error::custom("bad hash"))
+    }
 }
 
 /// One signed-in browser.
@@ -41,11 +66,30 @@ pub struct Session {
     pub expires_at_ms: u64,
 }
 
-/// Every live session and the failed sign-ins per address.
+/// The sealed form.
+#[derive(Serialize, Deserialize)]
+struct Sealed {
+    kind: String,
+    id: String,
+    role: Role,
+    csrf: String,
+    exp: u64,
+}
+
+/// Where sign-outs are shared with the other nodes (the database).
+pub trait SignOuts: Send + Sync {
+    /// Remember that session `id` signed out (until `expires_at_ms`).
+    fn publish(&self, id: &str, expires_at_ms: u64);
+}
+
+/// Sessions' key, sign-outs and the failed sign-ins per address.
 pub struct Sessions {
     ttl_ms: u64,
     max_failures: u32,
-    live: Mutex<HashMap<[u8; 32], Session>>,
+    key: Arc<SecretBox>,
+    /// Session id → when it would have expired.
+    signed_out: Mutex<HashMap<String, u64>>,
+    shared: Mutex<Option<Arc<dyn SignOuts>>>,
     failures: Mutex<HashMap<IpAddr, (u64, u32)>>,
 }
 
@@ -54,15 +98,22 @@ fn random_hex() -> String {
 }
 
 impl Sessions {
-    /// Sessions lasting `ttl_secs`; `max_failures` failed sign-ins per
-    /// address in five minutes.
-    pub fn new(ttl_secs: u64, max_failures: u32) -> Self {
+    /// Sessions sealed with `key`, lasting `ttl_secs`; `max_failures`
+    /// failed sign-ins per address in five minutes.
+    pub fn new(key: Arc<SecretBox>, ttl_secs: u64, max_failures: u32) -> Self {
         Self {
             ttl_ms: ttl_secs.saturating_mul(1000).max(1000),
             max_failures: max_failures.max(1),
-            live: Mutex::default(),
+            key,
+            signed_out: Mutex::default(),
+            shared: Mutex::default(),
             failures: Mutex::default(),
         }
+    }
+
+    /// Share sign-outs through `store` from now on.
+    pub fn share_sign_outs(&self, store: Arc<dyn SignOuts>) {
+        *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(store);
     }
 
     /// How long a session lasts, in seconds (the cookie's `Max-Age`).
@@ -70,42 +121,63 @@ impl Sessions {
         self.ttl_ms / 1000
     }
 
-    /// Open a session; returns the cookie value and the session. Only the
-    /// value's hash is kept.
+    /// Open a session; returns the cookie value and the session.
     pub fn open(&self, role: Role) -> (String, Session) {
-        let id = random_hex();
         let session = Session { role, csrf: random_hex(), expires_at_ms: unix_now_ms().saturating_add(self.ttl_ms) };
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if live.len() >= MAX_SESSIONS {
-            let now = unix_now_ms();
-            live.retain(|_, s| s.expires_at_ms > now);
-            if live.len() >= MAX_SESSIONS
-                && let Some(oldest) = live.iter().min_by_key(|(_, s)| s.expires_at_ms).map(|(k, _)| *k)
+        let sealed = Sealed {
+            kind: KIND.into(),
+            id: random_hex(),
+            role: session.role.clone(),
+            csrf: session.csrf.clone(),
+            exp: session.expires_at_ms,
+        };
+        let value = self.key.seal(&serde_json::to_string(&sealed).unwrap_or_default());
+        (value, session)
+    }
+
+    /// The sealed session of a cookie value, expired or not.
+    fn unseal(&self, value: &str) -> Option<Sealed> {
+        // Only a sealed value: `open_value` passes unsealed text through.
+        if !SecretBox::is_sealed(value) || value.len() > 4096 {
+            return None;
+        }
+        let plain = self.key.open_value(value).ok()?;
+        serde_json::from_str::<Sealed>(&plain).ok().filter(|s| s.kind == KIND)
+    }
+
+    /// The live session of a cookie value: sealed with our key, not
+    /// expired, not signed out.
+    pub fn get(&self, value: &str) -> Option<Session> {
+        let s = self.unseal(value)?;
+        if s.exp <= unix_now_ms() || self.signed_out.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&s.id) {
+            return None;
+        }
+        Some(Session { role: s.role, csrf: s.csrf, expires_at_ms: s.exp })
+    }
+
+    /// Sign out: the session is refused from now on, here and (shared) on
+    /// every node.
+    pub fn close(&self, value: &str) {
+        let Some(s) = self.unseal(value) else { return };
+        self.forget(&s.id, s.exp);
+        if let Some(shared) = self.shared.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            shared.publish(&s.id, s.exp);
+        }
+    }
+
+    /// Remember a sign-out (made here or on another node) until `exp`.
+    pub fn forget(&self, id: &str, exp: u64) {
+        let now = unix_now_ms();
+        let mut out = self.signed_out.lock().unwrap_or_else(|p| p.into_inner());
+        if out.len() >= MAX_SESSIONS {
+            out.retain(|_, e| *e > now);
+            if out.len() >= MAX_SESSIONS
+                && let Some(oldest) = out.iter().min_by_key(|(_, e)| **e).map(|(k, _)| k.clone())
             {
-                live.remove(&oldest);
+                out.remove(&oldest);
             }
         }
-        live.insert(secret_hash(&id), session.clone());
-        (id, session)
-    }
-
-    /// The live session of a cookie value (an expired one is dropped).
-    pub fn get(&self, id: &str) -> Option<Session> {
-        let key = secret_hash(id);
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        match live.get(&key) {
-            Some(s) if s.expires_at_ms > unix_now_ms() => Some(s.clone()),
-            Some(_) => {
-                live.remove(&key);
-                None
-            }
-            None => None,
-        }
-    }
-
-    /// Sign out.
-    pub fn close(&self, id: &str) {
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&secret_hash(id));
+        out.insert(id.to_string(), exp);
     }
 
     /// Seconds until `ip` may try again, when it has used up its failures.
@@ -154,19 +226,46 @@ pub fn cookie_value(headers: &axum::http::HeaderMap) -> Option<&str> {
 mod tests {
     use super::*;
 
+    fn key(passphrase: &str) -> Arc<SecretBox> {
+        Arc::new(SecretBox::from_passphrase(passphrase).expect("key"))
+    }
+
+    fn sessions(ttl: u64, failures: u32) -> Sessions {
+        Sessions::new(key("0123456789abcdef-console"), ttl, failures)
+    }
+
     #[test]
     fn a_session_is_found_by_its_cookie_until_closed() {
-        let sessions = Sessions::new(60, 3);
-        let (id, s) = sessions.open(Role::Admin);
-        assert_eq!(sessions.get(&id).map(|g| g.csrf), Some(s.csrf));
+        let sessions = sessions(60, 3);
+        let (id, s) = sessions.open(Role::User { key_hash: [7; 32] });
+        assert_eq!(sessions.get(&id).map(|g| (g.csrf, g.role)), Some((s.csrf, s.role)));
         assert!(sessions.get("other").is_none());
+        // Another node with the same key opens it; one with another key does not.
+        let twin = Sessions::new(key("0123456789abcdef-console"), 60, 3);
+        assert!(twin.get(&id).is_some());
+        assert!(Sessions::new(key("0123456789abcdef-other!"), 60, 3).get(&id).is_none());
         sessions.close(&id);
         assert!(sessions.get(&id).is_none());
     }
 
     #[test]
+    fn nothing_but_a_sealed_session_passes() {
+        let sessions = sessions(60, 3);
+        let k = key("0123456789abcdef-console");
+        let plain =
+            r#"{"kind":"wasmgate-console-session","id":"x","role":{"as":"admin"},"csrf":"c","exp":99999999999999}"#;
+        assert!(sessions.get(plain).is_none(), "unsealed JSON");
+        assert!(sessions.get(&k.seal("sk-upstream-key")).is_none(), "another sealed value");
+        let other_kind = plain.replace("wasmgate-console-session", "channel-key");
+        assert!(sessions.get(&k.seal(&other_kind)).is_none(), "a sealed value of another kind");
+        let expired = plain.replace("99999999999999", "1");
+        assert!(sessions.get(&k.seal(&expired)).is_none(), "expired");
+        assert!(sessions.get(&k.seal(plain)).is_some(), "the real shape passes");
+    }
+
+    #[test]
     fn failures_block_an_address_after_the_limit() {
-        let sessions = Sessions::new(60, 2);
+        let sessions = sessions(60, 2);
         let ip: IpAddr = "127.0.0.1".parse().expect("ip");
         sessions.failed(ip);
         assert_eq!(sessions.blocked(ip), None);
@@ -177,7 +276,7 @@ mod tests {
 
     #[test]
     fn the_failure_table_stays_bounded() {
-        let sessions = Sessions::new(60, 3);
+        let sessions = sessions(60, 3);
         for i in 0..(MAX_SESSIONS as u32 + 50) {
             sessions.failed(IpAddr::from(i.to_be_bytes()));
         }

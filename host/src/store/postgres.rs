@@ -54,6 +54,13 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
          ADD COLUMN probe_lease_until BIGINT NOT NULL DEFAULT 0,
          ADD COLUMN probe_lease_node TEXT NOT NULL DEFAULT '';",
     ),
+    (
+        4,
+        "CREATE TABLE console_signouts (
+         id TEXT PRIMARY KEY,
+         expires BIGINT NOT NULL
+     );",
+    ),
 ];
 
 /// The notification channel announcing a changed channel (payload: its id).
