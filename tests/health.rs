@@ -199,6 +199,7 @@ async fn a_channel_that_keeps_failing_needs_attention_and_is_no_longer_probed() 
 
     // No more probes, also across a restart, even once the upstream is fine.
     mock.set_mode(Mode::Healthy);
+    written(&gw).await;
     gw.restart();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(mock.hits(), 4);
@@ -286,6 +287,7 @@ async fn a_restart_keeps_every_state_and_its_history() {
         assert_eq!(view["status"]["state"], s, "{view}");
         before.push(view);
     }
+    written(&gw).await;
     gw.restart();
     for ((id, s), old) in wanted.into_iter().zip(before) {
         let view = channel_view(&gw, id).await;
@@ -302,4 +304,15 @@ async fn a_restart_keeps_every_state_and_its_history() {
         [1, 1, 1, 1],
         "{status}"
     );
+}
+
+/// Wait until every health transition the gateway published is written
+/// (`/api/status` `channels.pending_writes`): a `kill -9` keeps what is.
+async fn written(gw: &Gateway) {
+    let done = eventually(Duration::from_secs(20), || async {
+        let (_, status) = admin(gw, Method::GET, "/api/status", None).await;
+        status["channels"]["pending_writes"] == 0
+    })
+    .await;
+    assert!(done.is_some(), "health transitions were never written");
 }

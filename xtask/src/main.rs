@@ -132,18 +132,10 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     cmd.current_dir(root)
         .args(["test", "--package", "wasmgate", "--test", "integration", "--no-fail-fast"])
         .args(extra)
-        .args(["--", "--skip", PG_PASS_SKIPS])
         .env("WASMGATE_TEST_PYTHON", &python)
         .env("WASMGATE_TEST_BACKEND", "postgres");
     run_checked(&mut cmd)
 }
-
-/// Left out of the PostgreSQL pass: it kills the gateway right after a
-/// health transition appears and expects it on disk, but transitions are
-/// written soon after they are published (on sled and PostgreSQL alike),
-/// and under the whole suite's load the database write can come later than
-/// the kill (the channel is then probed once more after the restart).
-const PG_PASS_SKIPS: &str = "health::a_channel_that_keeps_failing_needs_attention_and_is_no_longer_probed";
 
 fn run(root: &Path, extra: &[String]) -> Result<()> {
     plugins::build_all(root)?;

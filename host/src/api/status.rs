@@ -39,7 +39,8 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
         "storage": state.billing.storage().status(),
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": crate::store::unix_now().saturating_sub(state.started_at),
-        "channels": {"total": snapshot.records.len(), "by_status": counts, "data": channels},
+        "channels": {"total": snapshot.records.len(), "by_status": counts, "data": channels,
+            "pending_writes": state.channels.pending_writes()},
         "plugins": {"adapters": plugins.adapters.len(), "routers": plugins.routers.len()},
     }))
 }

@@ -344,6 +344,10 @@ pub trait ChannelStore: Send + Sync {
     }
     /// Delete channel `id`, returning what it was.
     fn delete(&self, id: u64) -> Result<ChannelRecord, StoreError>;
+    /// Health transitions published but not yet written (`update_soon`).
+    fn pending_writes(&self) -> usize {
+        0
+    }
     /// Of `ids`, the channels this node may probe for the next `lease`:
     /// with several nodes on one database only one probes a channel at a
     /// time (the holder keeps it while alive). Blocking: call it off the

@@ -450,6 +450,10 @@ impl ChannelStore for PgChannels {
         Ok(rec)
     }
 
+    fn pending_writes(&self) -> usize {
+        lock(&self.inner.dirty).len()
+    }
+
     fn claim_probes(&self, ids: &[u64], lease: Duration) -> Vec<u64> {
         if ids.is_empty() {
             return Vec::new();

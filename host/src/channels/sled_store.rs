@@ -32,6 +32,8 @@ struct Inner {
     writes: Mutex<()>,
     records: Mutex<BTreeMap<u64, ChannelRecord>>,
     snapshot: ArcSwap<ChannelSet>,
+    /// Health transitions sent to the persister and not written yet.
+    pending: std::sync::atomic::AtomicUsize,
 }
 
 /// A record after an edit.
@@ -74,8 +76,13 @@ impl SledChannels {
             records.insert(rec.id, rec);
         }
         let snapshot = ArcSwap::from_pointee(ChannelSet::new(records.values().cloned()));
-        let inner =
-            Arc::new(Inner { store: store.clone(), writes: Mutex::new(()), records: Mutex::new(records), snapshot });
+        let inner = Arc::new(Inner {
+            store: store.clone(),
+            writes: Mutex::new(()),
+            records: Mutex::new(records),
+            snapshot,
+            pending: Default::default(),
+        });
         let (dirty, pending) = std::sync::mpsc::channel();
         let persister = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -89,9 +96,15 @@ impl SledChannels {
 /// each, until the store is gone. A write that fails is retried.
 fn persist_loop(inner: &std::sync::Weak<Inner>, pending: &std::sync::mpsc::Receiver<u64>) {
     let mut ids = std::collections::BTreeSet::new();
+    use std::sync::atomic::Ordering;
+    let mut received = 0usize;
     while let Ok(id) = pending.recv() {
         ids.insert(id);
-        ids.extend(pending.try_iter());
+        received += 1;
+        for id in pending.try_iter() {
+            ids.insert(id);
+            received += 1;
+        }
         let Some(inner) = inner.upgrade() else { return };
         while let Some(id) = ids.pop_first() {
             let writing = inner.writing();
@@ -102,9 +115,14 @@ fn persist_loop(inner: &std::sync::Weak<Inner>, pending: &std::sync::mpsc::Recei
                 tracing::warn!(channel = id, %error, "a channel's health change is not on disk yet; retrying");
                 ids.insert(id);
                 std::thread::sleep(std::time::Duration::from_millis(500));
-                ids.extend(pending.try_iter());
+                for id in pending.try_iter() {
+                    ids.insert(id);
+                    received += 1;
+                }
             }
         }
+        // Everything received so far is on disk.
+        inner.pending.fetch_sub(std::mem::take(&mut received), Ordering::SeqCst);
     }
 }
 
@@ -203,8 +221,15 @@ impl ChannelStore for SledChannels {
         };
         records.insert(id, rec.clone());
         self.inner.publish(&records);
-        let _ = self.dirty.send(id);
+        self.inner.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.dirty.send(id).is_err() {
+            self.inner.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
         Ok(rec)
+    }
+
+    fn pending_writes(&self) -> usize {
+        self.inner.pending.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn delete(&self, id: u64) -> Result<ChannelRecord, StoreError> {
