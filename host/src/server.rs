@@ -136,8 +136,12 @@ pub async fn build(config: Config) -> Result<Gateway> {
         Billing::open(&store, options, &config.pricing, &config.logs, &config.limits).context("opening billing")?,
     );
     crate::metrics::get().set_enabled(config.metrics.enabled);
-    let sessions =
-        Arc::new(Sessions::new(store.secrets_arc(), config.console.session_secs, config.console.max_failed_sign_ins));
+    let sessions = Arc::new(Sessions::new(
+        store.secrets_arc(),
+        &admin_hash,
+        config.console.session_secs,
+        config.console.max_failed_sign_ins,
+    ));
     if let Some(pg) = &postgres {
         crate::console::signouts_pg::PgSignOuts::start(pg, &sessions);
     }

@@ -46,6 +46,9 @@ pub async fn upload(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let bytes = body::take(raw)?;
+    if let Some(shared) = &state.shared_plugins {
+        shared.bump(&name);
+    }
     let status = state.registry.install(&name, bytes.to_vec()).await.map_err(|message| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_plugin"), message)
     })?;
@@ -86,6 +89,9 @@ pub async fn upload(
 pub async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     if !crate::plugins::valid_plugin_name(&name) {
         return Err(not_found(&name));
+    }
+    if let Some(shared) = &state.shared_plugins {
+        shared.bump(&name);
     }
     let removed = state.registry.remove(&name).await;
     if let Some(shared) = &state.shared_plugins

@@ -74,6 +74,10 @@ struct Sealed {
     role: Role,
     csrf: String,
     exp: u64,
+    /// For an admin session, the admin token's hash it was opened with: a
+    /// new admin token ends every admin session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    admin: Option<String>,
 }
 
 /// Where sign-outs are shared with the other nodes (the database).
@@ -87,6 +91,8 @@ pub struct Sessions {
     ttl_ms: u64,
     max_failures: u32,
     key: Arc<SecretBox>,
+    /// Hex SHA-256 of the admin token in force.
+    admin: String,
     /// Session id → when it would have expired.
     signed_out: Mutex<HashMap<String, u64>>,
     shared: Mutex<Option<Arc<dyn SignOuts>>>,
@@ -98,13 +104,15 @@ fn random_hex() -> String {
 }
 
 impl Sessions {
-    /// Sessions sealed with `key`, lasting `ttl_secs`; `max_failures`
+    /// Sessions sealed with `key`, admin ones bound to the admin token
+    /// whose hash is `admin_hash`, lasting `ttl_secs`; `max_failures`
     /// failed sign-ins per address in five minutes.
-    pub fn new(key: Arc<SecretBox>, ttl_secs: u64, max_failures: u32) -> Self {
+    pub fn new(key: Arc<SecretBox>, admin_hash: &[u8; 32], ttl_secs: u64, max_failures: u32) -> Self {
         Self {
             ttl_ms: ttl_secs.saturating_mul(1000).max(1000),
             max_failures: max_failures.max(1),
             key,
+            admin: hex::encode(admin_hash),
             signed_out: Mutex::default(),
             shared: Mutex::default(),
             failures: Mutex::default(),
@@ -130,6 +138,7 @@ impl Sessions {
             role: session.role.clone(),
             csrf: session.csrf.clone(),
             exp: session.expires_at_ms,
+            admin: (session.role == Role::Admin).then(|| self.admin.clone()),
         };
         let value = self.key.seal(&serde_json::to_string(&sealed).unwrap_or_default());
         (value, session)
@@ -150,6 +159,9 @@ impl Sessions {
     pub fn get(&self, value: &str) -> Option<Session> {
         let s = self.unseal(value)?;
         if s.exp <= unix_now_ms() || self.signed_out.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&s.id) {
+            return None;
+        }
+        if s.role == Role::Admin && s.admin.as_deref() != Some(self.admin.as_str()) {
             return None;
         }
         Some(Session { role: s.role, csrf: s.csrf, expires_at_ms: s.exp })
@@ -231,7 +243,7 @@ mod tests {
     }
 
     fn sessions(ttl: u64, failures: u32) -> Sessions {
-        Sessions::new(key("0123456789abcdef-console"), ttl, failures)
+        Sessions::new(key("0123456789abcdef-console"), &[1; 32], ttl, failures)
     }
 
     #[test]
@@ -241,9 +253,9 @@ mod tests {
         assert_eq!(sessions.get(&id).map(|g| (g.csrf, g.role)), Some((s.csrf, s.role)));
         assert!(sessions.get("other").is_none());
         // Another node with the same key opens it; one with another key does not.
-        let twin = Sessions::new(key("0123456789abcdef-console"), 60, 3);
+        let twin = Sessions::new(key("0123456789abcdef-console"), &[1; 32], 60, 3);
         assert!(twin.get(&id).is_some());
-        assert!(Sessions::new(key("0123456789abcdef-other!"), 60, 3).get(&id).is_none());
+        assert!(Sessions::new(key("0123456789abcdef-other!"), &[1; 32], 60, 3).get(&id).is_none());
         sessions.close(&id);
         assert!(sessions.get(&id).is_none());
     }
@@ -252,8 +264,11 @@ mod tests {
     fn nothing_but_a_sealed_session_passes() {
         let sessions = sessions(60, 3);
         let k = key("0123456789abcdef-console");
-        let plain =
-            r#"{"kind":"wasmgate-console-session","id":"x","role":{"as":"admin"},"csrf":"c","exp":99999999999999}"#;
+        let hash = "07".repeat(32);
+        let plain = format!(
+            r#"{{"kind":"wasmgate-console-session","id":"x","role":{{"as":"user","key_hash":"{hash}"}},"csrf":"c","exp":99999999999999}}"#
+        );
+        let plain = plain.as_str();
         assert!(sessions.get(plain).is_none(), "unsealed JSON");
         assert!(sessions.get(&k.seal("sk-upstream-key")).is_none(), "another sealed value");
         let other_kind = plain.replace("wasmgate-console-session", "channel-key");
@@ -261,6 +276,17 @@ mod tests {
         let expired = plain.replace("99999999999999", "1");
         assert!(sessions.get(&k.seal(&expired)).is_none(), "expired");
         assert!(sessions.get(&k.seal(plain)).is_some(), "the real shape passes");
+    }
+
+    #[test]
+    fn a_new_admin_token_ends_admin_sessions() {
+        let sessions = sessions(60, 3);
+        let (id, _) = sessions.open(Role::Admin);
+        assert!(sessions.get(&id).is_some());
+        let rotated = Sessions::new(key("0123456789abcdef-console"), &[2; 32], 60, 3);
+        assert!(rotated.get(&id).is_none(), "an admin session outlived its admin token");
+        let (user, _) = sessions.open(Role::User { key_hash: [7; 32] });
+        assert!(rotated.get(&user).is_some(), "user sessions are checked against their own key");
     }
 
     #[test]

@@ -28,6 +28,10 @@ const RECONCILE: Duration = Duration::from_secs(10);
 pub struct SharedPlugins {
     pg: Arc<Postgres>,
     registry: Arc<Registry>,
+    /// Per plugin name, how many uploads and deletes this node made: a
+    /// comparison whose read began before one of them must not undo it
+    /// (install a version just deleted here, or an older one).
+    local_ops: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// A stored plugin: its name, hash and bytes (`None`: deleted).
@@ -38,7 +42,7 @@ impl SharedPlugins {
     /// announced (the work runs on `runtime`, the fetches on the database
     /// thread).
     pub fn start(pg: &Arc<Postgres>, registry: &Arc<Registry>, runtime: &tokio::runtime::Handle) -> Arc<Self> {
-        let shared = Arc::new(Self { pg: pg.clone(), registry: registry.clone() });
+        let shared = Arc::new(Self { pg: pg.clone(), registry: registry.clone(), local_ops: Default::default() });
         let (changed, mut names) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
         pg.spawn(listen(pg.clone(), changed));
         let me = shared.clone();
@@ -50,9 +54,25 @@ impl SharedPlugins {
         shared
     }
 
+    /// Note that this node is about to change plugin `name` (call it before
+    /// the local install or delete).
+    pub fn bump(&self, name: &str) {
+        *self
+            .local_ops
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(name.to_string())
+            .or_default() += 1;
+    }
+
+    fn ops(&self) -> std::collections::HashMap<String, u64> {
+        self.local_ops.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
     /// Store `bytes` as plugin `name` (already validated and in service
     /// here) and announce it to the other nodes.
     pub async fn publish(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        self.bump(name);
         let (pg, name) = (self.pg.clone(), name.to_string());
         let sha = super::sha256_hex(&bytes);
         tokio::task::spawn_blocking(move || {
@@ -76,6 +96,7 @@ impl SharedPlugins {
 
     /// Remove plugin `name` from the shared table and announce it.
     pub async fn unpublish(&self, name: &str) -> Result<()> {
+        self.bump(name);
         let (pg, name) = (self.pg.clone(), name.to_string());
         tokio::task::spawn_blocking(move || {
             let inner = pg.clone();
@@ -117,6 +138,7 @@ impl SharedPlugins {
 
     /// Bring this node in line with the stored plugin `name` (or all).
     async fn sync(&self, name: Option<String>) {
+        let before = self.ops();
         let stored = match self.fetch(name.clone()).await {
             Ok(s) => s,
             Err(error) => {
@@ -125,7 +147,11 @@ impl SharedPlugins {
             }
         };
         let local = self.registry.list();
+        let after = self.ops();
         for (name, row) in stored {
+            if before.get(&name) != after.get(&name) {
+                continue; // Changed here meanwhile: what was read is older.
+            }
             let here = local.iter().find(|p| p.name == name);
             match row {
                 Some((sha, bytes)) => {
