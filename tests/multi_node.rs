@@ -272,7 +272,9 @@ async fn a_plugin_uploaded_to_one_node_serves_on_all_of_them() {
         assert_eq!((status, &body["system_fingerprint"]), (200, &json!("wasmgate-hotswap-v2")), "{body}");
     }
 
-    // A delete is shared too.
+    // A delete is shared too, also with a node that was down when it happened.
+    let mut nodes = nodes;
+    Arc::get_mut(&mut nodes[2]).expect("no other handle").kill();
     let resp = crate::support::client()
         .delete(nodes[1].url("/api/plugins/openai"))
         .bearer_auth(crate::support::ADMIN)
@@ -280,13 +282,16 @@ async fn a_plugin_uploaded_to_one_node_serves_on_all_of_them() {
         .await
         .expect("delete");
     assert_eq!(resp.status(), 204);
-    for gw in [&nodes[0], &nodes[2]] {
-        let gone = eventually(Duration::from_secs(10), || async {
-            post(gw, "/v1/chat/completions", &chat("gpt-4o-mini", "gone?")).await.0 == 503
+    let gone = |gw: Arc<Gateway>| async move {
+        eventually(Duration::from_secs(10), || async {
+            post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "gone?")).await.0 == 503
         })
-        .await;
-        assert!(gone.is_some(), "a plugin deleted on B still serves on another node");
-    }
+        .await
+    };
+    assert!(gone(nodes[0].clone()).await.is_some(), "a plugin deleted on B still serves on A");
+    Arc::get_mut(&mut nodes[2]).expect("no other handle").try_start_again().expect("restart");
+    let removed = gone(nodes[2].clone()).await;
+    assert!(removed.is_some(), "a node that was down keeps a plugin deleted meanwhile:\n{}", nodes[2].log());
 }
 
 /// `wasmgate migrate` copies a single node's shared state into PostgreSQL,

@@ -14,7 +14,10 @@ pub const PG_USER: &str = "wasmgate-pg";
 
 /// A running server.
 pub struct PgServer {
-    child: Child,
+    /// The postmaster's pid.
+    pid: u32,
+    /// Closed when the postmaster has exited.
+    exited: std::sync::mpsc::Receiver<()>,
     /// `postgres://postgres@127.0.0.1:PORT/postgres`
     pub url: String,
     _dir: tempfile::TempDir,
@@ -61,8 +64,7 @@ pub fn database_for_gateway() -> Option<String> {
         return None;
     }
     let url = SERVER.get_or_init(|| {
-        // The server's parent-death signal follows the thread that started
-        // it: start it from one that lives as long as the test process.
+        // Kept for the whole run (the server stops with the test process).
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let server = PgServer::start();
@@ -111,7 +113,8 @@ impl PgServer {
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("postgres.log")).expect("log");
-        let child = as_pg_user(&bin.join("postgres"))
+        let mut command = as_pg_user(&bin.join("postgres"));
+        command
             .arg("-D")
             .arg(&data)
             .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
@@ -119,10 +122,20 @@ impl PgServer {
             .arg(dir.path())
             .args(["-c", "max_connections=200"])
             .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start postgres");
-        let server = Self { child, url: format!("postgres://postgres@127.0.0.1:{port}/postgres"), _dir: dir };
+            .stderr(Stdio::from(log));
+        // The server's parent-death signal follows the thread that started
+        // it (a pooled thread may end at any time): a thread of its own
+        // starts it and waits for it.
+        let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+        let (exited_tx, exited) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let mut child: Child = command.spawn().expect("start postgres");
+            let _ = pid_tx.send(child.id());
+            let _ = child.wait();
+            drop(exited_tx);
+        });
+        let pid = pid_rx.recv().expect("postgres pid");
+        let server = Self { pid, exited, url: format!("postgres://postgres@127.0.0.1:{port}/postgres"), _dir: dir };
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(started.elapsed() < Duration::from_secs(60), "PostgreSQL did not start");
@@ -146,14 +159,9 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         // The postmaster stops its children on SIGINT (fast shutdown).
-        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let _ = Command::new("kill").args(["-INT", &self.pid.to_string()]).status();
+        if self.exited.recv_timeout(Duration::from_secs(10)).is_err() {
+            let _ = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status();
         }
-        let _ = self.child.kill();
     }
 }

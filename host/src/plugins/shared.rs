@@ -5,8 +5,10 @@
 //! installs it through the same path as an upload of its own — validated
 //! again, hot-swapped, written to its plugins directory — or, if it
 //! rejects it, reports why in `GET /api/plugins` and keeps its previous
-//! version. A delete is shared the same way. At start a node installs
-//! every stored plugin whose bytes differ from its own file. The plugins
+//! version. A delete is shared the same way, and kept as a tombstone, so a
+//! node that was down when it happened removes the plugin when it compares
+//! again. At start (and every [`RECONCILE`]) a node installs every stored
+//! plugin whose bytes differ from its own file. The plugins
 //! directory keeps working as on one node for files dropped in by hand.
 
 use std::sync::Arc;
@@ -82,7 +84,7 @@ impl SharedPlugins {
                 let tx = c.transaction().await?;
                 tx.execute(
                     "INSERT INTO plugins (name, sha256, bytes, updated_at) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (name) DO UPDATE SET sha256 = $2, bytes = $3, updated_at = $4",
+                     ON CONFLICT (name) DO UPDATE SET sha256 = $2, bytes = $3, updated_at = $4, deleted = false",
                     &[&name, &sha, &bytes, &(crate::store::unix_now() as i64)],
                 )
                 .await?;
@@ -103,7 +105,12 @@ impl SharedPlugins {
             pg.block(async move {
                 let mut c = inner.connect().await?;
                 let tx = c.transaction().await?;
-                tx.execute("DELETE FROM plugins WHERE name = $1", &[&name]).await?;
+                tx.execute(
+                    "INSERT INTO plugins (name, sha256, bytes, updated_at, deleted) VALUES ($1, '', NULL, $2, true)
+                     ON CONFLICT (name) DO UPDATE SET sha256 = '', bytes = NULL, updated_at = $2, deleted = true",
+                    &[&name, &(crate::store::unix_now() as i64)],
+                )
+                .await?;
                 tx.execute("SELECT pg_notify($1, $2)", &[&PLUGINS_NOTIFY, &name]).await?;
                 tx.commit().await?;
                 Ok(())
@@ -119,16 +126,20 @@ impl SharedPlugins {
             let inner = pg.clone();
             pg.block(async move {
                 let c = inner.connect().await?;
+                // A deleted plugin (a tombstone, or no row) reads as `None`.
+                let live =
+                    |sha: String, bytes: Option<Vec<u8>>, deleted: bool| bytes.filter(|_| !deleted).map(|b| (sha, b));
                 Ok(match name {
                     Some(name) => {
-                        let row = c.query_opt("SELECT sha256, bytes FROM plugins WHERE name = $1", &[&name]).await?;
-                        vec![(name, row.map(|r| (r.get(0), r.get(1))))]
+                        let row =
+                            c.query_opt("SELECT sha256, bytes, deleted FROM plugins WHERE name = $1", &[&name]).await?;
+                        vec![(name, row.and_then(|r| live(r.get(0), r.get(1), r.get(2))))]
                     }
                     None => c
-                        .query("SELECT name, sha256, bytes FROM plugins", &[])
+                        .query("SELECT name, sha256, bytes, deleted FROM plugins", &[])
                         .await?
                         .into_iter()
-                        .map(|r| (r.get(0), Some((r.get(1), r.get(2)))))
+                        .map(|r| (r.get(0), live(r.get(1), r.get(2), r.get(3))))
                         .collect(),
                 })
             })
@@ -142,7 +153,7 @@ impl SharedPlugins {
         let stored = match self.fetch(name.clone()).await {
             Ok(s) => s,
             Err(error) => {
-                tracing::warn!(plugin = ?name, %error, "cannot read the shared plugins");
+                tracing::warn!(plugin = ?name, error = format!("{error:#}"), "cannot read the shared plugins");
                 return;
             }
         };
@@ -166,7 +177,7 @@ impl SharedPlugins {
                             "a shared plugin was rejected on this node; the previous version keeps serving"),
                     }
                 }
-                // Only a fetch by name finds no row: the plugin was deleted.
+                // Deleted on some node (a tombstone): delete it here too.
                 None if here.is_some_and(|p| p.loaded) => {
                     self.registry.remove(&name).await;
                     tracing::info!(plugin = %name, "shared plugin removed");

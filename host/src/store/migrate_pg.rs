@@ -105,7 +105,7 @@ pub fn migrate(
         for (name, sha, bytes) in &files {
             tx.execute(
                 "INSERT INTO plugins (name, sha256, bytes, updated_at) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (name) DO UPDATE SET sha256 = $2, bytes = $3, updated_at = $4",
+                 ON CONFLICT (name) DO UPDATE SET sha256 = $2, bytes = $3, updated_at = $4, deleted = false",
                 &[name, sha, bytes, &now],
             )
             .await?;
@@ -130,7 +130,8 @@ pub fn migrate(
         count(n, ids.len(), "channels")?;
         let n: i64 = c.query_one("SELECT count(*) FROM options WHERE key = ANY($1)", &[&keys]).await?.get(0);
         count(n, keys.len(), "options")?;
-        let n: i64 = c.query_one("SELECT count(*) FROM plugins WHERE name = ANY($1)", &[&names]).await?.get(0);
+        let n: i64 =
+            c.query_one("SELECT count(*) FROM plugins WHERE name = ANY($1) AND NOT deleted", &[&names]).await?.get(0);
         count(n, names.len(), "plugins")
     })?;
     Ok(report)

@@ -61,6 +61,12 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
          expires BIGINT NOT NULL
      );",
     ),
+    (
+        5,
+        "ALTER TABLE plugins
+         ADD COLUMN deleted BOOLEAN NOT NULL DEFAULT false,
+         ALTER COLUMN bytes DROP NOT NULL;",
+    ),
 ];
 
 /// The notification channel announcing a changed channel (payload: its id).
