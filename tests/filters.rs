@@ -115,12 +115,7 @@ async fn filters_add_upstream_headers_refusals_never_leave_and_rules_change_live
     let mut slow = chat("slow-guarded", "count");
     slow["stream"] = true.into();
     let sse = send(&gw, "/v1/chat/completions", &slow).await.text().await.expect("stream");
-    let text: String = sse
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
-        .collect();
+    let text = crate::support::stream_text(&sse);
     assert!(text.starts_with("word0 ") && text.ends_with("word5 "), "{text}");
     assert!(sse.contains("\"code\":\"content_blocked\"") && !sse.contains("[DONE]"), "{sse}");
     let (status, answer) = crate::support::post(&gw, "/v1/chat/completions", &chat("slow-guarded", "count")).await;

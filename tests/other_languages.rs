@@ -61,12 +61,7 @@ async fn a_python_adapter_and_a_javascript_filter_check_and_serve() {
     let resp = crate::support::send(&gw, "/v1/chat/completions", &body).await;
     assert_eq!(resp.status(), 200);
     let sse = resp.text().await.expect("stream");
-    let text: String = sse
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
-        .collect();
+    let text = crate::support::stream_text(&sse);
     assert_eq!(text, "ECHO: hello js", "{sse}");
     assert!(sse.trim_end().ends_with("data: [DONE]"), "{sse}");
 }

@@ -364,6 +364,16 @@ pub async fn admin(
     (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
 }
 
+/// The text a chat completion stream (its SSE body) delivered: the
+/// `delta.content` of its chunks, joined.
+pub fn stream_text(sse: &str) -> String {
+    sse.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// A chat completion request body.
 pub fn chat(model: &str, text: &str) -> serde_json::Value {
     serde_json::json!({"model": model, "messages": [{"role": "user", "content": text}]})

@@ -366,21 +366,8 @@ async fn persist_health(inner: std::sync::Weak<Inner>, mut pending: tokio::sync:
 async fn listen(inner: std::sync::Weak<Inner>) {
     loop {
         let Some(pg) = inner.upgrade().map(|i| i.pg.clone()) else { return };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let client = match pg.connect_listening(Some(tx)).await {
-            Ok(c) => c,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for channel changes; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
+        let (client, mut rx) = pg.listen(CHANNELS_NOTIFY).await;
         drop(pg);
-        if let Err(error) = client.batch_execute(&format!("LISTEN {CHANNELS_NOTIFY}")).await {
-            tracing::warn!(%error, "LISTEN failed; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
         // What was missed while not listening.
         if let Some(i) = inner.upgrade() {
             let _ = i.reload(None).await;

@@ -5,7 +5,6 @@
 //! start and follows the notifications.
 
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use super::sessions::{Sessions, SignOuts};
 use crate::store::postgres::Postgres;
@@ -57,19 +56,7 @@ impl SignOuts for PgSignOuts {
 /// after failures, until the sessions are gone.
 async fn follow(pg: Arc<Postgres>, sessions: Weak<Sessions>) {
     loop {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let client = match pg.connect_listening(Some(tx)).await {
-            Ok(c) => c,
-            Err(error) => {
-                tracing::warn!(%error, "cannot follow console sign-outs; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        if client.batch_execute(&format!("LISTEN {SIGNOUTS_NOTIFY}")).await.is_err() {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
+        let (client, mut rx) = pg.listen(SIGNOUTS_NOTIFY).await;
         let now = crate::store::unix_now_ms() as i64;
         if let Ok(rows) = client.query("SELECT id, expires FROM console_signouts WHERE expires >= $1", &[&now]).await {
             let Some(s) = sessions.upgrade() else { return };

@@ -68,13 +68,19 @@ impl Filters {
     }
 
     /// The chain of a request, or `None` when no rule applies (the common
-    /// case costs one atomic load and a scan of the rules).
-    pub fn chain(&self, plugins: &PluginSet, facts: RequestFacts, state: &AppState) -> Option<Arc<Chain>> {
+    /// case costs one atomic load and a scan of the rules; `facts` is only
+    /// built when some rule exists).
+    pub fn chain(
+        &self,
+        plugins: &PluginSet,
+        facts: impl FnOnce() -> RequestFacts,
+        state: &AppState,
+    ) -> Option<Arc<Chain>> {
         let rules = self.table.current();
         if rules.is_empty() {
             return None;
         }
-        let chain = Chain::new(&rules, plugins, facts, state);
+        let chain = Chain::new(&rules, plugins, facts(), state);
         (!chain.is_empty()).then(|| Arc::new(chain))
     }
 }

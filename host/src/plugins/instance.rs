@@ -107,6 +107,25 @@ impl<B: Send + 'static> Instances<B> {
         }
     }
 
+    /// Instances of `pre` as a component of `world`, whose bindings
+    /// `load` takes from the world's export indices (`indices`, checked
+    /// against the component by the caller's `…Indices::new`).
+    pub(crate) fn of_world<I: Send + Sync + 'static>(
+        engine: Arc<PluginEngine>,
+        name: Arc<str>,
+        pre: InstancePre<PluginState>,
+        world: &str,
+        indices: wasmtime::Result<I>,
+        load: fn(&I, &mut Store<PluginState>, &Instance) -> wasmtime::Result<B>,
+    ) -> Result<Self, PluginError> {
+        let indices = indices.map_err(|e| PluginError::Instantiate {
+            plugin: name.to_string(),
+            detail: format!("does not match the {world} world: {e:#}"),
+        })?;
+        let load = Box::new(move |store: &mut Store<PluginState>, instance: &Instance| load(&indices, store, instance));
+        Ok(Self::new(engine, name, pre, load))
+    }
+
     /// An instance for a call about channel key `tag`: an idle one that
     /// served that key before, else a fresh one.
     pub(crate) async fn lease(&self, tag: u64) -> Result<Lease<B>, PluginError> {

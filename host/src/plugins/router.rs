@@ -36,15 +36,10 @@ impl RouterPlugin {
         pre: InstancePre<PluginState>,
         engine: Arc<PluginEngine>,
     ) -> Result<Self, PluginError> {
-        let indices = RouterWorldIndices::new(&pre).map_err(|e| PluginError::Instantiate {
-            plugin: name.to_string(),
-            detail: format!("does not match the router-plugin world: {e:#}"),
+        let indices = RouterWorldIndices::new(&pre);
+        let instances = Instances::of_world(engine, name.clone(), pre, "router-plugin", indices, |i, store, inst| {
+            i.load(store, inst)
         })?;
-        let load =
-            Box::new(move |store: &mut wasmtime::Store<PluginState>, instance: &wasmtime::component::Instance| {
-                indices.load(store, instance)
-            });
-        let instances = Instances::new(engine, name.clone(), pre, load);
         let info = plugin_call!("info", instances, NO_KEY, 0, CallInputs::default(), |store, b| b
             .wasmgate_plugin_router()
             .call_info(store))?;

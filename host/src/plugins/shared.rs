@@ -75,57 +75,44 @@ impl SharedPlugins {
     /// here) and announce it to the other nodes.
     pub async fn publish(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
         self.bump(name);
-        let (pg, name) = (self.pg.clone(), name.to_string());
-        let sha = super::sha256_hex(&bytes);
-        tokio::task::spawn_blocking(move || {
-            let inner = pg.clone();
-            pg.block(async move {
-                let mut c = inner.connect().await?;
-                let tx = c.transaction().await?;
-                tx.execute(
-                    "INSERT INTO plugins (name, sha256, bytes, updated_at) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (name) DO UPDATE SET sha256 = $2, bytes = $3, updated_at = $4, deleted = false",
-                    &[&name, &sha, &bytes, &(crate::store::unix_now() as i64)],
-                )
-                .await?;
-                tx.execute("SELECT pg_notify($1, $2)", &[&PLUGINS_NOTIFY, &name]).await?;
-                tx.commit().await?;
-                Ok(())
-            })
-        })
-        .await?
+        self.write(name, super::sha256_hex(&bytes), Some(bytes)).await
     }
 
-    /// Remove plugin `name` from the shared table and announce it.
+    /// Mark plugin `name` deleted in the shared table (a tombstone) and
+    /// announce it.
     pub async fn unpublish(&self, name: &str) -> Result<()> {
         self.bump(name);
+        self.write(name, String::new(), None).await
+    }
+
+    /// Upsert plugin `name` — its bytes, or `None` for a tombstone — and
+    /// announce it, in one transaction.
+    async fn write(&self, name: &str, sha: String, bytes: Option<Vec<u8>>) -> Result<()> {
         let (pg, name) = (self.pg.clone(), name.to_string());
-        tokio::task::spawn_blocking(move || {
-            let inner = pg.clone();
-            pg.block(async move {
-                let mut c = inner.connect().await?;
+        self.pg
+            .call(async move {
+                let mut c = pg.connect().await?;
                 let tx = c.transaction().await?;
+                let deleted = bytes.is_none();
                 tx.execute(
-                    "INSERT INTO plugins (name, sha256, bytes, updated_at, deleted) VALUES ($1, '', NULL, $2, true)
-                     ON CONFLICT (name) DO UPDATE SET sha256 = '', bytes = NULL, updated_at = $2, deleted = true",
-                    &[&name, &(crate::store::unix_now() as i64)],
+                    "INSERT INTO plugins (name, sha256, bytes, updated_at, deleted) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (name) DO UPDATE SET sha256 = $2, bytes = $3, updated_at = $4, deleted = $5",
+                    &[&name, &sha, &bytes, &(crate::store::unix_now() as i64), &deleted],
                 )
                 .await?;
                 tx.execute("SELECT pg_notify($1, $2)", &[&PLUGINS_NOTIFY, &name]).await?;
                 tx.commit().await?;
                 Ok(())
             })
-        })
-        .await?
+            .await
     }
 
     /// Fetch plugin `name` (or, for `None`, every stored plugin).
     async fn fetch(&self, name: Option<String>) -> Result<Vec<Stored>> {
         let pg = self.pg.clone();
-        tokio::task::spawn_blocking(move || {
-            let inner = pg.clone();
-            pg.block(async move {
-                let c = inner.connect().await?;
+        self.pg
+            .call(async move {
+                let c = pg.connect().await?;
                 // A deleted plugin (a tombstone, or no row) reads as `None`.
                 let live =
                     |sha: String, bytes: Option<Vec<u8>>, deleted: bool| bytes.filter(|_| !deleted).map(|b| (sha, b));
@@ -143,8 +130,7 @@ impl SharedPlugins {
                         .collect(),
                 })
             })
-        })
-        .await?
+            .await
     }
 
     /// Bring this node in line with the stored plugin `name` (or all).
@@ -192,20 +178,7 @@ impl SharedPlugins {
 /// reconnection and every [`RECONCILE`]) until the receiver is gone.
 async fn listen(pg: Arc<Postgres>, changed: tokio::sync::mpsc::UnboundedSender<Option<String>>) {
     loop {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let client = match pg.connect_listening(Some(tx)).await {
-            Ok(c) => c,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for plugin changes; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        if let Err(error) = client.batch_execute(&format!("LISTEN {PLUGINS_NOTIFY}")).await {
-            tracing::warn!(%error, "LISTEN failed; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
+        let (client, mut rx) = pg.listen(PLUGINS_NOTIFY).await;
         if changed.send(None).is_err() {
             return;
         }

@@ -137,7 +137,7 @@ async fn relay_attempts(
 ) -> Result<Response, ApiError> {
     let group: &str = &caller.group;
     let plugins = state.registry.snapshot();
-    let filters = state.filters.chain(&plugins, filter_facts(&req, caller), state);
+    let filters = state.filters.chain(&plugins, || filter_facts(&req, caller), state);
     let (req, filter_headers) = match &filters {
         Some(chain) => filtered_request(chain, req).await?,
         None => (req, Vec::new()),
@@ -175,7 +175,7 @@ async fn relay_attempts(
     // A session keeps its key on a channel's first attempt; a retry on the
     // same channel rotates (the kept key may be the one that failed).
     let session = route.affinity.session_hash();
-    let mut attempted = vec![false; ordered.len()];
+    let mut attempted = if session.is_some() { vec![false; ordered.len()] } else { Vec::new() };
     let mut next = 0usize;
     for n in 0..cfg.max_attempts as usize {
         let Some(offset) = (0..ordered.len()).find(|k| !spent[(next + k) % ordered.len()]) else { break };

@@ -127,19 +127,8 @@ impl OptionStore for PgOptions {
 /// until the receiver is gone.
 async fn listen(pg: Arc<Postgres>, keys: std::sync::mpsc::Sender<String>) {
     loop {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let client = match pg.connect_listening(Some(tx)).await {
-            Ok(c) => c,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for option changes; retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        if client.batch_execute(&format!("LISTEN {OPTIONS_NOTIFY}")).await.is_err() {
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            continue;
-        }
+        // The client must live while its notifications are read.
+        let (_client, mut rx) = pg.listen(OPTIONS_NOTIFY).await;
         if keys.send(String::new()).is_err() {
             return;
         }

@@ -119,6 +119,16 @@ impl Postgres {
         rx.recv_timeout(CALL_TIMEOUT).map_err(|_| anyhow!("the database did not answer in time"))?
     }
 
+    /// Run `fut` on the database thread and await it (from any runtime,
+    /// without blocking a thread).
+    pub async fn call<T: Send + 'static>(&self, fut: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.await.map_err(|_| anyhow!("the database thread stopped"))?
+    }
+
     /// Run `fut` on the database thread without waiting.
     pub fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
         self.handle.spawn(fut);
@@ -150,6 +160,31 @@ impl Postgres {
             }
         });
         Ok(client)
+    }
+
+    /// A connection listening on `channel` and its notifications; retried
+    /// every second until it succeeds (call on the database thread). A
+    /// follower re-reads what it follows after each (re)connection.
+    pub async fn listen(
+        &self,
+        channel: &str,
+    ) -> (Client, tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>) {
+        loop {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let result = match self.connect_listening(Some(tx)).await {
+                Ok(client) => {
+                    client.batch_execute(&format!("LISTEN {channel}")).await.map(|()| client).map_err(Into::into)
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(client) => return (client, rx),
+                Err(error) => {
+                    tracing::warn!(channel, error = format!("{error:#}"), "cannot listen to the database; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
     }
 
     /// A new connection (see [`Self::connect_listening`]).
