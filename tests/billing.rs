@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::support::accounts::{call, logs, open_stream, user_with_token, wait_rows};
+use crate::support::accounts::{call, concurrent_calls, logs, open_stream, user_with_token, wait_rows};
 use crate::support::mock::Mode;
 use crate::support::{Gateway, MockUpstream, admin, channel, eventually};
 use futures_util::StreamExt;
@@ -81,24 +81,10 @@ async fn a_hundred_parallel_requests_against_quota_for_ten() {
     let (_mock, gw) = gateway("").await;
     let (uid, key) = user_with_token(&gw, 10 * PAID, json!({})).await;
     let gw = Arc::new(gw);
-    let tasks: Vec<_> = (0..100)
-        .map(|_| {
-            let (gw, key) = (gw.clone(), key.clone());
-            tokio::spawn(async move { call(&gw, &key, &chat("paid-model")).await })
-        })
-        .collect();
-    let mut ok = 0;
-    for t in tasks {
-        let (status, body, _) = t.await.expect("task");
-        match status {
-            200 => ok += 1,
-            429 => assert_eq!(body["error"]["code"], "insufficient_quota", "{body}"),
-            other => panic!("unexpected {other}: {body}"),
-        }
-    }
+    let ok = concurrent_calls(std::slice::from_ref(&gw), &key, &chat("paid-model"), 100, "insufficient_quota").await;
     eprintln!("100 parallel requests, quota for 10: {ok} succeeded");
     assert!((1..=10).contains(&ok), "{ok} succeeded");
-    wait_rows(&gw, "type=consume", ok).await;
+    wait_rows(&gw, "type=consume", ok as u64).await;
     let u = user(&gw, uid).await;
     assert!(u["quota"].as_i64().expect("quota") >= 0, "{u}");
     assert_eq!(u["used_quota"], json!(ok as i64 * PAID));

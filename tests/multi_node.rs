@@ -307,6 +307,11 @@ async fn migrate_copies_a_single_node_into_postgresql() {
     assert_eq!(status, 201);
     let routing = json!({"policy": "weighted", "rules": [{"model": "migrated-model", "policy": "weighted"}]});
     assert_eq!(admin(&single, Method::PUT, "/api/routing", Some(&routing)).await.0, 200);
+    let (uid, key) = crate::support::accounts::user_with_token(&single, 5_000, json!({})).await;
+    let (status, _, _) = crate::support::accounts::call(&single, &key, &chat("migrated-model", "before")).await;
+    assert_eq!(status, 200);
+    let (_, before) = admin(&single, Method::GET, &format!("/api/users/{uid}"), None).await;
+    crate::support::accounts::wait_rows(&single, "type=consume", 1).await;
     single.kill();
 
     let run = || {
@@ -322,7 +327,7 @@ async fn migrate_copies_a_single_node_into_postgresql() {
         stdout
     };
     let first = run();
-    assert!(first.contains("1 channels, 1 options, 2 plugins"), "{first}");
+    assert!(first.contains("1 channels, 1 options, 2 plugins, 1 users, 1 tokens, 1 usage rows"), "{first}");
     assert_eq!(run(), first, "a second run changes nothing");
 
     let gw = tokio::task::spawn_blocking({
@@ -339,6 +344,11 @@ async fn migrate_copies_a_single_node_into_postgresql() {
     );
     let (_, table) = admin(&gw, Method::GET, "/api/routing", None).await;
     assert_eq!(table["source"], "api", "{table}");
+    // The user, their balance and their token moved too.
+    let (_, after) = admin(&gw, Method::GET, &format!("/api/users/{uid}"), None).await;
+    assert_eq!((&after["quota"], &after["used_quota"]), (&before["quota"], &before["used_quota"]), "{after}");
+    let (status, _, _) = crate::support::accounts::call(&gw, &key, &chat("migrated-model", "after")).await;
+    assert_eq!(status, 200, "the migrated token serves");
 }
 
 /// Recovery probes of a channel come from one node at a time; when that
@@ -431,13 +441,16 @@ async fn a_killed_node_fails_no_request_elsewhere_and_loses_no_usage_row() {
 
     let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
     let mock = MockUpstream::start("m").await;
-    let declared = channel("c", "openai", &mock.base_url(), &["gpt-4o-mini"], "");
+    let declared = format!("{PER_CALL}\n{}", channel("c", "openai", &mock.base_url(), &["per-call"], ""));
     let mut nodes: Vec<Gateway> = tokio::task::spawn_blocking({
         let url = pg.url.clone();
         move || (0..3).map(|_| node(&url, &declared)).collect()
     })
     .await
     .expect("nodes");
+    // A paying user's token, so that every answer moves the shared balance.
+    const BALANCE: i64 = 10_000_000;
+    let (uid, key) = crate::support::accounts::user_with_token(&nodes[0], BALANCE, json!({})).await;
     let stop = Arc::new(AtomicBool::new(false));
     // Per node: request ids answered, and failures.
     let answered: Vec<Arc<std::sync::Mutex<Vec<String>>>> = (0..3).map(|_| Arc::default()).collect();
@@ -445,13 +458,12 @@ async fn a_killed_node_fails_no_request_elsewhere_and_loses_no_usage_row() {
     let mut workers = Vec::new();
     for (i, gw) in nodes.iter().enumerate() {
         for _ in 0..3 {
-            let (stop, answered, failures) = (stop.clone(), answered[i].clone(), failures[i].clone());
+            let (stop, answered, failures, key) = (stop.clone(), answered[i].clone(), failures[i].clone(), key.clone());
             let url = gw.url("/v1/chat/completions");
             workers.push(tokio::spawn(async move {
                 let http = crate::support::client();
                 while !stop.load(Ordering::Relaxed) {
-                    let sent =
-                        http.post(&url).bearer_auth(crate::support::TOKEN).json(&chat("gpt-4o-mini", "load")).send();
+                    let sent = http.post(&url).bearer_auth(&key).json(&chat("per-call", "load")).send();
                     match sent.await {
                         Ok(resp) if resp.status() == 200 => {
                             let id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok());
@@ -485,6 +497,35 @@ async fn a_killed_node_fails_no_request_elsewhere_and_loses_no_usage_row() {
     let rows = crate::billing::consume_rows(&nodes[1]).await;
     let lost: Vec<&String> = served.iter().filter(|id| !rows.contains_key(*id)).collect();
     assert!(lost.is_empty(), "{} of {} answered requests have no usage row", lost.len(), served.len());
+    // In the shared table: one row per answered request, all nodes
+    // together, and the balance moved by exactly their charges.
+    let all: Vec<String> = answered.iter().flat_map(|a| a.lock().expect("lock").clone()).collect();
+    let url = pg.url.clone();
+    let written = eventually(Duration::from_secs(10), || async {
+        let n =
+            crate::support::postgres::query_i64(&url, "SELECT count(*) FROM usage_logs WHERE kind = 'consume'").await;
+        n as usize >= all.len()
+    })
+    .await;
+    assert!(written.is_some(), "the shared usage table misses answered requests");
+    let ids = all.iter().map(|id| format!("'{id}'")).collect::<Vec<_>>().join(",");
+    let q = |sql: String| {
+        let url = url.clone();
+        async move { crate::support::postgres::query_i64(&url, &sql).await }
+    };
+    let rows_for_answered =
+        q(format!("SELECT count(*) FROM usage_logs WHERE kind = 'consume' AND request_id IN ({ids})")).await;
+    let distinct = q(format!(
+        "SELECT count(DISTINCT request_id) FROM usage_logs WHERE kind = 'consume' AND request_id IN ({ids})"
+    ))
+    .await;
+    assert_eq!((rows_for_answered, distinct), (all.len() as i64, all.len() as i64), "one row per answered request");
+    let charged = q(format!("SELECT sum(quota)::bigint FROM usage_logs WHERE user_id = {uid}")).await;
+    let used = q(format!("SELECT used_quota FROM users WHERE id = {uid}")).await;
+    let held = q(format!("SELECT sum(amount)::bigint FROM quota_leases WHERE kind = 'u' AND id = {uid}")).await;
+    let left = q(format!("SELECT quota FROM users WHERE id = {uid}")).await;
+    assert_eq!(charged, used, "Σ logged charges = used quota");
+    assert_eq!(left + held + used, BALANCE, "balance + leases + used = what the user was given");
     println!(
         "kill -9 of one node of three: {} / {} answered by the others with 0 failures; the killed node answered {}, \
          {} usage rows after restart, none lost or duplicated",
@@ -493,4 +534,95 @@ async fn a_killed_node_fails_no_request_elsewhere_and_loses_no_usage_row() {
         served.len(),
         rows.len()
     );
+}
+
+/// One request's price on the quota test's model: its estimate is its
+/// charge, so a balance of 1,000 covers exactly 100 requests.
+const PER_CALL: &str = "[pricing]\nquota_per_dollar = 1000\nunpriced = \"refuse\"\n\
+[pricing.models.per-call]\nprice = 0.01\n";
+
+/// A user created on A spends one balance through three nodes: 300
+/// concurrent requests against quota for 100 never overdraw it, every
+/// charge is a usage row in the shared table, nothing stays leased, and a
+/// requests-per-minute limit holds across the nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_share_one_balance_and_one_rate_limit() {
+    use crate::support::accounts::{call, concurrent_calls, user_with_token};
+    use crate::support::postgres::query_i64;
+    use std::sync::Arc;
+
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
+    let mock = MockUpstream::start("m").await;
+    let config = format!("{PER_CALL}\n{}", channel("c", "openai", &mock.base_url(), &["per-call"], ""));
+    let nodes: Vec<Arc<Gateway>> = tokio::task::spawn_blocking({
+        let url = pg.url.clone();
+        move || (0..3).map(|_| Arc::new(node(&url, &config))).collect()
+    })
+    .await
+    .expect("nodes");
+    let body = json!({"model": "per-call", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
+
+    // A user and token created on A authenticate on B and C.
+    let (uid, key) = user_with_token(&nodes[0], 1_000, json!({})).await;
+    let created = Instant::now();
+    for gw in &nodes[1..] {
+        let known = eventually(Duration::from_secs(10), || async {
+            let resp = crate::support::client().get(gw.url("/v1/models")).bearer_auth(&key).send().await;
+            resp.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        assert!(known.is_some(), "a token created on A never authenticated on another node");
+    }
+    println!("a token created on A authenticated on B and C after {:?}", created.elapsed());
+
+    // 300 concurrent requests, round robin over the nodes, quota for 100.
+    let burst_ok = concurrent_calls(&nodes, &key, &body, 300, "insufficient_quota").await;
+    assert!(burst_ok <= 100, "{burst_ok} of 300 succeeded against quota for 100");
+    // What the burst left unspent is returned by idle nodes, so the rest
+    // of the balance is spendable from any node: exactly 100 in all.
+    let (mut later_ok, mut refused) = (0, 0);
+    for i in 0.. {
+        let (status, answer, _) = call(&nodes[i % 3], &key, &body).await;
+        match status {
+            200 => (later_ok, refused) = (later_ok + 1, 0),
+            429 if answer["error"]["code"] == "insufficient_quota" => {
+                // Perhaps only leased by another node: idle leases return
+                // within a second or two. Refused on every node: spent.
+                refused += 1;
+                if refused > 3 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            other => panic!("unexpected {other}: {answer}"),
+        }
+        assert!(burst_ok + later_ok <= 100, "more than 100 requests charged");
+    }
+    println!("300 concurrent requests over 3 nodes, quota for 100: {burst_ok} succeeded; then {later_ok} more");
+    assert_eq!(burst_ok + later_ok, 100, "the balance covers exactly 100 requests");
+    let settled = eventually(Duration::from_secs(10), || async {
+        let leased = query_i64(&pg.url, "SELECT sum(amount)::bigint FROM quota_leases WHERE kind = 'u'").await;
+        let used = query_i64(&pg.url, &format!("SELECT used_quota FROM users WHERE id = {uid}")).await;
+        leased == 0 && used == 1_000
+    })
+    .await;
+    let (quota, used, rows, charged) = (
+        query_i64(&pg.url, &format!("SELECT quota FROM users WHERE id = {uid}")).await,
+        query_i64(&pg.url, &format!("SELECT used_quota FROM users WHERE id = {uid}")).await,
+        query_i64(&pg.url, &format!("SELECT count(*) FROM usage_logs WHERE user_id = {uid} AND kind = 'consume'"))
+            .await,
+        query_i64(&pg.url, &format!("SELECT sum(quota)::bigint FROM usage_logs WHERE user_id = {uid}")).await,
+    );
+    assert!(settled.is_some(), "leases not returned or usage not written: quota {quota}, used {used}");
+    assert_eq!((quota, used, rows, charged), (0, 1_000, 100, 1_000), "balance, used, rows, Σ charges");
+    for gw in &nodes {
+        let (_, u) = admin(gw, Method::GET, &format!("/api/users/{uid}"), None).await;
+        assert_eq!((u["quota"].as_i64(), u["used_quota"].as_i64()), (Some(0), Some(1_000)), "{u}");
+    }
+
+    // A requests-per-minute limit of 60 holds over the three nodes.
+    let (_, limited) = user_with_token(&nodes[1], 1_000_000, json!({"rpm": 60})).await;
+    let ok = concurrent_calls(&nodes, &limited, &body, 90, "rate_limit_exceeded").await;
+    println!("90 requests over 3 nodes with rpm = 60: {ok} succeeded");
+    assert!((59..=61).contains(&ok), "rpm 60 across nodes let {ok} through");
 }

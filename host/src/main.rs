@@ -143,9 +143,8 @@ async fn main() -> anyhow::Result<()> {
             })
             .await??;
             println!(
-                "migrated and verified: {} channels, {} options, {} plugins (users, tokens, quota and usage logs \
-                 are not shared yet and stay in the data directory)",
-                report.channels, report.options, report.plugins
+                "migrated and verified: {} channels, {} options, {} plugins, {} users, {} tokens, {} usage rows",
+                report.channels, report.options, report.plugins, report.users, report.tokens, report.log_rows
             );
             return Ok(());
         }

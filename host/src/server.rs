@@ -133,7 +133,8 @@ pub async fn build(config: Config) -> Result<Gateway> {
     let filters = crate::filters::Filters::load(&config.filters, options.clone())?;
 
     let billing = Arc::new(
-        Billing::open(&store, options, &config.pricing, &config.logs, &config.limits).context("opening billing")?,
+        Billing::open(&store, options, &config.pricing, &config.logs, &config.limits, postgres.as_ref())
+            .context("opening billing")?,
     );
     crate::metrics::get().set_enabled(config.metrics.enabled);
     let sessions = Arc::new(Sessions::new(
@@ -200,6 +201,8 @@ pub async fn run(config: Config) -> Result<()> {
     // next start.
     if tokio::time::timeout(Duration::from_secs(30), gateway.state.billing.writer.flush()).await.is_err() {
         tracing::error!("usage rows could not be written at shutdown; the journal keeps them for the next start");
+    } else {
+        gateway.state.billing.return_leases().await;
     }
     gateway.state.store.flush()?;
     tracing::info!("wasmgate stopped");

@@ -12,14 +12,14 @@ use super::{Gateway, admin, eventually};
 /// returns (user id, token key).
 pub async fn user_with_token(gw: &Gateway, quota: i64, token: Value) -> (u64, String) {
     let (status, user) = admin(gw, Method::POST, "/api/users", Some(&json!({"name": "alice", "quota": quota}))).await;
-    assert_eq!(status, 201, "{user}");
+    assert_eq!(status, 201, "{user}\n{}", gw.log());
     let id = user["id"].as_u64().expect("id");
     let mut body = json!({"name": "t", "user_id": id});
     for (k, v) in token.as_object().cloned().unwrap_or_default() {
         body[k] = v;
     }
     let (status, t) = admin(gw, Method::POST, "/api/tokens", Some(&body)).await;
-    assert_eq!(status, 201, "{t}");
+    assert_eq!(status, 201, "{t}\n{}", gw.log());
     let key = t["key"].as_str().expect("full key at creation").to_string();
     assert!(key.starts_with("sk-") && key.len() >= 35);
     (id, key)
@@ -67,4 +67,32 @@ pub async fn wait_rows(gw: &Gateway, query: &str, n: u64) -> Value {
     let body = logs(gw, query).await;
     assert!(ok.is_some(), "expected {n} rows for {query}: {body}");
     body
+}
+
+/// Send `n` copies of `body` with `key` at once, request `i` to
+/// `gateways[i % len]`; returns how many were answered, every other one
+/// having been refused with a 429 of `code`.
+pub async fn concurrent_calls(
+    gateways: &[std::sync::Arc<Gateway>],
+    key: &str,
+    body: &Value,
+    n: usize,
+    code: &str,
+) -> usize {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (gw, key, body) = (gateways[i % gateways.len()].clone(), key.to_string(), body.clone());
+            tokio::spawn(async move { call(&gw, &key, &body).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        let (status, body, _) = t.await.expect("task");
+        match status {
+            200 => ok += 1,
+            429 => assert_eq!(body["error"]["code"], code, "{body}"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    ok
 }

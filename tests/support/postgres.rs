@@ -54,13 +54,18 @@ fn as_pg_user(program: &Path) -> Command {
     c
 }
 
+/// Whether this run keeps the gateways' shared state in PostgreSQL.
+pub fn suite_on_postgres() -> bool {
+    std::env::var("WASMGATE_TEST_BACKEND").ok().as_deref() == Some("postgres")
+}
+
 /// With `WASMGATE_TEST_BACKEND=postgres`, every gateway the suite starts
 /// keeps its channels, tables and plugins in a database of its own on one
 /// server started for the whole run: the suite runs against PostgreSQL as
 /// well as sled. Returns a fresh database's URL then, `None` otherwise.
 pub fn database_for_gateway() -> Option<String> {
     static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    if std::env::var("WASMGATE_TEST_BACKEND").ok().as_deref() != Some("postgres") {
+    if !suite_on_postgres() {
         return None;
     }
     let url = SERVER.get_or_init(|| {
@@ -164,4 +169,14 @@ impl Drop for PgServer {
             let _ = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status();
         }
     }
+}
+
+/// The first column of the first row of `sql` on the database at `url`, as
+/// an integer (`NULL` as 0): how the multi-node tests read what every node
+/// wrote.
+pub async fn query_i64(url: &str, sql: &str) -> i64 {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    let row = client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    row.get::<_, Option<i64>>(0).unwrap_or(0)
 }

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use super::body;
 use super::params::{json_body, optional_u64, paged, paging, path_id};
+use crate::billing::Live;
 use crate::billing::accounts::{AccountError, Role, Status, TokenRecord, UserRecord};
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -57,8 +58,8 @@ pub(super) fn set_name(name: Option<String>, required: bool, target: &mut String
 }
 
 /// A user as the API shows it, with live balances.
-fn user_view(state: &AppState, u: &UserRecord) -> Value {
-    let live = state.billing.ledger.user(u.id);
+fn user_view(live: &Live, u: &UserRecord) -> Value {
+    let live = live.user(u.id);
     json!({
         "id": u.id, "object": "user", "name": u.name, "role": u.role, "group": u.group, "status": u.status,
         "quota": live.balance, "used_quota": live.used, "request_count": live.requests,
@@ -67,8 +68,8 @@ fn user_view(state: &AppState, u: &UserRecord) -> Value {
 }
 
 /// A token as the API shows it (never the key).
-pub fn token_view(state: &AppState, t: &TokenRecord) -> Value {
-    let live = state.billing.ledger.token(t.id);
+pub fn token_view(live: &Live, t: &TokenRecord) -> Value {
+    let live = live.token(t.id);
     json!({
         "id": t.id, "object": "token", "name": t.name, "user_id": t.user_id, "key": t.key_hint,
         "status": t.status, "expires_at": t.expires_at, "unlimited_quota": t.unlimited_quota,
@@ -123,7 +124,8 @@ pub async fn list_users(
         .filter(|u| q.as_deref().is_none_or(|q| u.name.to_lowercase().contains(q)))
         .filter(|u| query.get("group").is_none_or(|g| &u.group == g))
         .collect();
-    Ok(Json(paged(&matching, paging, |u| user_view(&state, u))))
+    let live = state.billing.live(matching.iter().map(|u| u.id).collect(), Vec::new()).await?;
+    Ok(Json(paged(&matching, paging, |u| user_view(&live, u))))
 }
 
 /// `POST /api/users`
@@ -140,9 +142,11 @@ pub async fn create_user(
     input.apply(&mut user, true)?;
     user.quota = quota;
     let user = state.billing.accounts.create_user(user)?;
-    state.billing.ledger.open_user(user.id, user.quota);
+    if !state.billing.is_shared() {
+        state.billing.ledger.open_user(user.id, user.quota);
+    }
     tracing::info!(user = user.id, name = %user.name, quota, "user created");
-    Ok((StatusCode::CREATED, Json(user_view(&state, &user))))
+    Ok((StatusCode::CREATED, Json(user_view(&state.billing.live(vec![user.id], Vec::new()).await?, &user))))
 }
 
 /// `GET /api/users/{id}`
@@ -150,7 +154,7 @@ pub async fn get_user(State(state): State<AppState>, Path(id): Path<String>) -> 
     let id = path_id(&id)?;
     let set = state.billing.accounts.snapshot();
     let user = set.users.get(&id).ok_or(AccountError::NotFound("user"))?;
-    Ok(Json(user_view(&state, user)))
+    Ok(Json(user_view(&state.billing.live(vec![user.id], Vec::new()).await?, user)))
 }
 
 async fn modify_user(
@@ -177,7 +181,7 @@ async fn modify_user(
         })?;
         tracing::info!(user = id, delta, "user quota set");
     }
-    Ok(Json(user_view(&state, &user)))
+    Ok(Json(user_view(&state.billing.live(vec![user.id], Vec::new()).await?, &user)))
 }
 
 /// `PUT /api/users/{id}`
@@ -245,7 +249,7 @@ pub async fn top_up(
         crate::billing::storage_unavailable()
     })?;
     tracing::info!(user = id, amount = input.amount, "user topped up");
-    Ok(Json(user_view(&state, user)))
+    Ok(Json(user_view(&state.billing.live(vec![user.id], Vec::new()).await?, user)))
 }
 
 /// Body of `POST`/`PUT`/`PATCH /api/tokens`.
@@ -324,7 +328,8 @@ pub async fn list_tokens(
         .filter(|t| user.is_none_or(|u| t.user_id == u))
         .filter(|t| q.as_deref().is_none_or(|q| t.name.to_lowercase().contains(q)))
         .collect();
-    Ok(Json(paged(&matching, paging, |t| token_view(&state, t))))
+    let live = state.billing.live(Vec::new(), matching.iter().map(|t| t.id).collect()).await?;
+    Ok(Json(paged(&matching, paging, |t| token_view(&live, t))))
 }
 
 /// `POST /api/tokens`: the answer carries the full `key`, this once.
@@ -341,16 +346,18 @@ pub async fn create_token(
     let mut token = TokenRecord { user_id, unlimited_quota: remain.is_none(), ..TokenRecord::default() };
     input.apply(&mut token, true)?;
     token.remain_quota = remain.unwrap_or(0);
-    Ok((StatusCode::CREATED, Json(issue(&state, token)?)))
+    Ok((StatusCode::CREATED, Json(issue(&state, token).await?)))
 }
 
 /// Store a new token and open its balance; the view carries the full
 /// key, this once.
-pub fn issue(state: &AppState, token: TokenRecord) -> Result<Value, ApiError> {
+pub async fn issue(state: &AppState, token: TokenRecord) -> Result<Value, ApiError> {
     let (token, key) = state.billing.accounts.create_token(token)?;
-    state.billing.ledger.open_token(token.id, token.remain_quota);
+    if !state.billing.is_shared() {
+        state.billing.ledger.open_token(token.id, token.remain_quota);
+    }
     tracing::info!(token = token.id, user = token.user_id, name = %token.name, "token created");
-    let mut view = token_view(state, &token);
+    let mut view = token_view(&state.billing.live(Vec::new(), vec![token.id]).await?, &token);
     view["key"] = json!(key);
     Ok(view)
 }
@@ -360,7 +367,7 @@ pub async fn get_token(State(state): State<AppState>, Path(id): Path<String>) ->
     let id = path_id(&id)?;
     let set = state.billing.accounts.snapshot();
     let token = set.tokens.get(&id).ok_or(AccountError::NotFound("token"))?;
-    Ok(Json(token_view(&state, token)))
+    Ok(Json(token_view(&state.billing.live(Vec::new(), vec![token.id]).await?, token)))
 }
 
 async fn modify_token(
@@ -392,7 +399,7 @@ async fn modify_token(
         })?;
         tracing::info!(token = id, delta, "token quota set");
     }
-    Ok(Json(token_view(&state, &token)))
+    Ok(Json(token_view(&state.billing.live(Vec::new(), vec![token.id]).await?, &token)))
 }
 
 /// `PUT /api/tokens/{id}`

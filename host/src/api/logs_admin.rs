@@ -119,8 +119,8 @@ pub fn own_account(caller: &Caller) -> Result<&crate::billing::Account, ApiError
 /// `GET /api/self`: the caller's user and token, with live balances.
 pub async fn me(State(state): State<AppState>, SelfAuthed(caller): SelfAuthed) -> Result<Json<Value>, ApiError> {
     let acct = own_account(&caller)?;
-    let user = state.billing.ledger.user(acct.user_id);
-    let token = state.billing.ledger.token(acct.token.id);
+    let live = state.billing.live(vec![acct.user_id], vec![acct.token.id]).await?;
+    let (user, token) = (live.user(acct.user_id), live.token(acct.token.id));
     Ok(Json(json!({
         "object": "self", "user_id": acct.user_id, "group": &*caller.group,
         "quota": user.balance, "used_quota": user.used, "request_count": user.requests,

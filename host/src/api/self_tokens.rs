@@ -35,7 +35,9 @@ struct NewToken {
 pub async fn list(State(state): State<AppState>, SelfAuthed(caller): SelfAuthed) -> Result<Json<Value>, ApiError> {
     let user = own_account(&caller)?.user_id;
     let set = state.billing.accounts.snapshot();
-    let data: Vec<Value> = set.tokens.values().filter(|t| t.user_id == user).map(|t| token_view(&state, t)).collect();
+    let mine: Vec<_> = set.tokens.values().filter(|t| t.user_id == user).collect();
+    let live = state.billing.live(Vec::new(), mine.iter().map(|t| t.id).collect()).await?;
+    let data: Vec<Value> = mine.into_iter().map(|t| token_view(&live, t)).collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
@@ -53,7 +55,7 @@ pub async fn create(
         let msg = format!("You already have {owned} keys, the most allowed; revoke one first.");
         return Err(ApiError::bad_request(msg).param("name"));
     }
-    let balance = state.billing.ledger.user(user).balance;
+    let balance = state.billing.live(vec![user], Vec::new()).await?.user(user).balance;
     if let Some(q) = input.remain_quota
         && !(0..=balance.max(0)).contains(&q)
     {
@@ -73,7 +75,7 @@ pub async fn create(
         remain_quota: input.remain_quota.unwrap_or(0),
         ..TokenRecord::default()
     };
-    Ok((StatusCode::CREATED, Json(issue(&state, token)?)))
+    Ok((StatusCode::CREATED, Json(issue(&state, token).await?)))
 }
 
 /// `DELETE /api/self/tokens/{id}`: revoke one of the caller's own keys

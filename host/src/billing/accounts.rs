@@ -1,5 +1,7 @@
 //! Users and their API tokens, stored in sled (`users`, `tokens` trees, JSON
-//! values keyed by id) with an in-memory snapshot for the auth hot path.
+//! values keyed by id) or, with a shared database, in PostgreSQL (see
+//! [`super::accounts_pg`]), with an in-memory snapshot for the auth hot
+//! path.
 //!
 //! Balances (`quota`, `used_quota`, `request_count`, a token's
 //! `remain_quota`) are changed only by the billing writer, in the same sled
@@ -13,6 +15,7 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
+use super::accounts_pg::{Follower, PgAccounts, Records};
 use crate::config::DEFAULT_GROUP;
 use crate::state::secret_hash;
 use crate::store::{Store, unix_now};
@@ -224,11 +227,47 @@ where
     Ok(merged)
 }
 
-/// Users and tokens in sled.
-pub struct Accounts {
-    store: Store,
-    master: Mutex<(BTreeMap<u64, UserRecord>, BTreeMap<u64, TokenRecord>)>,
+/// Where the accounts are kept.
+enum Backend {
+    /// The embedded store.
+    Sled(Store),
+    /// A database shared with other nodes.
+    Pg(Arc<PgAccounts>),
+}
+
+type Master = (BTreeMap<u64, UserRecord>, BTreeMap<u64, TokenRecord>);
+
+/// The master copy and the snapshot published from it.
+struct Shared {
+    master: Mutex<Master>,
     snapshot: ArcSwap<AccountSet>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Master> {
+        self.master.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Publish the master copy as the new snapshot.
+    fn publish(&self, master: &Master) {
+        self.snapshot.store(Arc::new(AccountSet::rebuild(&master.0, &master.1)));
+    }
+}
+
+impl Follower for Shared {
+    fn replace(&self, records: Records) {
+        let mut master = self.lock();
+        if *master != records {
+            *master = records;
+            self.publish(&master);
+        }
+    }
+}
+
+/// Users and tokens: in sled, or in PostgreSQL shared with other nodes.
+pub struct Accounts {
+    backend: Backend,
+    shared: Arc<Shared>,
 }
 
 fn load<T: for<'de> Deserialize<'de>>(tree: &sled::Tree) -> anyhow::Result<Vec<T>> {
@@ -240,8 +279,13 @@ fn load<T: for<'de> Deserialize<'de>>(tree: &sled::Tree) -> anyhow::Result<Vec<T
         .collect()
 }
 
+fn shared(master: Master) -> Arc<Shared> {
+    let snapshot = ArcSwap::from_pointee(AccountSet::rebuild(&master.0, &master.1));
+    Arc::new(Shared { master: Mutex::new(master), snapshot })
+}
+
 impl Accounts {
-    /// Load every user and token.
+    /// Load every user and token from sled.
     pub fn open(store: &Store) -> anyhow::Result<Self> {
         let users_tree = store.tree("users")?;
         let tokens_tree = store.tree("tokens")?;
@@ -249,33 +293,62 @@ impl Accounts {
             load::<UserRecord>(&users_tree)?.into_iter().map(|u| (u.id, u)).collect();
         let tokens: BTreeMap<u64, TokenRecord> =
             load::<TokenRecord>(&tokens_tree)?.into_iter().map(|t| (t.id, t)).collect();
-        let snapshot = ArcSwap::from_pointee(AccountSet::rebuild(&users, &tokens));
-        Ok(Self { store: store.clone(), master: Mutex::new((users, tokens)), snapshot })
+        Ok(Self { backend: Backend::Sled(store.clone()), shared: shared((users, tokens)) })
+    }
+
+    /// Load every user and token from PostgreSQL and follow the changes
+    /// other nodes make.
+    pub fn open_pg(pg: &Arc<crate::store::postgres::Postgres>) -> anyhow::Result<Self> {
+        let (db, records) = PgAccounts::open(pg)?;
+        let shared = shared(records);
+        let follower: Arc<dyn Follower> = shared.clone();
+        db.follow(Arc::downgrade(&follower));
+        Ok(Self { backend: Backend::Pg(db), shared })
     }
 
     /// The current users and tokens.
     pub fn snapshot(&self) -> Arc<AccountSet> {
-        self.snapshot.load_full()
+        self.shared.snapshot.load_full()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (BTreeMap<u64, UserRecord>, BTreeMap<u64, TokenRecord>)> {
-        self.master.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Master> {
+        self.shared.lock()
     }
 
-    /// Publish the master copy as the new snapshot.
-    fn publish(&self, master: &(BTreeMap<u64, UserRecord>, BTreeMap<u64, TokenRecord>)) {
-        self.snapshot.store(Arc::new(AccountSet::rebuild(&master.0, &master.1)));
+    /// The master copy's lock for a write: held across a sled write; with
+    /// PostgreSQL taken only after the database answered (the database
+    /// thread takes it to apply other nodes' changes, and must never wait
+    /// for a writer that waits for the database).
+    fn lock_for_write(&self) -> Option<std::sync::MutexGuard<'_, Master>> {
+        matches!(self.backend, Backend::Sled(_)).then(|| self.lock())
+    }
+
+    fn publish(&self, master: &Master) {
+        self.shared.publish(master);
+    }
+
+    fn ensure_writable(&self) -> anyhow::Result<()> {
+        match &self.backend {
+            Backend::Sled(store) => store.ensure_writable(),
+            Backend::Pg(_) => Ok(()),
+        }
     }
 
     /// Create a user (balances as given: its opening quota).
     pub fn create_user(&self, mut user: UserRecord) -> Result<UserRecord, AccountError> {
-        self.store.ensure_writable()?;
-        user.id = self.store.next_counter("next_user_id")?;
+        self.ensure_writable()?;
         user.created_at = unix_now();
         user.used_quota = 0;
         user.request_count = 0;
-        let mut master = self.lock();
-        insert_durably(&self.store.tree("users")?, user.id, &user)?;
+        let guard = self.lock_for_write();
+        match &self.backend {
+            Backend::Sled(store) => {
+                user.id = store.next_counter("next_user_id")?;
+                insert_durably(&store.tree("users")?, user.id, &user)?;
+            }
+            Backend::Pg(db) => user.id = db.insert_user(&user)?,
+        }
+        let mut master = guard.unwrap_or_else(|| self.lock());
         master.0.insert(user.id, user.clone());
         self.publish(&master);
         Ok(user)
@@ -284,18 +357,24 @@ impl Accounts {
     /// Create a token for an existing user; returns it and its full key
     /// (shown once, never stored).
     pub fn create_token(&self, mut token: TokenRecord) -> Result<(TokenRecord, String), AccountError> {
-        self.store.ensure_writable()?;
+        self.ensure_writable()?;
         if !self.snapshot().users.contains_key(&token.user_id) {
             return Err(AccountError::Invalid("user_id".into(), format!("`user_id` {} does not exist", token.user_id)));
         }
         let key = crate::store::random_key("sk-");
-        token.id = self.store.next_counter("next_token_id")?;
         token.key_hash = hex::encode(secret_hash(&key));
         token.key_hint = crate::channels::mask(&key);
         token.created_at = unix_now();
         token.used_quota = 0;
-        let mut master = self.lock();
-        insert_durably(&self.store.tree("tokens")?, token.id, &token)?;
+        let guard = self.lock_for_write();
+        match &self.backend {
+            Backend::Sled(store) => {
+                token.id = store.next_counter("next_token_id")?;
+                insert_durably(&store.tree("tokens")?, token.id, &token)?;
+            }
+            Backend::Pg(db) => token.id = db.insert_token(&token)?,
+        }
+        let mut master = guard.unwrap_or_else(|| self.lock());
         master.1.insert(token.id, token.clone());
         self.publish(&master);
         Ok((token, key))
@@ -308,15 +387,31 @@ impl Accounts {
         id: u64,
         f: &mut dyn FnMut(&mut UserRecord) -> Result<(), AccountError>,
     ) -> Result<UserRecord, AccountError> {
-        self.store.ensure_writable()?;
-        let mut master = self.lock();
-        let mut next = master.0.get(&id).cloned().ok_or(AccountError::NotFound("user"))?;
+        self.ensure_writable()?;
+        let guard = self.lock_for_write();
+        let stored = match &guard {
+            Some(master) => master.0.get(&id).cloned(),
+            None => self.snapshot().users.get(&id).map(|u| UserRecord::clone(u)),
+        }
+        .ok_or(AccountError::NotFound("user"))?;
+        let mut next = stored.clone();
         f(&mut next)?;
         next.id = id;
-        let user = merge_in(&self.store.tree("users")?, id, &next, |stored: &UserRecord, merged: &mut UserRecord| {
+        let keep = |stored: &UserRecord, merged: &mut UserRecord| {
             (merged.quota, merged.used_quota, merged.request_count) =
                 (stored.quota, stored.used_quota, stored.request_count);
-        })?;
+        };
+        let user = match &self.backend {
+            Backend::Sled(store) => merge_in(&store.tree("users")?, id, &next, keep)?,
+            Backend::Pg(db) => {
+                keep(&stored, &mut next);
+                if !db.update_user(&next)? {
+                    return Err(AccountError::NotFound("user"));
+                }
+                next
+            }
+        };
+        let mut master = guard.unwrap_or_else(|| self.lock());
         master.0.insert(id, user.clone());
         self.publish(&master);
         Ok(user)
@@ -329,18 +424,33 @@ impl Accounts {
         id: u64,
         f: &mut dyn FnMut(&mut TokenRecord) -> Result<(), AccountError>,
     ) -> Result<TokenRecord, AccountError> {
-        self.store.ensure_writable()?;
-        let mut master = self.lock();
-        let mut next = master.1.get(&id).cloned().ok_or(AccountError::NotFound("token"))?;
+        self.ensure_writable()?;
+        let guard = self.lock_for_write();
+        let stored = match &guard {
+            Some(master) => master.1.get(&id).cloned(),
+            None => self.snapshot().tokens.get(&id).map(|t| TokenRecord::clone(t)),
+        }
+        .ok_or(AccountError::NotFound("token"))?;
+        let mut next = stored.clone();
         f(&mut next)?;
         next.id = id;
-        let token =
-            merge_in(&self.store.tree("tokens")?, id, &next, |stored: &TokenRecord, merged: &mut TokenRecord| {
-                merged.user_id = stored.user_id;
-                merged.key_hash.clone_from(&stored.key_hash);
-                merged.key_hint.clone_from(&stored.key_hint);
-                (merged.remain_quota, merged.used_quota) = (stored.remain_quota, stored.used_quota);
-            })?;
+        let keep = |stored: &TokenRecord, merged: &mut TokenRecord| {
+            merged.user_id = stored.user_id;
+            merged.key_hash.clone_from(&stored.key_hash);
+            merged.key_hint.clone_from(&stored.key_hint);
+            (merged.remain_quota, merged.used_quota) = (stored.remain_quota, stored.used_quota);
+        };
+        let token = match &self.backend {
+            Backend::Sled(store) => merge_in(&store.tree("tokens")?, id, &next, keep)?,
+            Backend::Pg(db) => {
+                keep(&stored, &mut next);
+                if !db.update_token(&next)? {
+                    return Err(AccountError::NotFound("token"));
+                }
+                next
+            }
+        };
+        let mut master = guard.unwrap_or_else(|| self.lock());
         master.1.insert(id, token.clone());
         self.publish(&master);
         Ok(token)
@@ -348,31 +458,60 @@ impl Accounts {
 
     /// Delete a token.
     pub fn delete_token(&self, id: u64) -> Result<TokenRecord, AccountError> {
-        self.store.ensure_writable()?;
-        let mut master = self.lock();
-        let token = master.1.remove(&id).ok_or(AccountError::NotFound("token"))?;
-        let tokens = self.store.tree("tokens")?;
-        tokens.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
-        tokens.flush().map_err(anyhow::Error::from)?;
+        self.ensure_writable()?;
+        let guard = self.lock_for_write();
+        let token = match &guard {
+            Some(master) => master.1.get(&id).cloned(),
+            None => self.snapshot().tokens.get(&id).map(|t| TokenRecord::clone(t)),
+        }
+        .ok_or(AccountError::NotFound("token"))?;
+        match &self.backend {
+            Backend::Sled(store) => {
+                let tokens = store.tree("tokens")?;
+                tokens.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
+                tokens.flush().map_err(anyhow::Error::from)?;
+            }
+            Backend::Pg(db) => {
+                db.delete_token(id)?;
+            }
+        }
+        let mut master = guard.unwrap_or_else(|| self.lock());
+        master.1.remove(&id);
         self.publish(&master);
         Ok(token)
     }
 
     /// Delete a user and every token of theirs. Their log rows stay.
     pub fn delete_user(&self, id: u64) -> Result<UserRecord, AccountError> {
-        self.store.ensure_writable()?;
-        let mut master = self.lock();
-        let user = master.0.remove(&id).ok_or(AccountError::NotFound("user"))?;
-        let tokens = self.store.tree("tokens")?;
-        let owned: Vec<u64> = master.1.values().filter(|t| t.user_id == id).map(|t| t.id).collect();
+        self.ensure_writable()?;
+        let guard = self.lock_for_write();
+        let snapshot = self.snapshot();
+        let user = match &guard {
+            Some(master) => master.0.get(&id).cloned(),
+            None => snapshot.users.get(&id).map(|u| UserRecord::clone(u)),
+        }
+        .ok_or(AccountError::NotFound("user"))?;
+        let owned: Vec<u64> = snapshot.tokens.values().filter(|t| t.user_id == id).map(|t| t.id).collect();
+        match &self.backend {
+            Backend::Sled(store) => {
+                let tokens = store.tree("tokens")?;
+                for t in &owned {
+                    tokens.remove(t.to_be_bytes()).map_err(anyhow::Error::from)?;
+                }
+                let users = store.tree("users")?;
+                users.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
+                users.flush().map_err(anyhow::Error::from)?;
+                tokens.flush().map_err(anyhow::Error::from)?;
+            }
+            Backend::Pg(db) => {
+                db.delete_user(id)?;
+            }
+        }
+        let mut master = guard.unwrap_or_else(|| self.lock());
         for t in owned {
             master.1.remove(&t);
-            tokens.remove(t.to_be_bytes()).map_err(anyhow::Error::from)?;
         }
-        let users = self.store.tree("users")?;
-        users.remove(id.to_be_bytes()).map_err(anyhow::Error::from)?;
-        users.flush().map_err(anyhow::Error::from)?;
-        tokens.flush().map_err(anyhow::Error::from)?;
+        master.0.remove(&id);
         self.publish(&master);
         Ok(user)
     }

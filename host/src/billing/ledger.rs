@@ -29,6 +29,9 @@ struct Books {
     tokens: HashMap<u64, Balance>,
 }
 
+/// `(account id, amount)` pairs.
+pub type Amounts = Vec<(u64, i64)>;
+
 /// Whose quota is short.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Short {
@@ -142,6 +145,42 @@ impl Ledger {
             t.reserved = t.reserved.saturating_add(amount);
         }
         Ok(Reservation { ledger: self.clone(), user, token, token_limited, amount, open: true })
+    }
+
+    /// Quota leased from the shared database: add each `(id, amount)` to
+    /// that user's or token's balance (opening it).
+    pub fn grant(&self, user: Option<(u64, i64)>, token: Option<(u64, i64)>) {
+        let mut b = self.books();
+        if let Some((id, amount)) = user {
+            let u = b.users.entry(id).or_default();
+            u.balance = u.balance.saturating_add(amount);
+        }
+        if let Some((id, amount)) = token {
+            let t = b.tokens.entry(id).or_default();
+            t.balance = t.balance.saturating_add(amount);
+        }
+    }
+
+    /// Take back what no request holds of every idle lease: the users' and
+    /// tokens' unreserved balances, for which `idle` says yes, leaving their
+    /// balances at what is reserved. Returns `(users, tokens)` with the
+    /// amounts taken (negative: a debt charged past the lease).
+    pub fn take_unreserved(&self, idle: impl Fn(bool, u64) -> bool) -> (Amounts, Amounts) {
+        let mut b = self.books();
+        let take = |map: &mut HashMap<u64, Balance>, is_user: bool| {
+            let mut taken = Vec::new();
+            for (id, bal) in map.iter_mut() {
+                let spare = bal.balance.saturating_sub(bal.reserved);
+                if spare != 0 && idle(is_user, *id) {
+                    bal.balance = bal.reserved;
+                    taken.push((*id, spare));
+                }
+            }
+            taken
+        };
+        let users = take(&mut b.users, true);
+        let tokens = take(&mut b.tokens, false);
+        (users, tokens)
     }
 
     /// Change balances by `delta` (admin top-ups and corrections).

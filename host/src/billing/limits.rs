@@ -12,11 +12,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
+
 /// Buckets in the window, one per second.
 const SLOTS: usize = 60;
 
 /// One token's last minute.
-struct Window {
+pub(super) struct Window {
     /// Second (since the limiter started) of the newest bucket.
     head: u64,
     requests: [u32; SLOTS],
@@ -44,7 +46,7 @@ impl Default for Window {
 impl Window {
     /// Move the window so that `now` is its newest second, expiring the
     /// buckets that fall out of it.
-    fn advance(&mut self, now: u64) {
+    pub(super) fn advance(&mut self, now: u64) {
         if now <= self.head {
             return;
         }
@@ -58,12 +60,24 @@ impl Window {
         self.head = now;
     }
 
-    fn add(&mut self, now: u64, requests: u32, tokens: i64) {
+    pub(super) fn add(&mut self, now: u64, requests: u32, tokens: i64) {
         let i = (now % SLOTS as u64) as usize;
         self.requests[i] = self.requests[i].saturating_add(requests);
         self.tokens[i] = self.tokens[i].saturating_add(tokens);
         self.total_requests = self.total_requests.saturating_add(u64::from(requests));
         self.total_tokens = self.total_tokens.saturating_add(tokens);
+    }
+
+    /// Whether one more request of `tokens` tokens fits the `rpm` and `tpm`
+    /// limits (call after [`Self::advance`]).
+    pub(super) fn check_rates(&self, rpm: Option<u32>, tpm: Option<u64>, tokens: u64) -> Result<(), Limited> {
+        if rpm.is_some_and(|rpm| self.total_requests >= u64::from(rpm)) {
+            return Err(Limited { limit: "rpm", retry_after: self.retry_after(|i| self.requests[i] > 0) });
+        }
+        if tpm.is_some_and(|tpm| (self.total_tokens.max(0) as u64).saturating_add(tokens) > tpm) {
+            return Err(Limited { limit: "tpm", retry_after: self.retry_after(|i| self.tokens[i] > 0) });
+        }
+        Ok(())
     }
 
     /// Seconds until the oldest bucket for which `used` holds expires (a
@@ -74,6 +88,35 @@ impl Window {
             .filter(|age| *age <= self.head)
             .find(|age| used(((self.head - age) % SLOTS as u64) as usize));
         oldest.map_or(1, |age| (SLOTS as u64 - age) as u32)
+    }
+}
+
+/// A window's buckets as the shared database keeps them (JSON; the
+/// totals are recomputed when read).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub(super) struct StoredWindow {
+    head: u64,
+    requests: Vec<u32>,
+    tokens: Vec<i64>,
+}
+
+impl From<StoredWindow> for Window {
+    fn from(s: StoredWindow) -> Self {
+        let mut w = Window { head: s.head, ..Window::default() };
+        for (i, (r, t)) in s.requests.iter().zip(&s.tokens).take(SLOTS).enumerate() {
+            w.requests[i] = *r;
+            w.tokens[i] = *t;
+            w.total_requests = w.total_requests.saturating_add(u64::from(*r));
+            w.total_tokens = w.total_tokens.saturating_add(*t);
+        }
+        w
+    }
+}
+
+impl From<&Window> for StoredWindow {
+    fn from(w: &Window) -> Self {
+        Self { head: w.head, requests: w.requests.to_vec(), tokens: w.tokens.to_vec() }
     }
 }
 
@@ -170,12 +213,7 @@ impl Limiter {
         if stream && limits.streams.is_some_and(|max| w.streams >= max) {
             return Err(Limited { limit: "streams", retry_after: 1 });
         }
-        if limits.rpm.is_some_and(|rpm| w.total_requests >= u64::from(rpm)) {
-            return Err(Limited { limit: "rpm", retry_after: w.retry_after(|i| w.requests[i] > 0) });
-        }
-        if limits.tpm.is_some_and(|tpm| (w.total_tokens.max(0) as u64).saturating_add(tokens) > tpm) {
-            return Err(Limited { limit: "tpm", retry_after: w.retry_after(|i| w.tokens[i] > 0) });
-        }
+        w.check_rates(limits.rpm, limits.tpm, tokens)?;
         w.add(now, 1, i64::try_from(tokens).unwrap_or(i64::MAX));
         w.in_flight += 1;
         w.streams += u32::from(stream);

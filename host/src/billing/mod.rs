@@ -20,10 +20,13 @@
 //! around, and a request estimated above [`pricing::MAX_QUOTA`] is refused.
 
 pub mod accounts;
+pub mod accounts_pg;
 pub mod dashboard;
 pub mod journal;
+pub mod leases;
 pub mod ledger;
 pub mod limits;
+pub mod limits_pg;
 pub mod log_filter;
 pub mod log_segments;
 pub mod logs;
@@ -31,6 +34,7 @@ pub mod pricing;
 pub mod rollup;
 pub mod tokenize;
 pub mod writer;
+pub mod writer_pg;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,13 +46,17 @@ use crate::config::{LimitsConfig, LogConfig};
 use crate::error::ApiError;
 use crate::plugins::{Endpoint, Usage};
 use crate::request::ClientRequest;
+use crate::store::postgres::Postgres;
 use crate::store::{StorageGuard, Store, unix_now_ms};
 use accounts::{Accounts, TokenRecord};
 use journal::{Change, Journal};
+use leases::{Leased, Leases};
 use ledger::{Ledger, Reservation, Short};
 use limits::{InFlightGuard, Limiter, Subject, TokenLimits};
+use limits_pg::PgLimits;
 use logs::{LogKind, LogRow};
 use pricing::{MAX_QUOTA, Price, Pricing, PricingConfig};
+use std::collections::HashMap;
 use tokenize::GeneratedText;
 use writer::{BatchLimits, Trees, Writer};
 
@@ -88,6 +96,53 @@ pub struct Billing {
     store: Store,
     log_config: LogConfig,
     limits: LimitsConfig,
+    /// Balances and rate limits shared with other nodes, when on PostgreSQL.
+    shared: Option<SharedBilling>,
+}
+
+/// Billing's part of a database shared by several nodes.
+struct SharedBilling {
+    pg: Arc<Postgres>,
+    leases: Arc<Leases>,
+    limits: PgLimits,
+}
+
+/// Balances as the API shows them: this node's ledger, or (several nodes)
+/// the shared database's, read after this node's usage is written.
+pub enum Live {
+    /// One node: the ledger is the truth.
+    Local(Arc<Ledger>),
+    /// Shared: balances read from the database, reservations this node's.
+    Shared {
+        /// By user id.
+        users: HashMap<u64, ledger::Balance>,
+        /// By token id.
+        tokens: HashMap<u64, ledger::Balance>,
+        /// This node's reservations.
+        ledger: Arc<Ledger>,
+    },
+}
+
+impl Live {
+    /// A user's balance.
+    pub fn user(&self, id: u64) -> ledger::Balance {
+        match self {
+            Self::Local(l) => l.user(id),
+            Self::Shared { users, ledger, .. } => {
+                ledger::Balance { reserved: ledger.user(id).reserved, ..users.get(&id).copied().unwrap_or_default() }
+            }
+        }
+    }
+
+    /// A token's balance.
+    pub fn token(&self, id: u64) -> ledger::Balance {
+        match self {
+            Self::Local(l) => l.token(id),
+            Self::Shared { tokens, ledger, .. } => {
+                ledger::Balance { reserved: ledger.token(id).reserved, ..tokens.get(&id).copied().unwrap_or_default() }
+            }
+        }
+    }
 }
 
 fn insufficient_quota() -> ApiError {
@@ -137,14 +192,19 @@ pub struct NotRecorded(pub String);
 
 impl Billing {
     /// Apply what a crash left in the journal, open the accounts, load
-    /// prices (overrides from `options`) and start the writer.
+    /// prices (overrides from `options`) and start the writer. With `pg`,
+    /// accounts, balances, usage rows and rate limits are shared with the
+    /// other nodes on that database.
     pub fn open(
         store: &Store,
         options: Arc<dyn crate::store::overrides::OptionStore>,
         pricing: &PricingConfig,
         log_config: &LogConfig,
         limits: &LimitsConfig,
+        pg: Option<&Arc<Postgres>>,
     ) -> anyhow::Result<Self> {
+        let node = pg.map(|_| store.node_id()).transpose()?;
+        let sink = pg.zip(node.as_deref()).map(|(pg, node)| Arc::new(writer_pg::PgSink::new(pg, node)));
         let trees = Trees::open(store)?;
         logs::ensure_rollups(&trees.logs, &trees.rollups)?;
         let committed = trees.committed_seq()?;
@@ -152,19 +212,37 @@ impl Billing {
         // is refused rather than billed again from an old state.
         store.check_mark("journal_seq", committed)?;
         let (journal, pending) = Journal::open(store.dir(), committed)?;
-        let (replayed, interrupted) = writer::recover(&trees, &journal, pending).map_err(anyhow::Error::msg)?;
+        let (replayed, interrupted) =
+            writer::recover(&trees, &journal, pending, sink.as_deref()).map_err(anyhow::Error::msg)?;
         store.committed(trees.committed_seq()?);
         if replayed + interrupted > 0 {
             tracing::warn!(replayed, interrupted, "recovered usage records a crash left unwritten");
         }
-        let accounts = Accounts::open(store)?;
-        let ledger = Arc::new(Ledger::load(&accounts.snapshot()));
+        let (accounts, ledger, shared) = match pg.zip(node) {
+            None => {
+                let accounts = Accounts::open(store)?;
+                let ledger = Arc::new(Ledger::load(&accounts.snapshot()));
+                (accounts, ledger, None)
+            }
+            Some((pg, node)) => {
+                // Balances stay in the database: this node holds leases
+                // only, starting from none (what it held before the
+                // journal was written back is returned first).
+                let ledger = Arc::new(Ledger::default());
+                let leases = anyhow::Context::context(
+                    Leases::start(pg, &node, &ledger),
+                    "returning this node's earlier quota leases",
+                )?;
+                let shared = SharedBilling { pg: pg.clone(), leases, limits: PgLimits::new(pg) };
+                (Accounts::open_pg(pg)?, ledger, Some(shared))
+            }
+        };
         let batch = BatchLimits {
             max_ops: log_config.batch_max.max(1),
             max_wait: Duration::from_millis(log_config.flush_interval_ms),
         };
         drop(trees);
-        let writer = Writer::spawn(Arc::new(journal), batch, store.clone())?;
+        let writer = Writer::spawn(Arc::new(journal), batch, store.clone(), sink)?;
         Ok(Self {
             accounts,
             ledger,
@@ -174,7 +252,74 @@ impl Billing {
             store: store.clone(),
             log_config: log_config.clone(),
             limits: limits.clone(),
+            shared,
         })
+    }
+
+    /// Whether balances and limits are shared with other nodes.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// The balances of `users` and `tokens` as the API shows them.
+    pub async fn live(&self, users: Vec<u64>, tokens: Vec<u64>) -> Result<Live, ApiError> {
+        let Some(shared) = &self.shared else {
+            return Ok(Live::Local(self.ledger.clone()));
+        };
+        // This node's charges first, so that what it served is counted.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.writer.flush()).await;
+        let pg = shared.pg.clone();
+        let read = shared.pg.call(async move {
+            let c = pg.pooled().await?;
+            let users: Vec<i64> = users.into_iter().map(|id| id as i64).collect();
+            let tokens: Vec<i64> = tokens.into_iter().map(|id| id as i64).collect();
+            let mut out = (HashMap::new(), HashMap::new());
+            for row in c
+                .query(
+                    "SELECT u.id, u.quota + COALESCE((SELECT sum(amount) FROM quota_leases l
+                         WHERE l.kind = 'u' AND l.id = u.id), 0)::bigint, u.used_quota, u.request_count
+                     FROM users u WHERE u.id = ANY($1)",
+                    &[&users],
+                )
+                .await?
+            {
+                let b = ledger::Balance {
+                    balance: row.get(1),
+                    used: row.get(2),
+                    requests: row.get::<_, i64>(3) as u64,
+                    reserved: 0,
+                };
+                out.0.insert(row.get::<_, i64>(0) as u64, b);
+            }
+            for row in c
+                .query(
+                    "SELECT t.id, t.remain_quota + COALESCE((SELECT sum(amount) FROM quota_leases l
+                         WHERE l.kind = 't' AND l.id = t.id), 0)::bigint, t.used_quota
+                     FROM tokens t WHERE t.id = ANY($1)",
+                    &[&tokens],
+                )
+                .await?
+            {
+                let b = ledger::Balance { balance: row.get(1), used: row.get(2), ..ledger::Balance::default() };
+                out.1.insert(row.get::<_, i64>(0) as u64, b);
+            }
+            anyhow::Ok(out)
+        });
+        let (users, tokens) = read.await.map_err(|error| {
+            tracing::warn!(error = format!("{error:#}"), "reading shared balances failed");
+            storage_unavailable()
+        })?;
+        Ok(Live::Shared { users, tokens, ledger: self.ledger.clone() })
+    }
+
+    /// Give back every quota lease this node holds (at a clean stop, once
+    /// its usage is written).
+    pub async fn return_leases(&self) {
+        if let Some(shared) = &self.shared
+            && let Err(error) = shared.leases.return_all().await
+        {
+            tracing::warn!(error = format!("{error:#}"), "returning quota leases failed; the next start returns them");
+        }
     }
 
     /// The `logs` tree (fetched for each use: the store may be reopened).
@@ -264,7 +409,8 @@ impl Billing {
         };
         let paid = caller.account.as_ref().filter(|_| !price.is_free());
         // What can be checked before any counting: is anything left at all?
-        if let Some(acct) = paid {
+        // (Several nodes: an empty lease is not an empty balance.)
+        if let Some(acct) = paid.filter(|_| self.shared.is_none()) {
             let t = &acct.token;
             if let Err(short) = self.ledger.has_quota(acct.user_id, Some(t.id), !t.unlimited_quota) {
                 tracing::info!(user = acct.user_id, token = t.id, ?short, "no quota left");
@@ -279,7 +425,21 @@ impl Billing {
             )
             .param("max_tokens"));
         }
-        let (subject, limits) = self.token_limits(caller);
+        let (subject, mut limits) = self.token_limits(caller);
+        // Several nodes: the per-minute limits are counted in the database.
+        if let (Some(shared), Some(Subject::Token(id))) = (&self.shared, subject)
+            && (limits.rpm.is_some() || limits.tpm.is_some())
+        {
+            let estimate = bound.saturating_add(completion);
+            match shared.limits.admit(id, limits.rpm.take(), limits.tpm.take(), estimate).await {
+                Ok(Ok(())) => {}
+                Ok(Err(limited)) => return Err(rate_limited(limited)),
+                Err(error) => {
+                    tracing::warn!(error = format!("{error:#}"), "shared rate limits unreachable");
+                    return Err(storage_unavailable());
+                }
+            }
+        }
         let mut meter = Meter {
             billing: self.clone(),
             caller: caller.clone(),
@@ -291,6 +451,7 @@ impl Billing {
             prompt_typical: req.prompt.typical_tokens(),
             token_estimate: bound.saturating_add(completion),
             subject,
+            shared_tpm: self.shared.is_some() && caller.account.as_ref().is_some_and(|a| a.token.tpm.is_some()),
             started: Instant::now(),
             reservation: None,
             _in_flight: Vec::new(),
@@ -326,20 +487,52 @@ impl Billing {
         completion: u64,
         estimate: i64,
     ) -> Result<Reservation, ApiError> {
-        let t = &acct.token;
-        let short = match self.ledger.reserve(acct.user_id, Some(t.id), !t.unlimited_quota, estimate) {
+        let (short, spent) = match self.hold(acct, estimate).await? {
             Ok(r) => return Ok(r),
-            Err(short) => short,
+            Err(refused) => refused,
         };
-        if req.prompt.text_bytes as usize > tokenize::MAX_EXACT_BYTES {
+        // Nothing left at all: an exact count cannot help.
+        if spent || req.prompt.text_bytes as usize > tokenize::MAX_EXACT_BYTES {
             return Err(self.short(acct, estimate, short));
         }
         let (model, body) = (req.model.clone(), req.body.clone());
         let prompt = tokenize::off_worker(move || tokenize::prompt_tokens(&model, &body)).await;
         let exact = meter.price.quota(prompt, completion, 0);
-        self.ledger
-            .reserve(acct.user_id, Some(t.id), !t.unlimited_quota, exact)
-            .map_err(|short| self.short(acct, exact, short))
+        self.hold(acct, exact).await?.map_err(|(short, _)| self.short(acct, exact, short))
+    }
+
+    /// Reserve `amount` in the ledger; with several nodes, lease what the
+    /// node lacks from the database first. Refused: whose quota is short,
+    /// and whether the balance is spent (no smaller amount would pass).
+    async fn hold(&self, acct: &Account, amount: i64) -> Result<Result<Reservation, (Short, bool)>, ApiError> {
+        let t = &acct.token;
+        let limited = !t.unlimited_quota;
+        let Some(shared) = &self.shared else {
+            return Ok(self.ledger.reserve(acct.user_id, Some(t.id), limited, amount).map_err(|s| (s, false)));
+        };
+        shared.leases.used(acct.user_id, Some(t.id));
+        let short = match self.ledger.reserve(acct.user_id, Some(t.id), limited, amount) {
+            Ok(r) => return Ok(Ok(r)),
+            Err(short) => short,
+        };
+        let held = |b: ledger::Balance| b.balance.saturating_sub(b.reserved);
+        let lacking = |b: ledger::Balance| amount.saturating_sub(b.balance.saturating_sub(b.reserved)).max(0);
+        let need_user = lacking(self.ledger.user(acct.user_id));
+        let need_token = if limited { lacking(self.ledger.token(t.id)) } else { 0 };
+        match shared.leases.acquire(acct.user_id, need_user, Some(t.id), need_token).await {
+            Ok(Leased::Granted) => {
+                Ok(self.ledger.reserve(acct.user_id, Some(t.id), limited, amount).map_err(|s| (s, false)))
+            }
+            Ok(Leased::Refused { available }) => {
+                let lease =
+                    if need_user > 0 { held(self.ledger.user(acct.user_id)) } else { held(self.ledger.token(t.id)) };
+                Ok(Err((short, available.saturating_add(lease.max(0)) <= 0)))
+            }
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "cannot lease quota from the database");
+                Err(storage_unavailable())
+            }
+        }
     }
 
     fn short(&self, acct: &Account, estimate: i64, short: Short) -> ApiError {
@@ -351,6 +544,9 @@ impl Billing {
     /// an adjustment by the difference, so it composes with charges being
     /// written at the same moment. Returns the difference.
     pub fn set_balance(&self, user: Option<u64>, token: Option<u64>, target: i64) -> Result<i64, NotRecorded> {
+        if let Some(shared) = &self.shared {
+            return shared_set_balance(&shared.pg, user, token, target);
+        }
         let current = match (user, token) {
             (Some(u), _) => self.ledger.user(u).balance,
             (None, Some(t)) => self.ledger.token(t).balance,
@@ -376,8 +572,25 @@ impl Billing {
             ..LogRow::default()
         };
         let row = self.numbered(row).ok_or_else(|| NotRecorded("no row id".into()))?;
-        self.writer.send(Change::Adjust { user: Some(user), token: None, delta })?;
-        self.ledger.adjust(Some(user), None, delta);
+        match &self.shared {
+            // A committed update is durable: nothing to journal.
+            Some(shared) => {
+                let pg = shared.pg.clone();
+                shared
+                    .pg
+                    .block(async move {
+                        let c = pg.pooled().await?;
+                        c.execute("UPDATE users SET quota = quota + $2 WHERE id = $1", &[&(user as i64), &delta])
+                            .await?;
+                        Ok(())
+                    })
+                    .map_err(|e| NotRecorded(format!("{e:#}")))?;
+            }
+            None => {
+                self.writer.send(Change::Adjust { user: Some(user), token: None, delta })?;
+                self.ledger.adjust(Some(user), None, delta);
+            }
+        }
         // The balance moved: a lost row is logged, never a reason to undo it.
         if let Err(error) = self.writer.send_or_keep(Change::Row(row)) {
             tracing::error!(%error, user, delta, "a top-up's log row could not be recorded");
@@ -429,6 +642,34 @@ impl Billing {
     pub fn retention_interval(&self) -> Duration {
         Duration::from_secs(self.log_config.retention_interval_secs.max(1))
     }
+}
+
+/// Set a shared balance (the database's plus every lease) to `target`;
+/// returns the difference applied.
+fn shared_set_balance(
+    pg: &Arc<Postgres>,
+    user: Option<u64>,
+    token: Option<u64>,
+    target: i64,
+) -> Result<i64, NotRecorded> {
+    let (table, column, kind, id) = match (user, token) {
+        (Some(u), _) => ("users", "quota", "u", u),
+        (None, Some(t)) => ("tokens", "remain_quota", "t", t),
+        (None, None) => return Ok(0),
+    };
+    let sql = format!(
+        "WITH held AS (SELECT COALESCE(sum(amount), 0)::bigint AS amount FROM quota_leases WHERE kind = '{kind}' AND id = $1),
+              old AS (SELECT {column} AS before FROM {table} WHERE id = $1 FOR UPDATE)
+         UPDATE {table} SET {column} = $2 - held.amount FROM held, old WHERE id = $1
+         RETURNING {column} - old.before"
+    );
+    let pg2 = pg.clone();
+    pg.block(async move {
+        let c = pg2.pooled().await?;
+        let row = c.query_opt(&sql, &[&(id as i64), &target]).await?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0)))
+    })
+    .map_err(|e| NotRecorded(format!("{e:#}")))
 }
 
 /// Which channel and plugin an attempt went to.
@@ -497,6 +738,8 @@ pub struct Meter {
     prompt_typical: u64,
     token_estimate: u64,
     subject: Option<Subject>,
+    /// The token's tokens-per-minute window is the shared database's.
+    shared_tpm: bool,
     started: Instant,
     reservation: Option<Reservation>,
     _in_flight: Vec<InFlightGuard>,
@@ -647,7 +890,10 @@ impl Meter {
             let delta = i64::try_from(used)
                 .unwrap_or(i64::MAX)
                 .saturating_sub(i64::try_from(self.token_estimate).unwrap_or(i64::MAX));
-            self.billing.limiter.correct(subject, delta);
+            match (&self.billing.shared, subject) {
+                (Some(shared), Subject::Token(id)) if self.shared_tpm => shared.limits.correct(id, delta),
+                _ => self.billing.limiter.correct(subject, delta),
+            }
         }
         tracing::debug!(charge = quota, estimated = tokens.estimated, "request settled");
         recorded

@@ -24,6 +24,7 @@ use super::NotRecorded;
 use super::accounts::{TokenRecord, UserRecord};
 use super::journal::{Change, Entry, Journal};
 use super::logs::{self, LogKind, LogRow};
+use super::writer_pg::PgSink;
 use crate::store::Store;
 
 /// Key of the last committed journal sequence number in `billing_state`.
@@ -133,17 +134,22 @@ const WRITER_NICE: i32 = 10;
 
 impl Writer {
     /// Start the writer thread.
-    pub fn spawn(journal: Arc<Journal>, limits: BatchLimits, store: Store) -> std::io::Result<Self> {
+    pub fn spawn(
+        journal: Arc<Journal>,
+        limits: BatchLimits,
+        store: Store,
+        sink: Option<Arc<PgSink>>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let kick = Arc::new(Kick::default());
         let stats = Arc::new(WriterStats::default());
         stats.last_commit_ms.store(crate::store::unix_now_ms(), Ordering::Relaxed);
-        let (j, k, s, st) = (journal.clone(), kick.clone(), store.clone(), stats.clone());
+        let (j, k, s, st, pg) = (journal.clone(), kick.clone(), store.clone(), stats.clone(), sink.clone());
         std::thread::Builder::new().name("billing-writer".into()).spawn(move || {
             if let Err(error) = rustix::process::nice(WRITER_NICE) {
                 tracing::debug!(%error, "could not lower the billing writer's priority");
             }
-            run(rx, &j, &k, limits, &s, &st);
+            run(rx, &j, &k, limits, &s, &st, pg.as_deref());
         })?;
         Ok(Self { tx, journal, kick, store, stats })
     }
@@ -215,6 +221,7 @@ fn run(
     limits: BatchLimits,
     store: &Store,
     stats: &WriterStats,
+    sink: Option<&PgSink>,
 ) {
     let mut pending: Vec<(u64, Change)> = Vec::new();
     let mut generation = store.generation();
@@ -254,6 +261,21 @@ fn run(
                 break;
             };
             let started = std::time::Instant::now();
+            // The shared database first: the journal is trimmed only once
+            // the node's store holds the batch too. Its failure is not the
+            // local store's (admission does not stop): the batch waits.
+            if let Some(sink) = sink
+                && let Err(error) = sink.write(&pending[..n])
+            {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    changes = pending.len(),
+                    "writing usage to the database failed; retrying"
+                );
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                break;
+            }
             match write(&trees, &pending[..n], Some(last)) {
                 Ok(()) => {
                     crate::metrics::get().billing_batch(started.elapsed());
@@ -292,10 +314,20 @@ fn run(
 /// sequence number, then every stream still open, billed by its
 /// prepared row; then trim the journal. Returns (journal entries applied,
 /// open streams billed).
-pub fn recover(trees: &Trees, journal: &Journal, entries: Vec<Entry>) -> Result<(usize, usize), String> {
+pub fn recover(
+    trees: &Trees,
+    journal: &Journal,
+    entries: Vec<Entry>,
+    sink: Option<&PgSink>,
+) -> Result<(usize, usize), String> {
     let replayed = entries.len();
     let last = entries.last().map(|e| e.seq);
     let changes: Vec<(u64, Change)> = entries.into_iter().map(|e| (e.seq, e.change)).collect();
+    let shared = |changes: &[(u64, Change)]| match sink {
+        Some(sink) => sink.write(changes).map_err(|e| format!("writing recovered usage to the database: {e:#}")),
+        None => Ok(()),
+    };
+    shared(&changes)?;
     write(trees, &changes, last)?;
     if let Some(seq) = last {
         journal.committed(seq);
@@ -308,15 +340,19 @@ pub fn recover(trees: &Trees, journal: &Journal, entries: Vec<Entry>) -> Result<
             Err(error) => tracing::warn!(%error, "skipping an unreadable open-stream record"),
         }
     }
+    shared(&open)?;
     write(trees, &open, None)?;
     Ok((replayed, open.len()))
 }
 
 #[derive(Default)]
-struct Deltas {
-    quota: i64,
-    used: i64,
-    requests: u64,
+pub(super) struct Deltas {
+    /// Change of the balance (charges are negative).
+    pub quota: i64,
+    /// Quota charged.
+    pub used: i64,
+    /// Requests charged.
+    pub requests: u64,
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<String>>;
@@ -341,8 +377,8 @@ fn open_key(request_id: &str) -> Vec<u8> {
     [OPEN, request_id.as_bytes()].concat()
 }
 
-/// Sum the balance changes of `changes`.
-fn deltas(changes: &[(u64, Change)]) -> (HashMap<u64, Deltas>, HashMap<u64, Deltas>) {
+/// Sum the balance changes of `changes` (by user, by token).
+pub(super) fn deltas(changes: &[(u64, Change)]) -> (HashMap<u64, Deltas>, HashMap<u64, Deltas>) {
     let mut users: HashMap<u64, Deltas> = HashMap::new();
     let mut tokens: HashMap<u64, Deltas> = HashMap::new();
     for (_, change) in changes {

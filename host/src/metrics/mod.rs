@@ -149,6 +149,7 @@ pub struct Metrics {
     plugin_calls: Family<PluginLabels, Counter>,
     plugin_duration: HistogramFamily<PluginCallLabels>,
     rate_limited: Family<KindLabels, Counter>,
+    quota_leases: Family<KindLabels, Counter>,
     health_transitions: Family<ChannelStateLabels, Counter>,
     probes: Family<KindLabels, Counter>,
     /// Refreshed at scrape time.
@@ -214,6 +215,12 @@ impl Metrics {
         registry.register("plugin_call_duration_seconds", "Plugin call duration", plugin_duration.clone());
         let rate_limited = Family::default();
         registry.register("rate_limited", "Requests refused by a limit, by kind", rate_limited.clone());
+        let quota_leases = Family::default();
+        registry.register(
+            "quota_leases",
+            "Quota leases taken from and given back to the shared database, by kind",
+            quota_leases.clone(),
+        );
         let health_transitions = Family::default();
         registry.register(
             "channel_transitions",
@@ -289,6 +296,7 @@ impl Metrics {
             plugin_calls,
             plugin_duration,
             rate_limited,
+            quota_leases,
             health_transitions,
             probes,
             channel_state,
@@ -412,6 +420,15 @@ impl Metrics {
             return;
         }
         self.rate_limited.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// A quota lease was `acquired` or `returned` (several nodes on one
+    /// database).
+    pub fn quota_lease(&self, kind: &'static str) {
+        if !self.on() {
+            return;
+        }
+        self.quota_leases.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// Channel `channel` entered `state`.

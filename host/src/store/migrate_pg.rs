@@ -2,8 +2,9 @@
 //! nodes share today (see `docs/deployment.md`) from a single node's sled
 //! store into PostgreSQL — channels with their health (keys re-sealed with
 //! the nodes' `secrets_key`), the configuration import's markers, the
-//! tables set through the API (routing, filters, pricing) and, with
-//! `--plugins DIR`, the plugin files. Idempotent (rows are upserted by id,
+//! tables set through the API (routing, filters, pricing), users and tokens
+//! with their balances, the usage log and, with `--plugins DIR`, the plugin
+//! files. Idempotent (rows are upserted by id,
 //! key and name), in one transaction, and verified: every source row is
 //! counted in the database afterwards. Stop the gateway first.
 
@@ -29,7 +30,16 @@ pub struct MigrateReport {
     pub options: usize,
     /// Plugin files.
     pub plugins: usize,
+    /// Users.
+    pub users: usize,
+    /// Tokens.
+    pub tokens: usize,
+    /// Usage log rows.
+    pub log_rows: usize,
 }
+
+/// Usage rows per insert.
+const LOG_CHUNK: usize = 1000;
 
 /// Copy `from` (a data directory; its keys opened with `from_key`, else its
 /// key file) into the database at `to`, sealing keys with `secrets_key`.
@@ -79,7 +89,32 @@ pub fn migrate(
             }
         }
     }
-    let report = MigrateReport { channels: rows.len(), options: options.len(), plugins: files.len() };
+    let accounts = crate::billing::accounts::Accounts::open(&store).context("reading users and tokens")?.snapshot();
+    let users: Vec<(i64, serde_json::Value, i64, i64, i64)> = accounts
+        .users
+        .values()
+        .map(|u| Ok((u.id as i64, serde_json::to_value(u.as_ref())?, u.quota, u.used_quota, u.request_count as i64)))
+        .collect::<Result<_>>()?;
+    let tokens: Vec<(i64, i64, serde_json::Value, i64, i64)> = accounts
+        .tokens
+        .values()
+        .map(|t| Ok((t.id as i64, t.user_id as i64, serde_json::to_value(t.as_ref())?, t.remain_quota, t.used_quota)))
+        .collect::<Result<_>>()?;
+    let node = store.node_id()?;
+    let mut log_rows: Vec<(i64, serde_json::Value)> = Vec::new();
+    for item in store.tree("logs")?.iter() {
+        let (_, raw) = item?;
+        let row: crate::billing::logs::LogRow = serde_json::from_slice(&raw).context("a usage row is not valid")?;
+        log_rows.push((row.id as i64, serde_json::to_value(&row)?));
+    }
+    let report = MigrateReport {
+        channels: rows.len(),
+        options: options.len(),
+        plugins: files.len(),
+        users: users.len(),
+        tokens: tokens.len(),
+        log_rows: log_rows.len(),
+    };
     let pg = Postgres::start(to)?;
     let inner = pg.clone();
     pg.block(async move {
@@ -110,8 +145,37 @@ pub fn migrate(
             )
             .await?;
         }
+        // Balances as the data directory holds them (a clean stop wrote
+        // them all): run this before nodes serve from the database.
+        for (id, record, quota, used, requests) in &users {
+            tx.execute(
+                "INSERT INTO users (id, record, quota, used_quota, request_count) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (id) DO UPDATE SET record = $2, quota = $3, used_quota = $4, request_count = $5",
+                &[id, record, quota, used, requests],
+            )
+            .await?;
+        }
+        for (id, user, record, remain, used) in &tokens {
+            tx.execute(
+                "INSERT INTO tokens (id, user_id, record, remain_quota, used_quota) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (id) DO UPDATE SET user_id = $2, record = $3, remain_quota = $4, used_quota = $5",
+                &[id, user, record, remain, used],
+            )
+            .await?;
+        }
+        tx.execute("SELECT setval('user_ids', GREATEST((SELECT max(id) FROM users), 1))", &[]).await?;
+        tx.execute("SELECT setval('token_ids', GREATEST((SELECT max(id) FROM tokens), 1))", &[]).await?;
+        for chunk in log_rows.chunks(LOG_CHUNK) {
+            let (ids, values): (Vec<i64>, Vec<serde_json::Value>) = chunk.iter().cloned().unzip();
+            tx.execute(crate::billing::writer_pg::INSERT_ROWS, &[&node, &ids, &values]).await?;
+        }
         // Nodes already running re-read everything.
-        for channel in [CHANNELS_NOTIFY, super::overrides::OPTIONS_NOTIFY, crate::plugins::PLUGINS_NOTIFY] {
+        for channel in [
+            CHANNELS_NOTIFY,
+            super::overrides::OPTIONS_NOTIFY,
+            crate::plugins::PLUGINS_NOTIFY,
+            crate::billing::accounts_pg::ACCOUNTS_NOTIFY,
+        ] {
             tx.execute("SELECT pg_notify($1, '')", &[&channel]).await?;
         }
         tx.commit().await?;
@@ -132,7 +196,19 @@ pub fn migrate(
         count(n, keys.len(), "options")?;
         let n: i64 =
             c.query_one("SELECT count(*) FROM plugins WHERE name = ANY($1) AND NOT deleted", &[&names]).await?.get(0);
-        count(n, names.len(), "plugins")
+        count(n, names.len(), "plugins")?;
+        let ids: Vec<i64> = users.iter().map(|u| u.0).collect();
+        let n: i64 = c.query_one("SELECT count(*) FROM users WHERE id = ANY($1)", &[&ids]).await?.get(0);
+        count(n, ids.len(), "users")?;
+        let ids: Vec<i64> = tokens.iter().map(|t| t.0).collect();
+        let n: i64 = c.query_one("SELECT count(*) FROM tokens WHERE id = ANY($1)", &[&ids]).await?.get(0);
+        count(n, ids.len(), "tokens")?;
+        let ids: Vec<i64> = log_rows.iter().map(|r| r.0).collect();
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM usage_logs WHERE node = $1 AND id = ANY($2)", &[&node, &ids])
+            .await?
+            .get(0);
+        count(n, ids.len(), "usage rows")
     })?;
     Ok(report)
 }

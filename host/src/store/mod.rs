@@ -307,6 +307,18 @@ impl Store {
         Ok(self.options()?.get(key)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
+    /// This data directory's node id: random on first use, then kept. On a
+    /// shared database it names this node's usage rows and quota leases,
+    /// so it must survive restarts (and differ between nodes).
+    pub fn node_id(&self) -> Result<String> {
+        if let Some(id) = self.option("node_id")? {
+            return Ok(id);
+        }
+        let id = format!("{:016x}", rand::random::<u64>());
+        self.set_option("node_id", &id)?;
+        Ok(id)
+    }
+
     /// Set the option `key` durably.
     pub fn set_option(&self, key: &str, value: &str) -> Result<()> {
         self.ensure_writable()?;

@@ -21,6 +21,9 @@ use tokio_postgres::{Client, NoTls};
 /// How long a synchronous caller waits for the database.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections in the pool billing uses.
+const POOL_SIZE: usize = 4;
+
 /// Advisory lock key held while migrating (and importing the configuration).
 pub const SCHEMA_LOCK: i64 = 0x7761_736d_6761_7465; // "wasmgate"
 
@@ -67,6 +70,51 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
          ADD COLUMN deleted BOOLEAN NOT NULL DEFAULT false,
          ALTER COLUMN bytes DROP NOT NULL;",
     ),
+    (
+        6,
+        "CREATE TABLE users (
+         id BIGINT PRIMARY KEY,
+         record JSONB NOT NULL,
+         quota BIGINT NOT NULL DEFAULT 0,
+         used_quota BIGINT NOT NULL DEFAULT 0,
+         request_count BIGINT NOT NULL DEFAULT 0
+     );
+     CREATE TABLE tokens (
+         id BIGINT PRIMARY KEY,
+         user_id BIGINT NOT NULL,
+         record JSONB NOT NULL,
+         remain_quota BIGINT NOT NULL DEFAULT 0,
+         used_quota BIGINT NOT NULL DEFAULT 0
+     );
+     CREATE SEQUENCE user_ids;
+     CREATE SEQUENCE token_ids;
+     CREATE TABLE quota_leases (
+         node TEXT NOT NULL,
+         kind CHAR(1) NOT NULL,
+         id BIGINT NOT NULL,
+         amount BIGINT NOT NULL,
+         PRIMARY KEY (node, kind, id)
+     );
+     CREATE TABLE usage_logs (
+         node TEXT NOT NULL,
+         id BIGINT NOT NULL,
+         at_ms BIGINT NOT NULL,
+         kind TEXT NOT NULL,
+         request_id TEXT NOT NULL,
+         user_id BIGINT,
+         token_id BIGINT,
+         model TEXT NOT NULL,
+         quota BIGINT NOT NULL,
+         row JSONB NOT NULL,
+         PRIMARY KEY (node, id)
+     );
+     CREATE INDEX usage_logs_at ON usage_logs (at_ms);
+     CREATE INDEX usage_logs_user ON usage_logs (user_id, at_ms);
+     CREATE TABLE rate_windows (
+         token_id BIGINT PRIMARY KEY,
+         state JSONB NOT NULL
+     );",
+    ),
 ];
 
 /// The notification channel announcing a changed channel (payload: its id).
@@ -76,6 +124,9 @@ pub const CHANNELS_NOTIFY: &str = "wasmgate_channels";
 pub struct Postgres {
     url: String,
     handle: tokio::runtime::Handle,
+    /// Pooled connections for billing's calls (leases, rate windows,
+    /// usage batches); used on the database thread only.
+    pool: deadpool_postgres::Pool,
     stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
@@ -99,7 +150,15 @@ impl Postgres {
             });
         })?;
         let handle = handle_rx.recv().context("database thread")??;
-        let pg = Arc::new(Self { url: url.to_string(), handle, stop: std::sync::Mutex::new(Some(stop_tx)) });
+        let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
+            url.parse::<tokio_postgres::Config>().context("database_url")?,
+            NoTls,
+        ))
+        .max_size(POOL_SIZE)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .context("database connection pool")?;
+        let pg = Arc::new(Self { url: url.to_string(), handle, pool, stop: std::sync::Mutex::new(Some(stop_tx)) });
         let me = pg.clone();
         pg.block(async move {
             let mut client = me.connect().await?;
@@ -185,6 +244,11 @@ impl Postgres {
                 }
             }
         }
+    }
+
+    /// A pooled connection (call on the database thread).
+    pub async fn pooled(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| anyhow!("no database connection: {e}"))
     }
 
     /// A new connection (see [`Self::connect_listening`]).
