@@ -525,6 +525,18 @@ async fn a_killed_node_fails_no_request_elsewhere_and_loses_no_usage_row() {
     let held = q(format!("SELECT sum(amount)::bigint FROM quota_leases WHERE kind = 'u' AND id = {uid}")).await;
     let left = q(format!("SELECT quota FROM users WHERE id = {uid}")).await;
     assert_eq!(charged, used, "Σ logged charges = used quota");
+    // The database is not on the request path: node A leased quota a few
+    // times for all it answered.
+    let scrape = crate::support::client().get(nodes[0].url("/metrics")).send().await.expect("scrape");
+    let text = scrape.text().await.expect("metrics");
+    let leases = text
+        .lines()
+        .find(|l| l.starts_with("wasmgate_quota_leases_total{kind=\"acquired\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let answered_a = answered[0].lock().expect("lock").len();
+    println!("node A answered {answered_a} paying requests with {leases} quota leases taken from the database");
+    assert!(leases > 0 && (leases as usize) < answered_a / 4, "{leases} leases for {answered_a} requests");
     assert_eq!(left + held + used, BALANCE, "balance + leases + used = what the user was given");
     println!(
         "kill -9 of one node of three: {} / {} answered by the others with 0 failures; the killed node answered {}, \
@@ -539,7 +551,7 @@ async fn a_killed_node_fails_no_request_elsewhere_and_loses_no_usage_row() {
 /// One request's price on the quota test's model: its estimate is its
 /// charge, so a balance of 1,000 covers exactly 100 requests.
 const PER_CALL: &str = "[pricing]\nquota_per_dollar = 1000\nunpriced = \"refuse\"\n\
-[pricing.models.per-call]\nprice = 0.01\n";
+[pricing.models.per-call]\nprice = 0.01\n[pricing.models.hold-call]\nprice = 0.01\n";
 
 /// A user created on A spends one balance through three nodes: 300
 /// concurrent requests against quota for 100 never overdraw it, every
@@ -553,7 +565,7 @@ async fn three_nodes_share_one_balance_and_one_rate_limit() {
 
     let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
     let mock = MockUpstream::start("m").await;
-    let config = format!("{PER_CALL}\n{}", channel("c", "openai", &mock.base_url(), &["per-call"], ""));
+    let config = format!("{PER_CALL}\n{}", channel("c", "openai", &mock.base_url(), &["per-call", "hold-call"], ""));
     let nodes: Vec<Arc<Gateway>> = tokio::task::spawn_blocking({
         let url = pg.url.clone();
         move || (0..3).map(|_| Arc::new(node(&url, &config))).collect()
@@ -625,4 +637,20 @@ async fn three_nodes_share_one_balance_and_one_rate_limit() {
     let ok = concurrent_calls(&nodes, &limited, &body, 90, "rate_limit_exceeded").await;
     println!("90 requests over 3 nodes with rpm = 60: {ok} succeeded");
     assert!((59..=61).contains(&ok), "rpm 60 across nodes let {ok} through");
+
+    // A token's own concurrency of 2 holds over the nodes: two streams held
+    // open on A and B, a third request on C is refused until one ends.
+    let (_, two) = user_with_token(&nodes[2], 1_000_000, json!({"concurrency": 2})).await;
+    let held = json!({"model": "hold-call", "stream": true, "messages": [{"role": "user", "content": "hold"}]});
+    let (_, mut first) = crate::support::accounts::open_stream(&nodes[0], &two, &held).await;
+    let (_, mut second) = crate::support::accounts::open_stream(&nodes[1], &two, &held).await;
+    use futures_util::StreamExt;
+    assert!(first.next().await.is_some_and(|c| c.is_ok()) && second.next().await.is_some_and(|c| c.is_ok()));
+    let (status, answer, _) = call(&nodes[2], &two, &body).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (429, Some("rate_limit_exceeded")), "{answer}");
+    mock.release();
+    while first.next().await.is_some() {}
+    while second.next().await.is_some() {}
+    let freed = eventually(Duration::from_secs(10), || async { call(&nodes[2], &two, &body).await.0 == 200 }).await;
+    assert!(freed.is_some(), "the shared in-flight slots were not given back");
 }

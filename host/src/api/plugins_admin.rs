@@ -46,9 +46,7 @@ pub async fn upload(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let bytes = body::take(raw)?;
-    if let Some(shared) = &state.shared_plugins {
-        shared.bump(&name);
-    }
+    let _change = state.shared_plugins.as_ref().map(|shared| shared.change(&name));
     let status = state.registry.install(&name, bytes.to_vec()).await.map_err(|message| {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", Some("invalid_plugin"), message)
     })?;
@@ -90,9 +88,7 @@ pub async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> 
     if !crate::plugins::valid_plugin_name(&name) {
         return Err(not_found(&name));
     }
-    if let Some(shared) = &state.shared_plugins {
-        shared.bump(&name);
-    }
+    let _change = state.shared_plugins.as_ref().map(|shared| shared.change(&name));
     let removed = state.registry.remove(&name).await;
     if let Some(shared) = &state.shared_plugins
         && let Err(error) = shared.unpublish(&name).await

@@ -104,7 +104,7 @@ pub struct Billing {
 struct SharedBilling {
     pg: Arc<Postgres>,
     leases: Arc<Leases>,
-    limits: PgLimits,
+    limits: Arc<PgLimits>,
 }
 
 /// Balances as the API shows them: this node's ledger, or (several nodes)
@@ -233,7 +233,8 @@ impl Billing {
                     Leases::start(pg, &node, &ledger),
                     "returning this node's earlier quota leases",
                 )?;
-                let shared = SharedBilling { pg: pg.clone(), leases, limits: PgLimits::new(pg) };
+                let limits = PgLimits::start(pg, &node)?;
+                let shared = SharedBilling { pg: pg.clone(), leases, limits };
                 (Accounts::open_pg(pg)?, ledger, Some(shared))
             }
         };
@@ -426,7 +427,22 @@ impl Billing {
             .param("max_tokens"));
         }
         let (subject, mut limits) = self.token_limits(caller);
-        // Several nodes: the per-minute limits are counted in the database.
+        // Several nodes: a token's own limits are counted in the database
+        // (requests in flight first, as on one node).
+        let mut shared_slot = None;
+        if let (Some(shared), Some(Subject::Token(id)), Some(acct)) = (&self.shared, subject, &caller.account)
+            && let Some(max) = acct.token.concurrency
+        {
+            limits.concurrency = (self.limits.token_concurrency > 0).then_some(self.limits.token_concurrency);
+            match shared.limits.occupy(id, max).await {
+                Ok(Ok(slot)) => shared_slot = Some(slot),
+                Ok(Err(limited)) => return Err(rate_limited(limited)),
+                Err(error) => {
+                    tracing::warn!(error = format!("{error:#}"), "shared rate limits unreachable");
+                    return Err(storage_unavailable());
+                }
+            }
+        }
         if let (Some(shared), Some(Subject::Token(id))) = (&self.shared, subject)
             && (limits.rpm.is_some() || limits.tpm.is_some())
         {
@@ -455,6 +471,7 @@ impl Billing {
             started: Instant::now(),
             reservation: None,
             _in_flight: Vec::new(),
+            _shared_slot: shared_slot,
             served: None,
         };
         if let Some(subject) = subject {
@@ -743,6 +760,9 @@ pub struct Meter {
     started: Instant,
     reservation: Option<Reservation>,
     _in_flight: Vec<InFlightGuard>,
+    /// A request in flight counted over every node (a token's own
+    /// `concurrency`, several nodes).
+    _shared_slot: Option<limits_pg::SharedSlot>,
     served: Option<AttemptInfo>,
 }
 

@@ -30,10 +30,37 @@ const RECONCILE: Duration = Duration::from_secs(10);
 pub struct SharedPlugins {
     pg: Arc<Postgres>,
     registry: Arc<Registry>,
-    /// Per plugin name, how many uploads and deletes this node made: a
-    /// comparison whose read began before one of them must not undo it
-    /// (install a version just deleted here, or an older one).
-    local_ops: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Per plugin name, this node's uploads and deletes: a comparison whose
+    /// read overlapped one of them must not undo it (install a version just
+    /// deleted here, or an older one).
+    local_ops: std::sync::Mutex<std::collections::HashMap<String, LocalOps>>,
+}
+
+/// This node's changes of one plugin.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct LocalOps {
+    /// Changes begun or ended so far.
+    count: u64,
+    /// Changes under way (the local install or delete done, the shared
+    /// table perhaps not written yet).
+    pending: u32,
+}
+
+/// A local upload or delete of one plugin, from before it touches this
+/// node until the shared table has it (or it failed): while it lives, no
+/// comparison with the table acts on that plugin.
+pub struct LocalChange<'a> {
+    shared: &'a SharedPlugins,
+    name: String,
+}
+
+impl Drop for LocalChange<'_> {
+    fn drop(&mut self) {
+        let mut ops = self.shared.local_ops.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = ops.entry(self.name.clone()).or_default();
+        entry.count += 1;
+        entry.pending = entry.pending.saturating_sub(1);
+    }
 }
 
 /// A stored plugin: its name, hash and bytes (`None`: deleted).
@@ -56,32 +83,30 @@ impl SharedPlugins {
         shared
     }
 
-    /// Note that this node is about to change plugin `name` (call it before
-    /// the local install or delete).
-    pub fn bump(&self, name: &str) {
-        *self
-            .local_ops
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(name.to_string())
-            .or_default() += 1;
+    /// This node begins changing plugin `name`: hold the answer from
+    /// before the local install or delete until after [`Self::publish`] or
+    /// [`Self::unpublish`].
+    pub fn change(&self, name: &str) -> LocalChange<'_> {
+        let mut ops = self.local_ops.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = ops.entry(name.to_string()).or_default();
+        entry.count += 1;
+        entry.pending += 1;
+        LocalChange { shared: self, name: name.to_string() }
     }
 
-    fn ops(&self) -> std::collections::HashMap<String, u64> {
+    fn ops(&self) -> std::collections::HashMap<String, LocalOps> {
         self.local_ops.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Store `bytes` as plugin `name` (already validated and in service
     /// here) and announce it to the other nodes.
     pub async fn publish(&self, name: &str, bytes: Vec<u8>) -> Result<()> {
-        self.bump(name);
         self.write(name, super::sha256_hex(&bytes), Some(bytes)).await
     }
 
     /// Mark plugin `name` deleted in the shared table (a tombstone) and
     /// announce it.
     pub async fn unpublish(&self, name: &str) -> Result<()> {
-        self.bump(name);
         self.write(name, String::new(), None).await
     }
 
@@ -146,7 +171,8 @@ impl SharedPlugins {
         let local = self.registry.list();
         let after = self.ops();
         for (name, row) in stored {
-            if before.get(&name) != after.get(&name) {
+            let changing = after.get(&name).is_some_and(|o| o.pending > 0);
+            if changing || before.get(&name) != after.get(&name) {
                 continue; // Changed here meanwhile: what was read is older.
             }
             let here = local.iter().find(|p| p.name == name);

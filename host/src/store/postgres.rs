@@ -113,6 +113,12 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
      CREATE TABLE rate_windows (
          token_id BIGINT PRIMARY KEY,
          state JSONB NOT NULL
+     );
+     CREATE TABLE in_flight (
+         token_id BIGINT NOT NULL,
+         node TEXT NOT NULL,
+         count BIGINT NOT NULL,
+         PRIMARY KEY (token_id, node)
      );",
     ),
 ];
