@@ -70,6 +70,23 @@ async fn three_nodes_share_channels_through_postgresql() {
     let (_, answer) = post(c, "/v1/chat/completions", &chat("new-model", "from c")).await;
     assert_eq!(answer["choices"][0]["message"]["content"], "echo: from c", "{answer}");
 
+    // A response stored on A continues on B and reads on C.
+    let (status, first) = post(a, "/v1/responses", &json!({"model": "new-model", "input": "first"})).await;
+    assert_eq!(status, 200, "{first}");
+    let id = first["id"].as_str().expect("id").to_string();
+    let next = json!({"model": "new-model", "input": "second", "previous_response_id": id});
+    let (status, second) = post(b, "/v1/responses", &next).await;
+    assert_eq!(status, 200, "{second}");
+    let sent = m2.state.last_body.lock().await.clone().expect("upstream body");
+    assert_eq!(sent["messages"][1], json!({"role": "assistant", "content": "echo: first"}), "{sent}");
+    let got = crate::support::client()
+        .get(c.url(&format!("/v1/responses/{id}")))
+        .bearer_auth(crate::support::TOKEN)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(got.status().as_u16(), 200, "a stored response unknown to another node");
+
     // Tables set through one node's API (filters, routing, pricing) reach the others.
     let rules = json!([{"plugin": "not-loaded-filter", "models": ["new-model"]}]);
     let (status, _) = admin(b, Method::PUT, "/api/filters", Some(&rules)).await;
@@ -311,7 +328,9 @@ async fn migrate_copies_a_single_node_into_postgresql() {
     let (status, _, _) = crate::support::accounts::call(&single, &key, &chat("migrated-model", "before")).await;
     assert_eq!(status, 200);
     let (_, before) = admin(&single, Method::GET, &format!("/api/users/{uid}"), None).await;
-    crate::support::accounts::wait_rows(&single, "type=consume", 1).await;
+    let (status, stored) = post(&single, "/v1/responses", &json!({"model": "migrated-model", "input": "kept"})).await;
+    assert_eq!(status, 200, "{stored}");
+    crate::support::accounts::wait_rows(&single, "type=consume", 2).await;
     single.kill();
 
     let run = || {
@@ -327,7 +346,10 @@ async fn migrate_copies_a_single_node_into_postgresql() {
         stdout
     };
     let first = run();
-    assert!(first.contains("1 channels, 1 options, 2 plugins, 1 users, 1 tokens, 1 usage rows"), "{first}");
+    assert!(
+        first.contains("1 channels, 1 options, 2 plugins, 1 users, 1 tokens, 2 usage rows, 1 stored responses"),
+        "{first}"
+    );
     assert_eq!(run(), first, "a second run changes nothing");
 
     let gw = tokio::task::spawn_blocking({
@@ -349,6 +371,14 @@ async fn migrate_copies_a_single_node_into_postgresql() {
     assert_eq!((&after["quota"], &after["used_quota"]), (&before["quota"], &before["used_quota"]), "{after}");
     let (status, _, _) = crate::support::accounts::call(&gw, &key, &chat("migrated-model", "after")).await;
     assert_eq!(status, 200, "the migrated token serves");
+    let id = stored["id"].as_str().expect("id");
+    let got = crate::support::client()
+        .get(gw.url(&format!("/v1/responses/{id}")))
+        .bearer_auth(crate::support::TOKEN)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(got.status().as_u16(), 200, "the stored response moved");
 }
 
 /// Recovery probes of a channel come from one node at a time; when that

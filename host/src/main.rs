@@ -143,8 +143,15 @@ async fn main() -> anyhow::Result<()> {
             })
             .await??;
             println!(
-                "migrated and verified: {} channels, {} options, {} plugins, {} users, {} tokens, {} usage rows",
-                report.channels, report.options, report.plugins, report.users, report.tokens, report.log_rows
+                "migrated and verified: {} channels, {} options, {} plugins, {} users, {} tokens, {} usage rows, \
+                 {} stored responses",
+                report.channels,
+                report.options,
+                report.plugins,
+                report.users,
+                report.tokens,
+                report.log_rows,
+                report.responses
             );
             return Ok(());
         }

@@ -36,7 +36,7 @@ async fn retention(state: AppState) {
         let s = state.clone();
         let _ = tokio::task::spawn_blocking(move || {
             s.billing.sweep_logs();
-            if let Err(error) = crate::ingress::responses::store::sweep(&s.store) {
+            if let Err(error) = s.responses.sweep() {
                 tracing::warn!(%error, "sweeping stored responses failed");
             }
         })
@@ -158,6 +158,10 @@ pub async fn build(config: Config) -> Result<Gateway> {
         admin_hash,
         registry,
         shared_plugins,
+        responses: match &postgres {
+            Some(pg) => crate::ingress::responses::store::ResponseStore::Pg(pg.clone()),
+            None => crate::ingress::responses::store::ResponseStore::Sled(store.clone()),
+        },
         store,
         sessions,
         started_at: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),

@@ -44,6 +44,9 @@ pub struct Inner {
     /// Plugins shared with the other nodes through PostgreSQL, when
     /// `database_url` is set.
     pub shared_plugins: Option<Arc<crate::plugins::SharedPlugins>>,
+    /// Stored responses (`/v1/responses` with `store`): sled, or the
+    /// shared database.
+    pub responses: crate::ingress::responses::store::ResponseStore,
     /// Embedded store.
     pub store: Store,
     /// Console sign-in sessions.

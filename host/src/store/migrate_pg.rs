@@ -3,8 +3,8 @@
 //! store into PostgreSQL — channels with their health (keys re-sealed with
 //! the nodes' `secrets_key`), the configuration import's markers, the
 //! tables set through the API (routing, filters, pricing), users and tokens
-//! with their balances, the usage log and, with `--plugins DIR`, the plugin
-//! files. Idempotent (rows are upserted by id,
+//! with their balances, the usage log, stored responses and, with
+//! `--plugins DIR`, the plugin files. Idempotent (rows are upserted by id,
 //! key and name), in one transaction, and verified: every source row is
 //! counted in the database afterwards. Stop the gateway first.
 
@@ -36,6 +36,8 @@ pub struct MigrateReport {
     pub tokens: usize,
     /// Usage log rows.
     pub log_rows: usize,
+    /// Stored responses.
+    pub responses: usize,
 }
 
 /// Usage rows per insert.
@@ -107,6 +109,14 @@ pub fn migrate(
         let row: crate::billing::logs::LogRow = serde_json::from_slice(&raw).context("a usage row is not valid")?;
         log_rows.push((row.id as i64, serde_json::to_value(&row)?));
     }
+    let mut responses: Vec<(String, String, i64, serde_json::Value)> = Vec::new();
+    for item in store.tree("responses")?.iter() {
+        let (id, raw) = item?;
+        let stored: crate::ingress::responses::store::Stored =
+            serde_json::from_slice(&raw).context("a stored response is not valid")?;
+        let (owner, expires) = (stored.owner.clone(), stored.expires_at as i64);
+        responses.push((String::from_utf8_lossy(&id).into_owned(), owner, expires, serde_json::to_value(&stored)?));
+    }
     let report = MigrateReport {
         channels: rows.len(),
         options: options.len(),
@@ -114,6 +124,7 @@ pub fn migrate(
         users: users.len(),
         tokens: tokens.len(),
         log_rows: log_rows.len(),
+        responses: responses.len(),
     };
     let pg = Postgres::start(to)?;
     let inner = pg.clone();
@@ -169,6 +180,14 @@ pub fn migrate(
             let (ids, values): (Vec<i64>, Vec<serde_json::Value>) = chunk.iter().cloned().unzip();
             tx.execute(crate::billing::writer_pg::INSERT_ROWS, &[&node, &ids, &values]).await?;
         }
+        for (id, owner, expires, record) in &responses {
+            tx.execute(
+                "INSERT INTO responses (id, owner, expires_at, record) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO UPDATE SET owner = $2, expires_at = $3, record = $4",
+                &[id, owner, expires, record],
+            )
+            .await?;
+        }
         // Nodes already running re-read everything.
         for channel in [
             CHANNELS_NOTIFY,
@@ -208,7 +227,10 @@ pub fn migrate(
             .query_one("SELECT count(*) FROM usage_logs WHERE node = $1 AND id = ANY($2)", &[&node, &ids])
             .await?
             .get(0);
-        count(n, ids.len(), "usage rows")
+        count(n, ids.len(), "usage rows")?;
+        let ids: Vec<String> = responses.iter().map(|r| r.0.clone()).collect();
+        let n: i64 = c.query_one("SELECT count(*) FROM responses WHERE id = ANY($1)", &[&ids]).await?.get(0);
+        count(n, ids.len(), "stored responses")
     })?;
     Ok(report)
 }

@@ -114,6 +114,13 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
          token_id BIGINT PRIMARY KEY,
          state JSONB NOT NULL
      );
+     CREATE TABLE responses (
+         id TEXT PRIMARY KEY,
+         owner TEXT NOT NULL,
+         expires_at BIGINT NOT NULL,
+         record JSONB NOT NULL
+     );
+     CREATE INDEX responses_expiry ON responses (expires_at);
      CREATE TABLE in_flight (
          token_id BIGINT NOT NULL,
          node TEXT NOT NULL,

@@ -57,7 +57,7 @@ pub async fn create(state: &AppState, caller: &Caller, request_id: &str, body: B
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(id)) => {
             let (st, id2, o) = (state.clone(), id.clone(), owner.clone());
-            let found = blocking(move || store::get(&st.store, &id2, &o)).await?;
+            let found = blocking(move || st.responses.get(&id2, &o)).await?;
             found.ok_or_else(|| not_found(id).param("previous_response_id"))?.conversation
         }
         Some(_) => {
@@ -79,7 +79,7 @@ pub async fn create(state: &AppState, caller: &Caller, request_id: &str, body: B
     });
     if is_stream(&response) {
         let on_complete: Option<stream::OnComplete> =
-            keep.map(|k| Box::new(move |r, a| k.keep(r, a)) as stream::OnComplete);
+            keep.map(|k| Box::new(move |r, a| k.keep(r, a, false)) as stream::OnComplete);
         let events = chat_stream::reframe(response.into_body(), stream::ResponsesStream::new(frame, on_complete));
         return Ok(sse_response(Body::from_stream(events)));
     }
@@ -95,7 +95,7 @@ pub async fn create(state: &AppState, caller: &Caller, request_id: &str, body: B
             assistant["tool_calls"] = calls.clone();
         }
         let object = object.clone();
-        let _ = tokio::task::spawn_blocking(move || k.keep(object, assistant)).await;
+        let _ = tokio::task::spawn_blocking(move || k.keep(object, assistant, true)).await;
     }
     Ok(json_response(&object))
 }
@@ -109,13 +109,18 @@ struct Keeper {
 }
 
 impl Keeper {
-    /// Store `response`, the conversation and the `assistant` answer.
-    /// Blocking. A failure is logged: the answer was served.
-    fn keep(mut self, response: Value, assistant: Value) {
+    /// Store `response`, the conversation and the `assistant` answer;
+    /// with `wait`, blocking until it is stored (a shared database's write
+    /// is otherwise sent without waiting). A failure is logged: the answer
+    /// was served.
+    fn keep(mut self, response: Value, assistant: Value, wait: bool) {
         self.conversation.push(assistant);
         let expires_at = unix_now().saturating_add(self.state.config.responses.retention_secs);
         let record = store::Stored { owner: self.owner, expires_at, conversation: self.conversation, response };
-        if let Err(error) = store::put(&self.state.store, &self.id, &record) {
+        if !wait {
+            return self.state.responses.put_later(&self.id, &record);
+        }
+        if let Err(error) = self.state.responses.put(&self.id, &record) {
             tracing::error!(%error, id = %self.id, "a response could not be stored");
         }
     }
@@ -124,14 +129,14 @@ impl Keeper {
 /// `GET /v1/responses/{id}`.
 pub async fn retrieve(state: &AppState, caller: &Caller, id: String) -> Result<Response, ApiError> {
     let (st, owner, key) = (state.clone(), store::owner(caller), id.clone());
-    let found = blocking(move || store::get(&st.store, &key, &owner)).await?;
+    let found = blocking(move || st.responses.get(&key, &owner)).await?;
     Ok(json_response(&found.ok_or_else(|| not_found(&id))?.response))
 }
 
 /// `DELETE /v1/responses/{id}`.
 pub async fn delete(state: &AppState, caller: &Caller, id: String) -> Result<Response, ApiError> {
     let (st, owner, key) = (state.clone(), store::owner(caller), id.clone());
-    if !blocking(move || store::delete(&st.store, &key, &owner)).await? {
+    if !blocking(move || st.responses.delete(&key, &owner)).await? {
         return Err(not_found(&id));
     }
     Ok(json_response(&json!({"id": id, "object": "response", "deleted": true})))
