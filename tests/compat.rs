@@ -1,5 +1,5 @@
 //! The WIT compatibility promise: components built against every earlier
-//! contract version — `wasmgate:plugin@0.1.0` through `@0.1.4`, golden builds
+//! contract version — `wasmgate:plugin@0.1.0` through `@0.1.5`, golden builds
 //! kept in `tests/fixtures/compat/`, each made from the commit that last
 //! had that version — still load and serve on this host, through
 //! wasmtime's semver-compatible import and export matching.
@@ -149,4 +149,24 @@ async fn plugins_built_against_wit_0_1_4_still_load_and_serve() {
         many.insert(served_by(format!("session-{i}")).await);
     }
     assert_eq!(many.len(), 2, "sessions spread over both channels: {many:?}");
+}
+
+/// 0.1.6 added `passthrough` (images, audio, moderations, rerank): the
+/// openai adapter and the block-list filter built against 0.1.5 load and
+/// serve chat, filtered; the old adapter, exporting no `passthrough`, is
+/// never chosen for the new operations (a clear 400, not a 5xx).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plugins_built_against_wit_0_1_5_still_load_and_serve() {
+    let m = [MockUpstream::start("a").await];
+    let filter = "[[filters]]\nplugin = \"block-list\"\nmodels = [\"gpt-4o-mini\"]\n\
+                  [filters.settings]\nwords = [\"forbidden\"]\n";
+    let golden = [("openai-wit-0.1.5.wasm", "openai.wasm"), ("block-list-wit-0.1.5.wasm", "block-list.wasm")];
+    let gw = with_golden(&m, filter, &["weighted.wasm"], &golden, "0.1.5").await;
+    let (status, body) = crate::support::post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "hello")).await;
+    assert_eq!((status, &body["choices"][0]["message"]["content"]), (200, &serde_json::json!("echo: hello")));
+    let (status, _) = crate::support::post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "forbidden")).await;
+    assert_eq!(status, 400, "the 0.1.5 filter still refuses");
+    let moderation = serde_json::json!({"model": "gpt-4o-mini", "input": "x"});
+    let (status, err) = crate::support::post(&gw, "/v1/moderations", &moderation).await;
+    assert_eq!((status, err["error"]["code"].as_str()), (400, Some("unsupported_operation")), "{err}");
 }

@@ -29,4 +29,5 @@ mod pdk;
 mod plugin_check;
 mod providers;
 mod relay;
+mod relayed;
 mod routing;

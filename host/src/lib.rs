@@ -25,6 +25,7 @@ pub mod plugins;
 #[cfg(test)]
 mod props;
 pub mod relay;
+pub mod relayed;
 pub mod request;
 pub mod routing;
 pub mod server;

@@ -93,6 +93,9 @@ pub struct ClientRequest {
     /// usage rows and the adapter's context; logs get it from the request's
     /// span.
     pub request_id: String,
+    /// Set for the rest of the OpenAI surface (images, audio, moderations,
+    /// rerank), relayed without translation: see `relayed.rs`.
+    pub relayed: Option<crate::relayed::Relayed>,
 }
 
 /// The fields read out of the body.
@@ -441,6 +444,7 @@ impl ClientRequest {
             user: head.user.flatten().map(Cow::into_owned),
             body,
             request_id: String::new(),
+            relayed: None,
         })
     }
 

@@ -131,6 +131,12 @@ impl MockUpstream {
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completions))
             .route("/v1/embeddings", post(embeddings))
+            .route("/v1/images/generations", post(images))
+            .route("/v1/audio/speech", post(speech))
+            .route("/v1/audio/transcriptions", post(transcription))
+            .route("/v1/audio/translations", post(transcription))
+            .route("/v1/moderations", post(moderations))
+            .route("/v1/rerank", post(rerank))
             .route("/v1/models", get(models))
             .route("/release", post(release))
             .layer(axum::middleware::from_fn_with_state(state.clone(), note_version))
@@ -506,6 +512,70 @@ async fn embeddings(State(state): State<Arc<MockState>>, headers: HeaderMap, bod
         .collect();
     axum::Json(json!({"object": "list", "data": data, "model": req["model"],
                       "usage": {"prompt_tokens": 4, "total_tokens": 4}}))
+    .into_response()
+}
+
+/// `POST /v1/images/generations`: `n` images (URLs).
+async fn images(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = record(&state, &headers, &body).await;
+    if let Some(response) = failure(current_mode(&state), req["model"].as_str().unwrap_or(""), &headers).await {
+        return response;
+    }
+    let n = req["n"].as_u64().unwrap_or(1);
+    let data: Vec<Value> = (0..n)
+        .map(|i| json!({"url": format!("https://images.example/{i}.png"), "revised_prompt": req["prompt"]}))
+        .collect();
+    axum::Json(json!({"created": 1_700_000_000u64, "data": data})).into_response()
+}
+
+/// `POST /v1/audio/speech`: 64 KiB of "audio", streamed in 16 chunks.
+async fn speech(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = record(&state, &headers, &body).await;
+    if let Some(response) = failure(current_mode(&state), req["model"].as_str().unwrap_or(""), &headers).await {
+        return response;
+    }
+    let chunks = (0..16u8).map(|i| Ok::<_, Infallible>(Bytes::from(vec![i; 4096])));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "audio/mpeg")
+        .body(Body::from_stream(futures_util::stream::iter(chunks)))
+        .expect("response")
+}
+
+/// `POST /v1/audio/transcriptions` and `/translations` (multipart): a text
+/// and 75 seconds of audio in `usage`, as OpenAI reports it.
+async fn transcription(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
+    state.hits.fetch_add(1, Ordering::SeqCst);
+    *state.last_headers.lock().await = Some(headers.clone());
+    let multipart = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !multipart.starts_with("multipart/form-data") || !body.windows(8).any(|w| w == b"filename") {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": {"message": "file is required",
+            "type": "invalid_request_error", "param": "file", "code": null}})),
+        )
+            .into_response();
+    }
+    *state.last_body.lock().await = Some(json!({"multipart_bytes": body.len()}));
+    axum::Json(json!({"text": "hello from the audio", "usage": {"type": "duration", "seconds": 75}})).into_response()
+}
+
+/// `POST /v1/moderations`
+async fn moderations(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = record(&state, &headers, &body).await;
+    let flagged = req["input"].as_str().is_some_and(|t| t.contains("hate"));
+    axum::Json(json!({"id": "modr-1", "model": req["model"], "results": [{"flagged": flagged,
+        "categories": {"hate": flagged}, "category_scores": {"hate": if flagged { 0.9 } else { 0.01 }}}]}))
+    .into_response()
+}
+
+/// `POST /v1/rerank` (Cohere's shape, as Jina and vLLM answer it).
+async fn rerank(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = record(&state, &headers, &body).await;
+    let docs = req["documents"].as_array().map_or(0, Vec::len);
+    let results: Vec<Value> =
+        (0..docs).rev().map(|i| json!({"index": i, "relevance_score": 1.0 / (1.0 + i as f64)})).collect();
+    axum::Json(json!({"id": "rerank-1", "model": req["model"], "results": results,
+        "usage": {"prompt_tokens": 20, "total_tokens": 20}}))
     .into_response()
 }
 

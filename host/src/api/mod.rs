@@ -47,6 +47,18 @@ pub fn app(state: AppState) -> Router {
         .route("/chat/completions", post(openai::chat_completions))
         .route("/completions", post(openai::completions))
         .route("/embeddings", post(openai::embeddings))
+        .route("/images/generations", post(openai::images_generations))
+        .route("/audio/speech", post(openai::audio_speech))
+        .route(
+            "/audio/transcriptions",
+            post(openai::audio_transcriptions).layer(DefaultBodyLimit::max(crate::relayed::MAX_RELAYED_BODY)),
+        )
+        .route(
+            "/audio/translations",
+            post(openai::audio_translations).layer(DefaultBodyLimit::max(crate::relayed::MAX_RELAYED_BODY)),
+        )
+        .route("/moderations", post(openai::moderations))
+        .route("/rerank", post(openai::rerank))
         .route("/models", get(openai::list_models))
         .route("/models/{model}", get(openai::get_model))
         .route("/responses", post(responses::create))

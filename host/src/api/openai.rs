@@ -79,6 +79,68 @@ pub async fn embeddings(
     serve(s, id, caller, Endpoint::Embeddings, session, raw).await
 }
 
+/// A relayed operation (images, audio, moderations, rerank; see
+/// `crate::relayed`).
+async fn relay_operation(
+    state: AppState,
+    id: RequestId,
+    caller: Caller,
+    operation: crate::plugins::Operation,
+    headers: &axum::http::HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let content_type = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let req = crate::relayed::parse(operation, content_type, body::take(raw)?)?.with_id(id.0);
+    relay(&state, req, &caller).await
+}
+
+/// The handler of one relayed operation.
+macro_rules! relayed_handler {
+    ($(#[$doc:meta])* $name:ident, $operation:ident) => {
+        $(#[$doc])*
+        pub async fn $name(
+            State(s): State<AppState>,
+            Extension(id): Extension<RequestId>,
+            Authed(caller): Authed,
+            headers: axum::http::HeaderMap,
+            raw: Result<Bytes, BytesRejection>,
+        ) -> Result<Response, ApiError> {
+            relay_operation(s, id, caller, crate::plugins::Operation::$operation, &headers, raw).await
+        }
+    };
+}
+
+relayed_handler!(
+    /// `POST /v1/images/generations`
+    images_generations,
+    ImagesGenerations
+);
+relayed_handler!(
+    /// `POST /v1/audio/speech`: the audio is streamed back as it arrives.
+    audio_speech,
+    AudioSpeech
+);
+relayed_handler!(
+    /// `POST /v1/audio/transcriptions` (multipart/form-data)
+    audio_transcriptions,
+    AudioTranscriptions
+);
+relayed_handler!(
+    /// `POST /v1/audio/translations` (multipart/form-data)
+    audio_translations,
+    AudioTranslations
+);
+relayed_handler!(
+    /// `POST /v1/moderations`
+    moderations,
+    Moderations
+);
+relayed_handler!(
+    /// `POST /v1/rerank` (Cohere's and Jina's shape)
+    rerank,
+    Rerank
+);
+
 /// Model name → adapter of the first channel offering it, over the
 /// channels in service for `group`.
 fn models(state: &AppState, group: &str) -> std::collections::BTreeMap<String, String> {

@@ -419,7 +419,10 @@ impl Billing {
             }
         }
         let bound = req.prompt.token_bound();
-        let estimate = price.quota(bound, completion, 0);
+        // A relayed operation at a per-unit price (images, speech) is billed
+        // per unit asked.
+        let units = req.relayed.as_ref().map_or(1, |r| r.units.max(1));
+        let estimate = per_units(&price, price.quota(bound, completion, 0), units);
         if estimate >= MAX_QUOTA {
             return Err(ApiError::bad_request(
                 "This request cannot be priced: its prompt and completion limit are too large.",
@@ -468,6 +471,7 @@ impl Billing {
             token_estimate: bound.saturating_add(completion),
             subject,
             shared_tpm: self.shared.is_some() && caller.account.as_ref().is_some_and(|a| a.token.tpm.is_some()),
+            units,
             started: Instant::now(),
             reservation: None,
             _in_flight: Vec::new(),
@@ -509,7 +513,8 @@ impl Billing {
             Err(refused) => refused,
         };
         // Nothing left at all: an exact count cannot help.
-        if spent || req.prompt.text_bytes as usize > tokenize::MAX_EXACT_BYTES {
+        // (A relayed body may be audio: nothing to count.)
+        if spent || req.relayed.is_some() || req.prompt.text_bytes as usize > tokenize::MAX_EXACT_BYTES {
             return Err(self.short(acct, estimate, short));
         }
         let (model, body) = (req.model.clone(), req.body.clone());
@@ -661,6 +666,15 @@ impl Billing {
     }
 }
 
+/// `quota` (of one unit) times `units` for a per-unit price; token prices
+/// already count what was used.
+fn per_units(price: &Price, quota: i64, units: u64) -> i64 {
+    match price {
+        Price::PerRequest(_) => quota.saturating_mul(i64::try_from(units).unwrap_or(i64::MAX)).min(MAX_QUOTA),
+        Price::Tokens { .. } => quota,
+    }
+}
+
 /// Set a shared balance (the database's plus every lease) to `target`;
 /// returns the difference applied.
 fn shared_set_balance(
@@ -757,6 +771,9 @@ pub struct Meter {
     subject: Option<Subject>,
     /// The token's tokens-per-minute window is the shared database's.
     shared_tpm: bool,
+    /// Units a per-unit price is multiplied by (relayed operations; 1
+    /// otherwise).
+    units: u64,
     started: Instant,
     reservation: Option<Reservation>,
     _in_flight: Vec<InFlightGuard>,
@@ -827,13 +844,19 @@ impl Meter {
         row.completion_tokens = tokens.completion;
         row.cached_tokens = tokens.cached;
         row.quota = if self.caller.account.is_some() {
-            self.price.quota(tokens.prompt, tokens.completion, tokens.cached)
+            per_units(&self.price, self.price.quota(tokens.prompt, tokens.completion, tokens.cached), self.units)
         } else {
             0
         };
         row.token_limited = self.reservation.as_ref().is_some_and(Reservation::token_limited);
         row.estimated = tokens.estimated;
         row
+    }
+
+    /// The units the served operation is billed by, as the upstream
+    /// reported them (images returned, minutes of audio).
+    pub fn set_units(&mut self, units: u64) {
+        self.units = units.max(1);
     }
 
     /// Whether billing needs the tokens at all: a free model on a token
@@ -855,6 +878,16 @@ impl Meter {
                 cached: 0,
                 estimated: true,
             },
+        }
+    }
+
+    /// The tokens of a relayed operation (images, audio, moderations,
+    /// rerank): the upstream's usage, else its text fields at the typical
+    /// rate — never a count of its body, which may be audio.
+    pub fn relayed_tokens(&self, usage: Option<Usage>) -> Tokens {
+        match usage {
+            Some(u) => u.into(),
+            None => Tokens { prompt: self.prompt_typical, estimated: true, ..Tokens::default() },
         }
     }
 

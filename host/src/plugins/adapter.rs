@@ -9,8 +9,8 @@ use wasmtime::component::{InstancePre, ResourceAny};
 
 use super::bindings::{
     AdapterInfo, AdapterWorld, AdapterWorldIndices, AuthWorld, AuthWorldIndices, ChannelView, CodecWorld,
-    CodecWorldIndices, Credential, Decoded, HttpRequest, HttpResponse, ParsedResponse, Probe, RequestContext,
-    StreamEvents, UpstreamError,
+    CodecWorldIndices, Credential, Decoded, HttpRequest, HttpResponse, Operation, ParsedResponse, PassthroughContext,
+    PassthroughWorld, PassthroughWorldIndices, Probe, RequestContext, StreamEvents, UpstreamError,
 };
 use super::engine::PluginEngine;
 use super::error::PluginError;
@@ -29,6 +29,7 @@ pub(crate) struct AdapterBindings {
     adapter: AdapterWorld,
     auth: Option<AuthWorld>,
     codec: Option<CodecWorld>,
+    passthrough: Option<PassthroughWorld>,
 }
 
 /// The tag of calls that concern no channel key (validation, checks).
@@ -44,6 +45,8 @@ pub struct AdapterPlugin {
     pub info: AdapterInfo,
     has_auth: bool,
     has_codec: bool,
+    /// The operations it relays (`passthrough`, WIT ≥ 0.1.6; none before).
+    operations: Vec<Operation>,
     instances: Instances<AdapterBindings>,
     /// Streams decoded the legacy way (a `stream-decoder` resource pinning
     /// an instance) that may be open at once.
@@ -77,19 +80,29 @@ impl AdapterPlugin {
         } else {
             None
         };
-        let (has_auth, has_codec) = (auth.is_some(), codec.is_some());
+        let passthrough = if exports("passthrough") {
+            Some(PassthroughWorldIndices::new(&pre).map_err(|e| invalid("passthrough", e))?)
+        } else {
+            None
+        };
+        let (has_auth, has_codec, has_passthrough) = (auth.is_some(), codec.is_some(), passthrough.is_some());
         let load =
             Box::new(move |store: &mut wasmtime::Store<PluginState>, instance: &wasmtime::component::Instance| {
                 Ok(AdapterBindings {
                     adapter: adapter.load(&mut *store, instance)?,
                     auth: auth.as_ref().map(|i| i.load(&mut *store, instance)).transpose()?,
                     codec: codec.as_ref().map(|i| i.load(&mut *store, instance)).transpose()?,
+                    passthrough: passthrough.as_ref().map(|i| i.load(&mut *store, instance)).transpose()?,
                 })
             });
         let pinned = Arc::new(Semaphore::new(engine.config.max_pinned_streams as usize));
         let instances = Instances::new(engine, name.clone(), pre, load);
-        let mut this = Self { name, sha256, info: empty_info(), has_auth, has_codec, instances, pinned };
+        let mut this =
+            Self { name, sha256, info: empty_info(), has_auth, has_codec, operations: Vec::new(), instances, pinned };
         this.info = this.call_info().await?;
+        if has_passthrough {
+            this.operations = this.call_operations().await?;
+        }
         this.instances.set_version(&this.info.version);
         Ok(this)
     }
@@ -118,6 +131,45 @@ impl AdapterPlugin {
             .adapter
             .wasmgate_plugin_adapter()
             .call_build_request(store, ctx, channel, body))
+    }
+
+    /// `passthrough.operations`, on a fresh instance (at load time).
+    async fn call_operations(&self) -> Result<Vec<Operation>, PluginError> {
+        plugin_call!("operations", self.instances, NO_KEY, 0, CallInputs::default(), |store, b| b
+            .passthrough
+            .as_ref()
+            .expect("checked at load")
+            .wasmgate_plugin_passthrough()
+            .call_operations(store))
+    }
+
+    /// Whether this adapter relays `operation` (images, audio, moderations,
+    /// rerank).
+    pub fn relays(&self, operation: Operation) -> bool {
+        self.operations.contains(&operation)
+    }
+
+    /// The operations this adapter relays.
+    pub fn operations(&self) -> &[Operation] {
+        &self.operations
+    }
+
+    /// `passthrough.build-passthrough` for channel key `tag`.
+    pub async fn build_passthrough(
+        &self,
+        tag: u64,
+        ctx: &PassthroughContext,
+        channel: &ChannelView,
+        body: &[u8],
+        credential: Option<Arc<str>>,
+    ) -> AdapterResult<HttpRequest> {
+        let inputs = CallInputs { credential, settings: Some(Arc::from(channel.settings.as_str())) };
+        plugin_call!("build_passthrough", self.instances, tag, body.len(), inputs, |store, b| b
+            .passthrough
+            .as_ref()
+            .expect("relays() checked by the caller")
+            .wasmgate_plugin_passthrough()
+            .call_build_passthrough(store, ctx, channel, body))
     }
 
     /// Whether the component exports `auth` (may need a credential exchange).

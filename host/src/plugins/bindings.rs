@@ -29,6 +29,17 @@ mod gen_ {
             },
         });
     }
+    pub mod passthrough {
+        wasmtime::component::bindgen!({
+            world: "passthrough-adapter",
+            path: "../wit",
+            exports: { default: async },
+            with: {
+                "wasmgate:plugin/types": super::adapter::wasmgate::plugin::types,
+                "wasmgate:plugin/log": super::adapter::wasmgate::plugin::log,
+            },
+        });
+    }
     pub mod filter {
         wasmtime::component::bindgen!({
             world: "filter-plugin",
@@ -72,6 +83,10 @@ pub use gen_::filter::exports::wasmgate::plugin::filter::{
     ChunkAction, ChunkVerdict, FilterContext, FilterInfo, Hook, Refusal, RequestEdit, RequestVerdict, ResponseVerdict,
 };
 pub(crate) use gen_::filter::{FilterPlugin as FilterWorld, FilterPluginIndices as FilterWorldIndices};
+pub use gen_::passthrough::exports::wasmgate::plugin::passthrough::{Operation, PassthroughContext};
+pub(crate) use gen_::passthrough::{
+    PassthroughAdapter as PassthroughWorld, PassthroughAdapterIndices as PassthroughWorldIndices,
+};
 pub use gen_::router::exports::wasmgate::plugin::router::{Candidate, RequestMeta, RouterInfo};
 pub(crate) use gen_::router::wasmgate::plugin::routing_context::Host as RoutingContextHost;
 pub(crate) use gen_::router::{RouterPlugin as RouterWorld, RouterPluginIndices as RouterWorldIndices};

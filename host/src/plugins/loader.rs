@@ -17,7 +17,7 @@ use super::router::RouterPlugin;
 pub const WIT_PACKAGE: &str = "wasmgate:plugin";
 /// The WIT version this host implements. Plugins built against any
 /// `0.1.z` load; other versions are refused with a clear message.
-pub const WIT_VERSION: &str = "0.1.5";
+pub const WIT_VERSION: &str = "0.1.6";
 
 /// Which world a plugin implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

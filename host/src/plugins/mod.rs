@@ -19,7 +19,7 @@ mod state;
 mod watcher;
 
 pub use adapter::{AdapterPlugin, AdapterResult, AdapterStream, NO_KEY};
-pub use bindings::{Candidate, Credential, RequestMeta, StreamEvents};
+pub use bindings::{Candidate, Credential, Operation, PassthroughContext, RequestMeta, StreamEvents};
 pub use bindings::{
     ChannelView, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, LogLevel, RequestContext,
     UpstreamError, Usage,

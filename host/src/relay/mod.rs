@@ -4,6 +4,7 @@
 pub(crate) mod credentials;
 mod errors;
 mod probe;
+mod relayed;
 mod stream;
 mod upstream;
 
@@ -94,7 +95,7 @@ pub async fn relay(state: &AppState, req: ClientRequest, caller: &Caller) -> Res
     let started = Instant::now();
     let (route, model) = (req.route, req.model.clone());
     if crate::telemetry::traces_on() {
-        crate::telemetry::attribute("gen_ai.operation.name", operation_name(req.endpoint));
+        crate::telemetry::attribute("gen_ai.operation.name", operation_name(&req));
         crate::telemetry::attribute("gen_ai.request.model", model.clone());
     }
     let waited = AtomicU64::new(0);
@@ -119,7 +120,11 @@ pub async fn relay(state: &AppState, req: ClientRequest, caller: &Caller) -> Res
 }
 
 /// The GenAI semantic conventions' `gen_ai.operation.name`.
-fn operation_name(endpoint: crate::plugins::Endpoint) -> &'static str {
+fn operation_name(req: &ClientRequest) -> &'static str {
+    if let Some(r) = &req.relayed {
+        return crate::relayed::route(r.operation);
+    }
+    let endpoint = req.endpoint;
     match endpoint {
         crate::plugins::Endpoint::Completions => "text_completion",
         crate::plugins::Endpoint::Embeddings => "embeddings",
@@ -137,13 +142,31 @@ async fn relay_attempts(
 ) -> Result<Response, ApiError> {
     let group: &str = &caller.group;
     let plugins = state.registry.snapshot();
-    let filters = state.filters.chain(&plugins, || filter_facts(&req, caller), state);
+    // Filters read chat requests; relayed operations (audio, images…) pass.
+    let filters = match req.relayed {
+        None => state.filters.chain(&plugins, || filter_facts(&req, caller), state),
+        Some(_) => None,
+    };
     let (req, filter_headers) = match &filters {
         Some(chain) => filtered_request(chain, req).await?,
         None => (req, Vec::new()),
     };
     let channels = state.channels.snapshot();
-    let candidates = candidates(&channels, &plugins, group, &req.model);
+    let mut candidates = candidates(&channels, &plugins, group, &req.model);
+    if let Some(relayed) = &req.relayed {
+        // Only channels whose adapter relays this operation.
+        let relays = |c: &Arc<Channel>| plugins.adapters.get(&c.adapter).is_some_and(|a| a.relays(relayed.operation));
+        if !candidates.is_empty() && !candidates.iter().any(relays) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("unsupported_operation"),
+                format!("No channel serving the model `{}` supports this endpoint.", req.model),
+            )
+            .param("model"));
+        }
+        candidates.retain(relays);
+    }
     if candidates.is_empty() {
         return Err(match unavailable(&channels, &plugins, group, &req.model) {
             Some(wait) => no_channel_available(wait),
@@ -386,22 +409,104 @@ async fn filtered_request(
 
 /// Try `a.channel`. On success the meter is settled (non-streamed) or moved
 /// into the stream, which settles it when it ends.
+/// The credential for `key_view`'s key, when `adapter` trades keys for one.
+async fn credential(
+    a: &Attempt<'_>,
+    adapter: &crate::plugins::AdapterPlugin,
+    key_view: &KeyView,
+) -> Result<Option<Arc<str>>, Failure> {
+    let KeyView { view, fingerprint, .. } = key_view;
+    let (state, channel) = (a.state, a.channel);
+    match state.credentials.get(adapter, a.tag, view, fingerprint, &channel.origin, &state.upstream).await {
+        Ok(c) => Ok(c),
+        Err(CredentialError::Plugin(e)) => Err(plugin_failure(state, &e)),
+        Err(CredentialError::Upstream(e)) => Err(upstream_failure(&e, channel)),
+    }
+}
+
+/// Send the adapter's `upstream_req` (after checking its origin, with the
+/// filters' headers and the trace context); the time waited is counted.
+async fn send(
+    a: &Attempt<'_>,
+    adapter: &crate::plugins::AdapterPlugin,
+    mut upstream_req: crate::plugins::HttpRequest,
+    upstream_model: &str,
+) -> Result<upstream::UpstreamResponse, Failure> {
+    let (state, channel) = (a.state, a.channel);
+    if !channel.same_origin(&upstream_req.url) {
+        let e = PluginError::malformed(&adapter.name, "upstream URL outside the channel's origin");
+        return Err(plugin_failure(state, &e));
+    }
+    upstream_req.headers.extend_from_slice(a.filter_headers);
+    if crate::telemetry::traces_on() {
+        crate::telemetry::attribute("gen_ai.response.model", upstream_model.to_string());
+    }
+    let span =
+        tracing::debug_span!(target: "wasmgate::upstream", "upstream", otel.name = "upstream", otel.kind = "client");
+    if let Some(traceparent) = span.in_scope(crate::telemetry::traceparent) {
+        upstream_req.headers.push(crate::plugins::Header { name: "traceparent".into(), value: traceparent });
+    }
+    let sent = Instant::now();
+    let response = state.upstream.send(upstream_req, channel.http2).instrument(span.clone()).await;
+    a.waited_since(sent);
+    if let Ok(r) = &response {
+        crate::telemetry::span_attribute(&span, "http.response.status_code", i64::from(r.status().as_u16()));
+    }
+    response.map_err(|e| upstream_failure(&e, channel))
+}
+
+/// A non-2xx answer, classified by the adapter (a refused credential is
+/// forgotten).
+async fn refused(
+    a: &Attempt<'_>,
+    adapter: &crate::plugins::AdapterPlugin,
+    ctx: &RequestContext,
+    settings: Option<Arc<str>>,
+    response: upstream::UpstreamResponse,
+    key_view: &KeyView,
+    had_credential: bool,
+) -> Failure {
+    let (state, channel) = (a.state, a.channel);
+    let reading = Instant::now();
+    let body = state.upstream.read(response).await;
+    a.waited_since(reading);
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return upstream_failure(&e, channel),
+    };
+    let err = match adapter.classify_error(a.tag, ctx, settings, &body).await {
+        Ok(err) => err,
+        Err(e) => return plugin_failure(state, &e),
+    };
+    tracing::info!(channel = channel.id, status = body.status, kind = ?err.kind, "upstream error");
+    if matches!(err.kind, ErrorKind::Auth) && had_credential {
+        state.credentials.invalidate(&key_view.fingerprint);
+    }
+    upstream_failure(&err, channel)
+}
+
+impl Attempt<'_> {
+    /// Count the time since `since` as spent waiting for upstreams.
+    fn waited_since(&self, since: Instant) {
+        self.waited.fetch_add(u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
+
 async fn attempt(
     a: Attempt<'_>,
     key_view: &KeyView,
     in_flight: InFlight,
     meter: &mut Option<Meter>,
 ) -> Result<Response, Failure> {
-    let Attempt { state, plugins, channel, req, stats, info, tag, waited, filters, filter_headers } = a;
-    let wait = |since: Instant| {
-        waited.fetch_add(u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
-    };
-    let KeyView { view, fingerprint, .. } = key_view;
+    if let Some(relayed) = &a.req.relayed {
+        return relayed::attempt(&a, relayed, key_view, in_flight, meter).await;
+    }
     let started = Instant::now();
-    let Some(adapter) = plugins.adapters.get(&channel.adapter) else {
-        tracing::warn!(channel = channel.id, adapter = %channel.adapter, "adapter not loaded");
+    let Some(adapter) = a.plugins.adapters.get(&a.channel.adapter) else {
+        tracing::warn!(channel = a.channel.id, adapter = %a.channel.adapter, "adapter not loaded");
         return Err(Failure::Retry(adapter_unavailable(), None));
     };
+    let (state, channel, req, tag) = (a.state, a.channel, a.req, a.tag);
     let ctx = RequestContext {
         endpoint: req.endpoint,
         requested_model: req.model.clone(),
@@ -410,63 +515,28 @@ async fn attempt(
         include_usage: req.include_usage,
         request_id: req.request_id.clone(),
     };
-    let credential =
-        match state.credentials.get(adapter, tag, view, fingerprint, &channel.origin, &state.upstream).await {
-            Ok(c) => c,
-            Err(CredentialError::Plugin(e)) => return Err(plugin_failure(state, &e)),
-            Err(CredentialError::Upstream(e)) => return Err(upstream_failure(&e, channel)),
-        };
-    let upstream_req = match adapter.build_request(tag, &ctx, view, &req.body, credential.clone()).await {
+    let credential = credential(&a, adapter, key_view).await?;
+    let upstream_req = match adapter.build_request(tag, &ctx, &key_view.view, &req.body, credential.clone()).await {
         Err(e) => return Err(plugin_failure(state, &e)),
         Ok(Err(e)) => return Err(Failure::Final(client_error(&e, channel))),
         Ok(Ok(r)) => r,
     };
-    if !channel.same_origin(&upstream_req.url) {
-        let e = PluginError::malformed(&adapter.name, "upstream URL outside the channel's origin");
-        return Err(plugin_failure(state, &e));
-    }
     // What `channel-context.settings` answers during the calls below.
-    let settings: Option<Arc<str>> = Some(Arc::from(view.settings.as_str()));
-    let upstream = &state.upstream;
-    let mut upstream_req = upstream_req;
-    upstream_req.headers.extend_from_slice(filter_headers);
-    if crate::telemetry::traces_on() {
-        crate::telemetry::attribute("gen_ai.response.model", ctx.upstream_model.clone());
-    }
-    let span =
-        tracing::debug_span!(target: "wasmgate::upstream", "upstream", otel.name = "upstream", otel.kind = "client");
-    if let Some(traceparent) = span.in_scope(crate::telemetry::traceparent) {
-        upstream_req.headers.push(crate::plugins::Header { name: "traceparent".into(), value: traceparent });
-    }
-    let sent = Instant::now();
-    let response = upstream.send(upstream_req, channel.http2).instrument(span.clone()).await;
-    wait(sent);
-    if let Ok(r) = &response {
-        crate::telemetry::span_attribute(&span, "http.response.status_code", i64::from(r.status().as_u16()));
-    }
-    let response = response.map_err(|e| upstream_failure(&e, channel))?;
-
+    let settings: Option<Arc<str>> = Some(Arc::from(key_view.view.settings.as_str()));
+    let response = send(&a, adapter, upstream_req, &ctx.upstream_model).await?;
     if !response.status().is_success() {
-        let reading = Instant::now();
-        let body = upstream.read(response).await;
-        wait(reading);
-        let body = body.map_err(|e| upstream_failure(&e, channel))?;
-        let err = adapter.classify_error(tag, &ctx, settings, &body).await.map_err(|e| plugin_failure(state, &e))?;
-        tracing::info!(channel = channel.id, status = body.status, kind = ?err.kind, "upstream error");
-        if matches!(err.kind, ErrorKind::Auth) && credential.is_some() {
-            state.credentials.invalidate(fingerprint);
-        }
-        return Err(upstream_failure(&err, channel));
+        return Err(refused(&a, adapter, &ctx, settings, response, key_view, credential.is_some()).await);
     }
+    let upstream = &state.upstream;
     if req.stream {
         let decoder = adapter.stream_decoder(tag, &ctx, settings).await.map_err(|e| plugin_failure(state, &e))?;
-        let mut live = stream::LiveStream::new(state, response, decoder, channel.clone(), stats.clone(), in_flight);
-        live.filter_chunks(filters.filter(|c| c.filters_chunks()).cloned());
-        return stream_response(live, started, meter, info).await;
+        let mut live = stream::LiveStream::new(state, response, decoder, channel.clone(), a.stats.clone(), in_flight);
+        live.filter_chunks(a.filters.filter(|c| c.filters_chunks()).cloned());
+        return stream_response(live, started, meter, a.info.clone()).await;
     }
     let reading = Instant::now();
     let body = upstream.read(response).await;
-    wait(reading);
+    a.waited_since(reading);
     let body = body.map_err(|e| upstream_failure(&e, channel))?;
     match adapter.parse_response(tag, &ctx, settings, &body).await {
         Err(e) => Err(plugin_failure(state, &e)),
@@ -480,11 +550,11 @@ async fn attempt(
                 let e = PluginError::malformed(&adapter.name, "response body is not JSON");
                 return Err(plugin_failure(state, &e));
             }
-            stats.success(started.elapsed(), None);
+            a.stats.success(started.elapsed(), None);
             drop(in_flight);
             tracing::debug!(channel = channel.id, usage = ?parsed.usage, "request served");
             if let Some(mut m) = meter.take() {
-                m.serving(info);
+                m.serving(a.info.clone());
                 let tokens = m.tokens(parsed.usage, generated).await;
                 if let Err(e) = m.settle(tokens, Ending::default()) {
                     // Fail closed: an answer whose usage cannot be recorded
@@ -493,7 +563,7 @@ async fn attempt(
                     return Err(Failure::Final(storage_unavailable()));
                 }
             }
-            let body = match filters {
+            let body = match a.filters {
                 Some(chain) => chain.on_response(parsed.body).await.map_err(Failure::Final)?,
                 None => parsed.body,
             };

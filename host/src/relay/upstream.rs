@@ -57,6 +57,11 @@ impl UpstreamResponse {
         self.inner.status()
     }
 
+    /// The response's `content-type`, when it has one.
+    pub fn content_type(&self) -> Option<String> {
+        self.inner.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string)
+    }
+
     /// The body as it arrives (the slot is released when it is dropped).
     pub fn body_stream(self) -> impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static {
         let slot = self.slot;

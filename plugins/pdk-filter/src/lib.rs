@@ -1,7 +1,7 @@
 //! # wasmgate-pdk-filter — write a wasmgate traffic filter
 //!
 //! A filter is a WebAssembly component implementing
-//! `wasmgate:plugin/filter@0.1.5` (see `wit/filter.wit`, vendored in this
+//! `wasmgate:plugin/filter@0.1.6` (see `wit/filter.wit`, vendored in this
 //! crate). Implement [`Filter`] — only the hooks you declare in
 //! [`FilterInfo::hooks`] are called — and register it with
 //! [`export_filter!`]. Filters see OpenAI chat-completions JSON whatever
@@ -28,10 +28,10 @@ pub use serde_json;
 use serde_json::Value;
 
 /// The version of the WIT contract this kit implements.
-pub const WIT_VERSION: &str = "0.1.5";
+pub const WIT_VERSION: &str = "0.1.6";
 
 /// The contract this kit implements, as the host names it.
-pub const CONTRACT: &str = "wasmgate:plugin@0.1.5";
+pub const CONTRACT: &str = "wasmgate:plugin@0.1.6";
 
 /// Most bytes of state a stream filter may carry from one chunk to the next.
 pub const MAX_STATE: usize = 4096;

@@ -1,7 +1,7 @@
 //! # wasmgate-pdk-router — write a wasmgate routing policy
 //!
 //! A routing policy is a WebAssembly component implementing
-//! `wasmgate:plugin/router@0.1.5` (see `wit/router.wit`, vendored in this
+//! `wasmgate:plugin/router@0.1.6` (see `wit/router.wit`, vendored in this
 //! crate). Implement
 //! [`Router`] and register it with [`export_router!`]. Policies are pure:
 //! use [`SeededRng`] with the request's seed for any randomness, so the same
@@ -22,10 +22,10 @@ pub use bindings::exports::wasmgate::plugin::router::{Candidate, RequestMeta, Ro
 pub use bindings::wasmgate::plugin::types::{Endpoint, LogLevel};
 
 /// The version of the WIT contract this kit implements.
-pub const WIT_VERSION: &str = "0.1.5";
+pub const WIT_VERSION: &str = "0.1.6";
 
 /// The contract this kit implements, as the host names it.
-pub const CONTRACT: &str = "wasmgate:plugin@0.1.5";
+pub const CONTRACT: &str = "wasmgate:plugin@0.1.6";
 
 /// A routing policy.
 pub trait Router {

@@ -1,7 +1,7 @@
 //! # wasmgate-pdk — write a wasmgate provider adapter in a page of Rust
 //!
 //! A provider adapter is a WebAssembly component implementing the
-//! `wasmgate:plugin/adapter@0.1.5` interface (see `wit/adapter.wit`). This
+//! `wasmgate:plugin/adapter@0.1.6` interface (see `wit/adapter.wit`). This
 //! crate hides the generated bindings: implement [`Adapter`] (and a
 //! [`StreamDecoder`]) on a type and register it with [`export_adapter!`].
 //! The component also exports `stream-codec` (see `wit/stream.wit`): the
@@ -50,16 +50,17 @@ pub mod bindings {
 
 pub use bindings::exports::wasmgate::plugin::adapter::{AdapterInfo, ParsedResponse, Probe, StreamEvents};
 pub use bindings::exports::wasmgate::plugin::auth::Credential;
+pub use bindings::exports::wasmgate::plugin::passthrough::{Operation, PassthroughContext};
 pub use bindings::wasmgate::plugin::types::{
     Channel, Endpoint, ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, LogLevel, RequestContext,
     UpstreamError, Usage,
 };
 
 /// The version of the WIT contract this kit implements.
-pub const WIT_VERSION: &str = "0.1.5";
+pub const WIT_VERSION: &str = "0.1.6";
 
 /// The contract this kit implements, as the host names it.
-pub const CONTRACT: &str = "wasmgate:plugin@0.1.5";
+pub const CONTRACT: &str = "wasmgate:plugin@0.1.6";
 
 // What adapters need besides the kit, re-exported so that an author's crate
 // depends on the kit alone (and on the same versions).
@@ -102,6 +103,24 @@ pub trait Adapter {
     /// Read the credential out of the exchange response (any status).
     fn parse_exchange(_channel: &Channel, _response: &HttpResponse) -> Result<Credential, UpstreamError> {
         Err(error(ErrorKind::Other, "this adapter exchanges no credentials", None))
+    }
+
+    /// The operations of the rest of the OpenAI surface (images, audio,
+    /// moderations, rerank) this adapter relays (since 0.1.6). Default:
+    /// none — the host never routes them to this adapter's channels.
+    fn operations() -> Vec<Operation> {
+        Vec::new()
+    }
+
+    /// The upstream request relaying the client's `body` for one of
+    /// [`Adapter::operations`]; the upstream's answer goes back to the
+    /// client as it is. Default: refused.
+    fn build_passthrough(
+        _ctx: &PassthroughContext,
+        _channel: &Channel,
+        _body: &[u8],
+    ) -> Result<HttpRequest, UpstreamError> {
+        Err(error(ErrorKind::BadRequest, "this provider does not serve this operation", None))
     }
 }
 
@@ -233,6 +252,19 @@ macro_rules! export_adapter {
                 response: $crate::HttpResponse,
             ) -> ::core::result::Result<$crate::Credential, $crate::UpstreamError> {
                 <$ty as $crate::Adapter>::parse_exchange(&channel, &response)
+            }
+        }
+
+        impl $crate::bindings::exports::wasmgate::plugin::passthrough::Guest for __WasmgateAdapter {
+            fn operations() -> ::std::vec::Vec<$crate::Operation> {
+                <$ty as $crate::Adapter>::operations()
+            }
+            fn build_passthrough(
+                ctx: $crate::PassthroughContext,
+                channel: $crate::Channel,
+                body: ::std::vec::Vec<u8>,
+            ) -> ::core::result::Result<$crate::HttpRequest, $crate::UpstreamError> {
+                <$ty as $crate::Adapter>::build_passthrough(&ctx, &channel, &body)
             }
         }
 

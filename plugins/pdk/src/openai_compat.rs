@@ -13,7 +13,8 @@ use crate::openai::{Envelope, ErrorBody, ErrorDetail};
 use crate::sse::SseParser;
 use crate::{
     error, header, origin_url, Adapter, AdapterInfo, Channel, Endpoint, ErrorKind, HttpMethod, HttpRequest,
-    HttpResponse, ParsedResponse, Probe, RequestContext, StreamDecoder, StreamEvents, UpstreamError,
+    HttpResponse, Operation, ParsedResponse, PassthroughContext, Probe, RequestContext, StreamDecoder, StreamEvents,
+    UpstreamError,
 };
 
 /// The OpenAI-compatible adapter.
@@ -74,9 +75,9 @@ pub fn rewrite_body(ctx: &RequestContext, body: &[u8]) -> Result<Vec<u8>, Upstre
     Ok(out.finish())
 }
 
-/// The upstream request for `ctx` on an OpenAI-compatible API.
-pub fn build_request(ctx: &RequestContext, channel: &Channel, body: &[u8]) -> Result<HttpRequest, UpstreamError> {
-    let url = origin_url(&channel.base_url, endpoint_path(ctx.endpoint));
+/// The channel's key as a bearer token and the extra `headers` of its
+/// settings.
+pub fn auth_headers(channel: &Channel) -> Vec<crate::Header> {
     let mut headers = Vec::with_capacity(4);
     if !channel.key.is_empty() {
         headers.push(header("authorization", format!("Bearer {}", channel.key)));
@@ -88,6 +89,13 @@ pub fn build_request(ctx: &RequestContext, channel: &Channel, body: &[u8]) -> Re
             }
         }
     }
+    headers
+}
+
+/// The upstream request for `ctx` on an OpenAI-compatible API.
+pub fn build_request(ctx: &RequestContext, channel: &Channel, body: &[u8]) -> Result<HttpRequest, UpstreamError> {
+    let url = origin_url(&channel.base_url, endpoint_path(ctx.endpoint));
+    let mut headers = auth_headers(channel);
     if ctx.endpoint == Endpoint::Models {
         return Ok(HttpRequest { method: HttpMethod::Get, url, headers, body: Vec::new() });
     }
@@ -96,6 +104,58 @@ pub fn build_request(ctx: &RequestContext, channel: &Channel, body: &[u8]) -> Re
         headers.push(header("accept", "text/event-stream"));
     }
     Ok(HttpRequest { method: HttpMethod::Post, url, headers, body: rewrite_body(ctx, body)? })
+}
+
+/// API path of a relayed operation, relative to the channel's base URL.
+pub fn operation_path(operation: Operation) -> &'static str {
+    match operation {
+        Operation::ImagesGenerations => "/images/generations",
+        Operation::AudioSpeech => "/audio/speech",
+        Operation::AudioTranscriptions => "/audio/transcriptions",
+        Operation::AudioTranslations => "/audio/translations",
+        Operation::Moderations => "/moderations",
+        Operation::Rerank => "/rerank",
+    }
+}
+
+/// Every relayed operation.
+pub const OPERATIONS: [Operation; 6] = [
+    Operation::ImagesGenerations,
+    Operation::AudioSpeech,
+    Operation::AudioTranscriptions,
+    Operation::AudioTranslations,
+    Operation::Moderations,
+    Operation::Rerank,
+];
+
+/// The upstream request relaying `body` on an OpenAI-compatible API: the
+/// same path under the channel's base URL, its key as a bearer token, a
+/// JSON body's `model` set to the upstream one (a multipart body goes as
+/// it is).
+pub fn build_passthrough(
+    ctx: &PassthroughContext,
+    channel: &Channel,
+    body: &[u8],
+) -> Result<HttpRequest, UpstreamError> {
+    let url = origin_url(&channel.base_url, operation_path(ctx.operation));
+    let mut headers = auth_headers(channel);
+    headers.push(header("content-type", &ctx.content_type));
+    let json = ctx.content_type.starts_with("application/json");
+    let body = if json && ctx.upstream_model != ctx.requested_model {
+        let members = crate::raw::members(body)
+            .map_err(|e| error(ErrorKind::BadRequest, format!("invalid JSON body: {e}"), None))?;
+        let mut out = crate::raw::ObjectWriter::with_capacity(body.len() + ctx.upstream_model.len());
+        for (key, value) in &members {
+            match key.as_ref() {
+                "model" => out.member(key, &Value::String(ctx.upstream_model.clone())),
+                _ => out.raw_member(key, value),
+            }
+        }
+        out.finish()
+    } else {
+        body.to_vec()
+    };
+    Ok(HttpRequest { method: HttpMethod::Post, url, headers, body })
 }
 
 /// Check a 2xx body is OpenAI JSON and take its usage; the body is returned
@@ -254,5 +314,17 @@ impl Adapter for OpenAiCompat {
 
     fn health_probe(channel: &Channel) -> Probe {
         health_probe(channel)
+    }
+
+    fn operations() -> Vec<Operation> {
+        OPERATIONS.to_vec()
+    }
+
+    fn build_passthrough(
+        ctx: &PassthroughContext,
+        channel: &Channel,
+        body: &[u8],
+    ) -> Result<HttpRequest, UpstreamError> {
+        build_passthrough(ctx, channel, body)
     }
 }

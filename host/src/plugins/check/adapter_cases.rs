@@ -127,11 +127,46 @@ pub(super) async fn run(adapter: &Arc<AdapterPlugin>, fixtures: Option<&Path>, r
         timing(adapter, &view, cred, report).await;
     }
 
+    passthrough_cases(adapter, &view, cred, report).await;
     classify_cases(adapter, &claimed, report).await;
     garbage_cases(adapter, &claimed, report).await;
     probe_case(adapter, &view, &claimed, cred, report).await;
     if let Some(dir) = fixtures {
         recorded(adapter, dir, &claimed, report).await;
+    }
+}
+
+/// Each relayed operation the adapter lists (`passthrough`, WIT 0.1.6)
+/// builds a well-formed request for a canonical body.
+async fn passthrough_cases(
+    adapter: &Arc<AdapterPlugin>,
+    view: &ChannelView,
+    cred: Option<&Arc<str>>,
+    report: &mut Report,
+) {
+    use crate::plugins::{Operation, PassthroughContext};
+    for &operation in adapter.operations() {
+        let (content_type, body): (&str, &[u8]) = match operation {
+            Operation::AudioTranscriptions | Operation::AudioTranslations => (
+                "multipart/form-data; boundary=cb",
+                b"--cb\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nconformance-audio\r\n--cb\r\n\
+Content-Disposition: form-data; name=\"file\"; filename=\"a.mp3\"\r\n\r\n\x00\x01\r\n--cb--\r\n",
+            ),
+            _ => ("application/json", br#"{"model":"conformance-op","input":"hello","prompt":"hello","query":"q","documents":["a"],"voice":"alloy"}"#),
+        };
+        let ctx = PassthroughContext {
+            operation,
+            requested_model: "conformance-op".into(),
+            upstream_model: "conformance-op".into(),
+            content_type: content_type.into(),
+            request_id: "req_conformance".into(),
+        };
+        let result = match adapter.build_passthrough(NO_KEY, &ctx, view, body, cred.cloned()).await {
+            Err(e) => Err(format!("trapped: {e}")),
+            Ok(Err(e)) => Err(format!("refused a canonical request: {:?} {}", e.kind, e.message)),
+            Ok(Ok(req)) => well_formed(&req, Endpoint::ChatCompletions),
+        };
+        report.case(format!("{}: relays a request", crate::relayed::route(operation)), result);
     }
 }
 
