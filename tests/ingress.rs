@@ -149,3 +149,55 @@ async fn gemini_takes_the_key_as_a_query_parameter_and_streams_a_json_array_with
         "{err}"
     );
 }
+
+/// An Anthropic channel gets `/v1/messages` as the client wrote it (native
+/// pass-through: fields the chat translation would drop, such as
+/// `thinking`, reach it; its answer and event stream come back unchanged):
+/// the official `anthropic` SDK passes the same checks as through the
+/// translation, and both ways are billed by the usage Anthropic reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn anthropic_channels_get_messages_natively_billed_by_their_usage() {
+    let mock = MockUpstream::start("anthropic").await;
+    let root = mock.base_url().trim_end_matches("/v1").to_string();
+    let toml = format!("{PRICING}\n{}", channel("claude", "anthropic", &root, &["claude-mock", "tool-claude"], ""));
+    let gw = Gateway::start(&["anthropic.wasm", "weighted.wasm"], &toml);
+    let key = || ("WASMGATE_API_KEY", TOKEN.to_string());
+    let out = run_python("anthropic_sdk_check.py", vec![("WASMGATE_ROOT_URL", gw.url("")), key()]).await;
+    assert!(out.contains(": 6 passed, 0 failed"), "{out}");
+
+    let (uid, user_key) = user_with_token(&gw, 1_000_000, json!({})).await;
+    let thinking = json!({"type": "enabled", "budget_tokens": 1024});
+    let body = json!({"model": "claude-mock", "max_tokens": 2048, "thinking": thinking,
+        "metadata": {"user_id": "u-1"}, "messages": [{"role": "user", "content": "native please"}]});
+    let resp =
+        client().post(gw.url("/v1/messages")).header("x-api-key", &user_key).json(&body).send().await.expect("send");
+    assert_eq!(resp.status(), 200);
+    let answer: Value = resp.json().await.expect("json");
+    assert_eq!(answer["id"], "msg_native_1", "the upstream's own answer: {answer}");
+    let sent = mock.state.last_body.lock().await.clone().expect("upstream body");
+    assert_eq!((&sent["thinking"], &sent["metadata"]), (&thinking, &json!({"user_id": "u-1"})), "{sent}");
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let resp = client()
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", &user_key)
+        .json(&streamed)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut events = String::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        events.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+    }
+    assert!(events.contains("\"id\":\"msg_native_1\"") && events.contains("event: message_stop"), "{events}");
+
+    // Both billed by Anthropic's usage: ((9 − 3) + 3 + 12) × 2 = 42.
+    let rows = wait_rows(&gw, &format!("type=consume&model=claude-mock&user_id={uid}"), 2).await;
+    for row in rows["data"].as_array().expect("rows") {
+        assert_eq!((row["prompt_tokens"].as_u64(), row["completion_tokens"].as_u64()), (Some(9), Some(12)), "{row}");
+        assert_eq!((row["quota"].as_i64(), row["estimated"].as_bool()), (Some(42), Some(false)), "{row}");
+    }
+}

@@ -37,6 +37,23 @@ pub struct Relayed {
     pub units: u64,
 }
 
+/// A client request in a provider's own protocol, passed through to the
+/// channels whose adapter relays it (see `ClientRequest::native`).
+#[derive(Debug, Clone)]
+pub struct Native {
+    /// The protocol (`messages`).
+    pub operation: Operation,
+    /// The client's body, as received.
+    pub body: Bytes,
+    /// Whether it asks for a stream.
+    pub stream: bool,
+}
+
+/// Marks a response that is the upstream's own answer to a [`Native`]
+/// request: the ingress returns it as it is, without translating it back.
+#[derive(Debug, Clone, Copy)]
+pub struct NativeAnswer;
+
 /// The route label of `operation` (metrics, logs).
 pub fn route(operation: Operation) -> &'static str {
     match operation {
@@ -46,6 +63,7 @@ pub fn route(operation: Operation) -> &'static str {
         Operation::AudioTranslations => "audio_translations",
         Operation::Moderations => "moderations",
         Operation::Rerank => "rerank",
+        Operation::Messages => "messages",
     }
 }
 
@@ -97,6 +115,7 @@ pub fn parse(operation: Operation, content_type: &str, body: Bytes) -> Result<Cl
         session: None,
         request_id: String::new(),
         relayed: Some(Relayed { operation, content_type: content_type.to_string(), units }),
+        native: None,
     })
 }
 
@@ -157,7 +176,7 @@ fn json_fields(operation: Operation, content_type: &str, body: &[u8]) -> Result<
             }
             1
         }
-        Operation::AudioTranscriptions | Operation::AudioTranslations => 1,
+        Operation::AudioTranscriptions | Operation::AudioTranslations | Operation::Messages => 1,
     };
     let text_bytes =
         text("input").saturating_add(text("prompt")).saturating_add(text("query")).saturating_add(text("documents"));
@@ -228,17 +247,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 /// audio transcribed, rounded up) when it says.
 pub fn answered_units(operation: Operation, body: &[u8]) -> (Option<crate::plugins::Usage>, Option<u64>) {
     let Ok(value) = serde_json::from_slice::<Value>(body) else { return (None, None) };
-    let usage = value.get("usage").and_then(|u| {
-        let tokens = |k: &str| u.get(k).and_then(Value::as_u64).map(|n| u32::try_from(n).unwrap_or(u32::MAX));
-        let prompt = tokens("input_tokens").or_else(|| tokens("prompt_tokens"))?;
-        let completion = tokens("output_tokens").or_else(|| tokens("completion_tokens")).unwrap_or(0);
-        Some(crate::plugins::Usage {
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            cached_tokens: 0,
-            total_tokens: prompt.saturating_add(completion),
-        })
-    });
+    let usage = value.get("usage").and_then(usage_of);
     let units = match operation {
         Operation::ImagesGenerations => value.get("data").and_then(Value::as_array).map(|d| d.len() as u64),
         Operation::AudioTranscriptions | Operation::AudioTranslations => value
@@ -249,6 +258,25 @@ pub fn answered_units(operation: Operation, body: &[u8]) -> (Option<crate::plugi
         _ => None,
     };
     (usage, units)
+}
+
+/// Token usage in OpenAI's shapes (`prompt_tokens`, or `input_tokens` of
+/// the newer APIs) and Anthropic's (`input_tokens` not counting the prompt
+/// cache's `cache_read_input_tokens` and `cache_creation_input_tokens`).
+pub fn usage_of(u: &Value) -> Option<crate::plugins::Usage> {
+    let tokens = |k: &str| u.get(k).and_then(Value::as_u64).map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    let cache_read = tokens("cache_read_input_tokens").unwrap_or(0);
+    let prompt = tokens("input_tokens")
+        .or_else(|| tokens("prompt_tokens"))?
+        .saturating_add(cache_read)
+        .saturating_add(tokens("cache_creation_input_tokens").unwrap_or(0));
+    let completion = tokens("output_tokens").or_else(|| tokens("completion_tokens")).unwrap_or(0);
+    Some(crate::plugins::Usage {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        cached_tokens: cache_read,
+        total_tokens: prompt.saturating_add(completion),
+    })
 }
 
 #[cfg(test)]

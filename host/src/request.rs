@@ -96,6 +96,10 @@ pub struct ClientRequest {
     /// Set for the rest of the OpenAI surface (images, audio, moderations,
     /// rerank), relayed without translation: see `relayed.rs`.
     pub relayed: Option<crate::relayed::Relayed>,
+    /// The client's own request in a protocol some providers speak
+    /// natively (Anthropic Messages): a channel whose adapter relays it
+    /// gets it unchanged; any other serves the translated `body`.
+    pub native: Option<crate::relayed::Native>,
 }
 
 /// The fields read out of the body.
@@ -445,6 +449,7 @@ impl ClientRequest {
             body,
             request_id: String::new(),
             relayed: None,
+            native: None,
         })
     }
 

@@ -137,6 +137,7 @@ impl MockUpstream {
             .route("/v1/audio/translations", post(transcription))
             .route("/v1/moderations", post(moderations))
             .route("/v1/rerank", post(rerank))
+            .route("/v1/messages", post(anthropic_messages))
             .route("/v1/models", get(models))
             .route("/release", post(release))
             .layer(axum::middleware::from_fn_with_state(state.clone(), note_version))
@@ -577,6 +578,94 @@ async fn rerank(State(state): State<Arc<MockState>>, headers: HeaderMap, body: B
     axum::Json(json!({"id": "rerank-1", "model": req["model"], "results": results,
         "usage": {"prompt_tokens": 20, "total_tokens": 20}}))
     .into_response()
+}
+
+/// The text of the last user turn of an Anthropic request (a string, or
+/// its text and tool-result blocks).
+fn anthropic_last_user(req: &Value) -> String {
+    let Some(last) = req["messages"].as_array().and_then(|m| m.last()) else { return String::new() };
+    match &last["content"] {
+        Value::String(text) => text.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter_map(|b| b["text"].as_str().or_else(|| b["content"].as_str()))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+/// `POST /v1/messages`: Anthropic's own API, answering natively (ids
+/// `msg_native_…`), non-streamed or as Anthropic's event stream. `tool*`
+/// models call the first tool; usage is input 6 (+3 read from the prompt
+/// cache), output 12.
+async fn anthropic_messages(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = record(&state, &headers, &body).await;
+    state.chat_hits.fetch_add(1, Ordering::SeqCst);
+    let (model, text) = (req["model"].as_str().unwrap_or("").to_string(), anthropic_last_user(&req));
+    let tool = req["tools"][0]["name"].as_str().filter(|_| model.starts_with("tool")).map(str::to_string);
+    let usage = json!({"input_tokens": 6, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 0});
+    let (block, stop) = match &tool {
+        Some(name) => {
+            (json!({"type": "tool_use", "id": "toolu_native_1", "name": name, "input": {"query": text}}), "tool_use")
+        }
+        None => (json!({"type": "text", "text": format!("echo: {text}")}), "end_turn"),
+    };
+    if req["stream"].as_bool() != Some(true) {
+        let mut usage = usage;
+        usage["output_tokens"] = json!(12);
+        return axum::Json(json!({"id": "msg_native_1", "type": "message", "role": "assistant", "model": model,
+            "content": [block], "stop_reason": stop, "stop_sequence": null, "usage": usage}))
+        .into_response();
+    }
+    let mut start_usage = usage;
+    start_usage["output_tokens"] = json!(1);
+    let mut events = vec![(
+        "message_start",
+        json!({"type": "message_start", "message": {"id": "msg_native_1", "type": "message",
+            "role": "assistant", "model": model, "content": [], "stop_reason": null, "usage": start_usage}}),
+    )];
+    match &tool {
+        Some(name) => {
+            events.push((
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "tool_use", "id": "toolu_native_1", "name": name, "input": {}}}),
+            ));
+            let args = json!({"query": text}).to_string();
+            let (a, b) = args.split_at(args.len() / 2);
+            for part in [a, b] {
+                events.push((
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "input_json_delta", "partial_json": part}}),
+                ));
+            }
+        }
+        None => {
+            events.push((
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "text", "text": ""}}),
+            ));
+            for word in format!("echo: {text}").split_inclusive(' ') {
+                events.push((
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "text_delta", "text": word}}),
+                ));
+            }
+        }
+    }
+    events.push(("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
+    events.push((
+        "message_delta",
+        json!({"type": "message_delta",
+        "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": 12}}),
+    ));
+    events.push(("message_stop", json!({"type": "message_stop"})));
+    let text: String = events.iter().map(|(name, data)| format!("event: {name}\ndata: {data}\n\n")).collect();
+    Response::builder().header(header::CONTENT_TYPE, "text/event-stream").body(Body::from(text)).expect("response")
 }
 
 /// `POST /release`: let every held stream go on (for a mock in another

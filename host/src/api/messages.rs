@@ -16,7 +16,7 @@ use super::auth::Authed;
 use super::body;
 use crate::error::ApiError;
 use crate::ingress::anthropic::{self, AnthropicError, request};
-use crate::plugins::Endpoint;
+use crate::plugins::{Endpoint, Operation};
 use crate::relay::{ClientRequest, relay};
 use crate::state::AppState;
 
@@ -40,11 +40,19 @@ pub async fn create(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AnthropicError> {
     let Authed(caller) = auth?;
-    let (chat, _) = request::to_chat(&object(raw)?)?;
+    let raw = body::take(raw)?;
+    let message = match serde_json::from_slice::<Value>(&raw) {
+        Ok(Value::Object(map)) => map,
+        _ => return Err(ApiError::bad_request("The request body must be a JSON object.").into()),
+    };
+    let (chat, _) = request::to_chat(&message)?;
     let mut req = chat_request(&chat)?;
     let model = req.model.clone();
     req.route = "messages";
     req.request_id = id.0;
+    // Anthropic channels get the request as the client wrote it.
+    let stream = message.get("stream").and_then(Value::as_bool) == Some(true);
+    req.native = Some(crate::relayed::Native { operation: Operation::Messages, body: raw, stream });
     let response = relay(&state, req, &caller).await?;
     Ok(anthropic::answer(response, model).await?)
 }

@@ -499,7 +499,24 @@ async fn attempt(
     meter: &mut Option<Meter>,
 ) -> Result<Response, Failure> {
     if let Some(relayed) = &a.req.relayed {
-        return relayed::attempt(&a, relayed, key_view, in_flight, meter).await;
+        let body = relayed::Passed {
+            operation: relayed.operation,
+            content_type: &relayed.content_type,
+            body: &a.req.body,
+            stream: false,
+        };
+        return relayed::attempt(&a, body, key_view, in_flight, meter).await;
+    }
+    if let Some(native) = &a.req.native
+        && a.plugins.adapters.get(&a.channel.adapter).is_some_and(|p| p.relays(native.operation))
+    {
+        let body = relayed::Passed {
+            operation: native.operation,
+            content_type: "application/json",
+            body: &native.body,
+            stream: native.stream,
+        };
+        return relayed::attempt(&a, body, key_view, in_flight, meter).await;
     }
     let started = Instant::now();
     let Some(adapter) = a.plugins.adapters.get(&a.channel.adapter) else {

@@ -17,7 +17,8 @@ use wasmgate_pdk::sse::{SseDecoder, SseEvents};
 use wasmgate_pdk::translate::{self as t, ChunkWriter, Image, Part};
 use wasmgate_pdk::{
     error, header, origin_url, Adapter, AdapterInfo, Channel, Endpoint, ErrorKind, HttpMethod, HttpRequest,
-    HttpResponse, ParsedResponse, Probe, RequestContext, StreamEvents, UpstreamError, Usage,
+    HttpResponse, Operation, ParsedResponse, PassthroughContext, Probe, RequestContext, StreamEvents, UpstreamError,
+    Usage,
 };
 
 struct Anthropic;
@@ -172,7 +173,47 @@ fn classify(status: u16, retry_after: Option<u32>, body: &Value) -> UpstreamErro
     error(kind, message, (status != 0).then_some(status))
 }
 
+/// The key, API version and content type every request carries.
+fn api_headers(channel: &Channel) -> Vec<wasmgate_pdk::Header> {
+    let version =
+        settings(channel).get("anthropic_version").and_then(Value::as_str).unwrap_or("2023-06-01").to_string();
+    vec![
+        header("x-api-key", channel.key.clone()),
+        header("anthropic-version", version),
+        header("content-type", "application/json"),
+    ]
+}
+
+/// A client's own Messages request, passed through: only `model` changes
+/// (to the channel's upstream name).
+fn native_messages(ctx: &PassthroughContext, channel: &Channel, body: &[u8]) -> Result<HttpRequest, UpstreamError> {
+    let mut request: Map<String, Value> = serde_json::from_slice(body)
+        .map_err(|e| error(ErrorKind::BadRequest, format!("invalid JSON body: {e}"), None))?;
+    request.insert("model".into(), Value::String(ctx.upstream_model.clone()));
+    let mut headers = api_headers(channel);
+    if request.get("stream").and_then(Value::as_bool) == Some(true) {
+        headers.push(header("accept", "text/event-stream"));
+    }
+    let body = wasmgate_pdk::json_bytes(&request);
+    Ok(HttpRequest { method: HttpMethod::Post, url: origin_url(&channel.base_url, "/v1/messages"), headers, body })
+}
+
 impl Adapter for Anthropic {
+    fn operations() -> Vec<Operation> {
+        vec![Operation::Messages]
+    }
+
+    fn build_passthrough(
+        ctx: &PassthroughContext,
+        channel: &Channel,
+        body: &[u8],
+    ) -> Result<HttpRequest, UpstreamError> {
+        match ctx.operation {
+            Operation::Messages => native_messages(ctx, channel, body),
+            _ => Err(t::unsupported("Anthropic's API serves Messages only")),
+        }
+    }
+
     type Decoder = SseDecoder<Events>;
 
     fn info() -> AdapterInfo {
@@ -189,13 +230,7 @@ impl Adapter for Anthropic {
         if ctx.endpoint != Endpoint::ChatCompletions {
             return Err(t::unsupported("Anthropic serves chat completions only"));
         }
-        let version =
-            settings(channel).get("anthropic_version").and_then(Value::as_str).unwrap_or("2023-06-01").to_string();
-        let mut headers = vec![
-            header("x-api-key", channel.key.clone()),
-            header("anthropic-version", version),
-            header("content-type", "application/json"),
-        ];
+        let mut headers = api_headers(channel);
         if ctx.stream {
             headers.push(header("accept", "text/event-stream"));
         }

@@ -115,6 +115,7 @@ pub fn operation_path(operation: Operation) -> &'static str {
         Operation::AudioTranslations => "/audio/translations",
         Operation::Moderations => "/moderations",
         Operation::Rerank => "/rerank",
+        Operation::Messages => "/messages",
     }
 }
 

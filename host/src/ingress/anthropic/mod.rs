@@ -52,6 +52,10 @@ impl IntoResponse for AnthropicError {
 /// The relayed chat completion `response` answered as a Message (or its
 /// stream) for `model`.
 pub async fn answer(response: Response, model: String) -> Result<Response, ApiError> {
+    // An Anthropic channel's own answer (passed through): as it is.
+    if response.extensions().get::<crate::relayed::NativeAnswer>().is_some() {
+        return Ok(response);
+    }
     let id = new_id("msg_");
     if is_stream(&response) {
         let events = chat_stream::reframe(response.into_body(), stream::MessagesStream::new(id, model));
