@@ -59,6 +59,18 @@ pub fn suite_on_postgres() -> bool {
     std::env::var("WASMGATE_TEST_BACKEND").ok().as_deref() == Some("postgres")
 }
 
+/// Prefix of the suite-wide server's directory (in the temporary directory).
+pub const SUITE_DIR_PREFIX: &str = "wasmgate-pg-suite-";
+
+/// Delete what earlier runs' suite-wide servers left in `parent`.
+fn remove_suite_dirs(parent: &Path) {
+    for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(SUITE_DIR_PREFIX) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// With `WASMGATE_TEST_BACKEND=postgres`, every gateway the suite starts
 /// keeps its channels, tables and plugins in a database of its own on one
 /// server started for the whole run: the suite runs against PostgreSQL as
@@ -69,10 +81,16 @@ pub fn database_for_gateway() -> Option<String> {
         return None;
     }
     let url = SERVER.get_or_init(|| {
-        // Kept for the whole run (the server stops with the test process).
+        // Kept for the whole run (the server stops with the test process),
+        // so never dropped: its directory, `wasmgate-pg-suite-*` in the
+        // temporary directory (where the server's user can reach it), is
+        // deleted by the next run and by `cargo xtask test`.
+        let parent = std::env::temp_dir();
+        remove_suite_dirs(&parent);
+        let dir = tempfile::Builder::new().prefix(SUITE_DIR_PREFIX).tempdir_in(&parent).expect("tempdir");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let server = PgServer::start();
+            let server = PgServer::start_in(dir);
             let _ = tx.send(server.url.clone());
             loop {
                 std::thread::park();
@@ -102,8 +120,12 @@ fn free_port() -> u16 {
 impl PgServer {
     /// A fresh cluster, started; returns once it accepts connections.
     pub fn start() -> Self {
+        Self::start_in(tempfile::tempdir().expect("tempdir"))
+    }
+
+    /// A fresh cluster in `dir` (removed when the server is dropped).
+    fn start_in(dir: tempfile::TempDir) -> Self {
         let bin = bindir();
-        let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         if is_root() {
             let ok = Command::new("chown").args(["-R", PG_USER]).arg(dir.path()).status().is_ok_and(|s| s.success());

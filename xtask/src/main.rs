@@ -134,7 +134,14 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         .args(extra)
         .env("WASMGATE_TEST_PYTHON", &python)
         .env("WASMGATE_TEST_BACKEND", "postgres");
-    run_checked(&mut cmd)
+    let result = run_checked(&mut cmd);
+    // The suite-wide server's cluster outlives its process: delete it.
+    for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("wasmgate-pg-suite-") {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    result
 }
 
 fn run(root: &Path, extra: &[String]) -> Result<()> {
