@@ -201,3 +201,36 @@ async fn anthropic_channels_get_messages_natively_billed_by_their_usage() {
         assert_eq!((row["quota"].as_i64(), row["estimated"].as_bool()), (Some(42), Some(false)), "{row}");
     }
 }
+
+/// The Responses API natively: on a channel whose upstream serves it (the
+/// `openai` adapter's `"responses": "native"` setting), a request that keeps
+/// no state in the gateway (`store: false`, what Codex CLI sends) goes
+/// upstream as written and the upstream's own objects and events come
+/// back, billed by their usage; a stored one is translated and kept here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stateless_responses_pass_through_to_a_native_upstream() {
+    let mock = MockUpstream::start("native").await;
+    let native = channel("native", "openai", &mock.base_url(), MODELS, "settings = { responses = \"native\" }");
+    let gw = Gateway::start(&["openai.wasm", "weighted.wasm"], &format!("{PRICING}\n{native}"));
+    let env = vec![("WASMGATE_BASE_URL", gw.url("/v1")), ("WASMGATE_API_KEY", TOKEN.to_string())];
+    let out = run_python("responses_native_check.py", env).await;
+    assert!(out.contains(": 4 passed, 0 failed"), "{out}");
+
+    let (uid, key) = user_with_token(&gw, 1_000_000, json!({})).await;
+    let body = json!({"model": "gpt-4o-mini", "input": "bill me", "store": false, "reasoning": {"effort": "low"}});
+    let (status, answer) = post_as(&gw, &key, "/v1/responses", &body).await;
+    assert_eq!((status, answer["id"].as_str()), (200, Some("resp_native_1")), "{answer}");
+    let sent = mock.state.last_body.lock().await.clone().expect("upstream body");
+    assert_eq!(sent["reasoning"], json!({"effort": "low"}), "the request went as written: {sent}");
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let resp = client().post(gw.url("/v1/responses")).bearer_auth(&key).json(&streamed).send().await.expect("send");
+    let events = resp.text().await.expect("events");
+    assert!(events.contains("event: response.completed") && events.contains("resp_native_1"), "{events}");
+    // Both billed by the Responses usage: ((9 − 3) + 3 + 12) × 1 = 21.
+    let rows = wait_rows(&gw, &format!("type=consume&user_id={uid}"), 2).await;
+    for row in rows["data"].as_array().expect("rows") {
+        assert_eq!((row["prompt_tokens"].as_u64(), row["completion_tokens"].as_u64()), (Some(9), Some(12)), "{row}");
+        assert_eq!((row["quota"].as_i64(), row["estimated"].as_bool()), (Some(21), Some(false)), "{row}");
+    }
+}

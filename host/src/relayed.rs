@@ -64,6 +64,7 @@ pub fn route(operation: Operation) -> &'static str {
         Operation::Moderations => "moderations",
         Operation::Rerank => "rerank",
         Operation::Messages => "messages",
+        Operation::Responses => "responses",
     }
 }
 
@@ -176,7 +177,7 @@ fn json_fields(operation: Operation, content_type: &str, body: &[u8]) -> Result<
             }
             1
         }
-        Operation::AudioTranscriptions | Operation::AudioTranslations | Operation::Messages => 1,
+        Operation::AudioTranscriptions | Operation::AudioTranslations | Operation::Messages | Operation::Responses => 1,
     };
     let text_bytes =
         text("input").saturating_add(text("prompt")).saturating_add(text("query")).saturating_add(text("documents"));
@@ -266,6 +267,12 @@ pub fn answered_units(operation: Operation, body: &[u8]) -> (Option<crate::plugi
 pub fn usage_of(u: &Value) -> Option<crate::plugins::Usage> {
     let tokens = |k: &str| u.get(k).and_then(Value::as_u64).map(|n| u32::try_from(n).unwrap_or(u32::MAX));
     let cache_read = tokens("cache_read_input_tokens").unwrap_or(0);
+    // (The Responses API counts its cached tokens inside `input_tokens`.)
+    let details_cached = u
+        .get("input_tokens_details")
+        .and_then(|d| d.get("cached_tokens"))
+        .and_then(Value::as_u64)
+        .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
     let prompt = tokens("input_tokens")
         .or_else(|| tokens("prompt_tokens"))?
         .saturating_add(cache_read)
@@ -274,7 +281,7 @@ pub fn usage_of(u: &Value) -> Option<crate::plugins::Usage> {
     Some(crate::plugins::Usage {
         prompt_tokens: prompt,
         completion_tokens: completion,
-        cached_tokens: cache_read,
+        cached_tokens: cache_read.max(details_cached),
         total_tokens: prompt.saturating_add(completion),
     })
 }

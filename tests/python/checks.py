@@ -7,6 +7,14 @@ import sys
 
 _checks = []
 
+# The function tool the Responses checks call (as the Responses API shapes it).
+WEATHER_FUNCTION = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+}
+
 
 def check(fn):
     _checks.append(fn)

@@ -10,15 +10,9 @@ import os
 import openai
 from openai import OpenAI
 
-from checks import check, run
+from checks import WEATHER_FUNCTION as WEATHER, check, run
 
 client = OpenAI(base_url=os.environ["WASMGATE_BASE_URL"], api_key=os.environ["WASMGATE_API_KEY"], max_retries=0, timeout=30)
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
-}
 
 
 @check

@@ -138,6 +138,7 @@ impl MockUpstream {
             .route("/v1/moderations", post(moderations))
             .route("/v1/rerank", post(rerank))
             .route("/v1/messages", post(anthropic_messages))
+            .route("/v1/responses", post(native_responses))
             .route("/v1/models", get(models))
             .route("/release", post(release))
             .layer(axum::middleware::from_fn_with_state(state.clone(), note_version))
@@ -665,6 +666,102 @@ async fn anthropic_messages(State(state): State<Arc<MockState>>, headers: Header
     ));
     events.push(("message_stop", json!({"type": "message_stop"})));
     let text: String = events.iter().map(|(name, data)| format!("event: {name}\ndata: {data}\n\n")).collect();
+    Response::builder().header(header::CONTENT_TYPE, "text/event-stream").body(Body::from(text)).expect("response")
+}
+
+/// The text of the last input of a Responses request: the string, or the
+/// last item's text or function-call output.
+fn responses_last_input(req: &Value) -> String {
+    match &req["input"] {
+        Value::String(text) => text.clone(),
+        Value::Array(items) => {
+            let Some(last) = items.last() else { return String::new() };
+            if let Some(output) = last["output"].as_str() {
+                return output.to_string();
+            }
+            match &last["content"] {
+                Value::String(text) => text.clone(),
+                Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join(""),
+                _ => String::new(),
+            }
+        }
+        _ => String::new(),
+    }
+}
+
+/// `POST /v1/responses`: OpenAI's Responses API, answered natively (ids
+/// `resp_native_…`), non-streamed or as its typed event stream. `tool*`
+/// models call the first function tool; usage is input 9 (3 cached),
+/// output 12.
+async fn native_responses(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = record(&state, &headers, &body).await;
+    state.chat_hits.fetch_add(1, Ordering::SeqCst);
+    let (model, text) = (req["model"].as_str().unwrap_or("").to_string(), responses_last_input(&req));
+    let tool = req["tools"][0]["name"].as_str().filter(|_| model.starts_with("tool")).map(str::to_string);
+    let item = match &tool {
+        Some(name) => json!({"type": "function_call", "id": "fc_native_1", "call_id": "call_native_1", "name": name,
+            "arguments": json!({"query": text}).to_string(), "status": "completed"}),
+        None => json!({"type": "message", "id": "msg_native_1", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": format!("echo: {text}"), "annotations": []}]}),
+    };
+    let usage = json!({"input_tokens": 9, "input_tokens_details": {"cached_tokens": 3}, "output_tokens": 12,
+        "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 21});
+    let response = |status: &str, output: Value, usage: Value| {
+        json!({"id": "resp_native_1", "object": "response", "created_at": 1_700_000_000u64, "status": status,
+            "model": model, "output": output, "usage": usage, "parallel_tool_calls": true, "tool_choice": "auto",
+            "tools": req["tools"].clone(), "store": req["store"].clone(), "error": null, "incomplete_details": null})
+    };
+    if req["stream"].as_bool() != Some(true) {
+        return axum::Json(response("completed", json!([item]), usage)).into_response();
+    }
+    let mut events: Vec<Value> = vec![
+        json!({"type": "response.created", "response": response("in_progress", json!([]), Value::Null)}),
+        json!({"type": "response.in_progress", "response": response("in_progress", json!([]), Value::Null)}),
+    ];
+    match &tool {
+        Some(_) => {
+            let mut added = item.clone();
+            added["arguments"] = json!("");
+            added["status"] = json!("in_progress");
+            events.push(json!({"type": "response.output_item.added", "output_index": 0, "item": added}));
+            let args = item["arguments"].as_str().unwrap_or_default().to_string();
+            let (a, b) = args.split_at(args.len() / 2);
+            for part in [a, b] {
+                events.push(json!({"type": "response.function_call_arguments.delta", "item_id": "fc_native_1",
+                    "output_index": 0, "delta": part}));
+            }
+            events.push(json!({"type": "response.function_call_arguments.done", "item_id": "fc_native_1",
+                "output_index": 0, "arguments": args}));
+        }
+        None => {
+            let mut added = item.clone();
+            added["content"] = json!([]);
+            added["status"] = json!("in_progress");
+            events.push(json!({"type": "response.output_item.added", "output_index": 0, "item": added}));
+            let part = json!({"type": "output_text", "text": "", "annotations": []});
+            events.push(json!({"type": "response.content_part.added", "item_id": "msg_native_1", "output_index": 0,
+                "content_index": 0, "part": part}));
+            let full = format!("echo: {text}");
+            for word in full.split_inclusive(' ') {
+                events.push(json!({"type": "response.output_text.delta", "item_id": "msg_native_1",
+                    "output_index": 0, "content_index": 0, "delta": word}));
+            }
+            events.push(json!({"type": "response.output_text.done", "item_id": "msg_native_1", "output_index": 0,
+                "content_index": 0, "text": full}));
+            events.push(json!({"type": "response.content_part.done", "item_id": "msg_native_1", "output_index": 0,
+                "content_index": 0, "part": {"type": "output_text", "text": full, "annotations": []}}));
+        }
+    }
+    events.push(json!({"type": "response.output_item.done", "output_index": 0, "item": item}));
+    events.push(json!({"type": "response.completed", "response": response("completed", json!([item]), usage)}));
+    let text: String = events
+        .into_iter()
+        .enumerate()
+        .map(|(n, mut e)| {
+            e["sequence_number"] = json!(n);
+            format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap_or_default())
+        })
+        .collect();
     Response::builder().header(header::CONTENT_TYPE, "text/event-stream").body(Body::from(text)).expect("response")
 }
 

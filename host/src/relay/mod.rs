@@ -505,7 +505,10 @@ async fn attempt(
             body: &a.req.body,
             stream: false,
         };
-        return relayed::attempt(&a, body, key_view, in_flight, meter).await;
+        if let Some(built) = relayed::build(&a, &body, key_view).await? {
+            return relayed::serve(&a, body, built, key_view, in_flight, meter).await;
+        }
+        return Err(Failure::Retry(adapter_unavailable(), None));
     }
     if let Some(native) = &a.req.native
         && a.plugins.adapters.get(&a.channel.adapter).is_some_and(|p| p.relays(native.operation))
@@ -516,7 +519,10 @@ async fn attempt(
             body: &native.body,
             stream: native.stream,
         };
-        return relayed::attempt(&a, body, key_view, in_flight, meter).await;
+        // A channel that does not speak it natively translates.
+        if let Some(built) = relayed::build(&a, &body, key_view).await? {
+            return relayed::serve(&a, body, built, key_view, in_flight, meter).await;
+        }
     }
     let started = Instant::now();
     let Some(adapter) = a.plugins.adapters.get(&a.channel.adapter) else {

@@ -39,34 +39,58 @@ pub(super) struct Passed<'a> {
     pub stream: bool,
 }
 
-pub(super) async fn attempt(
+/// The upstream request the adapter built for a passed-through body.
+pub(super) struct Built {
+    request: crate::plugins::HttpRequest,
+    credential: Option<Arc<str>>,
+}
+
+/// Whether `operation` is a client protocol some channels speak natively
+/// (the others translate it).
+fn native(operation: Operation) -> bool {
+    matches!(operation, Operation::Messages | Operation::Responses)
+}
+
+/// Have the adapter build the upstream request; `None` when it says a
+/// native protocol is not native on this channel (translate instead).
+pub(super) async fn build(a: &Attempt<'_>, passed: &Passed<'_>, key_view: &KeyView) -> Result<Option<Built>, Failure> {
+    let (state, channel, req) = (a.state, a.channel, a.req);
+    let Some(adapter) = a.plugins.adapters.get(&channel.adapter).filter(|p| p.relays(passed.operation)) else {
+        tracing::warn!(channel = channel.id, adapter = %channel.adapter, "adapter not loaded or not relaying");
+        return Err(Failure::Retry(adapter_unavailable(), None));
+    };
+    let ctx = PassthroughContext {
+        operation: passed.operation,
+        requested_model: req.model.clone(),
+        upstream_model: channel.upstream_model(&req.model),
+        content_type: passed.content_type.to_string(),
+        request_id: req.request_id.clone(),
+    };
+    let credential = credential(a, adapter, key_view).await?;
+    match adapter.build_passthrough(a.tag, &ctx, &key_view.view, passed.body, credential.clone()).await {
+        Err(e) => Err(plugin_failure(state, &e)),
+        Ok(Err(e)) if native(passed.operation) && matches!(e.kind, crate::plugins::ErrorKind::BadRequest) => Ok(None),
+        Ok(Err(e)) => Err(Failure::Final(client_error(&e, channel))),
+        Ok(Ok(request)) => Ok(Some(Built { request, credential })),
+    }
+}
+
+/// Send what [`build`] built and answer with the upstream's own answer.
+pub(super) async fn serve(
     a: &Attempt<'_>,
     passed: Passed<'_>,
+    built: Built,
     key_view: &KeyView,
     in_flight: InFlight,
     meter: &mut Option<Meter>,
 ) -> Result<Response, Failure> {
     let started = Instant::now();
     let (state, channel, req) = (a.state, a.channel, a.req);
-    let Some(adapter) = a.plugins.adapters.get(&channel.adapter).filter(|p| p.relays(passed.operation)) else {
-        tracing::warn!(channel = channel.id, adapter = %channel.adapter, "adapter not loaded or not relaying");
+    let Some(adapter) = a.plugins.adapters.get(&channel.adapter) else {
         return Err(Failure::Retry(adapter_unavailable(), None));
     };
     let upstream_model = channel.upstream_model(&req.model);
-    let ctx = PassthroughContext {
-        operation: passed.operation,
-        requested_model: req.model.clone(),
-        upstream_model: upstream_model.clone(),
-        content_type: passed.content_type.to_string(),
-        request_id: req.request_id.clone(),
-    };
-    let credential = credential(a, adapter, key_view).await?;
-    let upstream_req =
-        match adapter.build_passthrough(a.tag, &ctx, &key_view.view, passed.body, credential.clone()).await {
-            Err(e) => return Err(plugin_failure(state, &e)),
-            Ok(Err(e)) => return Err(Failure::Final(client_error(&e, channel))),
-            Ok(Ok(r)) => r,
-        };
+    let Built { request: upstream_req, credential } = built;
     let settings: Option<Arc<str>> = Some(Arc::from(key_view.view.settings.as_str()));
     let response = send(a, adapter, upstream_req, &upstream_model).await?;
     if !response.status().is_success() {

@@ -5,7 +5,10 @@
 //! Channel settings understood (JSON object, all optional):
 //! - `headers`: object of extra headers to send (e.g. `OpenAI-Organization`);
 //! - `probe_model`: model used by the health probe;
-//! - `probe_endpoint`: `"chat"` (default) or `"embeddings"`.
+//! - `probe_endpoint`: `"chat"` (default) or `"embeddings"`;
+//! - `responses`: `"native"` when the upstream serves the Responses API
+//!   itself (OpenAI does; most compatible servers do not): stateless
+//!   `/v1/responses` requests are then passed through unchanged.
 
 use serde_json::{Map, Value};
 
@@ -116,17 +119,20 @@ pub fn operation_path(operation: Operation) -> &'static str {
         Operation::Moderations => "/moderations",
         Operation::Rerank => "/rerank",
         Operation::Messages => "/messages",
+        Operation::Responses => "/responses",
     }
 }
 
-/// Every relayed operation.
-pub const OPERATIONS: [Operation; 6] = [
+/// Every relayed operation (and `responses`, passed through natively on
+/// channels whose settings say `"responses": "native"`).
+pub const OPERATIONS: [Operation; 7] = [
     Operation::ImagesGenerations,
     Operation::AudioSpeech,
     Operation::AudioTranscriptions,
     Operation::AudioTranslations,
     Operation::Moderations,
     Operation::Rerank,
+    Operation::Responses,
 ];
 
 /// The upstream request relaying `body` on an OpenAI-compatible API: the
@@ -138,6 +144,16 @@ pub fn build_passthrough(
     channel: &Channel,
     body: &[u8],
 ) -> Result<HttpRequest, UpstreamError> {
+    let native = |protocol: &str| settings(channel).get(protocol).and_then(Value::as_str) == Some("native");
+    match ctx.operation {
+        // Only channels that say their upstream serves it: the host
+        // translates for the others.
+        Operation::Responses if !native("responses") => {
+            return Err(error(ErrorKind::BadRequest, "this channel serves Responses through chat completions", None));
+        }
+        Operation::Messages => return Err(error(ErrorKind::BadRequest, "not an Anthropic API", None)),
+        _ => {}
+    }
     let url = origin_url(&channel.base_url, operation_path(ctx.operation));
     let mut headers = auth_headers(channel);
     headers.push(header("content-type", &ctx.content_type));

@@ -48,8 +48,8 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// `POST /v1/responses`.
-pub async fn create(state: &AppState, caller: &Caller, request_id: &str, body: Bytes) -> Result<Response, ApiError> {
-    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(&body) else {
+pub async fn create(state: &AppState, caller: &Caller, request_id: &str, raw: Bytes) -> Result<Response, ApiError> {
+    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(&raw) else {
         return Err(ApiError::bad_request("The request body must be a JSON object."));
     };
     let owner = store::owner(caller);
@@ -69,8 +69,20 @@ pub async fn create(state: &AppState, caller: &Caller, request_id: &str, body: B
     let chat = serde_json::to_vec(&translated.chat).map_err(|_| ApiError::internal())?;
     let mut req = ClientRequest::parse(Endpoint::ChatCompletions, Bytes::from(chat))?.with_id(request_id.to_string());
     req.route = "responses";
+    // A request that keeps no state here may go, as written, to a channel
+    // whose upstream serves the Responses API itself.
+    let stateless =
+        body.get("store") == Some(&Value::Bool(false)) && body.get("previous_response_id").is_none_or(Value::is_null);
+    if stateless {
+        let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+        req.native =
+            Some(crate::relayed::Native { operation: crate::plugins::Operation::Responses, body: raw, stream });
+    }
     let frame = Frame::new(&body, &req.model, unix_now());
     let response = relay(state, req, caller).await?;
+    if response.extensions().get::<crate::relayed::NativeAnswer>().is_some() {
+        return Ok(response);
+    }
     let keep = translated.store.then(|| Keeper {
         state: state.clone(),
         owner,
