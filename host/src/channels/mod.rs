@@ -53,6 +53,10 @@ pub struct Channel {
     /// Every credential, enabled or not, for scrubbing.
     all_keys: Vec<String>,
     next_key: AtomicUsize,
+    /// Native protocols this channel's adapter said it does not speak here
+    /// (by the adapter version that said so), so that later requests are
+    /// translated without asking again.
+    not_native: std::sync::Mutex<Vec<(crate::plugins::Operation, String)>>,
     /// Models offered (empty: the adapter's defaults).
     pub models: Vec<String>,
     /// Requested → upstream model name.
@@ -89,6 +93,7 @@ impl Channel {
             views: Vec::new(),
             all_keys: rec.keys.iter().map(|k| k.key.clone()).collect(),
             next_key: AtomicUsize::new(0),
+            not_native: std::sync::Mutex::default(),
             models: rec.models.clone(),
             model_mapping: rec.model_mapping.clone(),
             groups: rec.groups.clone(),
@@ -182,6 +187,25 @@ impl Channel {
             z ^ (z >> 31)
         };
         self.views.iter().max_by_key(|v| score(v)).unwrap_or_else(|| self.view())
+    }
+
+    /// Whether adapter version `plugin_sha256` said it does not speak
+    /// `operation` natively on this channel (see [`Self::set_not_native`]).
+    pub fn not_native(&self, operation: crate::plugins::Operation, plugin_sha256: &str) -> bool {
+        self.not_native
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|(op, sha)| *op == operation && sha == plugin_sha256)
+    }
+
+    /// Remember that the adapter version `plugin_sha256` does not speak
+    /// `operation` natively on this channel.
+    pub fn set_not_native(&self, operation: crate::plugins::Operation, plugin_sha256: &str) {
+        let mut known = self.not_native.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !known.iter().any(|(op, sha)| *op == operation && sha == plugin_sha256) {
+            known.push((operation, plugin_sha256.to_string()));
+        }
     }
 
     /// Whether the channel has more than one key in rotation.

@@ -511,7 +511,9 @@ async fn attempt(
         return Err(Failure::Retry(adapter_unavailable(), None));
     }
     if let Some(native) = &a.req.native
-        && a.plugins.adapters.get(&a.channel.adapter).is_some_and(|p| p.relays(native.operation))
+        && let Some(adapter) = a.plugins.adapters.get(&a.channel.adapter)
+        && adapter.relays(native.operation)
+        && !a.channel.not_native(native.operation, &adapter.sha256)
     {
         let body = relayed::Passed {
             operation: native.operation,
@@ -519,9 +521,11 @@ async fn attempt(
             body: &native.body,
             stream: native.stream,
         };
-        // A channel that does not speak it natively translates.
-        if let Some(built) = relayed::build(&a, &body, key_view).await? {
-            return relayed::serve(&a, body, built, key_view, in_flight, meter).await;
+        // A channel that does not speak it natively translates (and is not
+        // asked again while this adapter version serves it).
+        match relayed::build(&a, &body, key_view).await? {
+            Some(built) => return relayed::serve(&a, body, built, key_view, in_flight, meter).await,
+            None => a.channel.set_not_native(native.operation, &adapter.sha256),
         }
     }
     let started = Instant::now();
