@@ -668,6 +668,24 @@ async fn three_nodes_share_one_balance_and_one_rate_limit() {
     println!("90 requests over 3 nodes with rpm = 60: {ok} succeeded");
     assert!((59..=61).contains(&ok), "rpm 60 across nodes let {ok} through");
 
+    // What a shared per-minute window costs a request (a figure, not a
+    // bound): sequential requests on one node, a token with an rpm of its
+    // own against one without.
+    let (_, plain) = user_with_token(&nodes[0], 1_000_000, json!({})).await;
+    let (_, windowed) = user_with_token(&nodes[0], 1_000_000, json!({"rpm": 100_000})).await;
+    let mut p50 = Vec::new();
+    for k in [&plain, &windowed] {
+        let mut times = Vec::new();
+        for _ in 0..40 {
+            let started = Instant::now();
+            assert_eq!(call(&nodes[0], k, &body).await.0, 200);
+            times.push(started.elapsed());
+        }
+        times.sort();
+        p50.push(times[times.len() / 2]);
+    }
+    println!("one node, sequential: p50 {:?} without a shared rpm window, {:?} with one", p50[0], p50[1]);
+
     // A token's own concurrency of 2 holds over the nodes: two streams held
     // open on A and B, a third request on C is refused until one ends.
     let (_, two) = user_with_token(&nodes[2], 1_000_000, json!({"concurrency": 2})).await;
