@@ -169,13 +169,23 @@ async fn anthropic_channels_get_messages_natively_billed_by_their_usage() {
     let thinking = json!({"type": "enabled", "budget_tokens": 1024});
     let body = json!({"model": "claude-mock", "max_tokens": 2048, "thinking": thinking,
         "metadata": {"user_id": "u-1"}, "messages": [{"role": "user", "content": "native please"}]});
-    let resp =
-        client().post(gw.url("/v1/messages")).header("x-api-key", &user_key).json(&body).send().await.expect("send");
+    let beta = "interleaved-thinking-2025-05-14";
+    let resp = client()
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", &user_key)
+        .header("anthropic-beta", beta)
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
     assert_eq!(resp.status(), 200);
     let answer: Value = resp.json().await.expect("json");
     assert_eq!(answer["id"], "msg_native_1", "the upstream's own answer: {answer}");
     let sent = mock.state.last_body.lock().await.clone().expect("upstream body");
     assert_eq!((&sent["thinking"], &sent["metadata"]), (&thinking, &json!({"user_id": "u-1"})), "{sent}");
+    let headers = mock.state.last_headers.lock().await.clone().expect("upstream headers");
+    assert_eq!(headers["anthropic-beta"], beta, "the client's beta features go upstream");
+    assert_eq!(headers["x-api-key"], "sk-upstream-secret-claude", "with the channel's key, not the client's");
 
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);

@@ -47,6 +47,8 @@ pub struct Native {
     pub body: Bytes,
     /// Whether it asks for a stream.
     pub stream: bool,
+    /// The client's headers an adapter may forward (`anthropic-beta`).
+    pub headers: Vec<crate::plugins::Header>,
 }
 
 /// Marks a response that is the upstream's own answer to a [`Native`]

@@ -37,6 +37,7 @@ pub async fn create(
     State(state): State<AppState>,
     Extension(id): Extension<RequestId>,
     auth: Result<Authed, ApiError>,
+    client_headers: axum::http::HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AnthropicError> {
     let Authed(caller) = auth?;
@@ -52,7 +53,13 @@ pub async fn create(
     req.request_id = id.0;
     // Anthropic channels get the request as the client wrote it.
     let stream = message.get("stream").and_then(Value::as_bool) == Some(true);
-    req.native = Some(crate::relayed::Native { operation: Operation::Messages, body: raw, stream });
+    let headers = client_headers
+        .get_all("anthropic-beta")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| crate::plugins::Header { name: "anthropic-beta".into(), value: v.to_string() })
+        .collect();
+    req.native = Some(crate::relayed::Native { operation: Operation::Messages, body: raw, stream, headers });
     let response = relay(&state, req, &caller).await?;
     Ok(anthropic::answer(response, model).await?)
 }

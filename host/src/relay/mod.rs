@@ -504,6 +504,7 @@ async fn attempt(
             content_type: &relayed.content_type,
             body: &a.req.body,
             stream: false,
+            headers: &[],
         };
         if let Some(built) = relayed::build(&a, &body, key_view).await? {
             return relayed::serve(&a, body, built, key_view, in_flight, meter).await;
@@ -520,6 +521,7 @@ async fn attempt(
             content_type: "application/json",
             body: &native.body,
             stream: native.stream,
+            headers: &native.headers,
         };
         // A channel that does not speak it natively translates (and is not
         // asked again while this adapter version serves it).

@@ -37,6 +37,8 @@ pub(super) struct Passed<'a> {
     pub body: &'a Bytes,
     /// A native request asking for an event stream.
     pub stream: bool,
+    /// Client headers the adapter may forward (see `Native::headers`).
+    pub headers: &'a [crate::plugins::Header],
 }
 
 /// The upstream request the adapter built for a passed-through body.
@@ -61,6 +63,7 @@ pub(super) async fn build(a: &Attempt<'_>, passed: &Passed<'_>, key_view: &KeyVi
     };
     let ctx = PassthroughContext {
         operation: passed.operation,
+        client_headers: passed.headers.to_vec(),
         requested_model: req.model.clone(),
         upstream_model: channel.upstream_model(&req.model),
         content_type: passed.content_type.to_string(),

@@ -191,6 +191,10 @@ fn native_messages(ctx: &PassthroughContext, channel: &Channel, body: &[u8]) -> 
         .map_err(|e| error(ErrorKind::BadRequest, format!("invalid JSON body: {e}"), None))?;
     request.insert("model".into(), Value::String(ctx.upstream_model.clone()));
     let mut headers = api_headers(channel);
+    // The beta features the client asked for (Claude Code sends several).
+    for h in ctx.client_headers.iter().filter(|h| h.name.eq_ignore_ascii_case("anthropic-beta")) {
+        headers.push(header("anthropic-beta", h.value.clone()));
+    }
     if request.get("stream").and_then(Value::as_bool) == Some(true) {
         headers.push(header("accept", "text/event-stream"));
     }

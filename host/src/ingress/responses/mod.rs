@@ -75,8 +75,8 @@ pub async fn create(state: &AppState, caller: &Caller, request_id: &str, raw: By
         body.get("store") == Some(&Value::Bool(false)) && body.get("previous_response_id").is_none_or(Value::is_null);
     if stateless {
         let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
-        req.native =
-            Some(crate::relayed::Native { operation: crate::plugins::Operation::Responses, body: raw, stream });
+        let operation = crate::plugins::Operation::Responses;
+        req.native = Some(crate::relayed::Native { operation, body: raw, stream, headers: Vec::new() });
     }
     let frame = Frame::new(&body, &req.model, unix_now());
     let response = relay(state, req, caller).await?;

@@ -156,6 +156,7 @@ Content-Disposition: form-data; name=\"file\"; filename=\"a.mp3\"\r\n\r\n\x00\x0
         };
         let ctx = PassthroughContext {
             operation,
+            client_headers: Vec::new(),
             requested_model: "conformance-op".into(),
             upstream_model: "conformance-op".into(),
             content_type: content_type.into(),
