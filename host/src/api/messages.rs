@@ -20,8 +20,8 @@ use crate::plugins::{Endpoint, Operation};
 use crate::relay::{ClientRequest, relay};
 use crate::state::AppState;
 
-fn object(raw: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
-    match serde_json::from_slice::<Value>(&body::take(raw)?) {
+fn object(raw: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(raw) {
         Ok(Value::Object(map)) => Ok(map),
         _ => Err(ApiError::bad_request("The request body must be a JSON object.")),
     }
@@ -42,10 +42,7 @@ pub async fn create(
 ) -> Result<Response, AnthropicError> {
     let Authed(caller) = auth?;
     let raw = body::take(raw)?;
-    let message = match serde_json::from_slice::<Value>(&raw) {
-        Ok(Value::Object(map)) => map,
-        _ => return Err(ApiError::bad_request("The request body must be a JSON object.").into()),
-    };
+    let message = object(&raw)?;
     let (chat, _) = request::to_chat(&message)?;
     let mut req = chat_request(&chat)?;
     let model = req.model.clone();
@@ -72,7 +69,7 @@ pub async fn count_tokens(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AnthropicError> {
     auth?;
-    let mut body = object(raw)?;
+    let mut body = object(&body::take(raw)?)?;
     body.entry("max_tokens").or_insert(Value::from(1));
     let (chat, _) = request::to_chat(&body)?;
     let req = chat_request(&chat)?;

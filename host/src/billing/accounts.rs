@@ -318,7 +318,9 @@ impl Accounts {
     /// The master copy's lock for a write: held across a sled write; with
     /// PostgreSQL taken only after the database answered (the database
     /// thread takes it to apply other nodes' changes, and must never wait
-    /// for a writer that waits for the database).
+    /// for a writer that waits for the database). Every change of the
+    /// master is published under this lock, so a writer holding it reads
+    /// the master's records from the snapshot.
     fn lock_for_write(&self) -> Option<std::sync::MutexGuard<'_, Master>> {
         matches!(self.backend, Backend::Sled(_)).then(|| self.lock())
     }
@@ -389,11 +391,8 @@ impl Accounts {
     ) -> Result<UserRecord, AccountError> {
         self.ensure_writable()?;
         let guard = self.lock_for_write();
-        let stored = match &guard {
-            Some(master) => master.0.get(&id).cloned(),
-            None => self.snapshot().users.get(&id).map(|u| UserRecord::clone(u)),
-        }
-        .ok_or(AccountError::NotFound("user"))?;
+        let stored =
+            self.snapshot().users.get(&id).map(|u| UserRecord::clone(u)).ok_or(AccountError::NotFound("user"))?;
         let mut next = stored.clone();
         f(&mut next)?;
         next.id = id;
@@ -426,11 +425,8 @@ impl Accounts {
     ) -> Result<TokenRecord, AccountError> {
         self.ensure_writable()?;
         let guard = self.lock_for_write();
-        let stored = match &guard {
-            Some(master) => master.1.get(&id).cloned(),
-            None => self.snapshot().tokens.get(&id).map(|t| TokenRecord::clone(t)),
-        }
-        .ok_or(AccountError::NotFound("token"))?;
+        let stored =
+            self.snapshot().tokens.get(&id).map(|t| TokenRecord::clone(t)).ok_or(AccountError::NotFound("token"))?;
         let mut next = stored.clone();
         f(&mut next)?;
         next.id = id;
@@ -460,11 +456,8 @@ impl Accounts {
     pub fn delete_token(&self, id: u64) -> Result<TokenRecord, AccountError> {
         self.ensure_writable()?;
         let guard = self.lock_for_write();
-        let token = match &guard {
-            Some(master) => master.1.get(&id).cloned(),
-            None => self.snapshot().tokens.get(&id).map(|t| TokenRecord::clone(t)),
-        }
-        .ok_or(AccountError::NotFound("token"))?;
+        let token =
+            self.snapshot().tokens.get(&id).map(|t| TokenRecord::clone(t)).ok_or(AccountError::NotFound("token"))?;
         match &self.backend {
             Backend::Sled(store) => {
                 let tokens = store.tree("tokens")?;
@@ -486,11 +479,7 @@ impl Accounts {
         self.ensure_writable()?;
         let guard = self.lock_for_write();
         let snapshot = self.snapshot();
-        let user = match &guard {
-            Some(master) => master.0.get(&id).cloned(),
-            None => snapshot.users.get(&id).map(|u| UserRecord::clone(u)),
-        }
-        .ok_or(AccountError::NotFound("user"))?;
+        let user = snapshot.users.get(&id).map(|u| UserRecord::clone(u)).ok_or(AccountError::NotFound("user"))?;
         let owned: Vec<u64> = snapshot.tokens.values().filter(|t| t.user_id == id).map(|t| t.id).collect();
         match &self.backend {
             Backend::Sled(store) => {

@@ -39,6 +39,8 @@ pub mod writer_pg;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use axum::http::StatusCode;
 use bytes::Bytes;
 
@@ -229,10 +231,7 @@ impl Billing {
                 // only, starting from none (what it held before the
                 // journal was written back is returned first).
                 let ledger = Arc::new(Ledger::default());
-                let leases = anyhow::Context::context(
-                    Leases::start(pg, &node, &ledger),
-                    "returning this node's earlier quota leases",
-                )?;
+                let leases = Leases::start(pg, &node, &ledger).context("returning this node's earlier quota leases")?;
                 let limits = PgLimits::start(pg, &node)?;
                 let shared = SharedBilling { pg: pg.clone(), leases, limits };
                 (Accounts::open_pg(pg)?, ledger, Some(shared))
@@ -437,27 +436,13 @@ impl Billing {
             && let Some(max) = acct.token.concurrency
         {
             limits.concurrency = (self.limits.token_concurrency > 0).then_some(self.limits.token_concurrency);
-            match shared.limits.occupy(id, max).await {
-                Ok(Ok(slot)) => shared_slot = Some(slot),
-                Ok(Err(limited)) => return Err(rate_limited(limited)),
-                Err(error) => {
-                    tracing::warn!(error = format!("{error:#}"), "shared rate limits unreachable");
-                    return Err(storage_unavailable());
-                }
-            }
+            shared_slot = Some(shared_limit(shared.limits.occupy(id, max).await)?);
         }
         if let (Some(shared), Some(Subject::Token(id))) = (&self.shared, subject)
             && (limits.rpm.is_some() || limits.tpm.is_some())
         {
             let estimate = bound.saturating_add(completion);
-            match shared.limits.admit(id, limits.rpm.take(), limits.tpm.take(), estimate).await {
-                Ok(Ok(())) => {}
-                Ok(Err(limited)) => return Err(rate_limited(limited)),
-                Err(error) => {
-                    tracing::warn!(error = format!("{error:#}"), "shared rate limits unreachable");
-                    return Err(storage_unavailable());
-                }
-            }
+            shared_limit(shared.limits.admit(id, limits.rpm.take(), limits.tpm.take(), estimate).await)?;
         }
         let mut meter = Meter {
             billing: self.clone(),
@@ -470,7 +455,6 @@ impl Billing {
             prompt_typical: req.prompt.typical_tokens(),
             token_estimate: bound.saturating_add(completion),
             subject,
-            shared_tpm: self.shared.is_some() && caller.account.as_ref().is_some_and(|a| a.token.tpm.is_some()),
             units,
             started: Instant::now(),
             reservation: None,
@@ -538,7 +522,7 @@ impl Billing {
             Err(short) => short,
         };
         let held = |b: ledger::Balance| b.balance.saturating_sub(b.reserved);
-        let lacking = |b: ledger::Balance| amount.saturating_sub(b.balance.saturating_sub(b.reserved)).max(0);
+        let lacking = |b: ledger::Balance| amount.saturating_sub(held(b)).max(0);
         let need_user = lacking(self.ledger.user(acct.user_id));
         let need_token = if limited { lacking(self.ledger.token(t.id)) } else { 0 };
         match shared.leases.acquire(acct.user_id, need_user, Some(t.id), need_token).await {
@@ -666,6 +650,19 @@ impl Billing {
     }
 }
 
+/// A shared limit's answer as the client's: refused (429), or 503 when the
+/// database cannot say.
+fn shared_limit<T>(answer: anyhow::Result<Result<T, limits::Limited>>) -> Result<T, ApiError> {
+    match answer {
+        Ok(Ok(admitted)) => Ok(admitted),
+        Ok(Err(limited)) => Err(rate_limited(limited)),
+        Err(error) => {
+            tracing::warn!(error = format!("{error:#}"), "shared rate limits unreachable");
+            Err(storage_unavailable())
+        }
+    }
+}
+
 /// `quota` (of one unit) times `units` for a per-unit price; token prices
 /// already count what was used.
 fn per_units(price: &Price, quota: i64, units: u64) -> i64 {
@@ -769,8 +766,6 @@ pub struct Meter {
     prompt_typical: u64,
     token_estimate: u64,
     subject: Option<Subject>,
-    /// The token's tokens-per-minute window is the shared database's.
-    shared_tpm: bool,
     /// Units a per-unit price is multiplied by (relayed operations; 1
     /// otherwise).
     units: u64,
@@ -943,8 +938,11 @@ impl Meter {
             let delta = i64::try_from(used)
                 .unwrap_or(i64::MAX)
                 .saturating_sub(i64::try_from(self.token_estimate).unwrap_or(i64::MAX));
+            // A token's own tokens-per-minute window is the database's
+            // when nodes share one (see `admit`).
+            let own_tpm = self.caller.account.as_ref().is_some_and(|a| a.token.tpm.is_some());
             match (&self.billing.shared, subject) {
-                (Some(shared), Subject::Token(id)) if self.shared_tpm => shared.limits.correct(id, delta),
+                (Some(shared), Subject::Token(id)) if own_tpm => shared.limits.correct(id, delta),
                 _ => self.billing.limiter.correct(subject, delta),
             }
         }

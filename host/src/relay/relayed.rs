@@ -43,8 +43,10 @@ pub(super) struct Passed<'a> {
 
 /// The upstream request the adapter built for a passed-through body.
 pub(super) struct Built {
+    adapter: Arc<crate::plugins::AdapterPlugin>,
     request: crate::plugins::HttpRequest,
     credential: Option<Arc<str>>,
+    upstream_model: String,
 }
 
 /// Whether `operation` is a client protocol some channels speak natively
@@ -70,11 +72,12 @@ pub(super) async fn build(a: &Attempt<'_>, passed: &Passed<'_>, key_view: &KeyVi
         request_id: req.request_id.clone(),
     };
     let credential = credential(a, adapter, key_view).await?;
+    let (adapter, upstream_model) = (adapter.clone(), ctx.upstream_model.clone());
     match adapter.build_passthrough(a.tag, &ctx, &key_view.view, passed.body, credential.clone()).await {
         Err(e) => Err(plugin_failure(state, &e)),
         Ok(Err(e)) if native(passed.operation) && matches!(e.kind, crate::plugins::ErrorKind::BadRequest) => Ok(None),
         Ok(Err(e)) => Err(Failure::Final(client_error(&e, channel))),
-        Ok(Ok(request)) => Ok(Some(Built { request, credential })),
+        Ok(Ok(request)) => Ok(Some(Built { adapter, request, credential, upstream_model })),
     }
 }
 
@@ -89,11 +92,8 @@ pub(super) async fn serve(
 ) -> Result<Response, Failure> {
     let started = Instant::now();
     let (state, channel, req) = (a.state, a.channel, a.req);
-    let Some(adapter) = a.plugins.adapters.get(&channel.adapter) else {
-        return Err(Failure::Retry(adapter_unavailable(), None));
-    };
-    let upstream_model = channel.upstream_model(&req.model);
-    let Built { request: upstream_req, credential } = built;
+    let Built { adapter, request: upstream_req, credential, upstream_model } = built;
+    let adapter = adapter.as_ref();
     let settings: Option<Arc<str>> = Some(Arc::from(key_view.view.settings.as_str()));
     let response = send(a, adapter, upstream_req, &upstream_model).await?;
     if !response.status().is_success() {
@@ -186,8 +186,10 @@ struct SseUsage {
 impl SseUsage {
     fn feed(&mut self, bytes: &[u8]) {
         self.partial.extend_from_slice(bytes);
-        let Some(last) = self.partial.iter().rposition(|b| *b == b'\n') else { return };
-        let lines: Vec<u8> = self.partial.drain(..=last).collect();
+        let Some(last) = memchr::memrchr(b'\n', &self.partial) else { return };
+        // The complete lines; the partial last one stays for the next bytes.
+        let rest = self.partial.split_off(last + 1);
+        let lines = std::mem::replace(&mut self.partial, rest);
         for line in lines.split(|b| *b == b'\n') {
             let Some(data) = line.strip_prefix(b"data:") else { continue };
             if data.windows(7).any(|w| w == b"\"usage\"") {
