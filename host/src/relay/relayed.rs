@@ -194,7 +194,9 @@ impl SseUsage {
             let Some(data) = line.strip_prefix(b"data:") else { continue };
             if data.windows(7).any(|w| w == b"\"usage\"") {
                 self.usage_event(data);
-            } else if data.windows(6).any(|w| w == b"_delta") {
+            } else if memchr::memmem::find(data, b"delta\"").is_some() {
+                // Anthropic's `content_block_delta`, the Responses API's
+                // `response.output_text.delta` and argument deltas.
                 self.text_bytes = self.text_bytes.saturating_add(data.len() as u64);
             }
         }
@@ -308,6 +310,11 @@ mod tests {
         let mut cut = SseUsage::default();
         cut.feed(&stream.as_bytes()[..stream.find("event: message_delta").expect("delta")]);
         assert_eq!(cut.output, None, "message_start's output count is a placeholder");
+        let mut responses = SseUsage::default();
+        responses.feed(
+            b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\n",
+        );
+        assert!(responses.text_bytes > 0, "a Responses stream cut before its usage is billed for its text");
         assert!(seen.text_bytes > 0);
     }
 }
