@@ -34,6 +34,13 @@ async fn gateway(extra: &str) -> (MockUpstream, Gateway) {
     (mock, Gateway::start(PLUGINS, &toml))
 }
 
+/// Assert a chat call for `model` is answered with `status`; the body and
+/// the gateway's log say why when it is not.
+async fn expect_status(gw: &Gateway, key: &str, model: &str, status: u16) {
+    let (got, body, _) = call(gw, key, &chat(model)).await;
+    assert_eq!(got, status, "{model}: {body}\n{}", gw.log());
+}
+
 fn chat(model: &str) -> Value {
     json!({"model": model, "max_tokens": 12, "messages": [{"role": "user", "content": "hi"}]})
 }
@@ -420,22 +427,22 @@ async fn users_tokens_and_pricing_through_the_admin_api() {
     assert_eq!((status, err["error"]["param"].as_str()), (400, Some("user_id")), "{err}");
 
     // Pricing: price a model at runtime, refuse bad values, return to the file's table.
-    assert_eq!(call(&gw, &key, &chat("unpriced-model")).await.0, 403);
+    expect_status(&gw, &key, "unpriced-model", 403).await;
     let (_, mut table) = admin(&gw, Method::GET, "/api/pricing", None).await;
     table["models"]["unpriced-model"] = json!({"ratio": 1});
     let (status, _) = admin(&gw, Method::PUT, "/api/pricing", Some(&table)).await;
-    assert_eq!(status, 200);
-    assert_eq!(call(&gw, &key, &chat("unpriced-model")).await.0, 200);
+    assert_eq!(status, 200, "{}", gw.log());
+    expect_status(&gw, &key, "unpriced-model", 200).await;
     table["models"]["unpriced-model"] = json!({"ratio": -1});
     let (status, err) = admin(&gw, Method::PUT, "/api/pricing", Some(&table)).await;
     assert_eq!((status, err["error"]["param"].as_str()), (400, Some("models.unpriced-model")), "{err}");
     admin(&gw, Method::DELETE, "/api/pricing", None).await;
-    assert_eq!(call(&gw, &key, &chat("unpriced-model")).await.0, 403);
+    expect_status(&gw, &key, "unpriced-model", 403).await;
 
     // Deleting a user deletes their tokens; their rows stay.
     let (status, _) = admin(&gw, Method::DELETE, &format!("/api/users/{uid}"), None).await;
-    assert_eq!(status, 200);
-    assert_eq!(call(&gw, &key, &chat("free-model")).await.0, 401);
+    assert_eq!(status, 200, "{}", gw.log());
+    expect_status(&gw, &key, "free-model", 401).await;
     assert_eq!(admin(&gw, Method::GET, &format!("/api/tokens/{tid}"), None).await.0, 404);
     wait_rows(&gw, "type=consume", 1).await;
 }
