@@ -5,6 +5,7 @@
 //! translating the answer back: a JSON body, or the chat stream re-framed
 //! as the protocol's typed SSE events while it flows.
 
+pub mod answer;
 pub mod anthropic;
 pub mod chat_stream;
 pub mod gemini;
@@ -23,10 +24,7 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 
 /// The JSON object of a relayed, non-streamed chat completion.
 pub async fn chat_answer(response: Response) -> Result<Map<String, Value>, ApiError> {
-    let bytes: Bytes = axum::body::to_bytes(response.into_body(), MAX_ANSWER_BYTES).await.map_err(|error| {
-        tracing::warn!(%error, "reading a relayed answer failed");
-        ApiError::internal()
-    })?;
+    let bytes: Bytes = answer::body(response).await?;
     match serde_json::from_slice(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
         _ => Err(ApiError::plugin()),
@@ -53,9 +51,10 @@ pub fn sse_response(body: Body) -> Response {
 }
 
 /// A JSON response with `value`.
-pub fn json_response(value: &Value) -> Response {
+pub fn json_response<T: serde::Serialize + ?Sized>(value: &T) -> Response {
     use axum::http::{HeaderValue, header};
-    let mut response = Response::new(Body::from(value.to_string()));
+    let text = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut response = Response::new(Body::from(text));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
-use crate::ingress::{chat_answer, chat_stream, is_stream, json_response, new_id, sse_response};
+use crate::ingress::{chat_stream, is_stream, json_response, new_id, sse_response};
 
 /// Anthropic's error type for an HTTP status.
 fn error_type(status: u16) -> &'static str {
@@ -61,7 +61,8 @@ pub async fn answer(response: Response, model: String) -> Result<Response, ApiEr
         let events = chat_stream::reframe(response.into_body(), stream::MessagesStream::new(id, model));
         return Ok(sse_response(Body::from_stream(events)));
     }
-    let chat = chat_answer(response).await?;
+    let body = crate::ingress::answer::body(response).await?;
+    let chat = crate::ingress::answer::ChatAnswer::parse(&body)?;
     Ok(json_response(&reply::message(&chat, &model, &id)))
 }
 

@@ -1,7 +1,10 @@
-//! A chat completion as an Anthropic Message.
+//! A chat completion as an Anthropic Message, serialized from typed
+//! structs (no JSON tree on the request's worker).
 
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
+use crate::ingress::answer::ChatAnswer;
 use crate::ingress::usage_numbers;
 
 /// Anthropic's `stop_reason` for a chat `finish_reason`.
@@ -14,56 +17,116 @@ pub fn stop_reason(finish: Option<&str>) -> &'static str {
     }
 }
 
+/// Anthropic's usage object.
+#[derive(Serialize)]
+pub struct Usage {
+    input_tokens: u64,
+    output_tokens: u64,
+    cache_read_input_tokens: u64,
+    cache_creation_input_tokens: u64,
+}
+
 /// Anthropic's usage object for a chat `usage`.
-pub fn usage(usage: Option<&Value>) -> Value {
+pub fn usage(usage: Option<&Value>) -> Usage {
     let (prompt, completion, cached, _) = usage_numbers(usage);
-    json!({"input_tokens": prompt.saturating_sub(cached), "output_tokens": completion,
-           "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0})
+    Usage {
+        input_tokens: prompt.saturating_sub(cached),
+        output_tokens: completion,
+        cache_read_input_tokens: cached,
+        cache_creation_input_tokens: 0,
+    }
 }
 
 /// A tool call's `arguments` (a JSON string) as the `input` object.
 pub fn tool_input(arguments: &str) -> Value {
     match serde_json::from_str::<Value>(arguments) {
         Ok(v @ Value::Object(_)) => v,
-        _ if arguments.trim().is_empty() => json!({}),
-        _ => json!({"_raw_arguments": arguments}),
+        _ if arguments.trim().is_empty() => Value::Object(serde_json::Map::new()),
+        _ => serde_json::json!({"_raw_arguments": arguments}),
     }
 }
 
+/// A content block of a Message.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Block<'a> {
+    /// Reasoning.
+    Thinking {
+        /// The reasoning text.
+        thinking: &'a str,
+        /// Anthropic's signature (none from other providers).
+        signature: &'static str,
+    },
+    /// Text.
+    Text {
+        /// The text.
+        text: &'a str,
+    },
+    /// A tool call.
+    ToolUse {
+        /// The call's id.
+        id: &'a str,
+        /// The tool's name.
+        name: &'a str,
+        /// The arguments.
+        input: Value,
+    },
+}
+
+/// An Anthropic Message.
+#[derive(Serialize)]
+pub struct Message<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    role: &'static str,
+    model: &'a str,
+    content: Vec<Block<'a>>,
+    stop_reason: &'static str,
+    stop_sequence: Option<&'a str>,
+    usage: Usage,
+}
+
 /// The Message for chat completion `chat`, answering for `model`.
-pub fn message(chat: &Map<String, Value>, model: &str, id: &str) -> Value {
-    let choice = &chat.get("choices").and_then(|c| c.get(0)).cloned().unwrap_or(Value::Null);
-    let msg = &choice["message"];
-    let mut content = Vec::new();
-    if let Some(reasoning) = msg["reasoning_content"].as_str().filter(|r| !r.is_empty()) {
-        content.push(json!({"type": "thinking", "thinking": reasoning, "signature": ""}));
+pub fn message<'a>(chat: &'a ChatAnswer<'a>, model: &'a str, id: &'a str) -> Message<'a> {
+    let (text, reasoning, calls, finish) = chat.message();
+    let mut content = Vec::with_capacity(1 + calls.len());
+    if !reasoning.is_empty() {
+        content.push(Block::Thinking { thinking: reasoning, signature: "" });
     }
-    if let Some(text) = msg["content"].as_str().filter(|t| !t.is_empty()) {
-        content.push(json!({"type": "text", "text": text}));
+    if !text.is_empty() {
+        content.push(Block::Text { text });
     }
-    for call in msg["tool_calls"].as_array().into_iter().flatten() {
-        let arguments = call["function"]["arguments"].as_str().unwrap_or("");
-        content.push(json!({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
-                            "input": tool_input(arguments)}));
+    for call in calls {
+        let (id, name, arguments) = call.parts();
+        content.push(Block::ToolUse { id, name, input: tool_input(arguments) });
     }
-    json!({
-        "id": id, "type": "message", "role": "assistant", "model": model, "content": content,
-        "stop_reason": stop_reason(choice["finish_reason"].as_str()), "stop_sequence": null,
-        "usage": usage(chat.get("usage")),
-    })
+    Message {
+        id,
+        kind: "message",
+        role: "assistant",
+        model,
+        content,
+        stop_reason: stop_reason(finish),
+        stop_sequence: None,
+        usage: usage(chat.usage.as_ref()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn text_and_tool_calls_become_blocks() {
         let chat = json!({"choices": [{"message": {"role": "assistant", "content": "hi",
             "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]},
             "finish_reason": "tool_calls"}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4}}});
-        let m = message(chat.as_object().expect("o"), "claude-x", "msg_1");
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4}}})
+        .to_string();
+        let chat = ChatAnswer::parse(chat.as_bytes()).expect("an answer");
+        let m = serde_json::to_value(message(&chat, "claude-x", "msg_1")).expect("json");
         assert_eq!(m["content"][0], json!({"type": "text", "text": "hi"}));
         assert_eq!(m["content"][1]["input"], json!({"a": 1}));
         assert_eq!(m["stop_reason"], "tool_use");

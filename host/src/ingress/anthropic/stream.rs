@@ -5,10 +5,10 @@
 
 use bytes::BytesMut;
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::error_body;
-use super::reply::{stop_reason, usage};
+use super::reply::{self, stop_reason, usage};
 use crate::ingress::chat_stream::{ChatChunk, Translator, non_empty, write_event};
 
 /// What kind of content block is open.
@@ -27,6 +27,76 @@ struct BlockDelta<'a, D> {
     kind: &'static str,
     index: u64,
     delta: &'a D,
+}
+
+/// An event that is only its type (`ping`, `message_stop`).
+#[derive(Serialize)]
+struct Bare {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+/// `content_block_start`.
+#[derive(Serialize)]
+struct BlockStart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: u64,
+    content_block: reply::Block<'a>,
+}
+
+/// `content_block_stop`.
+#[derive(Serialize)]
+struct BlockStop {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: u64,
+}
+
+/// `message_start`'s message: empty, with zero usage.
+#[derive(Serialize)]
+struct StartMessage<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    role: &'static str,
+    model: &'a str,
+    content: [u8; 0],
+    stop_reason: Option<&'static str>,
+    stop_sequence: Option<&'static str>,
+    usage: reply::Usage,
+}
+
+/// `message_start`.
+#[derive(Serialize)]
+struct MessageStart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: StartMessage<'a>,
+}
+
+/// `message_delta`: the stop reason and the usage.
+#[derive(Serialize)]
+struct MessageDelta {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    delta: StopDelta,
+    usage: reply::Usage,
+}
+
+/// `message_delta.delta`.
+#[derive(Serialize)]
+struct StopDelta {
+    stop_reason: &'static str,
+    stop_sequence: Option<&'static str>,
+}
+
+/// An `input_json_delta`.
+#[derive(Serialize)]
+struct JsonDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    partial_json: &'a str,
 }
 
 /// A text or thinking delta.
@@ -63,22 +133,30 @@ impl MessagesStream {
             return;
         }
         self.started = true;
-        let message = json!({"id": self.id, "type": "message", "role": "assistant", "model": self.model,
-            "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": 0, "output_tokens": 0}});
-        write_event(out, Some("message_start"), &json!({"type": "message_start", "message": message}));
-        write_event(out, Some("ping"), &json!({"type": "ping"}));
+        let message = StartMessage {
+            id: &self.id,
+            kind: "message",
+            role: "assistant",
+            model: &self.model,
+            content: [],
+            stop_reason: None,
+            stop_sequence: None,
+            usage: usage(None),
+        };
+        write_event(out, Some("message_start"), &MessageStart { kind: "message_start", message });
+        write_event(out, Some("ping"), &Bare { kind: "ping" });
     }
 
     fn close(&mut self, out: &mut BytesMut) {
         if self.open.take().is_some() {
             let index = self.next_index - 1;
-            write_event(out, Some("content_block_stop"), &json!({"type": "content_block_stop", "index": index}));
+            write_event(out, Some("content_block_stop"), &BlockStop { kind: "content_block_stop", index });
         }
     }
 
-    /// Make `block` the open block (closing another), starting it with `start`.
-    fn open(&mut self, block: Block, start: Value, out: &mut BytesMut) -> u64 {
+    /// Make `block` the open block (closing another), starting it with
+    /// the content block `start` makes.
+    fn open<'a>(&mut self, block: Block, start: impl FnOnce() -> reply::Block<'a>, out: &mut BytesMut) -> u64 {
         if self.open.as_ref() == Some(&block) {
             return self.next_index - 1;
         }
@@ -86,11 +164,8 @@ impl MessagesStream {
         let index = self.next_index;
         self.next_index += 1;
         self.open = Some(block);
-        write_event(
-            out,
-            Some("content_block_start"),
-            &json!({"type": "content_block_start", "index": index, "content_block": start}),
-        );
+        let start = BlockStart { kind: "content_block_start", index, content_block: start() };
+        write_event(out, Some("content_block_start"), &start);
         index
     }
 
@@ -108,19 +183,23 @@ impl Translator for MessagesStream {
         let Some(choice) = chunk.first() else { return };
         let delta = &choice.delta;
         if let Some(thinking) = non_empty(&delta.reasoning_content) {
-            let index = self.open(Block::Thinking, json!({"type": "thinking", "thinking": "", "signature": ""}), out);
+            let start = || reply::Block::Thinking { thinking: "", signature: "" };
+            let index = self.open(Block::Thinking, start, out);
             Self::delta(out, index, &TextDelta { kind: "thinking_delta", text: None, thinking: Some(thinking) });
         }
         if let Some(text) = non_empty(&delta.content) {
-            let index = self.open(Block::Text, json!({"type": "text", "text": ""}), out);
+            let index = self.open(Block::Text, || reply::Block::Text { text: "" }, out);
             Self::delta(out, index, &TextDelta { kind: "text_delta", text: Some(text), thinking: None });
         }
         for call in &delta.tool_calls {
-            let start = json!({"type": "tool_use", "id": call.id.as_deref().unwrap_or_default(),
-                "name": call.function.name.as_deref().unwrap_or_default(), "input": {}});
+            let start = || reply::Block::ToolUse {
+                id: call.id.as_deref().unwrap_or_default(),
+                name: call.function.name.as_deref().unwrap_or_default(),
+                input: Value::Object(serde_json::Map::new()),
+            };
             let index = self.open(Block::Tool(call.index), start, out);
             if let Some(args) = non_empty(&call.function.arguments) {
-                Self::delta(out, index, &json!({"type": "input_json_delta", "partial_json": args}));
+                Self::delta(out, index, &JsonDelta { kind: "input_json_delta", partial_json: args });
             }
         }
         if let Some(reason) = &choice.finish_reason {
@@ -142,19 +221,17 @@ impl Translator for MessagesStream {
     fn finish(&mut self, out: &mut BytesMut) {
         self.start(out);
         self.close(out);
-        let delta = json!({"stop_reason": stop_reason(self.finish.as_deref()), "stop_sequence": null});
-        write_event(
-            out,
-            Some("message_delta"),
-            &json!({"type": "message_delta", "delta": delta, "usage": usage(self.usage.as_ref())}),
-        );
-        write_event(out, Some("message_stop"), &json!({"type": "message_stop"}));
+        let delta = StopDelta { stop_reason: stop_reason(self.finish.as_deref()), stop_sequence: None };
+        let event = MessageDelta { kind: "message_delta", delta, usage: usage(self.usage.as_ref()) };
+        write_event(out, Some("message_delta"), &event);
+        write_event(out, Some("message_stop"), &Bare { kind: "message_stop" });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn events(chunks: &[Value]) -> Vec<String> {
         let mut t = MessagesStream::new("msg_1".into(), "m".into());

@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 
 use crate::billing::Caller;
 use crate::error::ApiError;
-use crate::ingress::{chat_answer, chat_stream, is_stream, json_response, sse_response};
+use crate::ingress::answer::ChatAnswer;
+use crate::ingress::{chat_stream, is_stream, json_response, sse_response};
 use crate::plugins::Endpoint;
 use crate::relay::{ClientRequest, relay};
 use crate::state::AppState;
@@ -95,21 +96,20 @@ pub async fn create(state: &AppState, caller: &Caller, request_id: &str, raw: By
         let events = chat_stream::reframe(response.into_body(), stream::ResponsesStream::new(frame, on_complete));
         return Ok(sse_response(Body::from_stream(events)));
     }
-    let chat = chat_answer(response).await?;
-    let choice = chat.get("choices").and_then(|c| c.get(0)).cloned().unwrap_or(Value::Null);
-    let output = reply::output_items(&choice["message"]);
-    let status = Status::of_finish(choice["finish_reason"].as_str());
-    let object = frame.response(status, &output, chat.get("usage"));
+    let body = crate::ingress::answer::body(response).await?;
+    let chat = ChatAnswer::parse(&body)?;
+    let mut ids = Vec::new();
+    let output = reply::output_items(&chat, &mut ids);
+    let (text, _, calls, finish) = chat.message();
+    let object = frame.response(Status::of_finish(finish), &output, chat.usage.as_ref());
+    let answer = json_response(&object);
     if let Some(k) = keep {
-        let message = &choice["message"];
-        let mut assistant = json!({"role": "assistant", "content": message["content"]});
-        if let Some(calls) = message.get("tool_calls").filter(|c| c.is_array()) {
-            assistant["tool_calls"] = calls.clone();
-        }
-        let object = object.clone();
+        let calls: Vec<(&str, &str, &str)> = calls.iter().map(|c| c.parts()).collect();
+        let assistant = reply::assistant_message(text, &calls);
+        let object = serde_json::to_value(&object).map_err(|_| ApiError::internal())?;
         let _ = tokio::task::spawn_blocking(move || k.keep(object, assistant, true)).await;
     }
-    Ok(json_response(&object))
+    Ok(answer)
 }
 
 /// What is needed to store a response once it is complete.

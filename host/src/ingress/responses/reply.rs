@@ -1,7 +1,11 @@
 //! The `response` object of the Responses API, built from a chat answer.
 
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
+use crate::ingress::answer::ChatAnswer;
 use crate::ingress::{new_id, usage_numbers};
 
 /// Request parameters a `response` object echoes back.
@@ -22,7 +26,7 @@ const ECHOED: &[&str] = &[
 ];
 
 /// The fixed part of a response: its id, creation time, model and the
-/// echoed request parameters.
+/// echoed request parameters (each serialized once, when it is made).
 #[derive(Clone)]
 pub struct Frame {
     /// `resp_…`.
@@ -31,47 +35,96 @@ pub struct Frame {
     pub created_at: u64,
     /// The requested model.
     pub model: String,
-    echoed: Map<String, Value>,
+    echoed: Vec<(&'static str, Box<RawValue>)>,
+}
+
+/// What an absent echoed parameter reads as.
+fn echo_default(key: &str) -> &'static str {
+    match key {
+        "store" | "parallel_tool_calls" => "true",
+        "tools" => "[]",
+        "tool_choice" => "\"auto\"",
+        "metadata" => "{}",
+        "text" => r#"{"format":{"type":"text"}}"#,
+        _ => "null",
+    }
 }
 
 impl Frame {
     /// The frame of a response to `request`.
     pub fn new(request: &Map<String, Value>, model: &str, created_at: u64) -> Self {
-        let mut echoed = Map::new();
-        for key in ECHOED {
-            echoed.insert((*key).to_string(), request.get(*key).cloned().unwrap_or(Value::Null));
-        }
-        for (key, default) in [
-            ("store", json!(true)),
-            ("parallel_tool_calls", json!(true)),
-            ("tools", json!([])),
-            ("tool_choice", json!("auto")),
-            ("metadata", json!({})),
-            ("text", json!({"format": {"type": "text"}})),
-        ] {
-            if echoed[key].is_null() {
-                echoed.insert(key.into(), default);
-            }
-        }
+        let echoed = ECHOED
+            .iter()
+            .map(|key| {
+                let raw = match request.get(*key).filter(|v| !v.is_null()) {
+                    Some(v) => serde_json::value::to_raw_value(v).ok(),
+                    None => None,
+                };
+                let raw = raw.or_else(|| RawValue::from_string(echo_default(key).to_string()).ok());
+                (*key, raw.unwrap_or_else(|| RawValue::NULL.to_owned()))
+            })
+            .collect();
         Self { id: new_id("resp_"), created_at, model: model.to_string(), echoed }
     }
 
     /// The `response` object in `status` with `output` and chat `usage`.
-    pub fn response(&self, status: Status, output: &[Value], usage: Option<&Value>) -> Value {
-        let mut r = json!({
-            "id": self.id, "object": "response", "created_at": self.created_at, "status": status.name(),
-            "error": null, "incomplete_details": null, "model": self.model, "output": output,
-            "truncation": "disabled", "usage": usage.map(usage_object),
-        });
-        if let Status::Incomplete(reason) = status {
-            r["incomplete_details"] = json!({"reason": reason});
+    pub fn response<'a>(
+        &'a self,
+        status: Status<'a>,
+        output: &'a [OutputItem<'a>],
+        usage: Option<&Value>,
+    ) -> ResponseObject<'a> {
+        ResponseObject { frame: self, status, output, usage: usage.map(usage_object) }
+    }
+}
+
+/// A `response` object, serialized straight from its parts.
+pub struct ResponseObject<'a> {
+    frame: &'a Frame,
+    status: Status<'a>,
+    output: &'a [OutputItem<'a>],
+    usage: Option<Usage>,
+}
+
+/// `response.error` of a failed response.
+#[derive(Serialize)]
+struct ErrorObject<'a> {
+    code: &'static str,
+    message: &'a str,
+}
+
+/// `response.incomplete_details`.
+#[derive(Serialize)]
+struct Incomplete {
+    reason: &'static str,
+}
+
+impl Serialize for ResponseObject<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let f = self.frame;
+        let mut map = serializer.serialize_map(Some(10 + f.echoed.len()))?;
+        map.serialize_entry("id", &f.id)?;
+        map.serialize_entry("object", "response")?;
+        map.serialize_entry("created_at", &f.created_at)?;
+        map.serialize_entry("status", self.status.name())?;
+        let error = match self.status {
+            Status::Failed(message) => Some(ErrorObject { code: "server_error", message }),
+            _ => None,
+        };
+        map.serialize_entry("error", &error)?;
+        let incomplete = match self.status {
+            Status::Incomplete(reason) => Some(Incomplete { reason }),
+            _ => None,
+        };
+        map.serialize_entry("incomplete_details", &incomplete)?;
+        map.serialize_entry("model", &f.model)?;
+        map.serialize_entry("output", self.output)?;
+        map.serialize_entry("truncation", "disabled")?;
+        map.serialize_entry("usage", &self.usage)?;
+        for (key, value) in &f.echoed {
+            map.serialize_entry(key, value)?;
         }
-        if let Status::Failed(message) = status {
-            r["error"] = json!({"code": "server_error", "message": message});
-        }
-        let map = r.as_object_mut().expect("object");
-        map.extend(self.echoed.clone());
-        r
+        map.end()
     }
 }
 
@@ -108,50 +161,127 @@ impl Status<'_> {
     }
 }
 
+/// The Responses API's usage object.
+#[derive(Serialize)]
+pub struct Usage {
+    input_tokens: u64,
+    input_tokens_details: CachedTokens,
+    output_tokens: u64,
+    output_tokens_details: ReasoningTokens,
+    total_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct CachedTokens {
+    cached_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct ReasoningTokens {
+    reasoning_tokens: u64,
+}
+
 /// The Responses API's usage object for a chat `usage`.
-pub fn usage_object(usage: &Value) -> Value {
+pub fn usage_object(usage: &Value) -> Usage {
     let (prompt, completion, cached, reasoning) = usage_numbers(Some(usage));
-    json!({"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
-           "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
-           "total_tokens": prompt.saturating_add(completion)})
+    Usage {
+        input_tokens: prompt,
+        input_tokens_details: CachedTokens { cached_tokens: cached },
+        output_tokens: completion,
+        output_tokens_details: ReasoningTokens { reasoning_tokens: reasoning },
+        total_tokens: prompt.saturating_add(completion),
+    }
+}
+
+/// An output item.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OutputItem<'a> {
+    /// The assistant's text.
+    Message {
+        /// `msg_…`.
+        id: &'a str,
+        /// `in_progress` or `completed`.
+        status: &'static str,
+        /// Always `assistant`.
+        role: &'static str,
+        /// The text part (none while an empty message streams in).
+        content: Vec<OutputText<'a>>,
+    },
+    /// A function call.
+    FunctionCall {
+        /// `fc_…`.
+        id: &'a str,
+        /// The id the client answers with `function_call_output`.
+        call_id: &'a str,
+        /// The function's name.
+        name: &'a str,
+        /// The arguments, a JSON text.
+        arguments: &'a str,
+        /// `in_progress` or `completed`.
+        status: &'static str,
+    },
+}
+
+/// An `output_text` content part.
+#[derive(Serialize)]
+pub struct OutputText<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+    annotations: [u8; 0],
+}
+
+impl<'a> OutputText<'a> {
+    /// A part with `text`.
+    pub fn new(text: &'a str) -> Self {
+        Self { kind: "output_text", text, annotations: [] }
+    }
 }
 
 /// An assistant message output item.
-pub fn message_item(id: &str, text: &str, status: &str) -> Value {
-    let content = if status == "in_progress" && text.is_empty() {
-        json!([])
-    } else {
-        json!([{"type": "output_text", "text": text, "annotations": []}])
-    };
-    json!({"type": "message", "id": id, "status": status, "role": "assistant", "content": content})
+pub fn message_item<'a>(id: &'a str, text: &'a str, status: &'static str) -> OutputItem<'a> {
+    let content = if status == "in_progress" && text.is_empty() { Vec::new() } else { vec![OutputText::new(text)] };
+    OutputItem::Message { id, status, role: "assistant", content }
 }
 
 /// A function call output item.
-pub fn call_item(id: &str, call_id: &str, name: &str, arguments: &str, status: &str) -> Value {
-    json!({"type": "function_call", "id": id, "call_id": call_id, "name": name, "arguments": arguments, "status": status})
+pub fn call_item<'a>(
+    id: &'a str,
+    call_id: &'a str,
+    name: &'a str,
+    arguments: &'a str,
+    status: &'static str,
+) -> OutputItem<'a> {
+    OutputItem::FunctionCall { id, call_id, name, arguments, status }
 }
 
-/// The output items of a chat answer's message.
-pub fn output_items(message: &Value) -> Vec<Value> {
-    let mut items = Vec::new();
-    if let Some(text) = message["content"].as_str().filter(|t| !t.is_empty()) {
-        items.push(message_item(&new_id("msg_"), text, "completed"));
+/// The output items of a chat answer (`ids` holds their ids: made here,
+/// borrowed by the items).
+pub fn output_items<'a>(chat: &'a ChatAnswer<'a>, ids: &'a mut Vec<String>) -> Vec<OutputItem<'a>> {
+    let (text, _, calls, _) = chat.message();
+    ids.clear();
+    if !text.is_empty() {
+        ids.push(new_id("msg_"));
     }
-    for call in message["tool_calls"].as_array().into_iter().flatten() {
-        let f = &call["function"];
-        items.push(call_item(
-            &new_id("fc_"),
-            call["id"].as_str().unwrap_or_default(),
-            f["name"].as_str().unwrap_or_default(),
-            f["arguments"].as_str().unwrap_or_default(),
-            "completed",
-        ));
+    ids.extend(calls.iter().map(|_| new_id("fc_")));
+    let ids: &'a [String] = ids;
+    let mut ids = ids.iter();
+    let mut items = Vec::with_capacity(1 + calls.len());
+    if !text.is_empty()
+        && let Some(id) = ids.next()
+    {
+        items.push(message_item(id, text, "completed"));
+    }
+    for (call, id) in calls.iter().zip(ids) {
+        let (call_id, name, arguments) = call.parts();
+        items.push(call_item(id, call_id, name, arguments, "completed"));
     }
     items
 }
 
 /// The assistant's turn as a chat message (what a continuation replays).
-pub fn assistant_message(text: &str, calls: &[(String, String, String)]) -> Value {
+pub fn assistant_message(text: &str, calls: &[(&str, &str, &str)]) -> Value {
     let mut m = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { Value::from(text) }});
     if !calls.is_empty() {
         let calls: Vec<Value> = calls

@@ -6,24 +6,75 @@
 //! `response.completed` / `response.incomplete` / `response.failed`.
 
 use bytes::BytesMut;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
-use super::reply::{Frame, Status, assistant_message, call_item, message_item};
+use super::reply::{Frame, OutputItem, OutputText, Status, assistant_message, call_item, message_item};
 use crate::ingress::chat_stream::{ChatChunk, ToolCallDelta, Translator, non_empty, write_event};
 use crate::ingress::new_id;
 
-/// `response.output_text.delta`, the most frequent event, serialized
-/// without building a JSON tree.
-#[derive(serde::Serialize)]
-struct TextDeltaEvent<'a> {
+/// An event: its type and sequence number, then its own fields —
+/// serialized straight from typed parts (no JSON tree per event).
+#[derive(Serialize)]
+struct Event<'a, T> {
     #[serde(rename = "type")]
-    kind: &'static str,
+    kind: &'a str,
     sequence_number: u64,
+    #[serde(flatten)]
+    data: T,
+}
+
+/// `response.created` / `.in_progress` / `.completed` / …
+#[derive(Serialize)]
+struct ResponseEvent<'a> {
+    response: super::reply::ResponseObject<'a>,
+}
+
+/// `response.output_item.added` / `.done`.
+#[derive(Serialize)]
+struct ItemEvent<'a> {
+    output_index: usize,
+    item: OutputItem<'a>,
+}
+
+/// `response.content_part.added` / `.done`.
+#[derive(Serialize)]
+struct PartEvent<'a> {
     item_id: &'a str,
     output_index: usize,
     content_index: u32,
-    delta: &'a str,
+    part: OutputText<'a>,
+}
+
+/// `response.output_text.delta` (`delta`) and `.done` (`text`).
+#[derive(Serialize)]
+struct TextEvent<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
     logprobs: [u8; 0],
+}
+
+/// `response.function_call_arguments.delta` (`delta`) and `.done`
+/// (`arguments`).
+#[derive(Serialize)]
+struct ArgumentsEvent<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    arguments: Option<&'a str>,
+}
+
+/// Write event `kind` with `data`, numbered from `sequence`.
+fn emit<T: Serialize>(sequence: &mut u64, out: &mut BytesMut, kind: &str, data: T) {
+    write_event(out, Some(kind), &Event { kind, sequence_number: *sequence, data });
+    *sequence += 1;
 }
 
 /// One output item as it streams.
@@ -33,7 +84,7 @@ enum Item {
 }
 
 impl Item {
-    fn value(&self, status: &str) -> Value {
+    fn output(&self, status: &'static str) -> OutputItem<'_> {
         match self {
             Item::Text { id, text } => message_item(id, text, status),
             Item::Call { id, call_id, name, arguments, .. } => call_item(id, call_id, name, arguments, status),
@@ -75,20 +126,14 @@ impl ResponsesStream {
         }
     }
 
-    fn emit(&mut self, out: &mut BytesMut, kind: &str, mut data: Value) {
-        data["type"] = kind.into();
-        data["sequence_number"] = self.sequence.into();
-        self.sequence += 1;
-        write_event(out, Some(kind), &data);
-    }
-
     fn start(&mut self, out: &mut BytesMut) {
         if std::mem::replace(&mut self.started, true) {
             return;
         }
-        let response = self.frame.response(Status::InProgress, &[], None);
-        self.emit(out, "response.created", json!({"response": response}));
-        self.emit(out, "response.in_progress", json!({"response": response}));
+        for kind in ["response.created", "response.in_progress"] {
+            let response = self.frame.response(Status::InProgress, &[], None);
+            emit(&mut self.sequence, out, kind, ResponseEvent { response });
+        }
     }
 
     /// Close the open item with its `.done` events.
@@ -96,43 +141,37 @@ impl ResponsesStream {
         if !std::mem::replace(&mut self.open, false) {
             return;
         }
-        let index = self.items.len() - 1;
-        let item = &self.items[index];
-        let done = item.value("completed");
+        let output_index = self.items.len() - 1;
+        let item = &self.items[output_index];
+        let seq = &mut self.sequence;
         match item {
             Item::Text { id, text } => {
-                let (id, text) = (id.clone(), text.clone());
-                let part = json!({"type": "output_text", "text": text, "annotations": []});
-                let at = json!({"item_id": id, "output_index": index, "content_index": 0});
-                self.emit(out, "response.output_text.done", merge(&at, json!({"text": text, "logprobs": []})));
-                self.emit(out, "response.content_part.done", merge(&at, json!({"part": part})));
+                let (item_id, text) = (id.as_str(), text.as_str());
+                let done =
+                    TextEvent { item_id, output_index, content_index: 0, delta: None, text: Some(text), logprobs: [] };
+                emit(seq, out, "response.output_text.done", done);
+                let part = PartEvent { item_id, output_index, content_index: 0, part: OutputText::new(text) };
+                emit(seq, out, "response.content_part.done", part);
             }
             Item::Call { id, arguments, .. } => {
-                let data = json!({"item_id": id, "output_index": index, "arguments": arguments});
-                self.emit(out, "response.function_call_arguments.done", data);
+                let done = ArgumentsEvent { item_id: id, output_index, delta: None, arguments: Some(arguments) };
+                emit(seq, out, "response.function_call_arguments.done", done);
             }
         }
-        self.emit(out, "response.output_item.done", json!({"output_index": index, "item": done}));
+        emit(seq, out, "response.output_item.done", ItemEvent { output_index, item: item.output("completed") });
     }
 
     fn add(&mut self, out: &mut BytesMut, item: Item) {
         self.close(out);
-        let index = self.items.len();
-        let added = item.value("in_progress");
-        let text_id = match &item {
-            Item::Text { id, .. } => Some(id.clone()),
-            Item::Call { .. } => None,
-        };
+        let output_index = self.items.len();
         self.items.push(item);
         self.open = true;
-        self.emit(out, "response.output_item.added", json!({"output_index": index, "item": added}));
-        if let Some(id) = text_id {
-            let part = json!({"type": "output_text", "text": "", "annotations": []});
-            self.emit(
-                out,
-                "response.content_part.added",
-                json!({"item_id": id, "output_index": index, "content_index": 0, "part": part}),
-            );
+        let item = &self.items[output_index];
+        let seq = &mut self.sequence;
+        emit(seq, out, "response.output_item.added", ItemEvent { output_index, item: item.output("in_progress") });
+        if let Item::Text { id, .. } = item {
+            let part = PartEvent { item_id: id, output_index, content_index: 0, part: OutputText::new("") };
+            emit(seq, out, "response.content_part.added", part);
         }
     }
 
@@ -140,20 +179,12 @@ impl ResponsesStream {
         if !(self.open && matches!(self.items.last(), Some(Item::Text { .. }))) {
             self.add(out, Item::Text { id: new_id("msg_"), text: String::new() });
         }
-        let index = self.items.len() - 1;
+        let output_index = self.items.len() - 1;
         let Some(Item::Text { id, text }) = self.items.last_mut() else { return };
         text.push_str(delta);
-        let event = TextDeltaEvent {
-            kind: "response.output_text.delta",
-            sequence_number: self.sequence,
-            item_id: id,
-            output_index: index,
-            content_index: 0,
-            delta,
-            logprobs: [],
-        };
-        write_event(out, Some(event.kind), &event);
-        self.sequence += 1;
+        let event =
+            TextEvent { item_id: id, output_index, content_index: 0, delta: Some(delta), text: None, logprobs: [] };
+        emit(&mut self.sequence, out, "response.output_text.delta", event);
     }
 
     fn call(&mut self, out: &mut BytesMut, call: &ToolCallDelta<'_>) {
@@ -170,24 +201,22 @@ impl ResponsesStream {
             self.add(out, item);
         }
         let Some(delta) = non_empty(&call.function.arguments) else { return };
-        let index = self.items.len() - 1;
+        let output_index = self.items.len() - 1;
         let Some(Item::Call { id, arguments, .. }) = self.items.last_mut() else { return };
         arguments.push_str(delta);
-        let data = json!({"item_id": id, "output_index": index, "delta": delta});
-        self.emit(out, "response.function_call_arguments.delta", data);
+        let event = ArgumentsEvent { item_id: id, output_index, delta: Some(delta), arguments: None };
+        emit(&mut self.sequence, out, "response.function_call_arguments.delta", event);
     }
 
-    fn output(&self) -> Vec<Value> {
-        self.items.iter().map(|i| i.value("completed")).collect()
+    /// Write the final `kind` event of the response in `status`; returns
+    /// the response as JSON when it is to be stored.
+    fn end(&mut self, out: &mut BytesMut, kind: &str, status: Status<'_>, keep: bool) -> Option<Value> {
+        let output: Vec<OutputItem<'_>> = self.items.iter().map(|i| i.output("completed")).collect();
+        let response = self.frame.response(status, &output, self.usage.as_ref());
+        let stored = (keep && self.on_complete.is_some()).then(|| serde_json::to_value(&response).ok()).flatten();
+        emit(&mut self.sequence, out, kind, ResponseEvent { response });
+        stored
     }
-}
-
-fn merge(base: &Value, extra: Value) -> Value {
-    let mut v = base.clone();
-    if let (Some(m), Value::Object(e)) = (v.as_object_mut(), extra) {
-        m.extend(e);
-    }
-    v
 }
 
 impl Translator for ResponsesStream {
@@ -212,18 +241,16 @@ impl Translator for ResponsesStream {
         self.start(out);
         self.close(out);
         let message = error["message"].as_str().unwrap_or("The upstream stream failed.");
-        let response = self.frame.response(Status::Failed(message), &self.output(), self.usage.as_ref());
-        self.emit(out, "response.failed", json!({"response": response}));
+        self.end(out, "response.failed", Status::Failed(message), false);
     }
 
     fn finish(&mut self, out: &mut BytesMut) {
         self.start(out);
         self.close(out);
         let status = Status::of_finish(self.finish.as_deref());
-        let response = self.frame.response(status, &self.output(), self.usage.as_ref());
         let kind = if matches!(status, Status::Completed) { "response.completed" } else { "response.incomplete" };
-        self.emit(out, kind, json!({"response": response}));
-        if let Some(store) = self.on_complete.take() {
+        let stored = self.end(out, kind, status, true);
+        if let (Some(store), Some(response)) = (self.on_complete.take(), stored) {
             let text: String = self
                 .items
                 .iter()
@@ -232,12 +259,12 @@ impl Translator for ResponsesStream {
                     _ => None,
                 })
                 .collect();
-            let calls: Vec<(String, String, String)> = self
+            let calls: Vec<(&str, &str, &str)> = self
                 .items
                 .iter()
                 .filter_map(|i| match i {
                     Item::Call { call_id, name, arguments, .. } => {
-                        Some((call_id.clone(), name.clone(), arguments.clone()))
+                        Some((call_id.as_str(), name.as_str(), arguments.as_str()))
                     }
                     Item::Text { .. } => None,
                 })
@@ -255,6 +282,7 @@ impl Translator for ResponsesStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn text_and_call_events_are_numbered_and_closed() {

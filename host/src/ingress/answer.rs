@@ -1,0 +1,135 @@
+//! What the translators read of a relayed, non-streamed chat completion,
+//! borrowed from its body where the JSON allows: one typed pass, no JSON
+//! tree (the answer is translated on the request's worker).
+
+use std::borrow::Cow;
+
+use axum::response::Response;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// A chat completion answer.
+#[derive(Debug, Default, Deserialize)]
+pub struct ChatAnswer<'a> {
+    /// The choices; translators read the first.
+    #[serde(default, borrow)]
+    pub choices: Option<Vec<AnswerChoice<'a>>>,
+    /// The usage the upstream reported.
+    #[serde(default)]
+    pub usage: Option<Value>,
+}
+
+/// One choice of an answer.
+#[derive(Debug, Default, Deserialize)]
+pub struct AnswerChoice<'a> {
+    /// The assistant's message.
+    #[serde(default, borrow)]
+    pub message: Option<AnswerMessage<'a>>,
+    /// Why the choice ended.
+    #[serde(default, borrow)]
+    pub finish_reason: Option<Cow<'a, str>>,
+}
+
+/// The assistant's message of a choice.
+#[derive(Debug, Default, Deserialize)]
+pub struct AnswerMessage<'a> {
+    /// Text.
+    #[serde(default, borrow)]
+    pub content: Option<Cow<'a, str>>,
+    /// Reasoning text (DeepSeek-style `reasoning_content`).
+    #[serde(default, borrow)]
+    pub reasoning_content: Option<Cow<'a, str>>,
+    /// Tool calls.
+    #[serde(default, borrow)]
+    pub tool_calls: Option<Vec<ToolCall<'a>>>,
+}
+
+/// One tool call of a message.
+#[derive(Debug, Default, PartialEq, Deserialize)]
+pub struct ToolCall<'a> {
+    /// The call's id.
+    #[serde(default, borrow)]
+    pub id: Option<Cow<'a, str>>,
+    /// Name and arguments.
+    #[serde(default, borrow)]
+    pub function: Option<FunctionCall<'a>>,
+}
+
+/// A tool call's function part.
+#[derive(Debug, Default, PartialEq, Deserialize)]
+pub struct FunctionCall<'a> {
+    /// The function's name.
+    #[serde(default, borrow)]
+    pub name: Option<Cow<'a, str>>,
+    /// The arguments, a JSON text.
+    #[serde(default, borrow)]
+    pub arguments: Option<Cow<'a, str>>,
+}
+
+impl ToolCall<'_> {
+    /// (id, name, arguments), empty where absent.
+    pub fn parts(&self) -> (&str, &str, &str) {
+        let f = self.function.as_ref();
+        (
+            self.id.as_deref().unwrap_or_default(),
+            f.and_then(|f| f.name.as_deref()).unwrap_or_default(),
+            f.and_then(|f| f.arguments.as_deref()).unwrap_or_default(),
+        )
+    }
+}
+
+impl<'a> ChatAnswer<'a> {
+    /// Parse a relayed answer's `body`; anything but a chat completion
+    /// object is the adapter's fault.
+    pub fn parse(body: &'a [u8]) -> Result<Self, ApiError> {
+        serde_json::from_slice(body).map_err(|error| {
+            tracing::warn!(%error, "a relayed answer is not a chat completion");
+            ApiError::plugin()
+        })
+    }
+
+    /// The first choice (an empty one when there is none).
+    pub fn first(&self) -> Option<&AnswerChoice<'a>> {
+        self.choices.as_ref().and_then(|c| c.first())
+    }
+
+    /// The first choice's message text, reasoning, tool calls and finish reason.
+    pub fn message(&self) -> (&str, &str, &[ToolCall<'a>], Option<&str>) {
+        let choice = self.first();
+        let message = choice.and_then(|c| c.message.as_ref());
+        (
+            message.and_then(|m| m.content.as_deref()).unwrap_or_default(),
+            message.and_then(|m| m.reasoning_content.as_deref()).unwrap_or_default(),
+            message.and_then(|m| m.tool_calls.as_deref()).unwrap_or_default(),
+            choice.and_then(|c| c.finish_reason.as_deref()),
+        )
+    }
+}
+
+/// The body of a relayed, non-streamed answer.
+pub async fn body(response: Response) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(response.into_body(), super::MAX_ANSWER_BYTES).await.map_err(|error| {
+        tracing::warn!(%error, "reading a relayed answer failed");
+        ApiError::internal()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nulls_and_missing_parts_read_as_empty() {
+        let body = br#"{"choices":[{"message":{"content":null,"tool_calls":null},"finish_reason":null}],"usage":null}"#;
+        let answer = ChatAnswer::parse(body).expect("parses");
+        assert_eq!(answer.message(), ("", "", &[][..], None));
+        let body = br#"{"choices":[{"message":{"content":"hi","tool_calls":[{"id":"c1","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"}]}"#;
+        let answer = ChatAnswer::parse(body).expect("parses");
+        let (text, _, calls, finish) = answer.message();
+        assert_eq!((text, calls[0].parts(), finish), ("hi", ("c1", "f", "{}"), Some("tool_calls")));
+        assert!(ChatAnswer::parse(b"[1]").is_err());
+    }
+}
