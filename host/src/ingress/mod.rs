@@ -13,7 +13,6 @@ pub mod responses;
 
 use axum::body::Body;
 use axum::response::Response;
-use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
@@ -21,15 +20,6 @@ use crate::error::ApiError;
 /// Largest non-streamed chat answer translated (the relay already bounds
 /// what it reads from an upstream; this only guards the second read).
 const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
-
-/// The JSON object of a relayed, non-streamed chat completion.
-pub async fn chat_answer(response: Response) -> Result<Map<String, Value>, ApiError> {
-    let bytes: Bytes = answer::body(response).await?;
-    match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(map)) => Ok(map),
-        _ => Err(ApiError::plugin()),
-    }
-}
 
 /// Whether the relayed response is a stream.
 pub fn is_stream(response: &Response) -> bool {

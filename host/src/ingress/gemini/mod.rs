@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
-use crate::ingress::{chat_answer, chat_stream, is_stream, json_response, new_id, sse_response};
+use crate::ingress::{chat_stream, is_stream, json_response, new_id, sse_response};
 
 /// Google's status name for an HTTP status.
 fn status_name(status: u16) -> &'static str {
@@ -60,7 +60,8 @@ pub async fn answer(response: Response, model: String, framing: reply::Framing) 
             }
         });
     }
-    let chat = chat_answer(response).await?;
+    let body = crate::ingress::answer::body(response).await?;
+    let chat = crate::ingress::answer::ChatAnswer::parse(&body)?;
     Ok(json_response(&reply::answer(&chat, &model, &id)))
 }
 

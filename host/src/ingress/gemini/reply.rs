@@ -3,8 +3,9 @@
 //! function calls whole, `finishReason` and `usageMetadata` in the last).
 
 use bytes::BytesMut;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
+use crate::ingress::answer::ChatAnswer;
 use crate::ingress::chat_stream::{ChatChunk, Translator, non_empty};
 use crate::ingress::usage_numbers;
 
@@ -48,19 +49,17 @@ fn response(parts: Vec<Value>, finish: Option<&str>, usage: Option<&Value>, mode
 }
 
 /// The response for a non-streamed chat answer.
-pub fn answer(chat: &Map<String, Value>, model: &str, id: &str) -> Value {
-    let choice = chat.get("choices").and_then(|c| c.get(0)).cloned().unwrap_or(Value::Null);
-    let msg = &choice["message"];
-    let mut parts = Vec::new();
-    if let Some(text) = msg["content"].as_str().filter(|t| !t.is_empty()) {
+pub fn answer(chat: &ChatAnswer<'_>, model: &str, id: &str) -> Value {
+    let (text, _, calls, finish) = chat.message();
+    let mut parts = Vec::with_capacity(1 + calls.len());
+    if !text.is_empty() {
         parts.push(json!({"text": text}));
     }
-    for call in msg["tool_calls"].as_array().into_iter().flatten() {
-        let f = &call["function"];
-        parts.push(function_call(f["name"].as_str().unwrap_or_default(), f["arguments"].as_str().unwrap_or_default()));
+    for call in calls {
+        let (_, name, arguments) = call.parts();
+        parts.push(function_call(name, arguments));
     }
-    let finish = choice["finish_reason"].as_str().unwrap_or("stop");
-    response(parts, Some(finish), Some(chat.get("usage").unwrap_or(&Value::Null)), model, id)
+    response(parts, Some(finish.unwrap_or("stop")), Some(chat.usage.as_ref().unwrap_or(&Value::Null)), model, id)
 }
 
 /// How stream responses are framed: SSE (`alt=sse`) or one JSON array.
