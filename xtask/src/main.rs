@@ -102,14 +102,15 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
             .arg(root.join("target/guest-native")),
     )?;
     step("clippy");
-    run_checked(host_cargo().current_dir(root).args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    let clippy = ["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"];
+    run_checked(host_cargo().current_dir(root).args(clippy))?;
+    // The plugins' workspace too (natively, as its unit tests build).
+    run_checked(
+        host_cargo()
+            .current_dir(root.join("plugins"))
+            .env("CARGO_TARGET_DIR", root.join("target/guest-native"))
+            .args(clippy),
+    )?;
     step("python SDKs (openai, anthropic, google-genai) and playwright");
     let python = python::ensure_venv(root)?;
     step("plugins in other languages (componentize-py, componentize-js)");

@@ -55,10 +55,19 @@ fn order(key: Option<&str>, candidates: &[Candidate]) -> Vec<u32> {
     idx
 }
 
-/// A total order on the finite scores.
-#[derive(PartialEq, PartialOrd)]
+/// A total order on the scores (`f64::total_cmp`, also for equality).
 struct OrdF64(f64);
+impl PartialEq for OrdF64 {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
 impl Eq for OrdF64 {}
+impl PartialOrd for OrdF64 {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 impl Ord for OrdF64 {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.0.total_cmp(&other.0)

@@ -60,7 +60,7 @@ fn luhn(s: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// A phone-number candidate has 7 to 15 digits (E.164) and is not an ISO
