@@ -29,18 +29,19 @@ pub struct AnswerChoice<'a> {
     #[serde(default, borrow)]
     pub message: Option<AnswerMessage<'a>>,
     /// Why the choice ended.
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "text")]
     pub finish_reason: Option<Cow<'a, str>>,
 }
 
 /// The assistant's message of a choice.
 #[derive(Debug, Default, Deserialize)]
 pub struct AnswerMessage<'a> {
-    /// Text.
-    #[serde(default, borrow)]
+    /// Text (a list of parts or anything but a string reads as none, as
+    /// before this was typed).
+    #[serde(default, borrow, deserialize_with = "text")]
     pub content: Option<Cow<'a, str>>,
     /// Reasoning text (DeepSeek-style `reasoning_content`).
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "text")]
     pub reasoning_content: Option<Cow<'a, str>>,
     /// Tool calls.
     #[serde(default, borrow)]
@@ -65,8 +66,56 @@ pub struct FunctionCall<'a> {
     #[serde(default, borrow)]
     pub name: Option<Cow<'a, str>>,
     /// The arguments, a JSON text.
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "text")]
     pub arguments: Option<Cow<'a, str>>,
+}
+
+/// A string field, borrowed when it has no escapes; any other JSON value
+/// reads as absent.
+fn text<'de: 'a, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'a, str>>, D::Error> {
+    struct Text;
+    impl<'de> serde::de::Visitor<'de> for Text {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_string())))
+        }
+        fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v)))
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Text)
 }
 
 impl ToolCall<'_> {
@@ -131,5 +180,12 @@ mod tests {
         let (text, _, calls, finish) = answer.message();
         assert_eq!((text, calls[0].parts(), finish), ("hi", ("c1", "f", "{}"), Some("tool_calls")));
         assert!(ChatAnswer::parse(b"[1]").is_err());
+        // Text in another shape (a list of parts, a number) reads as none, not as a broken answer.
+        let body = br#"{"choices":[{"message":{"content":[{"type":"text","text":"x"}],"tool_calls":[{"function":{"name":"f","arguments":{"a":1}}}]},"finish_reason":7}]}"#;
+        let answer = ChatAnswer::parse(body).expect("parses");
+        let (text, _, calls, finish) = answer.message();
+        assert_eq!((text, calls[0].parts(), finish), ("", ("", "f", ""), None));
+        let escaped = ChatAnswer::parse(br#"{"choices":[{"message":{"content":"a\nb"}}]}"#).expect("parses");
+        assert_eq!(escaped.message().0, "a\nb");
     }
 }
