@@ -446,3 +446,41 @@ async fn users_tokens_and_pricing_through_the_admin_api() {
     assert_eq!(admin(&gw, Method::GET, &format!("/api/tokens/{tid}"), None).await.0, 404);
     wait_rows(&gw, "type=consume", 1).await;
 }
+
+/// A pricing change and its reset in quick succession: on a shared
+/// database every change is also announced back to the node that made it,
+/// and the re-read that announcement starts must never publish after the
+/// reset (it did: the model stayed priced for a moment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_table_is_never_brought_back_by_a_late_reread() {
+    let (_mock, gw) = gateway("").await;
+    let (_, key) = user_with_token(&gw, 1_000_000, json!({})).await;
+    let (_, mut table) = admin(&gw, Method::GET, "/api/pricing", None).await;
+    table["models"]["unpriced-model"] = json!({"ratio": 1});
+    for _ in 0..50 {
+        assert_eq!(admin(&gw, Method::PUT, "/api/pricing", Some(&table)).await.0, 200);
+        assert_eq!(admin(&gw, Method::DELETE, "/api/pricing", None).await.0, 200);
+        expect_status(&gw, &key, "unpriced-model", 403).await;
+    }
+    assert_eq!(admin(&gw, Method::PUT, "/api/pricing", Some(&table)).await.0, 200);
+    expect_status(&gw, &key, "unpriced-model", 200).await;
+}
+
+/// Tokens made and revoked in quick succession: the node that made each
+/// change serves by it at once, whatever re-reads of the shared database
+/// are under way (a re-read started before a change could publish after
+/// it and undo it for a moment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_token_works_and_a_revoked_one_fails_at_once() {
+    let (_mock, gw) = gateway("").await;
+    let (uid, _) = user_with_token(&gw, 1_000_000, json!({})).await;
+    for _ in 0..25 {
+        let (status, t) = admin(&gw, Method::POST, "/api/tokens", Some(&json!({"name": "t", "user_id": uid}))).await;
+        assert_eq!(status, 201, "{t}");
+        let key = t["key"].as_str().expect("key").to_string();
+        expect_status(&gw, &key, "free-model", 200).await;
+        let id = t["id"].as_u64().expect("id");
+        assert_eq!(admin(&gw, Method::DELETE, &format!("/api/tokens/{id}"), None).await.0, 200);
+        expect_status(&gw, &key, "free-model", 401).await;
+    }
+}

@@ -9,6 +9,7 @@
 //! are changed by the admin API. Both read-modify-write in transactions.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -241,6 +242,64 @@ type Master = (BTreeMap<u64, UserRecord>, BTreeMap<u64, TokenRecord>);
 struct Shared {
     master: Mutex<Master>,
     snapshot: ArcSwap<AccountSet>,
+    /// This node's writes to a shared database under way.
+    writing: AtomicUsize,
+    /// This node's writes to a shared database published so far.
+    written: AtomicU64,
+}
+
+/// A write of this node to the shared database, from before its statement
+/// to after its publication: a re-read of the database that overlaps it
+/// is not published (it could predate the write and undo it locally).
+struct LocalWrite<'a>(&'a Shared);
+
+impl<'a> LocalWrite<'a> {
+    fn start(shared: &'a Shared) -> Self {
+        shared.writing.fetch_add(1, Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for LocalWrite<'_> {
+    fn drop(&mut self) {
+        self.0.written.fetch_add(1, Ordering::SeqCst);
+        self.0.writing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What a write holds: on sled the master lock throughout; on a shared
+/// database a [`LocalWrite`] mark, the lock only once the database answered.
+struct Writing<'a> {
+    guard: Option<std::sync::MutexGuard<'a, Master>>,
+    mark: Option<LocalWrite<'a>>,
+}
+
+impl<'a> Writing<'a> {
+    /// The master copy, locked, for the write's publication.
+    fn master(self, shared: &'a Shared) -> MasterWrite<'a> {
+        let Writing { guard, mark } = self;
+        MasterWrite { guard: guard.unwrap_or_else(|| shared.lock()), _mark: mark }
+    }
+}
+
+/// The locked master copy during a write; the mark ends after the lock
+/// (fields drop in order).
+struct MasterWrite<'a> {
+    guard: std::sync::MutexGuard<'a, Master>,
+    _mark: Option<LocalWrite<'a>>,
+}
+
+impl std::ops::Deref for MasterWrite<'_> {
+    type Target = Master;
+    fn deref(&self) -> &Master {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for MasterWrite<'_> {
+    fn deref_mut(&mut self) -> &mut Master {
+        &mut self.guard
+    }
 }
 
 impl Shared {
@@ -255,12 +314,21 @@ impl Shared {
 }
 
 impl Follower for Shared {
-    fn replace(&self, records: Records) {
+    fn before_read(&self) -> u64 {
+        if self.writing.load(Ordering::SeqCst) > 0 { u64::MAX } else { self.written.load(Ordering::SeqCst) }
+    }
+
+    fn replace(&self, records: Records, stamp: u64) -> bool {
         let mut master = self.lock();
+        if stamp == u64::MAX || self.writing.load(Ordering::SeqCst) > 0 || self.written.load(Ordering::SeqCst) != stamp
+        {
+            return false;
+        }
         if *master != records {
             *master = records;
             self.publish(&master);
         }
+        true
     }
 }
 
@@ -281,7 +349,7 @@ fn load<T: for<'de> Deserialize<'de>>(tree: &sled::Tree) -> anyhow::Result<Vec<T
 
 fn shared(master: Master) -> Arc<Shared> {
     let snapshot = ArcSwap::from_pointee(AccountSet::rebuild(&master.0, &master.1));
-    Arc::new(Shared { master: Mutex::new(master), snapshot })
+    Arc::new(Shared { master: Mutex::new(master), snapshot, writing: AtomicUsize::new(0), written: AtomicU64::new(0) })
 }
 
 impl Accounts {
@@ -321,8 +389,11 @@ impl Accounts {
     /// for a writer that waits for the database). Every change of the
     /// master is published under this lock, so a writer holding it reads
     /// the master's records from the snapshot.
-    fn lock_for_write(&self) -> Option<std::sync::MutexGuard<'_, Master>> {
-        matches!(self.backend, Backend::Sled(_)).then(|| self.lock())
+    fn lock_for_write(&self) -> Writing<'_> {
+        match self.backend {
+            Backend::Sled(_) => Writing { guard: Some(self.lock()), mark: None },
+            Backend::Pg(_) => Writing { guard: None, mark: Some(LocalWrite::start(&self.shared)) },
+        }
     }
 
     fn publish(&self, master: &Master) {
@@ -350,7 +421,7 @@ impl Accounts {
             }
             Backend::Pg(db) => user.id = db.insert_user(&user)?,
         }
-        let mut master = guard.unwrap_or_else(|| self.lock());
+        let mut master = guard.master(&self.shared);
         master.0.insert(user.id, user.clone());
         self.publish(&master);
         Ok(user)
@@ -376,7 +447,7 @@ impl Accounts {
             }
             Backend::Pg(db) => token.id = db.insert_token(&token)?,
         }
-        let mut master = guard.unwrap_or_else(|| self.lock());
+        let mut master = guard.master(&self.shared);
         master.1.insert(token.id, token.clone());
         self.publish(&master);
         Ok((token, key))
@@ -410,7 +481,7 @@ impl Accounts {
                 next
             }
         };
-        let mut master = guard.unwrap_or_else(|| self.lock());
+        let mut master = guard.master(&self.shared);
         master.0.insert(id, user.clone());
         self.publish(&master);
         Ok(user)
@@ -446,7 +517,7 @@ impl Accounts {
                 next
             }
         };
-        let mut master = guard.unwrap_or_else(|| self.lock());
+        let mut master = guard.master(&self.shared);
         master.1.insert(id, token.clone());
         self.publish(&master);
         Ok(token)
@@ -468,7 +539,7 @@ impl Accounts {
                 db.delete_token(id)?;
             }
         }
-        let mut master = guard.unwrap_or_else(|| self.lock());
+        let mut master = guard.master(&self.shared);
         master.1.remove(&id);
         self.publish(&master);
         Ok(token)
@@ -496,7 +567,7 @@ impl Accounts {
                 db.delete_user(id)?;
             }
         }
-        let mut master = guard.unwrap_or_else(|| self.lock());
+        let mut master = guard.master(&self.shared);
         for t in owned {
             master.1.remove(&t);
         }

@@ -27,9 +27,18 @@ pub type Records = (BTreeMap<u64, UserRecord>, BTreeMap<u64, TokenRecord>);
 
 /// Told when the stored accounts changed (re-read them).
 pub trait Follower: Send + Sync {
-    /// Replace the in-memory accounts with `records`.
-    fn replace(&self, records: Records);
+    /// Called before a re-read: a stamp of this node's own writes.
+    fn before_read(&self) -> u64;
+    /// Replace the in-memory accounts with `records`, read after
+    /// [`Follower::before_read`] gave `stamp`; false when a write of this
+    /// node started or ended meanwhile (the read may predate what it
+    /// published: read again).
+    fn replace(&self, records: Records, stamp: u64) -> bool;
 }
+
+/// How long a re-read that overlapped one of this node's writes waits
+/// before reading again.
+const REREAD_AFTER_LOCAL_WRITE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The accounts tables.
 pub struct PgAccounts {
@@ -71,9 +80,14 @@ impl PgAccounts {
             loop {
                 let (_client, mut rx) = pg.listen(ACCOUNTS_NOTIFY).await;
                 loop {
+                    let Some(stamp) = follower.upgrade().map(|f| f.before_read()) else { return };
                     match load_all(&pg).await {
                         Ok(records) => match follower.upgrade() {
-                            Some(f) => f.replace(records),
+                            Some(f) if f.replace(records, stamp) => {}
+                            Some(_) => {
+                                tokio::time::sleep(REREAD_AFTER_LOCAL_WRITE).await;
+                                continue;
+                            }
                             None => return,
                         },
                         Err(error) => tracing::warn!(error = format!("{error:#}"), "re-reading accounts failed"),

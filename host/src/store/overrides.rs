@@ -150,6 +150,10 @@ pub struct Override<T, C = T> {
     current: ArcSwap<C>,
     overridden: AtomicBool,
     options: Arc<dyn OptionStore>,
+    /// Held from a store write or read to its publication, so a re-read
+    /// started before this node's own write cannot publish after it (the
+    /// write's `NOTIFY` would fix it, but not before a client saw it).
+    ordered: std::sync::Mutex<()>,
 }
 
 impl<T, C> Override<T, C>
@@ -176,6 +180,7 @@ where
             compile,
             overridden: overridden.into(),
             options: options.clone(),
+            ordered: std::sync::Mutex::new(()),
         });
         let weak: Weak<dyn Reload> = Arc::downgrade(&(table.clone() as Arc<dyn Reload>));
         options.follow(key, weak);
@@ -192,6 +197,10 @@ where
         (self.raw.load_full(), self.overridden.load(Ordering::Relaxed))
     }
 
+    fn ordered(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.ordered.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn publish(&self, raw: T, overridden: bool) {
         self.current.store(Arc::new((self.compile)(&raw)));
         self.raw.store(Arc::new(raw));
@@ -200,6 +209,7 @@ where
 
     /// Replace the table durably (the caller validated it).
     pub fn set(&self, table: T) -> Result<()> {
+        let _ordered = self.ordered();
         self.options.set(self.key, &serde_json::to_string(&table)?)?;
         self.publish(table, true);
         Ok(())
@@ -207,6 +217,7 @@ where
 
     /// Drop the stored version and return to the configuration's.
     pub fn reset(&self) -> Result<()> {
+        let _ordered = self.ordered();
         self.options.remove(self.key)?;
         self.publish(self.from_config.clone(), false);
         Ok(())
@@ -233,6 +244,7 @@ where
     C: Send + Sync + 'static,
 {
     fn reload(&self) {
+        let _ordered = self.ordered();
         match read::<T>(self.key, self.options.as_ref()) {
             Ok(Some(t)) => self.publish(t, true),
             Ok(None) => self.publish(self.from_config.clone(), false),
