@@ -9,7 +9,6 @@
 //! are changed by the admin API. Both read-modify-write in transactions.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -19,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::accounts_pg::{Follower, PgAccounts, Records};
 use crate::config::DEFAULT_GROUP;
 use crate::state::secret_hash;
+use crate::store::local_writes::{LocalWrite, LocalWrites};
 use crate::store::{Store, unix_now};
 
 /// A user's role.
@@ -242,29 +242,8 @@ type Master = (BTreeMap<u64, UserRecord>, BTreeMap<u64, TokenRecord>);
 struct Shared {
     master: Mutex<Master>,
     snapshot: ArcSwap<AccountSet>,
-    /// This node's writes to a shared database under way.
-    writing: AtomicUsize,
-    /// This node's writes to a shared database published so far.
-    written: AtomicU64,
-}
-
-/// A write of this node to the shared database, from before its statement
-/// to after its publication: a re-read of the database that overlaps it
-/// is not published (it could predate the write and undo it locally).
-struct LocalWrite<'a>(&'a Shared);
-
-impl<'a> LocalWrite<'a> {
-    fn start(shared: &'a Shared) -> Self {
-        shared.writing.fetch_add(1, Ordering::SeqCst);
-        Self(shared)
-    }
-}
-
-impl Drop for LocalWrite<'_> {
-    fn drop(&mut self) {
-        self.0.written.fetch_add(1, Ordering::SeqCst);
-        self.0.writing.fetch_sub(1, Ordering::SeqCst);
-    }
+    /// This node's writes to a shared database.
+    local: LocalWrites,
 }
 
 /// What a write holds: on sled the master lock throughout; on a shared
@@ -314,14 +293,13 @@ impl Shared {
 }
 
 impl Follower for Shared {
-    fn before_read(&self) -> u64 {
-        if self.writing.load(Ordering::SeqCst) > 0 { u64::MAX } else { self.written.load(Ordering::SeqCst) }
+    fn before_read(&self) -> Option<u64> {
+        self.local.stamp()
     }
 
-    fn replace(&self, records: Records, stamp: u64) -> bool {
+    fn replace(&self, records: Records, stamp: Option<u64>) -> bool {
         let mut master = self.lock();
-        if stamp == u64::MAX || self.writing.load(Ordering::SeqCst) > 0 || self.written.load(Ordering::SeqCst) != stamp
-        {
+        if self.local.overlapped(stamp) {
             return false;
         }
         if *master != records {
@@ -349,7 +327,7 @@ fn load<T: for<'de> Deserialize<'de>>(tree: &sled::Tree) -> anyhow::Result<Vec<T
 
 fn shared(master: Master) -> Arc<Shared> {
     let snapshot = ArcSwap::from_pointee(AccountSet::rebuild(&master.0, &master.1));
-    Arc::new(Shared { master: Mutex::new(master), snapshot, writing: AtomicUsize::new(0), written: AtomicU64::new(0) })
+    Arc::new(Shared { master: Mutex::new(master), snapshot, local: LocalWrites::default() })
 }
 
 impl Accounts {
@@ -392,7 +370,7 @@ impl Accounts {
     fn lock_for_write(&self) -> Writing<'_> {
         match self.backend {
             Backend::Sled(_) => Writing { guard: Some(self.lock()), mark: None },
-            Backend::Pg(_) => Writing { guard: None, mark: Some(LocalWrite::start(&self.shared)) },
+            Backend::Pg(_) => Writing { guard: None, mark: Some(self.shared.local.start()) },
         }
     }
 

@@ -27,18 +27,19 @@ pub type Records = (BTreeMap<u64, UserRecord>, BTreeMap<u64, TokenRecord>);
 
 /// Told when the stored accounts changed (re-read them).
 pub trait Follower: Send + Sync {
-    /// Called before a re-read: a stamp of this node's own writes.
-    fn before_read(&self) -> u64;
+    /// Called before a re-read: a stamp of this node's own writes (see
+    /// `store::local_writes`).
+    fn before_read(&self) -> Option<u64>;
     /// Replace the in-memory accounts with `records`, read after
     /// [`Follower::before_read`] gave `stamp`; false when a write of this
     /// node started or ended meanwhile (the read may predate what it
     /// published: read again).
-    fn replace(&self, records: Records, stamp: u64) -> bool;
+    fn replace(&self, records: Records, stamp: Option<u64>) -> bool;
 }
 
 /// How long a re-read that overlapped one of this node's writes waits
 /// before reading again.
-const REREAD_AFTER_LOCAL_WRITE: std::time::Duration = std::time::Duration::from_millis(10);
+pub const REREAD_AFTER_LOCAL_WRITE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The accounts tables.
 pub struct PgAccounts {

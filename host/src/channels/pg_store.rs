@@ -25,9 +25,13 @@ use tokio_postgres::Client;
 
 use super::status::ChannelState;
 use super::{ChannelRecord, ChannelSet, ChannelStore, FieldError, StoreError};
+use crate::store::local_writes::LocalWrites;
 use crate::store::postgres::{CHANNELS_NOTIFY, Postgres};
 use crate::store::secrets::SecretBox;
 use crate::store::unix_now;
+
+/// Most re-reads of one announcement that this node's own writes overlap.
+const MAX_REREADS: usize = 50;
 
 /// How often every record is re-read, whatever was announced.
 const RECONCILE: Duration = Duration::from_secs(5);
@@ -44,6 +48,8 @@ struct Inner {
     /// Ids changed locally by a health transition and not written yet: a
     /// re-read must not undo them.
     dirty: Mutex<HashSet<u64>>,
+    /// Admin writes of this node: a re-read overlapping one reads again.
+    local: LocalWrites,
     snapshot: ArcSwap<ChannelSet>,
     /// The write connection (re-opened when it breaks), used on the
     /// database thread only.
@@ -104,6 +110,21 @@ impl Inner {
     /// Re-read channel `id` (or every channel) into memory, keeping the
     /// local versions of records with a health write pending.
     async fn reload(&self, id: Option<u64>) -> Result<()> {
+        for _ in 0..MAX_REREADS {
+            if self.reload_once(id).await? {
+                return Ok(());
+            }
+            tokio::time::sleep(crate::billing::accounts_pg::REREAD_AFTER_LOCAL_WRITE).await;
+        }
+        // This node's writes kept overlapping: each of them announces
+        // itself, and the announcement brings another re-read.
+        Ok(())
+    }
+
+    /// [`Inner::reload`] once; false when one of this node's writes
+    /// overlapped the read (nothing published).
+    async fn reload_once(&self, id: Option<u64>) -> Result<bool> {
+        let stamp = self.local.stamp();
         let rows = self
             .with_client(move |c| {
                 Box::pin(async move {
@@ -126,8 +147,11 @@ impl Inner {
         }
         let dirty = lock(&self.dirty).clone();
         let mut records = lock(&self.records);
+        if self.local.overlapped(stamp) {
+            return Ok(false);
+        }
         match id {
-            Some(id) if dirty.contains(&id) => return Ok(()),
+            Some(id) if dirty.contains(&id) => return Ok(true),
             Some(id) => match fresh.remove(&id) {
                 Some(rec) => {
                     records.insert(id, rec);
@@ -147,12 +171,12 @@ impl Inner {
                 // The periodic reconcile usually finds nothing new: keep the
                 // snapshot (and its channels' key rotation) as it is.
                 if *records == before {
-                    return Ok(());
+                    return Ok(true);
                 }
             }
         }
         self.publish(&records);
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -166,6 +190,7 @@ impl PgChannels {
             secrets,
             records: Mutex::new(BTreeMap::new()),
             dirty: Mutex::new(HashSet::new()),
+            local: LocalWrites::default(),
             snapshot: ArcSwap::from_pointee(ChannelSet::new(std::iter::empty())),
             client: tokio::sync::Mutex::new(None),
             persist,
@@ -194,6 +219,7 @@ impl PgChannels {
         id: u64,
         f: &mut dyn FnMut(&mut ChannelRecord) -> Result<(), FieldError>,
     ) -> Result<ChannelRecord, StoreError> {
+        let _writing = self.inner.local.start();
         for _ in 0..8 {
             let row = self.call(move |c| {
                 Box::pin(async move {
@@ -237,6 +263,7 @@ impl PgChannels {
 
     /// Insert `rec` with a fresh id from the shared sequence; returns it.
     pub(super) fn insert_new(&self, mut rec: ChannelRecord) -> Result<ChannelRecord> {
+        let _writing = self.inner.local.start();
         let id: i64 = self
             .call(move |c| Box::pin(async move { c.query_one("SELECT nextval('channel_ids')", &[]).await }))?
             .get(0);
@@ -470,6 +497,7 @@ impl ChannelStore for PgChannels {
     }
 
     fn delete(&self, id: u64) -> Result<ChannelRecord, StoreError> {
+        let _writing = self.inner.local.start();
         let row = self.call(move |c| {
             Box::pin(async move {
                 let tx = c.transaction().await?;

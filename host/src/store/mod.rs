@@ -9,6 +9,7 @@
 //! files 0600) when opened.
 
 pub mod guard;
+pub mod local_writes;
 pub mod manifest;
 pub mod migrate_pg;
 pub mod overrides;
