@@ -52,7 +52,7 @@ pub struct AnswerMessage<'a> {
 #[derive(Debug, Default, PartialEq, Deserialize)]
 pub struct ToolCall<'a> {
     /// The call's id.
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "text")]
     pub id: Option<Cow<'a, str>>,
     /// Name and arguments.
     #[serde(default, borrow)]
@@ -63,7 +63,7 @@ pub struct ToolCall<'a> {
 #[derive(Debug, Default, PartialEq, Deserialize)]
 pub struct FunctionCall<'a> {
     /// The function's name.
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "text")]
     pub name: Option<Cow<'a, str>>,
     /// The arguments, a JSON text.
     #[serde(default, borrow, deserialize_with = "text")]
@@ -72,7 +72,7 @@ pub struct FunctionCall<'a> {
 
 /// A string field, borrowed when it has no escapes; any other JSON value
 /// reads as absent.
-fn text<'de: 'a, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'a, str>>, D::Error> {
+pub(crate) fn text<'de: 'a, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'a, str>>, D::Error> {
     struct Text;
     impl<'de> serde::de::Visitor<'de> for Text {
         type Value = Option<Cow<'de, str>>;
@@ -116,6 +116,12 @@ fn text<'de: 'a, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'a,
         }
     }
     d.deserialize_any(Text)
+}
+
+/// A field whose `null` reads as its default (serde's `default` covers
+/// only a missing field).
+pub(crate) fn or_default<'de, D: serde::Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 impl ToolCall<'_> {

@@ -11,6 +11,8 @@ use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::answer::{or_default, text};
+
 /// Largest SSE frame buffered while waiting for its end.
 const MAX_FRAME: usize = 16 * 1024 * 1024;
 
@@ -19,7 +21,7 @@ const MAX_FRAME: usize = 16 * 1024 * 1024;
 #[derive(Debug, Default, Deserialize)]
 pub struct ChatChunk<'a> {
     /// The choices; translators read the first.
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "or_default")]
     pub choices: Vec<ChoiceDelta<'a>>,
     /// Usage, on the last chunk when asked for.
     #[serde(default)]
@@ -33,10 +35,10 @@ pub struct ChatChunk<'a> {
 #[derive(Debug, Default, Deserialize)]
 pub struct ChoiceDelta<'a> {
     /// What the choice adds.
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "or_default")]
     pub delta: Delta<'a>,
     /// Why the choice ended, on its last chunk.
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "text")]
     pub finish_reason: Option<Cow<'a, str>>,
 }
 
@@ -44,13 +46,13 @@ pub struct ChoiceDelta<'a> {
 #[derive(Debug, Default, Deserialize)]
 pub struct Delta<'a> {
     /// Text.
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "text")]
     pub content: Option<Cow<'a, str>>,
     /// Reasoning text (DeepSeek-style `reasoning_content`).
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "text")]
     pub reasoning_content: Option<Cow<'a, str>>,
     /// Tool call fragments.
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "or_default")]
     pub tool_calls: Vec<ToolCallDelta<'a>>,
 }
 
@@ -58,13 +60,13 @@ pub struct Delta<'a> {
 #[derive(Debug, Default, Deserialize)]
 pub struct ToolCallDelta<'a> {
     /// Which call of the turn.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "or_default")]
     pub index: u64,
     /// The call's id, on its first fragment.
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "text")]
     pub id: Option<Cow<'a, str>>,
     /// Name and argument text.
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "or_default")]
     pub function: FunctionDelta<'a>,
 }
 
@@ -72,10 +74,10 @@ pub struct ToolCallDelta<'a> {
 #[derive(Debug, Default, Deserialize)]
 pub struct FunctionDelta<'a> {
     /// The function's name, on the first fragment.
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "text")]
     pub name: Option<Cow<'a, str>>,
     /// More of the JSON arguments.
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "text")]
     pub arguments: Option<Cow<'a, str>>,
 }
 
@@ -241,6 +243,24 @@ mod tests {
     #[tokio::test]
     async fn frames_split_anywhere_are_reassembled() {
         assert_eq!(run(&["data: {\"n\":1}\n", "\ndata: {\"n\"", ":2}\n\ndata: [DONE]\n\n"]).await, "ccf");
+    }
+
+    #[test]
+    fn nulls_and_odd_types_in_a_chunk_read_as_absent() {
+        let frame = r#"{"choices":[{"index":0,"delta":{"content":"hi","tool_calls":null,"reasoning_content":null,"refusal":null},"finish_reason":null}],"usage":null}"#;
+        let chunk: ChatChunk<'_> = serde_json::from_str(frame).expect("a chunk with nulls");
+        assert_eq!(chunk.first().and_then(|c| c.delta.content.as_deref()), Some("hi"));
+        let frame = r#"{"choices":[{"delta":null,"finish_reason":"stop"}]}"#;
+        let chunk: ChatChunk<'_> = serde_json::from_str(frame).expect("a null delta");
+        assert_eq!(chunk.first().and_then(|c| c.finish_reason.as_deref()), Some("stop"));
+        let frame = r#"{"choices":[{"delta":{"tool_calls":[{"index":null,"id":"c","function":{"name":"f","arguments":{"a":1}}}]}}]}"#;
+        let chunk: ChatChunk<'_> = serde_json::from_str(frame).expect("odd types");
+        let call = &chunk.choices[0].delta.tool_calls[0];
+        assert_eq!(
+            (call.index, call.function.name.as_deref(), call.function.arguments.as_deref()),
+            (0, Some("f"), None)
+        );
+        assert!(serde_json::from_str::<ChatChunk<'_>>(r#"{"choices":null}"#).is_ok());
     }
 
     #[tokio::test]
