@@ -37,10 +37,6 @@ pub trait Follower: Send + Sync {
     fn replace(&self, records: Records, stamp: Option<u64>) -> bool;
 }
 
-/// How long a re-read that overlapped one of this node's writes waits
-/// before reading again.
-pub const REREAD_AFTER_LOCAL_WRITE: std::time::Duration = std::time::Duration::from_millis(10);
-
 /// The accounts tables.
 pub struct PgAccounts {
     pg: Arc<Postgres>,
@@ -86,7 +82,7 @@ impl PgAccounts {
                         Ok(records) => match follower.upgrade() {
                             Some(f) if f.replace(records, stamp) => {}
                             Some(_) => {
-                                tokio::time::sleep(REREAD_AFTER_LOCAL_WRITE).await;
+                                tokio::time::sleep(crate::store::local_writes::REREAD_AFTER).await;
                                 continue;
                             }
                             None => return,

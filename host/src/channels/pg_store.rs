@@ -25,7 +25,7 @@ use tokio_postgres::Client;
 
 use super::status::ChannelState;
 use super::{ChannelRecord, ChannelSet, ChannelStore, FieldError, StoreError};
-use crate::store::local_writes::LocalWrites;
+use crate::store::local_writes::{LocalWrites, REREAD_AFTER};
 use crate::store::postgres::{CHANNELS_NOTIFY, Postgres};
 use crate::store::secrets::SecretBox;
 use crate::store::unix_now;
@@ -114,7 +114,7 @@ impl Inner {
             if self.reload_once(id).await? {
                 return Ok(());
             }
-            tokio::time::sleep(crate::billing::accounts_pg::REREAD_AFTER_LOCAL_WRITE).await;
+            tokio::time::sleep(REREAD_AFTER).await;
         }
         // This node's writes kept overlapping: each of them announces
         // itself, and the announcement brings another re-read.

@@ -9,14 +9,16 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::chat_stream::{Delta, ToolCallDelta};
 use crate::error::ApiError;
 
-/// A chat completion answer.
+/// A chat completion answer. Its message has the fields of a stream
+/// chunk's delta, read the same way ([`Delta`], [`ToolCallDelta`]).
 #[derive(Debug, Default, Deserialize)]
 pub struct ChatAnswer<'a> {
     /// The choices; translators read the first.
-    #[serde(default, borrow)]
-    pub choices: Option<Vec<AnswerChoice<'a>>>,
+    #[serde(default, borrow, deserialize_with = "or_default")]
+    pub choices: Vec<AnswerChoice<'a>>,
     /// The usage the upstream reported.
     #[serde(default)]
     pub usage: Option<Value>,
@@ -25,49 +27,12 @@ pub struct ChatAnswer<'a> {
 /// One choice of an answer.
 #[derive(Debug, Default, Deserialize)]
 pub struct AnswerChoice<'a> {
-    /// The assistant's message.
-    #[serde(default, borrow)]
-    pub message: Option<AnswerMessage<'a>>,
+    /// The assistant's message (text, reasoning, tool calls).
+    #[serde(default, borrow, deserialize_with = "or_default")]
+    pub message: Delta<'a>,
     /// Why the choice ended.
     #[serde(default, borrow, deserialize_with = "text")]
     pub finish_reason: Option<Cow<'a, str>>,
-}
-
-/// The assistant's message of a choice.
-#[derive(Debug, Default, Deserialize)]
-pub struct AnswerMessage<'a> {
-    /// Text (a list of parts or anything but a string reads as none, as
-    /// before this was typed).
-    #[serde(default, borrow, deserialize_with = "text")]
-    pub content: Option<Cow<'a, str>>,
-    /// Reasoning text (DeepSeek-style `reasoning_content`).
-    #[serde(default, borrow, deserialize_with = "text")]
-    pub reasoning_content: Option<Cow<'a, str>>,
-    /// Tool calls.
-    #[serde(default, borrow)]
-    pub tool_calls: Option<Vec<ToolCall<'a>>>,
-}
-
-/// One tool call of a message.
-#[derive(Debug, Default, PartialEq, Deserialize)]
-pub struct ToolCall<'a> {
-    /// The call's id.
-    #[serde(default, borrow, deserialize_with = "text")]
-    pub id: Option<Cow<'a, str>>,
-    /// Name and arguments.
-    #[serde(default, borrow)]
-    pub function: Option<FunctionCall<'a>>,
-}
-
-/// A tool call's function part.
-#[derive(Debug, Default, PartialEq, Deserialize)]
-pub struct FunctionCall<'a> {
-    /// The function's name.
-    #[serde(default, borrow, deserialize_with = "text")]
-    pub name: Option<Cow<'a, str>>,
-    /// The arguments, a JSON text.
-    #[serde(default, borrow, deserialize_with = "text")]
-    pub arguments: Option<Cow<'a, str>>,
 }
 
 /// A string field, borrowed when it has no escapes; any other JSON value
@@ -124,18 +89,6 @@ pub(crate) fn or_default<'de, D: serde::Deserializer<'de>, T: Deserialize<'de> +
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
-impl ToolCall<'_> {
-    /// (id, name, arguments), empty where absent.
-    pub fn parts(&self) -> (&str, &str, &str) {
-        let f = self.function.as_ref();
-        (
-            self.id.as_deref().unwrap_or_default(),
-            f.and_then(|f| f.name.as_deref()).unwrap_or_default(),
-            f.and_then(|f| f.arguments.as_deref()).unwrap_or_default(),
-        )
-    }
-}
-
 impl<'a> ChatAnswer<'a> {
     /// Parse a relayed answer's `body`; anything but a chat completion
     /// object is the adapter's fault.
@@ -146,19 +99,15 @@ impl<'a> ChatAnswer<'a> {
         })
     }
 
-    /// The first choice (an empty one when there is none).
-    pub fn first(&self) -> Option<&AnswerChoice<'a>> {
-        self.choices.as_ref().and_then(|c| c.first())
-    }
-
-    /// The first choice's message text, reasoning, tool calls and finish reason.
-    pub fn message(&self) -> (&str, &str, &[ToolCall<'a>], Option<&str>) {
-        let choice = self.first();
-        let message = choice.and_then(|c| c.message.as_ref());
+    /// The first choice's message text, reasoning, tool calls and finish
+    /// reason (empty when there is no choice).
+    pub fn message(&self) -> (&str, &str, &[ToolCallDelta<'a>], Option<&str>) {
+        let choice = self.choices.first();
+        let message = choice.map(|c| &c.message);
         (
             message.and_then(|m| m.content.as_deref()).unwrap_or_default(),
             message.and_then(|m| m.reasoning_content.as_deref()).unwrap_or_default(),
-            message.and_then(|m| m.tool_calls.as_deref()).unwrap_or_default(),
+            message.map(|m| m.tool_calls.as_slice()).unwrap_or_default(),
             choice.and_then(|c| c.finish_reason.as_deref()),
         )
     }

@@ -56,8 +56,8 @@ pub struct Delta<'a> {
     pub tool_calls: Vec<ToolCallDelta<'a>>,
 }
 
-/// A fragment of one tool call.
-#[derive(Debug, Default, Deserialize)]
+/// A fragment of one tool call (a whole call in a non-streamed answer).
+#[derive(Debug, Default, PartialEq, Deserialize)]
 pub struct ToolCallDelta<'a> {
     /// Which call of the turn.
     #[serde(default, deserialize_with = "or_default")]
@@ -71,7 +71,7 @@ pub struct ToolCallDelta<'a> {
 }
 
 /// A tool call fragment's function part.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, PartialEq, Deserialize)]
 pub struct FunctionDelta<'a> {
     /// The function's name, on the first fragment.
     #[serde(default, borrow, deserialize_with = "text")]
@@ -79,6 +79,18 @@ pub struct FunctionDelta<'a> {
     /// More of the JSON arguments.
     #[serde(default, borrow, deserialize_with = "text")]
     pub arguments: Option<Cow<'a, str>>,
+}
+
+impl ToolCallDelta<'_> {
+    /// (id, name, arguments), empty where absent.
+    pub fn parts(&self) -> (&str, &str, &str) {
+        let f = &self.function;
+        (
+            self.id.as_deref().unwrap_or_default(),
+            f.name.as_deref().unwrap_or_default(),
+            f.arguments.as_deref().unwrap_or_default(),
+        )
+    }
 }
 
 impl ChatChunk<'_> {

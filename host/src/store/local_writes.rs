@@ -11,6 +11,11 @@
 //! lock); otherwise it reads again.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// How long a re-read that overlapped one of this node's writes waits
+/// before reading again.
+pub const REREAD_AFTER: Duration = Duration::from_millis(10);
 
 /// The counters of one table's local writes.
 #[derive(Default)]
