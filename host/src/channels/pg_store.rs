@@ -152,10 +152,15 @@ impl Inner {
         }
         match id {
             Some(id) if dirty.contains(&id) => return Ok(true),
+            // The node's own write comes back announced: when the record is
+            // what this node already publishes, keep the snapshot (and its
+            // channels' key rotation) as it is.
             Some(id) => match fresh.remove(&id) {
+                Some(rec) if records.get(&id) == Some(&rec) => return Ok(true),
                 Some(rec) => {
                     records.insert(id, rec);
                 }
+                None if !records.contains_key(&id) => return Ok(true),
                 None => {
                     records.remove(&id);
                 }
