@@ -179,6 +179,10 @@ impl PgAccounts {
         let id = id as i64;
         self.write(move |tx| {
             Box::pin(async move {
+                // Rows in the order every writer locks them (users, tokens,
+                // then leases — see `leases.rs`), or a lease return running
+                // at the same moment deadlocks with this.
+                tx.execute("SELECT id FROM tokens WHERE id = $1 FOR UPDATE", &[&id]).await?;
                 tx.execute("DELETE FROM quota_leases WHERE kind = 't' AND id = $1", &[&id]).await?;
                 Ok(tx.execute("DELETE FROM tokens WHERE id = $1", &[&id]).await? == 1)
             })
@@ -191,6 +195,9 @@ impl PgAccounts {
         let id = id as i64;
         self.write(move |tx| {
             Box::pin(async move {
+                // Users, then tokens, then leases: as in `delete_token`.
+                tx.execute("SELECT id FROM users WHERE id = $1 FOR UPDATE", &[&id]).await?;
+                tx.execute("SELECT id FROM tokens WHERE user_id = $1 ORDER BY id FOR UPDATE", &[&id]).await?;
                 tx.execute(
                     "DELETE FROM quota_leases WHERE (kind = 'u' AND id = $1)
                         OR (kind = 't' AND id IN (SELECT id FROM tokens WHERE user_id = $1))",
