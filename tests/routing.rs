@@ -307,6 +307,39 @@ async fn affinity_keeps_a_session_on_its_channel_and_cheapest_prefers_the_cheap_
     homes.sort();
     homes.dedup();
     assert!(homes.len() >= 2, "twelve sessions all on {homes:?}");
+    // `x-session-id` keeps a session on the translated routes too (without
+    // it they would all go to one channel: affinity orders by weight).
+    for route in ["/v1/messages", "/v1/responses"] {
+        let mut homes = Vec::new();
+        for s in 0..12 {
+            let session = format!("{route}-session-{s}");
+            let mut served = Vec::new();
+            for _ in 0..2 {
+                let before: Vec<u64> = m.iter().map(|x| x.state.hits.load(Ordering::SeqCst)).collect();
+                let body = match route {
+                    "/v1/messages" => json!({"model": "sticky-model", "max_tokens": 16,
+                        "messages": [{"role": "user", "content": "hi"}]}),
+                    _ => json!({"model": "sticky-model", "store": false, "input": "hi"}),
+                };
+                let resp = crate::support::client()
+                    .post(gw.url(route))
+                    .bearer_auth(crate::support::TOKEN)
+                    .header("x-session-id", &session)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("send");
+                assert_eq!(resp.status(), 200, "{route}");
+                let hit = m.iter().zip(&before).position(|(x, b)| x.state.hits.load(Ordering::SeqCst) > *b);
+                served.push(hit.expect("a mock served it"));
+            }
+            assert!(served.windows(2).all(|w| w[0] == w[1]), "{session} moved: {served:?}");
+            homes.push(served[0]);
+        }
+        homes.sort_unstable();
+        homes.dedup();
+        assert!(homes.len() >= 2, "twelve {route} sessions all on {homes:?}");
+    }
     // The body's `user` keeps a session too.
     let by_user = json!({"model": "sticky-model", "user": "u-42", "messages": [{"role": "user", "content": "hi"}]});
     let mut served = Vec::new();

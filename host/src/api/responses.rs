@@ -10,6 +10,7 @@ use bytes::Bytes;
 use super::RequestId;
 use super::auth::Authed;
 use super::body;
+use super::openai::SessionHeader;
 use crate::error::ApiError;
 use crate::ingress::responses;
 use crate::state::AppState;
@@ -19,9 +20,10 @@ pub async fn create(
     State(state): State<AppState>,
     Extension(id): Extension<RequestId>,
     Authed(caller): Authed,
+    session: SessionHeader,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    responses::create(&state, &caller, &id.0, body::take(raw)?).await
+    responses::create(&state, &caller, &id.0, session.0, body::take(raw)?).await
 }
 
 /// `GET /v1/responses/{id}`

@@ -7,7 +7,6 @@ use std::borrow::Cow;
 use axum::response::Response;
 use bytes::Bytes;
 use serde::Deserialize;
-use serde_json::Value;
 
 use super::chat_stream::{Delta, ToolCallDelta};
 use crate::error::ApiError;
@@ -20,8 +19,8 @@ pub struct ChatAnswer<'a> {
     #[serde(default, borrow, deserialize_with = "or_default")]
     pub choices: Vec<AnswerChoice<'a>>,
     /// The usage the upstream reported.
-    #[serde(default)]
-    pub usage: Option<Value>,
+    #[serde(default, deserialize_with = "usage")]
+    pub usage: Option<ChatUsage>,
 }
 
 /// One choice of an answer.
@@ -33,6 +32,113 @@ pub struct AnswerChoice<'a> {
     /// Why the choice ended.
     #[serde(default, borrow, deserialize_with = "text")]
     pub finish_reason: Option<Cow<'a, str>>,
+}
+
+/// A chat completion's usage as the translators read it: typed, every
+/// count 0 when missing, null or not a non-negative integer.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Deserialize)]
+pub struct ChatUsage {
+    /// Prompt tokens, cached ones included.
+    #[serde(default, deserialize_with = "count")]
+    pub prompt_tokens: u64,
+    /// Generated tokens, reasoning included.
+    #[serde(default, deserialize_with = "count")]
+    pub completion_tokens: u64,
+    /// `cached_tokens`.
+    #[serde(default, deserialize_with = "or_default")]
+    pub prompt_tokens_details: PromptDetails,
+    /// `reasoning_tokens`.
+    #[serde(default, deserialize_with = "or_default")]
+    pub completion_tokens_details: CompletionDetails,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Deserialize)]
+pub struct PromptDetails {
+    /// Prompt tokens read from the provider's cache.
+    #[serde(default, deserialize_with = "count")]
+    pub cached_tokens: u64,
+}
+
+/// `usage.completion_tokens_details`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Deserialize)]
+pub struct CompletionDetails {
+    /// Generated tokens spent reasoning.
+    #[serde(default, deserialize_with = "count")]
+    pub reasoning_tokens: u64,
+}
+
+impl ChatUsage {
+    /// Prompt tokens not read from the cache.
+    pub fn uncached_prompt(&self) -> u64 {
+        self.prompt_tokens.saturating_sub(self.prompt_tokens_details.cached_tokens)
+    }
+
+    /// Prompt plus generated tokens.
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+}
+
+/// Visitor methods for the JSON shapes a lenient field does not want:
+/// each consumes the value and reads as `$value`. `$de` is the visitor's
+/// input lifetime; the shapes are listed by name.
+macro_rules! other_shapes_read_as {
+    ($de:lifetime, $value:expr; $($shape:ident),*) => { $(other_shapes_read_as!(@ $de, $value, $shape);)* };
+    (@ $de:lifetime, $value:expr, unit) => {
+        fn visit_unit<E>(self) -> Result<Self::Value, E> { Ok($value) }
+        fn visit_none<E>(self) -> Result<Self::Value, E> { Ok($value) }
+    };
+    (@ $de:lifetime, $value:expr, bool) => { fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> { Ok($value) } };
+    (@ $de:lifetime, $value:expr, i64) => { fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> { Ok($value) } };
+    (@ $de:lifetime, $value:expr, u64) => { fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> { Ok($value) } };
+    (@ $de:lifetime, $value:expr, f64) => { fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> { Ok($value) } };
+    (@ $de:lifetime, $value:expr, str) => { fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> { Ok($value) } };
+    (@ $de:lifetime, $value:expr, seq) => {
+        fn visit_seq<A: serde::de::SeqAccess<$de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok($value)
+        }
+    };
+    (@ $de:lifetime, $value:expr, map) => {
+        fn visit_map<A: serde::de::MapAccess<$de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+            Ok($value)
+        }
+    };
+}
+
+/// A `usage` field: an object reads as [`ChatUsage`], anything else as
+/// absent (an odd usage never loses the frame it came in).
+pub(crate) fn usage<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ChatUsage>, D::Error> {
+    struct Usage;
+    impl<'de> serde::de::Visitor<'de> for Usage {
+        type Value = Option<ChatUsage>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            ChatUsage::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+        other_shapes_read_as!('de, None; unit, bool, i64, u64, f64, str, seq);
+    }
+    d.deserialize_any(Usage)
+}
+
+/// A token count: a non-negative integer; any other JSON value reads as 0.
+fn count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    struct Count;
+    impl<'de> serde::de::Visitor<'de> for Count {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        other_shapes_read_as!('de, 0; unit, bool, i64, f64, str, seq, map);
+    }
+    d.deserialize_any(Count)
 }
 
 /// A string field, borrowed when it has no escapes; any other JSON value
@@ -53,32 +159,7 @@ pub(crate) fn text<'de: 'a, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Opt
         fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
             Ok(Some(Cow::Owned(v)))
         }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
-            Ok(None)
-        }
+        other_shapes_read_as!('de, None; unit, bool, i64, u64, f64, seq, map);
     }
     d.deserialize_any(Text)
 }
@@ -142,5 +223,19 @@ mod tests {
         assert_eq!((text, calls[0].parts(), finish), ("", ("", "f", ""), None));
         let escaped = ChatAnswer::parse(br#"{"choices":[{"message":{"content":"a\nb"}}]}"#).expect("parses");
         assert_eq!(escaped.message().0, "a\nb");
+    }
+
+    #[test]
+    fn usage_reads_typed_with_odd_counts_as_zero_and_odd_shapes_as_absent() {
+        let body = br#"{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":-1,"prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":null,"total_tokens":"x"}}"#;
+        let usage = ChatAnswer::parse(body).expect("parses").usage.expect("usage");
+        assert_eq!(
+            (usage.prompt_tokens, usage.completion_tokens, usage.uncached_prompt(), usage.total()),
+            (10, 0, 6, 10)
+        );
+        assert_eq!(usage.completion_tokens_details.reasoning_tokens, 0);
+        for odd in [&br#"{"usage":[1,2]}"#[..], br#"{"usage":"n/a"}"#, br#"{"usage":7}"#, br#"{"usage":null}"#] {
+            assert_eq!(ChatAnswer::parse(odd).expect("parses").usage, None);
+        }
     }
 }

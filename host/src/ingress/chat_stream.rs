@@ -11,7 +11,7 @@ use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::answer::{or_default, text};
+use super::answer::{ChatUsage, or_default, text, usage};
 
 /// Largest SSE frame buffered while waiting for its end.
 const MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -24,8 +24,8 @@ pub struct ChatChunk<'a> {
     #[serde(default, borrow, deserialize_with = "or_default")]
     pub choices: Vec<ChoiceDelta<'a>>,
     /// Usage, on the last chunk when asked for.
-    #[serde(default)]
-    pub usage: Option<Value>,
+    #[serde(default, deserialize_with = "usage")]
+    pub usage: Option<ChatUsage>,
     /// An error the relay ended the stream with.
     #[serde(default)]
     pub error: Option<Value>,

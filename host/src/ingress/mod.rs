@@ -71,16 +71,3 @@ fn copy_fields(from: &Map<String, Value>, to: &mut Map<String, Value>, keys: &[&
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{:024x}", rand::random::<u128>() >> 32)
 }
-
-/// The chat completion's usage as (prompt, completion, cached prompt,
-/// reasoning) tokens.
-fn usage_numbers(usage: Option<&Value>) -> (u64, u64, u64, u64) {
-    let Some(u) = usage else { return (0, 0, 0, 0) };
-    let n = |v: &Value| v.as_u64().unwrap_or(0);
-    (
-        n(&u["prompt_tokens"]),
-        n(&u["completion_tokens"]),
-        n(&u["prompt_tokens_details"]["cached_tokens"]),
-        n(&u["completion_tokens_details"]["reasoning_tokens"]),
-    )
-}

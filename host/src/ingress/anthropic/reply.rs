@@ -4,8 +4,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::ingress::answer::ChatAnswer;
-use crate::ingress::usage_numbers;
+use crate::ingress::answer::{ChatAnswer, ChatUsage};
 
 /// Anthropic's `stop_reason` for a chat `finish_reason`.
 pub fn stop_reason(finish: Option<&str>) -> &'static str {
@@ -27,12 +26,12 @@ pub struct Usage {
 }
 
 /// Anthropic's usage object for a chat `usage`.
-pub fn usage(usage: Option<&Value>) -> Usage {
-    let (prompt, completion, cached, _) = usage_numbers(usage);
+pub fn usage(usage: Option<ChatUsage>) -> Usage {
+    let u = usage.unwrap_or_default();
     Usage {
-        input_tokens: prompt.saturating_sub(cached),
-        output_tokens: completion,
-        cache_read_input_tokens: cached,
+        input_tokens: u.uncached_prompt(),
+        output_tokens: u.completion_tokens,
+        cache_read_input_tokens: u.prompt_tokens_details.cached_tokens,
         cache_creation_input_tokens: 0,
     }
 }
@@ -109,7 +108,7 @@ pub fn message<'a>(chat: &'a ChatAnswer<'a>, model: &'a str, id: &'a str) -> Mes
         content,
         stop_reason: stop_reason(finish),
         stop_sequence: None,
-        usage: usage(chat.usage.as_ref()),
+        usage: usage(chat.usage),
     }
 }
 

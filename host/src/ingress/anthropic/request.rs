@@ -1,104 +1,385 @@
-//! An Anthropic Messages request as a chat completion request.
+//! An Anthropic Messages request as a chat completion request: one
+//! borrowed, typed pass over the client's body and the chat request
+//! serialized straight from typed parts (no JSON tree on the request's
+//! worker; `docs/performance.md`).
 
-use serde_json::{Map, Value, json};
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::error::ApiError;
-use crate::ingress::{copy_fields, object_field};
+use crate::ingress::answer::text;
 
 fn bad(param: &str, message: impl Into<String>) -> ApiError {
     ApiError::bad_request(message).param(param)
 }
 
+/// A JSON value of the client's body, kept as written.
+type Raw<'a> = Option<&'a RawValue>;
+
+/// Parse `raw` as `T`, or fail with `error`. Every parse here reads
+/// bytes (`from_slice`), as the relay's own parses do, so this path shares
+/// their already-warm parser code instead of instantiating a second one.
+fn read<'a, T: Deserialize<'a>>(raw: &'a RawValue, error: impl FnOnce() -> ApiError) -> Result<T, ApiError> {
+    serde_json::from_slice(raw.get().as_bytes()).map_err(|_| error())
+}
+
+/// A JSON value as compact JSON text (a tool call's arguments).
+fn compact(raw: &RawValue) -> String {
+    serde_json::from_slice::<serde_json::Value>(raw.get().as_bytes())
+        .map_or_else(|_| raw.get().to_string(), |v| v.to_string())
+}
+
+/// The top-level fields of a Messages request the translation reads; any
+/// JSON value is accepted here and checked field by field, so a wrong
+/// type gets an error naming that field.
+#[derive(Deserialize)]
+struct MessagesRequest<'a> {
+    #[serde(default, borrow)]
+    model: Raw<'a>,
+    #[serde(default, borrow)]
+    max_tokens: Raw<'a>,
+    #[serde(default, borrow)]
+    stream: Raw<'a>,
+    #[serde(default, borrow)]
+    system: Raw<'a>,
+    #[serde(default, borrow)]
+    messages: Raw<'a>,
+    #[serde(default, borrow)]
+    temperature: Raw<'a>,
+    #[serde(default, borrow)]
+    top_p: Raw<'a>,
+    #[serde(default, borrow)]
+    stop_sequences: Raw<'a>,
+    #[serde(default, borrow)]
+    metadata: Raw<'a>,
+    #[serde(default, borrow)]
+    tools: Raw<'a>,
+    #[serde(default, borrow)]
+    tool_choice: Raw<'a>,
+}
+
+/// One message of the request.
+#[derive(Deserialize)]
+struct InMessage<'a> {
+    #[serde(default, borrow, deserialize_with = "text")]
+    role: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    content: Raw<'a>,
+}
+
+/// Message content: a string or a list of blocks.
+enum InContent<'a> {
+    Text(Cow<'a, str>),
+    Blocks(Vec<&'a RawValue>),
+}
+
+impl<'a> InContent<'a> {
+    /// `raw` as content, if it is a string or a list.
+    fn parse(raw: &'a RawValue) -> Option<Self> {
+        match raw.get().as_bytes().first() {
+            Some(b'"') => text(&mut serde_json::Deserializer::from_slice(raw.get().as_bytes()))
+                .ok()
+                .flatten()
+                .map(InContent::Text),
+            Some(b'[') => serde_json::from_slice(raw.get().as_bytes()).ok().map(InContent::Blocks),
+            _ => None,
+        }
+    }
+}
+
+/// A content block, any type; each type reads its own fields.
+#[derive(Deserialize)]
+struct InBlock<'a> {
+    #[serde(rename = "type", default, borrow, deserialize_with = "text")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    source: Raw<'a>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    id: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    input: Raw<'a>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    tool_use_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    content: Raw<'a>,
+    #[serde(default, borrow)]
+    is_error: Raw<'a>,
+}
+
+impl<'a> InBlock<'a> {
+    fn parse(raw: &'a RawValue) -> Result<Self, ApiError> {
+        read(raw, || bad("messages", "Each content block needs a 'type'."))
+    }
+}
+
+/// An image block's `source`.
+#[derive(Deserialize)]
+struct ImageSource<'a> {
+    #[serde(rename = "type", default, borrow, deserialize_with = "text")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    media_type: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    data: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    url: Option<Cow<'a, str>>,
+}
+
+/// A tool definition.
+#[derive(Deserialize)]
+struct InTool<'a> {
+    #[serde(rename = "type", default, borrow, deserialize_with = "text")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    name: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    description: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    input_schema: Raw<'a>,
+}
+
+/// `tool_choice`.
+#[derive(Deserialize)]
+struct InToolChoice<'a> {
+    #[serde(rename = "type", default, borrow, deserialize_with = "text")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    name: Option<Cow<'a, str>>,
+    #[serde(default)]
+    disable_parallel_tool_use: Option<bool>,
+}
+
+/// `metadata` (only `user_id` is read).
+#[derive(Deserialize)]
+struct InMetadata<'a> {
+    #[serde(default, borrow, deserialize_with = "text")]
+    user_id: Option<Cow<'a, str>>,
+}
+
+/// The chat completion request.
+#[derive(Serialize)]
+struct ChatRequest<'a> {
+    model: Cow<'a, str>,
+    messages: Vec<ChatMessage<'a>>,
+    max_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Raw<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Raw<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop: Raw<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<Vec<ChatTool<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<ChatToolChoice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_tool_calls: Option<bool>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// A chat message.
+#[derive(Serialize)]
+#[serde(tag = "role", rename_all = "lowercase")]
+enum ChatMessage<'a> {
+    System {
+        content: String,
+    },
+    User {
+        content: UserContent<'a>,
+    },
+    Assistant {
+        content: Option<Cow<'a, str>>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        tool_calls: Vec<ToolCall<'a>>,
+    },
+    Tool {
+        tool_call_id: Cow<'a, str>,
+        content: String,
+    },
+}
+
+/// A user message's content: one text or a list of parts.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum UserContent<'a> {
+    Text(Cow<'a, str>),
+    Parts(Vec<Part<'a>>),
+}
+
+/// A part of a user message.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Part<'a> {
+    Text { text: Cow<'a, str> },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Serialize)]
+struct ImageUrl {
+    url: String,
+}
+
+#[derive(Serialize)]
+struct ToolCall<'a> {
+    id: Cow<'a, str>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: FunctionCall<'a>,
+}
+
+#[derive(Serialize)]
+struct FunctionCall<'a> {
+    name: Cow<'a, str>,
+    arguments: String,
+}
+
+#[derive(Serialize)]
+struct ChatTool<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: FunctionDef<'a>,
+}
+
+#[derive(Serialize)]
+struct FunctionDef<'a> {
+    name: Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    description: Option<Cow<'a, str>>,
+    parameters: &'a RawValue,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ChatToolChoice<'a> {
+    Mode(&'static str),
+    Function {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        function: FunctionName<'a>,
+    },
+}
+
+#[derive(Serialize)]
+struct FunctionName<'a> {
+    name: Cow<'a, str>,
+}
+
 /// The text of a `system` prompt: a string or a list of text blocks.
-fn system_text(system: &Value) -> Result<String, ApiError> {
-    match system {
-        Value::String(s) => Ok(s.clone()),
-        Value::Array(blocks) => {
+fn system_text(system: &RawValue) -> Result<String, ApiError> {
+    let wrong = || bad("system", "Invalid type for 'system': expected a string or a list of text blocks.");
+    match InContent::parse(system).ok_or_else(wrong)? {
+        InContent::Text(text) => Ok(text.into_owned()),
+        InContent::Blocks(blocks) => {
+            let not_text = || bad("system", "'system' blocks must be text blocks.");
             let mut texts = Vec::with_capacity(blocks.len());
-            for block in blocks {
-                match block.get("text").and_then(Value::as_str) {
-                    Some(text) if block["type"] == "text" => texts.push(text),
-                    _ => return Err(bad("system", "'system' blocks must be text blocks.")),
+            for raw in blocks {
+                let block: InBlock = read(raw, not_text)?;
+                match (block.kind.as_deref(), block.text) {
+                    (Some("text"), Some(text)) => texts.push(text),
+                    _ => return Err(not_text()),
                 }
             }
             Ok(texts.join("\n"))
         }
-        _ => Err(bad("system", "Invalid type for 'system': expected a string or a list of text blocks.")),
     }
 }
 
 /// An image block as a chat `image_url` part.
-fn image_part(block: &Value) -> Result<Value, ApiError> {
-    let source = &block["source"];
-    let url = match source["type"].as_str() {
+fn image_part<'a>(block: &InBlock<'a>) -> Result<Part<'a>, ApiError> {
+    let unsupported = || bad("messages", "Unsupported image source type.");
+    let source: ImageSource = read(block.source.ok_or_else(unsupported)?, unsupported)?;
+    let url = match source.kind.as_deref() {
         Some("base64") => {
-            let (Some(media), Some(data)) = (source["media_type"].as_str(), source["data"].as_str()) else {
+            let (Some(media), Some(data)) = (source.media_type, source.data) else {
                 return Err(bad("messages", "An image's base64 source needs 'media_type' and 'data'."));
             };
             format!("data:{media};base64,{data}")
         }
-        Some("url") => match source["url"].as_str() {
-            Some(url) => url.to_string(),
+        Some("url") => match source.url {
+            Some(url) => url.into_owned(),
             None => return Err(bad("messages", "An image's url source needs 'url'.")),
         },
-        _ => return Err(bad("messages", "Unsupported image source type.")),
+        _ => return Err(unsupported()),
     };
-    Ok(json!({"type": "image_url", "image_url": {"url": url}}))
+    Ok(Part::ImageUrl { image_url: ImageUrl { url } })
 }
 
 /// The content of a `tool_result` block as text.
-fn tool_result_text(content: &Value) -> String {
-    match content {
-        Value::String(s) => s.clone(),
-        Value::Array(blocks) => {
-            blocks.iter().filter_map(|b| b.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("\n")
+fn tool_result_text(content: Raw<'_>) -> String {
+    let Some(content) = content else { return String::new() };
+    match InContent::parse(content) {
+        Some(InContent::Text(text)) => text.into_owned(),
+        Some(InContent::Blocks(blocks)) => {
+            let texts: Vec<_> = blocks.into_iter().filter_map(|raw| InBlock::parse(raw).ok()?.text).collect();
+            texts.join("\n")
         }
-        Value::Null => String::new(),
-        other => other.to_string(),
+        None => compact(content),
     }
 }
 
 /// One Anthropic message as one or more chat messages (tool results
 /// become `tool` messages, in order).
-fn message(msg: &Value, out: &mut Vec<Value>) -> Result<(), ApiError> {
-    let role = match msg["role"].as_str() {
+fn message<'a>(raw: &'a RawValue, out: &mut Vec<ChatMessage<'a>>) -> Result<(), ApiError> {
+    let wrong_role = || bad("messages", "Each message's 'role' must be \"user\" or \"assistant\".");
+    let msg: InMessage = read(raw, wrong_role)?;
+    let role = match msg.role.as_deref() {
         Some(role @ ("user" | "assistant")) => role,
-        _ => return Err(bad("messages", "Each message's 'role' must be \"user\" or \"assistant\".")),
+        _ => return Err(wrong_role()),
     };
-    let blocks = match &msg["content"] {
-        Value::String(text) => {
-            out.push(json!({"role": role, "content": text}));
+    let assistant = role == "assistant";
+    let wrong_content = || bad("messages", "Each message's 'content' must be a string or a list of blocks.");
+    let blocks = match msg.content.and_then(InContent::parse).ok_or_else(wrong_content)? {
+        InContent::Text(text) if assistant => {
+            out.push(ChatMessage::Assistant { content: Some(text), tool_calls: Vec::new() });
             return Ok(());
         }
-        Value::Array(blocks) => blocks,
-        _ => return Err(bad("messages", "Each message's 'content' must be a string or a list of blocks.")),
+        InContent::Text(text) => {
+            out.push(ChatMessage::User { content: UserContent::Text(text) });
+            return Ok(());
+        }
+        InContent::Blocks(blocks) => blocks,
     };
-    let mut parts: Vec<Value> = Vec::new();
-    let mut tool_calls: Vec<Value> = Vec::new();
-    for block in blocks {
-        match block["type"].as_str() {
+    let mut parts: Vec<Part> = Vec::new();
+    let mut tool_calls: Vec<ToolCall> = Vec::new();
+    for raw in blocks {
+        let block = InBlock::parse(raw)?;
+        match block.kind.as_deref() {
             Some("text") => {
-                let text = block["text"].as_str().ok_or_else(|| bad("messages", "A text block needs 'text'."))?;
-                parts.push(json!({"type": "text", "text": text}));
+                let text = block.text.ok_or_else(|| bad("messages", "A text block needs 'text'."))?;
+                parts.push(Part::Text { text });
             }
-            Some("image") if role == "user" => parts.push(image_part(block)?),
-            Some("tool_use") if role == "assistant" => {
-                let (Some(id), Some(name)) = (block["id"].as_str(), block["name"].as_str()) else {
+            Some("image") if !assistant => parts.push(image_part(&block)?),
+            Some("tool_use") if assistant => {
+                let (Some(id), Some(name)) = (block.id, block.name) else {
                     return Err(bad("messages", "A tool_use block needs 'id' and 'name'."));
                 };
-                let input = if block["input"].is_null() { json!({}) } else { block["input"].clone() };
-                tool_calls.push(json!({"id": id, "type": "function",
-                    "function": {"name": name, "arguments": input.to_string()}}));
+                let arguments = block.input.map_or_else(|| "{}".to_string(), compact);
+                tool_calls.push(ToolCall { id, kind: "function", function: FunctionCall { name, arguments } });
             }
-            Some("tool_result") if role == "user" => {
-                let id = block["tool_use_id"]
-                    .as_str()
-                    .ok_or_else(|| bad("messages", "A tool_result block needs 'tool_use_id'."))?;
-                let mut text = tool_result_text(&block["content"]);
-                if block["is_error"] == true {
+            Some("tool_result") if !assistant => {
+                let id =
+                    block.tool_use_id.ok_or_else(|| bad("messages", "A tool_result block needs 'tool_use_id'."))?;
+                let mut text = tool_result_text(block.content);
+                if block.is_error.is_some_and(|e| e.get() == "true") {
                     text = format!("Error: {text}");
                 }
-                out.push(json!({"role": "tool", "tool_call_id": id, "content": text}));
+                out.push(ChatMessage::Tool { tool_call_id: id, content: text });
             }
             // Reasoning of earlier turns is not replayed to other providers.
             Some("thinking" | "redacted_thinking") => {}
@@ -111,116 +392,148 @@ fn message(msg: &Value, out: &mut Vec<Value>) -> Result<(), ApiError> {
             None => return Err(bad("messages", "Each content block needs a 'type'.")),
         }
     }
-    if role == "assistant" {
-        let text: Vec<&str> = parts.iter().filter_map(|p| p["text"].as_str()).collect();
-        let mut m = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { Value::from(text.concat()) }});
-        if !tool_calls.is_empty() {
-            m["tool_calls"] = Value::Array(tool_calls);
-        }
-        out.push(m);
+    if assistant {
+        let texts: Vec<&str> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Part::Text { text } => Some(text.as_ref()),
+                Part::ImageUrl { .. } => None,
+            })
+            .collect();
+        let content = (!texts.is_empty()).then(|| Cow::Owned(texts.concat()));
+        out.push(ChatMessage::Assistant { content, tool_calls });
     } else if !parts.is_empty() {
-        let all_text = parts.iter().all(|p| p["type"] == "text");
-        let content = if all_text && parts.len() == 1 { parts[0]["text"].clone() } else { Value::Array(parts) };
-        out.push(json!({"role": "user", "content": content}));
+        let content = match <[Part; 1]>::try_from(parts) {
+            Ok([Part::Text { text }]) => UserContent::Text(text),
+            Ok(one) => UserContent::Parts(one.into()),
+            Err(parts) => UserContent::Parts(parts),
+        };
+        out.push(ChatMessage::User { content });
     }
     Ok(())
 }
 
 /// Anthropic tool definitions as chat tools.
-fn tools(list: &Value) -> Result<Value, ApiError> {
-    let Value::Array(list) = list else { return Err(bad("tools", "Invalid type for 'tools': expected a list.")) };
+fn tools(list: &RawValue) -> Result<Vec<ChatTool<'_>>, ApiError> {
+    let list: Vec<&RawValue> = read(list, || bad("tools", "Invalid type for 'tools': expected a list."))?;
+    let no_name = || bad("tools", "Each tool needs a 'name'.");
+    let object_schema: &RawValue = serde_json::from_slice(br#"{"type":"object"}"#).expect("a JSON object");
     let mut out = Vec::with_capacity(list.len());
-    for tool in list {
-        if tool.get("type").and_then(Value::as_str).is_some_and(|t| t != "custom") {
+    for raw in list {
+        let tool: InTool = read(raw, no_name)?;
+        if tool.kind.as_deref().is_some_and(|t| t != "custom") {
             return Err(bad("tools", "Only client tools (name, description, input_schema) are supported."));
         }
-        let name = tool["name"].as_str().ok_or_else(|| bad("tools", "Each tool needs a 'name'."))?;
-        let mut function =
-            json!({"name": name, "parameters": tool.get("input_schema").cloned().unwrap_or(json!({"type": "object"}))});
-        if let Some(d) = tool.get("description").filter(|d| d.is_string()) {
-            function["description"] = d.clone();
-        }
-        out.push(json!({"type": "function", "function": function}));
+        let name = tool.name.ok_or_else(no_name)?;
+        let parameters = tool.input_schema.unwrap_or(object_schema);
+        out.push(ChatTool {
+            kind: "function",
+            function: FunctionDef { name, description: tool.description, parameters },
+        });
     }
-    Ok(Value::Array(out))
+    Ok(out)
 }
 
 /// `tool_choice` as chat's, and whether parallel tool use is off.
-fn tool_choice(choice: &Map<String, Value>) -> Result<(Value, bool), ApiError> {
-    let parallel_off = choice.get("disable_parallel_tool_use") == Some(&Value::Bool(true));
-    let chat = match choice.get("type").and_then(Value::as_str) {
-        Some("auto") => json!("auto"),
-        Some("any") => json!("required"),
-        Some("none") => json!("none"),
+fn tool_choice(raw: &RawValue) -> Result<(ChatToolChoice<'_>, bool), ApiError> {
+    let choice: InToolChoice = read(raw, || bad("tool_choice", "Invalid type for 'tool_choice': expected an object."))?;
+    let chat = match choice.kind.as_deref() {
+        Some("auto") => ChatToolChoice::Mode("auto"),
+        Some("any") => ChatToolChoice::Mode("required"),
+        Some("none") => ChatToolChoice::Mode("none"),
         Some("tool") => {
-            let name = choice
-                .get("name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad("tool_choice", "A tool choice of type 'tool' needs a 'name'."))?;
-            json!({"type": "function", "function": {"name": name}})
+            let name = choice.name.ok_or_else(|| bad("tool_choice", "A tool choice of type 'tool' needs a 'name'."))?;
+            ChatToolChoice::Function { kind: "function", function: FunctionName { name } }
         }
         _ => return Err(bad("tool_choice", "'tool_choice.type' must be auto, any, tool or none.")),
     };
-    Ok((chat, parallel_off))
+    Ok((chat, choice.disable_parallel_tool_use == Some(true)))
 }
 
-/// The chat completion request for a Messages request `body`, and whether
-/// it streams.
-pub fn to_chat(body: &Map<String, Value>) -> Result<(Map<String, Value>, bool), ApiError> {
-    let model = body.get("model").and_then(Value::as_str).filter(|m| !m.is_empty());
-    let model = model.ok_or_else(|| bad("model", "'model' is required."))?;
-    let max_tokens = body.get("max_tokens").and_then(Value::as_u64);
-    let max_tokens =
-        max_tokens.ok_or_else(|| bad("max_tokens", "'max_tokens' is required and must be a positive integer."))?;
-    let stream = match body.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(bad("stream", "Invalid type for 'stream': expected a boolean.")),
+/// A Messages request translated: the chat completion request's body and
+/// whether it streams.
+pub struct Translated {
+    /// The chat completion request, serialized.
+    pub chat: Vec<u8>,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+}
+
+/// The chat completion request for a Messages request `body`.
+/// `default_max_tokens` stands in for a missing `max_tokens` (counting
+/// tokens needs none); without it `max_tokens` is required.
+pub fn to_chat(body: &[u8], default_max_tokens: Option<u64>) -> Result<Translated, ApiError> {
+    let req: MessagesRequest =
+        serde_json::from_slice(body).map_err(|_| ApiError::bad_request("The request body must be a JSON object."))?;
+    let no_model = || bad("model", "'model' is required.");
+    let model: Cow<str> = read(req.model.ok_or_else(no_model)?, no_model)?;
+    if model.is_empty() {
+        return Err(no_model());
+    }
+    let no_max = || bad("max_tokens", "'max_tokens' is required and must be a positive integer.");
+    let max_tokens = match req.max_tokens {
+        Some(raw) => read::<u64>(raw, no_max)?,
+        None => default_max_tokens.ok_or_else(no_max)?,
+    };
+    let stream = match req.stream {
+        None => false,
+        Some(raw) => read::<bool>(raw, || bad("stream", "Invalid type for 'stream': expected a boolean."))?,
     };
     let mut messages = Vec::new();
-    if let Some(system) = body.get("system").filter(|s| !s.is_null()) {
-        messages.push(json!({"role": "system", "content": system_text(system)?}));
+    if let Some(system) = req.system {
+        messages.push(ChatMessage::System { content: system_text(system)? });
     }
-    let Some(Value::Array(list)) = body.get("messages") else {
-        return Err(bad("messages", "'messages' is required and must be a list."));
-    };
-    for msg in list {
-        message(msg, &mut messages)?;
+    let not_list = || bad("messages", "'messages' is required and must be a list.");
+    let list: Vec<&RawValue> = read(req.messages.ok_or_else(not_list)?, not_list)?;
+    for raw in list {
+        message(raw, &mut messages)?;
     }
-    let mut chat = Map::new();
-    chat.insert("model".into(), model.into());
-    chat.insert("messages".into(), Value::Array(messages));
-    chat.insert("max_tokens".into(), max_tokens.into());
-    copy_fields(body, &mut chat, &["temperature", "top_p"]);
-    if let Some(stop) = body.get("stop_sequences").filter(|s| !s.is_null()) {
-        chat.insert("stop".into(), stop.clone());
-    }
-    if let Some(user) = object_field(body, "metadata")?.and_then(|m| m.get("user_id")).filter(|u| u.is_string()) {
-        chat.insert("user".into(), user.clone());
-    }
-    if let Some(list) = body.get("tools").filter(|t| !t.is_null()) {
-        chat.insert("tools".into(), tools(list)?);
-    }
-    if let Some(choice) = object_field(body, "tool_choice")? {
-        let (choice, parallel_off) = tool_choice(choice)?;
-        chat.insert("tool_choice".into(), choice);
-        if parallel_off {
-            chat.insert("parallel_tool_calls".into(), false.into());
+    let user = match req.metadata {
+        Some(raw) => {
+            let metadata: InMetadata =
+                read(raw, || bad("metadata", "Invalid type for 'metadata': expected an object."))?;
+            metadata.user_id
         }
-    }
-    if stream {
-        chat.insert("stream".into(), true.into());
-        chat.insert("stream_options".into(), json!({"include_usage": true}));
-    }
-    Ok((chat, stream))
+        None => None,
+    };
+    let (tool_choice, parallel_off) = match req.tool_choice {
+        Some(raw) => {
+            let (choice, off) = tool_choice(raw)?;
+            (Some(choice), off)
+        }
+        None => (None, false),
+    };
+    let chat = ChatRequest {
+        model,
+        messages,
+        max_tokens,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        stop: req.stop_sequences,
+        user,
+        tools: req.tools.map(tools).transpose()?,
+        tool_choice,
+        parallel_tool_calls: parallel_off.then_some(false),
+        stream,
+        stream_options: stream.then_some(StreamOptions { include_usage: true }),
+    };
+    let chat = serde_json::to_vec(&chat).map_err(|_| ApiError::internal())?;
+    Ok(Translated { chat, stream })
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
 
-    fn chat(v: Value) -> Map<String, Value> {
-        to_chat(v.as_object().expect("object")).expect("translates").0
+    fn chat(v: Value) -> Value {
+        let out = to_chat(v.to_string().as_bytes(), None).expect("translates");
+        serde_json::from_slice(&out.chat).expect("JSON")
+    }
+
+    fn refused(v: Value) -> Option<String> {
+        to_chat(v.to_string().as_bytes(), None).err().expect("refused").param
     }
 
     #[test]
@@ -240,6 +553,8 @@ mod tests {
         }));
         let m = out["messages"].as_array().expect("messages");
         assert_eq!(m[0], json!({"role": "system", "content": "be brief"}));
+        assert_eq!(m[1], json!({"role": "user", "content": "weather?"}));
+        assert_eq!(m[2]["content"], "checking");
         assert_eq!(m[2]["tool_calls"][0]["function"]["arguments"], "{\"city\":\"Oslo\"}");
         assert_eq!(m[3], json!({"role": "tool", "tool_call_id": "toolu_1", "content": "12C"}));
         assert_eq!(m[4], json!({"role": "user", "content": "thanks"}));
@@ -248,13 +563,66 @@ mod tests {
         assert_eq!(out["stop"], json!(["END"]));
         assert_eq!(out["user"], "u1");
         assert_eq!(out["tools"][0]["function"]["parameters"], json!({"type": "object"}));
+        assert_eq!(out["tools"][0]["function"]["description"], "d");
+        assert!(out.get("stream").is_none() && out.get("temperature").is_none());
     }
 
     #[test]
-    fn missing_max_tokens_and_server_tools_are_refused() {
-        let no_max = json!({"model": "m", "messages": []});
-        assert_eq!(to_chat(no_max.as_object().expect("o")).expect_err("refused").param.as_deref(), Some("max_tokens"));
+    fn images_errors_streams_and_escapes_translate() {
+        let out = chat(json!({
+            "model": "m", "max_tokens": 8, "stream": true, "temperature": 0.5,
+            "tool_choice": {"type": "tool", "name": "f"},
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "look \"here\"\n"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAA"}}]},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": null}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "is_error": true,
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+            ]
+        }));
+        let m = out["messages"].as_array().expect("messages");
+        assert_eq!(m[0]["content"][0], json!({"type": "text", "text": "look \"here\"\n"}));
+        assert_eq!(m[0]["content"][1]["image_url"]["url"], "data:image/png;base64,AAA");
+        assert_eq!(
+            m[1],
+            json!({"role": "assistant", "content": null,
+            "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]})
+        );
+        assert_eq!(m[2], json!({"role": "tool", "tool_call_id": "t1", "content": "Error: a\nb"}));
+        assert_eq!(out["tool_choice"], json!({"type": "function", "function": {"name": "f"}}));
+        assert_eq!(
+            (out["stream"].clone(), out["stream_options"].clone()),
+            (json!(true), json!({"include_usage": true}))
+        );
+        assert_eq!(out["temperature"], 0.5);
+    }
+
+    #[test]
+    fn missing_max_tokens_wrong_types_and_server_tools_are_refused() {
+        assert_eq!(refused(json!({"model": "m", "messages": []})).as_deref(), Some("max_tokens"));
+        let counted = to_chat(br#"{"model":"m","messages":[]}"#, Some(1)).expect("a default stands in");
+        assert!(!counted.stream);
         let server = json!({"model": "m", "max_tokens": 1, "messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search"}]});
-        assert_eq!(to_chat(server.as_object().expect("o")).expect_err("refused").param.as_deref(), Some("tools"));
+        assert_eq!(refused(server).as_deref(), Some("tools"));
+        assert_eq!(refused(json!({"model": "", "max_tokens": 1, "messages": []})).as_deref(), Some("model"));
+        assert_eq!(refused(json!({"model": "m", "max_tokens": 1, "messages": {}})).as_deref(), Some("messages"));
+        assert_eq!(
+            refused(json!({"model": "m", "max_tokens": 1, "stream": "yes", "messages": []})).as_deref(),
+            Some("stream")
+        );
+        assert_eq!(
+            refused(json!({"model": "m", "max_tokens": 1, "metadata": 3, "messages": []})).as_deref(),
+            Some("metadata")
+        );
+        assert_eq!(
+            refused(json!({"model": "m", "max_tokens": 1, "system": 3, "messages": []})).as_deref(),
+            Some("system")
+        );
+        let bad_role = json!({"model": "m", "max_tokens": 1, "messages": [{"role": "system", "content": "x"}]});
+        assert_eq!(refused(bad_role).as_deref(), Some("messages"));
+        let bad_block =
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "video"}]}]});
+        assert_eq!(refused(bad_block).as_deref(), Some("messages"));
+        assert!(to_chat(b"[1]", None).is_err());
     }
 }

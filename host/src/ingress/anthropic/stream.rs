@@ -3,6 +3,7 @@
 //! with `input_json_delta`, thinking), `message_delta` with the usage, and
 //! `message_stop`; an `error` event when the relay fails mid-stream.
 
+use crate::ingress::answer::ChatUsage;
 use bytes::BytesMut;
 use serde::Serialize;
 use serde_json::Value;
@@ -119,7 +120,7 @@ pub struct MessagesStream {
     /// Index of the next content block.
     next_index: u64,
     finish: Option<String>,
-    usage: Option<Value>,
+    usage: Option<ChatUsage>,
 }
 
 impl MessagesStream {
@@ -177,8 +178,8 @@ impl MessagesStream {
 impl Translator for MessagesStream {
     fn chunk(&mut self, chunk: &ChatChunk<'_>, out: &mut BytesMut) {
         self.start(out);
-        if let Some(u) = chunk.usage.as_ref().filter(|u| u.is_object()) {
-            self.usage = Some(u.clone());
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
         }
         let Some(choice) = chunk.first() else { return };
         let delta = &choice.delta;
@@ -222,7 +223,7 @@ impl Translator for MessagesStream {
         self.start(out);
         self.close(out);
         let delta = StopDelta { stop_reason: stop_reason(self.finish.as_deref()), stop_sequence: None };
-        let event = MessageDelta { kind: "message_delta", delta, usage: usage(self.usage.as_ref()) };
+        let event = MessageDelta { kind: "message_delta", delta, usage: usage(self.usage) };
         write_event(out, Some("message_delta"), &event);
         write_event(out, Some("message_stop"), &Bare { kind: "message_stop" });
     }

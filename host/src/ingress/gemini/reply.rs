@@ -6,8 +6,8 @@ use bytes::BytesMut;
 use serde_json::{Value, json};
 
 use crate::ingress::answer::ChatAnswer;
+use crate::ingress::answer::ChatUsage;
 use crate::ingress::chat_stream::{ChatChunk, Translator, non_empty};
-use crate::ingress::usage_numbers;
 
 /// Gemini's `finishReason` for a chat `finish_reason`.
 fn finish_reason(finish: Option<&str>) -> &'static str {
@@ -18,10 +18,11 @@ fn finish_reason(finish: Option<&str>) -> &'static str {
     }
 }
 
-fn usage_metadata(usage: Option<&Value>) -> Value {
-    let (prompt, completion, cached, reasoning) = usage_numbers(usage);
-    let mut u = json!({"promptTokenCount": prompt, "candidatesTokenCount": completion,
-                       "totalTokenCount": prompt.saturating_add(completion)});
+fn usage_metadata(usage: ChatUsage) -> Value {
+    let (cached, reasoning) =
+        (usage.prompt_tokens_details.cached_tokens, usage.completion_tokens_details.reasoning_tokens);
+    let mut u = json!({"promptTokenCount": usage.prompt_tokens, "candidatesTokenCount": usage.completion_tokens,
+                       "totalTokenCount": usage.total()});
     if cached > 0 {
         u["cachedContentTokenCount"] = cached.into();
     }
@@ -36,13 +37,13 @@ fn function_call(name: &str, arguments: &str) -> Value {
     json!({"functionCall": {"name": name, "args": args}})
 }
 
-fn response(parts: Vec<Value>, finish: Option<&str>, usage: Option<&Value>, model: &str, id: &str) -> Value {
+fn response(parts: Vec<Value>, finish: Option<&str>, usage: Option<ChatUsage>, model: &str, id: &str) -> Value {
     let mut candidate = json!({"content": {"role": "model", "parts": parts}, "index": 0});
     if finish.is_some() || usage.is_some() {
         candidate["finishReason"] = finish_reason(finish).into();
     }
     let mut r = json!({"candidates": [candidate], "modelVersion": model, "responseId": id});
-    if usage.is_some() {
+    if let Some(usage) = usage {
         r["usageMetadata"] = usage_metadata(usage);
     }
     r
@@ -59,7 +60,7 @@ pub fn answer(chat: &ChatAnswer<'_>, model: &str, id: &str) -> Value {
         let (_, name, arguments) = call.parts();
         parts.push(function_call(name, arguments));
     }
-    response(parts, Some(finish.unwrap_or("stop")), Some(chat.usage.as_ref().unwrap_or(&Value::Null)), model, id)
+    response(parts, Some(finish.unwrap_or("stop")), Some(chat.usage.unwrap_or_default()), model, id)
 }
 
 /// How stream responses are framed: SSE (`alt=sse`) or one JSON array.
@@ -80,7 +81,7 @@ pub struct GeminiStream {
     /// Tool calls being assembled: (chat index, name, arguments).
     calls: Vec<(u64, String, String)>,
     finish: Option<String>,
-    usage: Option<Value>,
+    usage: Option<ChatUsage>,
 }
 
 impl GeminiStream {
@@ -113,8 +114,8 @@ impl GeminiStream {
 
 impl Translator for GeminiStream {
     fn chunk(&mut self, chunk: &ChatChunk<'_>, out: &mut BytesMut) {
-        if let Some(u) = chunk.usage.as_ref().filter(|u| u.is_object()) {
-            self.usage = Some(u.clone());
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
         }
         let Some(choice) = chunk.first() else { return };
         for call in &choice.delta.tool_calls {
@@ -146,8 +147,8 @@ impl Translator for GeminiStream {
 
     fn finish(&mut self, out: &mut BytesMut) {
         let parts: Vec<Value> = self.calls.iter().map(|(_, name, args)| function_call(name, args)).collect();
-        let usage = self.usage.take().unwrap_or(Value::Null);
-        let r = response(parts, Some(self.finish.as_deref().unwrap_or("stop")), Some(&usage), &self.model, &self.id);
+        let usage = self.usage.take().unwrap_or_default();
+        let r = response(parts, Some(self.finish.as_deref().unwrap_or("stop")), Some(usage), &self.model, &self.id);
         self.write(out, &r);
         self.close_array(out);
     }

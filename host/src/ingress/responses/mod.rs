@@ -49,7 +49,14 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// `POST /v1/responses`.
-pub async fn create(state: &AppState, caller: &Caller, request_id: &str, raw: Bytes) -> Result<Response, ApiError> {
+/// `session` is the client's `x-session-id`, when it sent one.
+pub async fn create(
+    state: &AppState,
+    caller: &Caller,
+    request_id: &str,
+    session: Option<std::sync::Arc<str>>,
+    raw: Bytes,
+) -> Result<Response, ApiError> {
     let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(&raw) else {
         return Err(ApiError::bad_request("The request body must be a JSON object."));
     };
@@ -70,6 +77,9 @@ pub async fn create(state: &AppState, caller: &Caller, request_id: &str, raw: By
     let chat = serde_json::to_vec(&translated.chat).map_err(|_| ApiError::internal())?;
     let mut req = ClientRequest::parse(Endpoint::ChatCompletions, Bytes::from(chat))?.with_id(request_id.to_string());
     req.route = "responses";
+    if session.is_some() {
+        req.session = session;
+    }
     // A request that keeps no state here may go, as written, to a channel
     // whose upstream serves the Responses API itself.
     let stateless =
@@ -101,7 +111,7 @@ pub async fn create(state: &AppState, caller: &Caller, request_id: &str, raw: By
     let mut ids = Vec::new();
     let output = reply::output_items(&chat, &mut ids);
     let (text, _, calls, finish) = chat.message();
-    let object = frame.response(Status::of_finish(finish), &output, chat.usage.as_ref());
+    let object = frame.response(Status::of_finish(finish), &output, chat.usage);
     let answer = json_response(&object);
     if let Some(k) = keep {
         let calls: Vec<(&str, &str, &str)> = calls.iter().map(|c| c.parts()).collect();

@@ -6,7 +6,8 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::ingress::answer::ChatAnswer;
-use crate::ingress::{new_id, usage_numbers};
+use crate::ingress::answer::ChatUsage;
+use crate::ingress::new_id;
 
 /// Request parameters a `response` object echoes back.
 const ECHOED: &[&str] = &[
@@ -72,7 +73,7 @@ impl Frame {
         &'a self,
         status: Status<'a>,
         output: &'a [OutputItem<'a>],
-        usage: Option<&Value>,
+        usage: Option<ChatUsage>,
     ) -> ResponseObject<'a> {
         ResponseObject { frame: self, status, output, usage: usage.map(usage_object) }
     }
@@ -182,14 +183,13 @@ struct ReasoningTokens {
 }
 
 /// The Responses API's usage object for a chat `usage`.
-pub fn usage_object(usage: &Value) -> Usage {
-    let (prompt, completion, cached, reasoning) = usage_numbers(Some(usage));
+pub fn usage_object(u: ChatUsage) -> Usage {
     Usage {
-        input_tokens: prompt,
-        input_tokens_details: CachedTokens { cached_tokens: cached },
-        output_tokens: completion,
-        output_tokens_details: ReasoningTokens { reasoning_tokens: reasoning },
-        total_tokens: prompt.saturating_add(completion),
+        input_tokens: u.prompt_tokens,
+        input_tokens_details: CachedTokens { cached_tokens: u.prompt_tokens_details.cached_tokens },
+        output_tokens: u.completion_tokens,
+        output_tokens_details: ReasoningTokens { reasoning_tokens: u.completion_tokens_details.reasoning_tokens },
+        total_tokens: u.total(),
     }
 }
 

@@ -5,6 +5,7 @@
 //! their `.done` events and `response.output_item.done`, and at the end
 //! `response.completed` / `response.incomplete` / `response.failed`.
 
+use crate::ingress::answer::ChatUsage;
 use bytes::BytesMut;
 use serde::Serialize;
 use serde_json::Value;
@@ -105,7 +106,7 @@ pub struct ResponsesStream {
     /// Whether the last item is still open.
     open: bool,
     finish: Option<String>,
-    usage: Option<Value>,
+    usage: Option<ChatUsage>,
     on_complete: Option<OnComplete>,
     pending: Option<Box<dyn FnOnce() + Send>>,
 }
@@ -212,7 +213,7 @@ impl ResponsesStream {
     /// the response as JSON when it is to be stored.
     fn end(&mut self, out: &mut BytesMut, kind: &str, status: Status<'_>, keep: bool) -> Option<Value> {
         let output: Vec<OutputItem<'_>> = self.items.iter().map(|i| i.output("completed")).collect();
-        let response = self.frame.response(status, &output, self.usage.as_ref());
+        let response = self.frame.response(status, &output, self.usage);
         let stored = (keep && self.on_complete.is_some()).then(|| serde_json::to_value(&response).ok()).flatten();
         emit(&mut self.sequence, out, kind, ResponseEvent { response });
         stored
@@ -222,8 +223,8 @@ impl ResponsesStream {
 impl Translator for ResponsesStream {
     fn chunk(&mut self, chunk: &ChatChunk<'_>, out: &mut BytesMut) {
         self.start(out);
-        if let Some(u) = chunk.usage.as_ref().filter(|u| u.is_object()) {
-            self.usage = Some(u.clone());
+        if chunk.usage.is_some() {
+            self.usage = chunk.usage;
         }
         let Some(choice) = chunk.first() else { return };
         if let Some(text) = non_empty(&choice.delta.content) {
