@@ -49,7 +49,7 @@ pub async fn create(
 ) -> Result<Response, AnthropicError> {
     let Authed(caller) = auth?;
     let raw = body::take(raw)?;
-    let translated = request::to_chat(&raw, None)?;
+    let translated = request::to_chat(&raw, false)?;
     let stream = translated.stream;
     let mut req = chat_request(translated.chat)?;
     let model = req.model.clone();
@@ -72,7 +72,7 @@ pub async fn count_tokens(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, AnthropicError> {
     auth?;
-    let translated = request::to_chat(&body::take(raw)?, Some(1))?;
+    let translated = request::to_chat(&body::take(raw)?, true)?;
     let req = chat_request(translated.chat)?;
     let tokens = tokio::task::spawn_blocking(move || crate::billing::tokenize::prompt_tokens(&req.model, &req.body))
         .await

@@ -7,15 +7,13 @@
 
 pub mod answer;
 pub mod anthropic;
+pub mod chat_request;
 pub mod chat_stream;
 pub mod gemini;
 pub mod responses;
 
 use axum::body::Body;
 use axum::response::Response;
-use serde_json::{Map, Value};
-
-use crate::error::ApiError;
 
 /// Largest non-streamed chat answer translated (the relay already bounds
 /// what it reads from an upstream; this only guards the second read).
@@ -47,24 +45,6 @@ pub fn json_response<T: serde::Serialize + ?Sized>(value: &T) -> Response {
     let mut response = Response::new(Body::from(text));
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
-}
-
-/// A request field that must be an object when present.
-fn object_field<'a>(body: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Map<String, Value>>, ApiError> {
-    match body.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(map)) => Ok(Some(map)),
-        Some(_) => Err(ApiError::bad_request(format!("Invalid type for '{key}': expected an object.")).param(key)),
-    }
-}
-
-/// Copy the fields `keys` from `from` to `to` when present and not null.
-fn copy_fields(from: &Map<String, Value>, to: &mut Map<String, Value>, keys: &[&str]) {
-    for key in keys {
-        if let Some(v) = from.get(*key).filter(|v| !v.is_null()) {
-            to.insert((*key).to_string(), v.clone());
-        }
-    }
 }
 
 /// A short random id with `prefix` (`msg_…`, `resp_…`).

@@ -5,31 +5,15 @@
 
 use std::borrow::Cow;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::ApiError;
 use crate::ingress::answer::text;
-
-fn bad(param: &str, message: impl Into<String>) -> ApiError {
-    ApiError::bad_request(message).param(param)
-}
-
-/// A JSON value of the client's body, kept as written.
-type Raw<'a> = Option<&'a RawValue>;
-
-/// Parse `raw` as `T`, or fail with `error`. Every parse here reads
-/// bytes (`from_slice`), as the relay's own parses do, so this path shares
-/// their already-warm parser code instead of instantiating a second one.
-fn read<'a, T: Deserialize<'a>>(raw: &'a RawValue, error: impl FnOnce() -> ApiError) -> Result<T, ApiError> {
-    serde_json::from_slice(raw.get().as_bytes()).map_err(|_| error())
-}
-
-/// A JSON value as compact JSON text (a tool call's arguments).
-fn compact(raw: &RawValue) -> String {
-    serde_json::from_slice::<serde_json::Value>(raw.get().as_bytes())
-        .map_or_else(|_| raw.get().to_string(), |v| v.to_string())
-}
+use crate::ingress::chat_request::{
+    ChatRequest, ChatTool, ChatToolChoice, FunctionDef, ImageUrl, InContent, NewMessage, Part, Raw, ToolCall,
+    UserContent, bad, compact, literal, read, string, top_level,
+};
 
 /// The top-level fields of a Messages request the translation reads; any
 /// JSON value is accepted here and checked field by field, so a wrong
@@ -67,26 +51,6 @@ struct InMessage<'a> {
     role: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     content: Raw<'a>,
-}
-
-/// Message content: a string or a list of blocks.
-enum InContent<'a> {
-    Text(Cow<'a, str>),
-    Blocks(Vec<&'a RawValue>),
-}
-
-impl<'a> InContent<'a> {
-    /// `raw` as content, if it is a string or a list.
-    fn parse(raw: &'a RawValue) -> Option<Self> {
-        match raw.get().as_bytes().first() {
-            Some(b'"') => text(&mut serde_json::Deserializer::from_slice(raw.get().as_bytes()))
-                .ok()
-                .flatten()
-                .map(InContent::Text),
-            Some(b'[') => serde_json::from_slice(raw.get().as_bytes()).ok().map(InContent::Blocks),
-            _ => None,
-        }
-    }
 }
 
 /// A content block, any type; each type reads its own fields.
@@ -158,134 +122,16 @@ struct InToolChoice<'a> {
 /// `metadata` (only `user_id` is read).
 #[derive(Deserialize)]
 struct InMetadata<'a> {
-    #[serde(default, borrow, deserialize_with = "text")]
-    user_id: Option<Cow<'a, str>>,
-}
-
-/// The chat completion request.
-#[derive(Serialize)]
-struct ChatRequest<'a> {
-    model: Cow<'a, str>,
-    messages: Vec<ChatMessage<'a>>,
-    max_tokens: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    temperature: Raw<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    top_p: Raw<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stop: Raw<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    user: Option<Cow<'a, str>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tools: Option<Vec<ChatTool<'a>>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tool_choice: Option<ChatToolChoice<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parallel_tool_calls: Option<bool>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    stream: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream_options: Option<StreamOptions>,
-}
-
-#[derive(Serialize)]
-struct StreamOptions {
-    include_usage: bool,
-}
-
-/// A chat message.
-#[derive(Serialize)]
-#[serde(tag = "role", rename_all = "lowercase")]
-enum ChatMessage<'a> {
-    System {
-        content: String,
-    },
-    User {
-        content: UserContent<'a>,
-    },
-    Assistant {
-        content: Option<Cow<'a, str>>,
-        #[serde(skip_serializing_if = "Vec::is_empty")]
-        tool_calls: Vec<ToolCall<'a>>,
-    },
-    Tool {
-        tool_call_id: Cow<'a, str>,
-        content: String,
-    },
-}
-
-/// A user message's content: one text or a list of parts.
-#[derive(Serialize)]
-#[serde(untagged)]
-enum UserContent<'a> {
-    Text(Cow<'a, str>),
-    Parts(Vec<Part<'a>>),
-}
-
-/// A part of a user message.
-#[derive(Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Part<'a> {
-    Text { text: Cow<'a, str> },
-    ImageUrl { image_url: ImageUrl },
-}
-
-#[derive(Serialize)]
-struct ImageUrl {
-    url: String,
-}
-
-#[derive(Serialize)]
-struct ToolCall<'a> {
-    id: Cow<'a, str>,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: FunctionCall<'a>,
-}
-
-#[derive(Serialize)]
-struct FunctionCall<'a> {
-    name: Cow<'a, str>,
-    arguments: String,
-}
-
-#[derive(Serialize)]
-struct ChatTool<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    function: FunctionDef<'a>,
-}
-
-#[derive(Serialize)]
-struct FunctionDef<'a> {
-    name: Cow<'a, str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    description: Option<Cow<'a, str>>,
-    parameters: &'a RawValue,
-}
-
-#[derive(Serialize)]
-#[serde(untagged)]
-enum ChatToolChoice<'a> {
-    Mode(&'static str),
-    Function {
-        #[serde(rename = "type")]
-        kind: &'static str,
-        function: FunctionName<'a>,
-    },
-}
-
-#[derive(Serialize)]
-struct FunctionName<'a> {
-    name: Cow<'a, str>,
+    #[serde(default, borrow)]
+    user_id: Raw<'a>,
 }
 
 /// The text of a `system` prompt: a string or a list of text blocks.
-fn system_text(system: &RawValue) -> Result<String, ApiError> {
+fn system_text(system: &RawValue) -> Result<Cow<'_, str>, ApiError> {
     let wrong = || bad("system", "Invalid type for 'system': expected a string or a list of text blocks.");
     match InContent::parse(system).ok_or_else(wrong)? {
-        InContent::Text(text) => Ok(text.into_owned()),
-        InContent::Blocks(blocks) => {
+        InContent::Text(text) => Ok(text),
+        InContent::List(blocks) => {
             let not_text = || bad("system", "'system' blocks must be text blocks.");
             let mut texts = Vec::with_capacity(blocks.len());
             for raw in blocks {
@@ -295,7 +141,7 @@ fn system_text(system: &RawValue) -> Result<String, ApiError> {
                     _ => return Err(not_text()),
                 }
             }
-            Ok(texts.join("\n"))
+            Ok(Cow::Owned(texts.join("\n")))
         }
     }
 }
@@ -309,15 +155,15 @@ fn image_part<'a>(block: &InBlock<'a>) -> Result<Part<'a>, ApiError> {
             let (Some(media), Some(data)) = (source.media_type, source.data) else {
                 return Err(bad("messages", "An image's base64 source needs 'media_type' and 'data'."));
             };
-            format!("data:{media};base64,{data}")
+            Cow::Owned(format!("data:{media};base64,{data}"))
         }
         Some("url") => match source.url {
-            Some(url) => url.into_owned(),
+            Some(url) => url,
             None => return Err(bad("messages", "An image's url source needs 'url'.")),
         },
         _ => return Err(unsupported()),
     };
-    Ok(Part::ImageUrl { image_url: ImageUrl { url } })
+    Ok(Part::ImageUrl { image_url: ImageUrl { url, detail: None } })
 }
 
 /// The content of a `tool_result` block as text.
@@ -325,7 +171,7 @@ fn tool_result_text(content: Raw<'_>) -> String {
     let Some(content) = content else { return String::new() };
     match InContent::parse(content) {
         Some(InContent::Text(text)) => text.into_owned(),
-        Some(InContent::Blocks(blocks)) => {
+        Some(InContent::List(blocks)) => {
             let texts: Vec<_> = blocks.into_iter().filter_map(|raw| InBlock::parse(raw).ok()?.text).collect();
             texts.join("\n")
         }
@@ -335,7 +181,7 @@ fn tool_result_text(content: Raw<'_>) -> String {
 
 /// One Anthropic message as one or more chat messages (tool results
 /// become `tool` messages, in order).
-fn message<'a>(raw: &'a RawValue, out: &mut Vec<ChatMessage<'a>>) -> Result<(), ApiError> {
+fn message<'a>(raw: &'a RawValue, out: &mut Vec<NewMessage<'a>>) -> Result<(), ApiError> {
     let wrong_role = || bad("messages", "Each message's 'role' must be \"user\" or \"assistant\".");
     let msg: InMessage = read(raw, wrong_role)?;
     let role = match msg.role.as_deref() {
@@ -346,14 +192,14 @@ fn message<'a>(raw: &'a RawValue, out: &mut Vec<ChatMessage<'a>>) -> Result<(), 
     let wrong_content = || bad("messages", "Each message's 'content' must be a string or a list of blocks.");
     let blocks = match msg.content.and_then(InContent::parse).ok_or_else(wrong_content)? {
         InContent::Text(text) if assistant => {
-            out.push(ChatMessage::Assistant { content: Some(text), tool_calls: Vec::new() });
+            out.push(NewMessage::Assistant { content: Some(text), tool_calls: Vec::new() });
             return Ok(());
         }
         InContent::Text(text) => {
-            out.push(ChatMessage::User { content: UserContent::Text(text) });
+            out.push(NewMessage::User { content: UserContent::Text(text) });
             return Ok(());
         }
-        InContent::Blocks(blocks) => blocks,
+        InContent::List(blocks) => blocks,
     };
     let mut parts: Vec<Part> = Vec::new();
     let mut tool_calls: Vec<ToolCall> = Vec::new();
@@ -369,8 +215,8 @@ fn message<'a>(raw: &'a RawValue, out: &mut Vec<ChatMessage<'a>>) -> Result<(), 
                 let (Some(id), Some(name)) = (block.id, block.name) else {
                     return Err(bad("messages", "A tool_use block needs 'id' and 'name'."));
                 };
-                let arguments = block.input.map_or_else(|| "{}".to_string(), compact);
-                tool_calls.push(ToolCall { id, kind: "function", function: FunctionCall { name, arguments } });
+                let arguments = block.input.map_or(Cow::Borrowed("{}"), |input| Cow::Owned(compact(input)));
+                tool_calls.push(ToolCall::function(id, name, arguments));
             }
             Some("tool_result") if !assistant => {
                 let id =
@@ -379,7 +225,7 @@ fn message<'a>(raw: &'a RawValue, out: &mut Vec<ChatMessage<'a>>) -> Result<(), 
                 if block.is_error.is_some_and(|e| e.get() == "true") {
                     text = format!("Error: {text}");
                 }
-                out.push(ChatMessage::Tool { tool_call_id: id, content: text });
+                out.push(NewMessage::Tool { tool_call_id: id, content: text });
             }
             // Reasoning of earlier turns is not replayed to other providers.
             Some("thinking" | "redacted_thinking") => {}
@@ -401,14 +247,9 @@ fn message<'a>(raw: &'a RawValue, out: &mut Vec<ChatMessage<'a>>) -> Result<(), 
             })
             .collect();
         let content = (!texts.is_empty()).then(|| Cow::Owned(texts.concat()));
-        out.push(ChatMessage::Assistant { content, tool_calls });
+        out.push(NewMessage::Assistant { content, tool_calls });
     } else if !parts.is_empty() {
-        let content = match <[Part; 1]>::try_from(parts) {
-            Ok([Part::Text { text }]) => UserContent::Text(text),
-            Ok(one) => UserContent::Parts(one.into()),
-            Err(parts) => UserContent::Parts(parts),
-        };
-        out.push(ChatMessage::User { content });
+        out.push(NewMessage::User { content: UserContent::of(parts) });
     }
     Ok(())
 }
@@ -417,7 +258,6 @@ fn message<'a>(raw: &'a RawValue, out: &mut Vec<ChatMessage<'a>>) -> Result<(), 
 fn tools(list: &RawValue) -> Result<Vec<ChatTool<'_>>, ApiError> {
     let list: Vec<&RawValue> = read(list, || bad("tools", "Invalid type for 'tools': expected a list."))?;
     let no_name = || bad("tools", "Each tool needs a 'name'.");
-    let object_schema: &RawValue = serde_json::from_slice(br#"{"type":"object"}"#).expect("a JSON object");
     let mut out = Vec::with_capacity(list.len());
     for raw in list {
         let tool: InTool = read(raw, no_name)?;
@@ -425,11 +265,8 @@ fn tools(list: &RawValue) -> Result<Vec<ChatTool<'_>>, ApiError> {
             return Err(bad("tools", "Only client tools (name, description, input_schema) are supported."));
         }
         let name = tool.name.ok_or_else(no_name)?;
-        let parameters = tool.input_schema.unwrap_or(object_schema);
-        out.push(ChatTool {
-            kind: "function",
-            function: FunctionDef { name, description: tool.description, parameters },
-        });
+        let parameters = Some(tool.input_schema.unwrap_or(literal(r#"{"type":"object"}"#)));
+        out.push(FunctionDef { name, description: tool.description, parameters, strict: None }.into());
     }
     Ok(out)
 }
@@ -443,7 +280,7 @@ fn tool_choice(raw: &RawValue) -> Result<(ChatToolChoice<'_>, bool), ApiError> {
         Some("none") => ChatToolChoice::Mode("none"),
         Some("tool") => {
             let name = choice.name.ok_or_else(|| bad("tool_choice", "A tool choice of type 'tool' needs a 'name'."))?;
-            ChatToolChoice::Function { kind: "function", function: FunctionName { name } }
+            ChatToolChoice::function(name)
         }
         _ => return Err(bad("tool_choice", "'tool_choice.type' must be auto, any, tool or none.")),
     };
@@ -459,21 +296,21 @@ pub struct Translated {
     pub stream: bool,
 }
 
-/// The chat completion request for a Messages request `body`.
-/// `default_max_tokens` stands in for a missing `max_tokens` (counting
-/// tokens needs none); without it `max_tokens` is required.
-pub fn to_chat(body: &[u8], default_max_tokens: Option<u64>) -> Result<Translated, ApiError> {
-    let req: MessagesRequest =
-        serde_json::from_slice(body).map_err(|_| ApiError::bad_request("The request body must be a JSON object."))?;
+/// The chat completion request for a Messages request `body`. With
+/// `counting` (`count_tokens`), a missing `max_tokens` reads as 1;
+/// otherwise it is required.
+pub fn to_chat(body: &[u8], counting: bool) -> Result<Translated, ApiError> {
+    let req: MessagesRequest = top_level(body)?;
     let no_model = || bad("model", "'model' is required.");
-    let model: Cow<str> = read(req.model.ok_or_else(no_model)?, no_model)?;
+    let model = string(req.model.ok_or_else(no_model)?, no_model)?;
     if model.is_empty() {
         return Err(no_model());
     }
     let no_max = || bad("max_tokens", "'max_tokens' is required and must be a positive integer.");
     let max_tokens = match req.max_tokens {
-        Some(raw) => read::<u64>(raw, no_max)?,
-        None => default_max_tokens.ok_or_else(no_max)?,
+        Some(raw) => read::<u64>(raw, no_max).map(|_| raw)?,
+        None if counting => literal("1"),
+        None => return Err(no_max()),
     };
     let stream = match req.stream {
         None => false,
@@ -481,7 +318,7 @@ pub fn to_chat(body: &[u8], default_max_tokens: Option<u64>) -> Result<Translate
     };
     let mut messages = Vec::new();
     if let Some(system) = req.system {
-        messages.push(ChatMessage::System { content: system_text(system)? });
+        messages.push(NewMessage::System { content: UserContent::Text(system_text(system)?) });
     }
     let not_list = || bad("messages", "'messages' is required and must be a list.");
     let list: Vec<&RawValue> = read(req.messages.ok_or_else(not_list)?, not_list)?;
@@ -492,7 +329,7 @@ pub fn to_chat(body: &[u8], default_max_tokens: Option<u64>) -> Result<Translate
         Some(raw) => {
             let metadata: InMetadata =
                 read(raw, || bad("metadata", "Invalid type for 'metadata': expected an object."))?;
-            metadata.user_id
+            metadata.user_id.filter(|u| u.get().starts_with('"'))
         }
         None => None,
     };
@@ -503,22 +340,16 @@ pub fn to_chat(body: &[u8], default_max_tokens: Option<u64>) -> Result<Translate
         }
         None => (None, false),
     };
-    let chat = ChatRequest {
-        model,
-        messages,
-        max_tokens,
-        temperature: req.temperature,
-        top_p: req.top_p,
-        stop: req.stop_sequences,
-        user,
-        tools: req.tools.map(tools).transpose()?,
-        tool_choice,
-        parallel_tool_calls: parallel_off.then_some(false),
-        stream,
-        stream_options: stream.then_some(StreamOptions { include_usage: true }),
-    };
-    let chat = serde_json::to_vec(&chat).map_err(|_| ApiError::internal())?;
-    Ok(Translated { chat, stream })
+    let mut chat = ChatRequest::new(model, messages.into_iter().map(Into::into).collect()).streamed(stream);
+    chat.max_tokens = Some(max_tokens);
+    chat.temperature = req.temperature;
+    chat.top_p = req.top_p;
+    chat.stop = req.stop_sequences;
+    chat.user = user;
+    chat.tools = req.tools.map(tools).transpose()?;
+    chat.tool_choice = tool_choice;
+    chat.parallel_tool_calls = parallel_off.then(|| literal("false"));
+    Ok(Translated { chat: chat.to_vec()?, stream })
 }
 
 #[cfg(test)]
@@ -528,12 +359,12 @@ mod tests {
     use super::*;
 
     fn chat(v: Value) -> Value {
-        let out = to_chat(v.to_string().as_bytes(), None).expect("translates");
+        let out = to_chat(v.to_string().as_bytes(), false).expect("translates");
         serde_json::from_slice(&out.chat).expect("JSON")
     }
 
     fn refused(v: Value) -> Option<String> {
-        to_chat(v.to_string().as_bytes(), None).err().expect("refused").param
+        to_chat(v.to_string().as_bytes(), false).err().expect("refused").param
     }
 
     #[test]
@@ -600,7 +431,7 @@ mod tests {
     #[test]
     fn missing_max_tokens_wrong_types_and_server_tools_are_refused() {
         assert_eq!(refused(json!({"model": "m", "messages": []})).as_deref(), Some("max_tokens"));
-        let counted = to_chat(br#"{"model":"m","messages":[]}"#, Some(1)).expect("a default stands in");
+        let counted = to_chat(br#"{"model":"m","messages":[]}"#, true).expect("a default stands in");
         assert!(!counted.stream);
         let server = json!({"model": "m", "max_tokens": 1, "messages": [], "tools": [{"type": "web_search_20250305", "name": "web_search"}]});
         assert_eq!(refused(server).as_deref(), Some("tools"));
@@ -623,6 +454,6 @@ mod tests {
         let bad_block =
             json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "video"}]}]});
         assert_eq!(refused(bad_block).as_deref(), Some("messages"));
-        assert!(to_chat(b"[1]", None).is_err());
+        assert!(to_chat(b"[1]", false).is_err());
     }
 }

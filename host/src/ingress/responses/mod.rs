@@ -57,37 +57,29 @@ pub async fn create(
     session: Option<std::sync::Arc<str>>,
     raw: Bytes,
 ) -> Result<Response, ApiError> {
-    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(&raw) else {
-        return Err(ApiError::bad_request("The request body must be a JSON object."));
-    };
+    let body = request::ResponsesRequest::parse(&raw)?;
     let owner = store::owner(caller);
-    let history = match body.get("previous_response_id") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(id)) => {
-            let (st, id2, o) = (state.clone(), id.clone(), owner.clone());
-            let found = blocking(move || st.responses.get(&id2, &o)).await?;
-            found.ok_or_else(|| not_found(id).param("previous_response_id"))?.conversation
-        }
-        Some(_) => {
-            return Err(ApiError::bad_request("Invalid type for 'previous_response_id': expected a string.")
-                .param("previous_response_id"));
+    let history = match body.previous_response_id()? {
+        None => Vec::new(),
+        Some(id) => {
+            let (st, key, o) = (state.clone(), id.to_string(), owner.clone());
+            let found = blocking(move || st.responses.get(&key, &o)).await?;
+            found.ok_or_else(|| not_found(&id).param("previous_response_id"))?.conversation
         }
     };
     let translated = request::to_chat(&body, history)?;
-    let chat = serde_json::to_vec(&translated.chat).map_err(|_| ApiError::internal())?;
-    let mut req = ClientRequest::parse(Endpoint::ChatCompletions, Bytes::from(chat))?.with_id(request_id.to_string());
+    let mut req =
+        ClientRequest::parse(Endpoint::ChatCompletions, Bytes::from(translated.chat))?.with_id(request_id.to_string());
     req.route = "responses";
     if session.is_some() {
         req.session = session;
     }
     // A request that keeps no state here may go, as written, to a channel
     // whose upstream serves the Responses API itself.
-    let stateless =
-        body.get("store") == Some(&Value::Bool(false)) && body.get("previous_response_id").is_none_or(Value::is_null);
-    if stateless {
-        let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+    if body.stateless() {
         let operation = crate::plugins::Operation::Responses;
-        req.native = Some(crate::relayed::Native { operation, body: raw, stream, headers: Vec::new() });
+        let stream = translated.stream;
+        req.native = Some(crate::relayed::Native { operation, body: raw.clone(), stream, headers: Vec::new() });
     }
     let frame = Frame::new(&body, &req.model, unix_now());
     let response = relay(state, req, caller).await?;

@@ -3,11 +3,13 @@
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::ingress::answer::ChatAnswer;
 use crate::ingress::answer::ChatUsage;
+use crate::ingress::chat_request::literal;
 use crate::ingress::new_id;
+use crate::ingress::responses::request::ResponsesRequest;
 
 /// Request parameters a `response` object echoes back.
 const ECHOED: &[&str] = &[
@@ -53,17 +55,10 @@ fn echo_default(key: &str) -> &'static str {
 
 impl Frame {
     /// The frame of a response to `request`.
-    pub fn new(request: &Map<String, Value>, model: &str, created_at: u64) -> Self {
+    pub fn new(request: &ResponsesRequest<'_>, model: &str, created_at: u64) -> Self {
         let echoed = ECHOED
             .iter()
-            .map(|key| {
-                let raw = match request.get(*key).filter(|v| !v.is_null()) {
-                    Some(v) => serde_json::value::to_raw_value(v).ok(),
-                    None => None,
-                };
-                let raw = raw.or_else(|| RawValue::from_string(echo_default(key).to_string()).ok());
-                (*key, raw.unwrap_or_else(|| RawValue::NULL.to_owned()))
-            })
+            .map(|key| (*key, request.echoed(key).unwrap_or_else(|| literal(echo_default(key))).to_owned()))
             .collect();
         Self { id: new_id("resp_"), created_at, model: model.to_string(), echoed }
     }

@@ -287,7 +287,7 @@ mod tests {
 
     #[test]
     fn text_and_call_events_are_numbered_and_closed() {
-        let frame = Frame::new(&serde_json::Map::new(), "m", 1);
+        let frame = Frame::new(&crate::ingress::responses::request::ResponsesRequest::default(), "m", 1);
         let mut t = ResponsesStream::new(frame, None);
         let mut out = BytesMut::new();
         let c =
