@@ -151,25 +151,19 @@ impl<T: Translator> State<T> {
     fn drain(&mut self, out: &mut BytesMut) -> bool {
         loop {
             let from = self.searched.saturating_sub(1);
-            let Some(end) = self.buffer[from..].windows(2).position(|w| w == b"\n\n").map(|at| from + at) else {
+            let Some(end) = frame_end(&self.buffer[from..]).map(|at| from + at) else {
                 self.searched = self.buffer.len();
                 break;
             };
             self.searched = 0;
             let frame = self.buffer.split_to(end + 2);
-            let text = String::from_utf8_lossy(&frame);
-            // The relay writes one `data:` line per frame; join several if not.
-            let mut lines = text.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start);
-            let data: Cow<'_, str> = match (lines.next(), lines.next()) {
-                (None, _) => continue,
-                (Some(one), None) => Cow::Borrowed(one),
-                (Some(a), Some(b)) => Cow::Owned([a, b].into_iter().chain(lines).collect::<Vec<_>>().join("\n")),
-            };
-            if data == "[DONE]" {
+            let Some(data) = frame_data(&frame) else { continue };
+            if *data == *b"[DONE]" {
                 self.translator.finish(out);
                 return true;
             }
-            match serde_json::from_str::<ChatChunk<'_>>(&data) {
+            // Bytes, as every parse on the relay's path reads them.
+            match serde_json::from_slice::<ChatChunk<'_>>(&data) {
                 Ok(ChatChunk { error: Some(error), .. }) => {
                     self.translator.error(&error, out);
                     return true;
@@ -182,6 +176,28 @@ impl<T: Translator> State<T> {
         }
         false
     }
+}
+
+/// Where the first `\n\n` (an SSE frame's end) starts in `bytes`.
+fn frame_end(bytes: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', bytes).find(|&at| bytes.get(at + 1) == Some(&b'\n'))
+}
+
+/// The `data:` payload of one SSE frame (several `data:` lines joined with
+/// `\n`, as SSE does); none when it has no data line.
+fn frame_data(frame: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut lines = frame.split(|b| *b == b'\n').filter_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line.strip_prefix(b"data:").map(<[u8]>::trim_ascii_start)
+    });
+    let first = lines.next()?;
+    let Some(second) = lines.next() else { return Some(Cow::Borrowed(first)) };
+    let mut joined = [first, second].join(&b'\n');
+    for line in lines {
+        joined.push(b'\n');
+        joined.extend_from_slice(line);
+    }
+    Some(Cow::Owned(joined))
 }
 
 /// `body` (a relayed chat stream) re-framed by `translator`.
@@ -228,6 +244,15 @@ fn stream_broken() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_s_data_lines_are_joined_and_other_lines_ignored() {
+        assert_eq!((frame_end(b"a\nb\n\nc"), frame_end(b"a\nb\n"), frame_end(b"\n\n")), (Some(3), None, Some(0)));
+        assert_eq!(frame_data(b"data: {\"a\":1}\n\n").as_deref(), Some(&b"{\"a\":1}"[..]));
+        assert_eq!(frame_data(b"event: x\r\ndata:{}\r\n\r\n").as_deref(), Some(&b"{}"[..]));
+        assert_eq!(frame_data(b": ping\ndata: [1,\ndata: 2]\n\n").as_deref(), Some(&b"[1,\n2]"[..]));
+        assert_eq!(frame_data(b": keep-alive\n\n"), None);
+    }
 
     #[derive(Default)]
     struct Log(Vec<String>);
