@@ -73,6 +73,29 @@ async fn every_upstream_failure_kind_fails_over_to_the_next_channel() {
     }
 }
 
+/// An admin's `enable` right after an automatic disable wins: the health
+/// write of the disable, still on its way to a shared store, must not bring
+/// the disabled key back (seen once on PostgreSQL in the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_enable_right_after_an_automatic_disable_is_not_undone() {
+    let (primary, backup, gw) = pair("").await;
+    for round in 0..25 {
+        primary.set_mode(Mode::openai_error(401, "invalid_api_key", None));
+        let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "x")).await;
+        assert_eq!((status, &body["system_fingerprint"]), (200, &json!("backup")), "round {round}: {body}");
+        primary.set_mode(Mode::Healthy);
+        reset_health(&gw, &[1]).await;
+        let before = (primary.hits(), backup.hits());
+        let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "x")).await;
+        assert_eq!(status, 200, "round {round}: {body}");
+        let after = (primary.hits() - before.0, backup.hits() - before.1);
+        if after != (1, 0) {
+            let (_, view) = admin(&gw, Method::GET, "/api/channels/1", None).await;
+            panic!("round {round}: the re-enabled primary did not serve ({after:?}): {view}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_every_channel_fails_the_client_gets_a_clean_openai_error() {
     let (primary, backup, mut gw) = pair("").await;

@@ -233,7 +233,14 @@ impl PgChannels {
             })?;
             let Some(row) = row else { return Err(StoreError::NotFound(id)) };
             let version: i64 = row.get(1);
-            let current = decode(&self.inner.secrets, row.get(0))?;
+            let mut current = decode(&self.inner.secrets, row.get(0))?;
+            // This node's health changes still on their way to the database
+            // count: an admin's enable right after an automatic disable must
+            // see the disable (or it changes nothing, and the disable lands).
+            let pending = lock(&self.inner.dirty).contains(&id);
+            if pending && let Some(local) = lock(&self.inner.records).get(&id).cloned() {
+                merge_health(&mut current, &local);
+            }
             let mut rec = current.clone();
             f(&mut rec).map_err(StoreError::Invalid)?;
             rec.id = id;
@@ -348,13 +355,32 @@ fn merge_health(stored: &mut ChannelRecord, local: &ChannelRecord) {
     stored.response_time_ms = local.response_time_ms;
 }
 
+/// How many times one health write is redone because the record changed on
+/// this node while it was written.
+const MAX_HEALTH_REWRITES: u32 = 3;
+
+/// Whether record `id`'s status or keys on this node differ from `written`.
+fn health_changed(inner: &Inner, id: u64, written: &ChannelRecord) -> bool {
+    let records = lock(&inner.records);
+    let Some(now) = records.get(&id) else { return false };
+    now.status != written.status
+        || now.keys.len() != written.keys.len()
+        || now.keys.iter().zip(&written.keys).any(|(a, b)| a.enabled != b.enabled || a.auto != b.auto)
+}
+
 /// Write health transitions (ids arriving on `pending`) until the store is
 /// gone, merging them into the stored record; a failed write is retried.
 async fn persist_health(inner: std::sync::Weak<Inner>, mut pending: tokio::sync::mpsc::UnboundedReceiver<u64>) {
     while let Some(id) = pending.recv().await {
         let Some(inner) = inner.upgrade() else { return };
+        // A local write: the re-read its own NOTIFY triggers is not
+        // published while it is under way (it could carry the state this
+        // write is about to correct, below).
+        let writing = inner.local.start();
+        let mut rewrites = 0;
         loop {
             let Some(local) = lock(&inner.records).get(&id).cloned() else { break };
+            let written = local.clone();
             let secrets = inner.secrets.clone();
             let result = inner
                 .with_client(move |c| {
@@ -380,6 +406,11 @@ async fn persist_health(inner: std::sync::Weak<Inner>, mut pending: tokio::sync:
                 })
                 .await;
             match result {
+                // An admin's change made on this node while this write was
+                // on its way (`enable` after an automatic disable) is in
+                // memory but was just overwritten by `local`'s older state:
+                // write again from the newer one.
+                Ok(()) if rewrites < MAX_HEALTH_REWRITES && health_changed(&inner, id, &written) => rewrites += 1,
                 Ok(()) => break,
                 Err(error) => {
                     tracing::warn!(channel = id, %error, "a channel's health change is not in the database yet; retrying");
@@ -388,6 +419,7 @@ async fn persist_health(inner: std::sync::Weak<Inner>, mut pending: tokio::sync:
             }
         }
         lock(&inner.dirty).remove(&id);
+        drop(writing);
         // Take the merged record (an admin's change may have won).
         let _ = inner.reload(Some(id)).await;
     }
