@@ -165,6 +165,28 @@ pub struct Metrics {
     process: process::ProcessMetrics,
 }
 
+/// Handles of the per-request metrics, kept per thread: an update is then
+/// an atomic add (and a histogram's own lock) without a family lookup — a
+/// shared `RwLock` and a hash of the label strings — each time. Keyed by
+/// the addresses of the `&'static str` label values (interned or
+/// literals); equal values at two addresses only take two entries.
+#[derive(Default)]
+struct Handles {
+    requests: HashMap<[usize; 4], Counter>,
+    endpoints: HashMap<usize, [Histogram; 4]>,
+    models: HashMap<usize, [Counter; 3]>,
+    attempts: HashMap<(u64, usize), Counter>,
+}
+
+thread_local! {
+    static HANDLES: std::cell::RefCell<Handles> = std::cell::RefCell::default();
+}
+
+/// The address of a label value, its key in [`Handles`].
+fn at(label: &'static str) -> usize {
+    label.as_ptr() as usize
+}
+
 /// The process's metrics.
 pub fn get() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -339,14 +361,19 @@ impl Metrics {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        let labels = RequestLabels { endpoint, model: self.models.get(model), status: status_class, code };
-        self.requests.get_or_create(&labels).inc();
-        let e = EndpointLabels { endpoint };
-        self.request_duration.get_or_create(&e).observe(total.as_secs_f64());
-        if !upstream.is_zero() {
-            self.upstream_duration.get_or_create(&e).observe(upstream.as_secs_f64());
-            self.overhead.get_or_create(&e).observe(total.saturating_sub(upstream).as_secs_f64());
-        }
+        let model = self.models.get(model);
+        HANDLES.with_borrow_mut(|h| {
+            let key = [at(endpoint), at(model), at(status_class), at(code)];
+            let labels = || RequestLabels { endpoint, model, status: status_class, code };
+            h.requests.entry(key).or_insert_with(|| self.requests.get_or_create(&labels()).clone()).inc();
+            let [duration, upstream_duration, overhead, _] =
+                h.endpoints.entry(at(endpoint)).or_insert_with(|| self.endpoint_handles(endpoint));
+            duration.observe(total.as_secs_f64());
+            if !upstream.is_zero() {
+                upstream_duration.observe(upstream.as_secs_f64());
+                overhead.observe(total.saturating_sub(upstream).as_secs_f64());
+            }
+        });
     }
 
     /// A stream's first event came after `ttft`.
@@ -354,7 +381,10 @@ impl Metrics {
         if !self.on() {
             return;
         }
-        self.ttft.get_or_create(&EndpointLabels { endpoint }).observe(ttft.as_secs_f64());
+        HANDLES.with_borrow_mut(|h| {
+            let [.., first_token] = h.endpoints.entry(at(endpoint)).or_insert_with(|| self.endpoint_handles(endpoint));
+            first_token.observe(ttft.as_secs_f64());
+        });
     }
 
     /// A settled request: its tokens and charge.
@@ -363,9 +393,18 @@ impl Metrics {
             return;
         }
         let model = self.models.get(model);
-        self.tokens.get_or_create(&TokenLabels { model, direction: "input" }).inc_by(input);
-        self.tokens.get_or_create(&TokenLabels { model, direction: "output" }).inc_by(output);
-        self.quota.get_or_create(&ModelLabels { model }).inc_by(u64::try_from(quota).unwrap_or(0));
+        HANDLES.with_borrow_mut(|h| {
+            let [tokens_in, tokens_out, charged] = h.models.entry(at(model)).or_insert_with(|| {
+                // One at a time: a family's guard holds its lock until dropped.
+                let tokens_in = self.tokens.get_or_create(&TokenLabels { model, direction: "input" }).clone();
+                let tokens_out = self.tokens.get_or_create(&TokenLabels { model, direction: "output" }).clone();
+                let charged = self.quota.get_or_create(&ModelLabels { model }).clone();
+                [tokens_in, tokens_out, charged]
+            });
+            tokens_in.inc_by(input);
+            tokens_out.inc_by(output);
+            charged.inc_by(u64::try_from(quota).unwrap_or(0));
+        });
     }
 
     /// An attempt on `channel` ended with `outcome` (`success` or an error kind).
@@ -373,7 +412,20 @@ impl Metrics {
         if !self.on() {
             return;
         }
-        self.attempts.get_or_create(&AttemptLabels { channel, outcome }).inc();
+        HANDLES.with_borrow_mut(|h| {
+            let counter = h.attempts.entry((channel, at(outcome)));
+            counter.or_insert_with(|| self.attempts.get_or_create(&AttemptLabels { channel, outcome }).clone()).inc();
+        });
+    }
+
+    /// An endpoint's duration, upstream, overhead and first-token histograms.
+    fn endpoint_handles(&self, endpoint: &'static str) -> [Histogram; 4] {
+        let e = EndpointLabels { endpoint };
+        let duration = self.request_duration.get_or_create(&e).clone();
+        let upstream = self.upstream_duration.get_or_create(&e).clone();
+        let overhead = self.overhead.get_or_create(&e).clone();
+        let first_token = self.ttft.get_or_create(&e).clone();
+        [duration, upstream, overhead, first_token]
     }
 
     /// A request was served after at least one failed attempt.
