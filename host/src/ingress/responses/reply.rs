@@ -11,23 +11,6 @@ use crate::ingress::chat_request::literal;
 use crate::ingress::new_id;
 use crate::ingress::responses::request::ResponsesRequest;
 
-/// Request parameters a `response` object echoes back.
-const ECHOED: &[&str] = &[
-    "instructions",
-    "max_output_tokens",
-    "metadata",
-    "parallel_tool_calls",
-    "previous_response_id",
-    "reasoning",
-    "store",
-    "temperature",
-    "text",
-    "tool_choice",
-    "tools",
-    "top_p",
-    "user",
-];
-
 /// The fixed part of a response: its id, creation time, model and the
 /// echoed request parameters (each serialized once, when it is made).
 #[derive(Clone)]
@@ -56,9 +39,10 @@ fn echo_default(key: &str) -> &'static str {
 impl Frame {
     /// The frame of a response to `request`.
     pub fn new(request: &ResponsesRequest<'_>, model: &str, created_at: u64) -> Self {
-        let echoed = ECHOED
-            .iter()
-            .map(|key| (*key, request.echoed(key).unwrap_or_else(|| literal(echo_default(key))).to_owned()))
+        let echoed = request
+            .echoed()
+            .into_iter()
+            .map(|(key, raw)| (key, raw.unwrap_or_else(|| literal(echo_default(key))).to_owned()))
             .collect();
         Self { id: new_id("resp_"), created_at, model: model.to_string(), echoed }
     }

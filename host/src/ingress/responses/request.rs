@@ -62,24 +62,24 @@ impl<'a> ResponsesRequest<'a> {
         top_level(body)
     }
 
-    /// A request parameter a `response` object echoes, as written.
-    pub fn echoed(&self, key: &str) -> Raw<'a> {
-        match key {
-            "instructions" => self.instructions,
-            "max_output_tokens" => self.max_output_tokens,
-            "metadata" => self.metadata,
-            "parallel_tool_calls" => self.parallel_tool_calls,
-            "previous_response_id" => self.previous_response_id,
-            "reasoning" => self.reasoning,
-            "store" => self.store,
-            "temperature" => self.temperature,
-            "text" => self.text,
-            "tool_choice" => self.tool_choice,
-            "tools" => self.tools,
-            "top_p" => self.top_p,
-            "user" => self.user,
-            _ => None,
-        }
+    /// The request parameters a `response` object echoes, by name, as
+    /// written (`None` when absent).
+    pub fn echoed(&self) -> [(&'static str, Raw<'a>); 13] {
+        [
+            ("instructions", self.instructions),
+            ("max_output_tokens", self.max_output_tokens),
+            ("metadata", self.metadata),
+            ("parallel_tool_calls", self.parallel_tool_calls),
+            ("previous_response_id", self.previous_response_id),
+            ("reasoning", self.reasoning),
+            ("store", self.store),
+            ("temperature", self.temperature),
+            ("text", self.text),
+            ("tool_choice", self.tool_choice),
+            ("tools", self.tools),
+            ("top_p", self.top_p),
+            ("user", self.user),
+        ]
     }
 
     /// The response a request continues.
