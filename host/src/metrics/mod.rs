@@ -168,23 +168,27 @@ pub struct Metrics {
 /// Handles of the per-request metrics, kept per thread: an update is then
 /// an atomic add (and a histogram's own lock) without a family lookup — a
 /// shared `RwLock` and a hash of the label strings — each time. Keyed by
-/// the addresses of the `&'static str` label values (interned or
-/// literals); equal values at two addresses only take two entries.
+/// where the `&'static str` label values lie (interned or literals); equal
+/// values at two places only take two entries.
 #[derive(Default)]
 struct Handles {
-    requests: HashMap<[usize; 4], Counter>,
-    endpoints: HashMap<usize, [Histogram; 4]>,
-    models: HashMap<usize, [Counter; 3]>,
-    attempts: HashMap<(u64, usize), Counter>,
+    requests: HashMap<[Place; 4], Counter>,
+    endpoints: HashMap<Place, [Histogram; 4]>,
+    models: HashMap<Place, [Counter; 3]>,
+    attempts: HashMap<(u64, Place), Counter>,
 }
+
+/// A label value's address and length (the length too: the linker may lay
+/// one literal at the start of a longer one).
+type Place = (usize, usize);
 
 thread_local! {
     static HANDLES: std::cell::RefCell<Handles> = std::cell::RefCell::default();
 }
 
-/// The address of a label value, its key in [`Handles`].
-fn at(label: &'static str) -> usize {
-    label.as_ptr() as usize
+/// Where a label value lies, its key in [`Handles`].
+fn at(label: &'static str) -> Place {
+    (label.as_ptr() as usize, label.len())
 }
 
 /// The process's metrics.
