@@ -24,7 +24,7 @@ use arc_swap::ArcSwap;
 use tokio_postgres::Client;
 
 use super::status::ChannelState;
-use super::{ChannelRecord, ChannelSet, ChannelStore, FieldError, StoreError};
+use super::{ChannelKey, ChannelRecord, ChannelSet, ChannelStore, FieldError, StoreError};
 use crate::store::local_writes::{LocalWrites, REREAD_AFTER};
 use crate::store::postgres::{CHANNELS_NOTIFY, Postgres};
 use crate::store::secrets::SecretBox;
@@ -359,13 +359,10 @@ fn merge_health(stored: &mut ChannelRecord, local: &ChannelRecord) {
 /// this node while it was written.
 const MAX_HEALTH_REWRITES: u32 = 3;
 
-/// Whether record `id`'s status or keys on this node differ from `written`.
-fn health_changed(inner: &Inner, id: u64, written: &ChannelRecord) -> bool {
-    let records = lock(&inner.records);
-    let Some(now) = records.get(&id) else { return false };
-    now.status != written.status
-        || now.keys.len() != written.keys.len()
-        || now.keys.iter().zip(&written.keys).any(|(a, b)| a.enabled != b.enabled || a.auto != b.auto)
+/// Whether record `id`'s status or keys on this node differ from the
+/// `written` ones.
+fn health_changed(inner: &Inner, id: u64, written: &(ChannelState, Vec<ChannelKey>)) -> bool {
+    lock(&inner.records).get(&id).is_some_and(|now| (&now.status, &now.keys) != (&written.0, &written.1))
 }
 
 /// Write health transitions (ids arriving on `pending`) until the store is
@@ -380,7 +377,7 @@ async fn persist_health(inner: std::sync::Weak<Inner>, mut pending: tokio::sync:
         let mut rewrites = 0;
         loop {
             let Some(local) = lock(&inner.records).get(&id).cloned() else { break };
-            let written = local.clone();
+            let written = (local.status.clone(), local.keys.clone());
             let secrets = inner.secrets.clone();
             let result = inner
                 .with_client(move |c| {
