@@ -1,7 +1,8 @@
 //! The HTTP front door (issue 11, items 5 and 14): idle and slow clients
 //! cannot take the gateway offline, bodies and headers arrive in time or
 //! get a clear error, oversized URIs and headers get OpenAI-shaped JSON,
-//! only HTTP/1.1 is served, and the `Bearer` scheme is matched as HTTP says.
+//! HTTP/2 without TLS is served next to HTTP/1.1 only when enabled, and the
+//! `Bearer` scheme is matched as HTTP says.
 
 use std::time::Duration;
 
@@ -105,7 +106,8 @@ async fn slow_headers_and_bodies_time_out_and_oversized_requests_get_json() {
     assert_eq!(resp.status(), 431);
     assert_openai_error(&resp.json::<Value>().await.expect("json"));
 
-    // HTTP/2 without TLS (h2c) is not served: no HTTP/2 frame comes back.
+    // HTTP/2 without TLS (h2c) is not served by default: no HTTP/2 frame
+    // comes back.
     let mut h2 = TcpStream::connect(addr(&gw)).await.expect("connect");
     h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.expect("write");
     let (text, _) = read_until_closed(&mut h2, Duration::from_secs(10)).await;
@@ -130,4 +132,52 @@ async fn the_bearer_scheme_is_case_insensitive_and_a_bare_key_is_refused() {
     assert_openai_error(&resp.json::<Value>().await.expect("json"));
     let resp = client().get(gw.url("/v1/models")).header("x-api-key", TOKEN).send().await.expect("send");
     assert_eq!(resp.status(), 200, "Anthropic-style clients send x-api-key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_http2_on_h2c_and_http1_share_the_port_and_silent_connections_still_time_out() {
+    let mock = MockUpstream::start("up").await;
+    let gw = Gateway::start(
+        &["openai.wasm", "weighted.wasm"],
+        &format!(
+            "[server]\nhttp2 = true\nhttp2_max_streams = 4\nheader_timeout_secs = 1\n{}",
+            channel("up", "openai", &mock.base_url(), &["gpt-4o-mini"], "")
+        ),
+    );
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().expect("h2c client");
+    let chat = crate::support::chat("gpt-4o-mini", "hi");
+
+    // More requests at once than one connection may carry streams: the
+    // client queues them on its one connection, and every one is answered.
+    let sends = (0..12).map(|_| h2.post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&chat).send());
+    for resp in futures_util::future::join_all(sends).await {
+        let resp = resp.expect("an h2c request is answered");
+        assert_eq!((resp.version(), resp.status().as_u16()), (reqwest::Version::HTTP_2, 200));
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["object"], "chat.completion", "{body}");
+    }
+
+    // A stream over HTTP/2 arrives whole, and errors keep OpenAI's shape.
+    let mut streamed = chat.clone();
+    streamed["stream"] = true.into();
+    let resp = h2.post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&streamed).send().await.expect("send");
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.expect("stream");
+    assert!(text.ends_with("data: [DONE]\n\n") && !crate::support::stream_text(&text).is_empty(), "{text}");
+    let resp = h2.post(gw.url("/v1/chat/completions")).json(&chat).send().await.expect("send");
+    assert_eq!(resp.status(), 401);
+    assert_openai_error(&resp.json::<Value>().await.expect("json"));
+
+    // HTTP/1.1 on the same port.
+    let resp = client().post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&chat).send().await.expect("send");
+    assert_eq!((resp.version(), resp.status().as_u16()), (reqwest::Version::HTTP_11, 200));
+
+    // A connection that sends nothing, or only the start of the preface,
+    // is closed after the header timeout, as an HTTP/1.1 one is.
+    for opening in [&b""[..], b"PR"] {
+        let mut silent = TcpStream::connect(addr(&gw)).await.expect("connect");
+        silent.write_all(opening).await.expect("write");
+        let (_, closed) = read_until_closed(&mut silent, Duration::from_secs(20)).await;
+        assert!(closed, "a connection that sent {opening:?} is closed");
+    }
 }

@@ -237,6 +237,13 @@ pub struct ServerConfig {
     /// Threads serving requests, each with its own single-threaded runtime
     /// and accept loop (default: one per CPU).
     pub workers: usize,
+    /// Also serve HTTP/2 without TLS (h2c, prior knowledge) on the same
+    /// port, told apart from HTTP/1.1 by its connection preface: for a TLS
+    /// terminator or client that multiplexes many requests over a few
+    /// connections. Off by default.
+    pub http2: bool,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_streams: u32,
 }
 
 impl Default for ServerConfig {
@@ -248,6 +255,8 @@ impl Default for ServerConfig {
             max_uri_bytes: 16 * 1024,
             max_header_bytes: 64 * 1024,
             workers: std::thread::available_parallelism().map_or(2, usize::from),
+            http2: false,
+            http2_max_streams: 256,
         }
     }
 }

@@ -1,6 +1,7 @@
-//! The HTTP listener: HTTP/1.1 only (see `docs/security.md`), with a
-//! header-read timeout that also ends idle keep-alive connections, and a
-//! cap on open connections. At the cap the longest-idle connection is
+//! The HTTP listener: HTTP/1.1, and HTTP/2 without TLS (h2c) when
+//! `server.http2` is on (see `docs/security.md`), with a header-read
+//! timeout that also ends idle keep-alive connections, and a cap on open
+//! connections. At the cap the longest-idle connection is
 //! closed to make room (as nginx reuses its idle keep-alive connections),
 //! with a warning in the log, so idle or slow clients cannot take the
 //! gateway offline. The cap never exceeds what the process's file limit
@@ -15,7 +16,8 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::os::fd::AsFd;
 
 use tokio::net::TcpListener;
@@ -94,7 +96,12 @@ struct Shared {
     cap: usize,
     slots: Arc<Semaphore>,
     table: Arc<Table>,
-    http: hyper::server::conn::http1::Builder,
+    http: http1::Builder,
+    /// Set when h2c is served too.
+    h2: Option<http2::Builder<TokioExecutor>>,
+    /// How long a new connection has to send its first bytes (HTTP/1.1's
+    /// header timeout covers that once it is known not to be HTTP/2).
+    header_timeout: Duration,
     started: Instant,
     next_id: AtomicU64,
     last_warning: Mutex<Option<Instant>>,
@@ -118,9 +125,10 @@ pub async fn serve(
     let cap = connection_cap(config, raise_file_limit());
     tracing::info!(max_connections = cap, workers, "accepting connections");
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut http = hyper::server::conn::http1::Builder::new();
+    let header_timeout = Duration::from_secs(config.header_timeout_secs);
+    let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(config.header_timeout_secs))
+        .header_read_timeout(header_timeout)
         .max_buf_size(config.max_header_bytes.saturating_mul(2).max(16 * 1024))
         .max_headers(256)
         .keep_alive(true);
@@ -129,6 +137,8 @@ pub async fn serve(
         slots: Arc::new(Semaphore::new(cap)),
         table: Arc::new(Table::default()),
         http,
+        h2: config.http2.then(|| h2_builder(config)),
+        header_timeout,
         started: Instant::now(),
         next_id: AtomicU64::new(0),
         last_warning: Mutex::new(None),
@@ -227,6 +237,16 @@ async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc<Shared>) {
             let _open = crate::metrics::OpenConnection::new();
             let touch = conn.clone();
             let started = shared.started;
+            // With h2c on, which protocol the connection speaks (a silent
+            // one is dropped after the header timeout, as HTTP/1.1's is).
+            let h2 = match &shared.h2 {
+                Some(_) => speaks_h2(&stream, shared.header_timeout).await,
+                None => Some(false),
+            };
+            let Some(h2) = h2 else {
+                shared.table.lock().remove(&id);
+                return;
+            };
             let stream = Lingering::new(stream);
             let linger = stream.flag();
             let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
@@ -241,25 +261,79 @@ async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc<Shared>) {
                     Ok::<_, Infallible>(response)
                 }
             });
-            let connection = shared.http.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let mut stop = shared.stop.clone();
-            let mut closing = false;
-            loop {
-                tokio::select! {
-                    _ = connection.as_mut() => break,
-                    () = conn.close.notified(), if !closing => {
-                        closing = true;
-                        connection.as_mut().graceful_shutdown();
-                    }
-                    _ = stop.changed(), if !closing => {
-                        closing = true;
-                        connection.as_mut().graceful_shutdown();
-                    }
+            let stop = shared.stop.clone();
+            match &shared.h2 {
+                Some(builder) if h2 => {
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    drive(connection, |c| c.graceful_shutdown(), &conn.close, stop).await;
+                }
+                _ => {
+                    let connection = shared.http.serve_connection(TokioIo::new(stream), service);
+                    drive(connection, |c| c.graceful_shutdown(), &conn.close, stop).await;
                 }
             }
             shared.table.lock().remove(&id);
         });
+    }
+}
+
+/// The HTTP/2 settings: streams per connection, header size, and pings
+/// that find dead peers.
+fn h2_builder(config: &ServerConfig) -> http2::Builder<TokioExecutor> {
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_concurrent_streams(config.http2_max_streams)
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Duration::from_secs(config.header_timeout_secs.max(1)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    h2
+}
+
+/// Whether a new connection opens with HTTP/2's preface (`PRI * HTTP/2.0`),
+/// read without consuming it; `None` when it sent nothing in time (or
+/// failed).
+async fn speaks_h2(stream: &tokio::net::TcpStream, timeout: Duration) -> Option<bool> {
+    const PREFACE: &[u8] = b"PRI ";
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut head = [0u8; 4];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut head)).await.ok()?.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if n == head.len() || head[..n] != PREFACE[..n] {
+            return Some(head == *PREFACE);
+        }
+        // A prefix of the preface so far: wait for the rest.
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Run `connection` to its end, closing it gracefully when the listener
+/// asks it to make room (`close`) or stops.
+async fn drive<C: std::future::Future>(
+    connection: C,
+    graceful_shutdown: impl Fn(std::pin::Pin<&mut C>),
+    close: &Notify,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::pin!(connection);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            _ = connection.as_mut() => break,
+            () = close.notified(), if !closing => {
+                closing = true;
+                graceful_shutdown(connection.as_mut());
+            }
+            _ = stop.changed(), if !closing => {
+                closing = true;
+                graceful_shutdown(connection.as_mut());
+            }
+        }
     }
 }
 
