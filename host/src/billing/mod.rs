@@ -430,19 +430,20 @@ impl Billing {
         }
         let (subject, mut limits) = self.token_limits(caller);
         // Several nodes: a token's own limits are counted in the database
-        // (requests in flight first, as on one node).
+        // (requests in flight first, as on one node). The database calls'
+        // futures are boxed so that one node's requests do not carry them.
         let mut shared_slot = None;
         if let (Some(shared), Some(Subject::Token(id)), Some(acct)) = (&self.shared, subject, &caller.account)
             && let Some(max) = acct.token.concurrency
         {
             limits.concurrency = (self.limits.token_concurrency > 0).then_some(self.limits.token_concurrency);
-            shared_slot = Some(shared_limit(shared.limits.occupy(id, max).await)?);
+            shared_slot = Some(shared_limit(Box::pin(shared.limits.occupy(id, max)).await)?);
         }
         if let (Some(shared), Some(Subject::Token(id))) = (&self.shared, subject)
             && (limits.rpm.is_some() || limits.tpm.is_some())
         {
             let estimate = bound.saturating_add(completion);
-            shared_limit(shared.limits.admit(id, limits.rpm.take(), limits.tpm.take(), estimate).await)?;
+            shared_limit(Box::pin(shared.limits.admit(id, limits.rpm.take(), limits.tpm.take(), estimate)).await)?;
         }
         let mut meter = Meter {
             billing: self.clone(),
@@ -451,7 +452,9 @@ impl Billing {
             model: req.model.clone(),
             stream: req.stream,
             price,
-            body: req.body.clone(),
+            // A stream keeps its body for as long as it runs: a copy sized
+            // to it, not a view pinning the connection's read buffer.
+            body: if req.stream { Bytes::copy_from_slice(&req.body) } else { req.body.clone() },
             prompt_typical: req.prompt.typical_tokens(),
             token_estimate: bound.saturating_add(completion),
             subject,
@@ -525,7 +528,7 @@ impl Billing {
         let lacking = |b: ledger::Balance| amount.saturating_sub(held(b)).max(0);
         let need_user = lacking(self.ledger.user(acct.user_id));
         let need_token = if limited { lacking(self.ledger.token(t.id)) } else { 0 };
-        match shared.leases.acquire(acct.user_id, need_user, Some(t.id), need_token).await {
+        match Box::pin(shared.leases.acquire(acct.user_id, need_user, Some(t.id), need_token)).await {
             Ok(Leased::Granted) => {
                 Ok(self.ledger.reserve(acct.user_id, Some(t.id), limited, amount).map_err(|s| (s, false)))
             }

@@ -136,9 +136,11 @@ impl<B: Send + 'static> Instances<B> {
                 return Ok(idle.swap_remove(i));
             }
         }
-        match self.fresh(tag).await {
+        // Boxed: instantiation is the rare path, and inline its future would
+        // make every plugin call's future (and every request's) larger.
+        match Box::pin(self.fresh(tag)).await {
             // Idle instances hold slots too: give them back and try again.
-            Err(PluginError::Capacity { .. }) if self.clear() > 0 => self.fresh(tag).await,
+            Err(PluginError::Capacity { .. }) if self.clear() > 0 => Box::pin(self.fresh(tag)).await,
             other => other,
         }
     }

@@ -129,7 +129,10 @@ impl Credentials {
         }
         let now = Instant::now();
         let limit = upstream.exchange_timeout;
-        let exchanged = match tokio::time::timeout(limit, exchange(adapter, tag, view, origin, upstream)).await {
+        // Boxed: a rare path whose future would otherwise make every
+        // request's larger.
+        let exchanging = Box::pin(exchange(adapter, tag, view, origin, upstream));
+        let exchanged = match tokio::time::timeout(limit, exchanging).await {
             Ok(result) => result,
             Err(_) => Err(CredentialError::Upstream(UpstreamError {
                 kind: ErrorKind::Transient,

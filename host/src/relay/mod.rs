@@ -561,7 +561,9 @@ async fn attempt(
         let decoder = adapter.stream_decoder(tag, &ctx, settings).await.map_err(|e| plugin_failure(state, &e))?;
         let mut live = stream::LiveStream::new(state, response, decoder, channel.clone(), a.stats.clone(), in_flight);
         live.filter_chunks(a.filters.filter(|c| c.filters_chunks()).cloned());
-        return stream_response(live, started, meter, a.info.clone()).await;
+        // Boxed: it holds the stream until its first chunk, and inline it
+        // would make every request's future larger.
+        return Box::pin(stream_response(live, started, meter, a.info.clone())).await;
     }
     let reading = Instant::now();
     let body = upstream.read(response).await;
