@@ -199,6 +199,17 @@ impl Drop for ChildGuard {
 /// Start a gateway in `dir` with `plugins` and `channels` (TOML) in front
 /// of the mock; returns it and its base URL.
 pub(crate) fn start_gateway(args: &Args, dir: &Path, plugins: &[&str], channels: &str) -> Result<(ChildGuard, String)> {
+    start_gateway_with(args, dir, plugins, channels, "")
+}
+
+/// [`start_gateway`] with `server` TOML lines in its `[server]` table.
+fn start_gateway_with(
+    args: &Args,
+    dir: &Path,
+    plugins: &[&str],
+    channels: &str,
+    server: &str,
+) -> Result<(ChildGuard, String)> {
     let plugins_dir = dir.join("plugins");
     std::fs::create_dir_all(&plugins_dir)?;
     for f in plugins {
@@ -207,7 +218,7 @@ pub(crate) fn start_gateway(args: &Args, dir: &Path, plugins: &[&str], channels:
     }
     let config = format!(
         "tokens = [{TOKEN:?}]\nadmin_token = \"adm-bench\"\ndata_dir = {:?}\nplugins_dir = {:?}\n\
-         [plugins]\n{}\n[server]\nmax_connections = 100000\n\
+         [plugins]\n{}\n[server]\nmax_connections = 100000\n{server}\n\
          [limits]\ntoken_concurrency = 0\ntoken_streams = 0\nuser_concurrency = 0\n{channels}\n\
          [pricing.models.gpt-4o-mini]\nratio = 0.075\ncompletion_ratio = 4\ncached_ratio = 0.5\n\
          [pricing.models.drip-mini]\nratio = 0.075\ncompletion_ratio = 4\ncached_ratio = 0.5\n",
@@ -247,8 +258,8 @@ fn two_channels_with(upstream: &str, extra: &str) -> String {
         .collect()
 }
 
-/// Streams a gateway can hold over HTTP/1.1 upstreams under this
-/// process's file limit (two sockets each, plus headroom).
+/// Streams a gateway can hold from HTTP/1.1 clients under this process's
+/// file limit (two sockets each, plus headroom).
 fn http1_stream_limit() -> usize {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.unwrap_or(u64::MAX);
     usize::try_from(limit.saturating_sub(1024) / 2).unwrap_or(usize::MAX)
@@ -378,14 +389,25 @@ async fn http(args: &Args) -> Result<()> {
     if args.streams > 0 {
         // Over HTTP/1.1 every open stream holds two sockets (client and
         // upstream); over HTTP/2 the upstream side is a few multiplexed
-        // connections, as with any HTTPS provider (ALPN).
-        for (label, extra) in [("HTTP/2 (h2c)", "settings = { http2 = true }\n"), ("HTTP/1.1", "")] {
+        // connections, as with any HTTPS provider (ALPN), and so is the
+        // client side when the gateway serves h2c (`server.http2`) to a
+        // client or TLS terminator that multiplexes.
+        const H2: &str = "settings = { http2 = true }\n";
+        for (sides, extra, client) in [
+            (streams::Sides { client: "HTTP/2 (h2c)", upstream: "HTTP/2 (h2c)" }, H2, streams::Client::Http2),
+            (streams::Sides { client: "HTTP/1.1", upstream: "HTTP/2 (h2c)" }, H2, streams::Client::Http1),
+            (streams::Sides { client: "HTTP/1.1", upstream: "HTTP/1.1" }, "", streams::Client::Http1),
+        ] {
             let dir = tempfile::tempdir()?;
             let channels = two_channels_with(&mock_url, extra);
-            let (gateway, base) = start_gateway(args, dir.path(), &["openai.wasm", "weighted.wasm"], &channels)?;
+            let server = if client == streams::Client::Http2 { "http2 = true\nhttp2_max_streams = 256" } else { "" };
+            let (gateway, base) =
+                start_gateway_with(args, dir.path(), &["openai.wasm", "weighted.wasm"], &channels, server)?;
             let key = billed_key(&base).await?;
-            let n = if extra.is_empty() { args.streams.min(http1_stream_limit()) } else { args.streams };
-            streams::run(&base, &key, n, gateway.0.id(), &mock_url, label).await?;
+            // A client connection per stream: the file limit caps them.
+            let n =
+                if client == streams::Client::Http1 { args.streams.min(http1_stream_limit()) } else { args.streams };
+            streams::run(&base, &key, n, gateway.0.id(), &mock_url, &sides, client).await?;
         }
     }
     Ok(())
