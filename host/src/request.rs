@@ -378,6 +378,13 @@ fn parse_error(e: &serde_json::Error) -> ApiError {
 }
 
 impl ClientRequest {
+    /// Whether the client speaks another protocol than chat completions,
+    /// translated to and from it (`responses`, `messages`, `gemini`): its
+    /// stream is handed to the route as a [`crate::relay::PendingStream`].
+    pub fn translated(&self) -> bool {
+        matches!(self.route, "responses" | "messages" | "gemini")
+    }
+
     /// Validate `body` for `endpoint`: one pass, no copy of its text.
     pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<Self, ApiError> {
         let first = body.iter().find(|b| !b.is_ascii_whitespace());

@@ -1,20 +1,20 @@
-//! Re-framing a relayed chat-completion stream (OpenAI SSE, `data: {…}`
-//! frames ending with `data: [DONE]`) as another protocol's events, chunk
-//! by chunk as it arrives. Dropping the re-framed stream drops the relayed
+//! Re-framing a relayed chat-completion stream as another protocol's
+//! events, chunk by chunk as it arrives: the relay parses each chunk once
+//! into a [`ChatChunk`] and hands it to the route's [`Translator`] (see
+//! `relay::PendingStream`). Dropping the re-framed stream drops the relayed
 //! one, so a client that leaves is billed exactly as on the chat route.
 
 use std::borrow::Cow;
 
-use axum::body::{Body, BodyDataStream};
-use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::{Stream, StreamExt};
+use axum::body::Body;
+use axum::response::Response;
+use bytes::{BufMut, BytesMut};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::answer::{ChatUsage, or_default, text, usage};
-
-/// Largest SSE frame buffered while waiting for its end.
-const MAX_FRAME: usize = 16 * 1024 * 1024;
+use crate::error::ApiError;
+use crate::relay::PendingStream;
 
 /// What the translators read of a chat completion chunk, borrowed from
 /// the frame where the JSON allows (no DOM per chunk).
@@ -135,47 +135,39 @@ pub fn write_event<T: serde::Serialize + ?Sized>(out: &mut BytesMut, event: Opti
     out.extend_from_slice(b"\n\n");
 }
 
-struct State<T> {
-    body: BodyDataStream,
-    buffer: BytesMut,
-    /// Bytes of `buffer` already searched for a frame end (a frame that
-    /// arrives in many pieces is not rescanned from its start each time).
-    searched: usize,
-    translator: T,
-    done: bool,
-}
-
-impl<T: Translator> State<T> {
-    /// Translate every complete frame in the buffer; true once the stream
-    /// is over.
-    fn drain(&mut self, out: &mut BytesMut) -> bool {
-        loop {
-            let from = self.searched.saturating_sub(1);
-            let Some(end) = frame_end(&self.buffer[from..]).map(|at| from + at) else {
-                self.searched = self.buffer.len();
-                break;
-            };
-            self.searched = 0;
-            let frame = self.buffer.split_to(end + 2);
-            let Some(data) = frame_data(&frame) else { continue };
-            if *data == *b"[DONE]" {
-                self.translator.finish(out);
+/// Translate the complete SSE frames in `rendered` (the first frames of a
+/// relayed chat stream, framed before the translator was known) into
+/// `out`; true when they end the stream.
+pub fn reframe_rendered(rendered: &[u8], translator: &mut dyn Translator, out: &mut BytesMut) -> bool {
+    let mut rest = rendered;
+    while let Some(end) = frame_end(rest) {
+        let (frame, next) = rest.split_at(end + 2);
+        rest = next;
+        let Some(data) = frame_data(frame) else { continue };
+        if *data == *b"[DONE]" {
+            translator.finish(out);
+            return true;
+        }
+        match serde_json::from_slice::<ChatChunk<'_>>(&data) {
+            Ok(ChatChunk { error: Some(error), .. }) => {
+                translator.error(&error, out);
                 return true;
             }
-            // Bytes, as every parse on the relay's path reads them.
-            match serde_json::from_slice::<ChatChunk<'_>>(&data) {
-                Ok(ChatChunk { error: Some(error), .. }) => {
-                    self.translator.error(&error, out);
-                    return true;
-                }
-                Ok(chunk) => self.translator.chunk(&chunk, out),
-                Err(_) => {
-                    tracing::warn!("skipping a relayed stream frame that is not JSON");
-                }
-            }
+            Ok(chunk) => translator.chunk(&chunk, out),
+            Err(_) => tracing::warn!("skipping a relayed stream frame that is not JSON"),
         }
-        false
     }
+    false
+}
+
+/// A translated route's relayed stream `response` as `translator`'s
+/// events.
+pub fn translated<T: Translator>(response: &Response, translator: T) -> Result<Body, ApiError> {
+    let pending = response.extensions().get::<PendingStream>().and_then(|p| p.translated(Box::new(translator)));
+    pending.ok_or_else(|| {
+        tracing::error!("a translated route's stream came without its pending stream");
+        ApiError::internal()
+    })
 }
 
 /// Where the first `\n\n` (an SSE frame's end) starts in `bytes`.
@@ -198,47 +190,6 @@ fn frame_data(frame: &[u8]) -> Option<Cow<'_, [u8]>> {
         joined.extend_from_slice(line);
     }
     Some(Cow::Owned(joined))
-}
-
-/// `body` (a relayed chat stream) re-framed by `translator`.
-pub fn reframe<T: Translator>(body: Body, translator: T) -> impl Stream<Item = Result<Bytes, axum::Error>> + Send {
-    let state = State { body: body.into_data_stream(), buffer: BytesMut::new(), searched: 0, translator, done: false };
-    futures_util::stream::unfold(state, |mut s| async move {
-        let mut out = BytesMut::new();
-        while out.is_empty() {
-            if s.done {
-                return None;
-            }
-            match s.body.next().await {
-                Some(Ok(bytes)) => {
-                    s.buffer.extend_from_slice(&bytes);
-                    if s.buffer.len() > MAX_FRAME {
-                        s.translator.error(&stream_broken(), &mut out);
-                        s.done = true;
-                    } else {
-                        s.done = s.drain(&mut out);
-                    }
-                }
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "a relayed stream failed");
-                    s.translator.error(&stream_broken(), &mut out);
-                    s.done = true;
-                }
-                None => {
-                    s.done = true;
-                    s.translator.finish(&mut out);
-                }
-            }
-        }
-        if let Some(job) = s.translator.pending() {
-            let _ = tokio::task::spawn_blocking(job).await;
-        }
-        Some((Ok(out.freeze()), s))
-    })
-}
-
-fn stream_broken() -> Value {
-    serde_json::json!({"message": "The upstream stream failed.", "type": "upstream_error", "code": "upstream_error"})
 }
 
 #[cfg(test)]
@@ -269,17 +220,17 @@ mod tests {
         }
     }
 
-    async fn run(parts: &[&'static str]) -> String {
-        let chunks: Vec<Result<Bytes, std::io::Error>> =
-            parts.iter().map(|p| Ok(Bytes::from_static(p.as_bytes()))).collect();
-        let body = Body::from_stream(futures_util::stream::iter(chunks));
-        let out: Vec<_> = reframe(body, Log::default()).collect().await;
-        out.into_iter().map(|b| String::from_utf8(b.expect("bytes").to_vec()).expect("utf8")).collect()
+    /// What `reframe_rendered` writes for `rendered`, and whether it ended.
+    fn run(rendered: &str) -> (String, bool) {
+        let mut out = BytesMut::new();
+        let ended = reframe_rendered(rendered.as_bytes(), &mut Log::default(), &mut out);
+        (String::from_utf8(out.to_vec()).expect("utf8"), ended)
     }
 
-    #[tokio::test]
-    async fn frames_split_anywhere_are_reassembled() {
-        assert_eq!(run(&["data: {\"n\":1}\n", "\ndata: {\"n\"", ":2}\n\ndata: [DONE]\n\n"]).await, "ccf");
+    #[test]
+    fn rendered_frames_are_translated_until_done() {
+        assert_eq!(run("data: {\"n\":1}\n\n: ping\n\ndata: {\"n\":2}\n\ndata: [DONE]\n\n"), ("ccf".into(), true));
+        assert_eq!(run("data: {\"n\":1}\n\ndata: not json\n\n"), ("c".into(), false));
     }
 
     #[test]
@@ -300,9 +251,8 @@ mod tests {
         assert!(serde_json::from_str::<ChatChunk<'_>>(r#"{"choices":null}"#).is_ok());
     }
 
-    #[tokio::test]
-    async fn an_error_frame_ends_the_stream_and_a_missing_done_still_finishes() {
-        assert_eq!(run(&["data: {\"n\":1}\n\ndata: {\"error\":{}}\n\ndata: {\"n\":2}\n\n"]).await, "ce");
-        assert_eq!(run(&["data: {\"n\":1}\n\n"]).await, "cf");
+    #[test]
+    fn an_error_frame_ends_the_stream() {
+        assert_eq!(run("data: {\"n\":1}\n\ndata: {\"error\":{}}\n\ndata: {\"n\":2}\n\n"), ("ce".into(), true));
     }
 }

@@ -21,6 +21,7 @@ pub use crate::request::ClientRequest;
 pub use credentials::{CredentialError, Credentials};
 pub use errors::{client_error, retryable};
 pub use probe::{ProbeOutcome, endpoint_name, kind_name, probe};
+pub use stream::PendingStream;
 pub use upstream::Upstream;
 
 use crate::billing::{AttemptInfo, Caller, Ending, Meter, storage_unavailable};
@@ -563,7 +564,7 @@ async fn attempt(
         live.filter_chunks(a.filters.filter(|c| c.filters_chunks()).cloned());
         // Boxed: it holds the stream until its first chunk, and inline it
         // would make every request's future larger.
-        return Box::pin(stream_response(live, started, meter, a.info.clone())).await;
+        return Box::pin(stream_response(live, started, meter, a.info.clone(), req.translated())).await;
     }
     let reading = Instant::now();
     let body = upstream.read(response).await;
@@ -605,11 +606,15 @@ async fn attempt(
     }
 }
 
+/// The stream's response once its first chunks are in; a translated
+/// route's has an empty body and the stream in a [`PendingStream`]
+/// extension.
 async fn stream_response(
     mut live: LiveStream,
     started: Instant,
     meter: &mut Option<Meter>,
     info: AttemptInfo,
+    translated: bool,
 ) -> Result<Response, Failure> {
     // Nothing has reached the client yet: a failure here may fail over.
     let first = stream::first_frames(&mut live).await.map_err(|(err, kind)| match kind {
@@ -626,11 +631,15 @@ async fn stream_response(
         }
         live.meter = Some(m);
     }
-    let body = Body::from_stream(stream::body(first, live));
     let headers = [
         (header::CONTENT_TYPE, "text/event-stream"),
         (header::CACHE_CONTROL, "no-cache"),
         (header::HeaderName::from_static("x-accel-buffering"), "no"),
     ];
-    Ok((headers, body).into_response())
+    if translated {
+        let mut response = (headers, Body::empty()).into_response();
+        response.extensions_mut().insert(PendingStream::new(first, live));
+        return Ok(response);
+    }
+    Ok((headers, Body::from_stream(stream::body(first, live))).into_response())
 }

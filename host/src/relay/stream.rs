@@ -5,6 +5,11 @@
 //! broke off before its end marker, or passed the gateway's length or
 //! duration limit.
 //!
+//! A translated route (Responses, Messages, Gemini) takes the stream as a
+//! [`PendingStream`] and sets its [`Translator`]: from then on each chunk
+//! is parsed once, for validation, the bill and the translation together,
+//! and the translator's events are what reaches the client.
+//!
 //! What a stream keeps is bounded: the decoder's small state, and for the
 //! bill only the first [`GeneratedText::KEPT`] bytes of generated text plus
 //! a byte count (see `billing::tokenize`). Counting, when the upstream
@@ -13,7 +18,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -27,6 +32,7 @@ use crate::channels::Channel;
 use crate::error::ApiError;
 use crate::filters::{Chain, ChunkOutcome};
 use crate::health::Fault;
+use crate::ingress::chat_stream::{self, ChatChunk, Translator};
 use crate::plugins::{AdapterResult, AdapterStream, ErrorKind, PluginError, StreamEvents, Usage};
 use crate::routing::{ChannelStats, InFlight};
 use crate::state::AppState;
@@ -73,10 +79,82 @@ impl Frames {
     }
 }
 
-fn error_frame(out: &mut BytesMut, err: &ApiError) {
-    out.put_slice(b"data: ");
-    out.put_slice(err.body().to_string().as_bytes());
-    out.put_slice(b"\n\n");
+/// The event ending a stream with `err`: an OpenAI error frame, or the
+/// translator's.
+fn error_frame(out: &mut BytesMut, err: &ApiError, translator: Option<&mut Box<dyn Translator>>) {
+    let body = err.body();
+    match translator {
+        Some(t) => t.error(&body["error"], out),
+        None => {
+            out.put_slice(b"data: ");
+            out.put_slice(body.to_string().as_bytes());
+            out.put_slice(b"\n\n");
+        }
+    }
+}
+
+/// What became of one chunk.
+enum Chunk {
+    /// Sent on (as a frame, or translated).
+    Sent,
+    /// Not JSON: the stream fails.
+    Malformed,
+    /// An error chunk the translator ended the stream with.
+    Ended,
+}
+
+/// Parse `chunk` once: its text for the bill into `generated`, and the
+/// translator's events into `out`.
+fn translate(
+    chunk: &[u8],
+    translator: &mut dyn Translator,
+    generated: Option<&mut GeneratedText>,
+    out: &mut BytesMut,
+) -> Chunk {
+    let Ok(parsed) = serde_json::from_slice::<ChatChunk<'_>>(chunk) else { return Chunk::Malformed };
+    if let Some(error) = &parsed.error {
+        translator.error(error, out);
+        return Chunk::Ended;
+    }
+    if let Some(generated) = generated {
+        for delta in parsed.choices.iter().map(|c| &c.delta) {
+            for text in [&delta.content, &delta.reasoning_content].into_iter().flatten() {
+                generated.push(text);
+            }
+            for call in &delta.tool_calls {
+                let (_, name, arguments) = call.parts();
+                generated.push(name);
+                generated.push(arguments);
+            }
+        }
+    }
+    translator.chunk(&parsed, out);
+    Chunk::Sent
+}
+
+/// A translated route's stream once its first chunks are in (failover is
+/// over), handed from the relay to the route in the response's extensions;
+/// [`PendingStream::translated`] makes the response body.
+#[derive(Clone)]
+pub struct PendingStream(Arc<Mutex<Option<(Frames, LiveStream)>>>);
+
+impl PendingStream {
+    pub(crate) fn new(first: Frames, live: LiveStream) -> Self {
+        Self(Arc::new(Mutex::new(Some((first, live)))))
+    }
+
+    /// The stream re-framed by `translator` (`None` once taken).
+    pub fn translated(&self, translator: Box<dyn Translator>) -> Option<axum::body::Body> {
+        let (mut first, mut live) = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()?;
+        let mut translator = translator;
+        // The first chunks were framed before the route was known to
+        // translate: re-read once; the rest is parsed once, as it comes.
+        let mut events = BytesMut::new();
+        first.end |= chat_stream::reframe_rendered(&first.bytes, translator.as_mut(), &mut events);
+        first.bytes = events;
+        live.translator = Some(translator);
+        Some(axum::body::Body::from_stream(body(first, live)))
+    }
 }
 
 fn upstream_error(code: &'static str, message: &str) -> ApiError {
@@ -115,6 +193,8 @@ pub(crate) struct LiveStream {
     filters: Option<(Arc<Chain>, Vec<Vec<u8>>)>,
     /// A filter stopped the stream (or failed closed): the error ending it.
     stopped: Option<ApiError>,
+    /// A translated route's re-framing of the chunks.
+    translator: Option<Box<dyn Translator>>,
 }
 
 impl LiveStream {
@@ -147,6 +227,7 @@ impl LiveStream {
             ending: Ending::default(),
             filters: None,
             stopped: None,
+            translator: None,
         }
     }
 
@@ -197,17 +278,32 @@ impl LiveStream {
         };
         let mut out = Frames::empty();
         for chunk in &events.chunks {
-            let needs_text = self.needs_text();
-            // One pass: validate the chunk, and take its text for the bill.
-            if !generated_text(chunk, needs_text.then_some(&mut self.generated)) {
-                let e = PluginError::malformed(self.decoder.plugin_name(), "a stream chunk that is not JSON");
-                tracing::warn!(channel = self.channel.id, "adapter emitted a stream chunk that is not JSON");
-                return Frames::failed(super::plugin_error(&self.state, &e), None);
+            let generated = self.needs_text().then_some(&mut self.generated);
+            // One pass: validate the chunk, and take its text for the bill
+            // (and translate it).
+            let step = match self.translator.as_mut() {
+                Some(t) => translate(chunk, t.as_mut(), generated, &mut out.bytes),
+                None if generated_text(chunk, generated) => {
+                    out.bytes.put_slice(b"data: ");
+                    out.bytes.put_slice(chunk);
+                    out.bytes.put_slice(b"\n\n");
+                    Chunk::Sent
+                }
+                None => Chunk::Malformed,
+            };
+            match step {
+                Chunk::Sent => out.chunks += 1,
+                Chunk::Malformed => {
+                    let e = PluginError::malformed(self.decoder.plugin_name(), "a stream chunk that is not JSON");
+                    tracing::warn!(channel = self.channel.id, "adapter emitted a stream chunk that is not JSON");
+                    return Frames::failed(super::plugin_error(&self.state, &e), None);
+                }
+                Chunk::Ended => {
+                    out.chunks += 1;
+                    out.end = true;
+                    return out;
+                }
             }
-            out.bytes.put_slice(b"data: ");
-            out.bytes.put_slice(chunk);
-            out.bytes.put_slice(b"\n\n");
-            out.chunks += 1;
         }
         if events.usage.is_some() {
             self.usage = events.usage;
@@ -221,7 +317,10 @@ impl LiveStream {
             out.early_kind = Some(e.kind);
             out.end = true;
         } else if events.done {
-            out.bytes.put_slice(b"data: [DONE]\n\n");
+            match self.translator.as_mut() {
+                Some(t) => t.finish(&mut out.bytes),
+                None => out.bytes.put_slice(b"data: [DONE]\n\n"),
+            }
             out.end = true;
         } else if upstream_ended {
             tracing::warn!(channel = self.channel.id, "upstream stream ended before its end marker");
@@ -292,6 +391,14 @@ impl LiveStream {
             self.stats.failure();
             let consecutive_failures = self.stats.view().consecutive_failures;
             self.state.health.on_failure(&self.channel, &Fault { kind, key: None, consecutive_failures });
+        }
+    }
+
+    /// Finish the translator's blocking work (a store write) before the
+    /// events just produced reach the client.
+    async fn translator_pending(&mut self) {
+        if let Some(job) = self.translator.as_mut().and_then(|t| t.pending()) {
+            let _ = tokio::task::spawn_blocking(job).await;
         }
     }
 
@@ -381,6 +488,7 @@ pub(crate) fn body(first: Frames, live: LiveStream) -> impl Stream<Item = Result
                 if end {
                     live.settle().await;
                 }
+                live.translator_pending().await;
                 return Some((Ok(f.bytes.freeze()), (None, live, end)));
             }
             if ended {
@@ -389,15 +497,17 @@ pub(crate) fn body(first: Frames, live: LiveStream) -> impl Stream<Item = Result
             loop {
                 let mut step = live.next_frames().await;
                 if let Some(err) = &step.early_error {
-                    error_frame(&mut step.bytes, err);
+                    error_frame(&mut step.bytes, err, live.translator.as_mut());
                     live.failed_midway(&step);
                 }
                 if step.end {
                     // Journaled before the last frame leaves.
                     live.settle().await;
+                    live.translator_pending().await;
                     return Some((Ok(step.bytes.freeze()), (None, live, true)));
                 }
                 if !step.bytes.is_empty() {
+                    live.translator_pending().await;
                     return Some((Ok(step.bytes.freeze()), (None, live, false)));
                 }
             }

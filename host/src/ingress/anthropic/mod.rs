@@ -5,7 +5,6 @@ pub mod reply;
 pub mod request;
 pub mod stream;
 
-use axum::body::Body;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -58,8 +57,7 @@ pub async fn answer(response: Response, model: String) -> Result<Response, ApiEr
     }
     let id = new_id("msg_");
     if is_stream(&response) {
-        let events = chat_stream::reframe(response.into_body(), stream::MessagesStream::new(id, model));
-        return Ok(sse_response(Body::from_stream(events)));
+        return Ok(sse_response(chat_stream::translated(&response, stream::MessagesStream::new(id, model))?));
     }
     let body = crate::ingress::answer::body(response).await?;
     let chat = crate::ingress::answer::ChatAnswer::parse(&body)?;

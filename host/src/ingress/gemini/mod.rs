@@ -6,7 +6,6 @@
 pub mod reply;
 pub mod request;
 
-use axum::body::Body;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -49,8 +48,7 @@ impl IntoResponse for GeminiError {
 pub async fn answer(response: Response, model: String, framing: reply::Framing) -> Result<Response, ApiError> {
     let id = new_id("");
     if is_stream(&response) {
-        let events = chat_stream::reframe(response.into_body(), reply::GeminiStream::new(model, id, framing));
-        let body = Body::from_stream(events);
+        let body = chat_stream::translated(&response, reply::GeminiStream::new(model, id, framing))?;
         return Ok(match framing {
             reply::Framing::Sse => sse_response(body),
             reply::Framing::Array => {

@@ -5,7 +5,6 @@ pub mod request;
 pub mod store;
 pub mod stream;
 
-use axum::body::Body;
 use axum::http::StatusCode;
 use axum::response::Response;
 use bytes::Bytes;
@@ -95,8 +94,8 @@ pub async fn create(
     if is_stream(&response) {
         let on_complete: Option<stream::OnComplete> =
             keep.map(|k| Box::new(move |r, a| k.keep(r, a, false)) as stream::OnComplete);
-        let events = chat_stream::reframe(response.into_body(), stream::ResponsesStream::new(frame, on_complete));
-        return Ok(sse_response(Body::from_stream(events)));
+        let events = chat_stream::translated(&response, stream::ResponsesStream::new(frame, on_complete))?;
+        return Ok(sse_response(events));
     }
     let body = crate::ingress::answer::body(response).await?;
     let chat = ChatAnswer::parse(&body)?;
