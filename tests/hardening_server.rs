@@ -172,9 +172,9 @@ async fn with_http2_on_h2c_and_http1_share_the_port_and_silent_connections_still
     let resp = client().post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&chat).send().await.expect("send");
     assert_eq!((resp.version(), resp.status().as_u16()), (reqwest::Version::HTTP_11, 200));
 
-    // A connection that sends nothing, or only the start of the preface,
-    // is closed after the header timeout, as an HTTP/1.1 one is.
-    for opening in [&b""[..], b"PR"] {
+    // A connection that sends nothing, or only part of the preface, is
+    // closed after the header timeout, as an HTTP/1.1 one is.
+    for opening in [&b""[..], b"PR", b"PRI * HTTP/2.0\r\n"] {
         let mut silent = TcpStream::connect(addr(&gw)).await.expect("connect");
         silent.write_all(opening).await.expect("write");
         let (_, closed) = read_until_closed(&mut silent, Duration::from_secs(20)).await;

@@ -289,22 +289,26 @@ fn h2_builder(config: &ServerConfig) -> http2::Builder<TokioExecutor> {
     h2
 }
 
-/// Whether a new connection opens with HTTP/2's preface (`PRI * HTTP/2.0`),
-/// read without consuming it; `None` when it sent nothing in time (or
-/// failed).
+/// Whether a new connection opens with HTTP/2's connection preface, read
+/// without consuming it; `None` when it did not send the preface, or enough
+/// of its first bytes to rule it out, in time (or failed).
 async fn speaks_h2(stream: &tokio::net::TcpStream, timeout: Duration) -> Option<bool> {
-    const PREFACE: &[u8] = b"PRI ";
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut head = [0u8; 4];
+    let mut head = [0u8; PREFACE.len()];
     loop {
         let n = tokio::time::timeout_at(deadline, stream.peek(&mut head)).await.ok()?.ok()?;
         if n == 0 {
             return None;
         }
-        if n == head.len() || head[..n] != PREFACE[..n] {
-            return Some(head == *PREFACE);
+        if head[..n] != PREFACE[..n] {
+            return Some(false);
         }
-        // A prefix of the preface so far: wait for the rest.
+        if n == PREFACE.len() {
+            return Some(true);
+        }
+        // The preface so far: wait for the rest (a client that stops
+        // halfway is dropped at the deadline).
         if tokio::time::Instant::now() >= deadline {
             return None;
         }
