@@ -39,6 +39,9 @@ def response_stream_events():
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), numbers
     assert final.output_text == "echo: stream responses", final
     assert final.usage.output_tokens == 12, final.usage
+    # Stored before its last events were sent: readable as soon as the stream ends.
+    got = client.responses.retrieve(final.id)
+    assert got.id == final.id and got.output_text == "echo: stream responses", got
 
 
 @check
