@@ -135,31 +135,6 @@ pub fn write_event<T: serde::Serialize + ?Sized>(out: &mut BytesMut, event: Opti
     out.extend_from_slice(b"\n\n");
 }
 
-/// Translate the complete SSE frames in `rendered` (the first frames of a
-/// relayed chat stream, framed before the translator was known) into
-/// `out`; true when they end the stream.
-pub fn reframe_rendered(rendered: &[u8], translator: &mut dyn Translator, out: &mut BytesMut) -> bool {
-    let mut rest = rendered;
-    while let Some(end) = frame_end(rest) {
-        let (frame, next) = rest.split_at(end + 2);
-        rest = next;
-        let Some(data) = frame_data(frame) else { continue };
-        if *data == *b"[DONE]" {
-            translator.finish(out);
-            return true;
-        }
-        match serde_json::from_slice::<ChatChunk<'_>>(&data) {
-            Ok(ChatChunk { error: Some(error), .. }) => {
-                translator.error(&error, out);
-                return true;
-            }
-            Ok(chunk) => translator.chunk(&chunk, out),
-            Err(_) => tracing::warn!("skipping a relayed stream frame that is not JSON"),
-        }
-    }
-    false
-}
-
 /// A translated route's relayed stream `response` as `translator`'s
 /// events.
 pub fn translated<T: Translator>(response: &Response, translator: T) -> Result<Body, ApiError> {
@@ -170,68 +145,9 @@ pub fn translated<T: Translator>(response: &Response, translator: T) -> Result<B
     })
 }
 
-/// Where the first `\n\n` (an SSE frame's end) starts in `bytes`.
-fn frame_end(bytes: &[u8]) -> Option<usize> {
-    memchr::memchr_iter(b'\n', bytes).find(|&at| bytes.get(at + 1) == Some(&b'\n'))
-}
-
-/// The `data:` payload of one SSE frame (several `data:` lines joined with
-/// `\n`, as SSE does); none when it has no data line.
-fn frame_data(frame: &[u8]) -> Option<Cow<'_, [u8]>> {
-    let mut lines = frame.split(|b| *b == b'\n').filter_map(|line| {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        line.strip_prefix(b"data:").map(<[u8]>::trim_ascii_start)
-    });
-    let first = lines.next()?;
-    let Some(second) = lines.next() else { return Some(Cow::Borrowed(first)) };
-    let mut joined = [first, second].join(&b'\n');
-    for line in lines {
-        joined.push(b'\n');
-        joined.extend_from_slice(line);
-    }
-    Some(Cow::Owned(joined))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_frame_s_data_lines_are_joined_and_other_lines_ignored() {
-        assert_eq!((frame_end(b"a\nb\n\nc"), frame_end(b"a\nb\n"), frame_end(b"\n\n")), (Some(3), None, Some(0)));
-        assert_eq!(frame_data(b"data: {\"a\":1}\n\n").as_deref(), Some(&b"{\"a\":1}"[..]));
-        assert_eq!(frame_data(b"event: x\r\ndata:{}\r\n\r\n").as_deref(), Some(&b"{}"[..]));
-        assert_eq!(frame_data(b": ping\ndata: [1,\ndata: 2]\n\n").as_deref(), Some(&b"[1,\n2]"[..]));
-        assert_eq!(frame_data(b": keep-alive\n\n"), None);
-    }
-
-    #[derive(Default)]
-    struct Log(Vec<String>);
-    impl Translator for Log {
-        fn chunk(&mut self, chunk: &ChatChunk<'_>, out: &mut BytesMut) {
-            self.0.push(chunk.choices.len().to_string());
-            out.extend_from_slice(b"c");
-        }
-        fn error(&mut self, _: &Value, out: &mut BytesMut) {
-            out.extend_from_slice(b"e");
-        }
-        fn finish(&mut self, out: &mut BytesMut) {
-            out.extend_from_slice(b"f");
-        }
-    }
-
-    /// What `reframe_rendered` writes for `rendered`, and whether it ended.
-    fn run(rendered: &str) -> (String, bool) {
-        let mut out = BytesMut::new();
-        let ended = reframe_rendered(rendered.as_bytes(), &mut Log::default(), &mut out);
-        (String::from_utf8(out.to_vec()).expect("utf8"), ended)
-    }
-
-    #[test]
-    fn rendered_frames_are_translated_until_done() {
-        assert_eq!(run("data: {\"n\":1}\n\n: ping\n\ndata: {\"n\":2}\n\ndata: [DONE]\n\n"), ("ccf".into(), true));
-        assert_eq!(run("data: {\"n\":1}\n\ndata: not json\n\n"), ("c".into(), false));
-    }
 
     #[test]
     fn nulls_and_odd_types_in_a_chunk_read_as_absent() {
@@ -249,10 +165,5 @@ mod tests {
             (0, Some("f"), None)
         );
         assert!(serde_json::from_str::<ChatChunk<'_>>(r#"{"choices":null}"#).is_ok());
-    }
-
-    #[test]
-    fn an_error_frame_ends_the_stream() {
-        assert_eq!(run("data: {\"n\":1}\n\ndata: {\"error\":{}}\n\ndata: {\"n\":2}\n\n"), ("ce".into(), true));
     }
 }

@@ -562,9 +562,12 @@ async fn attempt(
         let decoder = adapter.stream_decoder(tag, &ctx, settings).await.map_err(|e| plugin_failure(state, &e))?;
         let mut live = stream::LiveStream::new(state, response, decoder, channel.clone(), a.stats.clone(), in_flight);
         live.filter_chunks(a.filters.filter(|c| c.filters_chunks()).cloned());
+        if req.translated() {
+            live.hold_for_translator();
+        }
         // Boxed: it holds the stream until its first chunk, and inline it
         // would make every request's future larger.
-        return Box::pin(stream_response(live, started, meter, a.info.clone(), req.translated())).await;
+        return Box::pin(stream_response(live, started, meter, a.info.clone())).await;
     }
     let reading = Instant::now();
     let body = upstream.read(response).await;
@@ -607,14 +610,13 @@ async fn attempt(
 }
 
 /// The stream's response once its first chunks are in; a translated
-/// route's has an empty body and the stream in a [`PendingStream`]
-/// extension.
+/// route's (its chunks held) has an empty body and the stream in a
+/// [`PendingStream`] extension.
 async fn stream_response(
     mut live: LiveStream,
     started: Instant,
     meter: &mut Option<Meter>,
     info: AttemptInfo,
-    translated: bool,
 ) -> Result<Response, Failure> {
     // Nothing has reached the client yet: a failure here may fail over.
     let first = stream::first_frames(&mut live).await.map_err(|(err, kind)| match kind {
@@ -636,7 +638,7 @@ async fn stream_response(
         (header::CACHE_CONTROL, "no-cache"),
         (header::HeaderName::from_static("x-accel-buffering"), "no"),
     ];
-    if translated {
+    if live.held() {
         let mut response = (headers, Body::empty()).into_response();
         response.extensions_mut().insert(PendingStream::new(first, live));
         return Ok(response);

@@ -8,7 +8,9 @@
 //! A translated route (Responses, Messages, Gemini) takes the stream as a
 //! [`PendingStream`] and sets its [`Translator`]: from then on each chunk
 //! is parsed once, for validation, the bill and the translation together,
-//! and the translator's events are what reaches the client.
+//! and the translator's events are what reaches the client. The chunks
+//! that came before (while failover was still possible) are held as the
+//! adapter emitted them, not framed as SSE, and translated then.
 //!
 //! What a stream keeps is bounded: the decoder's small state, and for the
 //! bill only the first [`GeneratedText::KEPT`] bytes of generated text plus
@@ -32,7 +34,7 @@ use crate::channels::Channel;
 use crate::error::ApiError;
 use crate::filters::{Chain, ChunkOutcome};
 use crate::health::Fault;
-use crate::ingress::chat_stream::{self, ChatChunk, Translator};
+use crate::ingress::chat_stream::{ChatChunk, Translator};
 use crate::plugins::{AdapterResult, AdapterStream, ErrorKind, PluginError, StreamEvents, Usage};
 use crate::routing::{ChannelStats, InFlight};
 use crate::state::AppState;
@@ -45,8 +47,11 @@ type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 pub(crate) struct Frames {
     /// `data: ...\n\n` frames.
     pub bytes: BytesMut,
-    /// Number of chunks in `bytes`.
+    /// Number of chunks in `bytes` (or `held`).
     pub chunks: usize,
+    /// Checked chunks kept as the adapter emitted them, for a translator
+    /// still to come ([`Framing::Held`]).
+    pub held: Vec<Vec<u8>>,
     /// The stream is over (done or failed).
     pub end: bool,
     /// An error ending the stream (eligible for failover when nothing was
@@ -66,6 +71,7 @@ impl Frames {
         Self {
             bytes: BytesMut::new(),
             chunks: 0,
+            held: Vec::new(),
             end: false,
             early_error: None,
             early_kind: None,
@@ -79,13 +85,24 @@ impl Frames {
     }
 }
 
+/// How a stream's chunks reach the client.
+enum Framing {
+    /// As OpenAI SSE frames (`data: …`, then `data: [DONE]`).
+    Sse,
+    /// Held in [`Frames::held`] for a translated route whose translator is
+    /// not set yet.
+    Held,
+    /// As the translator's events.
+    Translated(Box<dyn Translator>),
+}
+
 /// The event ending a stream with `err`: an OpenAI error frame, or the
 /// translator's.
-fn error_frame(out: &mut BytesMut, err: &ApiError, translator: Option<&mut Box<dyn Translator>>) {
+fn error_frame(out: &mut BytesMut, err: &ApiError, framing: &mut Framing) {
     let body = err.body();
-    match translator {
-        Some(t) => t.error(&body["error"], out),
-        None => {
+    match framing {
+        Framing::Translated(t) => t.error(&body["error"], out),
+        Framing::Sse | Framing::Held => {
             out.put_slice(b"data: ");
             out.put_slice(body.to_string().as_bytes());
             out.put_slice(b"\n\n");
@@ -144,15 +161,22 @@ impl PendingStream {
     }
 
     /// The stream re-framed by `translator` (`None` once taken).
-    pub fn translated(&self, translator: Box<dyn Translator>) -> Option<axum::body::Body> {
+    pub fn translated(&self, mut translator: Box<dyn Translator>) -> Option<axum::body::Body> {
         let (mut first, mut live) = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()?;
-        let mut translator = translator;
-        // The first chunks were framed before the route was known to
-        // translate: re-read once; the rest is parsed once, as it comes.
-        let mut events = BytesMut::new();
-        first.end |= chat_stream::reframe_rendered(&first.bytes, translator.as_mut(), &mut events);
-        first.bytes = events;
-        live.translator = Some(translator);
+        // The held chunks were checked, and their text taken for the bill,
+        // when they came: translate them only.
+        let mut ended_by_error = false;
+        for chunk in std::mem::take(&mut first.held) {
+            if let Chunk::Ended = translate(&chunk, translator.as_mut(), None, &mut first.bytes) {
+                ended_by_error = true;
+                break;
+            }
+        }
+        if first.end && !ended_by_error {
+            translator.finish(&mut first.bytes);
+        }
+        first.end |= ended_by_error;
+        live.framing = Framing::Translated(translator);
         Some(axum::body::Body::from_stream(body(first, live)))
     }
 }
@@ -193,8 +217,8 @@ pub(crate) struct LiveStream {
     filters: Option<(Arc<Chain>, Vec<Vec<u8>>)>,
     /// A filter stopped the stream (or failed closed): the error ending it.
     stopped: Option<ApiError>,
-    /// A translated route's re-framing of the chunks.
-    translator: Option<Box<dyn Translator>>,
+    /// How the chunks reach the client.
+    framing: Framing,
 }
 
 impl LiveStream {
@@ -227,8 +251,19 @@ impl LiveStream {
             ending: Ending::default(),
             filters: None,
             stopped: None,
-            translator: None,
+            framing: Framing::Sse,
         }
+    }
+
+    /// Hold the chunks for a translator (a translated route's stream): see
+    /// [`PendingStream`].
+    pub fn hold_for_translator(&mut self) {
+        self.framing = Framing::Held;
+    }
+
+    /// Whether the chunks are held for a translator.
+    pub fn held(&self) -> bool {
+        matches!(self.framing, Framing::Held)
     }
 
     /// Run every chunk through `chain`'s chunk filters.
@@ -277,19 +312,23 @@ impl LiveStream {
             Ok(Ok(events)) => events,
         };
         let mut out = Frames::empty();
-        for chunk in &events.chunks {
+        for chunk in events.chunks {
             let generated = self.needs_text().then_some(&mut self.generated);
             // One pass: validate the chunk, and take its text for the bill
             // (and translate it).
-            let step = match self.translator.as_mut() {
-                Some(t) => translate(chunk, t.as_mut(), generated, &mut out.bytes),
-                None if generated_text(chunk, generated) => {
+            let step = match &mut self.framing {
+                Framing::Translated(t) => translate(&chunk, t.as_mut(), generated, &mut out.bytes),
+                _ if !generated_text(&chunk, generated) => Chunk::Malformed,
+                Framing::Sse => {
                     out.bytes.put_slice(b"data: ");
-                    out.bytes.put_slice(chunk);
+                    out.bytes.put_slice(&chunk);
                     out.bytes.put_slice(b"\n\n");
                     Chunk::Sent
                 }
-                None => Chunk::Malformed,
+                Framing::Held => {
+                    out.held.push(chunk);
+                    Chunk::Sent
+                }
             };
             match step {
                 Chunk::Sent => out.chunks += 1,
@@ -317,9 +356,11 @@ impl LiveStream {
             out.early_kind = Some(e.kind);
             out.end = true;
         } else if events.done {
-            match self.translator.as_mut() {
-                Some(t) => t.finish(&mut out.bytes),
-                None => out.bytes.put_slice(b"data: [DONE]\n\n"),
+            match &mut self.framing {
+                Framing::Translated(t) => t.finish(&mut out.bytes),
+                Framing::Sse => out.bytes.put_slice(b"data: [DONE]\n\n"),
+                // The translator finishes when it takes the held chunks.
+                Framing::Held => {}
             }
             out.end = true;
         } else if upstream_ended {
@@ -397,7 +438,9 @@ impl LiveStream {
     /// Finish the translator's blocking work (a store write) before the
     /// events just produced reach the client.
     async fn translator_pending(&mut self) {
-        if let Some(job) = self.translator.as_mut().and_then(|t| t.pending()) {
+        if let Framing::Translated(t) = &mut self.framing
+            && let Some(job) = t.pending()
+        {
             let _ = tokio::task::spawn_blocking(job).await;
         }
     }
@@ -497,7 +540,7 @@ pub(crate) fn body(first: Frames, live: LiveStream) -> impl Stream<Item = Result
             loop {
                 let mut step = live.next_frames().await;
                 if let Some(err) = &step.early_error {
-                    error_frame(&mut step.bytes, err, live.translator.as_mut());
+                    error_frame(&mut step.bytes, err, &mut live.framing);
                     live.failed_midway(&step);
                 }
                 if step.end {
@@ -514,4 +557,35 @@ pub(crate) fn body(first: Frames, live: LiveStream) -> impl Stream<Item = Result
         }
         .instrument(span)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes `c` per chunk, `e` per error and `f` at the end.
+    struct Log;
+
+    impl Translator for Log {
+        fn chunk(&mut self, _: &ChatChunk<'_>, out: &mut BytesMut) {
+            out.extend_from_slice(b"c");
+        }
+        fn error(&mut self, _: &serde_json::Value, out: &mut BytesMut) {
+            out.extend_from_slice(b"e");
+        }
+        fn finish(&mut self, out: &mut BytesMut) {
+            out.extend_from_slice(b"f");
+        }
+    }
+
+    #[test]
+    fn one_parse_translates_a_chunk_and_takes_its_text_and_an_error_chunk_ends_the_stream() {
+        let (mut out, mut generated) = (BytesMut::new(), GeneratedText::default());
+        let chunk = br#"{"choices":[{"delta":{"content":"hi ","reasoning_content":"why","tool_calls":[{"function":{"name":"f","arguments":"{}"}}]}}]}"#;
+        assert!(matches!(translate(chunk, &mut Log, Some(&mut generated), &mut out), Chunk::Sent));
+        assert_eq!(generated.total_bytes(), 9, "content, reasoning, the call's name and arguments");
+        assert!(matches!(translate(br#"{"error":{"message":"x"}}"#, &mut Log, None, &mut out), Chunk::Ended));
+        assert!(matches!(translate(b"data: not json", &mut Log, None, &mut out), Chunk::Malformed));
+        assert_eq!(&out[..], b"ce");
+    }
 }
