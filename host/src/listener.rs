@@ -240,8 +240,8 @@ async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc<Shared>) {
             // With h2c on, which protocol the connection speaks (a silent
             // one is dropped after the header timeout, as HTTP/1.1's is).
             let h2 = match &shared.h2 {
-                Some(_) => speaks_h2(&stream, shared.header_timeout).await,
-                None => Some(false),
+                Some(builder) => speaks_h2(&stream, shared.header_timeout).await.map(|h2| h2.then_some(builder)),
+                None => Some(None),
             };
             let Some(h2) = h2 else {
                 shared.table.lock().remove(&id);
@@ -262,8 +262,8 @@ async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc<Shared>) {
                 }
             });
             let stop = shared.stop.clone();
-            match &shared.h2 {
-                Some(builder) if h2 => {
+            match h2 {
+                Some(builder) => {
                     let connection = builder.serve_connection(TokioIo::new(stream), service);
                     drive(connection, |c| c.graceful_shutdown(), &conn.close, stop).await;
                 }
