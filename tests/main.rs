@@ -9,6 +9,7 @@ mod billing;
 mod channels_admin;
 mod compat;
 mod console;
+mod database_outage;
 mod failover;
 mod filters;
 mod hardening_billing;

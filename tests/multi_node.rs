@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::json;
 
+use crate::support::load::Load;
 use crate::support::postgres::PgServer;
 use crate::support::{Gateway, MockUpstream, admin, channel, chat, eventually, post};
 
 const SECRETS: &str = "secrets_key = \"multi-node-test-secret-0123456789\"";
 
-fn node(database_url: &str, extra: &str) -> Gateway {
+pub(crate) fn node(database_url: &str, extra: &str) -> Gateway {
     Gateway::start(&["openai.wasm", "weighted.wasm"], &format!("database_url = {database_url:?}\n{SECRETS}\n{extra}"))
 }
 
@@ -466,9 +467,6 @@ async fn one_node_at_a_time_probes_a_disabled_channel() {
 /// has exactly one usage row (its own journal, per node).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_node_fails_no_request_elsewhere_and_loses_no_usage_row() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
     let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
     let mock = MockUpstream::start("m").await;
     let declared = format!("{PER_CALL}\n{}", channel("c", "openai", &mock.base_url(), &["per-call"], ""));
@@ -481,106 +479,80 @@ async fn a_killed_node_fails_no_request_elsewhere_and_loses_no_usage_row() {
     // A paying user's token, so that every answer moves the shared balance.
     const BALANCE: i64 = 10_000_000;
     let (uid, key) = crate::support::accounts::user_with_token(&nodes[0], BALANCE, json!({})).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    // Per node: request ids answered, and failures.
-    let answered: Vec<Arc<std::sync::Mutex<Vec<String>>>> = (0..3).map(|_| Arc::default()).collect();
-    let failures: Vec<Arc<std::sync::atomic::AtomicU64>> = (0..3).map(|_| Arc::default()).collect();
-    let mut workers = Vec::new();
-    for (i, gw) in nodes.iter().enumerate() {
-        for _ in 0..3 {
-            let (stop, answered, failures, key) = (stop.clone(), answered[i].clone(), failures[i].clone(), key.clone());
-            let url = gw.url("/v1/chat/completions");
-            workers.push(tokio::spawn(async move {
-                let http = crate::support::client();
-                while !stop.load(Ordering::Relaxed) {
-                    let sent = http.post(&url).bearer_auth(&key).json(&chat("per-call", "load")).send();
-                    match sent.await {
-                        Ok(resp) if resp.status() == 200 => {
-                            let id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok());
-                            let id = id.unwrap_or_default().to_string();
-                            if resp.text().await.is_ok() {
-                                answered.lock().expect("lock").push(id);
-                            }
-                        }
-                        _ => {
-                            failures.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            }));
-        }
-    }
+    let urls: Vec<String> = nodes.iter().map(|gw| gw.url("/v1/chat/completions")).collect();
+    let load = Load::start(&urls, &key, &chat("per-call", "load"), 3);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     nodes[1].kill();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        let _ = w.await;
-    }
+    let seen = load.stop().await;
     for i in [0, 2] {
-        let (n, failed) = (answered[i].lock().expect("lock").len(), failures[i].load(Ordering::Relaxed));
+        let n = seen.answered[i].len();
         assert!(n > 20, "node {i} served under load: {n}");
-        assert_eq!(failed, 0, "node {i} failed requests while another node was killed");
+        assert_eq!(seen.failures[i], Vec::<String>::new(), "node {i} failed requests while another node was killed");
     }
     nodes[1].try_start_again().expect("restart");
-    let served = answered[1].lock().expect("lock").clone();
+    let served = &seen.answered[1];
     let rows = crate::billing::consume_rows(&nodes[1]).await;
     let lost: Vec<&String> = served.iter().filter(|id| !rows.contains_key(*id)).collect();
     assert!(lost.is_empty(), "{} of {} answered requests have no usage row", lost.len(), served.len());
-    // In the shared table: one row per answered request, all nodes
-    // together, and the balance moved by exactly their charges.
-    let all: Vec<String> = answered.iter().flat_map(|a| a.lock().expect("lock").clone()).collect();
-    let url = pg.url.clone();
-    let written = eventually(Duration::from_secs(10), || async {
-        let n =
-            crate::support::postgres::query_i64(&url, "SELECT count(*) FROM usage_logs WHERE kind = 'consume'").await;
-        n as usize >= all.len()
+    let all: Vec<String> = seen.answered.concat();
+    assert_one_row_each_and_balanced(&pg.url, uid, &all, BALANCE).await;
+    // The database is not on the request path: node A leased quota a few
+    // times for all it answered.
+    let leases = quota_leases_taken(&nodes[0]).await;
+    let answered_a = seen.answered[0].len();
+    println!("node A answered {answered_a} paying requests with {leases} quota leases taken from the database");
+    assert!(leases > 0 && (leases as usize) < answered_a / 4, "{leases} leases for {answered_a} requests");
+    println!(
+        "kill -9 of one node of three: {} / {} answered by the others with 0 failures; the killed node answered {}, \
+         {} usage rows after restart, none lost or duplicated",
+        seen.answered[0].len(),
+        seen.answered[2].len(),
+        served.len(),
+        rows.len()
+    );
+}
+
+/// How many quota leases `gw` took from the database (its metrics).
+pub(crate) async fn quota_leases_taken(gw: &Gateway) -> u64 {
+    let scrape = crate::support::client().get(gw.url("/metrics")).send().await.expect("scrape");
+    let text = scrape.text().await.expect("metrics");
+    text.lines()
+        .find(|l| l.starts_with("wasmgate_quota_leases_total{kind=\"acquired\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// In the shared table, eventually: exactly one consume row per request id
+/// in `answered` (all nodes together), Σ logged charges = the user's used
+/// quota, and balance + leases + used = `given`.
+pub(crate) async fn assert_one_row_each_and_balanced(url: &str, uid: u64, answered: &[String], given: i64) {
+    let q = |sql: String| async move { crate::support::postgres::query_i64(url, &sql).await };
+    let written = eventually(Duration::from_secs(20), || async {
+        q("SELECT count(*) FROM usage_logs WHERE kind = 'consume'".into()).await as usize >= answered.len()
     })
     .await;
     assert!(written.is_some(), "the shared usage table misses answered requests");
-    let ids = all.iter().map(|id| format!("'{id}'")).collect::<Vec<_>>().join(",");
-    let q = |sql: String| {
-        let url = url.clone();
-        async move { crate::support::postgres::query_i64(&url, &sql).await }
-    };
+    let ids = answered.iter().map(|id| format!("'{id}'")).collect::<Vec<_>>().join(",");
     let rows_for_answered =
         q(format!("SELECT count(*) FROM usage_logs WHERE kind = 'consume' AND request_id IN ({ids})")).await;
     let distinct = q(format!(
         "SELECT count(DISTINCT request_id) FROM usage_logs WHERE kind = 'consume' AND request_id IN ({ids})"
     ))
     .await;
-    assert_eq!((rows_for_answered, distinct), (all.len() as i64, all.len() as i64), "one row per answered request");
+    let n = answered.len() as i64;
+    assert_eq!((rows_for_answered, distinct), (n, n), "one row per answered request");
     let charged = q(format!("SELECT sum(quota)::bigint FROM usage_logs WHERE user_id = {uid}")).await;
     let used = q(format!("SELECT used_quota FROM users WHERE id = {uid}")).await;
     let held = q(format!("SELECT sum(amount)::bigint FROM quota_leases WHERE kind = 'u' AND id = {uid}")).await;
     let left = q(format!("SELECT quota FROM users WHERE id = {uid}")).await;
     assert_eq!(charged, used, "Σ logged charges = used quota");
-    // The database is not on the request path: node A leased quota a few
-    // times for all it answered.
-    let scrape = crate::support::client().get(nodes[0].url("/metrics")).send().await.expect("scrape");
-    let text = scrape.text().await.expect("metrics");
-    let leases = text
-        .lines()
-        .find(|l| l.starts_with("wasmgate_quota_leases_total{kind=\"acquired\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .unwrap_or(0);
-    let answered_a = answered[0].lock().expect("lock").len();
-    println!("node A answered {answered_a} paying requests with {leases} quota leases taken from the database");
-    assert!(leases > 0 && (leases as usize) < answered_a / 4, "{leases} leases for {answered_a} requests");
-    assert_eq!(left + held + used, BALANCE, "balance + leases + used = what the user was given");
-    println!(
-        "kill -9 of one node of three: {} / {} answered by the others with 0 failures; the killed node answered {}, \
-         {} usage rows after restart, none lost or duplicated",
-        answered[0].lock().expect("lock").len(),
-        answered[2].lock().expect("lock").len(),
-        served.len(),
-        rows.len()
-    );
+    assert_eq!(left + held + used, given, "balance + leases + used = what the user was given");
 }
 
 /// One request's price on the quota test's model: its estimate is its
 /// charge, so a balance of 1,000 covers exactly 100 requests.
-const PER_CALL: &str = "[pricing]\nquota_per_dollar = 1000\nunpriced = \"refuse\"\n\
+pub(crate) const PER_CALL: &str = "[pricing]\nquota_per_dollar = 1000\nunpriced = \"refuse\"\n\
 [pricing.models.per-call]\nprice = 0.01\n[pricing.models.hold-call]\nprice = 0.01\n";
 
 /// A user created on A spends one balance through three nodes: 300

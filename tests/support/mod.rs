@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod accounts;
+pub mod load;
 pub mod mock;
 pub mod postgres;
 pub mod providers;

@@ -20,7 +20,8 @@ pub struct PgServer {
     exited: std::sync::mpsc::Receiver<()>,
     /// `postgres://postgres@127.0.0.1:PORT/postgres`
     pub url: String,
-    _dir: tempfile::TempDir,
+    port: u16,
+    dir: tempfile::TempDir,
 }
 
 /// The directory holding `initdb` and `postgres`.
@@ -139,32 +140,31 @@ impl PgServer {
             .expect("initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
-        let log = std::fs::File::create(dir.path().join("postgres.log")).expect("log");
-        let mut command = as_pg_user(&bin.join("postgres"));
-        command
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
-            .arg("-k")
-            .arg(dir.path())
-            .args(["-c", "max_connections=200"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
-        // The server's parent-death signal follows the thread that started
-        // it (a pooled thread may end at any time): a thread of its own
-        // starts it and waits for it.
-        let (pid_tx, pid_rx) = std::sync::mpsc::channel();
-        let (exited_tx, exited) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            let mut child: Child = command.spawn().expect("start postgres");
-            let _ = pid_tx.send(child.id());
-            let _ = child.wait();
-            drop(exited_tx);
-        });
-        let pid = pid_rx.recv().expect("postgres pid");
-        let server = Self { pid, exited, url: format!("postgres://postgres@127.0.0.1:{port}/postgres"), _dir: dir };
+        let (pid, exited) = launch(&dir, port);
+        let server = Self { pid, exited, url: format!("postgres://postgres@127.0.0.1:{port}/postgres"), port, dir };
+        server.wait_ready();
+        server
+    }
+
+    /// Stop the server (fast shutdown: its sessions are ended), keeping its
+    /// data; returns once it has exited.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill").args(["-INT", &self.pid.to_string()]).status();
+        let waited = self.exited.recv_timeout(Duration::from_secs(30));
+        assert!(matches!(waited, Err(std::sync::mpsc::RecvTimeoutError::Disconnected)), "PostgreSQL did not stop");
+    }
+
+    /// Start the stopped server again on its data and port; returns once it
+    /// answers queries.
+    pub fn start_again(&mut self) {
+        (self.pid, self.exited) = launch(&self.dir, self.port);
+        self.wait_ready();
+    }
+
+    /// Wait until the server accepts sessions.
+    fn wait_ready(&self) {
         let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(started.elapsed() < Duration::from_secs(60), "PostgreSQL did not start");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -172,15 +172,42 @@ impl PgServer {
         let started = Instant::now();
         loop {
             let ok =
-                Command::new(psql()).args([&server.url, "-c", "SELECT 1"]).output().is_ok_and(|o| o.status.success());
+                Command::new(psql()).args([&self.url, "-c", "SELECT 1"]).output().is_ok_and(|o| o.status.success());
             if ok {
                 break;
             }
             assert!(started.elapsed() < Duration::from_secs(60), "PostgreSQL does not answer queries");
             std::thread::sleep(Duration::from_millis(100));
         }
-        server
     }
+}
+
+/// Start the postmaster on the cluster in `dir` and `port`: its pid, and a
+/// receiver closed when it has exited.
+fn launch(dir: &tempfile::TempDir, port: u16) -> (u32, std::sync::mpsc::Receiver<()>) {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("postgres.log")).expect("log");
+    let mut command = as_pg_user(&bindir().join("postgres"));
+    command
+        .arg("-D")
+        .arg(dir.path().join("data"))
+        .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+        .arg("-k")
+        .arg(dir.path())
+        .args(["-c", "max_connections=200"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
+    // The server's parent-death signal follows the thread that started
+    // it (a pooled thread may end at any time): a thread of its own
+    // starts it and waits for it.
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+    let (exited_tx, exited) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut child: Child = command.spawn().expect("start postgres");
+        let _ = pid_tx.send(child.id());
+        let _ = child.wait();
+        drop(exited_tx);
+    });
+    (pid_rx.recv().expect("postgres pid"), exited)
 }
 
 impl Drop for PgServer {

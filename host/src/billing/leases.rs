@@ -18,6 +18,13 @@
 //! A node killed holding a lease keeps it out of the others' reach until
 //! it restarts (bounded: a lease is at most the need plus 1/16 of what was
 //! left, see [`lease_size`]).
+//!
+//! A busy account's lease is sized to its recent spend on this node: each
+//! lease aims at [`HORIZON`] of it, and a lease that falls below half of
+//! that is topped up in the background, off the request path. So a node
+//! keeps admitting an account's requests through a database outage for
+//! about half a horizon or more of its usual traffic (see
+//! `docs/deployment.md`), and the database is asked rarely.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,16 +38,73 @@ use crate::store::postgres::Postgres;
 /// An account untouched this long gives its unreserved lease back.
 pub const IDLE: Duration = Duration::from_secs(1);
 
-/// How much to lease when `need` is missing and the database holds
-/// `available`: the need plus a share of the rest (1/16, at most 63 more
-/// needs), so a busy account rarely waits for the database and a small
-/// balance is not hoarded by one node.
-pub fn lease_size(need: i64, available: i64) -> i64 {
+/// How much of an account's recent spend on this node a lease aims to hold.
+pub const HORIZON: Duration = Duration::from_secs(60);
+
+/// The span over which an account's spend is summed to estimate its rate.
+const WINDOW: Duration = Duration::from_secs(5);
+
+/// After a background top-up failed, the next waits this long.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// How much to lease when `need` is missing, the database holds
+/// `available` and the account spent `recent` here over the last
+/// [`HORIZON`] (estimated): the need plus a share of the rest — the larger
+/// of 63 more needs and `recent`, but never more than 1/16 of what is left
+/// — so a busy account rarely waits for the database and a small balance is
+/// not hoarded by one node.
+pub fn lease_size(need: i64, available: i64, recent: i64) -> i64 {
     if need <= 0 {
         return 0;
     }
-    let extra = (available.saturating_sub(need) / 16).min(need.saturating_mul(63)).max(0);
+    let wanted = need.saturating_mul(63).max(recent);
+    let extra = (available.saturating_sub(need) / 16).min(wanted).max(0);
     need.saturating_add(extra).min(available)
+}
+
+/// What this node saw of one account lately.
+#[derive(Clone, Copy)]
+struct Activity {
+    /// The last admission or lease.
+    last: Instant,
+    /// Start of the current spend window.
+    window_start: Instant,
+    /// Reserved in the current window.
+    spent: i64,
+    /// Reserved in the window before it (0 if that was not the last one).
+    previous: i64,
+    /// A background top-up is running.
+    topping_up: bool,
+    /// No background top-up before this.
+    not_before: Instant,
+}
+
+impl Activity {
+    fn new(now: Instant) -> Self {
+        Self { last: now, window_start: now, spent: 0, previous: 0, topping_up: false, not_before: now }
+    }
+
+    /// Count `amount` spent at `now`.
+    fn spend(&mut self, now: Instant, amount: i64) {
+        self.last = now;
+        let elapsed = now.duration_since(self.window_start);
+        if elapsed >= WINDOW {
+            self.previous = if elapsed < WINDOW * 2 { self.spent } else { 0 };
+            self.spent = 0;
+            self.window_start = now;
+        }
+        self.spent = self.spent.saturating_add(amount.max(0));
+    }
+
+    /// The spend over [`HORIZON`] at the recent rate: the larger of the
+    /// last full window's and the current one's (over at least a second).
+    fn recent(&self, now: Instant) -> i64 {
+        let scale = |amount: i64, over: Duration| {
+            (amount as i128 * HORIZON.as_millis() as i128 / over.as_millis().max(1) as i128) as i64
+        };
+        let current = now.duration_since(self.window_start).max(Duration::from_secs(1));
+        scale(self.spent, current).max(scale(self.previous, WINDOW))
+    }
 }
 
 /// What [`Leases::acquire`] got.
@@ -60,8 +124,8 @@ pub struct Leases {
     pg: Arc<Postgres>,
     node: String,
     ledger: Arc<Ledger>,
-    /// When each account (`(is_user, id)`) last leased or reserved.
-    touched: Mutex<HashMap<(bool, u64), Instant>>,
+    /// What each account (`(is_user, id)`) did lately on this node.
+    touched: Mutex<HashMap<(bool, u64), Activity>>,
 }
 
 impl Leases {
@@ -87,27 +151,80 @@ impl Leases {
         Ok(leases)
     }
 
-    fn touch(&self, user: u64, token: Option<u64>) {
-        let mut t = self.touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    fn activity(&self) -> std::sync::MutexGuard<'_, HashMap<(bool, u64), Activity>> {
+        self.touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn touch(&self, user: u64, token: Option<u64>, amount: i64) {
+        let mut t = self.activity();
         let now = Instant::now();
-        t.insert((true, user), now);
+        t.entry((true, user)).or_insert_with(|| Activity::new(now)).spend(now, amount);
         if let Some(token) = token {
-            t.insert((false, token), now);
+            t.entry((false, token)).or_insert_with(|| Activity::new(now)).spend(now, amount);
         }
     }
 
-    /// A request of `user` (through `token`) is being admitted: keep their
-    /// leases a while longer.
-    pub fn used(&self, user: u64, token: Option<u64>) {
-        self.touch(user, token);
+    /// A request of `user` (through `token`) reserving `amount` is being
+    /// admitted: keep their leases a while longer, and count the spend.
+    pub fn used(&self, user: u64, token: Option<u64>, amount: i64) {
+        self.touch(user, token, amount);
+    }
+
+    /// After a reservation of `amount` passed: when what the node still
+    /// holds for the user (or the limited token) is below half of what its
+    /// recent spend asks for, lease more in the background (one top-up per
+    /// account at a time; after a failure, not again for [`RETRY`]).
+    pub fn top_up_if_low(self: &Arc<Self>, user: u64, token: Option<u64>, token_limited: bool, amount: i64) {
+        if amount <= 0 {
+            return;
+        }
+        let held = |b: super::ledger::Balance| b.balance.saturating_sub(b.reserved);
+        let now = Instant::now();
+        let low = |is_user: bool, id: u64, held: i64| {
+            let mut t = self.activity();
+            let Some(a) = t.get_mut(&(is_user, id)) else { return false };
+            let due = !a.topping_up && now >= a.not_before && held < a.recent(now) / 2;
+            a.topping_up |= due;
+            due
+        };
+        let user_low = low(true, user, held(self.ledger.user(user)));
+        let token = token.filter(|_| token_limited);
+        let token_low = token.is_some_and(|t| low(false, t, held(self.ledger.token(t))));
+        if !user_low && !token_low {
+            return;
+        }
+        let me = self.clone();
+        self.pg.spawn(async move {
+            let need = |low: bool| if low { amount } else { 0 };
+            let result = me.acquire(user, need(user_low), token, need(token_low)).await;
+            let failed = result.is_err();
+            if let Err(error) = result {
+                tracing::debug!(error = format!("{error:#}"), "topping up a quota lease failed");
+            }
+            let now = Instant::now();
+            let mut t = me.activity();
+            for (low, key) in [(user_low, Some((true, user))), (token_low, token.map(|t| (false, t)))] {
+                if let (true, Some(a)) = (low, key.and_then(|k| t.get_mut(&k))) {
+                    a.topping_up = false;
+                    if failed {
+                        a.not_before = now + RETRY;
+                    }
+                }
+            }
+        });
     }
 
     /// Lease enough for a reservation of `need` more than the node holds:
     /// `need_user` from the user, `need_token` from the token (0: none).
     pub async fn acquire(&self, user: u64, need_user: i64, token: Option<u64>, need_token: i64) -> Result<Leased> {
-        self.touch(user, token);
+        self.touch(user, token, 0);
         let (pg, node) = (self.pg.clone(), self.node.clone());
         let token = token.filter(|_| need_token > 0);
+        let (recent_user, recent_token) = {
+            let (t, now) = (self.activity(), Instant::now());
+            let recent = |key| t.get(&key).map_or(0, |a: &Activity| a.recent(now));
+            (recent((true, user)), token.map_or(0, |id| recent((false, id))))
+        };
         let granted = self
             .pg
             .call(async move {
@@ -124,7 +241,7 @@ impl Leases {
                     if available < need_user {
                         return Ok(Err(available));
                     }
-                    grants.0 = lease_size(need_user, available);
+                    grants.0 = lease_size(need_user, available, recent_user);
                 }
                 if let Some(t) = token {
                     let Some(row) = tx
@@ -137,7 +254,7 @@ impl Leases {
                     if available < need_token {
                         return Ok(Err(available));
                     }
-                    grants.1 = lease_size(need_token, available);
+                    grants.1 = lease_size(need_token, available, recent_token);
                 }
                 if grants.0 > 0 {
                     tx.execute("UPDATE users SET quota = quota - $2 WHERE id = $1", &[&(user as i64), &grants.0])
@@ -169,11 +286,9 @@ impl Leases {
     /// Give back the unreserved part of every lease untouched for [`IDLE`].
     async fn return_idle(&self) {
         let now = Instant::now();
-        let idle = {
-            let touched = self.touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            touched.clone()
-        };
-        let is_idle = |is_user: bool, id: u64| idle.get(&(is_user, id)).is_none_or(|t| now.duration_since(*t) >= IDLE);
+        let idle = { self.activity().clone() };
+        let is_idle =
+            |is_user: bool, id: u64| idle.get(&(is_user, id)).is_none_or(|a| now.duration_since(a.last) >= IDLE);
         let (mut users, mut tokens) = self.ledger.take_unreserved(is_idle);
         // In id order, as every writer of these rows locks them.
         users.sort_unstable();
@@ -209,8 +324,7 @@ impl Leases {
         match returned {
             Ok(()) => {
                 crate::metrics::get().quota_lease("returned");
-                let mut touched = self.touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                touched.retain(|_, t| now.duration_since(*t) < IDLE);
+                self.activity().retain(|_, a| now.duration_since(a.last) < IDLE);
             }
             Err(error) => {
                 // Not returned: the node keeps holding it, and tries again.
@@ -273,14 +387,33 @@ async fn return_stored(pg: &Postgres, node: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::lease_size;
+    use super::{Activity, lease_size};
+    use std::time::{Duration, Instant};
 
     #[test]
     fn a_lease_covers_the_need_and_a_bounded_share() {
-        assert_eq!(lease_size(0, 1000), 0);
-        assert_eq!(lease_size(10, 10), 10, "exactly what is left");
-        assert_eq!(lease_size(10, 170), 20, "need + (170 - 10) / 16");
-        assert_eq!(lease_size(10, 1_000_000), 640, "at most 64 needs");
-        assert_eq!(lease_size(10, 5), 5, "never more than available (the caller checks the need)");
+        assert_eq!(lease_size(0, 1000, 0), 0);
+        assert_eq!(lease_size(10, 10, 0), 10, "exactly what is left");
+        assert_eq!(lease_size(10, 170, 0), 20, "need + (170 - 10) / 16");
+        assert_eq!(lease_size(10, 1_000_000, 0), 640, "at least 64 needs");
+        assert_eq!(lease_size(10, 5, 0), 5, "never more than available (the caller checks the need)");
+        assert_eq!(lease_size(10, 1_000_000, 30_000), 30_010, "the recent spend when it is larger");
+        assert_eq!(lease_size(10, 160_010, 1_000_000), 10_010, "but never more than 1/16 of the rest");
+    }
+
+    #[test]
+    fn recent_spend_is_the_rate_over_a_horizon() {
+        let start = Instant::now();
+        let mut a = Activity::new(start);
+        a.spend(start, 100);
+        assert_eq!(a.recent(start), 100 * 60, "under a second: counted as a second");
+        a.spend(start + Duration::from_secs(2), 100);
+        assert_eq!(a.recent(start + Duration::from_secs(2)), 200 * 30, "200 in 2 s");
+        a.spend(start + Duration::from_secs(6), 50);
+        let now = start + Duration::from_secs(10);
+        assert_eq!(a.recent(now), 200 * 12, "the last full window's rate when higher");
+        let later = start + Duration::from_secs(20);
+        a.spend(later, 10);
+        assert_eq!(a.recent(later), 10 * 60, "an old window does not count");
     }
 }

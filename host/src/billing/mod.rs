@@ -519,9 +519,12 @@ impl Billing {
         let Some(shared) = &self.shared else {
             return Ok(self.ledger.reserve(acct.user_id, Some(t.id), limited, amount).map_err(|s| (s, false)));
         };
-        shared.leases.used(acct.user_id, Some(t.id));
+        shared.leases.used(acct.user_id, Some(t.id), amount);
         let short = match self.ledger.reserve(acct.user_id, Some(t.id), limited, amount) {
-            Ok(r) => return Ok(Ok(r)),
+            Ok(r) => {
+                shared.leases.top_up_if_low(acct.user_id, Some(t.id), limited, amount);
+                return Ok(Ok(r));
+            }
             Err(short) => short,
         };
         let held = |b: ledger::Balance| b.balance.saturating_sub(b.reserved);
