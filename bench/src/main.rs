@@ -15,7 +15,9 @@
 //! 5. with `--log-rows N` (alone): the console's dashboard and logs queries
 //!    on a store of N usage rows (`console_queries.rs`);
 //! 6. with `--swaps N` (alone): N hot swaps of `openai.wasm` under load,
-//!    timed from the file landing to the new version serving (`hot_swap.rs`).
+//!    timed from the file landing to the new version serving (`hot_swap.rs`);
+//! 7. with `--nodes` (alone): one node on sled against one on PostgreSQL,
+//!    and three nodes on one PostgreSQL against one (`nodes.rs`).
 //!
 //! Every process is its own (mock, nginx, proxy, gateway), traffic goes to
 //! 127.0.0.1 only, and every run is bounded in time.
@@ -27,8 +29,12 @@ mod hot_swap;
 #[path = "../../tests/support/mock.rs"]
 #[allow(missing_docs)]
 mod mock;
+mod nodes;
 mod peers;
 mod plugin_calls;
+#[path = "../../tests/support/postgres.rs"]
+#[allow(dead_code, missing_docs)]
+mod postgres;
 mod stats;
 mod streams;
 
@@ -80,6 +86,10 @@ struct Args {
     /// Only time this many hot swaps of `openai.wasm` under load.
     #[arg(long, default_value_t = 0)]
     swaps: usize,
+    /// Only compare one node on sled with one on PostgreSQL, and three
+    /// nodes on one PostgreSQL with one.
+    #[arg(long)]
+    nodes: bool,
 }
 
 const TOKEN: &str = "sk-bench-0123456789abcdefghijklmnopqrstuv";
@@ -110,7 +120,16 @@ const SHIPPED: &[&str] = &[
 
 /// Create a user with ample quota and a token for them: requests then take
 /// the full path (admission, reservation, settlement, a usage row).
-async fn billed_key(base: &str) -> Result<String> {
+pub(crate) async fn billed_key(base: &str) -> Result<String> {
+    billed_key_with(base, json!({"streams": 100_000, "concurrency": 100_000})).await
+}
+
+/// [`billed_key`] with the token's own `limits` (`{}`: none of its own).
+pub(crate) async fn billed_key_with(base: &str, limits: serde_json::Value) -> Result<String> {
+    let mut fields = json!({"name": "bench"});
+    for (k, v) in limits.as_object().cloned().unwrap_or_default() {
+        fields[k] = v;
+    }
     let http = reqwest::Client::new();
     let user: serde_json::Value = http
         .post(format!("{base}/api/users"))
@@ -123,7 +142,10 @@ async fn billed_key(base: &str) -> Result<String> {
     let token: serde_json::Value = http
         .post(format!("{base}/api/tokens"))
         .bearer_auth("adm-bench")
-        .json(&json!({"name": "bench", "user_id": user["id"], "streams": 100_000, "concurrency": 100_000}))
+        .json(&{
+            fields["user_id"] = user["id"].clone();
+            fields
+        })
         .send()
         .await?
         .json()
@@ -165,6 +187,11 @@ fn main() -> Result<()> {
         let (_mock, mock_url) = start_mock()?;
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         return rt.block_on(hot_swap::run(&args, &mock_url, args.swaps));
+    }
+    if args.nodes {
+        let (_mock, mock_url) = start_mock()?;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        return rt.block_on(nodes::run(&args, &mock_url));
     }
     if args.plugin_iterations > 0 {
         let plugin_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -210,6 +237,19 @@ fn start_gateway_with(
     channels: &str,
     server: &str,
 ) -> Result<(ChildGuard, String)> {
+    start_gateway_on(args, dir, plugins, channels, server, "")
+}
+
+/// [`start_gateway_with`] with `top` TOML lines at the top level (e.g.
+/// `database_url`).
+pub(crate) fn start_gateway_on(
+    args: &Args,
+    dir: &Path,
+    plugins: &[&str],
+    channels: &str,
+    server: &str,
+    top: &str,
+) -> Result<(ChildGuard, String)> {
     let plugins_dir = dir.join("plugins");
     std::fs::create_dir_all(&plugins_dir)?;
     for f in plugins {
@@ -217,7 +257,7 @@ fn start_gateway_with(
         std::fs::copy(src, plugins_dir.join(f)).with_context(|| format!("copy {f}"))?;
     }
     let config = format!(
-        "tokens = [{TOKEN:?}]\nadmin_token = \"adm-bench\"\ndata_dir = {:?}\nplugins_dir = {:?}\n\
+        "{top}\ntokens = [{TOKEN:?}]\nadmin_token = \"adm-bench\"\ndata_dir = {:?}\nplugins_dir = {:?}\n\
          [plugins]\n{}\n[server]\nmax_connections = 100000\n{server}\n\
          [limits]\ntoken_concurrency = 0\ntoken_streams = 0\nuser_concurrency = 0\n{channels}\n\
          [pricing.models.gpt-4o-mini]\nratio = 0.075\ncompletion_ratio = 4\ncached_ratio = 0.5\n\
@@ -242,7 +282,7 @@ fn start_gateway_with(
 
 /// Two channels of the `openai` adapter on the mock: every request goes
 /// through the routing policy.
-fn two_channels(upstream: &str) -> String {
+pub(crate) fn two_channels(upstream: &str) -> String {
     two_channels_with(upstream, "")
 }
 

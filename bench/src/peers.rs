@@ -159,9 +159,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Measure every target in `rounds` rotating rounds and print the table
-/// and the ratios.
-pub fn compare(targets: &[Target], key: &str, secs: u64, rounds: usize, scratch: &Path) -> Result<()> {
+/// A target's medians over the rounds of [`compare`].
+#[derive(Debug, Clone, Copy)]
+pub struct Medians {
+    /// c=1 p50, seconds.
+    pub c1_p50: f64,
+    /// Streamed c=1 p50, seconds.
+    pub stream_p50: f64,
+    /// Requests per second at c=32.
+    pub c32_rps: f64,
+}
+
+/// Measure every target in `rounds` rotating rounds, print the table and
+/// the ratios, and return each target's medians.
+pub fn compare(targets: &[Target], key: &str, secs: u64, rounds: usize, scratch: &Path) -> Result<Vec<Medians>> {
     let n = targets.len();
     let (mut c1, mut s1, mut c32) = (vec![Vec::new(); n], vec![Vec::new(); n], vec![Vec::new(); n]);
     let mut rss_after = vec![0u64; n];
@@ -236,5 +247,5 @@ pub fn compare(targets: &[Target], key: &str, secs: u64, rounds: usize, scratch:
             println!("| {}: added over chat, c=1 p50 / stream p50 | {} / {} | ≤ 20 µs |", t.name, over(&c1), over(&s1));
         }
     }
-    Ok(())
+    Ok((0..n).map(|i| Medians { c1_p50: p50(&c1[i]), stream_p50: p50(&s1[i]), c32_rps: rps(&c32[i]) }).collect())
 }

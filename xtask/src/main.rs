@@ -219,6 +219,9 @@ fn ensure_postgres() -> Result<()> {
 fn bench(root: &Path, extra: &[String]) -> Result<()> {
     // The peers the benchmark measures against: `wrk` (the load generator) and nginx.
     ensure_packages("the benchmark's peers", &[("wrk", "wrk"), ("nginx", "nginx-light")])?;
+    if extra.iter().any(|a| a == "--nodes") {
+        ensure_postgres()?;
+    }
     plugins::build_all(root)?;
     let mut build = host_cargo();
     build.current_dir(root).args(["build", "--release", "--package", "wasmgate", "--package", "wasmgate-bench"]);

@@ -1,0 +1,172 @@
+//! `--nodes`: what the shared PostgreSQL store costs and what several nodes
+//! give. A real PostgreSQL (Debian's package, a fresh cluster on loopback,
+//! as the tests start it) holds the state of three gateway nodes; a fourth
+//! gateway keeps its state in sled. Every gateway has the same two channels
+//! on the same mock and a billed token with no limits of its own, so each
+//! request reserves, settles and writes a usage row.
+//!
+//! 1. One node on sled against one node on PostgreSQL (and the mock
+//!    directly), through [`peers::compare`]: c=1 latency, streamed c=1
+//!    latency and throughput at c=32, in interleaved rounds; and on
+//!    PostgreSQL a token with a `concurrency` of its own, which every node
+//!    counts in the database (a transaction per request).
+//! 2. Three nodes against one: 32 connections on one node, then spread
+//!    over the three (`wrk` on each at once), in alternating rounds.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use crate::peers::{self, Run, Target};
+use crate::postgres::PgServer;
+use crate::{Args, billed_key_with, start_gateway_on, two_channels};
+
+const SECRETS: &str = "secrets_key = \"bench-nodes-secret-0123456789abcdef\"";
+const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"benchmark this request"}]}"#;
+
+/// Run `wrk` on each of `urls` at once, `connections` spread over them;
+/// returns each run.
+fn wrk_spread(urls: &[String], key: &str, connections: usize, secs: u64, scratch: &Path) -> Result<Vec<Run>> {
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                let share = connections / urls.len() + usize::from(i < connections % urls.len());
+                let dir = scratch.join(format!("spread-{i}"));
+                scope.spawn(move || {
+                    std::fs::create_dir_all(&dir)?;
+                    peers::wrk(url, CHAT, key, share, secs, &dir)
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().map_err(|_| anyhow::anyhow!("wrk thread panicked"))?).collect()
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Start the database and the gateways, measure, print.
+pub async fn run(args: &Args, mock_url: &str) -> Result<()> {
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.context("postgres")?;
+    let scratch = tempfile::tempdir()?;
+    let channels = two_channels(mock_url);
+    let plugins = ["openai.wasm", "weighted.wasm"];
+    let sled_dir = tempfile::tempdir()?;
+    let (sled_node, sled_base) = start_gateway_on(args, sled_dir.path(), &plugins, &channels, "", "")?;
+    let sled_key = billed_key_with(&sled_base, json!({})).await?;
+    let shared = format!("database_url = {:?}\n{SECRETS}", pg.url);
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir()).collect::<Result<_, _>>()?;
+    let mut nodes = Vec::new();
+    for dir in &dirs {
+        nodes.push(start_gateway_on(args, dir.path(), &plugins, &channels, "", &shared)?);
+    }
+    // One user and token for the cluster, created on the first node; the
+    // others learn of it through the database.
+    let pg_key = billed_key_with(&nodes[0].1, json!({})).await?;
+    let limited_key = billed_key_with(&nodes[0].1, json!({"concurrency": 100_000})).await?;
+    let http = reqwest::Client::new();
+    for (_, base) in &nodes[1..] {
+        let mut known = false;
+        for _ in 0..100 {
+            let resp = http.get(format!("{base}/v1/models")).bearer_auth(&pg_key).send().await?;
+            if resp.status() == 200 {
+                known = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        anyhow::ensure!(known, "the token created on node 1 never reached {base}");
+    }
+
+    println!("\n## One node: sled against PostgreSQL (billed token, 2 channels + policy)\n");
+    let targets = [
+        Target {
+            name: "mock directly",
+            url: format!("{mock_url}/chat/completions"),
+            pid: None,
+            bodies: None,
+            key: None,
+        },
+        Target {
+            name: "one node on sled",
+            url: format!("{sled_base}/v1/chat/completions"),
+            pid: Some(sled_node.0.id()),
+            bodies: None,
+            key: Some(sled_key),
+        },
+        Target {
+            name: "one node on PostgreSQL",
+            url: format!("{}/v1/chat/completions", nodes[0].1),
+            pid: Some(nodes[0].0.0.id()),
+            bodies: None,
+            key: Some(pg_key.clone()),
+        },
+        Target {
+            name: "one node on PostgreSQL, token with its own concurrency",
+            url: format!("{}/v1/chat/completions", nodes[0].1),
+            pid: None,
+            bodies: None,
+            key: Some(limited_key),
+        },
+    ];
+    let m = peers::compare(&targets, &pg_key, args.secs, args.rounds, scratch.path())?;
+    drop(sled_node);
+    let us = |s: f64| format!("{:.0} µs", s * 1e6);
+    let (mock, on_sled, on_pg, limited) = (m[0], m[1], m[2], m[3]);
+    println!("\n| PostgreSQL against sled | sled | PostgreSQL | difference | goal |\n|---|---|---|---|---|");
+    println!(
+        "| throughput c=32 | {:.0} | {:.0} | {:+.1} % | within 10 % |",
+        on_sled.c32_rps,
+        on_pg.c32_rps,
+        (on_pg.c32_rps / on_sled.c32_rps - 1.0) * 100.0
+    );
+    let added = |label: &str, pick: fn(&peers::Medians) -> f64, goal: &str| {
+        let (sled, pg) = (pick(&on_sled) - pick(&mock), pick(&on_pg) - pick(&mock));
+        println!("| {label} | {} | {} | {:+.1} % | {goal} |", us(sled), us(pg), (pg / sled - 1.0) * 100.0);
+    };
+    added("added c=1 p50", |m| m.c1_p50, "within 10 %");
+    added("added stream c=1 p50", |m| m.stream_p50, "");
+    println!(
+        "| a token with its own concurrency, on PostgreSQL | | {:.0} req/s, added c=1 p50 {} | {:+.1} % req/s | |",
+        limited.c32_rps,
+        us(limited.c1_p50 - mock.c1_p50),
+        (limited.c32_rps / on_sled.c32_rps - 1.0) * 100.0
+    );
+
+    println!("\n## Three nodes on one PostgreSQL against one (32 connections in all)\n");
+    let urls: Vec<String> = nodes.iter().map(|(_, base)| format!("{base}/v1/chat/completions")).collect();
+    let (mut one, mut three, mut three_p50) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        for step in 0..2 {
+            if (round + step) % 2 == 0 {
+                one.push(peers::wrk(&urls[0], CHAT, &pg_key, 32, args.secs, scratch.path())?.rps);
+            } else {
+                let runs = wrk_spread(&urls, &pg_key, 32, args.secs, scratch.path())?;
+                three.push(runs.iter().map(|r| r.rps).sum::<f64>());
+                three_p50.push(median(runs.iter().map(|r| r.p50.as_secs_f64()).collect()));
+            }
+        }
+        eprintln!("nodes: round {} of {} done", round + 1, args.rounds);
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    println!("| setup | req/s (median of {} rounds) | c=32 p50 |\n|---|---|---|", args.rounds);
+    println!("| one node | {:.0} | — |", median(one.clone()));
+    println!(
+        "| three nodes, wrk on each at once | {:.0} | {} per node |",
+        median(three.clone()),
+        us(median(three_p50))
+    );
+    println!(
+        "\nthree nodes / one: {:.2}× — all on this machine's {cores} cores with the database and the mock, so \
+         this shows what sharing costs, not what more machines add",
+        median(three) / median(one)
+    );
+    drop(nodes);
+    drop(pg);
+    Ok(())
+}
