@@ -45,7 +45,15 @@ async fn a_python_adapter_and_a_javascript_filter_check_and_serve() {
     let stdout = run_python("openai_sdk_check.py", env).await;
     assert!(stdout.contains(" 7 passed, 0 failed"), "{stdout}\n{}", gw.log());
 
-    // The JavaScript filter clamps the request and rewrites the answer.
+    // The JavaScript filter clamps the request and rewrites the answer
+    // (once loaded: compiling 12 MB of code in a debug build on a busy
+    // machine can outlast the Python suite).
+    let loaded = crate::support::eventually(std::time::Duration::from_secs(180), || async {
+        let (_, status) = crate::support::admin(&gw, reqwest::Method::GET, "/api/plugins/js-clamp", None).await;
+        status["loaded"] == true
+    })
+    .await;
+    assert!(loaded.is_some(), "js-clamp never loaded: {}", gw.log());
     let mut body = chat("js-model", "hello js");
     body["max_tokens"] = 500.into();
     let (status, answer) = post(&gw, "/v1/chat/completions", &body).await;
