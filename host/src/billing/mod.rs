@@ -192,6 +192,31 @@ pub fn storage_unavailable() -> ApiError {
 #[error("the billing journal could not record a usage row: {0}")]
 pub struct NotRecorded(pub String);
 
+/// Open the usage trees and the journal of `store`, and apply what a crash
+/// left in the journal (also to `sink`, the shared database's, when
+/// given), as a start does before anything is served.
+fn recover(store: &Store, sink: Option<&writer_pg::PgSink>) -> anyhow::Result<(Trees, Journal)> {
+    let trees = Trees::open(store)?;
+    logs::ensure_rollups(&trees.logs, &trees.rollups)?;
+    let committed = trees.committed_seq()?;
+    // A store that lost committed usage (a truncated or restored db)
+    // is refused rather than billed again from an old state.
+    store.check_mark("journal_seq", committed)?;
+    let (journal, pending) = Journal::open(store.dir(), committed)?;
+    let (replayed, interrupted) = writer::recover(&trees, &journal, pending, sink).map_err(anyhow::Error::msg)?;
+    store.committed(trees.committed_seq()?);
+    if replayed + interrupted > 0 {
+        tracing::warn!(replayed, interrupted, "recovered usage records a crash left unwritten");
+    }
+    Ok((trees, journal))
+}
+
+/// Apply what a crash left in the journal of a store no gateway is serving
+/// (`wasmgate migrate` from a node that was killed).
+pub fn recover_journal(store: &Store) -> anyhow::Result<()> {
+    recover(store, None).map(drop)
+}
+
 impl Billing {
     /// Apply what a crash left in the journal, open the accounts, load
     /// prices (overrides from `options`) and start the writer. With `pg`,
@@ -207,19 +232,7 @@ impl Billing {
     ) -> anyhow::Result<Self> {
         let node = pg.map(|_| store.node_id()).transpose()?;
         let sink = pg.zip(node.as_deref()).map(|(pg, node)| Arc::new(writer_pg::PgSink::new(pg, node)));
-        let trees = Trees::open(store)?;
-        logs::ensure_rollups(&trees.logs, &trees.rollups)?;
-        let committed = trees.committed_seq()?;
-        // A store that lost committed usage (a truncated or restored db)
-        // is refused rather than billed again from an old state.
-        store.check_mark("journal_seq", committed)?;
-        let (journal, pending) = Journal::open(store.dir(), committed)?;
-        let (replayed, interrupted) =
-            writer::recover(&trees, &journal, pending, sink.as_deref()).map_err(anyhow::Error::msg)?;
-        store.committed(trees.committed_seq()?);
-        if replayed + interrupted > 0 {
-            tracing::warn!(replayed, interrupted, "recovered usage records a crash left unwritten");
-        }
+        let (trees, journal) = recover(store, sink.as_deref())?;
         let (accounts, ledger, shared) = match pg.zip(node) {
             None => {
                 let accounts = Accounts::open(store)?;
@@ -312,13 +325,18 @@ impl Billing {
         Ok(Live::Shared { users, tokens, ledger: self.ledger.clone() })
     }
 
-    /// Give back every quota lease this node holds (at a clean stop, once
-    /// its usage is written).
+    /// Give back every quota lease and in-flight slot this node holds (at
+    /// a clean stop, once its usage is written).
     pub async fn return_leases(&self) {
-        if let Some(shared) = &self.shared
-            && let Err(error) = shared.leases.return_all().await
-        {
+        let Some(shared) = &self.shared else { return };
+        if let Err(error) = shared.leases.return_all().await {
             tracing::warn!(error = format!("{error:#}"), "returning quota leases failed; the next start returns them");
+        }
+        if let Err(error) = shared.limits.return_all().await {
+            tracing::warn!(
+                error = format!("{error:#}"),
+                "returning in-flight slots failed; the next start returns them"
+            );
         }
     }
 

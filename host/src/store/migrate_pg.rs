@@ -6,7 +6,8 @@
 //! with their balances, the usage log, stored responses and, with
 //! `--plugins DIR`, the plugin files. Idempotent (rows are upserted by id,
 //! key and name), in one transaction, and verified: every source row is
-//! counted in the database afterwards. Stop the gateway first.
+//! counted in the database afterwards. Stop the gateway first; what a
+//! gateway killed mid-flight left in its usage journal is applied first.
 
 use std::path::Path;
 
@@ -58,6 +59,9 @@ pub fn migrate(
     let store =
         Store::open_with(from, &StoreOptions { secrets_key: from_key.map(str::to_string), ..Default::default() })
             .with_context(|| format!("opening the store in {}", from.display()))?;
+    // A node that was killed left usage in its journal: written first, as
+    // its next start would.
+    crate::billing::recover_journal(&store).context("applying the usage journal")?;
     let channels = SledChannels::open(&store).context("reading channels")?.snapshot();
     let target = SecretBox::from_passphrase(secrets_key)?;
     let mut rows = Vec::new();
