@@ -673,4 +673,32 @@ async fn three_nodes_share_one_balance_and_one_rate_limit() {
     while second.next().await.is_some() {}
     let freed = eventually(Duration::from_secs(10), || async { call(&nodes[2], &two, &body).await.0 == 200 }).await;
     assert!(freed.is_some(), "the shared in-flight slots were not given back");
+
+    // A larger limit, where nodes keep spare slots (1/32 of it): 48 held
+    // streams over the three nodes never get more than 32 in, and every
+    // slot is back in the database once they end and the nodes idle.
+    let (_, wide) = user_with_token(&nodes[0], 1_000_000, json!({"concurrency": 32})).await;
+    // `release` above left a wake-up for the next held stream: take it.
+    let _ = tokio::time::timeout(Duration::from_millis(10), mock.state.release.notified()).await;
+    let opened: Vec<_> = futures_util::future::join_all((0..48).map(|i| {
+        let (gw, key, held) = (nodes[i % 3].clone(), wide.clone(), held.clone());
+        async move { crate::support::accounts::send_chat(&gw, &key, &held).await }
+    }))
+    .await;
+    let admitted = opened.iter().filter(|r| r.status() == 200).count();
+    let refused = opened.iter().filter(|r| r.status() == 429).count();
+    let counted = query_i64(&pg.url, "SELECT sum(count)::bigint FROM in_flight").await;
+    println!("48 held streams over 3 nodes with concurrency 32: {admitted} admitted, {refused} refused");
+    assert_eq!(admitted + refused, 48, "only 200 or 429");
+    assert!(admitted <= 32 && counted <= 32, "concurrency 32 let {admitted} in ({counted} slots held)");
+    assert!(admitted >= 32 - 3, "spare slots kept by the nodes refused too many: {admitted}");
+    mock.release();
+    for resp in opened {
+        let _ = resp.bytes().await;
+    }
+    let returned = eventually(Duration::from_secs(10), || async {
+        query_i64(&pg.url, "SELECT COALESCE(sum(count), 0)::bigint FROM in_flight").await == 0
+    })
+    .await;
+    assert!(returned.is_some(), "idle nodes kept in-flight slots");
 }
