@@ -1,5 +1,6 @@
-//! The shared database stopped under load: two gateway nodes on one real
-//! PostgreSQL keep serving a paying token from the quota they leased, and
+//! The shared database stopped or hung under load: gateway nodes on one
+//! real PostgreSQL keep serving a paying token from the quota they leased,
+//! a request that needs the database is answered 503 rather than held, and
 //! once the database is back every answered request has exactly one usage
 //! row and the balance adds up.
 
@@ -88,5 +89,64 @@ async fn a_database_stopped_for_ten_seconds_under_load_loses_nothing() {
         all.len(),
         during,
         all.len()
+    );
+}
+
+/// A database that hangs (every PostgreSQL process stopped with SIGSTOP:
+/// connections stay open, nothing answers) for 5 s under load: the paying
+/// token keeps being served from its lease, a token that needs a lease is
+/// answered 503 `storage_unavailable` instead of waiting on the database,
+/// and after the thaw that token is served and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_database_holds_no_request_and_loses_nothing() {
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
+    let mock = MockUpstream::start("m").await;
+    let declared = format!("{PER_CALL}\n{}", channel("c", "openai", &mock.base_url(), &["per-call"], ""));
+    let gw = tokio::task::spawn_blocking({
+        let url = pg.url.clone();
+        move || node(&url, &declared)
+    })
+    .await
+    .expect("node");
+    const BALANCE: i64 = 10_000_000;
+    let (uid, key) = crate::support::accounts::user_with_token(&gw, BALANCE, json!({})).await;
+    // A second paying user, who has not spent anything yet: their first
+    // request needs a lease from the database.
+    let (_, fresh) = crate::support::accounts::user_with_token(&gw, BALANCE, json!({})).await;
+
+    let load = Load::start(&[gw.url("/v1/chat/completions")], &key, &chat("per-call", "load"), 2);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.pause();
+        pg
+    })
+    .await
+    .expect("pause");
+    let before = load.answered(0);
+    let (status, answer, _) = crate::support::accounts::call(&gw, &fresh, &chat("per-call", "needs a lease")).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (503, Some("storage_unavailable")), "{answer}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = load.answered(0) - before;
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.resume();
+        pg
+    })
+    .await
+    .expect("resume");
+    let served = eventually(Duration::from_secs(30), || async {
+        crate::support::accounts::call(&gw, &fresh, &chat("per-call", "after")).await.0 == 200
+    })
+    .await;
+    assert!(served.is_some(), "the token needing a lease was not served after the database came back");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = load.stop().await;
+    let first: Vec<&String> = seen.failures[0].iter().take(3).collect();
+    assert!(seen.failures[0].is_empty(), "{} requests failed, first {first:?}", seen.failures[0].len());
+    assert!(during > 20, "{during} requests served while the database hung");
+    assert_one_row_each_and_balanced(&pg.url, uid, &seen.answered[0], BALANCE).await;
+    println!(
+        "database hung for 5 s under load: {during} requests answered meanwhile, 0 failed; a request needing a \
+         lease got 503 storage_unavailable; {} answered in all, one usage row each",
+        seen.answered[0].len()
     );
 }

@@ -154,6 +154,37 @@ impl PgServer {
         assert!(matches!(waited, Err(std::sync::mpsc::RecvTimeoutError::Disconnected)), "PostgreSQL did not stop");
     }
 
+    /// Freeze the server (SIGSTOP to the postmaster, then to every process
+    /// it started): connections stay open and nothing answers, as in a
+    /// network partition that drops packets.
+    pub fn pause(&self) {
+        self.signal_all("-STOP", true);
+    }
+
+    /// Thaw a [`Self::pause`]d server.
+    pub fn resume(&self) {
+        self.signal_all("-CONT", false);
+    }
+
+    /// Send `signal` to the postmaster and its children (the postmaster
+    /// first when `postmaster_first`, else last).
+    fn signal_all(&self, signal: &str, postmaster_first: bool) {
+        let pid = self.pid.to_string();
+        let send = |pid: &str| {
+            let _ = Command::new("kill").args([signal, pid]).status();
+        };
+        if postmaster_first {
+            send(&pid);
+        }
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        for child in children.split_whitespace() {
+            send(child);
+        }
+        if !postmaster_first {
+            send(&pid);
+        }
+    }
+
     /// Start the stopped server again on its data and port; returns once it
     /// answers queries.
     pub fn start_again(&mut self) {

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::ledger::Ledger;
-use crate::store::postgres::Postgres;
+use crate::store::postgres::{Postgres, REQUEST_CALL_TIMEOUT};
 
 /// An account untouched this long gives its unreserved lease back.
 pub const IDLE: Duration = Duration::from_secs(1);
@@ -227,7 +227,7 @@ impl Leases {
         };
         let granted = self
             .pg
-            .call(async move {
+            .call_within(REQUEST_CALL_TIMEOUT, async move {
                 let mut c = pg.pooled().await?;
                 let tx = c.transaction().await?;
                 let mut grants = (0, 0);

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::limits::{Limited, StoredWindow, Window};
-use crate::store::postgres::Postgres;
+use crate::store::postgres::{Postgres, REQUEST_CALL_TIMEOUT};
 
 /// Spare slots unused this long go back to the database.
 pub const IDLE: Duration = Duration::from_secs(1);
@@ -185,7 +185,7 @@ impl PgLimits {
         let (pg, node) = (self.pg.clone(), self.node.clone());
         let granted = self
             .pg
-            .call(async move {
+            .call_within(REQUEST_CALL_TIMEOUT, async move {
                 let mut c = pg.pooled().await?;
                 let tx = c.transaction().await?;
                 lock_token(&tx, token).await?;
@@ -283,7 +283,7 @@ impl PgLimits {
     ) -> Result<Result<(), Limited>> {
         let pg = self.pg.clone();
         self.pg
-            .call(async move {
+            .call_within(REQUEST_CALL_TIMEOUT, async move {
                 with_window(&pg, token, move |w, now| match w.check_rates(rpm, tpm, tokens) {
                     Ok(()) => {
                         w.add(now, 1, i64::try_from(tokens).unwrap_or(i64::MAX));

@@ -18,8 +18,17 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use tokio_postgres::{Client, NoTls};
 
-/// How long a synchronous caller waits for the database.
+/// How long a caller waits for the database.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a request waits for the database (a quota lease, an in-flight
+/// slot, a shared rate window) before it is answered 503: a database that
+/// hangs (a network partition that drops packets, a stopped server) must
+/// not hold requests for as long as TCP takes to notice.
+pub const REQUEST_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long opening a connection may take (TCP and PostgreSQL's startup).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connections in the pool billing uses.
 const POOL_SIZE: usize = 4;
@@ -163,14 +172,16 @@ impl Postgres {
             });
         })?;
         let handle = handle_rx.recv().context("database thread")??;
-        let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
-            url.parse::<tokio_postgres::Config>().context("database_url")?,
-            NoTls,
-        ))
-        .max_size(POOL_SIZE)
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .build()
-        .context("database connection pool")?;
+        let mut config = url.parse::<tokio_postgres::Config>().context("database_url")?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config, NoTls))
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(CALL_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .context("database connection pool")?;
         let pg = Arc::new(Self { url: url.to_string(), handle, pool, stop: std::sync::Mutex::new(Some(stop_tx)) });
         let me = pg.clone();
         pg.block(async move {
@@ -192,11 +203,26 @@ impl Postgres {
     }
 
     /// Run `fut` on the database thread and await it (from any runtime,
-    /// without blocking a thread).
+    /// without blocking a thread), at most [`CALL_TIMEOUT`].
     pub async fn call<T: Send + 'static>(&self, fut: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+        self.call_within(CALL_TIMEOUT, fut).await
+    }
+
+    /// [`Self::call`], given up (and `fut` dropped: an open transaction
+    /// rolls back) after `limit`. A transaction whose commit was already
+    /// sent may still commit: what it leased stays counted for this node
+    /// until the node stops or starts again.
+    pub async fn call_within<T: Send + 'static>(
+        &self,
+        limit: Duration,
+        fut: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.handle.spawn(async move {
-            let _ = tx.send(fut.await);
+            let result = tokio::time::timeout(limit, fut)
+                .await
+                .unwrap_or_else(|_| Err(anyhow!("the database did not answer within {limit:?}")));
+            let _ = tx.send(result);
         });
         rx.await.map_err(|_| anyhow!("the database thread stopped"))?
     }
@@ -212,8 +238,13 @@ impl Postgres {
         &self,
         notify: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
     ) -> Result<Client> {
-        let (client, mut connection) =
-            tokio_postgres::connect(&self.url, NoTls).await.context("connecting to PostgreSQL")?;
+        let mut config = self.url.parse::<tokio_postgres::Config>().context("database_url")?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        let connecting = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls));
+        let (client, mut connection) = connecting
+            .await
+            .map_err(|_| anyhow!("connecting to PostgreSQL took longer than {CONNECT_TIMEOUT:?}"))?
+            .context("connecting to PostgreSQL")?;
         tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
