@@ -243,7 +243,10 @@ fn launch(dir: &tempfile::TempDir, port: u16) -> (u32, std::sync::mpsc::Receiver
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        // The postmaster stops its children on SIGINT (fast shutdown).
+        // Thawed first (a test may fail while the server is paused: frozen
+        // processes would outlive it), then the postmaster stops its
+        // children on SIGINT (fast shutdown).
+        self.resume();
         let _ = Command::new("kill").args(["-INT", &self.pid.to_string()]).status();
         if self.exited.recv_timeout(Duration::from_secs(10)).is_err() {
             let _ = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status();
