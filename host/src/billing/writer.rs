@@ -377,28 +377,59 @@ fn open_key(request_id: &str) -> Vec<u8> {
     [OPEN, request_id.as_bytes()].concat()
 }
 
+/// What a consume row moves in the balances.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Charge {
+    user: Option<u64>,
+    token: Option<u64>,
+    token_limited: bool,
+    quota: i64,
+}
+
+impl Charge {
+    /// The charge of `row`, if it is a consume row.
+    pub(super) fn of(row: &LogRow) -> Option<Self> {
+        (row.kind == LogKind::Consume).then_some(Self {
+            user: row.user_id,
+            token: row.token_id,
+            token_limited: row.token_limited,
+            quota: row.quota,
+        })
+    }
+}
+
+/// Balance changes by user and by token.
+pub(super) type Sums = (HashMap<u64, Deltas>, HashMap<u64, Deltas>);
+
+/// Add `c` to the balance changes.
+pub(super) fn add_charge((users, tokens): &mut Sums, c: Charge) {
+    if let Some(u) = c.user {
+        let d = users.entry(u).or_default();
+        d.quota = d.quota.saturating_sub(c.quota);
+        d.used = d.used.saturating_add(c.quota);
+        d.requests = d.requests.saturating_add(1);
+    }
+    if let Some(t) = c.token {
+        let d = tokens.entry(t).or_default();
+        if c.token_limited {
+            d.quota = d.quota.saturating_sub(c.quota);
+        }
+        d.used = d.used.saturating_add(c.quota);
+    }
+}
+
 /// Sum the balance changes of `changes` (by user, by token).
-pub(super) fn deltas(changes: &[(u64, Change)]) -> (HashMap<u64, Deltas>, HashMap<u64, Deltas>) {
-    let mut users: HashMap<u64, Deltas> = HashMap::new();
-    let mut tokens: HashMap<u64, Deltas> = HashMap::new();
+pub(super) fn deltas(changes: &[(u64, Change)]) -> Sums {
+    let mut sums = Sums::default();
     for (_, change) in changes {
         match change {
-            Change::Row(row) if row.kind == LogKind::Consume => {
-                if let Some(u) = row.user_id {
-                    let d = users.entry(u).or_default();
-                    d.quota = d.quota.saturating_sub(row.quota);
-                    d.used = d.used.saturating_add(row.quota);
-                    d.requests = d.requests.saturating_add(1);
-                }
-                if let Some(t) = row.token_id {
-                    let d = tokens.entry(t).or_default();
-                    if row.token_limited {
-                        d.quota = d.quota.saturating_sub(row.quota);
-                    }
-                    d.used = d.used.saturating_add(row.quota);
+            Change::Row(row) => {
+                if let Some(c) = Charge::of(row) {
+                    add_charge(&mut sums, c);
                 }
             }
             Change::Adjust { user, token, delta } => {
+                let (users, tokens) = &mut sums;
                 if let Some(u) = user {
                     let d = users.entry(*u).or_default();
                     d.quota = d.quota.saturating_add(*delta);
@@ -408,10 +439,10 @@ pub(super) fn deltas(changes: &[(u64, Change)]) -> (HashMap<u64, Deltas>, HashMa
                     d.quota = d.quota.saturating_add(*delta);
                 }
             }
-            Change::Row(_) | Change::Open(_) => {}
+            Change::Open(_) => {}
         }
     }
-    (users, tokens)
+    sums
 }
 
 /// Commit `changes` in one transaction (recording `seq` as the last

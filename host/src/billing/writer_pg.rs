@@ -14,8 +14,9 @@ use anyhow::Result;
 
 use super::journal::Change;
 use super::leases::add_lease;
-use super::writer::deltas;
+use super::writer::{Charge, Sums, add_charge};
 use crate::store::postgres::Postgres;
+use tokio_postgres::types::Json;
 
 /// Insert usage rows: `$1` the node, `$2` their ids, `$3` the rows as
 /// JSON; returns the ids of the rows not there before.
@@ -42,28 +43,33 @@ impl PgSink {
     /// Write the rows of `changes` and their charges in one transaction
     /// (blocking: called from the writer thread).
     pub fn write(&self, changes: &[(u64, Change)]) -> Result<()> {
-        let rows: Vec<(i64, serde_json::Value)> = changes
-            .iter()
-            .filter_map(|(_, c)| match c {
-                Change::Row(row) => Some(serde_json::to_value(row.as_ref()).map(|v| (row.id as i64, v))),
-                Change::Adjust { .. } | Change::Open(_) => None,
-            })
-            .collect::<Result<_, _>>()?;
-        if rows.is_empty() {
+        // Each row serialized once, straight to the JSON text the insert
+        // sends, and only what the balances need kept beside it.
+        let mut ids = Vec::new();
+        let mut values = Vec::new();
+        let mut charges = Vec::new();
+        for (_, change) in changes {
+            if let Change::Row(row) = change {
+                ids.push(row.id as i64);
+                values.push(Json(serde_json::value::to_raw_value(row.as_ref())?));
+                charges.extend(Charge::of(row).map(|c| (row.id, c)));
+            }
+        }
+        if ids.is_empty() {
             return Ok(());
         }
-        let changes: Vec<(u64, Change)> = changes.to_vec();
         let (pg, node) = (self.pg.clone(), self.node.clone());
         self.pg.block(async move {
             let mut c = pg.pooled().await?;
             let tx = c.transaction().await?;
-            let (ids, values): (Vec<i64>, Vec<serde_json::Value>) = rows.into_iter().unzip();
             let inserted = tx.query(INSERT_ROWS, &[&node, &ids, &values]).await?;
             let fresh: std::collections::HashSet<u64> = inserted.iter().map(|r| r.get::<_, i64>(0) as u64).collect();
             // Only rows inserted now charge: a replayed one was charged before.
-            let charged: Vec<(u64, Change)> =
-                changes.into_iter().filter(|(_, c)| matches!(c, Change::Row(row) if fresh.contains(&row.id))).collect();
-            let (users, tokens) = deltas(&charged);
+            let mut sums = Sums::default();
+            for (_, charge) in charges.into_iter().filter(|(id, _)| fresh.contains(id)) {
+                add_charge(&mut sums, charge);
+            }
+            let (users, tokens) = sums;
             // Accounts in id order, users before tokens: no deadlock with
             // another node's batch or a lease.
             let mut users: Vec<_> = users.into_iter().collect();
