@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::multi_node::{PER_CALL, assert_one_row_each_and_balanced, node, quota_leases_taken};
+use crate::multi_node::{PER_CALL, assert_one_row_each_and_balanced, known_everywhere, node, quota_leases_taken};
 use crate::support::load::Load;
 use crate::support::postgres::PgServer;
 use crate::support::{Gateway, MockUpstream, channel, chat, eventually};
@@ -29,12 +29,7 @@ async fn a_database_stopped_for_ten_seconds_under_load_loses_nothing() {
     .expect("nodes");
     const BALANCE: i64 = 10_000_000;
     let (uid, key) = crate::support::accounts::user_with_token(&nodes[0], BALANCE, json!({})).await;
-    let known = eventually(Duration::from_secs(10), || async {
-        let resp = crate::support::client().get(nodes[1].url("/v1/models")).bearer_auth(&key).send().await;
-        resp.is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(known.is_some(), "the token never reached the second node");
+    known_everywhere(&nodes, &key).await;
 
     let urls: Vec<String> = nodes.iter().map(|gw| gw.url("/v1/chat/completions")).collect();
     let load = Load::start(&urls, &key, &chat("per-call", "load"), 2);

@@ -479,6 +479,7 @@ async fn a_killed_node_fails_no_request_elsewhere_and_loses_no_usage_row() {
     // A paying user's token, so that every answer moves the shared balance.
     const BALANCE: i64 = 10_000_000;
     let (uid, key) = crate::support::accounts::user_with_token(&nodes[0], BALANCE, json!({})).await;
+    known_everywhere(&nodes, &key).await;
     let urls: Vec<String> = nodes.iter().map(|gw| gw.url("/v1/chat/completions")).collect();
     let load = Load::start(&urls, &key, &chat("per-call", "load"), 3);
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -542,12 +543,34 @@ pub(crate) async fn assert_one_row_each_and_balanced(url: &str, uid: u64, answer
     .await;
     let n = answered.len() as i64;
     assert_eq!((rows_for_answered, distinct), (n, n), "one row per answered request");
-    let charged = q(format!("SELECT sum(quota)::bigint FROM usage_logs WHERE user_id = {uid}")).await;
-    let used = q(format!("SELECT used_quota FROM users WHERE id = {uid}")).await;
-    let held = q(format!("SELECT sum(amount)::bigint FROM quota_leases WHERE kind = 'u' AND id = {uid}")).await;
-    let left = q(format!("SELECT quota FROM users WHERE id = {uid}")).await;
-    assert_eq!(charged, used, "Σ logged charges = used quota");
-    assert_eq!(left + held + used, given, "balance + leases + used = what the user was given");
+    // Each equation read in one statement (one snapshot): idle nodes keep
+    // returning leases meanwhile.
+    let unlogged = q(format!(
+        "SELECT u.used_quota - (SELECT COALESCE(sum(quota), 0) FROM usage_logs WHERE user_id = u.id)::bigint
+         FROM users u WHERE u.id = {uid}"
+    ))
+    .await;
+    assert_eq!(unlogged, 0, "Σ logged charges = used quota");
+    let total = q(format!(
+        "SELECT u.quota + u.used_quota
+                + (SELECT COALESCE(sum(amount), 0) FROM quota_leases WHERE kind = 'u' AND id = u.id)::bigint
+         FROM users u WHERE u.id = {uid}"
+    ))
+    .await;
+    assert_eq!(total, given, "balance + leases + used = what the user was given");
+}
+
+/// Wait until `key` authenticates on every one of `nodes` (a token created
+/// on one node reaches the others through the database).
+pub(crate) async fn known_everywhere(nodes: &[Gateway], key: &str) {
+    for gw in nodes {
+        let known = eventually(Duration::from_secs(10), || async {
+            let resp = crate::support::client().get(gw.url("/v1/models")).bearer_auth(key).send().await;
+            resp.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        assert!(known.is_some(), "a token never reached {}", gw.url(""));
+    }
 }
 
 /// One request's price on the quota test's model: its estimate is its
