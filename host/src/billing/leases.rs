@@ -155,19 +155,16 @@ impl Leases {
         self.touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn touch(&self, user: u64, token: Option<u64>, amount: i64) {
+    /// A request of `user` (through `token`) reserving `amount` is being
+    /// admitted (or a lease taken, `amount` 0): keep their leases a while
+    /// longer, and count the spend.
+    pub fn used(&self, user: u64, token: Option<u64>, amount: i64) {
         let mut t = self.activity();
         let now = Instant::now();
         t.entry((true, user)).or_insert_with(|| Activity::new(now)).spend(now, amount);
         if let Some(token) = token {
             t.entry((false, token)).or_insert_with(|| Activity::new(now)).spend(now, amount);
         }
-    }
-
-    /// A request of `user` (through `token`) reserving `amount` is being
-    /// admitted: keep their leases a while longer, and count the spend.
-    pub fn used(&self, user: u64, token: Option<u64>, amount: i64) {
-        self.touch(user, token, amount);
     }
 
     /// After a reservation of `amount` passed: when what the node still
@@ -178,7 +175,6 @@ impl Leases {
         if amount <= 0 {
             return;
         }
-        let held = |b: super::ledger::Balance| b.balance.saturating_sub(b.reserved);
         let now = Instant::now();
         let low = |is_user: bool, id: u64, held: i64| {
             let mut t = self.activity();
@@ -187,9 +183,9 @@ impl Leases {
             a.topping_up |= due;
             due
         };
-        let user_low = low(true, user, held(self.ledger.user(user)));
+        let user_low = low(true, user, self.ledger.user(user).unreserved());
         let token = token.filter(|_| token_limited);
-        let token_low = token.is_some_and(|t| low(false, t, held(self.ledger.token(t))));
+        let token_low = token.is_some_and(|t| low(false, t, self.ledger.token(t).unreserved()));
         if !user_low && !token_low {
             return;
         }
@@ -217,7 +213,7 @@ impl Leases {
     /// Lease enough for a reservation of `need` more than the node holds:
     /// `need_user` from the user, `need_token` from the token (0: none).
     pub async fn acquire(&self, user: u64, need_user: i64, token: Option<u64>, need_token: i64) -> Result<Leased> {
-        self.touch(user, token, 0);
+        self.used(user, token, 0);
         let (pg, node) = (self.pg.clone(), self.node.clone());
         let token = token.filter(|_| need_token > 0);
         let (recent_user, recent_token) = {

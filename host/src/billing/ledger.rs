@@ -23,6 +23,13 @@ pub struct Balance {
     pub requests: u64,
 }
 
+impl Balance {
+    /// What no request holds: the balance less what is reserved.
+    pub fn unreserved(&self) -> i64 {
+        self.balance.saturating_sub(self.reserved)
+    }
+}
+
 #[derive(Default)]
 struct Books {
     users: HashMap<u64, Balance>,
@@ -106,7 +113,7 @@ impl Ledger {
     /// quota left: checked before anything costly is done for a request.
     pub fn has_quota(&self, user: u64, token: Option<u64>, token_limited: bool) -> Result<(), Short> {
         let b = self.books();
-        let left = |bal: Option<&Balance>| bal.is_some_and(|x| x.balance.saturating_sub(x.reserved) > 0);
+        let left = |bal: Option<&Balance>| bal.is_some_and(|x| x.unreserved() > 0);
         if !left(b.users.get(&user)) {
             return Err(Short::User);
         }
@@ -129,8 +136,7 @@ impl Ledger {
         // holds and never release exactly (found by the ledger property).
         let amount = amount.max(0);
         let mut b = self.books();
-        let fits =
-            |bal: Option<&Balance>| bal.is_some_and(|x| amount <= 0 || x.balance.saturating_sub(x.reserved) >= amount);
+        let fits = |bal: Option<&Balance>| bal.is_some_and(|x| amount <= 0 || x.unreserved() >= amount);
         if !fits(b.users.get(&user)) {
             return Err(Short::User);
         }
@@ -170,7 +176,7 @@ impl Ledger {
         let take = |map: &mut HashMap<u64, Balance>, is_user: bool| {
             let mut taken = Vec::new();
             for (id, bal) in map.iter_mut() {
-                let spare = bal.balance.saturating_sub(bal.reserved);
+                let spare = bal.unreserved();
                 if spare != 0 && idle(is_user, *id) {
                     bal.balance = bal.reserved;
                     taken.push((*id, spare));

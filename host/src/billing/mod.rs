@@ -545,8 +545,7 @@ impl Billing {
             }
             Err(short) => short,
         };
-        let held = |b: ledger::Balance| b.balance.saturating_sub(b.reserved);
-        let lacking = |b: ledger::Balance| amount.saturating_sub(held(b)).max(0);
+        let lacking = |b: ledger::Balance| amount.saturating_sub(b.unreserved()).max(0);
         let need_user = lacking(self.ledger.user(acct.user_id));
         let need_token = if limited { lacking(self.ledger.token(t.id)) } else { 0 };
         match Box::pin(shared.leases.acquire(acct.user_id, need_user, Some(t.id), need_token)).await {
@@ -554,8 +553,11 @@ impl Billing {
                 Ok(self.ledger.reserve(acct.user_id, Some(t.id), limited, amount).map_err(|s| (s, false)))
             }
             Ok(Leased::Refused { available }) => {
-                let lease =
-                    if need_user > 0 { held(self.ledger.user(acct.user_id)) } else { held(self.ledger.token(t.id)) };
+                let lease = if need_user > 0 {
+                    self.ledger.user(acct.user_id).unreserved()
+                } else {
+                    self.ledger.token(t.id).unreserved()
+                };
                 Ok(Err((short, available.saturating_add(lease.max(0)) <= 0)))
             }
             Err(error) => {

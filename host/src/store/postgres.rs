@@ -144,7 +144,8 @@ pub const CHANNELS_NOTIFY: &str = "wasmgate_channels";
 
 /// The database thread and how to reach the server.
 pub struct Postgres {
-    url: String,
+    /// The server, with [`CONNECT_TIMEOUT`] set.
+    config: tokio_postgres::Config,
     handle: tokio::runtime::Handle,
     /// Pooled connections for billing's calls (leases, rate windows,
     /// usage batches); used on the database thread only.
@@ -174,7 +175,7 @@ impl Postgres {
         let handle = handle_rx.recv().context("database thread")??;
         let mut config = url.parse::<tokio_postgres::Config>().context("database_url")?;
         config.connect_timeout(CONNECT_TIMEOUT);
-        let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config, NoTls))
+        let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config.clone(), NoTls))
             .max_size(POOL_SIZE)
             .wait_timeout(Some(CALL_TIMEOUT))
             .create_timeout(Some(CONNECT_TIMEOUT))
@@ -182,7 +183,7 @@ impl Postgres {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .context("database connection pool")?;
-        let pg = Arc::new(Self { url: url.to_string(), handle, pool, stop: std::sync::Mutex::new(Some(stop_tx)) });
+        let pg = Arc::new(Self { config, handle, pool, stop: std::sync::Mutex::new(Some(stop_tx)) });
         let me = pg.clone();
         pg.block(async move {
             let mut client = me.connect().await?;
@@ -238,9 +239,7 @@ impl Postgres {
         &self,
         notify: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
     ) -> Result<Client> {
-        let mut config = self.url.parse::<tokio_postgres::Config>().context("database_url")?;
-        config.connect_timeout(CONNECT_TIMEOUT);
-        let connecting = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls));
+        let connecting = tokio::time::timeout(CONNECT_TIMEOUT, self.config.connect(NoTls));
         let (client, mut connection) = connecting
             .await
             .map_err(|_| anyhow!("connecting to PostgreSQL took longer than {CONNECT_TIMEOUT:?}"))?
