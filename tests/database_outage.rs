@@ -8,29 +8,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::multi_node::{PER_CALL, assert_one_row_each_and_balanced, known_everywhere, node, quota_leases_taken};
+use crate::multi_node::{
+    PAYING_BALANCE, PayingCluster, assert_one_row_each_and_balanced, paying_cluster, quota_leases_taken,
+};
 use crate::support::load::Load;
-use crate::support::postgres::PgServer;
-use crate::support::{Gateway, MockUpstream, channel, chat, eventually};
+use crate::support::{chat, eventually};
 
 /// How long the database is down.
 const OUTAGE: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_database_stopped_for_ten_seconds_under_load_loses_nothing() {
-    let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
-    let mock = MockUpstream::start("m").await;
-    let declared = format!("{PER_CALL}\n{}", channel("c", "openai", &mock.base_url(), &["per-call"], ""));
-    let nodes: Vec<Gateway> = tokio::task::spawn_blocking({
-        let url = pg.url.clone();
-        move || (0..2).map(|_| node(&url, &declared)).collect()
-    })
-    .await
-    .expect("nodes");
-    const BALANCE: i64 = 10_000_000;
-    let (uid, key) = crate::support::accounts::user_with_token(&nodes[0], BALANCE, json!({})).await;
-    known_everywhere(&nodes, &key).await;
-
+    let PayingCluster { pg, mock: _mock, nodes, uid, key } = paying_cluster(2).await;
     let urls: Vec<String> = nodes.iter().map(|gw| gw.url("/v1/chat/completions")).collect();
     let load = Load::start(&urls, &key, &chat("per-call", "load"), 2);
     // Long enough for each node to size its lease to the load.
@@ -65,7 +54,7 @@ async fn a_database_stopped_for_ten_seconds_under_load_loses_nothing() {
     // answered request once, and the balance adds up. (What was journaled
     // during the outage is written when the database is back.)
     let all = seen.answered.concat();
-    assert_one_row_each_and_balanced(&pg.url, uid, &all, BALANCE).await;
+    assert_one_row_each_and_balanced(&pg.url, uid, &all, PAYING_BALANCE).await;
     for (i, gw) in nodes.iter().enumerate() {
         let flushed = eventually(Duration::from_secs(20), || async {
             let page = crate::support::accounts::logs(gw, "type=consume").await;
@@ -94,20 +83,11 @@ async fn a_database_stopped_for_ten_seconds_under_load_loses_nothing() {
 /// and after the thaw that token is served and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hung_database_holds_no_request_and_loses_nothing() {
-    let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
-    let mock = MockUpstream::start("m").await;
-    let declared = format!("{PER_CALL}\n{}", channel("c", "openai", &mock.base_url(), &["per-call"], ""));
-    let gw = tokio::task::spawn_blocking({
-        let url = pg.url.clone();
-        move || node(&url, &declared)
-    })
-    .await
-    .expect("node");
-    const BALANCE: i64 = 10_000_000;
-    let (uid, key) = crate::support::accounts::user_with_token(&gw, BALANCE, json!({})).await;
+    let PayingCluster { pg, mock: _mock, nodes, uid, key } = paying_cluster(1).await;
+    let gw = &nodes[0];
     // A second paying user, who has not spent anything yet: their first
     // request needs a lease from the database.
-    let (_, fresh) = crate::support::accounts::user_with_token(&gw, BALANCE, json!({})).await;
+    let (_, fresh) = crate::support::accounts::user_with_token(gw, PAYING_BALANCE, json!({})).await;
 
     let load = Load::start(&[gw.url("/v1/chat/completions")], &key, &chat("per-call", "load"), 2);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -118,7 +98,7 @@ async fn a_hung_database_holds_no_request_and_loses_nothing() {
     .await
     .expect("pause");
     let (before, paused) = (load.answered(0), Instant::now());
-    let (status, answer, _) = crate::support::accounts::call(&gw, &fresh, &chat("per-call", "needs a lease")).await;
+    let (status, answer, _) = crate::support::accounts::call(gw, &fresh, &chat("per-call", "needs a lease")).await;
     assert_eq!((status, answer["error"]["code"].as_str()), (503, Some("storage_unavailable")), "{answer}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (during, hung) = (load.answered(0) - before, paused.elapsed());
@@ -129,7 +109,7 @@ async fn a_hung_database_holds_no_request_and_loses_nothing() {
     .await
     .expect("resume");
     let served = eventually(Duration::from_secs(30), || async {
-        crate::support::accounts::call(&gw, &fresh, &chat("per-call", "after")).await.0 == 200
+        crate::support::accounts::call(gw, &fresh, &chat("per-call", "after")).await.0 == 200
     })
     .await;
     assert!(served.is_some(), "the token needing a lease was not served after the database came back");
@@ -138,7 +118,7 @@ async fn a_hung_database_holds_no_request_and_loses_nothing() {
     let first: Vec<&String> = seen.failures[0].iter().take(3).collect();
     assert!(seen.failures[0].is_empty(), "{} requests failed, first {first:?}", seen.failures[0].len());
     assert!(during > 20, "{during} requests served while the database hung");
-    assert_one_row_each_and_balanced(&pg.url, uid, &seen.answered[0], BALANCE).await;
+    assert_one_row_each_and_balanced(&pg.url, uid, &seen.answered[0], PAYING_BALANCE).await;
     println!(
         "database hung for {hung:?} under load: {during} requests answered meanwhile, 0 failed; a request needing \
          a lease got 503 storage_unavailable; {} answered in all, one usage row each",

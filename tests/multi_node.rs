@@ -467,19 +467,7 @@ async fn one_node_at_a_time_probes_a_disabled_channel() {
 /// has exactly one usage row (its own journal, per node).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_node_fails_no_request_elsewhere_and_loses_no_usage_row() {
-    let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
-    let mock = MockUpstream::start("m").await;
-    let declared = format!("{PER_CALL}\n{}", channel("c", "openai", &mock.base_url(), &["per-call"], ""));
-    let mut nodes: Vec<Gateway> = tokio::task::spawn_blocking({
-        let url = pg.url.clone();
-        move || (0..3).map(|_| node(&url, &declared)).collect()
-    })
-    .await
-    .expect("nodes");
-    // A paying user's token, so that every answer moves the shared balance.
-    const BALANCE: i64 = 10_000_000;
-    let (uid, key) = crate::support::accounts::user_with_token(&nodes[0], BALANCE, json!({})).await;
-    known_everywhere(&nodes, &key).await;
+    let PayingCluster { pg, mock: _mock, mut nodes, uid, key } = paying_cluster(3).await;
     let urls: Vec<String> = nodes.iter().map(|gw| gw.url("/v1/chat/completions")).collect();
     let load = Load::start(&urls, &key, &chat("per-call", "load"), 3);
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -497,7 +485,7 @@ async fn a_killed_node_fails_no_request_elsewhere_and_loses_no_usage_row() {
     let lost: Vec<&String> = served.iter().filter(|id| !rows.contains_key(*id)).collect();
     assert!(lost.is_empty(), "{} of {} answered requests have no usage row", lost.len(), served.len());
     let all: Vec<String> = seen.answered.concat();
-    assert_one_row_each_and_balanced(&pg.url, uid, &all, BALANCE).await;
+    assert_one_row_each_and_balanced(&pg.url, uid, &all, PAYING_BALANCE).await;
     // The database is not on the request path: node A leased quota a few
     // times for all it answered.
     let leases = quota_leases_taken(&nodes[0]).await;
@@ -512,6 +500,37 @@ async fn a_killed_node_fails_no_request_elsewhere_and_loses_no_usage_row() {
         served.len(),
         rows.len()
     );
+}
+
+/// What the failure tests run against: a fresh PostgreSQL, a mock, nodes
+/// with one channel of the `per-call` model, and a paying user's token
+/// (balance [`PAYING_BALANCE`]) known on every node, so that every answer
+/// moves the shared balance.
+pub(crate) struct PayingCluster {
+    pub pg: PgServer,
+    pub mock: MockUpstream,
+    pub nodes: Vec<Gateway>,
+    pub uid: u64,
+    pub key: String,
+}
+
+/// The paying user's balance in a [`PayingCluster`].
+pub(crate) const PAYING_BALANCE: i64 = 10_000_000;
+
+/// A [`PayingCluster`] of `n` nodes.
+pub(crate) async fn paying_cluster(n: usize) -> PayingCluster {
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
+    let mock = MockUpstream::start("m").await;
+    let declared = format!("{PER_CALL}\n{}", channel("c", "openai", &mock.base_url(), &["per-call"], ""));
+    let nodes: Vec<Gateway> = tokio::task::spawn_blocking({
+        let url = pg.url.clone();
+        move || (0..n).map(|_| node(&url, &declared)).collect()
+    })
+    .await
+    .expect("nodes");
+    let (uid, key) = crate::support::accounts::user_with_token(&nodes[0], PAYING_BALANCE, json!({})).await;
+    known_everywhere(&nodes, &key).await;
+    PayingCluster { pg, mock, nodes, uid, key }
 }
 
 /// How many quota leases `gw` took from the database (its metrics).
