@@ -65,6 +65,7 @@ async fn a_database_stopped_for_ten_seconds_under_load_loses_nothing() {
         let rows = crate::billing::consume_rows(gw).await;
         let missing = seen.answered[i].iter().filter(|id| !rows.contains_key(*id)).count();
         assert_eq!(missing, 0, "node {i}: answered requests with no usage row in its log");
+        same_rows_in_the_shared_table(&pg.url, &rows).await;
     }
     let leases: Vec<u64> = futures_util::future::join_all(nodes.iter().map(quota_leases_taken)).await;
     println!(
@@ -124,4 +125,23 @@ async fn a_hung_database_holds_no_request_and_loses_nothing() {
          a lease got 503 storage_unavailable; {} answered in all, one usage row each",
         seen.answered[0].len()
     );
+}
+
+/// Every field of each of `rows` (a node's own log) is what the shared
+/// table's columns hold for it.
+async fn same_rows_in_the_shared_table(url: &str, rows: &std::collections::HashMap<String, serde_json::Value>) {
+    let shared = crate::support::postgres::query_json(
+        url,
+        "SELECT to_jsonb(u) - 'node' FROM usage_logs u WHERE kind = 'consume' ORDER BY at_ms DESC LIMIT 500",
+    )
+    .await;
+    let mut compared = 0;
+    for row in &shared {
+        let Some(own) = row["request_id"].as_str().and_then(|id| rows.get(id)) else { continue };
+        for (field, value) in row.as_object().expect("an object") {
+            assert_eq!(&own[field], value, "field {field}: the node's log has {own}, the shared table {row}");
+        }
+        compared += 1;
+    }
+    assert!(compared > 0, "no row of this node among the shared table's latest");
 }

@@ -22,6 +22,17 @@ pub enum LogKind {
     Topup,
 }
 
+impl LogKind {
+    /// Its name in rows and the API: `consume`, `error` or `topup`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Consume => "consume",
+            Self::Error => "error",
+            Self::Topup => "topup",
+        }
+    }
+}
+
 /// One usage log row.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

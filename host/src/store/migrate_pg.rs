@@ -107,11 +107,10 @@ pub fn migrate(
         .map(|t| Ok((t.id as i64, t.user_id as i64, serde_json::to_value(t.as_ref())?, t.remain_quota, t.used_quota)))
         .collect::<Result<_>>()?;
     let node = store.node_id()?;
-    let mut log_rows: Vec<(i64, serde_json::Value)> = Vec::new();
+    let mut log_rows: Vec<crate::billing::logs::LogRow> = Vec::new();
     for item in store.tree("logs")?.iter() {
         let (_, raw) = item?;
-        let row: crate::billing::logs::LogRow = serde_json::from_slice(&raw).context("a usage row is not valid")?;
-        log_rows.push((row.id as i64, serde_json::to_value(&row)?));
+        log_rows.push(serde_json::from_slice(&raw).context("a usage row is not valid")?);
     }
     let mut responses: Vec<(String, String, i64, serde_json::Value)> = Vec::new();
     for item in store.tree("responses")?.iter() {
@@ -133,7 +132,7 @@ pub fn migrate(
     let pg = Postgres::start(to)?;
     let inner = pg.clone();
     pg.block(async move {
-        let mut c = inner.connect().await?;
+        let mut c = inner.pooled().await?;
         let tx = c.transaction().await?;
         for (id, record) in &rows {
             tx.execute(
@@ -181,8 +180,11 @@ pub fn migrate(
         tx.execute("SELECT setval('user_ids', GREATEST((SELECT max(id) FROM users), 1))", &[]).await?;
         tx.execute("SELECT setval('token_ids', GREATEST((SELECT max(id) FROM tokens), 1))", &[]).await?;
         for chunk in log_rows.chunks(LOG_CHUNK) {
-            let (ids, values): (Vec<i64>, Vec<serde_json::Value>) = chunk.iter().cloned().unzip();
-            tx.execute(crate::billing::writer_pg::INSERT_ROWS, &[&node, &ids, &values]).await?;
+            let mut columns = crate::billing::writer_pg::LogColumns::default();
+            for row in chunk {
+                columns.push(row);
+            }
+            columns.insert(&tx, &node).await?;
         }
         for (id, owner, expires, record) in &responses {
             tx.execute(
@@ -226,7 +228,7 @@ pub fn migrate(
         let ids: Vec<i64> = tokens.iter().map(|t| t.0).collect();
         let n: i64 = c.query_one("SELECT count(*) FROM tokens WHERE id = ANY($1)", &[&ids]).await?.get(0);
         count(n, ids.len(), "tokens")?;
-        let ids: Vec<i64> = log_rows.iter().map(|r| r.0).collect();
+        let ids: Vec<i64> = log_rows.iter().map(|r| r.id as i64).collect();
         let n: i64 = c
             .query_one("SELECT count(*) FROM usage_logs WHERE node = $1 AND id = ANY($2)", &[&node, &ids])
             .await?

@@ -137,6 +137,59 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
          PRIMARY KEY (token_id, node)
      );",
     ),
+    (
+        7,
+        // Every field of a usage row a column of its own (the writer sends
+        // one array per column: no JSON parsed per row), and a BRIN index on
+        // the time, which rows arrive in.
+        "ALTER TABLE usage_logs
+         ADD COLUMN token_name TEXT NOT NULL DEFAULT '',
+         ADD COLUMN \"group\" TEXT NOT NULL DEFAULT '',
+         ADD COLUMN channel_id BIGINT NOT NULL DEFAULT 0,
+         ADD COLUMN upstream_model TEXT NOT NULL DEFAULT '',
+         ADD COLUMN prompt_tokens BIGINT NOT NULL DEFAULT 0,
+         ADD COLUMN completion_tokens BIGINT NOT NULL DEFAULT 0,
+         ADD COLUMN cached_tokens BIGINT NOT NULL DEFAULT 0,
+         ADD COLUMN token_limited BOOLEAN NOT NULL DEFAULT false,
+         ADD COLUMN estimated BOOLEAN NOT NULL DEFAULT false,
+         ADD COLUMN latency_ms BIGINT NOT NULL DEFAULT 0,
+         ADD COLUMN ttft_ms BIGINT,
+         ADD COLUMN stream BOOLEAN NOT NULL DEFAULT false,
+         ADD COLUMN status INTEGER NOT NULL DEFAULT 0,
+         ADD COLUMN error_kind TEXT,
+         ADD COLUMN client_disconnected BOOLEAN NOT NULL DEFAULT false,
+         ADD COLUMN interrupted BOOLEAN NOT NULL DEFAULT false,
+         ADD COLUMN upstream_cut BOOLEAN NOT NULL DEFAULT false,
+         ADD COLUMN limited BOOLEAN NOT NULL DEFAULT false,
+         ADD COLUMN plugin TEXT NOT NULL DEFAULT '',
+         ADD COLUMN plugin_sha256 TEXT NOT NULL DEFAULT '',
+         ADD COLUMN note TEXT;
+     UPDATE usage_logs SET
+         token_name = COALESCE(row->>'token_name', ''),
+         \"group\" = COALESCE(row->>'group', ''),
+         channel_id = COALESCE((row->>'channel_id')::bigint, 0),
+         upstream_model = COALESCE(row->>'upstream_model', ''),
+         prompt_tokens = COALESCE((row->>'prompt_tokens')::bigint, 0),
+         completion_tokens = COALESCE((row->>'completion_tokens')::bigint, 0),
+         cached_tokens = COALESCE((row->>'cached_tokens')::bigint, 0),
+         token_limited = COALESCE((row->>'token_limited')::boolean, false),
+         estimated = COALESCE((row->>'estimated')::boolean, false),
+         latency_ms = COALESCE((row->>'latency_ms')::bigint, 0),
+         ttft_ms = (row->>'ttft_ms')::bigint,
+         stream = COALESCE((row->>'stream')::boolean, false),
+         status = COALESCE((row->>'status')::integer, 0),
+         error_kind = row->>'error_kind',
+         client_disconnected = COALESCE((row->>'client_disconnected')::boolean, false),
+         interrupted = COALESCE((row->>'interrupted')::boolean, false),
+         upstream_cut = COALESCE((row->>'upstream_cut')::boolean, false),
+         limited = COALESCE((row->>'limited')::boolean, false),
+         plugin = COALESCE(row->>'plugin', ''),
+         plugin_sha256 = COALESCE(row->>'plugin_sha256', ''),
+         note = row->>'note';
+     ALTER TABLE usage_logs DROP COLUMN row;
+     DROP INDEX usage_logs_at;
+     CREATE INDEX usage_logs_at ON usage_logs USING brin (at_ms);",
+    ),
 ];
 
 /// The notification channel announcing a changed channel (payload: its id).
