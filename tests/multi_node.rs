@@ -382,6 +382,58 @@ async fn migrate_copies_a_single_node_into_postgresql() {
     assert_eq!(got.status().as_u16(), 200, "the stored response moved");
 }
 
+/// A usage batch written to the database again (a retry whose first commit
+/// went through, a journal replayed after a crash) is inserted and charged
+/// once: the writer inserts a batch as new, and only when one of its rows
+/// is already there, keeping those — also for a batch half new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_batch_written_twice_is_inserted_and_charged_once() {
+    use wasmgate::billing::journal::Change;
+    use wasmgate::billing::logs::{LogKind, LogRow};
+    let pg = tokio::task::spawn_blocking(PgServer::start).await.expect("postgres");
+    let q = |sql: &'static str| crate::support::postgres::query_i64(&pg.url, sql);
+    let written = tokio::task::spawn_blocking({
+        let url = pg.url.clone();
+        move || {
+            let db = wasmgate::store::postgres::Postgres::start(&url).expect("schema");
+            let me = db.clone();
+            db.block(async move {
+                let c = me.pooled().await?;
+                c.execute("INSERT INTO users (id, record, quota) VALUES (1, '{}', 1000)", &[]).await?;
+                Ok(())
+            })
+            .expect("a user");
+            let sink = wasmgate::billing::writer_pg::PgSink::new(&db, "node-a");
+            let row = |id: u64| {
+                let row = LogRow {
+                    id,
+                    kind: LogKind::Consume,
+                    request_id: format!("req-{id}"),
+                    user_id: Some(1),
+                    quota: 5,
+                    prompt_tokens: id,
+                    ..LogRow::default()
+                };
+                (id, Change::Row(Box::new(row)))
+            };
+            let first = [row(1), row(2)];
+            sink.write(&first).expect("a new batch");
+            sink.write(&first).expect("the same batch again");
+            sink.write(&[row(2), row(3)]).expect("a batch half new");
+        }
+    })
+    .await;
+    assert!(written.is_ok(), "the writes failed");
+    assert_eq!(q("SELECT count(*) FROM usage_logs").await, 3, "each row once");
+    assert_eq!(q("SELECT sum(prompt_tokens)::bigint FROM usage_logs").await, 6, "each row as first written");
+    assert_eq!(q("SELECT used_quota FROM users WHERE id = 1").await, 15, "each row charged once");
+    assert_eq!(q("SELECT request_count FROM users WHERE id = 1").await, 3);
+    let total = q("SELECT u.quota + u.used_quota
+                          + (SELECT COALESCE(sum(amount), 0) FROM quota_leases WHERE kind = 'u' AND id = 1)::bigint
+                   FROM users u WHERE u.id = 1");
+    assert_eq!(total.await, 1000, "balance + leases + used = what the user was given");
+}
+
 /// Recovery probes of a channel come from one node at a time; when that
 /// node dies, another takes over once its lease ran out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

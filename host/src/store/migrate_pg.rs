@@ -184,7 +184,7 @@ pub fn migrate(
             for row in chunk {
                 columns.push(row);
             }
-            columns.insert(&tx, &node).await?;
+            columns.insert_missing(&tx, &node).await?;
         }
         for (id, owner, expires, record) in &responses {
             tx.execute(
