@@ -633,8 +633,8 @@ pub(crate) async fn assert_one_row_each_and_balanced(url: &str, uid: u64, answer
 
 /// Wait until `key` authenticates on every one of `nodes` (a token created
 /// on one node reaches the others through the database).
-pub(crate) async fn known_everywhere(nodes: &[Gateway], key: &str) {
-    for gw in nodes {
+pub(crate) async fn known_everywhere(nodes: &[impl std::borrow::Borrow<Gateway>], key: &str) {
+    for gw in nodes.iter().map(std::borrow::Borrow::borrow) {
         let known = eventually(Duration::from_secs(10), || async {
             let resp = crate::support::client().get(gw.url("/v1/models")).bearer_auth(key).send().await;
             resp.is_ok_and(|r| r.status() == 200)
@@ -730,6 +730,7 @@ async fn three_nodes_share_one_balance_and_one_rate_limit() {
 
     // A requests-per-minute limit of 60 holds over the three nodes.
     let (_, limited) = user_with_token(&nodes[1], 1_000_000, json!({"rpm": 60})).await;
+    known_everywhere(&nodes, &limited).await;
     let ok = concurrent_calls(&nodes, &limited, &body, 90, "rate_limit_exceeded").await;
     println!("90 requests over 3 nodes with rpm = 60: {ok} succeeded");
     assert!((59..=61).contains(&ok), "rpm 60 across nodes let {ok} through");
@@ -755,6 +756,9 @@ async fn three_nodes_share_one_balance_and_one_rate_limit() {
     // A token's own concurrency of 2 holds over the nodes: two streams held
     // open on A and B, a third request on C is refused until one ends.
     let (_, two) = user_with_token(&nodes[2], 1_000_000, json!({"concurrency": 2})).await;
+    // Known on A and B first: a stream refused there with a 401 would hold
+    // no slot (CI saw C admit the third request so).
+    known_everywhere(&nodes, &two).await;
     let held = json!({"model": "hold-call", "stream": true, "messages": [{"role": "user", "content": "hold"}]});
     let (_, mut first) = crate::support::accounts::open_stream(&nodes[0], &two, &held).await;
     let (_, mut second) = crate::support::accounts::open_stream(&nodes[1], &two, &held).await;
