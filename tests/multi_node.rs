@@ -673,14 +673,7 @@ async fn three_nodes_share_one_balance_and_one_rate_limit() {
     // A user and token created on A authenticate on B and C.
     let (uid, key) = user_with_token(&nodes[0], 1_000, json!({})).await;
     let created = Instant::now();
-    for gw in &nodes[1..] {
-        let known = eventually(Duration::from_secs(10), || async {
-            let resp = crate::support::client().get(gw.url("/v1/models")).bearer_auth(&key).send().await;
-            resp.is_ok_and(|r| r.status() == 200)
-        })
-        .await;
-        assert!(known.is_some(), "a token created on A never authenticated on another node");
-    }
+    known_everywhere(&nodes[1..], &key).await;
     println!("a token created on A authenticated on B and C after {:?}", created.elapsed());
 
     // 300 concurrent requests, round robin over the nodes, quota for 100.

@@ -258,16 +258,19 @@ impl Drop for PgServer {
 /// an integer (`NULL` as 0): how the multi-node tests read what every node
 /// wrote.
 pub async fn query_i64(url: &str, sql: &str) -> i64 {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
-    tokio::spawn(connection);
-    let row = client.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let row = connect(url).await.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     row.get::<_, Option<i64>>(0).unwrap_or(0)
 }
 
 /// Every row of `sql`, whose one column is `jsonb`.
 pub async fn query_json(url: &str, sql: &str) -> Vec<serde_json::Value> {
+    let rows = connect(url).await.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.iter().map(|row| row.get::<_, serde_json::Value>(0)).collect()
+}
+
+/// A connection to the database at `url`, driven in the background.
+async fn connect(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.expect("connect");
     tokio::spawn(connection);
-    let rows = client.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-    rows.iter().map(|row| row.get::<_, serde_json::Value>(0)).collect()
+    client
 }

@@ -155,11 +155,6 @@ impl<'a> LogColumns<'a> {
         self.note.push(note.as_deref());
     }
 
-    /// No rows.
-    pub fn is_empty(&self) -> bool {
-        self.id.is_empty()
-    }
-
     /// The insert's parameters for `node`'s rows.
     fn params<'p>(&'p self, node: &'p &'p str) -> [&'p (dyn ToSql + Sync); 30] {
         [
@@ -216,6 +211,16 @@ impl<'a> LogColumns<'a> {
     }
 }
 
+impl<'a> FromIterator<&'a LogRow> for LogColumns<'a> {
+    fn from_iter<I: IntoIterator<Item = &'a LogRow>>(rows: I) -> Self {
+        let mut columns = Self::default();
+        for row in rows {
+            columns.push(row);
+        }
+        columns
+    }
+}
+
 /// Writes usage batches to the shared database.
 pub struct PgSink {
     pg: Arc<Postgres>,
@@ -242,10 +247,7 @@ impl PgSink {
         let charges: Vec<(u64, Charge)> = rows.iter().filter_map(|row| Charge::of(row).map(|c| (row.id, c))).collect();
         let (pg, node) = (self.pg.clone(), self.node.clone());
         self.pg.block(async move {
-            let mut columns = LogColumns::default();
-            for row in &rows {
-                columns.push(row);
-            }
+            let columns: LogColumns<'_> = rows.iter().map(|row| &**row).collect();
             let mut c = pg.pooled().await?;
             // A batch is new but for a retry or a replay after a crash:
             // inserted as new, and only when that finds one of its rows,

@@ -180,10 +180,7 @@ pub fn migrate(
         tx.execute("SELECT setval('user_ids', GREATEST((SELECT max(id) FROM users), 1))", &[]).await?;
         tx.execute("SELECT setval('token_ids', GREATEST((SELECT max(id) FROM tokens), 1))", &[]).await?;
         for chunk in log_rows.chunks(LOG_CHUNK) {
-            let mut columns = crate::billing::writer_pg::LogColumns::default();
-            for row in chunk {
-                columns.push(row);
-            }
+            let columns: crate::billing::writer_pg::LogColumns<'_> = chunk.iter().collect();
             columns.insert_missing(&tx, &node).await?;
         }
         for (id, owner, expires, record) in &responses {
