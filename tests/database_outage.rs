@@ -22,8 +22,7 @@ async fn a_database_stopped_for_ten_seconds_under_load_loses_nothing() {
     let PayingCluster { pg, mock: _mock, nodes, uid, key } = paying_cluster(2).await;
     let urls: Vec<String> = nodes.iter().map(|gw| gw.url("/v1/chat/completions")).collect();
     let load = Load::start(&urls, &key, &chat("per-call", "load"), 2);
-    // Long enough for each node to size its lease to the load.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    leases_cover(&pg.url, uid, &load, 2, 20.0).await;
     let pg = tokio::task::spawn_blocking(move || {
         let mut pg = pg;
         pg.stop();
@@ -91,7 +90,7 @@ async fn a_hung_database_holds_no_request_and_loses_nothing() {
     let (_, fresh) = crate::support::accounts::user_with_token(gw, PAYING_BALANCE, json!({})).await;
 
     let load = Load::start(&[gw.url("/v1/chat/completions")], &key, &chat("per-call", "load"), 2);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    leases_cover(&pg.url, uid, &load, 1, 20.0).await;
     let pg = tokio::task::spawn_blocking(move || {
         pg.pause();
         pg
@@ -125,6 +124,48 @@ async fn a_hung_database_holds_no_request_and_loses_nothing() {
          a lease got 503 storage_unavailable; {} answered in all, one usage row each",
         seen.answered[0].len()
     );
+}
+
+/// What each answered `per-call` request costs: $0.01 at 1,000 quota per
+/// dollar (see `multi_node::PER_CALL`).
+const QUOTA_PER_CALL: f64 = 10.0;
+
+/// Wait until the quota lease each of the first `nodes` nodes holds for
+/// user `uid` covers `secs` of the rate it serves `load` at now. A node
+/// sizes its lease to about a minute of the account's recent spend (see
+/// `billing::leases`), so this holds within seconds of a steady load; but
+/// a load still speeding up (a cold debug build on a busy machine) can
+/// outrun the estimate, and an outage begun then would test the ramp,
+/// not the outage.
+async fn leases_cover(url: &str, uid: u64, load: &Load, nodes: usize, secs: f64) {
+    for i in 0..nodes {
+        let start = Instant::now();
+        loop {
+            let (count, since) = (load.answered(i), Instant::now());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let rate = (load.answered(i) - count) as f64 / since.elapsed().as_secs_f64();
+            // The node's id is on the usage row of a request it answered.
+            let held = match load.last_answered(i) {
+                Some(id) => {
+                    let sql = format!(
+                        "SELECT COALESCE(max(l.amount), 0)::bigint FROM quota_leases l
+                         JOIN usage_logs u ON u.node = l.node AND u.request_id = '{id}'
+                         WHERE l.kind = 'u' AND l.id = {uid}"
+                    );
+                    crate::support::postgres::query_i64(url, &sql).await
+                }
+                None => 0,
+            };
+            if rate > 0.0 && held as f64 >= rate * QUOTA_PER_CALL * secs {
+                println!("node {i}: serving {rate:.0} requests/s, it holds a lease of {held} quota");
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "node {i}'s lease ({held} quota) never covered {secs} s of the {rate:.0} requests/s it serves"
+            );
+        }
+    }
 }
 
 /// Every field of each of `rows` (a node's own log) is what the shared

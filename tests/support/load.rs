@@ -67,6 +67,11 @@ impl Load {
         self.answered[i].lock().expect("lock").len()
     }
 
+    /// The request id gateway `i` answered last, if any.
+    pub fn last_answered(&self, i: usize) -> Option<String> {
+        self.answered[i].lock().expect("lock").last().cloned()
+    }
+
     /// Stop the workers, wait for their last requests, and return what
     /// they saw.
     pub async fn stop(self) -> Seen {

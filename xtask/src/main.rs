@@ -15,6 +15,7 @@ mod examples;
 mod plugins;
 mod python;
 mod standalone;
+mod test_report;
 mod toolchain;
 
 use std::path::{Path, PathBuf};
@@ -22,7 +23,16 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-fn main() -> Result<()> {
+/// Errors end in one line saying why (no backtrace: a log that keeps only
+/// its tail must still show the reason).
+fn main() {
+    if let Err(error) = dispatch() {
+        eprintln!("xtask: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn dispatch() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = workspace_root();
     match args.first().map(String::as_str) {
@@ -127,7 +137,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(extra)
         .env("WASMGATE_TEST_PYTHON", &python);
-    run_checked(&mut cmd)?;
+    test_report::run_tests(&mut cmd)?;
     step("the integration suite again, every gateway on PostgreSQL");
     let mut cmd = host_cargo();
     cmd.current_dir(root)
@@ -135,7 +145,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         .args(extra)
         .env("WASMGATE_TEST_PYTHON", &python)
         .env("WASMGATE_TEST_BACKEND", "postgres");
-    let result = run_checked(&mut cmd);
+    let result = test_report::run_tests(&mut cmd);
     // The suite-wide server's cluster outlives its process: delete it.
     for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
         if entry.file_name().to_string_lossy().starts_with("wasmgate-pg-suite-") {
