@@ -131,7 +131,7 @@ impl Keeper {
         let expires_at = unix_now().saturating_add(self.state.config.responses.retention_secs);
         let record = store::Stored { owner: self.owner, expires_at, conversation: self.conversation, response };
         if !wait {
-            return self.state.responses.put_later(&self.id, &record);
+            return self.state.responses.put_later(self.id, record);
         }
         if let Err(error) = self.state.responses.put(&self.id, &record) {
             tracing::error!(%error, id = %self.id, "a response could not be stored");

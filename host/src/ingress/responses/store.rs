@@ -53,10 +53,9 @@ impl ResponseStore {
     /// Keep `record` under `id`.
     pub fn put(&self, id: &str, record: &Stored) -> Result<()> {
         match self {
-            Self::Sled(store) => {
-                store.tree(TREE)?.insert(id.as_bytes(), serde_json::to_vec(record)?)?;
-                Ok(())
-            }
+            // On disk before the client is answered: a crash must not lose
+            // a response the client was told is stored.
+            Self::Sled(store) => Ok(sled_insert(store, id, record)?.flush().map(|_| ())?),
             Self::Pg(pg) => {
                 let write = pg_put(pg.clone(), id.to_string(), record)?;
                 pg.block(write)
@@ -64,22 +63,24 @@ impl ResponseStore {
         }
     }
 
-    /// [`Self::put`] without waiting for the database (from a stream's
-    /// end, on a request worker); a failure is logged.
-    pub fn put_later(&self, id: &str, record: &Stored) {
-        let result = match self {
-            Self::Sled(_) => self.put(id, record),
-            Self::Pg(pg) => pg_put(pg.clone(), id.to_string(), record).map(|write| {
-                let id = id.to_string();
-                pg.spawn(async move {
-                    if let Err(error) = write.await {
-                        tracing::error!(error = format!("{error:#}"), %id, "a response could not be stored");
-                    }
-                });
-            }),
-        };
-        if let Err(error) = result {
+    /// [`Self::put`] without waiting for the disk or the database (from a
+    /// stream's end, on a request worker): readable at once on this node,
+    /// flushed on a blocking thread; a failure is logged.
+    pub fn put_later(&self, id: String, record: Stored) {
+        let failed = |error: anyhow::Error, id: &str| {
             tracing::error!(error = format!("{error:#}"), %id, "a response could not be stored");
+        };
+        match self {
+            Self::Sled(store) => match sled_insert(store, &id, &record) {
+                Ok(tree) => {
+                    tokio::task::spawn_blocking(move || tree.flush().map_err(|e| failed(e.into(), &id)));
+                }
+                Err(error) => failed(error, &id),
+            },
+            Self::Pg(pg) => match pg_put(pg.clone(), id.clone(), &record) {
+                Ok(write) => pg.spawn(async move { write.await.unwrap_or_else(|e| failed(e, &id)) }),
+                Err(error) => failed(error, &id),
+            },
         }
     }
 
@@ -151,6 +152,14 @@ impl ResponseStore {
 }
 
 /// The write of `record` as response `id`, to run on the database thread.
+/// Insert `record` under `id` in sled's tree (in memory until flushed);
+/// returns the tree.
+fn sled_insert(store: &Store, id: &str, record: &Stored) -> Result<sled::Tree> {
+    let tree = store.tree(TREE)?;
+    tree.insert(id.as_bytes(), serde_json::to_vec(record)?)?;
+    Ok(tree)
+}
+
 fn pg_put(
     pg: Arc<Postgres>,
     id: String,
