@@ -25,6 +25,7 @@
 mod adapter_calls;
 mod bare_proxy;
 mod console_queries;
+mod cpu;
 mod hot_swap;
 #[path = "../../tests/support/mock.rs"]
 #[allow(missing_docs)]

@@ -146,6 +146,11 @@ impl PgServer {
         server
     }
 
+    /// The postmaster's process id (its backends are its children).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Stop the server (fast shutdown: its sessions are ended), keeping its
     /// data; returns once it has exited.
     pub fn stop(&mut self) {
