@@ -10,10 +10,10 @@
 //!    latency and throughput at c=32, in interleaved rounds; and on
 //!    PostgreSQL a token with a `concurrency` of its own, which every node
 //!    counts in the database (a transaction per request).
-//!    Then the throughput goal in adjacent pairs: sled and PostgreSQL back
-//!    to back at c=32 (which goes first alternating), the median of the
-//!    pairs' ratios, with each side's CPU per request — the gateway's and
-//!    the database's — read from `/proc` (this shared machine's
+//!    Then the goals in adjacent pairs: sled and PostgreSQL back to back
+//!    at c=1 and c=32 (which goes first alternating), the medians of the
+//!    pairs' ratios, with each side's CPU per request at c=32 — the
+//!    gateway's and the database's — read from `/proc` (this shared machine's
 //!    throughput drifts by tens of percent over minutes; a pair's two runs
 //!    see the same drift, and CPU per request barely moves).
 //! 2. Three nodes against one: 32 connections on one node, then spread
@@ -66,6 +66,11 @@ struct Pairs {
     ratio: f64,
     sled_rps: f64,
     pg_rps: f64,
+    /// PostgreSQL's added c=1 p50 over sled's, the median of the pairs'
+    /// ratios; and each side's added c=1 p50 (seconds).
+    added_ratio: f64,
+    sled_added: f64,
+    pg_added: f64,
     /// CPU seconds per request: the sled gateway's, the PostgreSQL
     /// gateway's and the database's (all its processes).
     sled_cpu: f64,
@@ -73,48 +78,94 @@ struct Pairs {
     pg_database_cpu: f64,
 }
 
-/// `wrk -c32` on `side`: the run, the gateway's CPU seconds per request
-/// and the database's (`postmaster`'s processes).
-fn measured(side: &Side<'_>, postmaster: u32, secs: u64, scratch: &Path) -> Result<(Run, f64, f64)> {
-    let (gateway, database) = (cpu::seconds(side.pid), cpu::seconds_with_children(postmaster));
-    let run = peers::wrk(side.url, CHAT, side.key, 32, secs, scratch)?;
-    let requests = (run.rps * secs as f64).max(1.0);
-    let per_request = |before: f64, now: f64| (now - before) / requests;
-    Ok((
-        run,
-        per_request(gateway, cpu::seconds(side.pid)),
-        per_request(database, cpu::seconds_with_children(postmaster)),
-    ))
+/// One side's figures in one pair.
+struct Measured {
+    /// c=1 p50, seconds.
+    c1_p50: f64,
+    /// The c=32 run.
+    c32: Run,
+    /// CPU seconds per request at c=32: the gateway's and the database's
+    /// (`postmaster`'s processes).
+    gateway_cpu: f64,
+    database_cpu: f64,
 }
 
-/// Sled and PostgreSQL at c=32 back to back, `args.rounds * 2` times
-/// (which goes first alternating); prints each pair.
-fn paired(sled: &Side<'_>, pg: &Side<'_>, postmaster: u32, args: &Args, scratch: &Path) -> Result<Pairs> {
+/// What the background work of the run before (a writer's backlog, the
+/// database's autovacuum after a burst of inserts) is given to finish
+/// before a c=1 run, so that it is not measured there.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `wrk -c1` on `side` after [`SETTLE`]: its p50, seconds.
+fn c1_p50(side: &Side<'_>, secs: u64, scratch: &Path) -> Result<f64> {
+    std::thread::sleep(SETTLE);
+    Ok(peers::wrk(side.url, CHAT, side.key, 1, secs, scratch)?.p50.as_secs_f64())
+}
+
+/// `wrk -c32` on `side` and the CPU it cost; `c1_p50` from [`c1_p50`].
+fn measured(side: &Side<'_>, c1_p50: f64, postmaster: u32, secs: u64, scratch: &Path) -> Result<Measured> {
+    let (gateway, database) = (cpu::seconds(side.pid), cpu::seconds_with_children(postmaster));
+    let c32 = peers::wrk(side.url, CHAT, side.key, 32, secs, scratch)?;
+    let requests = (c32.rps * secs as f64).max(1.0);
+    let per_request = |before: f64, now: f64| (now - before) / requests;
+    Ok(Measured {
+        c1_p50,
+        gateway_cpu: per_request(gateway, cpu::seconds(side.pid)),
+        database_cpu: per_request(database, cpu::seconds_with_children(postmaster)),
+        c32,
+    })
+}
+
+/// Sled and PostgreSQL back to back, `args.rounds * 2` times (which goes
+/// first alternating), c=1 on both then c=32 on both; `mock_p50` is the mock's own
+/// c=1 p50 (what the added latency is over). Prints each pair.
+fn paired(
+    sled: &Side<'_>,
+    pg: &Side<'_>,
+    postmaster: u32,
+    mock_p50: f64,
+    args: &Args,
+    scratch: &Path,
+) -> Result<Pairs> {
     let count = (args.rounds * 2).max(2);
-    let (mut ratios, mut sled_rps, mut pg_rps) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut sled_cpu, mut pg_gateway_cpu, mut pg_database_cpu) = (Vec::new(), Vec::new(), Vec::new());
-    println!("\n| pair | sled req/s | PostgreSQL req/s | ratio |\n|---|---|---|---|");
+    let mut pairs: Vec<(Measured, Measured)> = Vec::new();
+    println!(
+        "\n| pair | sled req/s | PostgreSQL req/s | ratio | sled added c=1 p50 | PostgreSQL added c=1 p50 | ratio |\n\
+         |---|---|---|---|---|---|---|"
+    );
     for pair in 0..count {
         let pg_first = pair % 2 == 1;
-        let first = measured(if pg_first { pg } else { sled }, postmaster, args.secs, scratch)?;
-        let second = measured(if pg_first { sled } else { pg }, postmaster, args.secs, scratch)?;
-        let ((s, s_gw, _), (p, p_gw, p_db)) = if pg_first { (second, first) } else { (first, second) };
-        println!("| {} | {:.0} | {:.0} | {:.3} |", pair + 1, s.rps, p.rps, p.rps / s.rps);
-        ratios.push(p.rps / s.rps);
-        sled_rps.push(s.rps);
-        pg_rps.push(p.rps);
-        sled_cpu.push(s_gw);
-        pg_gateway_cpu.push(p_gw);
-        pg_database_cpu.push(p_db);
+        let (a, b) = if pg_first { (pg, sled) } else { (sled, pg) };
+        // Both c=1 runs, then both c=32 runs: a c=1 run never follows a
+        // c=32 run of the other side directly.
+        let (a_c1, b_c1) = (c1_p50(a, args.secs, scratch)?, c1_p50(b, args.secs, scratch)?);
+        let first = measured(a, a_c1, postmaster, args.secs, scratch)?;
+        let second = measured(b, b_c1, postmaster, args.secs, scratch)?;
+        let (s, p) = if pg_first { (second, first) } else { (first, second) };
+        let (s_added, p_added) = (s.c1_p50 - mock_p50, p.c1_p50 - mock_p50);
+        println!(
+            "| {} | {:.0} | {:.0} | {:.3} | {:.0} µs | {:.0} µs | {:.3} |",
+            pair + 1,
+            s.c32.rps,
+            p.c32.rps,
+            p.c32.rps / s.c32.rps,
+            s_added * 1e6,
+            p_added * 1e6,
+            p_added / s_added
+        );
+        pairs.push((s, p));
     }
+    let of = |f: &dyn Fn(&(Measured, Measured)) -> f64| median(pairs.iter().map(f).collect());
     Ok(Pairs {
         count,
-        ratio: median(ratios),
-        sled_rps: median(sled_rps),
-        pg_rps: median(pg_rps),
-        sled_cpu: median(sled_cpu),
-        pg_gateway_cpu: median(pg_gateway_cpu),
-        pg_database_cpu: median(pg_database_cpu),
+        ratio: of(&|(s, p)| p.c32.rps / s.c32.rps),
+        sled_rps: of(&|(s, _)| s.c32.rps),
+        pg_rps: of(&|(_, p)| p.c32.rps),
+        added_ratio: of(&|(s, p)| (p.c1_p50 - mock_p50) / (s.c1_p50 - mock_p50)),
+        sled_added: of(&|(s, _)| s.c1_p50 - mock_p50),
+        pg_added: of(&|(_, p)| p.c1_p50 - mock_p50),
+        sled_cpu: of(&|(s, _)| s.gateway_cpu),
+        pg_gateway_cpu: of(&|(_, p)| p.gateway_cpu),
+        pg_database_cpu: of(&|(_, p)| p.database_cpu),
     })
 }
 
@@ -191,7 +242,7 @@ pub async fn run(args: &Args, mock_url: &str) -> Result<()> {
     let sled_side =
         Side { url: &targets[1].url, key: targets[1].key.as_deref().unwrap_or(&pg_key), pid: sled_node.0.id() };
     let pg_side = Side { url: &targets[2].url, key: &pg_key, pid: nodes[0].0.0.id() };
-    let pairs = paired(&sled_side, &pg_side, pg.pid(), args, scratch.path())?;
+    let pairs = paired(&sled_side, &pg_side, pg.pid(), m[0].c1_p50, args, scratch.path())?;
     drop(sled_node);
     let us = |s: f64| format!("{:.0} µs", s * 1e6);
     let (mock, on_sled, on_pg, limited) = (m[0], m[1], m[2], m[3]);
@@ -220,7 +271,14 @@ pub async fn run(args: &Args, mock_url: &str) -> Result<()> {
         let (sled, pg) = (pick(&on_sled) - pick(&mock), pick(&on_pg) - pick(&mock));
         println!("| {label} | {} | {} | {:+.1} % | {goal} |", us(sled), us(pg), (pg / sled - 1.0) * 100.0);
     };
-    added("added c=1 p50", |m| m.c1_p50, "within 10 %");
+    added("added c=1 p50, interleaved rounds", |m| m.c1_p50, "");
+    println!(
+        "| added c=1 p50, median of {} adjacent pairs | {} | {} | {:+.1} % | within 10 % |",
+        pairs.count,
+        us(pairs.sled_added),
+        us(pairs.pg_added),
+        (pairs.added_ratio - 1.0) * 100.0
+    );
     added("added stream c=1 p50", |m| m.stream_p50, "");
     println!(
         "| a token with its own concurrency, on PostgreSQL | | {:.0} req/s, added c=1 p50 {} | {:+.1} % req/s | |",

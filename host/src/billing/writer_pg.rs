@@ -23,8 +23,8 @@ use super::leases::add_lease;
 use super::logs::LogRow;
 use super::writer::{Charge, Sums, add_charge};
 use crate::store::postgres::Postgres;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
 /// The `usage_logs` columns a row fills, in [`LogColumns`]' order after
