@@ -131,7 +131,7 @@ pub fn migrate(
     };
     let pg = Postgres::start(to)?;
     let inner = pg.clone();
-    pg.block(async move {
+    pg.block_within(crate::store::postgres::MIGRATION_TIMEOUT, async move {
         let mut c = inner.pooled().await?;
         let tx = c.transaction().await?;
         for (id, record) in &rows {

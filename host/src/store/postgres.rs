@@ -27,6 +27,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// not hold requests for as long as TCP takes to notice.
 pub const REQUEST_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long bringing the schema up to date, or `wasmgate migrate`'s copy
+/// of a data directory, may take: both grow with the usage log (schema
+/// migration 7 rewrites it at about 1.6 s per million rows).
+pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// How long opening a connection may take (TCP and PostgreSQL's startup).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -238,7 +243,7 @@ impl Postgres {
             .context("database connection pool")?;
         let pg = Arc::new(Self { config, handle, pool, stop: std::sync::Mutex::new(Some(stop_tx)) });
         let me = pg.clone();
-        pg.block(async move {
+        pg.block_within(MIGRATION_TIMEOUT, async move {
             let mut client = me.connect().await?;
             migrate(&mut client).await
         })
@@ -249,11 +254,25 @@ impl Postgres {
     /// Run `fut` on the database thread and wait for it (at most
     /// [`CALL_TIMEOUT`]). Never call this on a request worker.
     pub fn block<T: Send + 'static>(&self, fut: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+        self.block_within(CALL_TIMEOUT, fut)
+    }
+
+    /// [`Self::block`], given up after `limit`: `fut` is dropped then (an
+    /// open transaction rolls back; one whose commit was already sent may
+    /// still commit), so a retry never runs beside the call it replaces.
+    pub fn block_within<T: Send + 'static>(
+        &self,
+        limit: Duration,
+        fut: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.handle.spawn(async move {
-            let _ = tx.send(fut.await);
+            let result = tokio::time::timeout(limit, fut)
+                .await
+                .unwrap_or_else(|_| Err(anyhow!("the database did not answer within {limit:?}")));
+            let _ = tx.send(result);
         });
-        rx.recv_timeout(CALL_TIMEOUT).map_err(|_| anyhow!("the database did not answer in time"))?
+        rx.recv().map_err(|_| anyhow!("the database thread stopped"))?
     }
 
     /// Run `fut` on the database thread and await it (from any runtime,
@@ -376,6 +395,7 @@ async fn migrate(client: &mut Client) -> Result<()> {
         let applied: Option<i32> = client.query_one("SELECT max(version) FROM wasmgate_schema", &[]).await?.get(0);
         let applied = applied.unwrap_or(0);
         for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > applied) {
+            tracing::info!(version, "migrating the PostgreSQL schema (minutes on a large usage log)");
             let tx = client.transaction().await?;
             tx.batch_execute(sql).await.with_context(|| format!("schema migration {version}"))?;
             tx.execute("INSERT INTO wasmgate_schema (version) VALUES ($1)", &[version]).await?;
