@@ -191,15 +191,23 @@ async fn three_nodes_share_channels_through_postgresql() {
     let (status, _) = admin(a, Method::POST, &format!("/api/channels/{config_id}/enable"), None).await;
     assert_eq!(status, 200);
     m1.set_mode(crate::support::mock::Mode::openai_error(401, "invalid_api_key", None));
-    let (status, _) = post(a, "/v1/chat/completions", &chat("shared-model", "bad key")).await;
+    let (status, answer) = post(a, "/v1/chat/completions", &chat("shared-model", "bad key")).await;
     assert!(status >= 400);
+    let (_, on_a) = admin(a, Method::GET, &format!("/api/channels/{config_id}"), None).await;
     for gw in [b, c] {
         let seen = eventually(Duration::from_secs(10), || async {
             let (_, ch) = admin(gw, Method::GET, &format!("/api/channels/{config_id}"), None).await;
             ch["status"]["state"] == "auto_disabled"
         })
         .await;
-        assert!(seen.is_some(), "a channel disabled by A's traffic still serves on another node");
+        let (_, there) = admin(gw, Method::GET, &format!("/api/channels/{config_id}"), None).await;
+        assert!(
+            seen.is_some(),
+            "a channel disabled by A's traffic still serves on another node: A answered {status} {answer}, \
+             A's channel {}, the other's {}",
+            on_a["status"],
+            there["status"]
+        );
     }
 }
 
