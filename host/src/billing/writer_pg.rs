@@ -94,6 +94,45 @@ const INSERT_MISSING: &str = concat!(
      ON CONFLICT (node, id) DO NOTHING RETURNING id"
 );
 
+/// `node`, then each of `columns`' vectors (or, with `[i]`, their `i`-th
+/// values), in the order of [`COLUMN_TYPES`].
+macro_rules! values {
+    ($columns:ident, $node:expr $(, [$i:expr])?) => {
+        [
+            $node,
+            &$columns.id$([$i])?,
+            &$columns.at_ms$([$i])?,
+            &$columns.kind$([$i])?,
+            &$columns.request_id$([$i])?,
+            &$columns.user_id$([$i])?,
+            &$columns.token_id$([$i])?,
+            &$columns.token_name$([$i])?,
+            &$columns.group$([$i])?,
+            &$columns.channel_id$([$i])?,
+            &$columns.model$([$i])?,
+            &$columns.upstream_model$([$i])?,
+            &$columns.prompt_tokens$([$i])?,
+            &$columns.completion_tokens$([$i])?,
+            &$columns.cached_tokens$([$i])?,
+            &$columns.quota$([$i])?,
+            &$columns.token_limited$([$i])?,
+            &$columns.estimated$([$i])?,
+            &$columns.latency_ms$([$i])?,
+            &$columns.ttft_ms$([$i])?,
+            &$columns.stream$([$i])?,
+            &$columns.status$([$i])?,
+            &$columns.error_kind$([$i])?,
+            &$columns.client_disconnected$([$i])?,
+            &$columns.interrupted$([$i])?,
+            &$columns.upstream_cut$([$i])?,
+            &$columns.limited$([$i])?,
+            &$columns.plugin$([$i])?,
+            &$columns.plugin_sha256$([$i])?,
+            &$columns.note$([$i])?,
+        ]
+    };
+}
+
 /// A batch of usage rows as one array per `usage_logs` column.
 #[derive(Default)]
 pub struct LogColumns<'a> {
@@ -200,76 +239,14 @@ impl<'a> LogColumns<'a> {
         self.note.push(note.as_deref());
     }
 
-    /// The insert's parameters for `node`'s rows.
+    /// The insert's parameters for `node`'s rows (one array per column).
     fn params<'p>(&'p self, node: &'p &'p str) -> [&'p (dyn ToSql + Sync); 30] {
-        [
-            node,
-            &self.id,
-            &self.at_ms,
-            &self.kind,
-            &self.request_id,
-            &self.user_id,
-            &self.token_id,
-            &self.token_name,
-            &self.group,
-            &self.channel_id,
-            &self.model,
-            &self.upstream_model,
-            &self.prompt_tokens,
-            &self.completion_tokens,
-            &self.cached_tokens,
-            &self.quota,
-            &self.token_limited,
-            &self.estimated,
-            &self.latency_ms,
-            &self.ttft_ms,
-            &self.stream,
-            &self.status,
-            &self.error_kind,
-            &self.client_disconnected,
-            &self.interrupted,
-            &self.upstream_cut,
-            &self.limited,
-            &self.plugin,
-            &self.plugin_sha256,
-            &self.note,
-        ]
+        values!(self, node)
     }
 
     /// Row `i`'s values for `node`, in [`COLUMN_TYPES`]' order.
     fn row<'p>(&'p self, node: &'p &'p str, i: usize) -> [&'p (dyn ToSql + Sync); 30] {
-        [
-            node,
-            &self.id[i],
-            &self.at_ms[i],
-            &self.kind[i],
-            &self.request_id[i],
-            &self.user_id[i],
-            &self.token_id[i],
-            &self.token_name[i],
-            &self.group[i],
-            &self.channel_id[i],
-            &self.model[i],
-            &self.upstream_model[i],
-            &self.prompt_tokens[i],
-            &self.completion_tokens[i],
-            &self.cached_tokens[i],
-            &self.quota[i],
-            &self.token_limited[i],
-            &self.estimated[i],
-            &self.latency_ms[i],
-            &self.ttft_ms[i],
-            &self.stream[i],
-            &self.status[i],
-            &self.error_kind[i],
-            &self.client_disconnected[i],
-            &self.interrupted[i],
-            &self.upstream_cut[i],
-            &self.limited[i],
-            &self.plugin[i],
-            &self.plugin_sha256[i],
-            &self.note[i],
-        ]
+        values!(self, node, [i])
     }
 
     /// Insert the rows as `node`'s, none of them there yet ([`COPY_NEW`]):

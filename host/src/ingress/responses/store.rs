@@ -151,7 +151,6 @@ impl ResponseStore {
     }
 }
 
-/// The write of `record` as response `id`, to run on the database thread.
 /// Insert `record` under `id` in sled's tree (in memory until flushed);
 /// returns the tree.
 fn sled_insert(store: &Store, id: &str, record: &Stored) -> Result<sled::Tree> {
@@ -160,6 +159,7 @@ fn sled_insert(store: &Store, id: &str, record: &Stored) -> Result<sled::Tree> {
     Ok(tree)
 }
 
+/// The write of `record` as response `id`, to run on the database thread.
 fn pg_put(
     pg: Arc<Postgres>,
     id: String,
