@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use wasmgate::billing::log_blocks;
 use wasmgate::billing::logs::{LogKind, LogRow};
 use wasmgate::store::{Store, unix_now_ms};
 
@@ -41,7 +42,7 @@ fn seed(data: &Path, rows: usize) -> Result<(u64, String)> {
     let now = unix_now_ms();
     let week = 7 * 86_400_000u64;
     let mut deep = (0, String::new());
-    let mut batch = sled::Batch::default();
+    let mut batch: Vec<LogRow> = Vec::with_capacity(10_000);
     for i in 0..rows {
         let id = store.generate_id()?;
         let at_ms = now - week + (week * i as u64) / rows as u64;
@@ -77,12 +78,13 @@ fn seed(data: &Path, rows: usize) -> Result<(u64, String)> {
             plugin_sha256: "0".repeat(64),
             ..LogRow::default()
         };
-        batch.insert(&id.to_be_bytes(), serde_json::to_vec(&row)?);
-        if (i + 1) % 10_000 == 0 {
-            logs.apply_batch(std::mem::take(&mut batch))?;
+        batch.push(row);
+        if batch.len() == batch.capacity() {
+            log_blocks::insert(&logs, &batch)?;
+            batch.clear();
         }
     }
-    logs.apply_batch(batch)?;
+    log_blocks::insert(&logs, &batch)?;
     logs.flush()?;
     Ok(deep)
 }

@@ -1,12 +1,13 @@
-//! Usage log rows (`logs` tree, key = row id, big-endian, increasing with
-//! time), their query and statistics, and the retention sweep.
+//! Usage log rows (`logs` tree, in blocks of consecutive row ids, see
+//! [`log_blocks`]; ids increase with time), their query and statistics,
+//! and the retention sweep.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use super::log_filter::Needles;
-use super::{log_segments, rollup};
+use super::{log_blocks, log_segments, rollup};
 
 /// What a row records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
@@ -167,8 +168,9 @@ impl LogFilter {
     }
 }
 
-fn rows(tree: &sled::Tree) -> impl DoubleEndedIterator<Item = LogRow> + '_ {
-    tree.iter().filter_map(|item| item.ok().and_then(|(_, v)| serde_json::from_slice::<LogRow>(&v).ok()))
+/// Every row, oldest first.
+pub fn rows(tree: &sled::Tree) -> impl Iterator<Item = LogRow> + '_ {
+    log_blocks::oldest_first(tree).filter_map(|raw| serde_json::from_slice::<LogRow>(raw.ok()?.bytes()).ok())
 }
 
 /// The rows matching `filter`, newest first, below the row id `before`
@@ -194,14 +196,14 @@ fn candidates<'a>(
         .flat_map(move |seg| {
             let from = log_segments::first_id(seg).max(lower);
             let to = log_segments::first_id(seg.saturating_add(1)).min(upper);
-            logs.range(from.to_be_bytes()..to.to_be_bytes()).rev()
+            log_blocks::newest_first(logs, from..to)
         })
-        .filter_map(move |item| {
-            let (_, raw) = item.ok()?;
-            if !needles.may_match(&raw) {
+        .filter_map(move |raw| {
+            let raw = raw.bytes();
+            if !needles.may_match(raw) {
                 return None;
             }
-            serde_json::from_slice::<LogRow>(&raw).ok()
+            serde_json::from_slice::<LogRow>(raw).ok()
         })
         .filter(|r| filter.keeps(r))
 }
@@ -350,19 +352,11 @@ fn day(at_ms: u64) -> String {
 /// Delete rows older than `cutoff_ms` and the hourly rollups before it;
 /// returns how many rows.
 pub fn delete_before(logs: &sled::Tree, rollups: &sled::Tree, cutoff_ms: u64) -> anyhow::Result<usize> {
-    let mut n = 0;
-    for item in logs.iter() {
-        let (key, value) = item?;
-        let row: LogRow = serde_json::from_slice(&value).unwrap_or_default();
-        if row.at_ms >= cutoff_ms {
-            break;
-        }
-        logs.remove(key)?;
-        n += 1;
-    }
+    let old = |raw: &[u8]| serde_json::from_slice::<LogRow>(raw).unwrap_or_default().at_ms < cutoff_ms;
+    let n = log_blocks::remove_while(logs, old)?;
     rollup::prune(rollups, true, cutoff_ms)?;
-    if let Some(first) = logs.first()?.and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok()) {
-        log_segments::prune(rollups, u64::from_be_bytes(first))?;
+    if let Some(first) = log_blocks::first_id(logs)? {
+        log_segments::prune(rollups, first)?;
     }
     if n > 0 {
         logs.flush()?;

@@ -27,6 +27,7 @@ pub mod leases;
 pub mod ledger;
 pub mod limits;
 pub mod limits_pg;
+pub mod log_blocks;
 pub mod log_filter;
 pub mod log_segments;
 pub mod logs;

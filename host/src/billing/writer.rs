@@ -11,7 +11,7 @@
 //! row id is written once (re-running a transaction rewrites the same keys).
 //! A clean stop flushes the queue first.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::NotRecorded;
 use super::accounts::{TokenRecord, UserRecord};
 use super::journal::{Change, Entry, Journal};
+use super::log_blocks;
 use super::logs::{self, LogKind, LogRow};
 use super::writer_pg::PgSink;
 use crate::store::Store;
@@ -455,16 +456,11 @@ fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(
     let Trees { users, tokens, logs, state, rollups } = trees;
     (users, tokens, logs, state, rollups)
         .transaction(|(u, t, l, s, r)| {
-            let mut fresh = Vec::new();
+            let mut blocks: BTreeMap<[u8; 9], Vec<&LogRow>> = BTreeMap::new();
             for (_, change) in changes {
                 match change {
                     Change::Row(row) => {
-                        let before =
-                            l.insert(&row.id.to_be_bytes(), serde_json::to_vec(row.as_ref()).map_err(abort)?)?;
-                        // A row written again (a replay) is counted once.
-                        if before.is_none() {
-                            fresh.push(row.as_ref());
-                        }
+                        blocks.entry(log_blocks::key(row.id)).or_default().push(row.as_ref());
                         // Only a stream has an open record to end.
                         if row.kind == LogKind::Consume && row.stream {
                             s.remove(open_key(&row.request_id))?;
@@ -475,6 +471,13 @@ fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(
                     }
                     Change::Adjust { .. } => {}
                 }
+            }
+            // A row written again (a replay) is counted once.
+            let mut fresh = Vec::new();
+            for (key, rows) in &blocks {
+                let (value, new) = log_blocks::merge(l.get(key)?.as_deref(), rows).map_err(abort)?;
+                l.insert(&key[..], value)?;
+                fresh.extend(new);
             }
             for (k, v) in logs::derived(fresh.iter().copied(), |k| r.get(k))? {
                 r.insert(&k[..], v)?;

@@ -108,9 +108,8 @@ pub fn migrate(
         .collect::<Result<_>>()?;
     let node = store.node_id()?;
     let mut log_rows: Vec<crate::billing::logs::LogRow> = Vec::new();
-    for item in store.tree("logs")?.iter() {
-        let (_, raw) = item?;
-        log_rows.push(serde_json::from_slice(&raw).context("a usage row is not valid")?);
+    for raw in crate::billing::log_blocks::oldest_first(&store.tree("logs")?) {
+        log_rows.push(serde_json::from_slice(raw?.bytes()).context("a usage row is not valid")?);
     }
     let mut responses: Vec<(String, String, i64, serde_json::Value)> = Vec::new();
     for item in store.tree("responses")?.iter() {

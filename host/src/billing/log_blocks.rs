@@ -1,0 +1,229 @@
+//! How usage rows sit in the `logs` tree: in blocks of 8 consecutive row
+//! ids (key `B` + the block number, big-endian), each block the JSON of its
+//! rows, one per line, in id order. sled keeps about 33 bytes in memory for
+//! every key of a tree whether or not its page is cached, so a key per row
+//! made a node's memory grow with its usage log for good (70 MB more for
+//! 1.7 million rows, at idle after a restart); a key per 8 rows makes that
+//! an eighth. (Bigger blocks cost more while writing: a sled leaf holds 16
+//! keys whatever their size, and is rewritten whole.)
+//!
+//! Stores from before blocks hold one row per key (the id, big-endian:
+//! keys below any block's, as every row id is below `B`'s first byte).
+//! Both are read the same way — such a value is a block of one row — and
+//! new rows always go to blocks, so the log stays in id order.
+
+use std::ops::Range;
+
+use super::logs::LogRow;
+
+/// First byte of a block's key.
+const TAG: u8 = b'B';
+/// Row ids per block (a power of two): 8.
+const SHIFT: u32 = 3;
+/// Row ids are below this (the smallest id whose key would start with
+/// [`TAG`]); so are the keys of rows stored one per key.
+const ID_LIMIT: u64 = (TAG as u64) << 56;
+
+/// The key of the block holding row `id`.
+pub fn key(id: u64) -> [u8; 9] {
+    let mut k = [TAG; 9];
+    k[1..].copy_from_slice(&(id >> SHIFT).to_be_bytes());
+    k
+}
+
+/// The rows of a stored value: a block's lines, or a value of one row.
+/// (`serde_json` escapes every newline inside a string, so a row's JSON
+/// has none.)
+pub fn lines(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    value.split(|b| *b == b'\n').filter(|l| !l.is_empty())
+}
+
+/// The id of a stored row: read from its first member (`serde_json`
+/// writes a row's fields in order, `id` first); decoded otherwise.
+pub fn id_of(line: &[u8]) -> Option<u64> {
+    let fast = line.strip_prefix(b"{\"id\":").and_then(|rest| {
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+    });
+    fast.or_else(|| {
+        #[derive(serde::Deserialize)]
+        struct Id {
+            id: u64,
+        }
+        serde_json::from_slice::<Id>(line).ok().map(|r| r.id)
+    })
+}
+
+/// `rows` (all of one block) merged into the block's stored value:
+/// the new value, and the rows it did not hold yet (a row written again,
+/// as in a replay, is kept once).
+pub fn merge<'a>(existing: Option<&[u8]>, rows: &[&'a LogRow]) -> serde_json::Result<(Vec<u8>, Vec<&'a LogRow>)> {
+    let mut all: Vec<(u64, std::borrow::Cow<'_, [u8]>)> =
+        existing.into_iter().flat_map(lines).map(|l| (id_of(l).unwrap_or(0), l.into())).collect();
+    let mut fresh = Vec::with_capacity(rows.len());
+    for row in rows {
+        if all.iter().any(|(id, _)| *id == row.id) {
+            continue;
+        }
+        all.push((row.id, serde_json::to_vec(row)?.into()));
+        fresh.push(*row);
+    }
+    all.sort_by_key(|(id, _)| *id);
+    let mut value = Vec::with_capacity(all.iter().map(|(_, l)| l.len() + 1).sum());
+    for (_, line) in &all {
+        value.extend_from_slice(line);
+        value.push(b'\n');
+    }
+    Ok((value, fresh))
+}
+
+/// The rows `rows` as blocks (`rows` from a sorted, fresh source: a
+/// store being seeded), merged with what the tree holds.
+pub fn insert(tree: &sled::Tree, rows: &[LogRow]) -> anyhow::Result<()> {
+    let mut batch = sled::Batch::default();
+    for group in rows.chunk_by(|a, b| key(a.id) == key(b.id)) {
+        let k = key(group[0].id);
+        let refs: Vec<&LogRow> = group.iter().collect();
+        let (value, _) = merge(tree.get(k)?.as_deref(), &refs)?;
+        batch.insert(&k[..], value);
+    }
+    Ok(tree.apply_batch(batch)?)
+}
+
+/// One stored row: its value and where in it the row's JSON is.
+#[derive(Clone)]
+pub struct Raw {
+    value: sled::IVec,
+    span: Range<usize>,
+}
+
+impl Raw {
+    /// The row's JSON.
+    pub fn bytes(&self) -> &[u8] {
+        &self.value[self.span.clone()]
+    }
+}
+
+/// The rows of one stored value whose ids are in `ids`, newest first.
+fn spans(value: sled::IVec, ids: Range<u64>) -> impl Iterator<Item = Raw> {
+    let base = value.as_ptr() as usize;
+    let spans: Vec<Range<usize>> = lines(&value)
+        .filter(|l| id_of(l).is_some_and(|id| ids.contains(&id)))
+        .map(|l| {
+            let start = l.as_ptr() as usize - base;
+            start..start + l.len()
+        })
+        .collect();
+    spans.into_iter().rev().map(move |span| Raw { value: value.clone(), span })
+}
+
+/// The rows with ids in `ids`, newest first.
+pub fn newest_first(tree: &sled::Tree, ids: Range<u64>) -> impl Iterator<Item = Raw> + '_ {
+    let (from, to) = (ids.start, ids.end.min(ID_LIMIT));
+    let blocks = (from < to).then(|| tree.range(key(from)..=key(to - 1)).rev());
+    let single = (from < to).then(|| tree.range(from.to_be_bytes()..to.to_be_bytes()).rev());
+    blocks
+        .into_iter()
+        .flatten()
+        .chain(single.into_iter().flatten())
+        .filter_map(Result::ok)
+        .flat_map(move |(_, value)| spans(value, from..to))
+}
+
+/// Every row, oldest first (and what failed to read).
+pub fn oldest_first(tree: &sled::Tree) -> impl Iterator<Item = sled::Result<Raw>> + '_ {
+    tree.iter().flat_map(|item| match item {
+        Ok((_, value)) => {
+            let mut all: Vec<sled::Result<Raw>> = spans(value, 0..u64::MAX).map(Ok).collect();
+            all.reverse();
+            all
+        }
+        Err(error) => vec![Err(error)],
+    })
+}
+
+/// Delete the rows, oldest first, as long as `old` says so of them;
+/// returns how many went (a block partly old keeps its other rows).
+pub fn remove_while(tree: &sled::Tree, old: impl Fn(&[u8]) -> bool) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for item in tree.iter() {
+        let (k, value) = item?;
+        let rows: Vec<&[u8]> = lines(&value).collect();
+        let gone = rows.iter().take_while(|l| old(l)).count();
+        n += gone;
+        if gone == rows.len() {
+            tree.remove(k)?;
+            continue;
+        }
+        if gone > 0 {
+            let kept: Vec<u8> = rows[gone..].iter().flat_map(|l| l.iter().copied().chain([b'\n'])).collect();
+            tree.insert(k, kept)?;
+        }
+        break;
+    }
+    Ok(n)
+}
+
+/// The lowest row id the tree holds.
+pub fn first_id(tree: &sled::Tree) -> anyhow::Result<Option<u64>> {
+    Ok(tree.first()?.and_then(|(_, value)| lines(&value).next().and_then(id_of)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: u64) -> LogRow {
+        LogRow { id, at_ms: 1_000 * id, model: "m\nline".into(), ..LogRow::default() }
+    }
+
+    fn ids(raws: impl Iterator<Item = Raw>) -> Vec<u64> {
+        raws.map(|r| id_of(r.bytes()).expect("id")).collect()
+    }
+
+    fn all(tree: &sled::Tree) -> Vec<u64> {
+        ids(oldest_first(tree).map(|r| r.expect("read")))
+    }
+
+    #[test]
+    fn rows_of_one_key_each_and_blocks_read_as_one_log_in_id_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = sled::open(dir.path()).expect("sled").open_tree("logs").expect("tree");
+        // A store from before blocks: ids 1..=20, one per key.
+        for id in 1..=20u64 {
+            tree.insert(id.to_be_bytes(), serde_json::to_vec(&row(id)).expect("json")).expect("insert");
+        }
+        // New rows arrive out of order, one written twice.
+        let new: Vec<LogRow> = [38, 21, 35, 22].into_iter().map(row).collect();
+        for r in &new {
+            let k = key(r.id);
+            let (value, fresh) = merge(tree.get(k).expect("get").as_deref(), &[r, r]).expect("merge");
+            assert_eq!(fresh.len(), 1, "a row given twice is stored once");
+            tree.insert(k, value).expect("insert");
+        }
+        let (_, fresh) = merge(tree.get(key(21)).expect("get").as_deref(), &[&new[1]]).expect("merge");
+        assert!(fresh.is_empty(), "a replayed row is not new");
+        assert_eq!(tree.len(), 20 + 2, "21 and 22 share a block, 35 and 38 another");
+
+        assert_eq!(all(&tree), (1..=22).chain([35, 38]).collect::<Vec<_>>());
+        assert_eq!(ids(newest_first(&tree, 18..36)), vec![35, 22, 21, 20, 19, 18]);
+        assert_eq!(ids(newest_first(&tree, 0..u64::MAX)).len(), 24);
+        assert!(ids(newest_first(&tree, 39..u64::MAX)).is_empty());
+        let decoded: LogRow = serde_json::from_slice(newest_first(&tree, 0..u64::MAX).next().expect("row").bytes())
+            .expect("a stored row decodes");
+        assert_eq!(decoded, row(38), "newlines inside strings are escaped");
+
+        // Deleting the oldest: whole keys, then part of a block.
+        let old = |l: &[u8]| id_of(l).is_some_and(|id| id < 22);
+        assert_eq!(remove_while(&tree, old).expect("remove"), 21);
+        assert_eq!(all(&tree), vec![22, 35, 38]);
+        assert_eq!(first_id(&tree).expect("first"), Some(22));
+    }
+
+    #[test]
+    fn ids_are_read_without_decoding_and_with() {
+        assert_eq!(id_of(br#"{"id":1234,"at_ms":5}"#), Some(1234));
+        assert_eq!(id_of(br#"{"at_ms":5,"id":77}"#), Some(77));
+        assert_eq!(id_of(b"garbage"), None);
+    }
+}
