@@ -144,8 +144,9 @@ async fn leases_cover(url: &str, uid: u64, load: &Load, nodes: usize, secs: f64)
             let (count, since) = (load.answered(i), Instant::now());
             tokio::time::sleep(Duration::from_millis(500)).await;
             let rate = (load.answered(i) - count) as f64 / since.elapsed().as_secs_f64();
-            // The node's id is on the usage row of a request it answered.
-            let held = match load.last_answered(i) {
+            // The node's id is on the usage row of a request it answered
+            // (the first: the last one's row may not be written yet).
+            let held = match load.first_answered(i) {
                 Some(id) => {
                     let sql = format!(
                         "SELECT COALESCE(max(l.amount), 0)::bigint FROM quota_leases l

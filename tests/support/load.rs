@@ -67,9 +67,9 @@ impl Load {
         self.answered[i].lock().expect("lock").len()
     }
 
-    /// The request id gateway `i` answered last, if any.
-    pub fn last_answered(&self, i: usize) -> Option<String> {
-        self.answered[i].lock().expect("lock").last().cloned()
+    /// The request id gateway `i` answered first, if any.
+    pub fn first_answered(&self, i: usize) -> Option<String> {
+        self.answered[i].lock().expect("lock").first().cloned()
     }
 
     /// Stop the workers, wait for their last requests, and return what
