@@ -12,6 +12,7 @@
 //! Both are read the same way — such a value is a block of one row — and
 //! new rows always go to blocks, so the log stays in id order.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use super::logs::LogRow;
@@ -77,14 +78,22 @@ pub fn merge<'a>(existing: Option<&[u8]>, rows: &[&'a LogRow]) -> serde_json::Re
     Ok((value, fresh))
 }
 
-/// The rows `rows` as blocks (`rows` from a sorted, fresh source: a
-/// store being seeded), merged with what the tree holds.
+/// `rows` grouped by the block each goes to, blocks in key order.
+pub fn by_block<'a>(rows: impl IntoIterator<Item = &'a LogRow>) -> BTreeMap<[u8; 9], Vec<&'a LogRow>> {
+    let mut blocks: BTreeMap<[u8; 9], Vec<&LogRow>> = BTreeMap::new();
+    for row in rows {
+        blocks.entry(key(row.id)).or_default().push(row);
+    }
+    blocks
+}
+
+/// `rows` written into their blocks, merged with what the tree holds (a
+/// store being seeded; the billing writer does the same in its
+/// transaction).
 pub fn insert(tree: &sled::Tree, rows: &[LogRow]) -> anyhow::Result<()> {
     let mut batch = sled::Batch::default();
-    for group in rows.chunk_by(|a, b| key(a.id) == key(b.id)) {
-        let k = key(group[0].id);
-        let refs: Vec<&LogRow> = group.iter().collect();
-        let (value, _) = merge(tree.get(k)?.as_deref(), &refs)?;
+    for (k, group) in by_block(rows) {
+        let (value, _) = merge(tree.get(k)?.as_deref(), &group)?;
         batch.insert(&k[..], value);
     }
     Ok(tree.apply_batch(batch)?)
@@ -104,8 +113,8 @@ impl Raw {
     }
 }
 
-/// The rows of one stored value whose ids are in `ids`, newest first.
-fn spans(value: sled::IVec, ids: Range<u64>) -> impl Iterator<Item = Raw> {
+/// The rows of one stored value whose ids are in `ids`, in id order.
+fn spans(value: sled::IVec, ids: Range<u64>) -> Vec<Raw> {
     let base = value.as_ptr() as usize;
     let spans: Vec<Range<usize>> = lines(&value)
         .filter(|l| id_of(l).is_some_and(|id| ids.contains(&id)))
@@ -114,7 +123,7 @@ fn spans(value: sled::IVec, ids: Range<u64>) -> impl Iterator<Item = Raw> {
             start..start + l.len()
         })
         .collect();
-    spans.into_iter().rev().map(move |span| Raw { value: value.clone(), span })
+    spans.into_iter().map(|span| Raw { value: value.clone(), span }).collect()
 }
 
 /// The rows with ids in `ids`, newest first.
@@ -127,17 +136,13 @@ pub fn newest_first(tree: &sled::Tree, ids: Range<u64>) -> impl Iterator<Item = 
         .flatten()
         .chain(single.into_iter().flatten())
         .filter_map(Result::ok)
-        .flat_map(move |(_, value)| spans(value, from..to))
+        .flat_map(move |(_, value)| spans(value, from..to).into_iter().rev())
 }
 
 /// Every row, oldest first (and what failed to read).
 pub fn oldest_first(tree: &sled::Tree) -> impl Iterator<Item = sled::Result<Raw>> + '_ {
     tree.iter().flat_map(|item| match item {
-        Ok((_, value)) => {
-            let mut all: Vec<sled::Result<Raw>> = spans(value, 0..u64::MAX).map(Ok).collect();
-            all.reverse();
-            all
-        }
+        Ok((_, value)) => spans(value, 0..u64::MAX).into_iter().map(Ok).collect(),
         Err(error) => vec![Err(error)],
     })
 }

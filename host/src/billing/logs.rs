@@ -169,7 +169,7 @@ impl LogFilter {
 }
 
 /// Every row, oldest first.
-pub fn rows(tree: &sled::Tree) -> impl Iterator<Item = LogRow> + '_ {
+fn rows(tree: &sled::Tree) -> impl Iterator<Item = LogRow> + '_ {
     log_blocks::oldest_first(tree).filter_map(|raw| serde_json::from_slice::<LogRow>(raw.ok()?.bytes()).ok())
 }
 

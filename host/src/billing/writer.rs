@@ -11,7 +11,7 @@
 //! row id is written once (re-running a transaction rewrites the same keys).
 //! A clean stop flushes the queue first.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -456,11 +456,9 @@ fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(
     let Trees { users, tokens, logs, state, rollups } = trees;
     (users, tokens, logs, state, rollups)
         .transaction(|(u, t, l, s, r)| {
-            let mut blocks: BTreeMap<[u8; 9], Vec<&LogRow>> = BTreeMap::new();
             for (_, change) in changes {
                 match change {
                     Change::Row(row) => {
-                        blocks.entry(log_blocks::key(row.id)).or_default().push(row.as_ref());
                         // Only a stream has an open record to end.
                         if row.kind == LogKind::Consume && row.stream {
                             s.remove(open_key(&row.request_id))?;
@@ -473,8 +471,12 @@ fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(
                 }
             }
             // A row written again (a replay) is counted once.
+            let rows = changes.iter().filter_map(|(_, change)| match change {
+                Change::Row(row) => Some(row.as_ref()),
+                _ => None,
+            });
             let mut fresh = Vec::new();
-            for (key, rows) in &blocks {
+            for (key, rows) in &log_blocks::by_block(rows) {
                 let (value, new) = log_blocks::merge(l.get(key)?.as_deref(), rows).map_err(abort)?;
                 l.insert(&key[..], value)?;
                 fresh.extend(new);
