@@ -38,6 +38,7 @@ mod plugin_calls;
 mod postgres;
 mod stats;
 mod streams;
+mod translation;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -408,7 +409,22 @@ async fn http(args: &Args) -> Result<()> {
         },
     ];
     peers::compare(&targets, &key, args.secs, args.rounds, scratch.path())?;
-    drop((gateway, gateway_off, nginx));
+    drop((gateway_off, nginx));
+    let routes = [
+        translation::Route {
+            name: "`/v1/responses` (translated, store off)",
+            url: format!("{base}/v1/responses"),
+            bodies: RESPONSES,
+        },
+        translation::Route {
+            name: "`/v1/messages` (translated)",
+            url: format!("{base}/v1/messages"),
+            bodies: MESSAGES,
+        },
+    ];
+    let chat_url = format!("{base}/v1/chat/completions");
+    translation::compare(&chat_url, &routes, &key, args.secs, args.rounds.max(5), scratch.path())?;
+    drop(gateway);
 
     if args.memory_secs > 0 {
         let dir = tempfile::tempdir()?;

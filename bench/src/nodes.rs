@@ -25,7 +25,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::cpu;
-use crate::peers::{self, Run, Target};
+use crate::peers::{self, Run, Target, median};
 use crate::postgres::PgServer;
 use crate::{Args, billed_key_with, start_gateway_on, two_channels};
 
@@ -167,11 +167,6 @@ fn paired(
         pg_gateway_cpu: of(&|(_, p)| p.gateway_cpu),
         pg_database_cpu: of(&|(_, p)| p.database_cpu),
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Start the database and the gateways, measure, print.

@@ -28,7 +28,7 @@ pub struct Target {
 }
 
 /// The chat completion bodies every target gets unless it names its own.
-const CHAT: (&str, &str) = (
+pub const CHAT: (&str, &str) = (
     r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"benchmark this request"}]}"#,
     r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"benchmark this request"}]}"#,
 );
@@ -154,7 +154,8 @@ pub fn rss_tree(pid: u32) -> u64 {
     rss(pid) + children.into_iter().map(rss).sum::<u64>()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (0 when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
@@ -241,10 +242,6 @@ pub fn compare(targets: &[Target], key: &str, secs: u64, rounds: usize, scratch:
                 (rps(&c32[w]) / rps(&c32[off]) - 1.0) * 100.0
             );
             println!("| metrics on vs off: c=1 p50 | {} vs {} | within 3 % |", us(p50(&c1[w])), us(p50(&c1[off])));
-        }
-        for (i, t) in targets.iter().enumerate().filter(|(_, t)| t.bodies.is_some()) {
-            let over = |runs: &[Vec<Run>]| us(p50(&runs[i]) - p50(&runs[w]));
-            println!("| {}: added over chat, c=1 p50 / stream p50 | {} / {} | ≤ 20 µs |", t.name, over(&c1), over(&s1));
         }
     }
     Ok((0..n).map(|i| Medians { c1_p50: p50(&c1[i]), stream_p50: p50(&s1[i]), c32_rps: rps(&c32[i]) }).collect())

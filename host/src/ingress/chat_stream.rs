@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 use axum::body::Body;
 use axum::response::Response;
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -120,6 +120,32 @@ pub trait Translator: Send + 'static {
     }
 }
 
+/// `out` as an `io::Write` for `serde_json`. Unlike `BufMut::writer`, whose
+/// `write` takes `min(remaining_mut, len)` bytes, each write here is
+/// `extend_from_slice` of a length the compiler sees: the serializer's
+/// many one-byte writes (`{`, `"`, `:`, `,`) become stores instead of
+/// `memset`/`memcpy` calls (~800 per Responses stream, measured).
+pub struct JsonOut<'a>(pub &'a mut BytesMut);
+
+impl std::io::Write for JsonOut<'_> {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.0.extend_from_slice(buf);
+        Ok(())
+    }
+
+    #[inline]
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Write one SSE event: `event: NAME` (when given) and `data: JSON`,
 /// serialized straight into `out`.
 pub fn write_event<T: serde::Serialize + ?Sized>(out: &mut BytesMut, event: Option<&str>, data: &T) {
@@ -129,7 +155,9 @@ pub fn write_event<T: serde::Serialize + ?Sized>(out: &mut BytesMut, event: Opti
         out.extend_from_slice(b"\n");
     }
     out.extend_from_slice(b"data: ");
-    if serde_json::to_writer(out.writer(), data).is_err() {
+    let start = out.len();
+    if serde_json::to_writer(JsonOut(out), data).is_err() {
+        out.truncate(start);
         out.extend_from_slice(b"{}");
     }
     out.extend_from_slice(b"\n\n");

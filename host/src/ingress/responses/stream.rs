@@ -11,19 +11,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::reply::{Frame, OutputItem, OutputText, Status, assistant_message, call_item, message_item};
-use crate::ingress::chat_stream::{ChatChunk, ToolCallDelta, Translator, non_empty, write_event};
+use crate::ingress::chat_stream::{ChatChunk, JsonOut, ToolCallDelta, Translator, non_empty, write_event};
 use crate::ingress::new_id;
-
-/// An event: its type and sequence number, then its own fields —
-/// serialized straight from typed parts (no JSON tree per event).
-#[derive(Serialize)]
-struct Event<'a, T> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    sequence_number: u64,
-    #[serde(flatten)]
-    data: T,
-}
 
 /// `response.created` / `.in_progress` / `.completed` / …
 #[derive(Serialize)]
@@ -72,10 +61,40 @@ struct ArgumentsEvent<'a> {
     arguments: Option<&'a str>,
 }
 
-/// Write event `kind` with `data`, numbered from `sequence`.
-fn emit<T: Serialize>(sequence: &mut u64, out: &mut BytesMut, kind: &str, data: T) {
-    write_event(out, Some(kind), &Event { kind, sequence_number: *sequence, data });
+/// Write the start of event `kind` numbered `sequence`, up to its fields:
+/// `event: KIND`, then `data: {"type":KIND,"sequence_number":N`.
+fn event_head(sequence: u64, out: &mut BytesMut, kind: &str) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\ndata: {\"type\":\"");
+    out.extend_from_slice(kind.as_bytes());
+    out.extend_from_slice(b"\",\"sequence_number\":");
+    let _ = serde_json::to_writer(JsonOut(out), &sequence);
+}
+
+/// Write event `kind` with `data`'s fields, numbered from `sequence`: the
+/// [`event_head`], then `data` (an object with at least one field)
+/// serialized in place, its opening brace overwritten by a comma — no
+/// `#[serde(flatten)]` (which goes through a map serializer, field by
+/// field). Returns where the fields begin (the rest of `out`, from there,
+/// is `,…}` and the blank line).
+fn emit<T: Serialize>(sequence: &mut u64, out: &mut BytesMut, kind: &str, data: T) -> Option<usize> {
+    let event = out.len();
+    event_head(*sequence, out, kind);
+    let fields = out.len();
+    let written = serde_json::to_writer(JsonOut(out), &data).is_ok();
+    let at = if written && out.get(fields) == Some(&b'{') && out.len() > fields + 2 {
+        out[fields] = b',';
+        out.extend_from_slice(b"\n\n");
+        Some(fields)
+    } else {
+        debug_assert!(!written, "event data must be an object with fields");
+        out.truncate(event);
+        write_event(out, Some(kind), &serde_json::json!({"type": kind, "sequence_number": *sequence}));
+        None
+    };
     *sequence += 1;
+    at
 }
 
 /// One output item as it streams.
@@ -131,9 +150,17 @@ impl ResponsesStream {
         if std::mem::replace(&mut self.started, true) {
             return;
         }
-        for kind in ["response.created", "response.in_progress"] {
-            let response = self.frame.response(Status::InProgress, &[], None);
-            emit(&mut self.sequence, out, kind, ResponseEvent { response });
+        let response = || ResponseEvent { response: self.frame.response(Status::InProgress, &[], None) };
+        let in_progress = "response.in_progress";
+        match emit(&mut self.sequence, out, "response.created", response()) {
+            // The same response object: its fields copied, not serialized again.
+            Some(fields) => {
+                let same = out[fields..].to_vec();
+                event_head(self.sequence, out, in_progress);
+                out.extend_from_slice(&same);
+                self.sequence += 1;
+            }
+            None => _ = emit(&mut self.sequence, out, in_progress, response()),
         }
     }
 
@@ -321,6 +348,10 @@ mod tests {
                 "response.completed"
             ]
         );
+        for (n, data) in text.lines().filter_map(|l| l.strip_prefix("data: ")).enumerate() {
+            let event: Value = serde_json::from_str(data).expect("each event is JSON");
+            assert_eq!((event["type"].as_str(), event["sequence_number"].as_u64()), (Some(events[n]), Some(n as u64)));
+        }
         let last: Value =
             serde_json::from_str(text.lines().rfind(|l| !l.is_empty()).expect("line").trim_start_matches("data: "))
                 .expect("json");
