@@ -32,6 +32,7 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+mod worker_balance;
 
 pub use config::Config;
 pub use server::{Gateway, build, run};

@@ -26,6 +26,7 @@ use tower::ServiceExt;
 
 use crate::config::ServerConfig;
 use crate::lingering::Lingering;
+use crate::worker_balance::Balance;
 
 /// File descriptors kept for everything but client connections (the store,
 /// plugins, logs), before the rest is split between client connections and
@@ -106,6 +107,8 @@ struct Shared {
     next_id: AtomicU64,
     last_warning: Mutex<Option<Instant>>,
     stop: watch::Receiver<bool>,
+    /// Connections per worker, kept even (`worker_balance`).
+    balance: Arc<Balance>,
 }
 
 /// Serve `app` on `listener` until `shutdown` resolves, then stop accepting
@@ -143,6 +146,7 @@ pub async fn serve(
         next_id: AtomicU64::new(0),
         last_warning: Mutex::new(None),
         stop: stop_rx,
+        balance: Arc::new(Balance::new(workers)),
     });
     let mut threads = Vec::new();
     for n in 1..workers.max(1) {
@@ -155,7 +159,7 @@ pub async fn serve(
             };
             rt.block_on(async move {
                 match TcpListener::from_std(std_listener) {
-                    Ok(listener) => accept_loop(listener, app, &shared).await,
+                    Ok(listener) => accept_loop(listener, app, &shared, n).await,
                     Err(error) => tracing::error!(%error, "a worker could not listen"),
                 }
                 drain(&shared).await;
@@ -163,7 +167,7 @@ pub async fn serve(
         })?);
     }
     tokio::select! {
-        () = accept_loop(listener, app, &shared) => {}
+        () = accept_loop(listener, app, &shared, 0) => {}
         () = shutdown => {}
     }
     let _ = stop_tx.send(true);
@@ -183,8 +187,8 @@ async fn drain(shared: &Shared) {
 }
 
 /// Accept connections on `listener` until the stop signal, serving each on
-/// this thread's runtime.
-async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc<Shared>) {
+/// this thread's runtime (worker `me`).
+async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc<Shared>, me: usize) {
     let mut stop = shared.stop.clone();
     loop {
         if *stop.borrow() {
@@ -210,6 +214,7 @@ async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc<Shared>) {
                 }
             }
         };
+        shared.balance.turn(me).await;
         let (stream, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -224,6 +229,7 @@ async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc<Shared>) {
             _ = stop.changed() => return,
         };
         let _ = stream.set_nodelay(true);
+        let counted = shared.balance.opened(me);
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             last_active: AtomicU64::new(shared.started.elapsed().as_millis() as u64),
@@ -233,7 +239,7 @@ async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc<Shared>) {
         shared.table.lock().insert(id, conn.clone());
         let (app, shared) = (app.clone(), shared.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let (_permit, _counted) = (permit, counted);
             let _open = crate::metrics::OpenConnection::new();
             let touch = conn.clone();
             let started = shared.started;
