@@ -61,40 +61,30 @@ struct ArgumentsEvent<'a> {
     arguments: Option<&'a str>,
 }
 
-/// Write the start of event `kind` numbered `sequence`, up to its fields:
-/// `event: KIND`, then `data: {"type":KIND,"sequence_number":N`.
-fn event_head(sequence: u64, out: &mut BytesMut, kind: &str) {
+/// Write event `kind` with `data`'s fields, numbered from `sequence`:
+/// `{"type":KIND,"sequence_number":N,` written as bytes, then `data` (an
+/// object with at least one field) serialized in place, its opening brace
+/// overwritten by the comma — no `#[serde(flatten)]` (which goes through a
+/// map serializer, field by field).
+fn emit<T: Serialize>(sequence: &mut u64, out: &mut BytesMut, kind: &str, data: T) {
+    let event = out.len();
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(kind.as_bytes());
     out.extend_from_slice(b"\ndata: {\"type\":\"");
     out.extend_from_slice(kind.as_bytes());
     out.extend_from_slice(b"\",\"sequence_number\":");
-    let _ = serde_json::to_writer(JsonOut(out), &sequence);
-}
-
-/// Write event `kind` with `data`'s fields, numbered from `sequence`: the
-/// [`event_head`], then `data` (an object with at least one field)
-/// serialized in place, its opening brace overwritten by a comma — no
-/// `#[serde(flatten)]` (which goes through a map serializer, field by
-/// field). Returns where the fields begin (the rest of `out`, from there,
-/// is `,…}` and the blank line).
-fn emit<T: Serialize>(sequence: &mut u64, out: &mut BytesMut, kind: &str, data: T) -> Option<usize> {
-    let event = out.len();
-    event_head(*sequence, out, kind);
+    let number = serde_json::to_writer(JsonOut(out), sequence).is_ok();
     let fields = out.len();
-    let written = serde_json::to_writer(JsonOut(out), &data).is_ok();
-    let at = if written && out.get(fields) == Some(&b'{') && out.len() > fields + 2 {
+    let written = number && serde_json::to_writer(JsonOut(out), &data).is_ok();
+    if written && out.get(fields) == Some(&b'{') && out.len() > fields + 2 {
         out[fields] = b',';
         out.extend_from_slice(b"\n\n");
-        Some(fields)
     } else {
         debug_assert!(!written, "event data must be an object with fields");
         out.truncate(event);
         write_event(out, Some(kind), &serde_json::json!({"type": kind, "sequence_number": *sequence}));
-        None
-    };
+    }
     *sequence += 1;
-    at
 }
 
 /// One output item as it streams.
@@ -150,17 +140,9 @@ impl ResponsesStream {
         if std::mem::replace(&mut self.started, true) {
             return;
         }
-        let response = || ResponseEvent { response: self.frame.response(Status::InProgress, &[], None) };
-        let in_progress = "response.in_progress";
-        match emit(&mut self.sequence, out, "response.created", response()) {
-            // The same response object: its fields copied, not serialized again.
-            Some(fields) => {
-                let same = out[fields..].to_vec();
-                event_head(self.sequence, out, in_progress);
-                out.extend_from_slice(&same);
-                self.sequence += 1;
-            }
-            None => _ = emit(&mut self.sequence, out, in_progress, response()),
+        for kind in ["response.created", "response.in_progress"] {
+            let response = self.frame.response(Status::InProgress, &[], None);
+            emit(&mut self.sequence, out, kind, ResponseEvent { response });
         }
     }
 
