@@ -1,6 +1,7 @@
 //! The relay: route a validated request to a channel through its adapter
 //! plugin, fail over on retryable errors, answer in OpenAI's shape.
 
+mod coalesce;
 pub(crate) mod credentials;
 mod errors;
 mod probe;

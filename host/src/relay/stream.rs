@@ -1,6 +1,7 @@
 //! SSE relay: upstream bytes go through the adapter's stream decoder and
-//! out to the client chunk by chunk, with no buffering beyond one upstream
-//! read. Ends with `data: [DONE]` when the upstream signalled its end, or
+//! out to the client as they come, with no buffering beyond what the
+//! upstream body already holds (joined into one decoder call, at most 64
+//! KiB: `coalesce`). Ends with `data: [DONE]` when the upstream signalled its end, or
 //! with an OpenAI-style error event — also when the upstream's stream
 //! broke off before its end marker, or passed the gateway's length or
 //! duration limit.
@@ -39,9 +40,11 @@ use crate::plugins::{AdapterResult, AdapterStream, ErrorKind, PluginError, Strea
 use crate::routing::{ChannelStats, InFlight};
 use crate::state::AppState;
 
+use super::coalesce::Coalesced;
 use super::errors::client_error;
 
-type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+/// The upstream body, what is ready together joined (one decoder call).
+type ByteStream = Coalesced<Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>, reqwest::Error>;
 
 /// What one decoder step produced, as SSE bytes.
 pub(crate) struct Frames {
@@ -233,7 +236,7 @@ impl LiveStream {
     ) -> Self {
         let cfg = &state.config.upstream;
         Self {
-            upstream: Box::pin(response.body_stream()),
+            upstream: Coalesced::new(Box::pin(response.body_stream())),
             decoder,
             state: state.clone(),
             channel,
