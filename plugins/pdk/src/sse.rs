@@ -35,24 +35,40 @@ impl SseParser {
 
     /// Feed bytes; returns the events completed by them.
     pub fn push(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
-        self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
+        if self.buf.is_empty() {
+            // The usual case: no partial line before, so read the lines in
+            // place and keep only the tail.
+            let used = self.lines(bytes, &mut out);
+            self.buf.extend_from_slice(&bytes[used..]);
+        } else {
+            self.buf.extend_from_slice(bytes);
+            let buf = std::mem::take(&mut self.buf);
+            let used = self.lines(&buf, &mut out);
+            self.buf = buf;
+            self.buf.drain(..used);
+        }
+        out
+    }
+
+    /// Handle every complete line of `text`, pushing the events they
+    /// complete; returns how many bytes they took.
+    fn lines(&mut self, text: &[u8], out: &mut Vec<SseEvent>) -> usize {
         let mut start = 0;
-        while let Some(rel) = self.buf[start..].iter().position(|&b| b == b'\n' || b == b'\r') {
+        while let Some(rel) = memchr::memchr2(b'\n', b'\r', &text[start..]) {
             let end = start + rel;
             // A lone '\r' at the very end may be the first half of "\r\n".
-            if self.buf[end] == b'\r' && end + 1 == self.buf.len() {
+            if text[end] == b'\r' && end + 1 == text.len() {
                 break;
             }
-            let line = String::from_utf8_lossy(&self.buf[start..end]).into_owned();
-            let skip = if self.buf[end] == b'\r' && self.buf.get(end + 1) == Some(&b'\n') { 2 } else { 1 };
+            let line = String::from_utf8_lossy(&text[start..end]);
+            let skip = if text[end] == b'\r' && text.get(end + 1) == Some(&b'\n') { 2 } else { 1 };
             start = end + skip;
             if let Some(event) = self.line(&line) {
                 out.push(event);
             }
         }
-        self.buf.drain(..start);
-        out
+        start
     }
 
     /// Bytes held for an unfinished line or event.
