@@ -368,7 +368,7 @@ async fn http(args: &Args) -> Result<()> {
         peers::Target {
             name: "nginx proxy_pass (keepalive)",
             url: format!("{nginx_base}/v1/chat/completions"),
-            pid: Some(nginx.0.id()),
+            pid: Some(nginx.id()),
             bodies: None,
             key: None,
         },

@@ -103,7 +103,7 @@ pub fn wrk(url: &str, body: &str, key: &str, connections: usize, secs: u64, scra
 
 /// Start nginx in front of `upstream` (`host:port`), as a reverse proxy
 /// with keep-alive to it and no buffering; returns it and its base URL.
-pub fn start_nginx(upstream: &str, dir: &Path) -> Result<(ChildGuard, String)> {
+pub fn start_nginx(upstream: &str, dir: &Path) -> Result<(Nginx, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let prefix = dir.join("nginx");
     std::fs::create_dir_all(prefix.join("logs"))?;
@@ -130,11 +130,37 @@ pub fn start_nginx(upstream: &str, dir: &Path) -> Result<(ChildGuard, String)> {
     let base = format!("http://127.0.0.1:{port}");
     for _ in 0..200 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok((ChildGuard(child), base));
+            return Ok((Nginx(ChildGuard(child)), base));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     bail!("nginx did not start listening on {port}")
+}
+
+/// nginx's master process, stopped with SIGTERM (a fast shutdown that
+/// ends its workers too): a SIGKILL would leave the workers serving after
+/// the benchmark.
+pub struct Nginx(ChildGuard);
+
+impl Nginx {
+    /// The master's process id.
+    pub fn id(&self) -> u32 {
+        self.0.0.id()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let child = &mut self.0.0;
+        let _ = rustix::process::kill_process(rustix::process::Pid::from_child(child), rustix::process::Signal::TERM);
+        // Then the guard's SIGKILL, if it has not exited within 2 s.
+        for _ in 0..100 {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// Resident memory of `pid` and its children, in bytes.
