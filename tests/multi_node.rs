@@ -621,14 +621,15 @@ pub(crate) async fn quota_leases_taken(gw: &Gateway) -> u64 {
 /// quota, and balance + leases + used = `given`.
 pub(crate) async fn assert_one_row_each_and_balanced(url: &str, uid: u64, answered: &[String], given: i64) {
     let q = |sql: String| async move { crate::support::postgres::query_i64(url, &sql).await };
-    let written = eventually(Duration::from_secs(20), || async {
-        q("SELECT count(*) FROM usage_logs WHERE kind = 'consume'".into()).await as usize >= answered.len()
-    })
-    .await;
-    assert!(written.is_some(), "the shared usage table misses answered requests");
     let ids = answered.iter().map(|id| format!("'{id}'")).collect::<Vec<_>>().join(",");
-    let rows_for_answered =
-        q(format!("SELECT count(*) FROM usage_logs WHERE kind = 'consume' AND request_id IN ({ids})")).await;
+    let rows_of_answered =
+        || q(format!("SELECT count(*) FROM usage_logs WHERE kind = 'consume' AND request_id IN ({ids})"));
+    // Waits for these requests' rows: other users' rows (a token that
+    // needed a lease, say) must not stand in for one still being written.
+    let written =
+        eventually(Duration::from_secs(20), || async { rows_of_answered().await as usize >= answered.len() }).await;
+    assert!(written.is_some(), "the shared usage table misses answered requests");
+    let rows_for_answered = rows_of_answered().await;
     let distinct = q(format!(
         "SELECT count(DISTINCT request_id) FROM usage_logs WHERE kind = 'consume' AND request_id IN ({ids})"
     ))
