@@ -293,6 +293,34 @@ async fn open_streams_hold_no_plugin_instance_and_abandoned_ones_are_billed_off_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_beyond_the_instance_pool_waits_for_slots_instead_of_failing() {
+    let mock = MockUpstream::start("mock").await;
+    let ch = channel("a", "openai", &mock.base_url(), &["gpt-4o-mini"], "");
+    // Two slots, and a fresh instance for every call: each request needs a
+    // slot for the policy, then for the adapter, many times over.
+    let gw = Gateway::start_with(&["openai.wasm", "weighted.wasm"], "max_instances = 2\ninstance_reuse = 1", &ch);
+    let requests = (0..48).map(|i| {
+        let mut body = chat("gpt-4o-mini", &format!("burst {i}"));
+        body["stream"] = json!(i % 2 == 0);
+        let gw = &gw;
+        async move {
+            let resp = client().post(gw.url("/v1/chat/completions")).bearer_auth(TOKEN).json(&body).send().await;
+            let resp = resp.expect("send");
+            (resp.status().as_u16(), resp.text().await.expect("body"))
+        }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    for (i, (status, text)) in answers.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {text}");
+        if i % 2 == 0 {
+            assert!(text.ends_with("data: [DONE]\n\n") && !text.contains("\"error\""), "request {i}: {text}");
+        } else {
+            assert!(text.contains(&format!("echo: burst {i}")), "request {i}: {text}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_channel_set_to_http2_reaches_a_plain_http_upstream_over_h2c() {
     let mock = MockUpstream::start("h2").await;
     let ch = channel("h2", "openai", &mock.base_url(), &["gpt-4o-mini"], "settings = { http2 = true }\n");

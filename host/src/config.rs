@@ -123,7 +123,8 @@ pub struct PluginConfig {
     pub memory_limit_mib: u32,
     /// Plugin instances that may exist at once (pooling allocator slots):
     /// calls in progress and idle instances kept for reuse. Open streams
-    /// hold none (with adapters built against WIT 0.1.3 or later).
+    /// hold none (with adapters built against WIT 0.1.3 or later). A call
+    /// that finds every slot taken waits up to `call_timeout_ms` for one.
     pub max_instances: u32,
     /// Calls one instance may serve before it is dropped (1: a fresh
     /// instance per call). Reuse never crosses channel keys, and an instance

@@ -57,7 +57,7 @@ pub struct PluginEngine {
     /// Instances kept idle for reuse, over all plugins.
     pub(crate) idle: std::sync::atomic::AtomicUsize,
     /// Instances alive (leased or idle), over all plugins.
-    pub(crate) live: Arc<std::sync::atomic::AtomicUsize>,
+    pub(crate) live: Arc<super::instance::LiveInstances>,
 }
 
 /// The wasmtime configuration every gateway and compiler process shares

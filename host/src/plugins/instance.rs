@@ -34,19 +34,37 @@ pub(crate) struct Lease<B> {
     _alive: Alive,
 }
 
-/// Counts an instance among the engine's live ones while it exists.
-struct Alive(Arc<std::sync::atomic::AtomicUsize>);
+/// The engine's live instances (leased or idle, over all plugins), and a
+/// signal for calls waiting for a pool slot.
+#[derive(Default)]
+pub(crate) struct LiveInstances {
+    count: std::sync::atomic::AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl LiveInstances {
+    /// How many instances exist now.
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts an instance among the engine's live ones while it exists. Declared
+/// after the store in [`Lease`], so it drops after the store has given its
+/// pool slot back, and then wakes one call waiting for a slot.
+struct Alive(Arc<LiveInstances>);
 
 impl Alive {
-    fn new(live: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
-        live.fetch_add(1, Ordering::Relaxed);
+    fn new(live: &Arc<LiveInstances>) -> Self {
+        live.count.fetch_add(1, Ordering::Relaxed);
         Self(live.clone())
     }
 }
 
 impl Drop for Alive {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.count.fetch_sub(1, Ordering::Relaxed);
+        self.0.freed.notify_one();
     }
 }
 
@@ -138,10 +156,29 @@ impl<B: Send + 'static> Instances<B> {
         }
         // Boxed: instantiation is the rare path, and inline its future would
         // make every plugin call's future (and every request's) larger.
-        match Box::pin(self.fresh(tag)).await {
-            // Idle instances hold slots too: give them back and try again.
-            Err(PluginError::Capacity { .. }) if self.clear() > 0 => Box::pin(self.fresh(tag)).await,
-            other => other,
+        Box::pin(self.fresh_or_wait(tag)).await
+    }
+
+    /// A fresh instance; when every pool slot is taken, idle instances give
+    /// theirs back, and then the call waits (at most one call timeout) for a
+    /// slot to be freed, so that a burst beyond the pool queues briefly
+    /// instead of failing.
+    async fn fresh_or_wait(&self, tag: u64) -> Result<Lease<B>, PluginError> {
+        let deadline = tokio::time::Instant::now() + self.engine.budget(0).wall;
+        loop {
+            // Registered before trying, so that a slot freed meanwhile is not missed.
+            let mut freed = std::pin::pin!(self.engine.live.freed.notified());
+            freed.as_mut().enable();
+            let err = match self.fresh(tag).await {
+                Err(e @ PluginError::Capacity { .. }) => e,
+                other => return other,
+            };
+            if self.clear() > 0 {
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(err);
+            }
         }
     }
 

@@ -140,7 +140,7 @@ impl Registry {
     pub fn instance_gauges(&self) -> crate::metrics::InstanceGauges {
         use std::sync::atomic::Ordering::Relaxed;
         let idle = self.engine.idle.load(Relaxed);
-        crate::metrics::InstanceGauges { idle, in_use: self.engine.live.load(Relaxed).saturating_sub(idle) }
+        crate::metrics::InstanceGauges { idle, in_use: self.engine.live.count().saturating_sub(idle) }
     }
 
     /// Status of every plugin file seen, sorted by name.
