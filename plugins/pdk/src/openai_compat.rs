@@ -281,7 +281,9 @@ impl OpenAiSseDecoder {
             if usage_only && envelope.usage.is_some() && !self.include_usage {
                 continue;
             }
-            out.chunks.push(data.as_bytes().to_vec());
+            // The event's own bytes become the chunk (copied only when trimmed).
+            let chunk = if data.len() == event.data.len() { event.data.into_bytes() } else { data.as_bytes().to_vec() };
+            out.chunks.push(chunk);
         }
         out.done = self.done;
         Ok(out)

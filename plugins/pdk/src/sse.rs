@@ -61,7 +61,7 @@ impl SseParser {
             if text[end] == b'\r' && end + 1 == text.len() {
                 break;
             }
-            let line = String::from_utf8_lossy(&text[start..end]);
+            let line = utf8_lossy(&text[start..end]);
             let skip = if text[end] == b'\r' && text.get(end + 1) == Some(&b'\n') { 2 } else { 1 };
             start = end + skip;
             if let Some(event) = self.line(&line) {
@@ -93,7 +93,7 @@ impl SseParser {
     /// The stream ended: dispatch a last event not followed by a blank line.
     pub fn finish(&mut self) -> Option<SseEvent> {
         if !self.buf.is_empty() {
-            let line = String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
+            let line = utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
             if let Some(event) = self.line(&line) {
                 return Some(event);
             }
@@ -129,6 +129,17 @@ impl SseParser {
     fn dispatch(&mut self) -> Option<SseEvent> {
         let event = self.event.take();
         self.data.take().map(|data| SseEvent { event, data })
+    }
+}
+
+/// `bytes` as text, invalid sequences replaced. Valid text (nearly every
+/// line) is checked by `str::from_utf8`, which reads ASCII a word at a time;
+/// `String::from_utf8_lossy` walks it byte by byte (the decoder's largest
+/// cost in wasm before).
+fn utf8_lossy(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
     }
 }
 
@@ -235,6 +246,14 @@ mod tests {
             assert_eq!(data, ["{\"a\":1}", "l1\nl2", "[DONE]"], "cut at {cut}");
             assert_eq!(events[1].event.as_deref(), Some("x"));
         }
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced_and_a_split_sequence_is_joined() {
+        let mut p = SseParser::new();
+        let mut events = p.push(b"data: caf\xc3");
+        events.extend(p.push(b"\xa9 \xff\n\n"));
+        assert_eq!(events[0].data, "caf\u{e9} \u{fffd}");
     }
 
     #[test]
