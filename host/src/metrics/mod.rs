@@ -160,6 +160,7 @@ pub struct Metrics {
     filter_actions: Family<FilterLabels, Counter>,
     instances_idle: Gauge,
     instances_in_use: Gauge,
+    instance_waits: Counter,
     billing_last_commit_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     journal_bytes: Gauge,
     process: process::ProcessMetrics,
@@ -291,6 +292,12 @@ impl Metrics {
             "Plugin instances serving a call now, all plugins (the pool holds `max_instances`)",
             instances_in_use.clone(),
         );
+        let instance_waits = Counter::default();
+        registry.register(
+            "plugin_instance_waits",
+            "Plugin calls that found every instance slot taken (`max_instances`) and waited for one",
+            instance_waits.clone(),
+        );
         let billing_pending = Gauge::default();
         registry.register("billing_rows_pending", "Usage rows waiting for the batch writer", billing_pending.clone());
         let billing_last_commit_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
@@ -332,6 +339,7 @@ impl Metrics {
             filter_actions,
             instances_idle,
             instances_in_use,
+            instance_waits,
             billing_last_commit_age,
             journal_bytes,
             process,
@@ -539,6 +547,7 @@ impl Metrics {
     ) -> String {
         self.instances_idle.set(i64::try_from(instances.idle).unwrap_or(i64::MAX));
         self.instances_in_use.set(i64::try_from(instances.in_use).unwrap_or(i64::MAX));
+        self.instance_waits.inc_by(instances.waits.saturating_sub(self.instance_waits.get()));
         self.channel_state.clear();
         for (id, state) in channels {
             self.channel_state.get_or_create(&ChannelStateLabels { channel: *id, state }).set(1);
@@ -562,6 +571,8 @@ pub struct InstanceGauges {
     pub idle: usize,
     /// Serving a call now.
     pub in_use: usize,
+    /// Calls that found every slot taken and waited, since start.
+    pub waits: u64,
 }
 
 /// One plugin call's metrics, resolved (see [`Metrics::plugin_handles`]).

@@ -40,12 +40,19 @@ pub(crate) struct Lease<B> {
 pub(crate) struct LiveInstances {
     count: std::sync::atomic::AtomicUsize,
     freed: tokio::sync::Notify,
+    /// Times a call found every slot taken and waited.
+    waits: std::sync::atomic::AtomicU64,
 }
 
 impl LiveInstances {
     /// How many instances exist now.
     pub(crate) fn count(&self) -> usize {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// How many times a call has waited for a slot.
+    pub(crate) fn waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
     }
 }
 
@@ -176,6 +183,7 @@ impl<B: Send + 'static> Instances<B> {
             if self.clear() > 0 {
                 continue;
             }
+            self.engine.live.waits.fetch_add(1, Ordering::Relaxed);
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 return Err(err);
             }
