@@ -171,11 +171,15 @@ impl<B: Send + 'static> Instances<B> {
     /// slot to be freed, so that a burst beyond the pool queues briefly
     /// instead of failing.
     async fn fresh_or_wait(&self, tag: u64) -> Result<Lease<B>, PluginError> {
-        let deadline = tokio::time::Instant::now() + self.engine.budget(0).wall;
+        // Set once the pool was found full; before that, a try registers
+        // nothing (a pool with room costs no lock).
+        let mut deadline = None;
         loop {
             // Registered before trying, so that a slot freed meanwhile is not missed.
             let mut freed = std::pin::pin!(self.engine.live.freed.notified());
-            freed.as_mut().enable();
+            if deadline.is_some() {
+                freed.as_mut().enable();
+            }
             let err = match self.fresh(tag).await {
                 Err(e @ PluginError::Capacity { .. }) => e,
                 other => return other,
@@ -183,8 +187,12 @@ impl<B: Send + 'static> Instances<B> {
             if self.clear() > 0 {
                 continue;
             }
+            let Some(until) = deadline else {
+                deadline = Some(tokio::time::Instant::now() + self.engine.budget(0).wall);
+                continue;
+            };
             self.engine.live.waits.fetch_add(1, Ordering::Relaxed);
-            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+            if tokio::time::timeout_at(until, freed).await.is_err() {
                 return Err(err);
             }
         }
