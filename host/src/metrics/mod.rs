@@ -440,6 +440,13 @@ impl Metrics {
         [duration, upstream, overhead, first_token]
     }
 
+    /// A plugin call found every instance slot taken and waits for one.
+    pub fn plugin_instance_wait(&self) {
+        if self.on() {
+            self.instance_waits.inc();
+        }
+    }
+
     /// A request was served after at least one failed attempt.
     pub fn failover(&self) {
         if !self.on() {
@@ -547,7 +554,6 @@ impl Metrics {
     ) -> String {
         self.instances_idle.set(i64::try_from(instances.idle).unwrap_or(i64::MAX));
         self.instances_in_use.set(i64::try_from(instances.in_use).unwrap_or(i64::MAX));
-        self.instance_waits.inc_by(instances.waits.saturating_sub(self.instance_waits.get()));
         self.channel_state.clear();
         for (id, state) in channels {
             self.channel_state.get_or_create(&ChannelStateLabels { channel: *id, state }).set(1);
@@ -571,8 +577,6 @@ pub struct InstanceGauges {
     pub idle: usize,
     /// Serving a call now.
     pub in_use: usize,
-    /// Calls that found every slot taken and waited, since start.
-    pub waits: u64,
 }
 
 /// One plugin call's metrics, resolved (see [`Metrics::plugin_handles`]).

@@ -40,19 +40,12 @@ pub(crate) struct Lease<B> {
 pub(crate) struct LiveInstances {
     count: std::sync::atomic::AtomicUsize,
     freed: tokio::sync::Notify,
-    /// Times a call found every slot taken and waited.
-    waits: std::sync::atomic::AtomicU64,
 }
 
 impl LiveInstances {
     /// How many instances exist now.
     pub(crate) fn count(&self) -> usize {
         self.count.load(Ordering::Relaxed)
-    }
-
-    /// How many times a call has waited for a slot.
-    pub(crate) fn waits(&self) -> u64 {
-        self.waits.load(Ordering::Relaxed)
     }
 }
 
@@ -191,7 +184,7 @@ impl<B: Send + 'static> Instances<B> {
                 deadline = Some(tokio::time::Instant::now() + self.engine.budget(0).wall);
                 continue;
             };
-            self.engine.live.waits.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::get().plugin_instance_wait();
             if tokio::time::timeout_at(until, freed).await.is_err() {
                 return Err(err);
             }

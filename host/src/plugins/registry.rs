@@ -136,12 +136,11 @@ impl Registry {
     }
 
     /// Plugin instances kept idle for reuse and serving calls now, over all
-    /// plugins, and how often a call waited for a free slot.
+    /// plugins.
     pub fn instance_gauges(&self) -> crate::metrics::InstanceGauges {
         use std::sync::atomic::Ordering::Relaxed;
         let idle = self.engine.idle.load(Relaxed);
-        let live = &self.engine.live;
-        crate::metrics::InstanceGauges { idle, in_use: live.count().saturating_sub(idle), waits: live.waits() }
+        crate::metrics::InstanceGauges { idle, in_use: self.engine.live.count().saturating_sub(idle) }
     }
 
     /// Status of every plugin file seen, sorted by name.
