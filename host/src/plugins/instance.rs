@@ -215,6 +215,9 @@ impl<B: Send + 'static> Instances<B> {
         data.credential = inputs.credential;
         data.settings = inputs.settings;
         let _ = lease.store.set_fuel(budget.fuel);
+        // The deadline counts from this call: a reused instance whose last
+        // deadline has passed would otherwise yield at its first check.
+        lease.store.set_epoch_deadline(1);
         lease.uses += 1;
         budget
     }
