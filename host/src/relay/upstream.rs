@@ -157,8 +157,9 @@ impl Upstream {
             HttpMethod::Put => reqwest::Method::PUT,
             HttpMethod::Delete => reqwest::Method::DELETE,
         };
+        let url = parsed_url(&req.url).ok_or_else(invalid_request)?;
         let (client, slot) = self.client(h2c)?;
-        let mut builder = client.request(method, &req.url);
+        let mut builder = client.request(method, url);
         for h in &req.headers {
             builder = builder.header(&h.name, &h.value);
         }
@@ -169,11 +170,7 @@ impl Upstream {
             Err(_) => Err(connection_error("timed out")),
             Ok(Err(e)) if e.is_connect() => Err(connection_error("connection failed")),
             Ok(Err(e)) if e.is_timeout() => Err(connection_error("timed out")),
-            Ok(Err(e)) if e.is_builder() => Err(UpstreamError {
-                kind: ErrorKind::Other,
-                message: "the adapter built an invalid upstream request".into(),
-                status: None,
-            }),
+            Ok(Err(e)) if e.is_builder() => Err(invalid_request()),
             Ok(Err(_)) => Err(connection_error("request failed")),
             Ok(Ok(inner)) => Ok(UpstreamResponse { inner, slot }),
         }
@@ -202,6 +199,39 @@ impl Upstream {
         }
         Ok(HttpResponse { status, headers, body })
     }
+}
+
+/// The error for an upstream request the adapter built wrong.
+fn invalid_request() -> UpstreamError {
+    UpstreamError {
+        kind: ErrorKind::Other,
+        message: "the adapter built an invalid upstream request".into(),
+        status: None,
+    }
+}
+
+/// URLs parsed per thread, most recent last: adapters build the same few
+/// URLs for every request, and parsing one (IDNA included) costs more than
+/// cloning it.
+const PARSED_URLS: usize = 32;
+
+/// `url` parsed (`None` when it is not a URL), from this thread's cache.
+fn parsed_url(url: &str) -> Option<reqwest::Url> {
+    thread_local! {
+        static URLS: std::cell::RefCell<Vec<(Box<str>, reqwest::Url)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    URLS.with(|urls| {
+        let mut urls = urls.borrow_mut();
+        if let Some((_, parsed)) = urls.iter().rev().find(|(text, _)| **text == *url) {
+            return Some(parsed.clone());
+        }
+        let parsed = reqwest::Url::parse(url).ok()?;
+        if urls.len() == PARSED_URLS {
+            urls.remove(0);
+        }
+        urls.push((url.into(), parsed.clone()));
+        Some(parsed)
+    })
 }
 
 /// Response headers with lower-cased names.
