@@ -158,28 +158,30 @@ impl Journal {
     /// append is rolled back (the file is cut back to its previous length),
     /// so no torn line is ever followed by good ones.
     pub fn append<R>(&self, change: Change, then: impl FnOnce(u64, Change, Result<(), AppendError>) -> R) -> R {
+        // Serialized before the lock is taken, so that the lock covers only
+        // the sequence number and the write: `{"op":…}` loses its closing
+        // brace here and gets `,"seq":N}` under the lock.
+        let line = serde_json::to_vec(&change).map_err(|error| AppendError(format!("not serializable: {error}")));
         let mut inner = self.lock();
         inner.last_seq = inner.last_seq.saturating_add(1);
         let seq = inner.last_seq;
-        let entry = Entry { seq, change };
-        let written = match serde_json::to_vec(&entry) {
-            Ok(mut line) => {
-                line.push(b'\n');
-                match inner.file.write_all(&line) {
-                    Ok(()) => {
-                        inner.bytes = inner.bytes.saturating_add(line.len() as u64);
-                        Ok(())
-                    }
-                    Err(error) => {
-                        let rollback = inner.file.set_len(inner.bytes);
-                        tracing::error!(%error, seq, rolled_back = rollback.is_ok(), "appending to the billing journal failed");
-                        Err(AppendError(error.to_string()))
-                    }
+        let written = line.and_then(|mut line| {
+            debug_assert_eq!(line.last(), Some(&b'}'));
+            line.pop();
+            let _ = writeln!(line, ",\"seq\":{seq}}}");
+            match inner.file.write_all(&line) {
+                Ok(()) => {
+                    inner.bytes = inner.bytes.saturating_add(line.len() as u64);
+                    Ok(())
+                }
+                Err(error) => {
+                    let rollback = inner.file.set_len(inner.bytes);
+                    tracing::error!(%error, seq, rolled_back = rollback.is_ok(), "appending to the billing journal failed");
+                    Err(AppendError(error.to_string()))
                 }
             }
-            Err(error) => Err(AppendError(format!("not serializable: {error}"))),
-        };
-        then(seq, entry.change, written)
+        });
+        then(seq, change, written)
     }
 
     /// Bytes in the live journal file.
@@ -248,6 +250,36 @@ mod tests {
         assert_eq!(seqs, [2, 3]);
         assert_eq!(pending[0].change, Change::Adjust { user: Some(3), token: None, delta: -5 });
         assert_eq!(append(&j, row(3)), 4, "numbering continues after the pending entries");
+    }
+
+    #[test]
+    fn appends_from_several_threads_each_come_back_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (j, _) = Journal::open(dir.path(), 0).expect("open");
+            std::thread::scope(|s| {
+                for t in 0..4u64 {
+                    let j = &j;
+                    s.spawn(move || {
+                        for i in 0..250 {
+                            append(j, row(t * 1000 + i));
+                        }
+                    });
+                }
+            });
+        }
+        let (_, pending) = Journal::open(dir.path(), 0).expect("reopen");
+        assert_eq!(pending.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=1000).collect::<Vec<_>>());
+        let mut ids: Vec<u64> = pending
+            .iter()
+            .map(|e| match &e.change {
+                Change::Row(row) => row.id,
+                other => panic!("unexpected change {other:?}"),
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 1000, "every row once");
     }
 
     #[test]
