@@ -26,6 +26,7 @@ use tower::ServiceExt;
 
 use crate::config::ServerConfig;
 use crate::lingering::Lingering;
+use crate::server::AbortOnDrop;
 use crate::worker_balance::Balance;
 
 /// File descriptors kept for everything but client connections (the store,
@@ -186,9 +187,24 @@ async fn drain(shared: &Shared) {
     }
 }
 
+/// How often [`keep_a_near_timer`] fires: sooner than the timers requests
+/// arm (header, plugin call and upstream timeouts, all seconds long).
+const NEAR_TIMER: Duration = Duration::from_secs(1);
+
+/// Keep a timer due within [`NEAR_TIMER`] on this runtime. tokio wakes its
+/// own driver (an eventfd write, then one more turn of its loop) whenever
+/// a timer is armed that is due sooner than every other; on a runtime with
+/// no near timer, that was each request's header timer.
+async fn keep_a_near_timer() {
+    loop {
+        tokio::time::sleep(NEAR_TIMER).await;
+    }
+}
+
 /// Accept connections on `listener` until the stop signal, serving each on
 /// this thread's runtime (worker `me`).
 async fn accept_loop(listener: TcpListener, app: Router, shared: &Arc<Shared>, me: usize) {
+    let _near = AbortOnDrop(tokio::spawn(keep_a_near_timer()));
     let mut stop = shared.stop.clone();
     loop {
         if *stop.borrow() {

@@ -45,8 +45,8 @@ async fn retention(state: AppState) {
     }
 }
 
-/// Stops a background task when the gateway is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Stops a background task when dropped.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
