@@ -44,94 +44,99 @@ const X_REQUEST_ID: axum::http::HeaderName = axum::http::HeaderName::from_static
 /// The complete router; tests can serve it directly.
 pub fn app(state: AppState) -> Router {
     let v1 = Router::new()
-        .route("/chat/completions", post(openai::chat_completions))
-        .route("/completions", post(openai::completions))
-        .route("/embeddings", post(openai::embeddings))
-        .route("/images/generations", post(openai::images_generations))
-        .route("/audio/speech", post(openai::audio_speech))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/images/generations", post(openai::images_generations))
+        .route("/v1/audio/speech", post(openai::audio_speech))
         .route(
-            "/audio/transcriptions",
+            "/v1/audio/transcriptions",
             post(openai::audio_transcriptions).layer(DefaultBodyLimit::max(crate::relayed::MAX_RELAYED_BODY)),
         )
         .route(
-            "/audio/translations",
+            "/v1/audio/translations",
             post(openai::audio_translations).layer(DefaultBodyLimit::max(crate::relayed::MAX_RELAYED_BODY)),
         )
-        .route("/moderations", post(openai::moderations))
-        .route("/rerank", post(openai::rerank))
-        .route("/models", get(openai::list_models))
-        .route("/models/{model}", get(openai::get_model))
-        .route("/responses", post(responses::create))
-        .route("/responses/{id}", get(responses::retrieve).delete(responses::delete))
-        .route("/messages", post(messages::create))
-        .route("/messages/count_tokens", post(messages::count_tokens));
+        .route("/v1/moderations", post(openai::moderations))
+        .route("/v1/rerank", post(openai::rerank))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/models/{model}", get(openai::get_model))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/{id}", get(responses::retrieve).delete(responses::delete))
+        .route("/v1/messages", post(messages::create))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens));
     let admin = Router::new()
-        .route("/plugins", get(plugins_admin::list))
+        .route("/api/plugins", get(plugins_admin::list))
         .route(
-            "/plugins/{name}",
+            "/api/plugins/{name}",
             get(plugins_admin::get)
                 .put(plugins_admin::upload)
                 .delete(plugins_admin::remove)
                 .layer(DefaultBodyLimit::max(MAX_PLUGIN_UPLOAD)),
         )
-        .route("/channels", get(channels_admin::list).post(channels_admin::create))
+        .route("/api/channels", get(channels_admin::list).post(channels_admin::create))
         .route(
-            "/channels/{id}",
+            "/api/channels/{id}",
             get(channels_admin::get)
                 .put(channels_admin::replace)
                 .patch(channels_admin::patch)
                 .delete(channels_admin::delete),
         )
-        .route("/channels/test", post(channels_admin::test_all))
-        .route("/channels/{id}/test", post(channels_admin::test))
-        .route("/channels/{id}/enable", post(channels_admin::enable))
-        .route("/channels/{id}/disable", post(channels_admin::disable))
-        .route("/status", get(status::status))
-        .route("/users", get(accounts_admin::list_users).post(accounts_admin::create_user))
+        .route("/api/channels/test", post(channels_admin::test_all))
+        .route("/api/channels/{id}/test", post(channels_admin::test))
+        .route("/api/channels/{id}/enable", post(channels_admin::enable))
+        .route("/api/channels/{id}/disable", post(channels_admin::disable))
+        .route("/api/status", get(status::status))
+        .route("/api/users", get(accounts_admin::list_users).post(accounts_admin::create_user))
         .route(
-            "/users/{id}",
+            "/api/users/{id}",
             get(accounts_admin::get_user)
                 .put(accounts_admin::replace_user)
                 .patch(accounts_admin::patch_user)
                 .delete(accounts_admin::delete_user),
         )
-        .route("/users/{id}/topup", post(accounts_admin::top_up))
-        .route("/tokens", get(accounts_admin::list_tokens).post(accounts_admin::create_token))
+        .route("/api/users/{id}/topup", post(accounts_admin::top_up))
+        .route("/api/tokens", get(accounts_admin::list_tokens).post(accounts_admin::create_token))
         .route(
-            "/tokens/{id}",
+            "/api/tokens/{id}",
             get(accounts_admin::get_token)
                 .put(accounts_admin::replace_token)
                 .patch(accounts_admin::patch_token)
                 .delete(accounts_admin::delete_token),
         )
-        .route("/logs", get(logs_admin::list))
-        .route("/logs/stats", get(logs_admin::summary))
-        .route("/logs/export", get(logs_admin::export))
-        .route("/dashboard", get(dashboard::admin))
-        .route("/pricing", get(logs_admin::get_pricing).put(logs_admin::put_pricing).delete(logs_admin::reset_pricing))
-        .route("/routing", get(routing_admin::get).put(routing_admin::put).delete(routing_admin::reset))
-        .route("/filters", get(filters_admin::get).put(filters_admin::put).delete(filters_admin::reset))
+        .route("/api/logs", get(logs_admin::list))
+        .route("/api/logs/stats", get(logs_admin::summary))
+        .route("/api/logs/export", get(logs_admin::export))
+        .route("/api/dashboard", get(dashboard::admin))
+        .route(
+            "/api/pricing",
+            get(logs_admin::get_pricing).put(logs_admin::put_pricing).delete(logs_admin::reset_pricing),
+        )
+        .route("/api/routing", get(routing_admin::get).put(routing_admin::put).delete(routing_admin::reset))
+        .route("/api/filters", get(filters_admin::get).put(filters_admin::put).delete(filters_admin::reset))
         .route_layer(middleware::from_fn(on_admin_thread))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
     let own = Router::new()
-        .route("/self", get(logs_admin::me))
-        .route("/self/logs", get(logs_admin::my_logs))
-        .route("/self/dashboard", get(dashboard::own))
-        .route("/session", get(session::current).post(session::sign_in).delete(session::sign_out))
+        .route("/api/self", get(logs_admin::me))
+        .route("/api/self/logs", get(logs_admin::my_logs))
+        .route("/api/self/dashboard", get(dashboard::own))
+        .route("/api/session", get(session::current).post(session::sign_in).delete(session::sign_out))
         .merge(
             // Creating and revoking keys writes the store: off the workers.
             Router::new()
-                .route("/self/tokens", get(self_tokens::list).post(self_tokens::create))
-                .route("/self/tokens/{id}", axum::routing::delete(self_tokens::revoke))
+                .route("/api/self/tokens", get(self_tokens::list).post(self_tokens::create))
+                .route("/api/self/tokens/{id}", axum::routing::delete(self_tokens::revoke))
                 .route_layer(middleware::from_fn(on_admin_thread)),
         );
-    let v1beta = Router::new().route("/models/{target}", post(gemini::call));
+    let v1beta = Router::new().route("/v1beta/models/{target}", post(gemini::call));
     let console = if state.config.console.enabled { crate::console::routes() } else { Router::new() };
     let routes = Router::new()
         .merge(console)
-        .nest("/v1", v1)
-        .nest("/v1beta", v1beta)
-        .nest("/api", own.merge(admin))
+        // Full paths rather than `nest`, which rebuilds every request's URI
+        // to strip its prefix.
+        .merge(v1)
+        .merge(v1beta)
+        .merge(own.merge(admin))
         .route("/health", get(status::health))
         .route("/metrics", get(metrics::scrape))
         .fallback(not_found)
