@@ -51,8 +51,9 @@ pub enum Change {
     Open(Box<LogRow>),
 }
 
-/// One journal line.
-#[derive(Debug, Serialize, Deserialize)]
+/// One journal line, as read back (`append` writes the line itself: the
+/// change's JSON object with `"seq"` as its last member).
+#[derive(Debug, Deserialize)]
 pub struct Entry {
     /// Sequence number, increasing by one per change.
     pub seq: u64,
