@@ -11,7 +11,16 @@
 //! keys below any block's, as every row id is below `B`'s first byte).
 //! Both are read the same way — such a value is a block of one row — and
 //! new rows always go to blocks, so the log stays in id order.
+//!
+//! A block is stored LZ4-compressed (a `0` byte, the lines' length as a
+//! little-endian `u32`, then the LZ4 block): sled keeps the values of
+//! recently written leaves in memory (its cache evicts a page only when
+//! one of its 256 shards has seen 64 accesses), so under a steady stream
+//! of rows what a node holds grows with the size of a block's value. Blocks
+//! written before compression (plain lines, starting with `{`) are read as
+//! they are and compressed when next written.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ops::Range;
 
@@ -32,11 +41,55 @@ pub fn key(id: u64) -> [u8; 9] {
     k
 }
 
-/// The rows of a stored value: a block's lines, or a value of one row.
-/// (`serde_json` escapes every newline inside a string, so a row's JSON
-/// has none.)
-pub fn lines(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
-    value.split(|b| *b == b'\n').filter(|l| !l.is_empty())
+/// First byte of a compressed block (a row's JSON starts with `{`).
+const LZ4: u8 = 0;
+/// Bytes before a compressed block's LZ4 data: the tag and the length.
+const LZ4_HEADER: usize = 5;
+/// Largest decompressed block accepted: a corrupt length is refused
+/// rather than allocated.
+const MAX_BLOCK: usize = 16 << 20;
+
+/// A block's lines as stored: LZ4-compressed behind a short header (a
+/// block larger than [`MAX_BLOCK`], which only rows with huge strings
+/// make, as it is).
+fn compressed(plain: &[u8]) -> Vec<u8> {
+    let len = match u32::try_from(plain.len()) {
+        Ok(len) if plain.len() <= MAX_BLOCK => len,
+        _ => return plain.to_vec(),
+    };
+    let mut out = vec![0; LZ4_HEADER + lz4_flex::block::get_maximum_output_size(plain.len())];
+    out[0] = LZ4;
+    out[1..LZ4_HEADER].copy_from_slice(&len.to_le_bytes());
+    let n = lz4_flex::block::compress_into(plain, &mut out[LZ4_HEADER..])
+        .expect("the buffer is sized by get_maximum_output_size");
+    out.truncate(LZ4_HEADER + n);
+    out
+}
+
+/// A stored value's lines: decompressed when the value is a compressed
+/// block, as it is otherwise; `None` when it does not decompress.
+pub fn decoded(value: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let Some((&LZ4, rest)) = value.split_first() else {
+        return Some(Cow::Borrowed(value));
+    };
+    let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    if len > MAX_BLOCK {
+        return None;
+    }
+    let plain = lz4_flex::block::decompress(&rest[4..], len).ok()?;
+    (plain.len() == len).then_some(Cow::Owned(plain))
+}
+
+/// The rows in a stored value once [`decoded`]: a block's lines, or a
+/// value of one row. (`serde_json` escapes every newline inside a string,
+/// so a row's JSON has none.)
+pub fn lines(plain: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    plain.split(|b| *b == b'\n').filter(|l| !l.is_empty())
+}
+
+/// The error for a stored block that does not decompress.
+fn corrupt() -> sled::Error {
+    sled::Error::Unsupported("a usage-log block in the store does not decompress".into())
 }
 
 /// The id of a stored row: read from its first member (`serde_json`
@@ -58,9 +111,10 @@ pub fn id_of(line: &[u8]) -> Option<u64> {
 /// `rows` (all of one block) merged into the block's stored value:
 /// the new value, and the rows it did not hold yet (a row written again,
 /// as in a replay, is kept once).
-pub fn merge<'a>(existing: Option<&[u8]>, rows: &[&'a LogRow]) -> serde_json::Result<(Vec<u8>, Vec<&'a LogRow>)> {
-    let mut all: Vec<(u64, std::borrow::Cow<'_, [u8]>)> =
-        existing.into_iter().flat_map(lines).map(|l| (id_of(l).unwrap_or(0), l.into())).collect();
+pub fn merge<'a>(existing: Option<&[u8]>, rows: &[&'a LogRow]) -> anyhow::Result<(Vec<u8>, Vec<&'a LogRow>)> {
+    let existing = existing.map(|v| decoded(v).ok_or_else(corrupt)).transpose()?;
+    let mut all: Vec<(u64, Cow<'_, [u8]>)> =
+        existing.iter().flat_map(|v| lines(v)).map(|l| (id_of(l).unwrap_or(0), l.into())).collect();
     let mut fresh = Vec::with_capacity(rows.len());
     for row in rows {
         if all.iter().any(|(id, _)| *id == row.id) {
@@ -75,7 +129,7 @@ pub fn merge<'a>(existing: Option<&[u8]>, rows: &[&'a LogRow]) -> serde_json::Re
         value.extend_from_slice(line);
         value.push(b'\n');
     }
-    Ok((value, fresh))
+    Ok((compressed(&value), fresh))
 }
 
 /// `rows` grouped by the block each goes to, blocks in key order.
@@ -113,8 +167,13 @@ impl Raw {
     }
 }
 
-/// The rows of one stored value whose ids are in `ids`, in id order.
-fn spans(value: sled::IVec, ids: Range<u64>) -> Vec<Raw> {
+/// The rows of one stored value whose ids are in `ids`, in id order
+/// (`None` when the value does not decompress).
+fn spans(value: sled::IVec, ids: Range<u64>) -> Option<Vec<Raw>> {
+    let value = match decoded(&value)? {
+        Cow::Borrowed(_) => value,
+        Cow::Owned(plain) => sled::IVec::from(plain),
+    };
     let base = value.as_ptr() as usize;
     let spans: Vec<Range<usize>> = lines(&value)
         .filter(|l| id_of(l).is_some_and(|id| ids.contains(&id)))
@@ -123,7 +182,7 @@ fn spans(value: sled::IVec, ids: Range<u64>) -> Vec<Raw> {
             start..start + l.len()
         })
         .collect();
-    spans.into_iter().map(|span| Raw { value: value.clone(), span }).collect()
+    Some(spans.into_iter().map(|span| Raw { value: value.clone(), span }).collect())
 }
 
 /// The rows with ids in `ids`, newest first.
@@ -136,13 +195,16 @@ pub fn newest_first(tree: &sled::Tree, ids: Range<u64>) -> impl Iterator<Item = 
         .flatten()
         .chain(single.into_iter().flatten())
         .filter_map(Result::ok)
-        .flat_map(move |(_, value)| spans(value, from..to).into_iter().rev())
+        .flat_map(move |(_, value)| spans(value, from..to).unwrap_or_default().into_iter().rev())
 }
 
 /// Every row, oldest first (and what failed to read).
 pub fn oldest_first(tree: &sled::Tree) -> impl Iterator<Item = sled::Result<Raw>> + '_ {
     tree.iter().flat_map(|item| match item {
-        Ok((_, value)) => spans(value, 0..u64::MAX).into_iter().map(Ok).collect(),
+        Ok((_, value)) => match spans(value, 0..u64::MAX) {
+            Some(rows) => rows.into_iter().map(Ok).collect(),
+            None => vec![Err(corrupt())],
+        },
         Err(error) => vec![Err(error)],
     })
 }
@@ -153,7 +215,8 @@ pub fn remove_while(tree: &sled::Tree, old: impl Fn(&[u8]) -> bool) -> anyhow::R
     let mut n = 0;
     for item in tree.iter() {
         let (k, value) = item?;
-        let rows: Vec<&[u8]> = lines(&value).collect();
+        let plain = decoded(&value).ok_or_else(corrupt)?;
+        let rows: Vec<&[u8]> = lines(&plain).collect();
         let gone = rows.iter().take_while(|l| old(l)).count();
         n += gone;
         if gone == rows.len() {
@@ -162,7 +225,7 @@ pub fn remove_while(tree: &sled::Tree, old: impl Fn(&[u8]) -> bool) -> anyhow::R
         }
         if gone > 0 {
             let kept: Vec<u8> = rows[gone..].iter().flat_map(|l| l.iter().copied().chain([b'\n'])).collect();
-            tree.insert(k, kept)?;
+            tree.insert(k, compressed(&kept))?;
         }
         break;
     }
@@ -171,7 +234,11 @@ pub fn remove_while(tree: &sled::Tree, old: impl Fn(&[u8]) -> bool) -> anyhow::R
 
 /// The lowest row id the tree holds.
 pub fn first_id(tree: &sled::Tree) -> anyhow::Result<Option<u64>> {
-    Ok(tree.first()?.and_then(|(_, value)| lines(&value).next().and_then(id_of)))
+    let Some((_, value)) = tree.first()? else {
+        return Ok(None);
+    };
+    let plain = decoded(&value).ok_or_else(corrupt)?;
+    Ok(lines(&plain).next().and_then(id_of))
 }
 
 #[cfg(test)]
@@ -223,6 +290,48 @@ mod tests {
         assert_eq!(remove_while(&tree, old).expect("remove"), 21);
         assert_eq!(all(&tree), vec![22, 35, 38]);
         assert_eq!(first_id(&tree).expect("first"), Some(22));
+    }
+
+    #[test]
+    fn blocks_are_stored_compressed_and_plain_blocks_still_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = sled::open(dir.path()).expect("sled").open_tree("logs").expect("tree");
+        // A block written before compression: plain lines under a block key.
+        let plain: Vec<u8> = [1u64, 2]
+            .iter()
+            .flat_map(|id| serde_json::to_vec(&row(*id)).expect("json").into_iter().chain([b'\n']))
+            .collect();
+        tree.insert(key(1), plain.clone()).expect("insert");
+        assert_eq!(all(&tree), vec![1, 2]);
+
+        // Writing to it again stores the whole block compressed.
+        let third = row(3);
+        let (value, fresh) = merge(tree.get(key(3)).expect("get").as_deref(), &[&third]).expect("merge");
+        assert_eq!(fresh.len(), 1);
+        assert_eq!(value[0], LZ4, "a written block is compressed");
+        assert!(value.len() < plain.len(), "three rows compressed take less than two plain ({} bytes)", value.len());
+        tree.insert(key(3), value).expect("insert");
+        assert_eq!(all(&tree), vec![1, 2, 3]);
+        assert_eq!(first_id(&tree).expect("first"), Some(1));
+        let newest: LogRow =
+            serde_json::from_slice(newest_first(&tree, 0..u64::MAX).next().expect("row").bytes()).expect("decodes");
+        assert_eq!(newest, row(3));
+
+        // A block that does not decompress is an error, never rows.
+        tree.insert(key(9), vec![LZ4, 200, 0, 0, 0, 1, 2, 3]).expect("insert");
+        assert!(oldest_first(&tree).any(|r| r.is_err()), "reading every row reports it");
+        assert_eq!(ids(newest_first(&tree, 0..u64::MAX)), vec![3, 2, 1], "a query skips it");
+        assert!(merge(tree.get(key(9)).expect("get").as_deref(), &[&row(9)]).is_err(), "nothing is written over it");
+        // A corrupt length is refused before anything is allocated for it.
+        let mut huge = vec![LZ4];
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        huge.extend_from_slice(&[0; 16]);
+        assert!(decoded(&huge).is_none());
+        // A block that large is stored as it is, and read back.
+        let big = LogRow { id: 40, model: "m".repeat(MAX_BLOCK), ..LogRow::default() };
+        let (value, _) = merge(None, &[&big]).expect("merge");
+        assert_eq!(value[0], b'{', "stored plain");
+        assert_eq!(lines(&decoded(&value).expect("plain")).count(), 1);
     }
 
     #[test]
