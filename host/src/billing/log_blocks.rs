@@ -68,7 +68,7 @@ fn compressed(plain: &[u8]) -> Vec<u8> {
 
 /// A stored value's lines: decompressed when the value is a compressed
 /// block, as it is otherwise; `None` when it does not decompress.
-pub fn decoded(value: &[u8]) -> Option<Cow<'_, [u8]>> {
+fn decoded(value: &[u8]) -> Option<Cow<'_, [u8]>> {
     let Some((&LZ4, rest)) = value.split_first() else {
         return Some(Cow::Borrowed(value));
     };
