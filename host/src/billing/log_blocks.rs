@@ -156,7 +156,8 @@ pub fn insert(tree: &sled::Tree, rows: &[LogRow]) -> anyhow::Result<()> {
 /// One stored row: its value and where in it the row's JSON is.
 #[derive(Clone)]
 pub struct Raw {
-    value: sled::IVec,
+    /// The stored value, or its lines decompressed (shared by its rows).
+    value: bytes::Bytes,
     span: Range<usize>,
 }
 
@@ -171,8 +172,8 @@ impl Raw {
 /// (`None` when the value does not decompress).
 fn spans(value: sled::IVec, ids: Range<u64>) -> Option<Vec<Raw>> {
     let value = match decoded(&value)? {
-        Cow::Borrowed(_) => value,
-        Cow::Owned(plain) => sled::IVec::from(plain),
+        Cow::Borrowed(_) => bytes::Bytes::from_owner(value),
+        Cow::Owned(plain) => bytes::Bytes::from(plain),
     };
     let base = value.as_ptr() as usize;
     let spans: Vec<Range<usize>> = lines(&value)
