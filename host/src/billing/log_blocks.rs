@@ -49,18 +49,24 @@ const LZ4_HEADER: usize = 5;
 /// rather than allocated.
 const MAX_BLOCK: usize = 16 << 20;
 
-/// A block's lines as stored: LZ4-compressed behind a short header (a
-/// block larger than [`MAX_BLOCK`], which only rows with huge strings
-/// make, as it is).
-fn compressed(plain: &[u8]) -> Vec<u8> {
-    let len = match u32::try_from(plain.len()) {
-        Ok(len) if plain.len() <= MAX_BLOCK => len,
-        _ => return plain.to_vec(),
-    };
+/// The value stored for a block of `lines` (rows' JSON, without
+/// newlines): the lines, each ended by a newline, LZ4-compressed behind a
+/// short header (a block larger than [`MAX_BLOCK`], which only rows with
+/// huge strings make, as it is). Every block written goes through here.
+fn stored<'l>(lines: impl IntoIterator<Item = &'l [u8]>) -> Vec<u8> {
+    let mut plain = Vec::new();
+    for line in lines {
+        plain.extend_from_slice(line);
+        plain.push(b'\n');
+    }
+    if plain.len() > MAX_BLOCK {
+        return plain;
+    }
+    let len = plain.len() as u32; // at most MAX_BLOCK
     let mut out = vec![0; LZ4_HEADER + lz4_flex::block::get_maximum_output_size(plain.len())];
     out[0] = LZ4;
     out[1..LZ4_HEADER].copy_from_slice(&len.to_le_bytes());
-    let n = lz4_flex::block::compress_into(plain, &mut out[LZ4_HEADER..])
+    let n = lz4_flex::block::compress_into(&plain, &mut out[LZ4_HEADER..])
         .expect("the buffer is sized by get_maximum_output_size");
     out.truncate(LZ4_HEADER + n);
     out
@@ -124,12 +130,7 @@ pub fn merge<'a>(existing: Option<&[u8]>, rows: &[&'a LogRow]) -> anyhow::Result
         fresh.push(*row);
     }
     all.sort_by_key(|(id, _)| *id);
-    let mut value = Vec::with_capacity(all.iter().map(|(_, l)| l.len() + 1).sum());
-    for (_, line) in &all {
-        value.extend_from_slice(line);
-        value.push(b'\n');
-    }
-    Ok((compressed(&value), fresh))
+    Ok((stored(all.iter().map(|(_, line)| &line[..])), fresh))
 }
 
 /// `rows` grouped by the block each goes to, blocks in key order.
@@ -225,8 +226,7 @@ pub fn remove_while(tree: &sled::Tree, old: impl Fn(&[u8]) -> bool) -> anyhow::R
             continue;
         }
         if gone > 0 {
-            let kept: Vec<u8> = rows[gone..].iter().flat_map(|l| l.iter().copied().chain([b'\n'])).collect();
-            tree.insert(k, compressed(&kept))?;
+            tree.insert(k, stored(rows[gone..].iter().copied()))?;
         }
         break;
     }
