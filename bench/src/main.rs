@@ -27,6 +27,7 @@ mod bare_proxy;
 mod console_queries;
 mod cpu;
 mod hot_swap;
+mod journal_appends;
 #[path = "../../tests/support/mock.rs"]
 #[allow(missing_docs)]
 mod mock;
@@ -199,6 +200,7 @@ fn main() -> Result<()> {
         let plugin_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         plugin_rt.block_on(plugin_calls::run(&plugins, args.plugin_iterations))?;
         plugin_rt.block_on(adapter_calls::run(&plugins, args.plugin_iterations))?;
+        journal_appends::run(args.plugin_iterations * 10)?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(http(&args))

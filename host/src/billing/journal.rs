@@ -6,27 +6,31 @@
 //! it are exactly what a crash left unwritten; [`Journal::open`] returns
 //! them to be applied before anything is served.
 //!
-//! An append is one `write(2)` to the page cache, not an `fsync`: it
-//! survives the process dying (`kill -9`, a panic, the OOM killer), which
-//! is what the batching writer alone could not promise. Losing the machine
-//! itself can still lose the last unflushed batch (see `docs/billing.md`).
+//! An append is a copy into the file's mapping in the page cache, not an
+//! `fsync` (nor a system call: see `journal_file.rs`): it survives the
+//! process dying (`kill -9`, a panic, the OOM killer), which is what the
+//! batching writer alone could not promise. Losing the machine itself can
+//! still lose the last unflushed batch (see `docs/billing.md`).
 //!
-//! The file is kept short: when the writer has committed everything it is
-//! truncated, and under sustained load it is rotated to `*.old` once it
-//! passes [`ROTATE_BYTES`] (the `.old` file is deleted when all of it is
-//! committed).
+//! Two files take turns (`billing.journal` and `billing.journal.old`;
+//! which one is appended to is not recorded: recovery reads both). When the
+//! writer has committed everything, both are emptied; under sustained load,
+//! once the one appended to passes [`ROTATE_BYTES`], appends move to the
+//! other, as soon as that one's lines are all committed and it is emptied.
+//! The files are emptied in place, never deleted or created, so their pages
+//! stay in the page cache: an append copies into a page already there.
 
-use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use super::journal_file::{MappedFile, contents};
 use super::logs::LogRow;
 
-/// Size past which the live file is rotated.
-pub const ROTATE_BYTES: u64 = 8 << 20;
+/// Size past which appends move to the other file.
+pub const ROTATE_BYTES: u64 = 512 << 10;
 
 /// A change of usage logs or balances, as journaled and as the writer
 /// applies it.
@@ -63,24 +67,21 @@ pub struct Entry {
 }
 
 struct Inner {
-    file: File,
+    /// The file appended to.
+    live: MappedFile,
+    /// The other file: the lines before `live`'s until they are committed,
+    /// then empty, waiting for its turn.
+    other: MappedFile,
     /// Last sequence number handed out.
     last_seq: u64,
-    /// Bytes in the live file.
-    bytes: u64,
-    /// Last sequence number in the `.old` file, while it exists.
-    old_last: Option<u64>,
+    /// Last sequence number in `other`, while it holds lines not known to
+    /// be committed.
+    other_last: Option<u64>,
 }
 
 /// The append-only journal in the data directory.
 pub struct Journal {
-    path: PathBuf,
-    old: PathBuf,
     inner: Mutex<Inner>,
-}
-
-fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
 }
 
 /// The entries of `path` after `applied`, in order. Only a last line
@@ -93,6 +94,8 @@ fn read_after(path: &Path, applied: u64, out: &mut Vec<Entry>) -> io::Result<()>
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
+    // The zeros after the contents are the file's allocated space.
+    let data = contents(&data);
     let complete = data.ends_with(b"\n");
     let lines: Vec<&[u8]> = data.split(|b| *b == b'\n').collect();
     let last = lines.len().saturating_sub(1);
@@ -129,7 +132,7 @@ fn read_after(path: &Path, applied: u64, out: &mut Vec<Entry>) -> io::Result<()>
 pub struct AppendError(pub String);
 
 impl Journal {
-    /// Open the journal `dir/billing.journal`; returns it and the entries
+    /// Open the journal `dir/billing.journal*`; returns it and the entries
     /// after `applied` (the writer's last committed sequence number) that
     /// must be applied before serving. Call [`Self::committed`] once they
     /// are.
@@ -142,11 +145,11 @@ impl Journal {
         pending.sort_by_key(|e| e.seq);
         pending.dedup_by_key(|e| e.seq);
         let last_seq = pending.last().map_or(applied, |e| e.seq);
-        let file = open_append(&path)?;
-        let bytes = file.metadata()?.len();
-        let old_last = old.exists().then_some(last_seq);
-        let inner = Inner { file, last_seq, bytes, old_last };
-        Ok((Self { path, old, inner: Mutex::new(inner) }, pending))
+        let live = MappedFile::open(&path)?;
+        let other = MappedFile::open(&old)?;
+        let other_last = (other.len() > 0).then_some(last_seq);
+        let inner = Inner { live, other, last_seq, other_last };
+        Ok((Self { inner: Mutex::new(inner) }, pending))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -155,9 +158,9 @@ impl Journal {
 
     /// Journal `change` and, under the same lock, hand it with its sequence
     /// number and whether it was journaled to `then` (which queues it for
-    /// the writer, so the writer sees changes in sequence order). A failed
-    /// append is rolled back (the file is cut back to its previous length),
-    /// so no torn line is ever followed by good ones.
+    /// the writer, so the writer sees changes in sequence order). An append
+    /// fails whole (only when the file must grow and cannot), so no torn
+    /// line is ever followed by good ones.
     pub fn append<R>(&self, change: Change, then: impl FnOnce(u64, Change, Result<(), AppendError>) -> R) -> R {
         // Serialized before the lock is taken, so that the lock covers only
         // the sequence number and the write: `{"op":…}` loses its closing
@@ -170,53 +173,40 @@ impl Journal {
             debug_assert_eq!(line.last(), Some(&b'}'));
             line.pop();
             let _ = writeln!(line, ",\"seq\":{seq}}}");
-            match inner.file.write_all(&line) {
-                Ok(()) => {
-                    inner.bytes = inner.bytes.saturating_add(line.len() as u64);
-                    Ok(())
-                }
-                Err(error) => {
-                    let rollback = inner.file.set_len(inner.bytes);
-                    tracing::error!(%error, seq, rolled_back = rollback.is_ok(), "appending to the billing journal failed");
-                    Err(AppendError(error.to_string()))
-                }
-            }
+            inner.live.append(&line).map_err(|error| {
+                tracing::error!(%error, seq, "appending to the billing journal failed");
+                AppendError(error.to_string())
+            })
         });
         then(seq, change, written)
     }
 
-    /// Bytes in the live journal file.
+    /// Bytes of lines in the journal's files.
     pub fn size(&self) -> u64 {
-        self.lock().bytes
+        let inner = self.lock();
+        (inner.live.len() + inner.other.len()) as u64
     }
 
     /// Everything up to `seq` is committed to sled: drop what the journal
-    /// no longer needs (truncate when caught up, rotate when large).
+    /// no longer needs (empty both files when caught up, else the other
+    /// file once its lines are committed; move appends to it when the live
+    /// one is large).
     pub fn committed(&self, seq: u64) {
-        let mut inner = self.lock();
-        let result = (|| -> io::Result<()> {
-            if inner.last_seq <= seq {
-                inner.file.set_len(0)?;
-                inner.bytes = 0;
-                if inner.old_last.take().is_some() {
-                    std::fs::remove_file(&self.old)?;
-                }
-                return Ok(());
+        let inner = &mut *self.lock();
+        if inner.last_seq <= seq {
+            inner.live.clear();
+            if inner.other_last.take().is_some() {
+                inner.other.clear();
             }
-            if inner.old_last.is_some_and(|old| old <= seq) {
-                inner.old_last = None;
-                std::fs::remove_file(&self.old)?;
-            }
-            if inner.bytes > ROTATE_BYTES && inner.old_last.is_none() {
-                std::fs::rename(&self.path, &self.old)?;
-                inner.file = open_append(&self.path)?;
-                inner.bytes = 0;
-                inner.old_last = Some(inner.last_seq);
-            }
-            Ok(())
-        })();
-        if let Err(error) = result {
-            tracing::warn!(%error, "trimming the billing journal failed; it will be retried");
+            return;
+        }
+        if inner.other_last.is_some_and(|last| last <= seq) {
+            inner.other_last = None;
+            inner.other.clear();
+        }
+        if inner.live.len() as u64 > ROTATE_BYTES && inner.other_last.is_none() {
+            std::mem::swap(&mut inner.live, &mut inner.other);
+            inner.other_last = Some(inner.last_seq);
         }
     }
 }
@@ -289,16 +279,40 @@ mod tests {
         let (j, _) = Journal::open(dir.path(), 0).expect("open");
         append(&j, row(1));
         append(&j, row(2));
+        let path = dir.path().join("billing.journal");
+        let text = || std::fs::read(&path).map(|d| contents(&d).to_vec()).expect("file");
         j.committed(1);
-        assert!(std::fs::metadata(dir.path().join("billing.journal")).expect("file").len() > 0, "seq 2 still needed");
+        assert!(j.size() > 0 && !text().is_empty(), "seq 2 still needed");
         j.committed(2);
-        assert_eq!(std::fs::metadata(dir.path().join("billing.journal")).expect("file").len(), 0);
+        assert_eq!((j.size(), text()), (0, Vec::new()));
         append(&j, row(3));
         drop(j);
-        let mut f = open_append(&dir.path().join("billing.journal")).expect("append");
-        f.write_all(b"{\"seq\":4,\"op\":\"ro").expect("torn write");
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+        f.write_all_at(b"{\"seq\":4,\"op\":\"ro", text().len() as u64).expect("torn write");
         let (_, pending) = Journal::open(dir.path(), 2).expect("reopen");
         assert_eq!(pending.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn emptying_cut_short_by_a_crash_leaves_a_readable_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (j, _) = Journal::open(dir.path(), 0).expect("open");
+            for id in 1..=3 {
+                append(&j, row(id));
+            }
+        }
+        // `MappedFile::clear` zeroes from the end: stopped part way, it
+        // leaves whole lines and a cut one.
+        let path = dir.path().join("billing.journal");
+        let mut data = std::fs::read(&path).expect("read");
+        let second = data.iter().position(|b| *b == b'\n').expect("a line") + 1;
+        let end = contents(&data).len();
+        data[second + 10..end].fill(0);
+        std::fs::write(&path, &data).expect("write");
+        let (_, pending) = Journal::open(dir.path(), 3).expect("everything was committed");
+        assert!(pending.is_empty());
     }
 
     #[test]
@@ -317,18 +331,27 @@ mod tests {
     }
 
     #[test]
-    fn a_large_file_rotates_and_both_files_are_read_back() {
+    fn a_large_file_hands_over_to_the_other_and_both_are_read_back() {
         let dir = tempfile::tempdir().expect("tempdir");
+        let files = ["billing.journal", "billing.journal.old"].map(|f| dir.path().join(f));
+        let lines = |i: usize| std::fs::read(&files[i]).map(|d| contents(&d).to_vec()).expect("file");
         let (j, _) = Journal::open(dir.path(), 0).expect("open");
-        append(&j, row(1));
-        j.lock().bytes = ROTATE_BYTES + 1; // as if it were large
+        let large = LogRow { id: 1, request_id: "r".repeat(ROTATE_BYTES as usize), ..LogRow::default() };
+        append(&j, Change::Row(Box::new(large)));
         j.committed(0);
-        assert!(dir.path().join("billing.journal.old").exists());
         append(&j, row(2));
+        assert!(lines(0).len() as u64 > ROTATE_BYTES, "seq 1 stays until committed");
+        assert!(String::from_utf8_lossy(&lines(1)).contains("\"seq\":2"), "seq 2 went to the other file");
         drop(j);
         let (j, pending) = Journal::open(dir.path(), 0).expect("reopen");
         assert_eq!(pending.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+        // Reopened, `billing.journal` is appended to again; the other file
+        // holds up to seq 2.
+        append(&j, row(3));
         j.committed(2);
-        assert!(!dir.path().join("billing.journal.old").exists(), "all committed: .old removed");
+        assert!(lines(1).is_empty(), "the other file's lines are committed: emptied");
+        assert!(String::from_utf8_lossy(&lines(0)).contains("\"seq\":3"), "seq 3 still needed");
+        j.committed(3);
+        assert_eq!((j.size(), lines(0), lines(1)), (0, Vec::new(), Vec::new()));
     }
 }

@@ -23,6 +23,7 @@ pub mod accounts;
 pub mod accounts_pg;
 pub mod dashboard;
 pub mod journal;
+mod journal_file;
 pub mod leases;
 pub mod ledger;
 pub mod limits;
