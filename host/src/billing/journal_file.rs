@@ -131,8 +131,8 @@ fn reserve(file: &File, capacity: usize) -> io::Result<()> {
 fn map(file: &File) -> io::Result<MmapMut> {
     // SAFETY: the mapping is only valid while nothing truncates the file
     // under it. The file is the gateway's own, in its private data
-    // directory (mode 0700), and is only ever enlarged while mapped; it is
-    // replaced by a rename, never cut.
+    // directory (mode 0700); the journal only ever enlarges it, and never
+    // renames, replaces or deletes it while it is mapped.
     #[allow(unsafe_code)]
     unsafe {
         MmapMut::map_mut(file)
