@@ -350,3 +350,55 @@ async fn a_channel_set_to_http2_reaches_a_plain_http_upstream_over_h2c() {
     }
     assert_eq!(*mock.state.last_version.lock().expect("lock"), Some(axum::http::Version::HTTP_2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_requests_go_through_the_proxy_the_environment_names() {
+    // The channel's host never resolves (RFC 6761 `.invalid`): only the
+    // proxy, which the mock plays, can answer.
+    let proxy = MockUpstream::start("proxy").await;
+    let ch = channel("far", "openai", "http://upstream.invalid/v1", &["gpt-4o-mini"], "");
+    let proxy_url = format!("http://{}", proxy.addr);
+    let gw = Gateway::start_with_env(&["openai.wasm", "weighted.wasm"], &ch, &[("HTTP_PROXY", &proxy_url)]);
+    let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "via the proxy")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: via the proxy");
+    assert_eq!(proxy.hits(), 1);
+    let host = proxy.state.last_headers.lock().await.as_ref().and_then(|h| h.get("host").cloned());
+    assert_eq!(host.as_ref().and_then(|h| h.to_str().ok()), Some("upstream.invalid"));
+    assert!(gw.log().contains("go through the proxy the environment names"), "{}", gw.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_over_tls_is_reached_with_http2_by_alpn_and_an_untrusted_one_is_refused() {
+    let mock = MockUpstream::start_tls("tls").await;
+    let ch = channel("tls", "openai", &mock.tls_base_url(), &["gpt-4o-mini"], "");
+    let ca = crate::support::tls_mock::test_ca();
+    let trusting = Gateway::start(&["openai.wasm", "weighted.wasm"], &format!("{ch}\n[upstream]\nca_file = {ca:?}\n"));
+    let (status, body) = post(&trusting, "/v1/chat/completions", &chat("gpt-4o-mini", "over tls")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: over tls");
+    assert_eq!(*mock.state.last_version.lock().expect("lock"), Some(axum::http::Version::HTTP_2));
+    let mut req = chat("gpt-4o-mini", "streamed over tls");
+    req["stream"] = json!(true);
+    let text = client()
+        .post(trusting.url("/v1/chat/completions"))
+        .bearer_auth(TOKEN)
+        .json(&req)
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("body");
+    assert!(text.contains("\"content\":\"tls\"") && text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(mock.hits(), 2);
+
+    // Without the authority, the certificate is not trusted: the request
+    // fails as a connection failure and never reaches the upstream.
+    let untrusting = Gateway::start(&["openai.wasm", "weighted.wasm"], &ch);
+    let (status, body) = post(&untrusting, "/v1/chat/completions", &chat("gpt-4o-mini", "refused")).await;
+    assert!(status == 502 || status == 503, "{status} {body}");
+    let message = assert_openai_error(&body);
+    assert!(!message.contains("127.0.0.1") && !message.contains("certificate"), "{message}");
+    assert_eq!(mock.hits(), 2);
+}

@@ -197,6 +197,10 @@ pub struct UpstreamConfig {
     /// Longest upstream `Retry-After` the gateway waits out itself before
     /// a retry; longer ones end the request with 429 and that `Retry-After`.
     pub max_retry_after_secs: u64,
+    /// PEM file of certificate authorities trusted for upstream TLS in
+    /// addition to the built-in (webpki) roots: an internal CA in front of
+    /// self-hosted models, or a TLS-inspecting egress proxy.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Default limits of tokens that set none of their own, also for the
@@ -564,6 +568,7 @@ impl Default for UpstreamConfig {
             backoff_base_ms: 100,
             backoff_max_ms: 2_000,
             max_retry_after_secs: 10,
+            ca_file: None,
         }
     }
 }

@@ -127,7 +127,18 @@ impl MockUpstream {
     /// Start a mock named `name` on 127.0.0.1:0.
     pub async fn start(name: &str) -> Self {
         let state = Arc::new(MockState { name: name.to_string(), ..Default::default() });
-        let app = Router::new()
+        let app = Self::app(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
+        let addr = listener.local_addr().expect("mock addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, state }
+    }
+
+    /// The mock's routes over `state`.
+    pub fn app(state: Arc<MockState>) -> Router {
+        Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completions))
             .route("/v1/embeddings", post(embeddings))
@@ -143,13 +154,7 @@ impl MockUpstream {
             .route("/release", post(release))
             .layer(axum::middleware::from_fn_with_state(state.clone(), note_version))
             .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
-            .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
-        let addr = listener.local_addr().expect("mock addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Self { addr, state }
+            .with_state(state)
     }
 
     /// Base URL to configure a channel with.

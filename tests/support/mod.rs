@@ -8,6 +8,7 @@ pub mod load;
 pub mod mock;
 pub mod postgres;
 pub mod providers;
+pub mod tls_mock;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -56,9 +57,23 @@ pub struct Gateway {
     /// Temporary directory holding everything.
     pub dir: tempfile::TempDir,
     config_path: PathBuf,
+    launch: Launch,
+}
+
+/// How the process is started, besides its configuration.
+#[derive(Clone, Default)]
+struct Launch {
     /// Soft and hard limit on open files the process starts with.
     nofile: Option<u64>,
+    /// Environment variables set for it.
+    env: Vec<(String, String)>,
 }
+
+/// Proxy variables the gateway honours: removed from every gateway's
+/// environment (tests set them explicitly), so that the suite tests the
+/// same client whatever the machine's environment says.
+const PROXY_VARS: [&str; 8] =
+    ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"];
 
 impl Gateway {
     /// Start with `plugins` (artifact file names, installed under the same
@@ -71,7 +86,16 @@ impl Gateway {
     /// files (soft and hard, as `ulimit -n` sets them).
     pub fn start_with_file_limit(plugins: &[&str], extra_toml: &str, nofile: u64) -> Self {
         let mut gw = Self::start_with(plugins, "", extra_toml);
-        gw.nofile = Some(nofile);
+        gw.launch.nofile = Some(nofile);
+        gw.restart();
+        gw
+    }
+
+    /// Like [`Gateway::start`], the process started with `env` added to
+    /// its environment.
+    pub fn start_with_env(plugins: &[&str], extra_toml: &str, env: &[(&str, &str)]) -> Self {
+        let mut gw = Self::start_with(plugins, "", extra_toml);
+        gw.launch.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         gw.restart();
         gw
     }
@@ -127,14 +151,15 @@ impl Gateway {
         );
         let config_path = dir.path().join("wasmgate.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let (child, base) = Self::spawn(dir.path(), &config_path, None);
-        Self { child, base, plugins_dir, data_dir, dir, config_path, nofile: None }
+        let launch = Launch::default();
+        let (child, base) = Self::spawn(dir.path(), &config_path, &launch);
+        Self { child, base, plugins_dir, data_dir, dir, config_path, launch }
     }
 
-    fn command(dir: &Path, config_path: &Path, nofile: Option<u64>) -> Command {
+    fn command(dir: &Path, config_path: &Path, launch: &Launch) -> Command {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(dir.join("gateway.log")).expect("log file");
-        let mut cmd = match nofile {
+        let mut cmd = match launch.nofile {
             None => Command::new(env!("CARGO_BIN_EXE_wasmgate")),
             Some(n) => {
                 let mut c = Command::new("sh");
@@ -148,11 +173,15 @@ impl Gateway {
             .env("RUST_LOG", "info,wasmgate=debug")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
+        for var in PROXY_VARS {
+            cmd.env_remove(var);
+        }
+        cmd.envs(launch.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
-    fn spawn(dir: &Path, config_path: &Path, nofile: Option<u64>) -> (Child, String) {
-        let mut child = Self::command(dir, config_path, nofile).spawn().expect("spawn wasmgate");
+    fn spawn(dir: &Path, config_path: &Path, launch: &Launch) -> (Child, String) {
+        let mut child = Self::command(dir, config_path, launch).spawn().expect("spawn wasmgate");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -175,7 +204,7 @@ impl Gateway {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, base) = Self::spawn(self.dir.path(), &self.config_path, self.nofile);
+        let (child, base) = Self::spawn(self.dir.path(), &self.config_path, &self.launch);
         self.child = child;
         self.base = base;
     }
@@ -190,7 +219,7 @@ impl Gateway {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, base) = Self::spawn(self.dir.path(), &self.config_path, self.nofile);
+        let (child, base) = Self::spawn(self.dir.path(), &self.config_path, &self.launch);
         self.child = child;
         self.base = base;
     }
@@ -235,7 +264,8 @@ impl Gateway {
     /// when it refuses to start.
     pub fn try_start_again(&mut self) -> Result<(), String> {
         self.kill();
-        let mut child = Self::command(self.dir.path(), &self.config_path, self.nofile).spawn().expect("spawn wasmgate");
+        let mut child =
+            Self::command(self.dir.path(), &self.config_path, &self.launch).spawn().expect("spawn wasmgate");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

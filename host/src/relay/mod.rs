@@ -8,6 +8,8 @@ mod probe;
 mod relayed;
 mod stream;
 mod upstream;
+mod upstream_body;
+mod upstream_client;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -131,7 +131,7 @@ pub(super) async fn serve(
             tracing::error!(error = %e, "refusing a stream whose usage cannot be recorded");
             return Err(Failure::Final(storage_unavailable()));
         }
-        let upstream = Box::pin(response.body_stream());
+        let upstream = response.body_stream();
         Body::from_stream(Metered {
             upstream,
             meter: m,
@@ -239,7 +239,7 @@ impl SseUsage {
 /// An upstream event stream forwarded as it arrives, billed when it ends —
 /// or, if the client goes away first, for what was delivered.
 struct Metered {
-    upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    upstream: super::upstream_body::UpstreamBody,
     meter: Option<Meter>,
     seen: SseUsage,
     ttft: Duration,
@@ -262,7 +262,7 @@ impl Stream for Metered {
     type Item = Result<Bytes, std::io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.upstream.as_mut().poll_next(cx) {
+        match self.upstream.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok(bytes))) => {
                 self.seen.feed(&bytes);
                 Poll::Ready(Some(Ok(bytes)))

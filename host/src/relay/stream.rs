@@ -44,7 +44,7 @@ use super::coalesce::Coalesced;
 use super::errors::client_error;
 
 /// The upstream body, what is ready together joined (one decoder call).
-type ByteStream = Coalesced<Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>, reqwest::Error>;
+type ByteStream = Coalesced<super::upstream_body::UpstreamBody, super::upstream_body::BodyError>;
 
 /// What one decoder step produced, as SSE bytes.
 pub(crate) struct Frames {
@@ -236,7 +236,7 @@ impl LiveStream {
     ) -> Self {
         let cfg = &state.config.upstream;
         Self {
-            upstream: Coalesced::new(Box::pin(response.body_stream())),
+            upstream: Coalesced::new(response.body_stream()),
             decoder,
             state: state.clone(),
             channel,

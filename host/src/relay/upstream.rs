@@ -6,8 +6,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
+use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT};
+use http::{HeaderMap, StatusCode};
+use http_body::Body as _;
+use http_body_util::Full;
+use hyper::body::Incoming;
 
+use super::upstream_body::UpstreamBody;
+use super::upstream_client::{Client, ClientSettings, proxy_from_env};
 use crate::config::UpstreamConfig;
 use crate::plugins::{ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, UpstreamError};
 
@@ -18,7 +25,7 @@ use crate::plugins::{ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, U
 #[derive(Clone)]
 pub struct Upstream {
     id: u64,
-    connect_timeout: Duration,
+    settings: ClientSettings,
     response_timeout: Duration,
     /// Longest silence allowed inside a streamed body.
     pub idle_timeout: Duration,
@@ -31,7 +38,7 @@ pub struct Upstream {
 
 /// A client and how many of its requests are in flight (their responses
 /// not yet dropped).
-type Counted = (reqwest::Client, Arc<AtomicUsize>);
+type Counted = (Client, Arc<AtomicUsize>);
 
 /// A thread's clients: per (`Upstream` id, h2c), the clients opened so far.
 type ClientSets = std::cell::RefCell<Vec<((u64, bool), Vec<Counted>)>>;
@@ -39,11 +46,18 @@ type ClientSets = std::cell::RefCell<Vec<((u64, bool), Vec<Counted>)>>;
 /// An upstream response, holding its client's in-flight slot until it is
 /// read or its body stream is dropped.
 pub struct UpstreamResponse {
-    inner: reqwest::Response,
+    head: Head,
     slot: Slot,
+    idle_timeout: Duration,
 }
 
-struct Slot(Arc<AtomicUsize>);
+enum Head {
+    Direct(http::Response<Incoming>),
+    Proxied(reqwest::Response),
+}
+
+/// A request in flight on a client: released when dropped.
+pub(super) struct Slot(Arc<AtomicUsize>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -53,22 +67,49 @@ impl Drop for Slot {
 
 impl UpstreamResponse {
     /// The status.
-    pub fn status(&self) -> reqwest::StatusCode {
-        self.inner.status()
+    pub fn status(&self) -> StatusCode {
+        match &self.head {
+            Head::Direct(r) => r.status(),
+            Head::Proxied(r) => r.status(),
+        }
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        match &self.head {
+            Head::Direct(r) => r.headers(),
+            Head::Proxied(r) => r.headers(),
+        }
+    }
+
+    /// The body's announced length, when it has one.
+    fn content_length(&self) -> Option<u64> {
+        match &self.head {
+            Head::Direct(r) => r.body().size_hint().exact(),
+            Head::Proxied(r) => r.content_length(),
+        }
     }
 
     /// The response's `content-type`, when it has one.
     pub fn content_type(&self) -> Option<String> {
-        self.inner.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string)
+        self.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string)
+    }
+
+    /// Response headers with lower-cased names.
+    pub fn header_list(&self) -> Vec<Header> {
+        self.headers()
+            .iter()
+            .filter_map(|(name, value)| {
+                value.to_str().ok().map(|v| Header { name: name.as_str().to_string(), value: v.to_string() })
+            })
+            .collect()
     }
 
     /// The body as it arrives (the slot is released when it is dropped).
-    pub fn body_stream(self) -> impl Stream<Item = reqwest::Result<Bytes>> + Send + 'static {
-        let slot = self.slot;
-        self.inner.bytes_stream().map(move |chunk| {
-            let _held = &slot;
-            chunk
-        })
+    pub fn body_stream(self) -> UpstreamBody {
+        match self.head {
+            Head::Direct(r) => UpstreamBody::direct(r.into_body(), self.idle_timeout, self.slot),
+            Head::Proxied(r) => UpstreamBody::proxied(r, self.slot),
+        }
     }
 }
 
@@ -82,35 +123,26 @@ impl Upstream {
     /// Build the client.
     pub fn new(cfg: &UpstreamConfig) -> anyhow::Result<Self> {
         static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let proxy = proxy_from_env();
         let this = Self {
             id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+            settings: ClientSettings::new(
+                Duration::from_millis(cfg.connect_timeout_ms),
+                Duration::from_secs(cfg.idle_timeout_secs),
+                proxy.is_some(),
+                cfg.ca_file.as_deref(),
+            )?,
             response_timeout: Duration::from_secs(cfg.response_timeout_secs),
             idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
             exchange_timeout: Duration::from_secs(cfg.exchange_timeout_secs.max(1)),
             max_body: cfg.max_response_bytes,
             per_client: cfg.requests_per_connection.max(1),
         };
-        this.build_client(false)?;
+        if let Some(var) = proxy {
+            tracing::info!(variable = var, "upstream requests go through the proxy the environment names");
+        }
+        Client::build(&this.settings, false)?;
         Ok(this)
-    }
-
-    fn build_client(&self, h2c: bool) -> reqwest::Result<reqwest::Client> {
-        let builder = reqwest::Client::builder();
-        // HTTP/2 without TLS needs prior knowledge; over TLS it is
-        // negotiated (ALPN) whatever this says.
-        let builder = if h2c { builder.http2_prior_knowledge() } else { builder };
-        builder
-            .tcp_nodelay(true)
-            .connect_timeout(self.connect_timeout)
-            // Each read of a response (its headers included) must come
-            // within the idle limit: a stalled upstream is cut.
-            .read_timeout(self.idle_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("wasmgate/", env!("CARGO_PKG_VERSION")))
-            .build()
     }
 
     /// A client of this thread (`h2c`: HTTP/2 with prior knowledge) with
@@ -119,7 +151,7 @@ impl Upstream {
     /// negotiated over TLS) multiplexes one connection per client, so
     /// streams beyond a connection's stream limit open another client
     /// rather than queue behind it.
-    fn client(&self, h2c: bool) -> Result<(reqwest::Client, Slot), UpstreamError> {
+    fn client(&self, h2c: bool) -> Result<(Client, Slot), UpstreamError> {
         thread_local! {
             static CLIENTS: ClientSets = const { std::cell::RefCell::new(Vec::new()) };
         }
@@ -137,7 +169,8 @@ impl Upstream {
             let (client, count) = match free {
                 Some(c) => c.clone(),
                 None => {
-                    let client = self.build_client(h2c).map_err(|_| connection_error("client could not be built"))?;
+                    let client = Client::build(&self.settings, h2c)
+                        .map_err(|_| connection_error("client could not be built"))?;
                     set.push((client, Arc::new(AtomicUsize::new(0))));
                     set.last().cloned().expect("just pushed")
                 }
@@ -152,36 +185,67 @@ impl Upstream {
     /// every request shares a few connections instead of one each.
     pub async fn send(&self, req: HttpRequest, h2c: bool) -> Result<UpstreamResponse, UpstreamError> {
         let method = match req.method {
-            HttpMethod::Get => reqwest::Method::GET,
-            HttpMethod::Post => reqwest::Method::POST,
-            HttpMethod::Put => reqwest::Method::PUT,
-            HttpMethod::Delete => reqwest::Method::DELETE,
+            HttpMethod::Get => http::Method::GET,
+            HttpMethod::Post => http::Method::POST,
+            HttpMethod::Put => http::Method::PUT,
+            HttpMethod::Delete => http::Method::DELETE,
         };
-        let url = parsed_url(&req.url).ok_or_else(invalid_request)?;
         let (client, slot) = self.client(h2c)?;
-        let mut builder = client.request(method, url);
-        for h in &req.headers {
-            builder = builder.header(&h.name, &h.value);
-        }
-        if !req.body.is_empty() {
-            builder = builder.body(req.body);
-        }
-        match tokio::time::timeout(self.response_timeout, builder.send()).await {
-            Err(_) => Err(connection_error("timed out")),
-            Ok(Err(e)) if e.is_connect() => Err(connection_error("connection failed")),
-            Ok(Err(e)) if e.is_timeout() => Err(connection_error("timed out")),
-            Ok(Err(e)) if e.is_builder() => Err(invalid_request()),
-            Ok(Err(_)) => Err(connection_error("request failed")),
-            Ok(Ok(inner)) => Ok(UpstreamResponse { inner, slot }),
-        }
+        let head = match client {
+            Client::Direct(client) => {
+                let uri = parsed_uri(&req.url).ok_or_else(invalid_request)?;
+                let mut request = http::Request::new(Full::new(Bytes::from(req.body)));
+                *request.method_mut() = method;
+                *request.uri_mut() = uri;
+                let headers = request.headers_mut();
+                for h in &req.headers {
+                    let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| invalid_request())?;
+                    let value = HeaderValue::from_str(&h.value).map_err(|_| invalid_request())?;
+                    headers.append(name, value);
+                }
+                if !headers.contains_key(USER_AGENT) {
+                    headers.insert(USER_AGENT, HeaderValue::from_static(super::upstream_client::USER_AGENT));
+                }
+                if !headers.contains_key(ACCEPT) {
+                    headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
+                }
+                // The headers too must come within the idle limit.
+                let limit = self.response_timeout.min(self.idle_timeout);
+                match tokio::time::timeout(limit, client.request(request)).await {
+                    Err(_) => return Err(connection_error("timed out")),
+                    Ok(Err(e)) if e.is_connect() => return Err(connection_error("connection failed")),
+                    Ok(Err(_)) => return Err(connection_error("request failed")),
+                    Ok(Ok(response)) => Head::Direct(response),
+                }
+            }
+            Client::Proxied(client) => {
+                let url = reqwest::Url::parse(&req.url).map_err(|_| invalid_request())?;
+                let mut builder = client.request(method, url);
+                for h in &req.headers {
+                    builder = builder.header(&h.name, &h.value);
+                }
+                if !req.body.is_empty() {
+                    builder = builder.body(req.body);
+                }
+                match tokio::time::timeout(self.response_timeout, builder.send()).await {
+                    Err(_) => return Err(connection_error("timed out")),
+                    Ok(Err(e)) if e.is_connect() => return Err(connection_error("connection failed")),
+                    Ok(Err(e)) if e.is_timeout() => return Err(connection_error("timed out")),
+                    Ok(Err(e)) if e.is_builder() => return Err(invalid_request()),
+                    Ok(Err(_)) => return Err(connection_error("request failed")),
+                    Ok(Ok(inner)) => Head::Proxied(inner),
+                }
+            }
+        };
+        Ok(UpstreamResponse { head, slot, idle_timeout: self.idle_timeout })
     }
 
     /// Read a whole (non-streamed) response, bounded in size and idle time.
     pub async fn read(&self, resp: UpstreamResponse) -> Result<HttpResponse, UpstreamError> {
         let status = resp.status().as_u16();
-        let headers = headers_of(&resp.inner);
-        let expected = resp.inner.content_length().map_or(0, |n| n.min(self.max_body as u64) as usize);
-        let mut stream = std::pin::pin!(resp.body_stream());
+        let headers = resp.header_list();
+        let expected = resp.content_length().map_or(0, |n| n.min(self.max_body as u64) as usize);
+        let mut stream = resp.body_stream();
         // One copy, into the buffer the plugin call takes.
         let mut body = Vec::with_capacity(expected);
         loop {
@@ -215,31 +279,25 @@ fn invalid_request() -> UpstreamError {
 /// cloning it.
 const PARSED_URLS: usize = 32;
 
-/// `url` parsed (`None` when it is not a URL), from this thread's cache.
-fn parsed_url(url: &str) -> Option<reqwest::Url> {
+/// `url` parsed as an `http` or `https` URI (`None` when it is neither),
+/// from this thread's cache. It goes through `url`'s parser first, as
+/// reqwest did: international host names become punycode, and the path is
+/// normalized the same way.
+fn parsed_uri(url: &str) -> Option<http::Uri> {
     thread_local! {
-        static URLS: std::cell::RefCell<Vec<(Box<str>, reqwest::Url)>> = const { std::cell::RefCell::new(Vec::new()) };
+        static URIS: std::cell::RefCell<Vec<(Box<str>, http::Uri)>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    URLS.with(|urls| {
-        let mut urls = urls.borrow_mut();
-        if let Some((_, parsed)) = urls.iter().rev().find(|(text, _)| **text == *url) {
+    URIS.with(|uris| {
+        let mut uris = uris.borrow_mut();
+        if let Some((_, parsed)) = uris.iter().rev().find(|(text, _)| **text == *url) {
             return Some(parsed.clone());
         }
-        let parsed = reqwest::Url::parse(url).ok()?;
-        if urls.len() == PARSED_URLS {
-            urls.remove(0);
+        let normalized = url::Url::parse(url).ok().filter(|u| matches!(u.scheme(), "http" | "https"))?;
+        let parsed = http::Uri::try_from(normalized.as_str()).ok()?;
+        if uris.len() == PARSED_URLS {
+            uris.remove(0);
         }
-        urls.push((url.into(), parsed.clone()));
+        uris.push((url.into(), parsed.clone()));
         Some(parsed)
     })
-}
-
-/// Response headers with lower-cased names.
-pub fn headers_of(resp: &reqwest::Response) -> Vec<Header> {
-    resp.headers()
-        .iter()
-        .filter_map(|(name, value)| {
-            value.to_str().ok().map(|v| Header { name: name.as_str().to_string(), value: v.to_string() })
-        })
-        .collect()
 }

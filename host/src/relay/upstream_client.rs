@@ -1,0 +1,137 @@
+//! The HTTP clients the relay sends upstream requests through.
+//!
+//! Requests go straight through hyper's pooled client (`hyper_util`'s
+//! legacy client over rustls, webpki roots): reqwest's layers on top of it
+//! (request building, its redirect and retry services, proxy matching, a
+//! second URL parse) cost about as much CPU per request as the pool and
+//! connection themselves. When the environment names a proxy
+//! (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, with `NO_PROXY`), requests go
+//! through reqwest instead, which honours those variables as it always did.
+//! Both trust webpki's roots and the operator's `upstream.ca_file`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+/// Variables reqwest reads a proxy from.
+const PROXY_VARS: [&str; 6] = ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"];
+
+/// The first proxy variable set in the environment, if any.
+pub(super) fn proxy_from_env() -> Option<&'static str> {
+    PROXY_VARS.into_iter().find(|v| std::env::var_os(v).is_some_and(|value| !value.is_empty()))
+}
+
+/// Settings every client is built with.
+#[derive(Clone)]
+pub(super) struct ClientSettings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Route through reqwest, for its proxy support.
+    pub proxied: bool,
+    /// The operator's extra certificate authorities (PEM).
+    pub extra_roots: Arc<[rustls::pki_types::CertificateDer<'static>]>,
+    /// TLS settings of the direct client: webpki's roots and the extra ones.
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl ClientSettings {
+    /// Settings with the roots of `ca_file` added to webpki's.
+    pub(super) fn new(
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        proxied: bool,
+        ca_file: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        use rustls::pki_types::pem::PemObject as _;
+        let extra: Vec<_> = match ca_file {
+            None => Vec::new(),
+            Some(path) => rustls::pki_types::CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("upstream.ca_file {}: not a readable PEM file", path.display()))?,
+        };
+        if ca_file.is_some() && extra.is_empty() {
+            anyhow::bail!("upstream.ca_file holds no certificate");
+        }
+        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        for cert in &extra {
+            roots.add(cert.clone()).context("upstream.ca_file: a certificate is not a usable authority")?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS settings")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self { connect_timeout, idle_timeout, proxied, extra_roots: extra.into(), tls: Arc::new(tls) })
+    }
+}
+
+/// One upstream client.
+#[derive(Clone)]
+pub(super) enum Client {
+    /// hyper's pooled client (shared: it is a few hundred bytes).
+    Direct(Arc<HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>>),
+    /// reqwest, when the environment names a proxy.
+    Proxied(reqwest::Client),
+}
+
+/// The `user-agent` sent when the adapter set none.
+pub(super) const USER_AGENT: &str = concat!("wasmgate/", env!("CARGO_PKG_VERSION"));
+
+impl Client {
+    /// A client with its own connection pool; `h2c`: HTTP/2 with prior
+    /// knowledge to a plain-HTTP upstream (over TLS, HTTP/2 is negotiated
+    /// whatever this says).
+    pub(super) fn build(settings: &ClientSettings, h2c: bool) -> anyhow::Result<Self> {
+        if settings.proxied {
+            return Ok(Self::Proxied(proxied(settings, h2c)?));
+        }
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(settings.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*settings.tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = HyperClient::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .http2_only(h2c)
+            .build(https);
+        Ok(Self::Direct(Arc::new(client)))
+    }
+}
+
+/// The reqwest client used behind a proxy: the settings the direct client
+/// has, and no redirects followed.
+fn proxied(settings: &ClientSettings, h2c: bool) -> reqwest::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder();
+    for cert in settings.extra_roots.iter() {
+        builder = builder.add_root_certificate(reqwest::Certificate::from_der(cert)?);
+    }
+    let builder = if h2c { builder.http2_prior_knowledge() } else { builder };
+    builder
+        .tcp_nodelay(true)
+        .connect_timeout(settings.connect_timeout)
+        // Each read of a response (its headers included) must come within
+        // the idle limit: a stalled upstream is cut.
+        .read_timeout(settings.idle_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(USER_AGENT)
+        .build()
+}
