@@ -55,7 +55,7 @@ pub fn run(per_thread: usize) -> Result<()> {
                 let (journal, last) = (&journal, &last);
                 s.spawn(move || {
                     for i in 0..per_thread {
-                        let seq = journal.append(row((t * per_thread + i) as u64), |seq, _, written| {
+                        let seq = journal.append(row((t * per_thread + i) as u64), |seq, _, _, written| {
                             written.map(|()| seq).map_err(|e| anyhow::anyhow!(e.0))
                         })?;
                         last.fetch_max(seq, Ordering::Relaxed);

@@ -66,6 +66,41 @@ pub struct Entry {
     pub change: Change,
 }
 
+/// The JSON of a journaled change's row, cut from its journal line: the
+/// writer stores these bytes in the usage log (and an open stream's
+/// record) instead of serializing the row a second time. The line is
+/// `{"op":"row",` + the row's members + `,"seq":N}`; a row serialized on
+/// its own is `{` + the same members + `}` (`serde` writes an internally
+/// tagged variant's tag first, then the struct's fields in order).
+pub struct RowJson {
+    line: Vec<u8>,
+    members: std::ops::Range<usize>,
+}
+
+impl RowJson {
+    /// The row's JSON in `line` (serialized from `change`, its members
+    /// ending at `end`), when `change` holds a row.
+    fn cut(change: &Change, line: Vec<u8>, end: usize) -> Option<Self> {
+        let tag: &[u8] = match change {
+            Change::Row(_) => b"{\"op\":\"row\",",
+            Change::Open(_) => b"{\"op\":\"open\",",
+            Change::Adjust { .. } => return None,
+        };
+        let members = tag.len()..end;
+        (line.starts_with(tag) && end > tag.len()).then_some(Self { line, members })
+    }
+
+    /// The row's JSON object.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let members = &self.line[self.members.clone()];
+        let mut out = Vec::with_capacity(members.len() + 2);
+        out.push(b'{');
+        out.extend_from_slice(members);
+        out.push(b'}');
+        out
+    }
+}
+
 struct Inner {
     /// The file appended to.
     live: MappedFile,
@@ -157,11 +192,15 @@ impl Journal {
     }
 
     /// Journal `change` and, under the same lock, hand it with its sequence
-    /// number and whether it was journaled to `then` (which queues it for
-    /// the writer, so the writer sees changes in sequence order). An append
-    /// fails whole (only when the file must grow and cannot), so no torn
-    /// line is ever followed by good ones.
-    pub fn append<R>(&self, change: Change, then: impl FnOnce(u64, Change, Result<(), AppendError>) -> R) -> R {
+    /// number, its row's JSON (see [`RowJson`]) and whether it was journaled
+    /// to `then` (which queues it for the writer, so the writer sees changes
+    /// in sequence order). An append fails whole (only when the file must
+    /// grow and cannot), so no torn line is ever followed by good ones.
+    pub fn append<R>(
+        &self,
+        change: Change,
+        then: impl FnOnce(u64, Change, Option<RowJson>, Result<(), AppendError>) -> R,
+    ) -> R {
         // Serialized before the lock is taken, so that the lock covers only
         // the sequence number and the write: `{"op":…}` loses its closing
         // brace here and gets `,"seq":N}` under the lock.
@@ -169,16 +208,22 @@ impl Journal {
         let mut inner = self.lock();
         inner.last_seq = inner.last_seq.saturating_add(1);
         let seq = inner.last_seq;
-        let written = line.and_then(|mut line| {
-            debug_assert_eq!(line.last(), Some(&b'}'));
-            line.pop();
-            let _ = writeln!(line, ",\"seq\":{seq}}}");
-            inner.live.append(&line).map_err(|error| {
-                tracing::error!(%error, seq, "appending to the billing journal failed");
-                AppendError(error.to_string())
-            })
-        });
-        then(seq, change, written)
+        let (line, written) = match line {
+            Err(error) => (None, Err(error)),
+            Ok(mut line) => {
+                debug_assert_eq!(line.last(), Some(&b'}'));
+                line.pop();
+                let members_end = line.len();
+                let _ = writeln!(line, ",\"seq\":{seq}}}");
+                let written = inner.live.append(&line).map_err(|error| {
+                    tracing::error!(%error, seq, "appending to the billing journal failed");
+                    AppendError(error.to_string())
+                });
+                (Some((line, members_end)), written)
+            }
+        };
+        let row = line.and_then(|(line, end)| RowJson::cut(&change, line, end));
+        then(seq, change, row, written)
     }
 
     /// Bytes of lines in the journal's files.
@@ -220,10 +265,41 @@ mod tests {
     }
 
     fn append(j: &Journal, change: Change) -> u64 {
-        j.append(change, |seq, _, written| {
+        j.append(change, |seq, _, _, written| {
             written.expect("journaled");
             seq
         })
+    }
+
+    #[test]
+    fn a_rows_json_cut_from_its_journal_line_is_the_row_serialized_on_its_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (j, _) = Journal::open(dir.path(), 0).expect("open");
+        let full = LogRow {
+            id: 41,
+            request_id: "req_\"quoted\"\n".into(),
+            user_id: Some(3),
+            token_id: Some(9),
+            token_name: "ünïcode \u{1F600}".into(),
+            ttft_ms: Some(12),
+            error_kind: Some("rate_limited".into()),
+            note: Some("top-up".into()),
+            quota: -17,
+            ..LogRow::default()
+        };
+        for change in [Change::Row(Box::new(full.clone())), Change::Open(Box::new(full.clone())), row(42)] {
+            let expected = match &change {
+                Change::Row(r) | Change::Open(r) => serde_json::to_vec(r.as_ref()).expect("serialize"),
+                Change::Adjust { .. } => unreachable!(),
+            };
+            let cut = j.append(change, |_, _, json, written| {
+                written.expect("journaled");
+                json.expect("a row's JSON").to_vec()
+            });
+            assert_eq!(String::from_utf8_lossy(&cut), String::from_utf8_lossy(&expected));
+        }
+        let adjust = j.append(Change::Adjust { user: Some(1), token: None, delta: 5 }, |_, _, json, _| json.is_none());
+        assert!(adjust, "an adjustment has no row");
     }
 
     #[test]

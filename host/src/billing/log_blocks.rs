@@ -24,6 +24,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ops::Range;
 
+use super::journal::RowJson;
 use super::logs::LogRow;
 
 /// First byte of a block's key.
@@ -114,30 +115,37 @@ pub fn id_of(line: &[u8]) -> Option<u64> {
     })
 }
 
+/// A row to store, with its JSON when the journal already made it.
+pub type NewRow<'a> = (&'a LogRow, Option<&'a RowJson>);
+
 /// `rows` (all of one block) merged into the block's stored value:
 /// the new value, and the rows it did not hold yet (a row written again,
 /// as in a replay, is kept once).
-pub fn merge<'a>(existing: Option<&[u8]>, rows: &[&'a LogRow]) -> anyhow::Result<(Vec<u8>, Vec<&'a LogRow>)> {
+pub fn merge<'a>(existing: Option<&[u8]>, rows: &[NewRow<'a>]) -> anyhow::Result<(Vec<u8>, Vec<&'a LogRow>)> {
     let existing = existing.map(|v| decoded(v).ok_or_else(corrupt)).transpose()?;
     let mut all: Vec<(u64, Cow<'_, [u8]>)> =
         existing.iter().flat_map(|v| lines(v)).map(|l| (id_of(l).unwrap_or(0), l.into())).collect();
     let mut fresh = Vec::with_capacity(rows.len());
-    for row in rows {
+    for &(row, json) in rows {
         if all.iter().any(|(id, _)| *id == row.id) {
             continue;
         }
-        all.push((row.id, serde_json::to_vec(row)?.into()));
-        fresh.push(*row);
+        let line = match json {
+            Some(json) => json.to_vec(),
+            None => serde_json::to_vec(row)?,
+        };
+        all.push((row.id, line.into()));
+        fresh.push(row);
     }
     all.sort_by_key(|(id, _)| *id);
     Ok((stored(all.iter().map(|(_, line)| &line[..])), fresh))
 }
 
 /// `rows` grouped by the block each goes to, blocks in key order.
-pub fn by_block<'a>(rows: impl IntoIterator<Item = &'a LogRow>) -> BTreeMap<[u8; 9], Vec<&'a LogRow>> {
-    let mut blocks: BTreeMap<[u8; 9], Vec<&LogRow>> = BTreeMap::new();
+pub fn by_block<'a>(rows: impl IntoIterator<Item = NewRow<'a>>) -> BTreeMap<[u8; 9], Vec<NewRow<'a>>> {
+    let mut blocks: BTreeMap<[u8; 9], Vec<NewRow<'a>>> = BTreeMap::new();
     for row in rows {
-        blocks.entry(key(row.id)).or_default().push(row);
+        blocks.entry(key(row.0.id)).or_default().push(row);
     }
     blocks
 }
@@ -147,7 +155,7 @@ pub fn by_block<'a>(rows: impl IntoIterator<Item = &'a LogRow>) -> BTreeMap<[u8;
 /// transaction).
 pub fn insert(tree: &sled::Tree, rows: &[LogRow]) -> anyhow::Result<()> {
     let mut batch = sled::Batch::default();
-    for (k, group) in by_block(rows) {
+    for (k, group) in by_block(rows.iter().map(|r| (r, None))) {
         let (value, _) = merge(tree.get(k)?.as_deref(), &group)?;
         batch.insert(&k[..], value);
     }
@@ -270,11 +278,11 @@ mod tests {
         let new: Vec<LogRow> = [38, 21, 35, 22].into_iter().map(row).collect();
         for r in &new {
             let k = key(r.id);
-            let (value, fresh) = merge(tree.get(k).expect("get").as_deref(), &[r, r]).expect("merge");
+            let (value, fresh) = merge(tree.get(k).expect("get").as_deref(), &[(r, None), (r, None)]).expect("merge");
             assert_eq!(fresh.len(), 1, "a row given twice is stored once");
             tree.insert(k, value).expect("insert");
         }
-        let (_, fresh) = merge(tree.get(key(21)).expect("get").as_deref(), &[&new[1]]).expect("merge");
+        let (_, fresh) = merge(tree.get(key(21)).expect("get").as_deref(), &[(&new[1], None)]).expect("merge");
         assert!(fresh.is_empty(), "a replayed row is not new");
         assert_eq!(tree.len(), 20 + 2, "21 and 22 share a block, 35 and 38 another");
 
@@ -307,7 +315,7 @@ mod tests {
 
         // Writing to it again stores the whole block compressed.
         let third = row(3);
-        let (value, fresh) = merge(tree.get(key(3)).expect("get").as_deref(), &[&third]).expect("merge");
+        let (value, fresh) = merge(tree.get(key(3)).expect("get").as_deref(), &[(&third, None)]).expect("merge");
         assert_eq!(fresh.len(), 1);
         assert_eq!(value[0], LZ4, "a written block is compressed");
         assert!(value.len() < plain.len(), "three rows compressed take less than two plain ({} bytes)", value.len());
@@ -322,7 +330,10 @@ mod tests {
         tree.insert(key(9), vec![LZ4, 200, 0, 0, 0, 1, 2, 3]).expect("insert");
         assert!(oldest_first(&tree).any(|r| r.is_err()), "reading every row reports it");
         assert_eq!(ids(newest_first(&tree, 0..u64::MAX)), vec![3, 2, 1], "a query skips it");
-        assert!(merge(tree.get(key(9)).expect("get").as_deref(), &[&row(9)]).is_err(), "nothing is written over it");
+        assert!(
+            merge(tree.get(key(9)).expect("get").as_deref(), &[(&row(9), None)]).is_err(),
+            "nothing is written over it"
+        );
         // A corrupt length is refused before anything is allocated for it.
         let mut huge = vec![LZ4];
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
@@ -330,7 +341,7 @@ mod tests {
         assert!(decoded(&huge).is_none());
         // A block that large is stored as it is, and read back.
         let big = LogRow { id: 40, model: "m".repeat(MAX_BLOCK), ..LogRow::default() };
-        let (value, _) = merge(None, &[&big]).expect("merge");
+        let (value, _) = merge(None, &[(&big, None)]).expect("merge");
         assert_eq!(value[0], b'{', "stored plain");
         assert_eq!(lines(&decoded(&value).expect("plain")).count(), 1);
     }

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::NotRecorded;
 use super::accounts::{TokenRecord, UserRecord};
-use super::journal::{Change, Entry, Journal};
+use super::journal::{Change, Entry, Journal, RowJson};
 use super::log_blocks;
 use super::logs::{self, LogKind, LogRow};
 use super::writer_pg::PgSink;
@@ -35,8 +35,8 @@ const OPEN: &[u8] = b"open/";
 
 /// One queued item.
 enum Op {
-    /// A journaled change and its sequence number.
-    Change(u64, Change),
+    /// A journaled change, its sequence number and its row's JSON.
+    Change(u64, Change, Option<RowJson>),
     /// Acknowledge once everything queued before is on disk.
     Flush(oneshot::Sender<()>),
 }
@@ -170,9 +170,9 @@ impl Writer {
     /// is woken: the writer drains the queue every `max_wait` (or when a
     /// flush asks).
     pub fn send(&self, change: Change) -> Result<(), NotRecorded> {
-        self.journal.append(change, |seq, change, written| match written {
+        self.journal.append(change, |seq, change, json, written| match written {
             Ok(()) => {
-                self.queue(seq, change);
+                self.queue(seq, change, json);
                 Ok(())
             }
             Err(e) => {
@@ -187,8 +187,8 @@ impl Writer {
     /// the writer commits it once the storage recovers; only a crash
     /// before that loses it. Returns whether it was journaled.
     pub fn send_or_keep(&self, change: Change) -> Result<(), NotRecorded> {
-        self.journal.append(change, |seq, change, written| {
-            self.queue(seq, change);
+        self.journal.append(change, |seq, change, json, written| {
+            self.queue(seq, change, json);
             written.map_err(|e| {
                 self.store.guard().report_failure(&format!("billing journal: {e}"));
                 NotRecorded(e.0)
@@ -196,8 +196,8 @@ impl Writer {
         })
     }
 
-    fn queue(&self, seq: u64, change: Change) {
-        if self.tx.send(Op::Change(seq, change)).is_err() {
+    fn queue(&self, seq: u64, change: Change, json: Option<RowJson>) {
+        if self.tx.send(Op::Change(seq, change, json)).is_err() {
             tracing::error!("billing writer stopped; a usage record is only in the journal until the next start");
         }
     }
@@ -225,6 +225,8 @@ fn run(
     sink: Option<&PgSink>,
 ) {
     let mut pending: Vec<(u64, Change)> = Vec::new();
+    // The JSON of pending rows, by sequence number (ascending).
+    let mut json = RowsJson::default();
     let mut generation = store.generation();
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     let mut backoff = Duration::from_millis(100);
@@ -233,7 +235,12 @@ fn run(
         kick.wait(limits.max_wait);
         loop {
             match rx.try_recv() {
-                Ok(Op::Change(seq, change)) => pending.push((seq, change)),
+                Ok(Op::Change(seq, change, row)) => {
+                    if let Some(row) = row {
+                        json.0.push((seq, row));
+                    }
+                    pending.push((seq, change));
+                }
                 Ok(Op::Flush(ack)) => acks.push(ack),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
@@ -251,6 +258,7 @@ fn run(
             generation = store.generation();
             if let Ok(done) = Trees::open(store).and_then(|t| Ok(t.committed_seq()?)) {
                 pending.retain(|(seq, _)| *seq > done);
+                json.drop_through(done);
             }
         }
         while writable && !pending.is_empty() {
@@ -277,10 +285,11 @@ fn run(
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 break;
             }
-            match write(&trees, &pending[..n], Some(last)) {
+            match write(&trees, &pending[..n], &json, Some(last)) {
                 Ok(()) => {
                     crate::metrics::get().billing_batch(started.elapsed());
                     pending.drain(..n);
+                    json.drop_through(last);
                     journal.committed(last);
                     store.committed(last);
                     stats.last_commit_ms.store(crate::store::unix_now_ms(), Ordering::Relaxed);
@@ -329,7 +338,7 @@ pub fn recover(
         None => Ok(()),
     };
     shared(&changes)?;
-    write(trees, &changes, last)?;
+    write(trees, &changes, &RowsJson::default(), last)?;
     if let Some(seq) = last {
         journal.committed(seq);
     }
@@ -342,7 +351,7 @@ pub fn recover(
         }
     }
     shared(&open)?;
-    write(trees, &open, None)?;
+    write(trees, &open, &RowsJson::default(), None)?;
     Ok((replayed, open.len()))
 }
 
@@ -446,9 +455,28 @@ pub(super) fn deltas(changes: &[(u64, Change)]) -> Sums {
     sums
 }
 
+/// Rows' JSON as cut from their journal lines, by sequence number
+/// (ascending): what [`write`] stores instead of serializing them again.
+#[derive(Default)]
+struct RowsJson(Vec<(u64, RowJson)>);
+
+impl RowsJson {
+    /// The JSON of the row journaled as `seq`, if kept.
+    fn get(&self, seq: u64) -> Option<&RowJson> {
+        self.0.binary_search_by_key(&seq, |(s, _)| *s).ok().map(|i| &self.0[i].1)
+    }
+
+    /// Forget the rows up to `seq` (committed, or already in the store).
+    fn drop_through(&mut self, seq: u64) {
+        let n = self.0.partition_point(|(s, _)| *s <= seq);
+        self.0.drain(..n);
+    }
+}
+
 /// Commit `changes` in one transaction (recording `seq` as the last
-/// journal sequence number committed, when given), then flush.
-fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(), String> {
+/// journal sequence number committed, when given), then flush. `json`
+/// holds the rows' JSON where the journal had it.
+fn write(trees: &Trees, changes: &[(u64, Change)], json: &RowsJson, seq: Option<u64>) -> Result<(), String> {
     if changes.is_empty() {
         return Ok(());
     }
@@ -456,7 +484,7 @@ fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(
     let Trees { users, tokens, logs, state, rollups } = trees;
     (users, tokens, logs, state, rollups)
         .transaction(|(u, t, l, s, r)| {
-            for (_, change) in changes {
+            for (line_seq, change) in changes {
                 match change {
                     Change::Row(row) => {
                         // Only a stream has an open record to end.
@@ -465,14 +493,18 @@ fn write(trees: &Trees, changes: &[(u64, Change)], seq: Option<u64>) -> Result<(
                         }
                     }
                     Change::Open(row) => {
-                        s.insert(open_key(&row.request_id), serde_json::to_vec(row.as_ref()).map_err(abort)?)?;
+                        let value = match json.get(*line_seq) {
+                            Some(j) => j.to_vec(),
+                            None => serde_json::to_vec(row.as_ref()).map_err(abort)?,
+                        };
+                        s.insert(open_key(&row.request_id), value)?;
                     }
                     Change::Adjust { .. } => {}
                 }
             }
             // A row written again (a replay) is counted once.
-            let rows = changes.iter().filter_map(|(_, change)| match change {
-                Change::Row(row) => Some(row.as_ref()),
+            let rows = changes.iter().filter_map(|(line_seq, change)| match change {
+                Change::Row(row) => Some((row.as_ref(), json.get(*line_seq))),
                 _ => None,
             });
             let mut fresh = Vec::new();
