@@ -372,8 +372,11 @@ async fn upstream_requests_go_through_the_proxy_the_environment_names() {
 async fn an_upstream_over_tls_is_reached_with_http2_by_alpn_and_an_untrusted_one_is_refused() {
     let mock = MockUpstream::start_tls("tls").await;
     let ch = channel("tls", "openai", &mock.tls_base_url(), &["gpt-4o-mini"], "");
+    // `http2 = true` asks for h2c on plain HTTP; over TLS, ALPN decides.
+    let h2 = channel("tls-h2", "openai", &mock.tls_base_url(), &["gpt-4o"], "settings = { http2 = true }\n");
     let ca = crate::support::tls_mock::test_ca();
-    let trusting = Gateway::start(&["openai.wasm", "weighted.wasm"], &format!("{ch}\n[upstream]\nca_file = {ca:?}\n"));
+    let trusting =
+        Gateway::start(&["openai.wasm", "weighted.wasm"], &format!("{ch}{h2}\n[upstream]\nca_file = {ca:?}\n"));
     let (status, body) = post(&trusting, "/v1/chat/completions", &chat("gpt-4o-mini", "over tls")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], "echo: over tls");
@@ -391,7 +394,10 @@ async fn an_upstream_over_tls_is_reached_with_http2_by_alpn_and_an_untrusted_one
         .await
         .expect("body");
     assert!(text.contains("\"content\":\"tls\"") && text.ends_with("data: [DONE]\n\n"), "{text}");
-    assert_eq!(mock.hits(), 2);
+    let (status, body) = post(&trusting, "/v1/chat/completions", &chat("gpt-4o", "h2 setting over tls")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(*mock.state.last_version.lock().expect("lock"), Some(axum::http::Version::HTTP_2));
+    assert_eq!(mock.hits(), 3);
 
     // Without the authority, the certificate is not trusted: the request
     // fails as a connection failure and never reaches the upstream.
@@ -400,5 +406,5 @@ async fn an_upstream_over_tls_is_reached_with_http2_by_alpn_and_an_untrusted_one
     assert!(status == 502 || status == 503, "{status} {body}");
     let message = assert_openai_error(&body);
     assert!(!message.contains("127.0.0.1") && !message.contains("certificate"), "{message}");
-    assert_eq!(mock.hits(), 2);
+    assert_eq!(mock.hits(), 3);
 }

@@ -95,7 +95,7 @@ impl UpstreamResponse {
     }
 
     /// Response headers with lower-cased names.
-    pub fn header_list(&self) -> Vec<Header> {
+    fn header_list(&self) -> Vec<Header> {
         self.headers()
             .iter()
             .filter_map(|(name, value)| {
@@ -190,10 +190,15 @@ impl Upstream {
             HttpMethod::Put => http::Method::PUT,
             HttpMethod::Delete => http::Method::DELETE,
         };
+        let uri = match self.settings.proxied {
+            false => Some(parsed_uri(&req.url).ok_or_else(invalid_request)?),
+            true => None,
+        };
+        // Prior knowledge is for plain HTTP; over TLS, HTTP/2 is negotiated.
+        let h2c = h2c && uri.as_ref().is_none_or(|u| u.scheme() == Some(&http::uri::Scheme::HTTP));
         let (client, slot) = self.client(h2c)?;
-        let head = match client {
-            Client::Direct(client) => {
-                let uri = parsed_uri(&req.url).ok_or_else(invalid_request)?;
+        let head = match (client, uri) {
+            (Client::Direct(client), Some(uri)) => {
                 let mut request = http::Request::new(Full::new(Bytes::from(req.body)));
                 *request.method_mut() = method;
                 *request.uri_mut() = uri;
@@ -218,7 +223,8 @@ impl Upstream {
                     Ok(Ok(response)) => Head::Direct(response),
                 }
             }
-            Client::Proxied(client) => {
+            (Client::Direct(_), None) => return Err(invalid_request()),
+            (Client::Proxied(client), _) => {
                 let url = reqwest::Url::parse(&req.url).map_err(|_| invalid_request())?;
                 let mut builder = client.request(method, url);
                 for h in &req.headers {

@@ -87,9 +87,9 @@ pub(super) enum Client {
 pub(super) const USER_AGENT: &str = concat!("wasmgate/", env!("CARGO_PKG_VERSION"));
 
 impl Client {
-    /// A client with its own connection pool; `h2c`: HTTP/2 with prior
-    /// knowledge to a plain-HTTP upstream (over TLS, HTTP/2 is negotiated
-    /// whatever this says).
+    /// A client with its own connection pool; `h2c`: HTTP/2 only, with
+    /// prior knowledge (for plain-HTTP upstreams: the relay picks a client
+    /// without it for `https`, where HTTP/2 is negotiated by ALPN).
     pub(super) fn build(settings: &ClientSettings, h2c: bool) -> anyhow::Result<Self> {
         if settings.proxied {
             return Ok(Self::Proxied(proxied(settings, h2c)?));
