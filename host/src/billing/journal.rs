@@ -20,6 +20,7 @@
 //! The files are emptied in place, never deleted or created, so their pages
 //! stay in the page cache: an append copies into a page already there.
 
+use std::borrow::Cow;
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::Mutex;
@@ -71,33 +72,43 @@ pub struct Entry {
 /// record) instead of serializing the row a second time. The line is
 /// `{"op":"row",` + the row's members + `,"seq":N}`; a row serialized on
 /// its own is `{` + the same members + `}` (`serde` writes an internally
-/// tagged variant's tag first, then the struct's fields in order).
+/// tagged variant's tag first, then the struct's fields in order), so the
+/// two commas around the members become the row's braces, in place.
 pub struct RowJson {
     line: Vec<u8>,
-    members: std::ops::Range<usize>,
+    json: std::ops::Range<usize>,
 }
 
 impl RowJson {
-    /// The row's JSON in `line` (serialized from `change`, its members
-    /// ending at `end`), when `change` holds a row.
-    fn cut(change: &Change, line: Vec<u8>, end: usize) -> Option<Self> {
+    /// The row's JSON in `line` (written to the journal from `change`, its
+    /// members ending at `end`), when `change` holds a row.
+    fn cut(change: &Change, mut line: Vec<u8>, end: usize) -> Option<Self> {
         let tag: &[u8] = match change {
             Change::Row(_) => b"{\"op\":\"row\",",
             Change::Open(_) => b"{\"op\":\"open\",",
             Change::Adjust { .. } => return None,
         };
-        let members = tag.len()..end;
-        (line.starts_with(tag) && end > tag.len()).then_some(Self { line, members })
+        let start = tag.len() - 1;
+        if !line.starts_with(tag) || end <= tag.len() || line.get(end) != Some(&b',') {
+            return None;
+        }
+        line[start] = b'{';
+        line[end] = b'}';
+        Some(Self { line, json: start..end + 1 })
     }
 
     /// The row's JSON object.
-    pub fn to_vec(&self) -> Vec<u8> {
-        let members = &self.line[self.members.clone()];
-        let mut out = Vec::with_capacity(members.len() + 2);
-        out.push(b'{');
-        out.extend_from_slice(members);
-        out.push(b'}');
-        out
+    pub fn bytes(&self) -> &[u8] {
+        &self.line[self.json.clone()]
+    }
+
+    /// `row`'s JSON: `json`'s bytes when the journal cut them, serialized
+    /// otherwise (rows replayed from the journal at start).
+    pub fn or_serialized<'a>(json: Option<&'a Self>, row: &LogRow) -> serde_json::Result<Cow<'a, [u8]>> {
+        match json {
+            Some(json) => Ok(Cow::Borrowed(json.bytes())),
+            None => serde_json::to_vec(row).map(Cow::Owned),
+        }
     }
 }
 
@@ -294,7 +305,7 @@ mod tests {
             };
             let cut = j.append(change, |_, _, json, written| {
                 written.expect("journaled");
-                json.expect("a row's JSON").to_vec()
+                json.expect("a row's JSON").bytes().to_vec()
             });
             assert_eq!(String::from_utf8_lossy(&cut), String::from_utf8_lossy(&expected));
         }

@@ -130,11 +130,7 @@ pub fn merge<'a>(existing: Option<&[u8]>, rows: &[NewRow<'a>]) -> anyhow::Result
         if all.iter().any(|(id, _)| *id == row.id) {
             continue;
         }
-        let line = match json {
-            Some(json) => json.to_vec(),
-            None => serde_json::to_vec(row)?,
-        };
-        all.push((row.id, line.into()));
+        all.push((row.id, RowJson::or_serialized(json, row)?));
         fresh.push(row);
     }
     all.sort_by_key(|(id, _)| *id);

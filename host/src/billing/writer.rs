@@ -493,11 +493,8 @@ fn write(trees: &Trees, changes: &[(u64, Change)], json: &RowsJson, seq: Option<
                         }
                     }
                     Change::Open(row) => {
-                        let value = match json.get(*line_seq) {
-                            Some(j) => j.to_vec(),
-                            None => serde_json::to_vec(row.as_ref()).map_err(abort)?,
-                        };
-                        s.insert(open_key(&row.request_id), value)?;
+                        let value = RowJson::or_serialized(json.get(*line_seq), row).map_err(abort)?;
+                        s.insert(open_key(&row.request_id), &value[..])?;
                     }
                     Change::Adjust { .. } => {}
                 }
