@@ -225,7 +225,7 @@ impl Upstream {
             }
             (Client::Direct(_), None) => return Err(invalid_request()),
             (Client::Proxied(client), _) => {
-                let url = reqwest::Url::parse(&req.url).map_err(|_| invalid_request())?;
+                let url = parsed_url(&req.url).ok_or_else(invalid_request)?;
                 let mut builder = client.request(method, url);
                 for h in &req.headers {
                     builder = builder.header(&h.name, &h.value);
@@ -285,25 +285,47 @@ fn invalid_request() -> UpstreamError {
 /// cloning it.
 const PARSED_URLS: usize = 32;
 
+/// A thread's parsed URLs, by their text.
+type ParsedUrls<T> = std::cell::RefCell<Vec<(Box<str>, T)>>;
+
+/// `url` as `parse` reads it (`None`: it does not), from `cache`.
+fn cached<T: Clone + 'static>(
+    cache: &'static std::thread::LocalKey<ParsedUrls<T>>,
+    url: &str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Option<T> {
+    cache.with(|parsed| {
+        let mut parsed = parsed.borrow_mut();
+        if let Some((_, hit)) = parsed.iter().rev().find(|(text, _)| **text == *url) {
+            return Some(hit.clone());
+        }
+        let value = parse(url)?;
+        if parsed.len() == PARSED_URLS {
+            parsed.remove(0);
+        }
+        parsed.push((url.into(), value.clone()));
+        Some(value)
+    })
+}
+
 /// `url` parsed as an `http` or `https` URI (`None` when it is neither),
-/// from this thread's cache. It goes through `url`'s parser first, as
-/// reqwest did: international host names become punycode, and the path is
-/// normalized the same way.
+/// for the direct client. It goes through `url`'s parser first, as
+/// reqwest does: international host names become punycode, and the path
+/// is normalized the same way.
 fn parsed_uri(url: &str) -> Option<http::Uri> {
     thread_local! {
-        static URIS: std::cell::RefCell<Vec<(Box<str>, http::Uri)>> = const { std::cell::RefCell::new(Vec::new()) };
+        static URIS: ParsedUrls<http::Uri> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    URIS.with(|uris| {
-        let mut uris = uris.borrow_mut();
-        if let Some((_, parsed)) = uris.iter().rev().find(|(text, _)| **text == *url) {
-            return Some(parsed.clone());
-        }
+    cached(&URIS, url, |url| {
         let normalized = url::Url::parse(url).ok().filter(|u| matches!(u.scheme(), "http" | "https"))?;
-        let parsed = http::Uri::try_from(normalized.as_str()).ok()?;
-        if uris.len() == PARSED_URLS {
-            uris.remove(0);
-        }
-        uris.push((url.into(), parsed.clone()));
-        Some(parsed)
+        http::Uri::try_from(normalized.as_str()).ok()
     })
+}
+
+/// `url` parsed for reqwest (`None` when it is not a URL).
+fn parsed_url(url: &str) -> Option<reqwest::Url> {
+    thread_local! {
+        static URLS: ParsedUrls<reqwest::Url> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    cached(&URLS, url, |url| reqwest::Url::parse(url).ok())
 }

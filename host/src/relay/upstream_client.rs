@@ -83,6 +83,11 @@ pub(super) enum Client {
     Proxied(reqwest::Client),
 }
 
+/// How long an idle pooled connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per host, per client.
+const POOL_MAX_IDLE_PER_HOST: usize = 256;
+
 /// The `user-agent` sent when the adapter set none.
 pub(super) const USER_AGENT: &str = concat!("wasmgate/", env!("CARGO_PKG_VERSION"));
 
@@ -107,8 +112,8 @@ impl Client {
         let client = HyperClient::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .http2_only(h2c)
             .build(https);
         Ok(Self::Direct(Arc::new(client)))
@@ -129,8 +134,8 @@ fn proxied(settings: &ClientSettings, h2c: bool) -> reqwest::Result<reqwest::Cli
         // Each read of a response (its headers included) must come within
         // the idle limit: a stalled upstream is cut.
         .read_timeout(settings.idle_timeout)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(USER_AGENT)
         .build()
