@@ -295,10 +295,31 @@ async fn open_streams_hold_no_plugin_instance_and_abandoned_ones_are_billed_off_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_beyond_the_instance_pool_waits_for_slots_instead_of_failing() {
     let mock = MockUpstream::start("mock").await;
-    let ch = channel("a", "openai", &mock.base_url(), &["gpt-4o-mini"], "");
-    // Two slots, and a fresh instance for every call: each request needs a
-    // slot for the policy, then for the adapter, many times over.
-    let gw = Gateway::start_with(&["openai.wasm", "weighted.wasm"], "max_instances = 2\ninstance_reuse = 1", &ch);
+    let ch = channel("a", "openai", &mock.base_url(), &["gpt-4o-mini"], "")
+        + &channel("hostile", "hostile", &mock.base_url(), &["spin"], "");
+    // Two slots and a fresh instance for every call. Fuel, not the wall
+    // clock, ends a spinning call (seconds of work), so a waiting call's
+    // wait (up to the minute-long call timeout) outlasts it on any machine.
+    let limits = "max_instances = 2\ninstance_reuse = 1\nfuel_per_call = 20000000000\ncall_timeout_ms = 60000";
+    let gw = Gateway::start_with(&["openai.wasm", "weighted.wasm", "hostile.wasm"], limits, &ch);
+    let spin = |gw: &Gateway| {
+        let (url, body) = (gw.url("/v1/chat/completions"), chat("spin", "hold a slot"));
+        tokio::spawn(async move {
+            let resp = client().post(url).bearer_auth(TOKEN).json(&body).send().await.expect("send");
+            (resp.status().as_u16(), resp.json::<Value>().await.expect("OpenAI error JSON"))
+        })
+    };
+    let spinners = [spin(&gw), spin(&gw)];
+    // Both slots taken by the spinning calls: the burst below starts on a full pool.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = client().get(gw.url("/metrics")).send().await.expect("scrape").text().await.expect("text");
+        if metric(&text, "wasmgate_plugin_instances_in_use") == Some(2) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the spinning calls never held both slots: {text}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let requests = (0..48).map(|i| {
         let mut body = chat("gpt-4o-mini", &format!("burst {i}"));
         body["stream"] = json!(i % 2 == 0);
@@ -318,10 +339,20 @@ async fn a_burst_beyond_the_instance_pool_waits_for_slots_instead_of_failing() {
             assert!(text.contains(&format!("echo: burst {i}")), "request {i}: {text}");
         }
     }
-    let metrics = client().get(gw.url("/metrics")).send().await.expect("scrape").text().await.expect("text");
-    let waits = metrics.lines().find_map(|l| l.strip_prefix("wasmgate_plugin_instance_waits_total "));
-    // The pool was exhausted (69–76 waits in local runs): the wait, not luck, served everyone.
-    assert!(waits.and_then(|w| w.trim().parse::<u64>().ok()).is_some_and(|n| n > 0), "{metrics}");
+    // The spinning calls ran out of fuel: an error for their own requests only.
+    for spinner in spinners {
+        let (status, body) = spinner.await.expect("spinner");
+        assert_eq!(status, 502, "{body}");
+        assert_eq!(assert_openai_error(&body), "plugin_error");
+    }
+    let text = client().get(gw.url("/metrics")).send().await.expect("scrape").text().await.expect("text");
+    // The burst found the pool full and waited: the wait, not luck, served everyone.
+    assert!(metric(&text, "wasmgate_plugin_instance_waits_total").is_some_and(|n| n > 0), "{text}");
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus scrape.
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
