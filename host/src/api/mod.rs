@@ -204,7 +204,9 @@ struct MakeId;
 
 impl MakeRequestId for MakeId {
     fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<tower_http::request_id::RequestId> {
-        HeaderValue::from_str(&crate::billing::logs::new_request_id()).ok().map(tower_http::request_id::RequestId::new)
+        HeaderValue::from_bytes(&crate::billing::logs::new_request_id_bytes())
+            .ok()
+            .map(tower_http::request_id::RequestId::new)
     }
 }
 

@@ -215,7 +215,7 @@ impl Journal {
         // Serialized before the lock is taken, so that the lock covers only
         // the sequence number and the write: `{"op":…}` loses its closing
         // brace here and gets `,"seq":N}` under the lock.
-        let line = serde_json::to_vec(&change).map_err(|error| AppendError(format!("not serializable: {error}")));
+        let line = serialized(&change).map_err(|error| AppendError(format!("not serializable: {error}")));
         let mut inner = self.lock();
         inner.last_seq = inner.last_seq.saturating_add(1);
         let seq = inner.last_seq;
@@ -265,6 +265,30 @@ impl Journal {
             inner.other_last = Some(inner.last_seq);
         }
     }
+}
+
+/// `change` as JSON in a buffer of its own length, with room for the
+/// `,"seq":N}` and newline that follow. Serialized into a per-thread
+/// buffer first: serde_json's own `to_vec` grows a small vector three
+/// times for a usage row.
+fn serialized(change: &Change) -> serde_json::Result<Vec<u8>> {
+    /// Room for `,"seq":` + the largest u64 + `}` and a newline.
+    const SEQ_SUFFIX: usize = 30;
+    /// Past this, a buffer that grew for an unusual change is let go.
+    const KEPT: usize = 64 << 10;
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(4096));
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.clear();
+        let written = serde_json::to_writer(&mut *scratch, change);
+        let mut line = Vec::with_capacity(scratch.len() + SEQ_SUFFIX);
+        line.extend_from_slice(scratch);
+        if scratch.capacity() > KEPT {
+            *scratch = Vec::with_capacity(4096);
+        }
+        written.map(|()| line)
+    })
 }
 
 #[cfg(test)]

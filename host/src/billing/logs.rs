@@ -105,7 +105,26 @@ pub struct LogRow {
 /// A new request id: `req_`, the Unix ms in 12 hex digits, 8 random hex
 /// digits. Its time lets a lookup by id read only the rows around it.
 pub fn new_request_id() -> String {
-    format!("req_{:012x}{:08x}", crate::store::unix_now_ms(), rand::random::<u32>())
+    String::from_utf8_lossy(&new_request_id_bytes()).into_owned()
+}
+
+/// [`new_request_id`] as ASCII bytes on the stack (written without
+/// `format!`: every request makes one).
+pub fn new_request_id_bytes() -> [u8; 24] {
+    request_id(crate::store::unix_now_ms(), rand::random::<u32>())
+}
+
+/// The request id of Unix ms `time` and `random`.
+fn request_id(time: u64, random: u32) -> [u8; 24] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = *b"req_00000000000000000000";
+    for (i, b) in id[4..16].iter_mut().enumerate() {
+        *b = HEX[((time >> (4 * (11 - i))) & 0xf) as usize];
+    }
+    for (i, b) in id[16..].iter_mut().enumerate() {
+        *b = HEX[((random >> (4 * (7 - i))) & 0xf) as usize];
+    }
+    id
 }
 
 /// The Unix ms a gateway-made request id was made at ([`new_request_id`];
@@ -432,6 +451,9 @@ mod tests {
     #[test]
     fn a_gateway_request_id_carries_its_time() {
         let id = new_request_id();
+        assert!(id.len() == 24 && id.starts_with("req_"), "{id}");
+        let (time, random) = (0x0123_4567_89ab_u64, 0xfedc_ba98_u32);
+        assert_eq!(request_id(time, random), format!("req_{time:012x}{random:08x}").as_bytes());
         let at = request_id_time(&id).expect("time");
         assert!(at.abs_diff(crate::store::unix_now_ms()) < 60_000, "{id}");
         assert_eq!(request_id_time("req_0123456789abcdef"), None, "an older or client id");

@@ -75,7 +75,10 @@ impl Bucket {
             let n = self.latency.entry(latency_bucket(row.latency_ms)).or_default();
             *n = n.saturating_add(1);
         }
-        add(self.models.entry(row.model.clone()).or_default(), row);
+        match self.models.get_mut(&row.model) {
+            Some(sums) => add(sums, row),
+            None => add(self.models.entry(row.model.clone()).or_default(), row),
+        }
         add(self.channels.entry(row.channel_id).or_default(), row);
         add(self.users.entry(row.user_id.unwrap_or(0)).or_default(), row);
     }

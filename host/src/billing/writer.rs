@@ -230,6 +230,7 @@ fn run(
     let mut generation = store.generation();
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     let mut backoff = Duration::from_millis(100);
+    let mut mark = ManifestMark::default();
     let mut open = true;
     while open || !pending.is_empty() {
         kick.wait(limits.max_wait);
@@ -291,7 +292,7 @@ fn run(
                     pending.drain(..n);
                     json.drop_through(last);
                     journal.committed(last);
-                    store.committed(last);
+                    mark.committed(store, last);
                     stats.last_commit_ms.store(crate::store::unix_now_ms(), Ordering::Relaxed);
                     backoff = Duration::from_millis(100);
                 }
@@ -312,10 +313,46 @@ fn run(
         if !writable {
             std::thread::sleep(limits.max_wait.max(Duration::from_millis(100)));
         }
-        if pending.is_empty() {
+        if pending.is_empty() && !acks.is_empty() {
+            mark.write(store);
             for ack in acks.drain(..) {
                 let _ = ack.send(());
             }
+        }
+    }
+    mark.write(store);
+}
+
+/// How often, at most, the store's manifest is rewritten for the journal's
+/// committed sequence number.
+const MANIFEST_MARK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The journal's committed sequence number, recorded in the store's
+/// manifest ([`Store::committed`]) at most every [`MANIFEST_MARK_INTERVAL`]
+/// and at every flush: under load the writer commits every few
+/// milliseconds, and rewriting the file each time cost more than the
+/// commit's bookkeeping. A mark behind the store only narrows what the
+/// manifest's check catches; it never refuses a sound store.
+#[derive(Default)]
+struct ManifestMark {
+    /// Committed and not yet recorded.
+    unwritten: Option<u64>,
+    /// When it was last recorded.
+    written: Option<std::time::Instant>,
+}
+
+impl ManifestMark {
+    fn committed(&mut self, store: &Store, seq: u64) {
+        self.unwritten = Some(seq);
+        if self.written.is_none_or(|at| at.elapsed() >= MANIFEST_MARK_INTERVAL) {
+            self.write(store);
+        }
+    }
+
+    fn write(&mut self, store: &Store) {
+        if let Some(seq) = self.unwritten.take() {
+            store.committed(seq);
+            self.written = Some(std::time::Instant::now());
         }
     }
 }
