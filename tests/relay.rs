@@ -356,6 +356,43 @@ fn metric(text: &str, name: &str) -> Option<u64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plain_http_upstream_connection_is_reused_and_one_it_closed_is_replaced() {
+    use crate::support::bare_upstream;
+    // One worker thread: its connections serve every request.
+    let one_worker = "[server]\nworkers = 1\n";
+    let (kept_url, kept) = bare_upstream::start(false).await;
+    let gw = Gateway::start(
+        &["openai.wasm", "weighted.wasm"],
+        &(channel("kept", "openai", &kept_url, &["gpt-4o-mini"], "") + one_worker),
+    );
+    for i in 0..5 {
+        let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", &format!("kept {i}"))).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["choices"][0]["message"]["content"], format!("bare: kept {i}"));
+    }
+    assert_eq!(kept.get(), (1, 5, 0), "five requests, one kept-alive connection");
+
+    // An upstream that closes each connection after its answer, unannounced.
+    let (closing_url, closing) = bare_upstream::start(true).await;
+    let gw = Gateway::start(
+        &["openai.wasm", "weighted.wasm"],
+        &(channel("closing", "openai", &closing_url, &["gpt-4o-mini"], "") + one_worker),
+    );
+    for i in 1..=3 {
+        let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", &format!("closing {i}"))).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["choices"][0]["message"]["content"], format!("bare: closing {i}"));
+        // The upstream has closed it; the gateway learns of it on its own.
+        while closing.get().2 < i {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each request went out once, on a connection of its own.
+    assert_eq!(closing.get(), (3, 3, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_channel_set_to_http2_reaches_a_plain_http_upstream_over_h2c() {
     let mock = MockUpstream::start("h2").await;
     let ch = channel("h2", "openai", &mock.base_url(), &["gpt-4o-mini"], "settings = { http2 = true }\n");

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod accounts;
+pub mod bare_upstream;
 pub mod load;
 pub mod mock;
 pub mod postgres;

@@ -4,6 +4,7 @@
 mod coalesce;
 pub(crate) mod credentials;
 mod errors;
+mod http1_pool;
 mod probe;
 mod relayed;
 mod stream;

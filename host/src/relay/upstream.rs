@@ -13,6 +13,7 @@ use http_body::Body as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use super::http1_pool::{self, SendError};
 use super::upstream_body::UpstreamBody;
 use super::upstream_client::{Client, ClientSettings, proxy_from_env};
 use crate::config::UpstreamConfig;
@@ -56,12 +57,15 @@ enum Head {
     Proxied(reqwest::Response),
 }
 
-/// A request in flight on a client: released when dropped.
-pub(super) struct Slot(Arc<AtomicUsize>);
+/// A request in flight on a client: released when dropped (none for a
+/// request on a thread's own HTTP/1 connections, [`http1_pool`]).
+pub(super) struct Slot(Option<Arc<AtomicUsize>>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if let Some(count) = &self.0 {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -176,7 +180,7 @@ impl Upstream {
                 }
             };
             count.fetch_add(1, Ordering::Relaxed);
-            Ok((client, Slot(count)))
+            Ok((client, Slot(Some(count))))
         })
     }
 
@@ -195,27 +199,25 @@ impl Upstream {
             true => None,
         };
         // Prior knowledge is for plain HTTP; over TLS, HTTP/2 is negotiated.
-        let h2c = h2c && uri.as_ref().is_none_or(|u| u.scheme() == Some(&http::uri::Scheme::HTTP));
+        let plain = uri.as_ref().is_some_and(|u| u.scheme() == Some(&http::uri::Scheme::HTTP));
+        let h2c = h2c && (plain || uri.is_none());
+        // The headers too must come within the idle limit.
+        let limit = self.response_timeout.min(self.idle_timeout);
+        if plain && !h2c {
+            let request = direct_request(method, uri.expect("plain"), req)?;
+            let sent = http1_pool::send(self.id, request, self.settings.connect_timeout);
+            let head = match tokio::time::timeout(limit, sent).await {
+                Err(_) => return Err(connection_error("timed out")),
+                Ok(Err(SendError::Connect)) => return Err(connection_error("connection failed")),
+                Ok(Err(SendError::Request)) => return Err(connection_error("request failed")),
+                Ok(Ok(response)) => Head::Direct(response),
+            };
+            return Ok(UpstreamResponse { head, slot: Slot(None), idle_timeout: self.idle_timeout });
+        }
         let (client, slot) = self.client(h2c)?;
         let head = match (client, uri) {
             (Client::Direct(client), Some(uri)) => {
-                let mut request = http::Request::new(Full::new(Bytes::from(req.body)));
-                *request.method_mut() = method;
-                *request.uri_mut() = uri;
-                let headers = request.headers_mut();
-                for h in &req.headers {
-                    let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| invalid_request())?;
-                    let value = HeaderValue::from_str(&h.value).map_err(|_| invalid_request())?;
-                    headers.append(name, value);
-                }
-                if !headers.contains_key(USER_AGENT) {
-                    headers.insert(USER_AGENT, HeaderValue::from_static(super::upstream_client::USER_AGENT));
-                }
-                if !headers.contains_key(ACCEPT) {
-                    headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
-                }
-                // The headers too must come within the idle limit.
-                let limit = self.response_timeout.min(self.idle_timeout);
+                let request = direct_request(method, uri, req)?;
                 match tokio::time::timeout(limit, client.request(request)).await {
                     Err(_) => return Err(connection_error("timed out")),
                     Ok(Err(e)) if e.is_connect() => return Err(connection_error("connection failed")),
@@ -269,6 +271,31 @@ impl Upstream {
         }
         Ok(HttpResponse { status, headers, body })
     }
+}
+
+/// `req` as a request for hyper, to `uri`, with reqwest's default
+/// `user-agent` and `accept` when the adapter set none.
+fn direct_request(
+    method: http::Method,
+    uri: http::Uri,
+    req: HttpRequest,
+) -> Result<http::Request<Full<Bytes>>, UpstreamError> {
+    let mut request = http::Request::new(Full::new(Bytes::from(req.body)));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    for h in &req.headers {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| invalid_request())?;
+        let value = HeaderValue::from_str(&h.value).map_err(|_| invalid_request())?;
+        headers.append(name, value);
+    }
+    if !headers.contains_key(USER_AGENT) {
+        headers.insert(USER_AGENT, HeaderValue::from_static(super::upstream_client::USER_AGENT));
+    }
+    if !headers.contains_key(ACCEPT) {
+        headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
+    }
+    Ok(request)
 }
 
 /// The error for an upstream request the adapter built wrong.

@@ -1,7 +1,9 @@
 //! The HTTP clients the relay sends upstream requests through.
 //!
-//! Requests go straight through hyper's pooled client (`hyper_util`'s
-//! legacy client over rustls, webpki roots): reqwest's layers on top of it
+//! Plain-HTTP/1.1 upstreams use each thread's own connections
+//! ([`super::http1_pool`]). `https` and HTTP/2 upstreams go straight
+//! through hyper's pooled client (`hyper_util`'s legacy client over rustls,
+//! webpki roots), which negotiates and multiplexes them: reqwest's layers on top of it
 //! (request building, its redirect and retry services, proxy matching, a
 //! second URL parse) cost about as much CPU per request as the pool and
 //! connection themselves. When the environment names a proxy
