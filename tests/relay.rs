@@ -361,6 +361,8 @@ async fn a_plain_http_upstream_connection_is_reused_and_one_it_closed_is_replace
     // One worker thread: its connections serve every request.
     let one_worker = "[server]\nworkers = 1\n";
     let (kept_url, kept) = bare_upstream::start(false).await;
+    // By name: resolved, and tried over IPv4 when `::1` refuses.
+    let kept_url = kept_url.replace("127.0.0.1", "localhost");
     let gw = Gateway::start(
         &["openai.wasm", "weighted.wasm"],
         &(channel("kept", "openai", &kept_url, &["gpt-4o-mini"], "") + one_worker),

@@ -11,7 +11,9 @@
 //! A connection goes back on its thread's list as soon as its response's
 //! headers are in; hyper reports it ready again only once that response's
 //! body has been read to its end, so a checkout takes the most recently
-//! used ready connection and leaves busy ones alone. A request that meets a
+//! used ready connection and leaves busy ones alone. New connections are
+//! opened by `hyper_util`'s TCP connector (name resolution, happy eyeballs,
+//! the connect timeout). A request that meets a
 //! connection the upstream closed while idle is sent again on another, as
 //! hyper hands it back unsent; one that was sent is never repeated.
 
@@ -20,12 +22,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::HOST;
-use http::uri::{Authority, PathAndQuery};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower::ServiceExt as _;
 
 /// How long an idle connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -112,12 +115,12 @@ pub(super) enum SendError {
 }
 
 /// Send `request` (an absolute `http://` URI) over one of this thread's
-/// connections to its host, opened with `connect_timeout` when none is
-/// ready. `client` keeps different clients' connections apart.
+/// connections to its host, opened through `connector` when none is ready.
+/// `client` keeps different clients' connections apart.
 pub(super) async fn send(
     client: u64,
     mut request: Request<Full<Bytes>>,
-    connect_timeout: Duration,
+    connector: &HttpConnector,
 ) -> Result<Response<Incoming>, SendError> {
     let authority = request.uri().authority().cloned().ok_or(SendError::Request)?;
     to_origin_form(&mut request, &authority)?;
@@ -126,7 +129,7 @@ pub(super) async fn send(
         let now = Instant::now();
         let (mut sender, reused) = match POOL.with_borrow_mut(|pool| pool.checkout(&key, now)) {
             Some(sender) => (sender, true),
-            None => (connect(&key.1, connect_timeout).await?, false),
+            None => (connect(connector, &key.1).await?, false),
         };
         match sender.try_send_request(request).await {
             Ok(response) => {
@@ -159,17 +162,13 @@ fn to_origin_form(request: &mut Request<Full<Bytes>>, authority: &Authority) -> 
     Ok(())
 }
 
-/// A new connection to `authority`, its task spawned on this thread's runtime.
-async fn connect(authority: &Authority, timeout: Duration) -> Result<Sender, SendError> {
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-    let port = authority.port_u16().unwrap_or(80);
-    let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await {
-        Ok(Ok(stream)) => stream,
-        _ => return Err(SendError::Connect),
-    };
-    let _ = stream.set_nodelay(true);
-    let (sender, connection) =
-        http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|_| SendError::Connect)?;
+/// A new connection to `authority` through `connector`, its task spawned
+/// on this thread's runtime.
+async fn connect(connector: &HttpConnector, authority: &Authority) -> Result<Sender, SendError> {
+    let target = Uri::builder().scheme(Scheme::HTTP).authority(authority.clone()).path_and_query("/").build();
+    let target = target.map_err(|_| SendError::Connect)?;
+    let io = connector.clone().oneshot(target).await.map_err(|_| SendError::Connect)?;
+    let (sender, connection) = http1::Builder::new().handshake(io).await.map_err(|_| SendError::Connect)?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "upstream connection ended");

@@ -12,6 +12,7 @@ use http::{HeaderMap, StatusCode};
 use http_body::Body as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::http1_pool::{self, SendError};
 use super::upstream_body::UpstreamBody;
@@ -27,6 +28,8 @@ use crate::plugins::{ErrorKind, Header, HttpMethod, HttpRequest, HttpResponse, U
 pub struct Upstream {
     id: u64,
     settings: ClientSettings,
+    /// Opens plain-HTTP/1.1 connections ([`http1_pool`]).
+    connector: HttpConnector,
     response_timeout: Duration,
     /// Longest silence allowed inside a streamed body.
     pub idle_timeout: Duration,
@@ -128,14 +131,16 @@ impl Upstream {
     pub fn new(cfg: &UpstreamConfig) -> anyhow::Result<Self> {
         static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let proxy = proxy_from_env();
+        let settings = ClientSettings::new(
+            Duration::from_millis(cfg.connect_timeout_ms),
+            Duration::from_secs(cfg.idle_timeout_secs),
+            proxy.is_some(),
+            cfg.ca_file.as_deref(),
+        )?;
         let this = Self {
             id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            settings: ClientSettings::new(
-                Duration::from_millis(cfg.connect_timeout_ms),
-                Duration::from_secs(cfg.idle_timeout_secs),
-                proxy.is_some(),
-                cfg.ca_file.as_deref(),
-            )?,
+            connector: settings.tcp_connector(),
+            settings,
             response_timeout: Duration::from_secs(cfg.response_timeout_secs),
             idle_timeout: Duration::from_secs(cfg.idle_timeout_secs),
             exchange_timeout: Duration::from_secs(cfg.exchange_timeout_secs.max(1)),
@@ -205,7 +210,7 @@ impl Upstream {
         let limit = self.response_timeout.min(self.idle_timeout);
         if plain && !h2c {
             let request = direct_request(method, uri.expect("plain"), req)?;
-            let sent = http1_pool::send(self.id, request, self.settings.connect_timeout);
+            let sent = http1_pool::send(self.id, request, &self.connector);
             let head = match tokio::time::timeout(limit, sent).await {
                 Err(_) => return Err(connection_error("timed out")),
                 Ok(Err(SendError::Connect)) => return Err(connection_error("connection failed")),

@@ -74,6 +74,16 @@ impl ClientSettings {
             .with_no_client_auth();
         Ok(Self { connect_timeout, idle_timeout, proxied, extra_roots: extra.into(), tls: Arc::new(tls) })
     }
+
+    /// A TCP connector for plain-HTTP upstreams: name resolution, the
+    /// connect timeout, happy eyeballs between address families, and
+    /// TCP_NODELAY.
+    pub(super) fn tcp_connector(&self) -> HttpConnector {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(self.connect_timeout));
+        http
+    }
 }
 
 /// One upstream client.
@@ -101,10 +111,8 @@ impl Client {
         if settings.proxied {
             return Ok(Self::Proxied(proxied(settings, h2c)?));
         }
-        let mut http = HttpConnector::new();
+        let mut http = settings.tcp_connector();
         http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(settings.connect_timeout));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config((*settings.tls).clone())
             .https_or_http()
