@@ -208,17 +208,10 @@ impl Upstream {
         let h2c = h2c && (plain || uri.is_none());
         // The headers too must come within the idle limit.
         let limit = self.response_timeout.min(self.idle_timeout);
-        if plain && !h2c {
-            let request = direct_request(method, uri.expect("plain"), req)?;
-            let sent = http1_pool::send(self.id, request, &self.connector);
-            let head = match tokio::time::timeout(limit, sent).await {
-                Err(_) => return Err(connection_error("timed out")),
-                Ok(Err(SendError::Connect)) => return Err(connection_error("connection failed")),
-                Ok(Err(SendError::Request)) => return Err(connection_error("request failed")),
-                Ok(Ok(response)) => Head::Direct(response),
-            };
-            return Ok(UpstreamResponse { head, slot: Slot(None), idle_timeout: self.idle_timeout });
-        }
+        let uri = match uri {
+            Some(uri) if plain && !h2c => return self.send_http1(method, uri, req, limit).await,
+            other => other,
+        };
         let (client, slot) = self.client(h2c)?;
         let head = match (client, uri) {
             (Client::Direct(client), Some(uri)) => {
@@ -251,6 +244,25 @@ impl Upstream {
             }
         };
         Ok(UpstreamResponse { head, slot, idle_timeout: self.idle_timeout })
+    }
+
+    /// Send `req` to a plain-HTTP/1.1 upstream over one of this thread's
+    /// connections ([`http1_pool`]), its headers due within `limit`.
+    async fn send_http1(
+        &self,
+        method: http::Method,
+        uri: http::Uri,
+        req: HttpRequest,
+        limit: Duration,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let request = direct_request(method, uri, req)?;
+        let head = match tokio::time::timeout(limit, http1_pool::send(self.id, request, &self.connector)).await {
+            Err(_) => return Err(connection_error("timed out")),
+            Ok(Err(SendError::Connect)) => return Err(connection_error("connection failed")),
+            Ok(Err(SendError::Request)) => return Err(connection_error("request failed")),
+            Ok(Ok(response)) => Head::Direct(response),
+        };
+        Ok(UpstreamResponse { head, slot: Slot(None), idle_timeout: self.idle_timeout })
     }
 
     /// Read a whole (non-streamed) response, bounded in size and idle time.
