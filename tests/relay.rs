@@ -477,4 +477,17 @@ async fn an_upstream_over_tls_is_reached_with_http2_by_alpn_and_an_untrusted_one
     let message = assert_openai_error(&body);
     assert!(!message.contains("127.0.0.1") && !message.contains("certificate"), "{message}");
     assert_eq!(mock.hits(), 3);
+
+    // The environment's `SSL_CERT_FILE` is trusted as well, as curl and
+    // Go's clients trust it; an unreadable one is a warning, not a refusal to start.
+    let plugins = ["openai.wasm", "weighted.wasm"];
+    let from_env = Gateway::start_with_env(&plugins, &ch, &[("SSL_CERT_FILE", ca.to_str().expect("utf-8"))]);
+    let (status, body) = post(&from_env, "/v1/chat/completions", &chat("gpt-4o-mini", "env ca")).await;
+    assert_eq!((status, body["choices"][0]["message"]["content"].as_str()), (200, Some("echo: env ca")), "{body}");
+    assert_eq!(mock.hits(), 4);
+    let missing = Gateway::start_with_env(&plugins, &ch, &[("SSL_CERT_FILE", "/nonexistent/ca.pem")]);
+    let (status, body) = post(&missing, "/v1/chat/completions", &chat("gpt-4o-mini", "refused")).await;
+    assert!(status == 502 || status == 503, "{status} {body}");
+    assert!(missing.log().contains("SSL_CERT_FILE is not used for upstream TLS"), "{}", missing.log());
+    assert_eq!(mock.hits(), 4);
 }

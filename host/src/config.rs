@@ -199,7 +199,8 @@ pub struct UpstreamConfig {
     pub max_retry_after_secs: u64,
     /// PEM file of certificate authorities trusted for upstream TLS in
     /// addition to the built-in (webpki) roots: an internal CA in front of
-    /// self-hosted models, or a TLS-inspecting egress proxy.
+    /// self-hosted models, or a TLS-inspecting egress proxy. The file the
+    /// environment's `SSL_CERT_FILE` names is trusted as well.
     pub ca_file: Option<std::path::PathBuf>,
 }
 

@@ -76,6 +76,10 @@ struct Launch {
 const PROXY_VARS: [&str; 8] =
     ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"];
 
+/// Variables that add trusted authorities for upstream TLS: removed
+/// unless a test sets them, like [`PROXY_VARS`].
+const TLS_VARS: [&str; 1] = ["SSL_CERT_FILE"];
+
 impl Gateway {
     /// Start with `plugins` (artifact file names, installed under the same
     /// name unless given as `src:dest`) and extra TOML (channels, options).
@@ -174,7 +178,7 @@ impl Gateway {
             .env("RUST_LOG", "info,wasmgate=debug")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
-        for var in PROXY_VARS {
+        for var in PROXY_VARS.iter().chain(&TLS_VARS) {
             cmd.env_remove(var);
         }
         cmd.envs(launch.env.iter().map(|(k, v)| (k, v)));

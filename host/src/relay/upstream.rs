@@ -136,6 +136,7 @@ impl Upstream {
             Duration::from_secs(cfg.idle_timeout_secs),
             proxy.is_some(),
             cfg.ca_file.as_deref(),
+            std::env::var_os("SSL_CERT_FILE").filter(|v| !v.is_empty()).map(std::path::PathBuf::from).as_deref(),
         )?;
         let this = Self {
             id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),

@@ -9,7 +9,8 @@
 //! connection themselves. When the environment names a proxy
 //! (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, with `NO_PROXY`), requests go
 //! through reqwest instead, which honours those variables as it always did.
-//! Both trust webpki's roots and the operator's `upstream.ca_file`.
+//! Both trust webpki's roots, the operator's `upstream.ca_file` and the
+//! environment's `SSL_CERT_FILE`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -45,26 +46,34 @@ pub(super) struct ClientSettings {
 }
 
 impl ClientSettings {
-    /// Settings with the roots of `ca_file` added to webpki's.
+    /// Settings with the roots of `ca_file` added to webpki's, and those
+    /// of `env_file` (the environment's `SSL_CERT_FILE`) unless it cannot
+    /// be read (then a warning: an inherited variable must not stop the
+    /// gateway, while a configured file must be right).
     pub(super) fn new(
         connect_timeout: Duration,
         idle_timeout: Duration,
         proxied: bool,
         ca_file: Option<&Path>,
+        env_file: Option<&Path>,
     ) -> anyhow::Result<Self> {
-        use rustls::pki_types::pem::PemObject as _;
-        let extra: Vec<_> = match ca_file {
+        let mut extra = match ca_file {
             None => Vec::new(),
-            Some(path) => rustls::pki_types::CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .with_context(|| format!("upstream.ca_file {}: not a readable PEM file", path.display()))?,
+            Some(path) => authorities(path).with_context(|| format!("upstream.ca_file {}", path.display()))?,
         };
-        if ca_file.is_some() && extra.is_empty() {
-            anyhow::bail!("upstream.ca_file holds no certificate");
+        if let Some(path) = env_file {
+            match authorities(path) {
+                Ok(certs) => extra.extend(certs),
+                Err(error) => tracing::warn!(
+                    file = %path.display(),
+                    error = format!("{error:#}"),
+                    "SSL_CERT_FILE is not used for upstream TLS"
+                ),
+            }
         }
         let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
         for cert in &extra {
-            roots.add(cert.clone()).context("upstream.ca_file: a certificate is not a usable authority")?;
+            roots.add(cert.clone()).context("an extra certificate authority is not usable")?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -84,6 +93,16 @@ impl ClientSettings {
         http.set_connect_timeout(Some(self.connect_timeout));
         http
     }
+}
+
+/// The certificates of the PEM file at `path` (at least one).
+fn authorities(path: &Path) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject as _;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .context("not a readable PEM file")?;
+    anyhow::ensure!(!certs.is_empty(), "holds no certificate");
+    Ok(certs)
 }
 
 /// One upstream client.
