@@ -439,6 +439,29 @@ async fn upstream_requests_go_through_the_proxy_the_environment_names() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_https_upstream_is_reached_through_the_proxys_tunnel_with_the_operators_authority() {
+    let mock = MockUpstream::start_tls("tls").await;
+    let proxy = crate::support::connect_proxy::start().await;
+    let ch = channel("tls", "openai", &mock.tls_base_url(), &["gpt-4o-mini"], "");
+    let ca = crate::support::tls_mock::test_ca();
+    let config = format!("{ch}\n[upstream]\nca_file = {ca:?}\n");
+    let gw = Gateway::start_with_env(&["openai.wasm", "weighted.wasm"], &config, &[("HTTPS_PROXY", &proxy.url)]);
+    let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", "tunnelled")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "echo: tunnelled");
+    // The TLS session ran end to end inside the tunnel, verified against `ca_file`.
+    assert_eq!(*proxy.targets.lock().expect("lock"), vec![mock.addr.to_string()]);
+    assert_eq!(mock.hits(), 1);
+    assert!(gw.log().contains("go through the proxy the environment names"), "{}", gw.log());
+
+    // Without the authority, the tunnel opens but the certificate is refused.
+    let untrusting = Gateway::start_with_env(&["openai.wasm", "weighted.wasm"], &ch, &[("HTTPS_PROXY", &proxy.url)]);
+    let (status, body) = post(&untrusting, "/v1/chat/completions", &chat("gpt-4o-mini", "refused")).await;
+    assert!(status == 502 || status == 503, "{status} {body}");
+    assert_eq!(mock.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upstream_over_tls_is_reached_with_http2_by_alpn_and_an_untrusted_one_is_refused() {
     let mock = MockUpstream::start_tls("tls").await;
     let ch = channel("tls", "openai", &mock.tls_base_url(), &["gpt-4o-mini"], "");

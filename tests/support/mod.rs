@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod bare_upstream;
+pub mod connect_proxy;
 pub mod load;
 pub mod mock;
 pub mod postgres;
