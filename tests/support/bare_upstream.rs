@@ -85,8 +85,7 @@ async fn read_request(socket: &mut BufReader<tokio::net::TcpStream>) -> Option<V
 /// A chat completion echoing the request's last message.
 fn answer(body: &[u8]) -> String {
     let request: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let said =
-        request["messages"].as_array().and_then(|m| m.last()).map_or("", |m| m["content"].as_str().unwrap_or(""));
+    let said = super::mock::last_user_text(&request);
     let completion = serde_json::json!({
         "id": "chatcmpl-bare", "object": "chat.completion", "created": 1, "model": request["model"],
         "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("bare: {said}")}, "finish_reason": "stop"}],

@@ -329,7 +329,8 @@ async fn record(state: &MockState, headers: &HeaderMap, body: &Bytes) -> Value {
     value
 }
 
-fn last_user_text(body: &Value) -> String {
+/// The text of a chat request's last message (empty when it has none).
+pub fn last_user_text(body: &Value) -> String {
     body["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("").to_string()
 }
 

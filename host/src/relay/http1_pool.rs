@@ -30,10 +30,8 @@ use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::ServiceExt as _;
 
-/// How long an idle connection is kept.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Connections kept per upstream host, per thread (busy and idle).
-const MAX_PER_HOST: usize = 256;
+use super::upstream_client::{POOL_IDLE_TIMEOUT, POOL_MAX_IDLE_PER_HOST};
+
 /// How often a thread drops the expired connections of every host.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
@@ -48,7 +46,7 @@ struct Conn {
 
 impl Conn {
     fn expired(&self, now: Instant) -> bool {
-        self.sender.is_closed() || (self.sender.is_ready() && now.duration_since(self.used) > IDLE_TIMEOUT)
+        self.sender.is_closed() || (self.sender.is_ready() && now.duration_since(self.used) > POOL_IDLE_TIMEOUT)
     }
 }
 
@@ -99,7 +97,7 @@ impl Pool {
         };
         // Past the cap the connection is dropped: hyper closes it once
         // the response under way is read.
-        if conns.len() < MAX_PER_HOST {
+        if conns.len() < POOL_MAX_IDLE_PER_HOST {
             conns.push(Conn { sender, used: now });
         }
     }

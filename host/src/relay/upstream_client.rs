@@ -114,10 +114,12 @@ pub(super) enum Client {
     Proxied(reqwest::Client),
 }
 
-/// How long an idle pooled connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Idle connections kept per host, per client.
-const POOL_MAX_IDLE_PER_HOST: usize = 256;
+/// How long an idle pooled connection is kept (by every client, and by a
+/// thread's own HTTP/1 connections).
+pub(super) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Connections kept per host: idle ones per client, busy and idle ones
+/// per thread for its own HTTP/1 connections.
+pub(super) const POOL_MAX_IDLE_PER_HOST: usize = 256;
 
 /// The `user-agent` sent when the adapter set none.
 pub(super) const USER_AGENT: &str = concat!("wasmgate/", env!("CARGO_PKG_VERSION"));
