@@ -333,18 +333,25 @@ const MANIFEST_MARK_INTERVAL: Duration = Duration::from_secs(1);
 /// milliseconds, and rewriting the file each time cost more than the
 /// commit's bookkeeping. A mark behind the store only narrows what the
 /// manifest's check catches; it never refuses a sound store.
-#[derive(Default)]
 struct ManifestMark {
     /// Committed and not yet recorded.
     unwritten: Option<u64>,
     /// When it was last recorded.
     written: Option<std::time::Instant>,
+    /// Least time between two records ([`MANIFEST_MARK_INTERVAL`]).
+    interval: Duration,
+}
+
+impl Default for ManifestMark {
+    fn default() -> Self {
+        Self { unwritten: None, written: None, interval: MANIFEST_MARK_INTERVAL }
+    }
 }
 
 impl ManifestMark {
     fn committed(&mut self, store: &Store, seq: u64) {
         self.unwritten = Some(seq);
-        if self.written.is_none_or(|at| at.elapsed() >= MANIFEST_MARK_INTERVAL) {
+        if self.written.is_none_or(|at| at.elapsed() >= self.interval) {
             self.write(store);
         }
     }
@@ -570,4 +577,30 @@ fn write(trees: &Trees, changes: &[(u64, Change)], json: &RowsJson, seq: Option<
         })
         .map_err(|e| format!("{e:?}"))?;
     logs.flush().map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Manifest;
+
+    fn recorded(dir: &std::path::Path) -> Option<u64> {
+        Manifest::read(dir).expect("manifest").and_then(|m| m.marks.get("journal_seq").copied())
+    }
+
+    #[test]
+    fn the_journal_mark_is_recorded_at_most_once_an_interval_and_at_every_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        // An interval no test run outlasts: the second commit always falls within it.
+        let mut mark = ManifestMark { interval: Duration::from_secs(24 * 3600), ..ManifestMark::default() };
+        mark.committed(&store, 5);
+        assert_eq!(recorded(dir.path()), Some(5), "the first commit is recorded at once");
+        mark.committed(&store, 9);
+        assert_eq!(recorded(dir.path()), Some(5), "a commit within the interval waits");
+        mark.write(&store);
+        assert_eq!(recorded(dir.path()), Some(9), "a flush records what waited");
+        mark.write(&store);
+        assert_eq!(recorded(dir.path()), Some(9), "nothing waits: nothing to record");
+    }
 }
