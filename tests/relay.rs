@@ -384,11 +384,13 @@ async fn a_plain_http_upstream_connection_is_reused_and_one_it_closed_is_replace
         let (status, body) = post(&gw, "/v1/chat/completions", &chat("gpt-4o-mini", &format!("closing {i}"))).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["choices"][0]["message"]["content"], format!("bare: closing {i}"));
-        // The upstream has closed it; the gateway learns of it on its own.
+        // The upstream closed it, and the gateway learned of it on its own
+        // (it closed its end): the next request needs a new connection.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while closing.get().2 < i {
+            assert!(std::time::Instant::now() < deadline, "the gateway kept a closed connection: {:?}", closing.get());
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Each request went out once, on a connection of its own.
     assert_eq!(closing.get(), (3, 3, 3));

@@ -16,7 +16,8 @@ pub struct Counts {
     pub connections: AtomicUsize,
     /// Requests answered.
     pub requests: AtomicUsize,
-    /// Connections it closed.
+    /// Connections closed at both ends: it closed its end (or the gateway
+    /// did), and then saw the gateway close its own.
     pub closed: AtomicUsize,
 }
 
@@ -53,6 +54,10 @@ pub async fn start(close_after_answer: bool) -> (String, Arc<Counts>) {
                     }
                 }
                 let _ = socket.get_mut().shutdown().await;
+                // Counted once the gateway has let go of the connection too
+                // (its end reads as closed): then it can no longer pick it.
+                let mut rest = [0; 256];
+                while matches!(socket.read(&mut rest).await, Ok(n) if n > 0) {}
                 seen.closed.fetch_add(1, Ordering::SeqCst);
             });
         }
