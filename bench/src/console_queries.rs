@@ -80,11 +80,11 @@ fn seed(data: &Path, rows: usize) -> Result<(u64, String)> {
         };
         batch.push(row);
         if batch.len() == batch.capacity() {
-            log_blocks::insert(&logs, &batch)?;
+            log_blocks::Layout::WIDE.insert(&logs, &batch)?;
             batch.clear();
         }
     }
-    log_blocks::insert(&logs, &batch)?;
+    log_blocks::Layout::WIDE.insert(&logs, &batch)?;
     logs.flush()?;
     Ok(deep)
 }

@@ -1,16 +1,22 @@
-//! How usage rows sit in the `logs` tree: in blocks of 8 consecutive row
-//! ids (key `B` + the block number, big-endian), each block the JSON of its
-//! rows, one per line, in id order. sled keeps about 33 bytes in memory for
-//! every key of a tree whether or not its page is cached, so a key per row
-//! made a node's memory grow with its usage log for good (70 MB more for
-//! 1.7 million rows, at idle after a restart); a key per 8 rows makes that
-//! an eighth. (Bigger blocks cost more while writing: a sled leaf holds 16
-//! keys whatever their size, and is rewritten whole.)
+//! How usage rows sit in the `logs` tree: in blocks of consecutive row
+//! ids, each block the JSON of its rows, one per line, in id order. sled
+//! keeps tens of bytes in memory for every key of a tree whether or not its
+//! page is cached, so a key per row made a node's memory grow with its usage
+//! log for good (70 MB more for 1.7 million rows, at idle after a restart);
+//! a key per block divides that by the block's size.
+//!
+//! Two sizes of block, told apart by the first byte of their key (then
+//! the block number, big-endian):
+//! - **wide** blocks of 32 rows (`C`), where a store puts every row from its
+//!   [`Layout`]'s boundary on: all of them in a store made since;
+//! - **narrow** blocks of 8 rows (`B`), which stores written before wide
+//!   blocks hold below that boundary (and keep: rows are not moved).
 //!
 //! Stores from before blocks hold one row per key (the id, big-endian:
 //! keys below any block's, as every row id is below `B`'s first byte).
-//! Both are read the same way — such a value is a block of one row — and
-//! new rows always go to blocks, so the log stays in id order.
+//! All three are read the same way — such a value is a block of one row —
+//! and the kinds hold ids in increasing ranges, so the tree's key order is
+//! the log's id order.
 //!
 //! A block is stored LZ4-compressed (a `0` byte, the lines' length as a
 //! little-endian `u32`, then the LZ4 block): sled keeps the values of
@@ -27,19 +33,113 @@ use std::ops::Range;
 use super::journal::RowJson;
 use super::logs::LogRow;
 
-/// First byte of a block's key.
-const TAG: u8 = b'B';
-/// Row ids per block (a power of two): 8.
-const SHIFT: u32 = 3;
-/// Row ids are below this (the smallest id whose key would start with
-/// [`TAG`]); so are the keys of rows stored one per key.
-const ID_LIMIT: u64 = (TAG as u64) << 56;
+/// One size of block: the first byte of its keys and its rows per block
+/// (a power of two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Kind {
+    tag: u8,
+    shift: u32,
+}
 
-/// The key of the block holding row `id`.
-pub fn key(id: u64) -> [u8; 9] {
-    let mut k = [TAG; 9];
-    k[1..].copy_from_slice(&(id >> SHIFT).to_be_bytes());
-    k
+/// Blocks of 8 rows: what stores from before wide blocks hold.
+const NARROW: Kind = Kind { tag: b'B', shift: 3 };
+/// Blocks of 32 rows. A sled leaf holds 16 keys whatever their size, so
+/// wider blocks mean fewer leaves and less of sled's per-page memory; past
+/// 32 the bigger values in the leaves being written cost as much as that
+/// saves (`docs/performance.md`, twentieth session).
+const WIDE: Kind = Kind { tag: b'C', shift: 5 };
+/// Row ids are below this (the smallest id whose key would start with the
+/// first block tag); so are the keys of rows stored one per key.
+const ID_LIMIT: u64 = (NARROW.tag as u64) << 56;
+
+impl Kind {
+    /// The key of this kind's block that holds row `id`.
+    fn key(self, id: u64) -> [u8; 9] {
+        let mut k = [self.tag; 9];
+        k[1..].copy_from_slice(&(id >> self.shift).to_be_bytes());
+        k
+    }
+
+    /// The keys of this kind's blocks that may hold ids `from..to` (`from < to`).
+    fn keys(self, from: u64, to: u64) -> std::ops::RangeInclusive<[u8; 9]> {
+        self.key(from)..=self.key(to - 1)
+    }
+}
+
+/// Where a store's `billing_state` tree records its [`Layout`]'s boundary.
+const WIDE_FROM: &[u8] = b"log_wide_from";
+
+/// Which block each row of one store goes to: rows from `wide_from` on in
+/// wide blocks, rows below it (only ever a store's older rows) in narrow
+/// ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    wide_from: u64,
+}
+
+impl Layout {
+    /// Every row in wide blocks, as in a store whose log was empty when
+    /// its layout was settled.
+    pub const WIDE: Layout = Layout { wide_from: 0 };
+    /// Every row in narrow blocks: a store whose layout is not settled yet
+    /// (one written before wide blocks).
+    const NARROW: Layout = Layout { wide_from: u64::MAX };
+
+    /// The layout recorded in `state` (narrow blocks only, until
+    /// [`settle`](Self::settle) records one).
+    pub fn read(state: &sled::Tree) -> sled::Result<Self> {
+        let recorded = state.get(WIDE_FROM)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok());
+        Ok(recorded.map_or(Self::NARROW, |v| Layout { wide_from: u64::from_be_bytes(v) }))
+    }
+
+    /// The layout recorded in `state`, recording one first if there is
+    /// none: every row in wide blocks when the log is empty; otherwise wide
+    /// from `next_id` on, an id above every row id given out so far. Called
+    /// when a store opens, after what a crash left is written and before
+    /// any row of this run is numbered.
+    pub fn settle(
+        state: &sled::Tree,
+        logs: &sled::Tree,
+        next_id: impl FnOnce() -> anyhow::Result<u64>,
+    ) -> anyhow::Result<Self> {
+        if state.get(WIDE_FROM)?.is_some() {
+            return Ok(Self::read(state)?);
+        }
+        let wide_from = if logs.is_empty() { 0 } else { next_id()? };
+        state.insert(WIDE_FROM, &wide_from.to_be_bytes())?;
+        state.flush()?;
+        Ok(Layout { wide_from })
+    }
+
+    fn kind(self, id: u64) -> Kind {
+        if id >= self.wide_from { WIDE } else { NARROW }
+    }
+
+    /// The key of the block holding row `id`.
+    fn key(self, id: u64) -> [u8; 9] {
+        self.kind(id).key(id)
+    }
+
+    /// `rows` grouped by the block each goes to, blocks in key order.
+    pub fn by_block<'a>(self, rows: impl IntoIterator<Item = NewRow<'a>>) -> BTreeMap<[u8; 9], Vec<NewRow<'a>>> {
+        let mut blocks: BTreeMap<[u8; 9], Vec<NewRow<'a>>> = BTreeMap::new();
+        for row in rows {
+            blocks.entry(self.key(row.0.id)).or_default().push(row);
+        }
+        blocks
+    }
+
+    /// `rows` written into their blocks, merged with what the tree holds
+    /// (a store being seeded; the billing writer does the same in its
+    /// transaction).
+    pub fn insert(self, tree: &sled::Tree, rows: &[LogRow]) -> anyhow::Result<()> {
+        let mut batch = sled::Batch::default();
+        for (k, group) in self.by_block(rows.iter().map(|r| (r, None))) {
+            let (value, _) = merge(tree.get(k)?.as_deref(), &group)?;
+            batch.insert(&k[..], value);
+        }
+        Ok(tree.apply_batch(batch)?)
+    }
 }
 
 /// First byte of a compressed block (a row's JSON starts with `{`).
@@ -137,27 +237,6 @@ pub fn merge<'a>(existing: Option<&[u8]>, rows: &[NewRow<'a>]) -> anyhow::Result
     Ok((stored(all.iter().map(|(_, line)| &line[..])), fresh))
 }
 
-/// `rows` grouped by the block each goes to, blocks in key order.
-pub fn by_block<'a>(rows: impl IntoIterator<Item = NewRow<'a>>) -> BTreeMap<[u8; 9], Vec<NewRow<'a>>> {
-    let mut blocks: BTreeMap<[u8; 9], Vec<NewRow<'a>>> = BTreeMap::new();
-    for row in rows {
-        blocks.entry(key(row.0.id)).or_default().push(row);
-    }
-    blocks
-}
-
-/// `rows` written into their blocks, merged with what the tree holds (a
-/// store being seeded; the billing writer does the same in its
-/// transaction).
-pub fn insert(tree: &sled::Tree, rows: &[LogRow]) -> anyhow::Result<()> {
-    let mut batch = sled::Batch::default();
-    for (k, group) in by_block(rows.iter().map(|r| (r, None))) {
-        let (value, _) = merge(tree.get(k)?.as_deref(), &group)?;
-        batch.insert(&k[..], value);
-    }
-    Ok(tree.apply_batch(batch)?)
-}
-
 /// One stored row: its value and where in it the row's JSON is.
 #[derive(Clone)]
 pub struct Raw {
@@ -194,11 +273,12 @@ fn spans(value: sled::IVec, ids: Range<u64>) -> Option<Vec<Raw>> {
 /// The rows with ids in `ids`, newest first.
 pub fn newest_first(tree: &sled::Tree, ids: Range<u64>) -> impl Iterator<Item = Raw> + '_ {
     let (from, to) = (ids.start, ids.end.min(ID_LIMIT));
-    let blocks = (from < to).then(|| tree.range(key(from)..=key(to - 1)).rev());
+    let wide = (from < to).then(|| tree.range(WIDE.keys(from, to)).rev());
+    let narrow = (from < to).then(|| tree.range(NARROW.keys(from, to)).rev());
     let single = (from < to).then(|| tree.range(from.to_be_bytes()..to.to_be_bytes()).rev());
-    blocks
-        .into_iter()
+    wide.into_iter()
         .flatten()
+        .chain(narrow.into_iter().flatten())
         .chain(single.into_iter().flatten())
         .filter_map(Result::ok)
         .flat_map(move |(_, value)| spans(value, from..to).unwrap_or_default().into_iter().rev())
@@ -263,38 +343,64 @@ mod tests {
     }
 
     #[test]
-    fn rows_of_one_key_each_and_blocks_read_as_one_log_in_id_order() {
+    fn rows_of_one_key_each_narrow_and_wide_blocks_read_as_one_log_in_id_order() {
         let dir = tempfile::tempdir().expect("tempdir");
         let tree = sled::open(dir.path()).expect("sled").open_tree("logs").expect("tree");
         // A store from before blocks: ids 1..=20, one per key.
         for id in 1..=20u64 {
             tree.insert(id.to_be_bytes(), serde_json::to_vec(&row(id)).expect("json")).expect("insert");
         }
+        // Then narrow blocks, then wide ones from 23 on: the narrow block
+        // of 16..=23 and the wide one of 0..=31 cover the same ids.
+        let layout = Layout { wide_from: 23 };
         // New rows arrive out of order, one written twice.
-        let new: Vec<LogRow> = [38, 21, 35, 22].into_iter().map(row).collect();
+        let new: Vec<LogRow> = [38, 21, 35, 24, 22, 30].into_iter().map(row).collect();
         for r in &new {
-            let k = key(r.id);
+            let k = layout.key(r.id);
             let (value, fresh) = merge(tree.get(k).expect("get").as_deref(), &[(r, None), (r, None)]).expect("merge");
             assert_eq!(fresh.len(), 1, "a row given twice is stored once");
             tree.insert(k, value).expect("insert");
         }
-        let (_, fresh) = merge(tree.get(key(21)).expect("get").as_deref(), &[(&new[1], None)]).expect("merge");
+        let (_, fresh) = merge(tree.get(layout.key(21)).expect("get").as_deref(), &[(&new[1], None)]).expect("merge");
         assert!(fresh.is_empty(), "a replayed row is not new");
-        assert_eq!(tree.len(), 20 + 2, "21 and 22 share a block, 35 and 38 another");
+        assert_eq!(tree.len(), 20 + 3, "21 and 22 share a narrow block, 24 and 30 a wide one, 35 and 38 another");
 
-        assert_eq!(all(&tree), (1..=22).chain([35, 38]).collect::<Vec<_>>());
-        assert_eq!(ids(newest_first(&tree, 18..36)), vec![35, 22, 21, 20, 19, 18]);
-        assert_eq!(ids(newest_first(&tree, 0..u64::MAX)).len(), 24);
+        assert_eq!(all(&tree), (1..=22).chain([24, 30, 35, 38]).collect::<Vec<_>>());
+        assert_eq!(ids(newest_first(&tree, 18..36)), vec![35, 30, 24, 22, 21, 20, 19, 18]);
+        assert_eq!(ids(newest_first(&tree, 22..25)), vec![24, 22]);
+        assert_eq!(ids(newest_first(&tree, 0..u64::MAX)).len(), 26);
         assert!(ids(newest_first(&tree, 39..u64::MAX)).is_empty());
         let decoded: LogRow = serde_json::from_slice(newest_first(&tree, 0..u64::MAX).next().expect("row").bytes())
             .expect("a stored row decodes");
         assert_eq!(decoded, row(38), "newlines inside strings are escaped");
 
         // Deleting the oldest: whole keys, then part of a block.
-        let old = |l: &[u8]| id_of(l).is_some_and(|id| id < 22);
-        assert_eq!(remove_while(&tree, old).expect("remove"), 21);
-        assert_eq!(all(&tree), vec![22, 35, 38]);
-        assert_eq!(first_id(&tree).expect("first"), Some(22));
+        let old = |l: &[u8]| id_of(l).is_some_and(|id| id < 30);
+        assert_eq!(remove_while(&tree, old).expect("remove"), 23);
+        assert_eq!(all(&tree), vec![30, 35, 38]);
+        assert_eq!(first_id(&tree).expect("first"), Some(30));
+    }
+
+    #[test]
+    fn a_store_settles_its_layout_once_wide_from_its_next_row_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::open(dir.path()).expect("sled");
+        let (state, logs) = (db.open_tree("state").expect("tree"), db.open_tree("logs").expect("tree"));
+        assert_eq!(Layout::read(&state).expect("read"), Layout::NARROW, "unsettled: narrow blocks only");
+        let no_id = || -> anyhow::Result<u64> { panic!("an empty log needs no boundary") };
+        assert_eq!(Layout::settle(&state, &logs, no_id).expect("settle"), Layout::WIDE, "an empty log: all wide");
+
+        // A store with rows from before: wide from the next id on.
+        let (state, logs) = (db.open_tree("state2").expect("tree"), db.open_tree("logs2").expect("tree"));
+        Layout::NARROW.insert(&logs, &[row(3), row(9)]).expect("insert");
+        let layout = Layout::settle(&state, &logs, || Ok(12)).expect("settle");
+        assert_eq!(layout, Layout { wide_from: 12 });
+        assert_eq!((layout.key(11)[0], layout.key(12)[0]), (NARROW.tag, WIDE.tag));
+        // Settled once: the boundary stays where it was recorded.
+        assert_eq!(Layout::settle(&state, &logs, || Ok(99)).expect("settle"), layout);
+        assert_eq!(Layout::read(&state).expect("read"), layout);
+        layout.insert(&logs, &[row(40), row(12)]).expect("insert");
+        assert_eq!(all(&logs), vec![3, 9, 12, 40]);
     }
 
     #[test]
@@ -306,16 +412,16 @@ mod tests {
             .iter()
             .flat_map(|id| serde_json::to_vec(&row(*id)).expect("json").into_iter().chain([b'\n']))
             .collect();
-        tree.insert(key(1), plain.clone()).expect("insert");
+        tree.insert(NARROW.key(1), plain.clone()).expect("insert");
         assert_eq!(all(&tree), vec![1, 2]);
 
         // Writing to it again stores the whole block compressed.
         let third = row(3);
-        let (value, fresh) = merge(tree.get(key(3)).expect("get").as_deref(), &[(&third, None)]).expect("merge");
+        let (value, fresh) = merge(tree.get(NARROW.key(3)).expect("get").as_deref(), &[(&third, None)]).expect("merge");
         assert_eq!(fresh.len(), 1);
         assert_eq!(value[0], LZ4, "a written block is compressed");
         assert!(value.len() < plain.len(), "three rows compressed take less than two plain ({} bytes)", value.len());
-        tree.insert(key(3), value).expect("insert");
+        tree.insert(NARROW.key(3), value).expect("insert");
         assert_eq!(all(&tree), vec![1, 2, 3]);
         assert_eq!(first_id(&tree).expect("first"), Some(1));
         let newest: LogRow =
@@ -323,11 +429,11 @@ mod tests {
         assert_eq!(newest, row(3));
 
         // A block that does not decompress is an error, never rows.
-        tree.insert(key(9), vec![LZ4, 200, 0, 0, 0, 1, 2, 3]).expect("insert");
+        tree.insert(NARROW.key(9), vec![LZ4, 200, 0, 0, 0, 1, 2, 3]).expect("insert");
         assert!(oldest_first(&tree).any(|r| r.is_err()), "reading every row reports it");
         assert_eq!(ids(newest_first(&tree, 0..u64::MAX)), vec![3, 2, 1], "a query skips it");
         assert!(
-            merge(tree.get(key(9)).expect("get").as_deref(), &[(&row(9), None)]).is_err(),
+            merge(tree.get(NARROW.key(9)).expect("get").as_deref(), &[(&row(9), None)]).is_err(),
             "nothing is written over it"
         );
         // A corrupt length is refused before anything is allocated for it.

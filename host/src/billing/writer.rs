@@ -63,16 +63,20 @@ pub struct Trees {
     pub state: sled::Tree,
     /// The log's per-minute and per-hour rollups.
     pub rollups: sled::Tree,
+    /// Which block of `logs` each row goes to.
+    pub layout: log_blocks::Layout,
 }
 
 impl Trees {
     /// The trees, fetched from `store` now.
     pub fn open(store: &Store) -> anyhow::Result<Self> {
+        let state = store.tree("billing_state")?;
         Ok(Self {
             users: store.tree("users")?,
             tokens: store.tree("tokens")?,
             logs: store.tree("logs")?,
-            state: store.tree("billing_state")?,
+            layout: log_blocks::Layout::read(&state)?,
+            state,
             rollups: store.tree("log_rollup")?,
         })
     }
@@ -525,7 +529,7 @@ fn write(trees: &Trees, changes: &[(u64, Change)], json: &RowsJson, seq: Option<
         return Ok(());
     }
     let (user_deltas, token_deltas) = deltas(changes);
-    let Trees { users, tokens, logs, state, rollups } = trees;
+    let Trees { users, tokens, logs, state, rollups, layout } = trees;
     (users, tokens, logs, state, rollups)
         .transaction(|(u, t, l, s, r)| {
             for (line_seq, change) in changes {
@@ -549,7 +553,7 @@ fn write(trees: &Trees, changes: &[(u64, Change)], json: &RowsJson, seq: Option<
                 _ => None,
             });
             let mut fresh = Vec::new();
-            for (key, rows) in &log_blocks::by_block(rows) {
+            for (key, rows) in &layout.by_block(rows) {
                 let (value, new) = log_blocks::merge(l.get(key)?.as_deref(), rows).map_err(abort)?;
                 l.insert(&key[..], value)?;
                 fresh.extend(new);
@@ -602,5 +606,46 @@ mod tests {
         assert_eq!(recorded(dir.path()), Some(9), "a flush records what waited");
         mark.write(&store);
         assert_eq!(recorded(dir.path()), Some(9), "nothing waits: nothing to record");
+    }
+
+    /// The first byte of every key in the `logs` tree, in key order.
+    fn log_key_tags(trees: &Trees) -> Vec<u8> {
+        trees.logs.iter().keys().map(|k| k.expect("key")[0]).collect()
+    }
+
+    fn written(trees: &Trees, store: &Store) -> u64 {
+        let row = LogRow { id: store.generate_id().expect("id"), model: "m".into(), ..LogRow::default() };
+        let id = row.id;
+        write(trees, &[(0, Change::Row(Box::new(row)))], &RowsJson::default(), None).expect("write");
+        id
+    }
+
+    #[test]
+    fn a_store_opened_after_wide_blocks_keeps_its_narrow_blocks_and_writes_wide_ones_from_its_next_row() {
+        // A fresh store: every row in wide blocks.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        crate::billing::recover_journal(&store).expect("open");
+        let trees = Trees::open(&store).expect("trees");
+        assert_eq!(trees.layout, log_blocks::Layout::WIDE);
+        written(&trees, &store);
+        assert_eq!(log_key_tags(&trees), vec![b'C']);
+
+        // A store written before wide blocks: rows in narrow ones.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let trees = Trees::open(&store).expect("trees");
+        assert_ne!(trees.layout, log_blocks::Layout::WIDE, "not settled yet: narrow blocks");
+        let old: Vec<u64> = (0..3).map(|_| written(&trees, &store)).collect();
+        assert_eq!(log_key_tags(&trees), vec![b'B']);
+        // Opened again: its old rows stay where they are, new ones go wide.
+        crate::billing::recover_journal(&store).expect("open");
+        let trees = Trees::open(&store).expect("trees");
+        let new: Vec<u64> = (0..3).map(|_| written(&trees, &store)).collect();
+        assert_eq!(log_key_tags(&trees), vec![b'B', b'C']);
+        let ids: Vec<u64> = log_blocks::oldest_first(&trees.logs)
+            .map(|r| log_blocks::id_of(r.expect("row").bytes()).expect("id"))
+            .collect();
+        assert_eq!(ids, old.into_iter().chain(new).collect::<Vec<_>>(), "one log, in id order");
     }
 }
