@@ -67,7 +67,7 @@ impl Kind {
 }
 
 /// Where a store's `billing_state` tree records its [`Layout`]'s boundary.
-const WIDE_FROM: &[u8] = b"log_wide_from";
+pub(crate) const WIDE_FROM: &[u8] = b"log_wide_from";
 
 /// Which block each row of one store goes to: rows from `wide_from` on in
 /// wide blocks, rows below it (only ever a store's older rows) in narrow
@@ -95,8 +95,8 @@ impl Layout {
     /// The layout recorded in `state`, recording one first if there is
     /// none: every row in wide blocks when the log is empty; otherwise wide
     /// from `next_id` on, an id above every row id given out so far. Called
-    /// when a store opens, after what a crash left is written and before
-    /// any row of this run is numbered.
+    /// by the store's migration to schema 5 (and when one is made), before
+    /// any row of the run is numbered.
     pub fn settle(
         state: &sled::Tree,
         logs: &sled::Tree,

@@ -198,7 +198,7 @@ pub struct NotRecorded(pub String);
 /// left in the journal (also to `sink`, the shared database's, when
 /// given), as a start does before anything is served.
 fn recover(store: &Store, sink: Option<&writer_pg::PgSink>) -> anyhow::Result<(Trees, Journal)> {
-    let mut trees = Trees::open(store)?;
+    let trees = Trees::open(store)?;
     logs::ensure_rollups(&trees.logs, &trees.rollups)?;
     let committed = trees.committed_seq()?;
     // A store that lost committed usage (a truncated or restored db)
@@ -207,9 +207,6 @@ fn recover(store: &Store, sink: Option<&writer_pg::PgSink>) -> anyhow::Result<(T
     let (journal, pending) = Journal::open(store.dir(), committed)?;
     let (replayed, interrupted) = writer::recover(&trees, &journal, pending, sink).map_err(anyhow::Error::msg)?;
     store.committed(trees.committed_seq()?);
-    // Before any row of this run is numbered: from here on, rows go to
-    // wide blocks (every row of them, when the log is empty).
-    trees.layout = log_blocks::Layout::settle(&trees.state, &trees.logs, || store.generate_id())?;
     if replayed + interrupted > 0 {
         tracing::warn!(replayed, interrupted, "recovered usage records a crash left unwritten");
     }

@@ -621,25 +621,40 @@ mod tests {
     }
 
     #[test]
-    fn a_store_opened_after_wide_blocks_keeps_its_narrow_blocks_and_writes_wide_ones_from_its_next_row() {
-        // A fresh store: every row in wide blocks.
+    fn a_store_from_before_wide_blocks_keeps_its_narrow_ones_and_writes_wide_ones_from_its_next_row() {
+        // A new store: every row in wide blocks.
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
-        crate::billing::recover_journal(&store).expect("open");
         let trees = Trees::open(&store).expect("trees");
         assert_eq!(trees.layout, log_blocks::Layout::WIDE);
         written(&trees, &store);
         assert_eq!(log_key_tags(&trees), vec![b'C']);
 
-        // A store written before wide blocks: rows in narrow ones.
+        // A store of schema 4 (before wide blocks): rows in narrow ones.
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path()).expect("store");
-        let trees = Trees::open(&store).expect("trees");
-        assert_ne!(trees.layout, log_blocks::Layout::WIDE, "not settled yet: narrow blocks");
-        let old: Vec<u64> = (0..3).map(|_| written(&trees, &store)).collect();
-        assert_eq!(log_key_tags(&trees), vec![b'B']);
-        // Opened again: its old rows stay where they are, new ones go wide.
-        crate::billing::recover_journal(&store).expect("open");
+        let old = {
+            let store = Store::open(dir.path()).expect("store");
+            let trees = Trees::open(&store).expect("trees");
+            trees.state.remove(log_blocks::WIDE_FROM).expect("remove");
+            store.tree("options").expect("options").insert("schema_version", &4u32.to_be_bytes()).expect("downgrade");
+            let trees = Trees::open(&store).expect("trees");
+            assert_ne!(trees.layout, log_blocks::Layout::WIDE, "no boundary recorded: narrow blocks");
+            let old: Vec<u64> = (0..3).map(|_| written(&trees, &store)).collect();
+            assert_eq!(log_key_tags(&trees), vec![b'B']);
+            store.flush().expect("flush");
+            old
+        };
+        // Opened by this build: its old rows stay where they are, new ones go wide.
+        // (sled's file lock is let go a moment after the last handle.)
+        let mut reopened = Store::open(dir.path());
+        for _ in 0..100 {
+            if reopened.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            reopened = Store::open(dir.path());
+        }
+        let store = reopened.expect("reopen");
         let trees = Trees::open(&store).expect("trees");
         let new: Vec<u64> = (0..3).map(|_| written(&trees, &store)).collect();
         assert_eq!(log_key_tags(&trees), vec![b'B', b'C']);

@@ -30,8 +30,10 @@ pub use secrets::SecretBox;
 /// Schema this build writes. History: 1 — options only; 2 — `channels` tree
 /// and the channel id counter; 3 — channel `status` becomes a health state
 /// object (`{"state": ...}`) with a `history`; 4 — channel keys encrypted at
-/// rest, generated tokens kept as hashes.
-pub const SCHEMA_VERSION: u32 = 4;
+/// rest, generated tokens kept as hashes; 5 — usage rows in blocks of 32
+/// from a recorded id on (`billing::log_blocks::Layout`: a build before
+/// would misplace rows among them).
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// A write refused because the storage is failing (the disk is full...).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -403,6 +405,7 @@ impl Store {
 fn migrate(store: &Store) -> Result<()> {
     let mut version = match store.schema_version()? {
         None => {
+            settle_log_layout(store)?;
             store.options()?.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
             return Ok(());
         }
@@ -419,6 +422,7 @@ fn migrate(store: &Store) -> Result<()> {
             1 => {}
             2 => migrate_channel_status(store)?,
             3 => migrate_secrets(store)?,
+            4 => settle_log_layout(store)?,
             _ => bail!("no migration from schema {version}"),
         }
         version += 1;
@@ -426,6 +430,17 @@ fn migrate(store: &Store) -> Result<()> {
         tracing::info!(version, "store migrated");
     }
     store.options()?.flush()?;
+    Ok(())
+}
+
+/// 4 → 5 (and a new store): record from which row id on usage rows go to
+/// blocks of 32 — all of them when the log is empty, otherwise from an id
+/// above every row id given out so far (the rows a crash left in the
+/// journal included: they are written after this, below the boundary).
+fn settle_log_layout(store: &Store) -> Result<()> {
+    crate::billing::log_blocks::Layout::settle(&store.tree("billing_state")?, &store.tree("logs")?, || {
+        store.generate_id()
+    })?;
     Ok(())
 }
 
