@@ -88,8 +88,16 @@ impl Layout {
     /// The layout recorded in `state` (narrow blocks only, until
     /// [`settle`](Self::settle) records one).
     pub fn read(state: &sled::Tree) -> sled::Result<Self> {
-        let recorded = state.get(WIDE_FROM)?.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok());
-        Ok(recorded.map_or(Self::NARROW, |v| Layout { wide_from: u64::from_be_bytes(v) }))
+        Ok(Self::recorded(state)?.unwrap_or(Self::NARROW))
+    }
+
+    /// The layout `state` records, if any (narrow blocks only for a
+    /// record that is not an id).
+    fn recorded(state: &sled::Tree) -> sled::Result<Option<Self>> {
+        Ok(state.get(WIDE_FROM)?.map(|v| match <[u8; 8]>::try_from(v.as_ref()) {
+            Ok(id) => Layout { wide_from: u64::from_be_bytes(id) },
+            Err(_) => Self::NARROW,
+        }))
     }
 
     /// The layout recorded in `state`, recording one first if there is
@@ -102,8 +110,8 @@ impl Layout {
         logs: &sled::Tree,
         next_id: impl FnOnce() -> anyhow::Result<u64>,
     ) -> anyhow::Result<Self> {
-        if state.get(WIDE_FROM)?.is_some() {
-            return Ok(Self::read(state)?);
+        if let Some(layout) = Self::recorded(state)? {
+            return Ok(layout);
         }
         let wide_from = if logs.is_empty() { 0 } else { next_id()? };
         state.insert(WIDE_FROM, &wide_from.to_be_bytes())?;

@@ -523,21 +523,22 @@ pub fn random_key(prefix: &str) -> String {
     format!("{prefix}{body}")
 }
 
+/// Open the store in `dir` again after a drop, for tests: sled's flusher
+/// thread may hold the file lock for a moment after the `Db` is dropped.
+#[cfg(test)]
+pub(crate) fn reopen_after_drop(dir: &Path) -> Store {
+    for _ in 0..100 {
+        if let Ok(store) = Store::open(dir) {
+            return store;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Store::open(dir).expect("reopen")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Open again after a drop: sled's flusher thread may hold the file
-    /// lock for a moment after the `Db` is dropped.
-    fn reopen(dir: &Path) -> Store {
-        for _ in 0..100 {
-            if let Ok(store) = Store::open(dir) {
-                return store;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        Store::open(dir).expect("reopen")
-    }
 
     #[test]
     fn schema_2_channel_status_becomes_a_health_state() {
@@ -553,7 +554,7 @@ mod tests {
             }
             store.flush().expect("flush");
         }
-        let store = reopen(dir.path());
+        let store = reopen_after_drop(dir.path());
         let tree = store.tree("channels").expect("tree");
         let read = |id: u64| -> crate::channels::ChannelRecord {
             serde_json::from_slice(&tree.get(id.to_be_bytes()).expect("get").expect("present")).expect("record")
@@ -589,7 +590,7 @@ mod tests {
             assert_eq!(store.next_counter("c").expect("counter"), 2);
             store.flush().expect("flush");
         }
-        let store = reopen(dir.path());
+        let store = reopen_after_drop(dir.path());
         assert_eq!(store.schema_version().expect("version"), Some(SCHEMA_VERSION));
         assert_eq!(store.next_counter("c").expect("counter"), 3);
     }
