@@ -177,9 +177,10 @@ async fn a_full_disk_refuses_billed_work_and_recovers_without_a_restart() {
     drop(gw);
 }
 
-/// A gateway with some history: a user, a token, a channel, billed calls;
-/// stopped cleanly.
-async fn gateway_with_history() -> (MockUpstream, Gateway) {
+/// A gateway with some history: a user, a token, a channel, 5 billed
+/// calls; stopped cleanly and started again. With its mock upstream and the
+/// token's key.
+async fn gateway_with_history() -> (MockUpstream, Gateway, String) {
     let mock = MockUpstream::start("up").await;
     let mut gw =
         Gateway::start(PLUGINS, &format!("{PRICING}\n{}", channel("up", "openai", &mock.base_url(), &["m"], "")));
@@ -188,7 +189,7 @@ async fn gateway_with_history() -> (MockUpstream, Gateway) {
         assert_eq!(call(&gw, &key, &body(&format!("history {i}"))).await.0, 200);
     }
     gw.restart_gracefully();
-    (mock, gw)
+    (mock, gw, key)
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -205,7 +206,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_damaged_or_rolled_back_store_refuses_to_start_with_the_recovery_steps() {
-    let (_mock, mut gw) = gateway_with_history().await;
+    let (_mock, mut gw, _) = gateway_with_history().await;
     gw.kill();
     let db = gw.data_dir.join("db");
     let backup = gw.dir.path().join("db-backup");
@@ -251,7 +252,7 @@ async fn a_damaged_or_rolled_back_store_refuses_to_start_with_the_recovery_steps
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_damaged_journal_line_is_an_error_not_a_skipped_charge() {
-    let (_mock, mut gw) = gateway_with_history().await;
+    let (_mock, mut gw, _) = gateway_with_history().await;
     gw.kill();
     let journal = gw.data_dir.join("billing.journal");
     let good = r#"{"seq":999999,"op":"adjust","user":1,"token":null,"delta":-5}"#;
@@ -340,4 +341,61 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Turn the store in `data_dir` (no gateway running) into one written
+/// before blocks of 32: schema 4, no recorded boundary, its usage rows in
+/// blocks of 8. Returns the rows' ids, oldest first.
+fn as_a_schema_4_store(data_dir: &Path) -> Vec<u64> {
+    use wasmgate::billing::log_blocks::{self, Layout};
+    let store = wasmgate::store::Store::open(data_dir).expect("store");
+    let (logs, state) = (store.tree("logs").expect("logs"), store.tree("billing_state").expect("state"));
+    let rows: Vec<wasmgate::billing::logs::LogRow> = log_blocks::oldest_first(&logs)
+        .map(|raw| serde_json::from_slice(raw.expect("row").bytes()).expect("a stored row"))
+        .collect();
+    logs.clear().expect("clear");
+    state.remove(log_blocks::WIDE_FROM).expect("forget the boundary");
+    store.tree("options").expect("options").insert("schema_version", &4u32.to_be_bytes()).expect("schema 4");
+    let layout = Layout::read(&state).expect("layout");
+    assert_ne!(layout, Layout::WIDE, "no boundary: blocks of 8");
+    layout.insert(&logs, &rows).expect("rows in blocks of 8");
+    store.flush().expect("flush");
+    rows.iter().map(|r| r.id).collect()
+}
+
+/// The first byte of each key of the `logs` tree (`B`: a block of 8, `C`:
+/// a block of 32) and the schema version of the store in `data_dir`.
+fn log_key_tags_and_schema(data_dir: &Path) -> (Vec<u8>, u32) {
+    let store = wasmgate::store::Store::open(data_dir).expect("store");
+    let tags = store.tree("logs").expect("logs").iter().keys().map(|k| k.expect("key")[0]).collect();
+    let version = store.tree("options").expect("options").get("schema_version").expect("get").expect("a version");
+    (tags, u32::from_be_bytes(version.as_ref().try_into().expect("u32")))
+}
+
+/// A store written before blocks of 32 (schema 4) is migrated when this
+/// build opens it: its rows stay where they are and read with the new ones
+/// as one log, and the new ones go to blocks of 32.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_from_before_blocks_of_32_keeps_its_rows_and_logs_new_ones_in_blocks_of_32() {
+    let (_mock, mut gw, key) = gateway_with_history().await;
+    gw.kill();
+    let old = as_a_schema_4_store(&gw.data_dir);
+    assert_eq!(old.len(), 5);
+
+    gw.try_start_again().expect("a schema-4 store starts, migrated");
+    for i in 0..2 {
+        assert_eq!(call(&gw, &key, &body(&format!("after {i}"))).await.0, 200);
+    }
+    let rows = crate::support::accounts::wait_rows(&gw, "type=consume", 7).await;
+    let ids: Vec<u64> = rows["data"].as_array().expect("rows").iter().map(|r| r["id"].as_u64().expect("id")).collect();
+    assert_eq!(&ids[2..], old.iter().rev().copied().collect::<Vec<_>>(), "the old rows, newest first, after the new");
+    assert!(ids[0] > ids[1] && ids[1] > old[4], "the new rows come after the old: {ids:?}");
+
+    gw.restart_gracefully();
+    gw.kill();
+    let (tags, version) = log_key_tags_and_schema(&gw.data_dir);
+    assert_eq!(version, wasmgate::store::SCHEMA_VERSION);
+    assert_eq!(tags.first(), Some(&b'B'), "the old rows stay in blocks of 8: {tags:?}");
+    assert_eq!(tags.last(), Some(&b'C'), "new rows go to blocks of 32: {tags:?}");
+    assert!(tags.windows(2).all(|w| w[0] <= w[1]), "{tags:?}");
 }

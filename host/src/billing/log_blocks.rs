@@ -67,7 +67,7 @@ impl Kind {
 }
 
 /// Where a store's `billing_state` tree records its [`Layout`]'s boundary.
-pub(crate) const WIDE_FROM: &[u8] = b"log_wide_from";
+pub const WIDE_FROM: &[u8] = b"log_wide_from";
 
 /// Which block each row of one store goes to: rows from `wide_from` on in
 /// wide blocks, rows below it (only ever a store's older rows) in narrow
