@@ -176,3 +176,75 @@ async fn an_adapter_sees_its_channels_settings_while_parsing_the_answer() {
     let settings: serde_json::Value = serde_json::from_str(content).expect("settings JSON");
     assert_eq!(settings["region"], "eu-west", "{content}");
 }
+
+/// Context switches so far of the thread named `name` in process `pid`.
+fn thread_switches(pid: u32, name: &str) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.flatten().find_map(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        if comm.trim() != name {
+            return None;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+        let count = |key: &str| {
+            status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0)
+        };
+        Some(count("voluntary_ctxt_switches:") + count("nonvoluntary_ctxt_switches:"))
+    })
+}
+
+/// Whether the thread `name` of `pid` comes to a spell of 200 ms without
+/// waking once (within 30 s). A thread on a timer of a few ms never does.
+async fn goes_quiet(pid: u32, name: &str) -> bool {
+    crate::support::eventually(Duration::from_secs(30), || async {
+        let before = thread_switches(pid, name);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        before.is_some() && thread_switches(pid, name) == before
+    })
+    .await
+    .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_an_idle_spell_a_spinning_call_still_yields_its_only_worker() {
+    let mock = MockUpstream::start("ok").await;
+    // One request worker: a call that held it would stall every other.
+    let channels = String::from("[server]\nworkers = 1\n")
+        + &channel("hostile", "hostile", &mock.base_url(), &["spin"], "")
+        + &channel("good", "openai", &mock.base_url(), &["gpt-4o-mini"], "");
+    // Enough fuel for the loop to run a second or more.
+    let gw =
+        Gateway::start_with(&["openai.wasm", "weighted.wasm", "hostile.wasm"], "fuel_per_call = 4000000000", &channels);
+    let ok = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]});
+    let (status, body) = post(&gw, "/v1/chat/completions", &ok).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Idle, the epoch ticker and the billing writer stop waking.
+    let pid = gw.pid();
+    assert!(goes_quiet(pid, "wasm-epoch").await, "an idle gateway's epoch ticker sleeps");
+    assert!(goes_quiet(pid, "billing-writer").await, "an idle gateway's billing writer sleeps");
+    let asleep = thread_switches(pid, "wasm-epoch").expect("ticker thread");
+
+    // The spinning call wakes the ticker, and yields at its ticks: the one
+    // worker serves other requests while the loop runs.
+    let spinner = tokio::spawn({
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            let resp = client().post(url).bearer_auth(TOKEN).json(&chat("spin", false)).send().await.expect("send");
+            (resp.status().as_u16(), resp.json::<Value>().await.expect("json"))
+        }
+    });
+    let woken = crate::support::eventually(Duration::from_secs(30), || async {
+        thread_switches(pid, "wasm-epoch").is_some_and(|n| n > asleep)
+    })
+    .await;
+    assert!(woken.is_some(), "a call wakes the epoch ticker");
+    for _ in 0..5 {
+        let (status, body) = post(&gw, "/v1/chat/completions", &ok).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(!spinner.is_finished(), "the others were served while the loop ran, not after it");
+    let (status, body) = spinner.await.expect("spinner");
+    assert_eq!((status, assert_openai_error(&body)), (502, "plugin_error".to_string()), "{body}");
+    assert!(gw.log().contains("exceeded its work budget"), "the loop ended by its fuel");
+}

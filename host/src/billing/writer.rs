@@ -12,7 +12,8 @@
 //! A clean stop flushes the queue first.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::Ordering::{self, SeqCst};
+use std::sync::atomic::{AtomicBool, fence};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -99,6 +100,18 @@ pub struct Writer {
     kick: Arc<Kick>,
     store: Store,
     stats: Arc<WriterStats>,
+    /// Declared after `tx`: dropped with the last handle, once the queue
+    /// is closed, it wakes a sleeping writer to finish and end.
+    _last: Arc<KickOnDrop>,
+}
+
+/// Kicks the writer when dropped.
+struct KickOnDrop(Arc<Kick>);
+
+impl Drop for KickOnDrop {
+    fn drop(&mut self) {
+        self.0.kick();
+    }
 }
 
 /// What the writer thread reports, for metrics.
@@ -110,12 +123,21 @@ struct WriterStats {
     last_commit_ms: std::sync::atomic::AtomicU64,
 }
 
-/// Wakes the writer thread before its interval ends (for a flush).
+/// Wakes the writer thread before its interval ends (for a flush), or
+/// from its sleep when it had nothing to write for a while.
 #[derive(Default)]
 struct Kick {
     pending: Mutex<bool>,
     cv: Condvar,
+    /// The writer sleeps until kicked (or [`ASLEEP_AT_MOST`]): the next
+    /// change queued must kick it.
+    asleep: AtomicBool,
 }
+
+/// Intervals with nothing to write before the writer sleeps until kicked.
+const QUIET_BEFORE_SLEEP: Duration = Duration::from_secs(1);
+/// Longest sleep of an idle writer (a safety net; a queued change kicks it).
+const ASLEEP_AT_MOST: Duration = Duration::from_secs(60);
 
 impl Kick {
     fn kick(&self) {
@@ -156,15 +178,21 @@ impl Writer {
             }
             run(rx, &j, &k, limits, &s, &st, pg.as_deref());
         })?;
-        Ok(Self { tx, journal, kick, store, stats })
+        let last = Arc::new(KickOnDrop(kick.clone()));
+        Ok(Self { tx, journal, kick, store, stats, _last: last })
     }
 
     /// The writer's backlog, last commit and journal size, for metrics.
     pub fn gauges(&self) -> crate::metrics::BillingGauges {
         let last = self.stats.last_commit_ms.load(Ordering::Relaxed);
+        // A writer asleep has nothing to write: it is as fresh as it can be.
+        let age = match self.kick.asleep.load(Ordering::Relaxed) {
+            true => Duration::ZERO,
+            false => Duration::from_millis(crate::store::unix_now_ms().saturating_sub(last)),
+        };
         crate::metrics::BillingGauges {
             pending: self.stats.pending.load(Ordering::Relaxed),
-            last_commit_age: Duration::from_millis(crate::store::unix_now_ms().saturating_sub(last)),
+            last_commit_age: age,
             journal_bytes: self.journal.size(),
         }
     }
@@ -204,6 +232,12 @@ impl Writer {
         if self.tx.send(Op::Change(seq, change, json)).is_err() {
             tracing::error!("billing writer stopped; a usage record is only in the journal until the next start");
         }
+        // Pairs with the writer's fence between setting `asleep` and
+        // looking at the queue: one of the two sides sees the other.
+        fence(SeqCst);
+        if self.kick.asleep.load(SeqCst) {
+            self.kick.kick();
+        }
     }
 
     /// Wait until everything queued so far is on disk.
@@ -236,17 +270,29 @@ fn run(
     let mut backoff = Duration::from_millis(100);
     let mut mark = ManifestMark::default();
     let mut open = true;
+    let mut quiet = Duration::ZERO;
     while open || !pending.is_empty() {
-        kick.wait(limits.max_wait);
+        if quiet >= QUIET_BEFORE_SLEEP && pending.is_empty() && acks.is_empty() {
+            mark.write(store);
+            sleep_until_kicked(&rx, kick);
+            quiet = Duration::ZERO;
+        } else {
+            kick.wait(limits.max_wait);
+        }
+        let mut received = false;
         loop {
             match rx.try_recv() {
                 Ok(Op::Change(seq, change, row)) => {
+                    received = true;
                     if let Some(row) = row {
                         json.0.push((seq, row));
                     }
                     pending.push((seq, change));
                 }
-                Ok(Op::Flush(ack)) => acks.push(ack),
+                Ok(Op::Flush(ack)) => {
+                    received = true;
+                    acks.push(ack);
+                }
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     open = false;
@@ -323,8 +369,26 @@ fn run(
                 let _ = ack.send(());
             }
         }
+        quiet = match received || !pending.is_empty() {
+            true => Duration::ZERO,
+            false => quiet + limits.max_wait,
+        };
     }
     mark.write(store);
+}
+
+/// Sleep until a change is queued (the writer had nothing to write for
+/// [`QUIET_BEFORE_SLEEP`]): an idle gateway's writer then wakes no more
+/// than every [`ASLEEP_AT_MOST`], instead of every interval.
+fn sleep_until_kicked(rx: &mpsc::UnboundedReceiver<Op>, kick: &Kick) {
+    kick.asleep.store(true, SeqCst);
+    // Pairs with `Writer::queue`'s fence: a change queued before the flag
+    // was set is seen here; one queued after it sees the flag and kicks.
+    fence(SeqCst);
+    if rx.is_empty() {
+        kick.wait(ASLEEP_AT_MOST);
+    }
+    kick.asleep.store(false, SeqCst);
 }
 
 /// How often, at most, the store's manifest is rewritten for the journal's
@@ -606,6 +670,46 @@ mod tests {
         assert_eq!(recorded(dir.path()), Some(9), "a flush records what waited");
         mark.write(&store);
         assert_eq!(recorded(dir.path()), Some(9), "nothing waits: nothing to record");
+    }
+
+    /// Wait (bounded by `limit`) until `check` holds.
+    fn until(limit: Duration, check: impl Fn() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while !check() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    #[test]
+    fn an_idle_writer_sleeps_a_row_wakes_it_and_its_last_handle_ends_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let (journal, _) = Journal::open(dir.path(), 0).expect("journal");
+        let limits = BatchLimits { max_ops: 64, max_wait: Duration::from_millis(20) };
+        let writer = Writer::spawn(Arc::new(journal), limits, store.clone(), None).expect("writer");
+        let trees = Trees::open(&store).expect("trees");
+        let row = |id| Change::Row(Box::new(LogRow { id, model: "m".into(), ..LogRow::default() }));
+        writer.send(row(store.generate_id().expect("id"))).expect("journaled");
+        assert!(until(Duration::from_secs(30), || trees.committed_seq() == Ok(1)), "the first row is written");
+        // Nothing more to write: it falls asleep, and reports itself fresh.
+        assert!(until(Duration::from_secs(30), || writer.kick.asleep.load(SeqCst)), "an idle writer sleeps");
+        assert_eq!(writer.gauges().last_commit_age, Duration::ZERO);
+        // A row queued now wakes it: written long before its longest sleep.
+        writer.send(row(store.generate_id().expect("id"))).expect("journaled");
+        assert!(
+            until(ASLEEP_AT_MOST / 2, || trees.committed_seq() == Ok(2)),
+            "a row queued while the writer slept waited for its safety-net wake-up"
+        );
+        // Asleep again, its last handle dropped: the thread ends (and lets
+        // go of the store) long before the safety net.
+        assert!(until(Duration::from_secs(30), || writer.kick.asleep.load(SeqCst)));
+        let kick = Arc::downgrade(&writer.kick);
+        drop(writer);
+        assert!(until(ASLEEP_AT_MOST / 2, || kick.strong_count() == 0), "the writer thread ended");
     }
 
     /// The first byte of every key in the `logs` tree, in key order.

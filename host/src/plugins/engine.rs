@@ -20,6 +20,7 @@ use super::bindings::{
     AdapterWorld, FilterWorld, RouterWorld, add_channel_context_to_linker, add_clock_to_linker,
     add_credentials_to_linker,
 };
+use super::epoch_ticker::EpochTicker;
 use super::state::PluginState;
 use crate::config::PluginConfig;
 
@@ -27,10 +28,6 @@ use crate::config::PluginConfig;
 /// between uses; covers the stack, data and the heap a call typically
 /// touches.
 const KEEP_RESIDENT: usize = 1024 * 1024;
-
-/// How often the epoch advances: guest code yields to the scheduler at
-/// this interval.
-const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Stack of one async call (wasm frames and host frames on its fiber).
 const ASYNC_STACK: usize = 1024 * 1024;
@@ -58,6 +55,8 @@ pub struct PluginEngine {
     pub(crate) idle: std::sync::atomic::AtomicUsize,
     /// Instances alive (leased or idle), over all plugins.
     pub(crate) live: Arc<super::instance::LiveInstances>,
+    /// Advances the epoch while instances are in use.
+    pub(crate) ticker: EpochTicker,
 }
 
 /// The wasmtime configuration every gateway and compiler process shares
@@ -79,7 +78,7 @@ pub(crate) fn wasm_config() -> Config {
 
 impl PluginEngine {
     /// Build the engine and start its epoch ticker thread (which stops when
-    /// the engine is dropped).
+    /// the engine is dropped, and sleeps while no instance is in use).
     pub fn new(config: &PluginConfig) -> Result<Arc<Self>> {
         let memory_bytes = config.memory_limit_mib as usize * 1024 * 1024;
         let instances = config.max_instances;
@@ -119,7 +118,7 @@ impl PluginEngine {
         wasmtime_wasi::p2::add_to_linker_async(&mut filter_linker).map_err(wasm_err)?;
         FilterWorld::add_to_linker::<_, HasSelf<PluginState>>(&mut filter_linker, |s| s).map_err(wasm_err)?;
 
-        spawn_epoch_ticker(engine.weak());
+        let ticker = EpochTicker::start(engine.weak());
         Ok(Arc::new(Self {
             engine,
             adapter_linker,
@@ -129,6 +128,7 @@ impl PluginEngine {
             memory_bytes,
             idle: std::sync::atomic::AtomicUsize::new(0),
             live: Arc::default(),
+            ticker,
         }))
     }
 
@@ -169,19 +169,6 @@ pub(crate) fn compatibility_key(engine: &Engine) -> String {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
     format!("{:016x}", hasher.finish())
-}
-
-fn spawn_epoch_ticker(engine: wasmtime::EngineWeak) {
-    std::thread::Builder::new()
-        .name("wasm-epoch".into())
-        .spawn(move || {
-            while let Some(engine) = engine.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        })
-        .ok();
 }
 
 /// wasmtime's error as an `anyhow::Error` (wasmtime 48 has its own type).

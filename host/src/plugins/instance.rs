@@ -15,6 +15,7 @@ use wasmtime::Store;
 use wasmtime::component::{Instance, InstancePre};
 
 use super::engine::{CallBudget, PluginEngine};
+use super::epoch_ticker::Running;
 use super::error::{CallFacts, PluginError};
 use super::state::{CallInputs, PluginState};
 
@@ -31,6 +32,9 @@ pub(crate) struct Lease<B> {
     pub(crate) bindings: B,
     uses: u32,
     tag: u64,
+    /// Keeps the epoch ticking while the instance is lent out (started)
+    /// or instantiated; stopped while it is idle.
+    running: Running,
     _alive: Alive,
 }
 
@@ -151,7 +155,9 @@ impl<B: Send + 'static> Instances<B> {
             let mut idle = self.idle();
             if let Some(i) = idle.iter().rposition(|l| l.tag == tag) {
                 self.engine.idle.fetch_sub(1, Ordering::Relaxed);
-                return Ok(idle.swap_remove(i));
+                let mut lease = idle.swap_remove(i);
+                lease.running.start();
+                return Ok(lease);
             }
         }
         // Boxed: instantiation is the rare path, and inline its future would
@@ -193,6 +199,9 @@ impl<B: Send + 'static> Instances<B> {
 
     /// A new instance, its instantiation bounded like a call.
     pub(crate) async fn fresh(&self, tag: u64) -> Result<Lease<B>, PluginError> {
+        // Before instantiation: it runs the guest's start functions.
+        let mut running = self.engine.ticker.token();
+        running.start();
         let mut store = self.engine.store(self.name.clone());
         let budget = self.engine.budget(0);
         let _ = store.set_fuel(budget.fuel);
@@ -203,7 +212,7 @@ impl<B: Send + 'static> Instances<B> {
         };
         let bindings = (self.load)(&mut store, &instance)
             .map_err(|e| PluginError::Instantiate { plugin: self.name.to_string(), detail: format!("{e:#}") })?;
-        Ok(Lease { store, bindings, uses: 0, tag, _alive: Alive::new(&self.engine.live) })
+        Ok(Lease { store, bindings, uses: 0, tag, running, _alive: Alive::new(&self.engine.live) })
     }
 
     /// Arm `lease` for a call whose inputs are `input_bytes` long, with
@@ -321,10 +330,11 @@ impl<B: Send + 'static> Instances<B> {
     }
 
     /// Keep `lease` for another call if the policy allows.
-    pub(crate) fn give_back(&self, lease: Lease<B>) {
+    pub(crate) fn give_back(&self, mut lease: Lease<B>) {
         if lease.uses >= self.engine.config.instance_reuse || memory_size(&lease.store) > MAX_KEPT_MEMORY {
             return;
         }
+        lease.running.stop();
         let mut idle = self.idle();
         if idle.len() >= MAX_IDLE {
             idle.remove(0);

@@ -7,6 +7,7 @@ mod cache;
 pub mod check;
 mod compile;
 mod engine;
+mod epoch_ticker;
 mod error;
 mod filter;
 mod instance;
