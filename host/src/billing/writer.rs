@@ -97,16 +97,23 @@ impl Trees {
 pub struct Writer {
     tx: mpsc::UnboundedSender<Op>,
     journal: Arc<Journal>,
-    kick: Arc<Kick>,
-    store: Store,
-    stats: Arc<WriterStats>,
     /// Declared after `tx`: dropped with the last handle, once the queue
     /// is closed, it wakes a sleeping writer to finish and end.
-    _last: Arc<KickOnDrop>,
+    kick: Arc<KickOnDrop>,
+    store: Store,
+    stats: Arc<WriterStats>,
 }
 
-/// Kicks the writer when dropped.
+/// The handles' [`Kick`], which kicks the writer when the last handle goes.
 struct KickOnDrop(Arc<Kick>);
+
+impl std::ops::Deref for KickOnDrop {
+    type Target = Kick;
+
+    fn deref(&self) -> &Kick {
+        &self.0
+    }
+}
 
 impl Drop for KickOnDrop {
     fn drop(&mut self) {
@@ -178,8 +185,7 @@ impl Writer {
             }
             run(rx, &j, &k, limits, &s, &st, pg.as_deref());
         })?;
-        let last = Arc::new(KickOnDrop(kick.clone()));
-        Ok(Self { tx, journal, kick, store, stats, _last: last })
+        Ok(Self { tx, journal, kick: Arc::new(KickOnDrop(kick)), store, stats })
     }
 
     /// The writer's backlog, last commit and journal size, for metrics.
@@ -707,7 +713,7 @@ mod tests {
         // Asleep again, its last handle dropped: the thread ends (and lets
         // go of the store) long before the safety net.
         assert!(until(Duration::from_secs(30), || writer.kick.asleep.load(SeqCst)));
-        let kick = Arc::downgrade(&writer.kick);
+        let kick = Arc::downgrade(&writer.kick.0);
         drop(writer);
         assert!(until(ASLEEP_AT_MOST / 2, || kick.strong_count() == 0), "the writer thread ended");
     }
