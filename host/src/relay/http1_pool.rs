@@ -100,7 +100,7 @@ impl Pool {
     /// The most recently used ready connection to `key`, if any; drops
     /// the closed and expired ones on the way, and every host's once per
     /// [`SWEEP_EVERY`].
-    fn checkout(&mut self, key: &(u64, Authority), now: Instant) -> Option<(Sender, RawFd)> {
+    fn checkout(&mut self, key: &(u64, Authority), now: Instant) -> Option<Conn> {
         if self.swept.is_none_or(|at| now.duration_since(at) >= SWEEP_EVERY) {
             self.swept = Some(now);
             for (_, conns) in &mut self.hosts {
@@ -119,15 +119,15 @@ impl Pool {
                 if now.duration_since(conn.used) >= STALE_CHECK_AFTER && conn.closed_by_upstream() {
                     continue;
                 }
-                return Some((conn.sender, conn.fd));
+                return Some(conn);
             }
         }
         None
     }
 
-    /// Keep `sender` (its response under way; its socket `fd`) for later
-    /// requests to `key`.
-    fn give_back(&mut self, key: (u64, Authority), sender: Sender, fd: RawFd, now: Instant) {
+    /// Keep `conn` (its response under way), handed out at `now`, for
+    /// later requests to `key`.
+    fn give_back(&mut self, key: (u64, Authority), mut conn: Conn, now: Instant) {
         let conns = match self.hosts.iter().position(|(k, _)| *k == key) {
             Some(i) => &mut self.hosts[i].1,
             None => {
@@ -138,7 +138,8 @@ impl Pool {
         // Past the cap the connection is dropped: hyper closes it once
         // the response under way is read.
         if conns.len() < POOL_MAX_IDLE_PER_HOST {
-            conns.push(Conn { sender, fd, used: now });
+            conn.used = now;
+            conns.push(conn);
         }
     }
 }
@@ -165,13 +166,13 @@ pub(super) async fn send(
     let key = (client, authority);
     loop {
         let now = Instant::now();
-        let ((mut sender, fd), reused) = match POOL.with_borrow_mut(|pool| pool.checkout(&key, now)) {
+        let (mut conn, reused) = match POOL.with_borrow_mut(|pool| pool.checkout(&key, now)) {
             Some(conn) => (conn, true),
-            None => (connect(connector, &key.1).await?, false),
+            None => (connect(connector, &key.1, now).await?, false),
         };
-        match sender.try_send_request(request).await {
+        match conn.sender.try_send_request(request).await {
             Ok(response) => {
-                POOL.with_borrow_mut(|pool| pool.give_back(key, sender, fd, now));
+                POOL.with_borrow_mut(|pool| pool.give_back(key, conn, now));
                 return Ok(response);
             }
             // Closed by the upstream while idle, before the request went
@@ -201,8 +202,8 @@ fn to_origin_form(request: &mut Request<Full<Bytes>>, authority: &Authority) -> 
 }
 
 /// A new connection to `authority` through `connector`, its task spawned
-/// on this thread's runtime; returns its sender and its socket.
-async fn connect(connector: &HttpConnector, authority: &Authority) -> Result<(Sender, RawFd), SendError> {
+/// on this thread's runtime, handed out at `now`.
+async fn connect(connector: &HttpConnector, authority: &Authority, now: Instant) -> Result<Conn, SendError> {
     let target = Uri::builder().scheme(Scheme::HTTP).authority(authority.clone()).path_and_query("/").build();
     let target = target.map_err(|_| SendError::Connect)?;
     let io = connector.clone().oneshot(target).await.map_err(|_| SendError::Connect)?;
@@ -213,7 +214,7 @@ async fn connect(connector: &HttpConnector, authority: &Authority) -> Result<(Se
             tracing::debug!(%error, "upstream connection ended");
         }
     });
-    Ok((sender, fd))
+    Ok(Conn { sender, fd, used: now })
 }
 
 #[cfg(test)]
