@@ -32,6 +32,8 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 mod worker_balance;
 
 pub use config::Config;

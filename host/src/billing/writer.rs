@@ -657,6 +657,7 @@ fn write(trees: &Trees, changes: &[(u64, Change)], json: &RowsJson, seq: Option<
 mod tests {
     use super::*;
     use crate::store::Manifest;
+    use crate::testing::until;
 
     fn recorded(dir: &std::path::Path) -> Option<u64> {
         Manifest::read(dir).expect("manifest").and_then(|m| m.marks.get("journal_seq").copied())
@@ -676,18 +677,6 @@ mod tests {
         assert_eq!(recorded(dir.path()), Some(9), "a flush records what waited");
         mark.write(&store);
         assert_eq!(recorded(dir.path()), Some(9), "nothing waits: nothing to record");
-    }
-
-    /// Wait (bounded by `limit`) until `check` holds.
-    fn until(limit: Duration, check: impl Fn() -> bool) -> bool {
-        let deadline = std::time::Instant::now() + limit;
-        while !check() {
-            if std::time::Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        true
     }
 
     #[test]

@@ -64,7 +64,7 @@ impl EpochTicker {
         Running { shared: self.0.clone(), started: false }
     }
 
-    /// Whether the ticker is parked now (for tests and metrics).
+    /// Whether the ticker is parked now.
     #[cfg(test)]
     pub(crate) fn parked(&self) -> bool {
         self.0.parked.load(SeqCst)
@@ -148,17 +148,11 @@ fn tick(engine: &wasmtime::EngineWeak, shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::until;
 
     /// Wait (bounded) until `ticker` is parked or not, as `want` says.
     fn wait_parked(ticker: &EpochTicker, want: bool) -> bool {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while ticker.parked() != want {
-            if std::time::Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        true
+        until(Duration::from_secs(30), || ticker.parked() == want)
     }
 
     /// A module whose `spin` export loops forever.
@@ -225,11 +219,8 @@ mod tests {
         assert!(wait_parked(&ticker, true));
         let shared = ticker.0.clone();
         drop(ticker);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         // The thread's own reference goes when it ends.
-        while Arc::strong_count(&shared) > 1 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        until(Duration::from_secs(30), || Arc::strong_count(&shared) == 1);
         assert_eq!(Arc::strong_count(&shared), 1, "the ticker thread ended");
     }
 }
